@@ -1,0 +1,5 @@
+import sys
+
+from peftc.cli import main
+
+sys.exit(main())

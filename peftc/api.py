@@ -1,0 +1,333 @@
+"""The public entry points: :func:`compile` an adapted model, :func:`verify` an artifact again.
+
+``compile`` runs load → trace → adapt (the reference program) → optimize → lower → verify → write,
+timing each stage. Nothing reaches ``out`` before verification passes (see ``peftc.artifact.writer``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftc import ir
+from peftc.artifact import ArtifactWriter, Manifest, SCHEMA_VERSION, file_record, read_manifest
+from peftc.backends import get_backend
+from peftc.errors import InputError, VerificationError
+from peftc.loaders import InputSignature, LoadedModel, load_model
+from peftc.methods import Adapter, load_adapter
+from peftc.passes import PassContext, PassManager, PassRecord, pipelines
+from peftc.verify import Report, peft_oracle, program_oracle, verify as run_verification
+
+PathLike = str | os.PathLike[str]
+Progress = Callable[[str], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Artifact:
+    """A compiled artifact on disk."""
+
+    path: Path
+    manifest: Manifest
+
+
+@dataclasses.dataclass
+class _Built:
+    """Everything a compile derives before lowering (also what ``verify`` rebuilds)."""
+
+    loaded: LoadedModel
+    base: ir.Program
+    adapters: list[Adapter]
+    reference: ir.Program
+    records: list[PassRecord]
+
+
+def compile(
+    model: Any,
+    adapters: PathLike | Sequence[PathLike],
+    *,
+    out: PathLike,
+    target: str = "onnx",
+    merge: bool = True,
+    inputs: Sequence[str] = (),
+    configs: Sequence[PathLike] = (),
+    force: bool = False,
+    keep_failed: bool = False,
+    dump_ir: PathLike | None = None,
+    allow_pickle: bool = False,
+    oracle: bool = True,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> Artifact:
+    """Compile ``model`` with ``adapters`` into a verified artifact directory ``out``.
+
+    Args:
+        model: a Hugging Face model directory, ``pkg.module:factory``, a ``.pt2`` file, or an
+            ``nn.Module`` / ``ExportedProgram`` object.
+        adapters: PEFT adapter directories or ``.safetensors`` files, in stacking order.
+        out: the artifact directory to create.
+        target: ``onnx``.
+        merge: fold adapters into the base weights; ``False`` keeps them as separate ops.
+        inputs: ``name:dims:dtype`` input descriptions overriding the derived ones.
+        configs: ``adapter_config.json`` files for adapters given as bare weight files, by position.
+        force: replace an existing ``out``.
+        keep_failed: write the artifact, marked failed, even if verification fails.
+        dump_ir: write the canonical graph after every pass into this directory.
+        allow_pickle: accept pickled weight files (loaded with ``weights_only=True``).
+        oracle: also verify against Hugging Face PEFT when it is installed.
+        seed: seed of the verification inputs.
+        progress: called with a line of text as each stage starts.
+
+    Raises:
+        InputError, UnsupportedError: bad or unsupported input (exit code 2).
+        VerificationError: the artifact disagrees with its oracles (exit code 1).
+    """
+    say = progress or (lambda message: None)
+    paths = [adapters] if isinstance(adapters, (str, os.PathLike)) else list(adapters)
+    if not paths:
+        raise InputError("no adapter given")
+    timings: dict[str, float] = {}
+    writer = ArtifactWriter(out, force=force)
+    try:
+        backend = get_backend(target)
+        built = _build(model, paths, inputs, configs, allow_pickle, dump_ir, say, timings)
+        ctx = PassContext(dump_dir=Path(dump_ir) if dump_ir else None, progress=say)
+        with _stage(timings, "optimize", say, "optimize: " + ("merge" if merge else "keep sites unmerged")):
+            final, records = PassManager(pipelines.optimize(merge=merge)).run(
+                built.reference, ctx, history=[r.name for r in built.records]
+            )
+        with _stage(timings, "lower", say, f"lower: {target}"):
+            lowered = backend.lower(final, built.loaded.signature, writer.tmp, say)
+        with _stage(timings, "verify", say, "verify: artifact vs eager reference" + (" and PEFT" if oracle else "")):
+            runner = backend.load(writer.tmp, {"files": lowered.files})
+            dtypes = {o["name"]: o["dtype"] for o in lowered.outputs}
+            report = _verify(runner, built, dtypes, oracle=oracle, seed=seed)
+        manifest = Manifest(
+            schema_version=SCHEMA_VERSION,
+            status="ok" if report.passed else "failed",
+            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            peftc_version=_version(),
+            versions=_versions(backend),
+            command=_command(model, paths, configs, target, out, merge, inputs, allow_pickle),
+            workdir=os.getcwd(),
+            options={"target": target, "merge": merge, "seed": seed, "oracle": oracle, "inputs": list(inputs)},
+            model=_describe_model(built),
+            adapters=[a.summary() for a in built.adapters],
+            pipeline=[r.to_json() for r in [*built.records, *records]],
+            target={
+                "name": target,
+                "files": [file_record(writer.tmp / f, writer.tmp) for f in lowered.files],
+                "inputs": list(lowered.inputs),
+                "outputs": list(lowered.outputs),
+                "signature": built.loaded.signature.to_json(),
+                **dict(lowered.info),
+            },
+            verification=report.to_json(),
+            not_run=[{"what": n.split(":", 1)[0], "reason": n.split(":", 1)[-1].strip()} for n in report.not_run],
+            timings={k: round(v, 3) for k, v in timings.items()},
+            warnings=[w for a in built.adapters for w in a.warnings],
+        )
+        if not report.passed:
+            error = VerificationError(_failure_line(report), render_table(report))
+            if keep_failed:
+                writer.commit(manifest)
+            raise error
+        writer.commit(manifest)
+        return Artifact(Path(out), manifest)
+    finally:
+        writer.abort()
+
+
+def verify(path: PathLike, *, model: Any = None, oracle: bool = True, seed: int | None = None, progress: Progress | None = None) -> Report:
+    """Re-run the numeric check of the artifact at ``path`` against freshly rebuilt oracles.
+
+    The base model and adapters are loaded again from the sources the manifest names (``model``
+    overrides the model, e.g. for artifacts built from an in-memory module).
+
+    Raises:
+        InputError: the sources are gone or changed (sha256 differs).
+    """
+    from peftc.runtime import load
+
+    say = progress or (lambda message: None)
+    runner = load(path, allow_failed=True)
+    manifest = runner.manifest
+    spec = model if model is not None else manifest.model["spec"]
+    if isinstance(spec, str) and spec.startswith("<"):
+        raise InputError(f"{path}: built from an in-memory model; pass it with peftc.verify(path, model=...)")
+    _check_sources(manifest)
+    if manifest.workdir not in sys.path:
+        sys.path.insert(0, manifest.workdir)
+    paths = [a["path"] for a in manifest.adapters]
+    configs = [a["config_file"] for a in manifest.adapters]
+    timings: dict[str, float] = {}
+    built = _build(spec, paths, manifest.options.get("inputs", []), configs, False, None, say, timings)
+    dtypes = {o["name"]: o["dtype"] for o in manifest.target["outputs"]}
+    with _stage(timings, "verify", say, "verify: artifact vs eager reference"):
+        return _verify(runner.backend_runner, built, dtypes, oracle=oracle, seed=manifest.options.get("seed", 0) if seed is None else seed)
+
+
+def _build(
+    model: Any,
+    paths: Sequence[PathLike],
+    inputs: Sequence[str],
+    configs: Sequence[PathLike],
+    allow_pickle: bool,
+    dump_ir: PathLike | None,
+    say: Progress,
+    timings: dict[str, float],
+) -> _Built:
+    if configs and len(configs) not in (1, len(paths)):
+        raise InputError(f"{len(configs)} --config files for {len(paths)} adapters; give one per adapter, in order")
+    with _stage(timings, "load", say, f"load model {model if isinstance(model, str) else type(model).__name__}"):
+        loaded = load_model(model, inputs=list(inputs), allow_pickle=allow_pickle)
+    with _stage(timings, "trace", say, "trace: torch.export"):
+        base = loaded.program
+        if base is None:
+            signature: InputSignature = loaded.signature
+            example = signature.example(signature.trace_sizes())
+            base = ir.trace(loaded.module, example, signature.dynamic_shapes())
+    with _stage(timings, "adapters", say, f"parse {len(paths)} adapter(s)"):
+        table = ir.module_table(base)
+        adapters = []
+        for index, path in enumerate(paths):
+            config = configs[index] if len(configs) == len(paths) else (configs[0] if configs else None)
+            adapters.append(load_adapter(path, table, config=config, allow_pickle=allow_pickle))
+        _dedupe_names(adapters)
+    ctx = PassContext(dump_dir=Path(dump_ir) if dump_ir else None, progress=say)
+    with _stage(timings, "adapt", say, "adapt: insert adapter sites"):
+        reference, records = PassManager(pipelines.adapt(adapters)).run(base, ctx)
+    return _Built(loaded, base, adapters, reference, records)
+
+
+def _verify(runner: Any, built: _Built, dtypes: dict[str, str], *, oracle: bool, seed: int) -> Report:
+    oracles = {"reference": program_oracle(built.reference)}
+    not_run = []
+    if not oracle:
+        not_run.append("peft oracle: disabled (--no-oracle)")
+    elif built.loaded.module is None:
+        not_run.append("peft oracle: the base is an exported program; PEFT needs the nn.Module")
+    else:
+        fn, why = peft_oracle(built.loaded.module, built.adapters)
+        if fn is None:
+            not_run.append(f"peft oracle: {why}")
+        else:
+            oracles["peft"] = fn
+
+    def artifact(inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+        return runner.run({k: v.numpy() for k, v in inputs.items()})
+
+    return run_verification(
+        artifact,
+        built.loaded.signature,
+        oracles,
+        base=program_oracle(built.base),
+        dtypes=dtypes,
+        seed=seed,
+        not_run=not_run,
+    )
+
+
+def render_table(report: Report) -> str:
+    """The verification report as a text table."""
+    from peftc.report import verification_table
+
+    return verification_table(report.to_json())
+
+
+def _failure_line(report: Report) -> str:
+    worst = max(
+        ((c, o) for c in report.cases for o in c.outputs if not o.ok),
+        key=lambda pair: pair[1].max_rel,
+    )
+    case, out = worst
+    return (
+        f"verification failed: output {out.name!r} vs {case.oracle} at {dict(case.sizes)}: "
+        f"max abs {out.max_abs:.3g} (tol {out.tolerance.abs:g}), max rel {out.max_rel:.3g} "
+        f"(tol {out.tolerance.rel:g}){' — ' + out.note if out.note else ''}"
+    )
+
+
+@contextlib.contextmanager
+def _stage(timings: dict[str, float], key: str, say: Progress, message: str) -> Iterator[None]:
+    say(message)
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
+
+
+def _dedupe_names(adapters: list[Adapter]) -> None:
+    seen: dict[str, int] = {}
+    for index, adapter in enumerate(adapters):
+        count = seen.get(adapter.name, 0)
+        seen[adapter.name] = count + 1
+        if count:
+            adapters[index] = dataclasses.replace(adapter, name=f"{adapter.name}_{count + 1}")
+
+
+def _describe_model(built: _Built) -> dict[str, Any]:
+    loaded = built.loaded
+    return {
+        "spec": loaded.spec,
+        "kind": loaded.kind,
+        "class": loaded.class_name,
+        "files": loaded.files,
+        "state_sha256": ir.state_digest(built.base),
+        "parameters": sum(t.numel() for t in built.base.state_dict.values()),
+    }
+
+
+def _check_sources(manifest: Manifest) -> None:
+    from peftc.artifact.manifest import sha256
+
+    for adapter in manifest.adapters:
+        for role, key in (("config", "config_file"), ("weights", "weights_file")):
+            path = Path(adapter[key])
+            if not path.is_file():
+                raise InputError(f"{path}: adapter {adapter['name']!r} source is gone; cannot rebuild the reference")
+            if sha256(path) != adapter["sha256"][role]:
+                raise InputError(f"{path}: changed since the artifact was built (sha256 differs)")
+
+
+def _command(model: Any, paths: Sequence[PathLike], configs: Sequence[PathLike], target: str, out: PathLike, merge: bool, inputs: Sequence[str], allow_pickle: bool) -> list[str] | None:
+    if not isinstance(model, (str, os.PathLike)):
+        return None
+    command = ["peftc", "compile", str(model)]
+    for path in paths:
+        command += ["--adapter", str(path)]
+    for config in configs:
+        command += ["--config", str(config)]
+    for text in inputs:
+        command += ["--input", text]
+    command += ["--target", target, "-o", str(out), "--force"]
+    if not merge:
+        command.append("--no-merge")
+    if allow_pickle:
+        command.append("--allow-pickle")
+    return command
+
+
+def _version() -> str:
+    from peftc import __version__
+
+    return __version__
+
+
+def _versions(backend: Any) -> dict[str, str]:
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("transformers", "peft"):
+        with contextlib.suppress(ImportError):
+            versions[name] = __import__(name).__version__
+    versions.update(backend.versions())
+    return versions

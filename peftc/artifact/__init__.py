@@ -1,0 +1,21 @@
+"""The artifact directory: manifest schema, atomic writer, validation on load."""
+
+from peftc.artifact.manifest import (
+    MANIFEST_FILE,
+    SCHEMA_VERSION,
+    Manifest,
+    check_files,
+    file_record,
+    read_manifest,
+)
+from peftc.artifact.writer import ArtifactWriter
+
+__all__ = [
+    "MANIFEST_FILE",
+    "SCHEMA_VERSION",
+    "ArtifactWriter",
+    "Manifest",
+    "check_files",
+    "file_record",
+    "read_manifest",
+]

@@ -1,0 +1,122 @@
+"""The artifact manifest: one JSON file that describes and reproduces a compiled artifact.
+
+It records what went in (model and adapter files with sha256, every config field honoured or
+ignored), what ran (passes with options, stats, skipped sites and seconds), what came out (files with
+sha256, input/output names, dtypes and dynamic dims), how it was checked (the verification table),
+what was not run and why, and the command that rebuilds it. ``peftc.load`` validates it and the file
+hashes before running anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from peftc.errors import InputError
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+
+
+@dataclasses.dataclass
+class Manifest:
+    """The contents of ``manifest.json`` (see the module docstring)."""
+
+    schema_version: int
+    status: str
+    """``ok``, or ``failed`` for an artifact kept with ``--keep-failed``."""
+    created: str
+    peftc_version: str
+    versions: dict[str, str]
+    command: list[str] | None
+    workdir: str
+    options: dict[str, Any]
+    model: dict[str, Any]
+    adapters: list[dict[str, Any]]
+    pipeline: list[dict[str, Any]]
+    target: dict[str, Any]
+    verification: dict[str, Any]
+    not_run: list[dict[str, str]]
+    timings: dict[str, float]
+    warnings: list[str]
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = MANIFEST_FILE) -> Manifest:
+        """Validate and build. Raises :class:`InputError` naming the first bad field."""
+        if not isinstance(data, dict):
+            raise InputError(f"{where}: expected a JSON object")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise InputError(f"{where}: schema_version {version!r}; this peftc reads version {SCHEMA_VERSION}")
+        kwargs = {}
+        for field in dataclasses.fields(cls):
+            if field.name not in data:
+                raise InputError(f"{where}: missing field {field.name!r}")
+            value = data[field.name]
+            expected = _JSON_TYPES[field.name]
+            if not isinstance(value, expected):
+                raise InputError(f"{where}: field {field.name!r} should be {_type_names(expected)}")
+            kwargs[field.name] = value
+        if kwargs["status"] not in ("ok", "failed"):
+            raise InputError(f"{where}: status {kwargs['status']!r} is not 'ok' or 'failed'")
+        files = kwargs["target"].get("files")
+        if not isinstance(files, list) or not all(isinstance(f, dict) and {"path", "sha256"} <= set(f) for f in files):
+            raise InputError(f"{where}: target.files should list {{path, sha256}} entries")
+        return cls(**kwargs)
+
+
+_JSON_TYPES: dict[str, Any] = {
+    "schema_version": int, "status": str, "created": str, "peftc_version": str, "versions": dict,
+    "command": (list, type(None)), "workdir": str, "options": dict, "model": dict, "adapters": list,
+    "pipeline": list, "target": dict, "verification": dict, "not_run": list, "timings": dict,
+    "warnings": list,
+}  # fmt: skip
+
+
+def _type_names(expected: Any) -> str:
+    types = expected if isinstance(expected, tuple) else (expected,)
+    return " or ".join("null" if t is type(None) else t.__name__ for t in types)
+
+
+def read_manifest(directory: str | Path) -> Manifest:
+    """Read and validate ``directory/manifest.json``."""
+    path = Path(directory) / MANIFEST_FILE
+    if not Path(directory).is_dir():
+        raise InputError(f"{directory}: not an artifact directory")
+    if not path.is_file():
+        raise InputError(f"{path}: missing; {directory} is not a peftc artifact")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+    return Manifest.from_dict(data, str(path))
+
+
+def file_record(path: Path, directory: Path) -> dict[str, Any]:
+    """``{path, bytes, sha256}`` of a file inside the artifact directory."""
+    return {"path": str(path.relative_to(directory)), "bytes": path.stat().st_size, "sha256": sha256(path)}
+
+
+def check_files(directory: str | Path, manifest: Manifest) -> None:
+    """Every file the manifest lists exists with the recorded sha256."""
+    directory = Path(directory)
+    for entry in manifest.target["files"]:
+        path = directory / entry["path"]
+        if not path.is_file():
+            raise InputError(f"{path}: listed in the manifest but missing")
+        if sha256(path) != entry["sha256"]:
+            raise InputError(f"{path}: sha256 differs from the manifest; the artifact was modified")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()

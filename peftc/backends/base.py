@@ -1,0 +1,70 @@
+"""What a target backend provides: lowering a program to files, and running those files.
+
+Backends are looked up by name in ``peftc.backends.BACKENDS`` (module paths, imported lazily), so
+``import peftc`` never imports onnxruntime or TensorRT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from peftc import ir
+from peftc.loaders.inputs import InputSignature
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What a target can do, declared next to its lowering."""
+
+    dynamic_shapes: bool
+    adapter_swap: bool
+    device: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Availability:
+    """Whether a backend can run here, and why not."""
+
+    ok: bool
+    reason: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Lowered:
+    """The result of lowering: files written (relative to the artifact dir) and target facts."""
+
+    files: tuple[str, ...]
+    inputs: tuple[Mapping[str, Any], ...]
+    outputs: tuple[Mapping[str, Any], ...]
+    info: Mapping[str, Any]
+
+
+class Runner(Protocol):
+    """Runs a lowered artifact on numpy inputs."""
+
+    input_names: list[str]
+    output_names: list[str]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+class Backend(Protocol):
+    """A compilation target."""
+
+    name: str
+    capabilities: Capabilities
+
+    def available(self) -> Availability: ...
+
+    def versions(self) -> dict[str, str]: ...
+
+    def lower(
+        self, program: ir.Program, signature: InputSignature, directory: Path, progress: Any
+    ) -> Lowered: ...
+
+    def load(self, directory: Path, target: Mapping[str, Any]) -> Runner: ...

@@ -1,0 +1,149 @@
+"""The ONNX target: ``torch.onnx.export`` (dynamo) of the rewritten program, run by onnxruntime.
+
+Export runs without onnxscript's optimizer so every initializer keeps its state-dict key as its
+name (the optimizer's constant folding renames weights ``val_N``); onnxruntime performs the same
+folding when it loads the file, at the same run-time speed. peftc then names the outputs after the
+model's output pytree and the dynamic dims after the input signature, and writes weights as
+external data when the model exceeds the 2 GB protobuf limit.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from peftc import ir
+from peftc.backends.base import Availability, Capabilities, Lowered
+from peftc.loaders.inputs import InputSignature
+
+MODEL_FILE = "model.onnx"
+PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2  # keep a margin for the graph itself
+
+
+class OnnxBackend:
+    """Lower to ONNX; run with onnxruntime's CPU provider."""
+
+    name = "onnx"
+    capabilities = Capabilities(dynamic_shapes=True, adapter_swap=False, device="cpu")
+
+    def available(self) -> Availability:
+        missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+        if missing:
+            return Availability(False, f"missing Python packages {missing} (pip install peftc)")
+        return Availability(True)
+
+    def versions(self) -> dict[str, str]:
+        import onnx
+        import onnxruntime
+        import onnxscript
+
+        return {"onnx": onnx.__version__, "onnxscript": onnxscript.__version__, "onnxruntime": onnxruntime.__version__}
+
+    def lower(self, program: ir.Program, signature: InputSignature, directory: Path, progress: Any) -> Lowered:
+        from peftc.backends.onnx.translations import table
+
+        example = signature.example(signature.trace_sizes())
+        onnx_program = torch.onnx.export(
+            program,
+            (),
+            kwargs=example,
+            dynamo=True,
+            optimize=False,
+            custom_translation_table=table(),
+            verbose=False,
+        )
+        model = onnx_program.model
+        _name_outputs(model, ir.output_names(program))
+        _name_dims(model, signature)
+        initializer_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+        external = initializer_bytes > PROTOBUF_LIMIT
+        onnx_program.save(str(directory / MODEL_FILE), external_data=external)
+        files = sorted(p.name for p in directory.iterdir() if p.is_file())
+        ops = Counter(node.op_type for node in model.graph)
+        return Lowered(
+            files=tuple(files),
+            inputs=tuple(_describe(v) for v in model.graph.inputs),
+            outputs=tuple(_describe(v) for v in model.graph.outputs),
+            info={
+                "opset": model.opset_imports.get("", None),
+                "nodes": sum(ops.values()),
+                "op_counts": dict(sorted(ops.items())),
+                "initializers": len(model.graph.initializers),
+                "initializer_bytes": initializer_bytes,
+                "external_data": external,
+                "adapter_initializers": _adapter_initializers(program, model),
+            },
+        )
+
+    def load(self, directory: Path, target: Mapping[str, Any]):
+        from peftc.backends.ort import OrtRunner
+
+        return OrtRunner(directory / MODEL_FILE)
+
+
+def _name_outputs(model: Any, names: list[str]) -> None:
+    taken = {v.name for node in model.graph for v in node.outputs} | {v.name for v in model.graph.inputs}
+    for value, name in zip(model.graph.outputs, names, strict=True):
+        if value.name == name:
+            continue
+        if name in taken:
+            clash = next(v for node in model.graph for v in node.outputs if v.name == name)
+            clash.name = f"{name}__internal"
+        value.name = name
+
+
+def _name_dims(model: Any, signature: InputSignature) -> None:
+    import onnx_ir
+
+    symbols: dict[str, str] = {}
+    by_name = {spec.name: spec for spec in signature.inputs}
+    for value in model.graph.inputs:
+        spec = by_name.get(value.name)
+        if spec is None or value.shape is None:
+            continue
+        for dim, want in zip(value.shape.dims, spec.shape, strict=False):
+            if isinstance(want, str) and isinstance(dim, onnx_ir.SymbolicDim) and dim.value:
+                symbols[dim.value] = want
+    if not symbols:
+        return
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, sorted(symbols, key=len, reverse=True))) + r")\b")
+    values = [*model.graph.inputs, *model.graph.outputs, *(v for node in model.graph for v in node.outputs)]
+    for value in values:
+        if value.shape is None:
+            continue
+        dims = [
+            onnx_ir.SymbolicDim(pattern.sub(lambda m: symbols[m.group(1)], d.value))
+            if isinstance(d, onnx_ir.SymbolicDim) and d.value
+            else d
+            for d in value.shape.dims
+        ]
+        value.shape = onnx_ir.Shape(dims)
+
+
+def _describe(value: Any) -> dict[str, Any]:
+    dims = []
+    for d in value.shape.dims if value.shape is not None else []:
+        dims.append(d if isinstance(d, int) else getattr(d, "value", None) or str(d))
+    dtype = str(np.dtype(value.dtype.numpy())) if value.dtype is not None else None
+    return {"name": value.name, "dtype": dtype, "shape": dims}
+
+
+def _adapter_initializers(program: ir.Program, model: Any) -> dict[str, str]:
+    """ONNX initializer name -> adapter ``file:key`` for adapter tensors still in the graph."""
+    names = set(model.graph.initializers)
+    out = {}
+    for node in program.graph.nodes:
+        info = node.meta.get(ir.meta.PEFTC, {})
+        fqn = ir.placeholder_fqn(program, node) if node.op == "placeholder" else None
+        if fqn and "source" in info:
+            if fqn not in names:
+                raise AssertionError(f"adapter tensor {fqn} lost its name in ONNX")
+            out[fqn] = info["source"]
+    return out

@@ -1,0 +1,169 @@
+"""The ``peftc`` command line: argument parsing and rendering only; the work is in ``peftc.api``.
+
+Exit codes: 0 ok, 1 verification failed, 2 bad or unsupported input, 3 internal error.
+Errors print one line (``--debug`` adds the traceback); progress goes to stderr, results to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+from peftc.errors import PeftcError, VerificationError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not args.debug:
+        _quiet_dependencies()
+    try:
+        return args.func(args)
+    except PeftcError as e:
+        print(f"peftc: error: {e}", file=sys.stderr)
+        if isinstance(e, VerificationError) and e.table:
+            print(e.table, file=sys.stderr)
+        if args.debug:
+            traceback.print_exc()
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("peftc: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        print(f"peftc: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        if args.debug:
+            traceback.print_exc()
+        return 3
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from peftc.api import compile
+    from peftc.report import manifest_text
+
+    artifact = compile(
+        args.model,
+        args.adapter,
+        out=args.out,
+        target=args.target,
+        merge=not args.no_merge,
+        inputs=args.input or [],
+        configs=args.config or [],
+        force=args.force,
+        keep_failed=args.keep_failed,
+        dump_ir=args.dump_ir,
+        allow_pickle=args.allow_pickle,
+        oracle=not args.no_oracle,
+        seed=args.seed,
+        progress=_progress(),
+    )
+    if args.json:
+        print(artifact.manifest.to_json(), end="")
+    else:
+        import dataclasses
+
+        print(manifest_text(dataclasses.asdict(artifact.manifest)), end="")
+        print(f"wrote {artifact.path}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from peftc.artifact import MANIFEST_FILE, read_manifest
+    from peftc.report import manifest_text
+
+    manifest = read_manifest(args.artifact)
+    if args.json:
+        print((Path(args.artifact) / MANIFEST_FILE).read_text(), end="")
+    else:
+        print(manifest_text(dataclasses.asdict(manifest)), end="")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from peftc.api import verify
+    from peftc.report import verification_table
+
+    report = verify(args.artifact, model=args.model, oracle=not args.no_oracle, progress=_progress())
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(verification_table(report.to_json()))
+        for item in report.not_run:
+            print(f"not run: {item}")
+    if not report.passed:
+        print("peftc: error: verification failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _progress():
+    start = time.perf_counter()
+
+    def say(message: str) -> None:
+        print(f"[peftc {time.perf_counter() - start:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    return say
+
+
+def _quiet_dependencies() -> None:
+    """Silence progress bars and deprecation chatter from torch/transformers/peft (not errors)."""
+    import logging
+    import warnings
+
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category)
+    # torch.onnx logs one warning per torchvision op it cannot register when torchvision is absent.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peftc", description="Compile PEFT-adapted models into verified artifacts.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="compile a model with adapters into an artifact directory")
+    c.add_argument("model", help="Hugging Face model directory, pkg.module:factory, or a .pt2 file")
+    c.add_argument("--adapter", action="append", required=True, help="PEFT adapter directory or .safetensors file (repeatable, in stacking order)")
+    c.add_argument("--config", action="append", help="adapter_config.json for an adapter given as a bare .safetensors file (one per adapter, in order)")
+    c.add_argument("--target", default="onnx", help="compilation target (default: onnx)")
+    c.add_argument("-o", "--out", required=True, help="artifact directory to create")
+    c.add_argument("--no-merge", action="store_true", help="keep adapters as separate ops instead of merging them into the weights")
+    c.add_argument("--input", action="append", help="input description name:dims:dtype[:low..high], e.g. input_ids:batch,seq:int64 (repeatable)")
+    c.add_argument("--force", action="store_true", help="replace an existing output directory")
+    c.add_argument("--keep-failed", action="store_true", help="write the artifact, marked failed, even if verification fails")
+    c.add_argument("--dump-ir", metavar="DIR", help="write the canonical graph after every pass into DIR")
+    c.add_argument("--allow-pickle", action="store_true", help="accept pickled weight files (loaded with torch.load(weights_only=True))")
+    c.add_argument("--no-oracle", action="store_true", help="skip the comparison against Hugging Face PEFT")
+    c.add_argument("--seed", type=int, default=0, help="seed of the verification inputs")
+    c.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    c.set_defaults(func=_compile)
+
+    i = sub.add_parser("inspect", help="show an artifact's manifest")
+    i.add_argument("artifact")
+    i.add_argument("--json", action="store_true", help="print the manifest unchanged")
+    i.set_defaults(func=_inspect)
+
+    v = sub.add_parser("verify", help="re-run the numeric check of an artifact")
+    v.add_argument("artifact")
+    v.add_argument("--model", help="the base model, if not the one recorded in the manifest")
+    v.add_argument("--no-oracle", action="store_true", help="skip the comparison against Hugging Face PEFT")
+    v.add_argument("--json", action="store_true", help="print the report as JSON")
+    v.set_defaults(func=_verify)
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

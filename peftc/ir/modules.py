@@ -1,0 +1,108 @@
+"""The base model's modules as seen in the exported graph.
+
+Adapters name modules (``encoder.layer.0.attention.self.query``); the graph has nodes. This module
+joins the two through ``node.meta["nn_module_stack"]`` (recorded by torch.export and preserved by
+``.pt2`` serialization), so site discovery never guesses from tensor names.
+
+A :class:`ModuleCall` is one execution of a module: the nodes produced inside its ``forward``, the
+tensor values flowing in from outside, and the single value flowing out. Insertion replaces a whole
+call by one ``peftc::`` node; this works whatever ATen ops the module lowered to (``aten.linear`` for
+``nn.Linear``; ``view``/``addmm``/``view`` for GPT-2's ``Conv1D``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+
+from torch import fx
+from torch.export.graph_signature import InputKind
+
+from peftc.ir import meta
+from peftc.ir.program import Program
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleCall:
+    """One execution of a module in the graph."""
+
+    path: str
+    key: str
+    nodes: tuple[fx.Node, ...]
+    inputs: tuple[fx.Node, ...]
+    outputs: tuple[fx.Node, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleInfo:
+    """A module of the base model: its type, its own parameters and its calls."""
+
+    path: str
+    type_name: str
+    params: Mapping[str, str]  # local name ("weight") -> state-dict key
+    calls: tuple[ModuleCall, ...]
+
+    @property
+    def class_name(self) -> str:
+        return self.type_name.rsplit(".", 1)[-1]
+
+
+class ModuleTable(Mapping[str, ModuleInfo]):
+    """``path -> ModuleInfo`` for every module that executes in the program."""
+
+    def __init__(self, modules: Mapping[str, ModuleInfo], state_shapes: Mapping[str, tuple[int, ...]]):
+        self._modules = dict(modules)
+        self.state_shapes = dict(state_shapes)
+
+    def __getitem__(self, path: str) -> ModuleInfo:
+        return self._modules[path]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+
+def module_table(program: Program) -> ModuleTable:
+    """Collect every module that has nodes in the graph, with its calls and parameters."""
+    signature = program.graph_signature
+    state_names = {
+        s.arg.name
+        for s in signature.input_specs
+        if s.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+    }
+    types: dict[str, str] = {}
+    members: dict[tuple[str, str], list[fx.Node]] = {}
+    for node in program.graph.nodes:
+        for key, path, type_name in meta.module_stack(node):
+            types.setdefault(path, type_name)
+            members.setdefault((path, key), []).append(node)
+
+    calls: dict[str, list[ModuleCall]] = {}
+    for (path, key), nodes in members.items():
+        inside = set(nodes)
+        inputs: list[fx.Node] = []
+        for node in nodes:
+            for arg in node.all_input_nodes:
+                if arg not in inside and arg.name not in state_names and meta.is_tensor_node(arg):
+                    if arg not in inputs:
+                        inputs.append(arg)
+        outputs = tuple(n for n in nodes if any(u not in inside for u in n.users))
+        calls.setdefault(path, []).append(ModuleCall(path, key, tuple(nodes), tuple(inputs), outputs))
+
+    params: dict[str, dict[str, str]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    tensors = {**program.state_dict, **program.constants}
+    for spec in signature.input_specs:
+        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER) and spec.target:
+            owner, _, local = spec.target.rpartition(".")
+            params.setdefault(owner, {})[local] = spec.target
+            tensor = tensors.get(spec.target)
+            if tensor is not None:
+                shapes[spec.target] = tuple(tensor.shape)
+    modules = {
+        path: ModuleInfo(path, types[path], params.get(path, {}), tuple(calls.get(path, ())))
+        for path in types
+    }
+    return ModuleTable(modules, shapes)

@@ -1,0 +1,231 @@
+"""Model input signatures: names, shapes with named dynamic dims, dtypes, and seeded example values.
+
+A signature is derived from the model kind (text: ``input_ids``/``attention_mask`` with dims
+``batch`` and ``seq``; vision: ``pixel_values`` with dim ``batch``) or given by the user as
+``--input name:dims:dtype[:low..high]``, e.g. ``input_ids:batch,seq=1..512:int64:0..30522`` or
+``pixel_values:batch,3,224,224:float32``. A dim is an integer (static) or a name (dynamic, shared by
+every input that uses the same name), optionally with a range ``name=min..max``.
+
+Tracing uses dynamic dims of at least 2 and pairwise distinct, because torch.export specialises a
+dim whose example is 0 or 1 and may merge dims whose examples are equal. Verification uses several
+size assignments (:meth:`InputSignature.cases`), one of them with batch 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from peftc.errors import InputError
+
+DTYPES = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+    "int64": torch.int64, "int32": torch.int32, "bool": torch.bool,
+}  # fmt: skip
+
+# Per-case preferred sizes: (batch, seq, other). Case 0 is also the tracing example.
+_CASE_SIZES = ((2, 16, 8), (1, 9, 5), (3, 33, 11))
+
+
+@dataclasses.dataclass(frozen=True)
+class DimSpec:
+    """A named dynamic dimension and its allowed range (``max`` None = unbounded)."""
+
+    name: str
+    min: int = 1
+    max: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInput:
+    """One model input."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str
+    kind: str = "float"
+    """How example values are drawn: ``float`` (normal), ``index`` (uniform ints in [low, high)),
+    ``mask`` (ones, with the tail of the last row zeroed when batch > 1)."""
+    low: int = 0
+    high: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSignature:
+    """The inputs a program takes."""
+
+    inputs: tuple[TensorInput, ...]
+    dims: Mapping[str, DimSpec]
+
+    @property
+    def names(self) -> list[str]:
+        return [i.name for i in self.inputs]
+
+    def cases(self, count: int = 3) -> list[dict[str, int]]:
+        """Size assignments for verification; the first one is the tracing example."""
+        cases = []
+        for index in range(count):
+            sizes: dict[str, int] = {}
+            for dim in self.dims.values():
+                batch, seq, other = _CASE_SIZES[index % len(_CASE_SIZES)]
+                want = batch if dim.name == "batch" else seq if dim.name == "seq" else other + 2 * len(sizes)
+                low = dim.min if index else max(dim.min, 2)
+                sizes[dim.name] = min(max(want, low), dim.max or want)
+            cases.append(sizes)
+        return cases
+
+    def trace_sizes(self) -> dict[str, int]:
+        sizes = self.cases(1)[0]
+        values = list(sizes.values())
+        if any(v < 2 for v in values) or len(set(values)) != len(values):
+            raise InputError(
+                f"cannot pick distinct tracing sizes >= 2 for dims {sizes}; widen the dim ranges"
+            )
+        return sizes
+
+    def example(self, sizes: Mapping[str, int], seed: int = 0) -> dict[str, torch.Tensor]:
+        """Seeded example tensors for one size assignment."""
+        generator = torch.Generator().manual_seed(seed)
+        out = {}
+        for spec in self.inputs:
+            shape = [d if isinstance(d, int) else sizes[d] for d in spec.shape]
+            dtype = DTYPES[spec.dtype]
+            if spec.kind == "mask":
+                value = torch.ones(shape, dtype=dtype)
+                if len(shape) >= 2 and shape[0] > 1 and shape[-1] > 1:
+                    value[-1, shape[-1] // 2 + 1 :] = 0
+            elif spec.kind == "index" or not dtype.is_floating_point:
+                value = torch.randint(spec.low, spec.high, shape, generator=generator, dtype=torch.int64).to(dtype)
+            else:
+                value = torch.randn(shape, generator=generator).to(dtype)
+            out[spec.name] = value
+        return out
+
+    def dynamic_shapes(self) -> dict[str, dict[int, Any]]:
+        """``torch.export`` dynamic-shape spec: one shared ``Dim`` per dim name."""
+        dims = {
+            d.name: torch.export.Dim(d.name, min=d.min, max=d.max) if d.max else torch.export.Dim(d.name, min=d.min)
+            for d in self.dims.values()
+        }
+        return {
+            spec.name: {axis: dims[d] for axis, d in enumerate(spec.shape) if isinstance(d, str)}
+            for spec in self.inputs
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "inputs": [dataclasses.asdict(i) | {"shape": list(i.shape)} for i in self.inputs],
+            "dims": {k: dataclasses.asdict(v) for k, v in self.dims.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> InputSignature:
+        inputs = tuple(TensorInput(**(dict(i) | {"shape": tuple(i["shape"])})) for i in data["inputs"])
+        return cls(inputs, {k: DimSpec(**v) for k, v in data["dims"].items()})
+
+
+_RANGE = re.compile(r"^(?P<name>[A-Za-z_]\w*)(=(?P<min>\d+)\.\.(?P<max>\d+)?)?$")
+
+
+def parse_inputs(texts: Sequence[str]) -> InputSignature:
+    """Parse ``--input`` values (see the module docstring).
+
+    Raises:
+        InputError: naming the malformed value and what was expected.
+    """
+    inputs = []
+    dims: dict[str, DimSpec] = {}
+    for text in texts:
+        parts = text.split(":")
+        if len(parts) not in (3, 4) or not parts[0]:
+            raise InputError(f"--input {text!r}: expected name:dims:dtype[:low..high], e.g. input_ids:batch,seq:int64")
+        name, dim_text, dtype = parts[:3]
+        if dtype not in DTYPES:
+            raise InputError(f"--input {text!r}: unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        shape: list[int | str] = []
+        for token in dim_text.split(",") if dim_text else []:
+            token = token.strip()
+            if token.isdigit():
+                shape.append(int(token))
+                continue
+            match = _RANGE.match(token)
+            if not match:
+                raise InputError(f"--input {text!r}: dim {token!r} is neither an integer nor name[=min..max]")
+            dim = DimSpec(match["name"], int(match["min"] or 1), int(match["max"]) if match["max"] else None)
+            if dim.name in dims and match["min"] and dims[dim.name] != dim:
+                raise InputError(f"--input {text!r}: dim {dim.name!r} has two different ranges")
+            dims.setdefault(dim.name, dim)
+            shape.append(dim.name)
+        low, high = 0, 2
+        kind = "float" if DTYPES[dtype].is_floating_point else "index"
+        if len(parts) == 4:
+            match = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", parts[3])
+            if not match or int(match[1]) >= int(match[2]):
+                raise InputError(f"--input {text!r}: value range {parts[3]!r} is not low..high with low < high")
+            low, high = int(match[1]), int(match[2])
+        if name == "attention_mask" and len(parts) == 3:
+            kind = "mask"
+        inputs.append(TensorInput(name, tuple(shape), dtype, kind, low, high))
+    names = [i.name for i in inputs]
+    if len(set(names)) != len(names):
+        raise InputError(f"--input names repeat: {names}")
+    return InputSignature(tuple(inputs), dims)
+
+
+def from_transformers(model: Any) -> InputSignature | None:
+    """The signature of a ``transformers.PreTrainedModel`` from its config, or None if unknown."""
+    import inspect
+
+    config = getattr(model, "config", None)
+    main = getattr(model, "main_input_name", None)
+    params = inspect.signature(model.forward).parameters
+    if config is None or main is None:
+        return None
+    if main == "input_ids":
+        seq_max = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        dims = {"batch": DimSpec("batch"), "seq": DimSpec("seq", 1, seq_max)}
+        vocab = getattr(config, "vocab_size", None) or 2
+        inputs = [TensorInput("input_ids", ("batch", "seq"), "int64", "index", 0, vocab)]
+        if "attention_mask" in params:
+            inputs.append(TensorInput("attention_mask", ("batch", "seq"), "int64", "mask"))
+        return InputSignature(tuple(inputs), dims)
+    if main == "pixel_values":
+        size = getattr(config, "image_size", 224)
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        channels = getattr(config, "num_channels", 3)
+        spec = TensorInput("pixel_values", ("batch", channels, height, width), "float32")
+        return InputSignature((spec,), {"batch": DimSpec("batch")})
+    return None
+
+
+def from_program(program: Any) -> InputSignature:
+    """The signature of an exported program, from its placeholders' fake values and ranges."""
+    names = list(program.graph_signature.user_inputs)
+    nodes = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    ranges = {str(k): v for k, v in program.range_constraints.items()}
+    dims: dict[str, DimSpec] = {}
+    inputs = []
+    for name in names:
+        val = nodes[name].meta["val"]
+        shape: list[int | str] = []
+        for d in val.shape:
+            if isinstance(d, int):
+                shape.append(d)
+                continue
+            symbol = str(d)
+            if symbol not in ranges:
+                raise InputError(f"input {name!r} has a derived dynamic dim {symbol!r}; pass --input to describe it")
+            r = ranges[symbol]
+            upper = None if str(r.upper) in ("int_oo", "oo") else int(r.upper)
+            dims.setdefault(symbol, DimSpec(symbol, int(r.lower), upper))
+            shape.append(symbol)
+        dtype = str(val.dtype).removeprefix("torch.")
+        if dtype not in DTYPES:
+            raise InputError(f"input {name!r} has unsupported dtype {dtype}")
+        kind = "float" if val.dtype.is_floating_point else "index"
+        inputs.append(TensorInput(name, tuple(shape), dtype, kind))
+    return InputSignature(tuple(inputs), dims)

@@ -1,0 +1,57 @@
+"""Adapter formats: read an adapter from disk and interpret it against the base model.
+
+``PARSERS`` maps a PEFT ``peft_type`` to the parser that understands it; every other type is an
+:class:`~peftc.errors.UnsupportedError` naming it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from peftc.errors import UnsupportedError, one_of
+from peftc.ir.modules import ModuleTable
+from peftc.methods import lora
+from peftc.methods.base import Adapter, AdapterSource, AdapterTensor, Replacement, Site
+from peftc.methods.loading import read_adapter
+
+Parser = Callable[[AdapterSource, ModuleTable], Adapter]
+
+PARSERS: dict[str, Parser] = {"LORA": lora.parse}
+
+
+def parse_adapter(source: AdapterSource, modules: ModuleTable) -> Adapter:
+    """Interpret ``source`` with the parser for its ``peft_type``."""
+    peft_type = str(source.config.get("peft_type"))
+    parser = PARSERS.get(peft_type)
+    if parser is None:
+        raise UnsupportedError(
+            f"{source.config_path}: peft_type {peft_type!r} is not supported; supported: "
+            f"{one_of(sorted(PARSERS))}"
+        )
+    return parser(source, modules)
+
+
+def load_adapter(
+    path: str | Path,
+    modules: ModuleTable,
+    *,
+    name: str | None = None,
+    config: str | Path | None = None,
+    allow_pickle: bool = False,
+) -> Adapter:
+    """Read and interpret an adapter in one step."""
+    return parse_adapter(read_adapter(path, name=name, config=config, allow_pickle=allow_pickle), modules)
+
+
+__all__ = [
+    "PARSERS",
+    "Adapter",
+    "AdapterSource",
+    "AdapterTensor",
+    "Replacement",
+    "Site",
+    "load_adapter",
+    "parse_adapter",
+    "read_adapter",
+]

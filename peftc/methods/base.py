@@ -1,0 +1,119 @@
+"""Typed adapter records shared by every method parser.
+
+A parser turns an adapter on disk (:class:`AdapterSource`: config + tensors) and the base model's
+module table into an :class:`Adapter`: the sites it adapts, the base tensors it replaces outright,
+and an account of every config field and every tensor key. Nothing in a file is silently dropped:
+a key is a site tensor, a replacement, or listed in ``unused`` with the reason it has no effect.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSource:
+    """An adapter as read from disk, before interpretation."""
+
+    name: str
+    path: Path
+    config_path: Path
+    weights_path: Path
+    config: Mapping[str, Any]
+    tensors: Mapping[str, torch.Tensor]
+    sha256: Mapping[str, str]
+
+    def describe(self, key: str) -> str:
+        """``file:key`` for error messages and provenance."""
+        return f"{self.weights_path.name}:{key}"
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterTensor:
+    """A tensor of the adapter file and the key it came from."""
+
+    key: str
+    tensor: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """One adapted module: the site op that replaces its calls, with tensors and scalars in op order."""
+
+    module: str
+    op: str
+    tensors: Mapping[str, AdapterTensor | None]
+    scalars: Mapping[str, Any]
+    info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """Human-facing facts for the manifest (module type, rank, alpha...)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Replacement:
+    """A base parameter the adapter replaces by a full tensor (``modules_to_save``, trained biases)."""
+
+    param: str
+    tensor: AdapterTensor
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+    """An interpreted adapter, ready for the insertion passes."""
+
+    name: str
+    method: str
+    source: AdapterSource
+    sites: tuple[Site, ...]
+    replacements: tuple[Replacement, ...] = ()
+    unused: tuple[tuple[str, str], ...] = ()
+    """``(key, reason)`` for tensors that have no effect on inference (PEFT ignores them too)."""
+    honoured: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """Config fields that change the math, with the values used."""
+    ignored: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """Config fields that do not affect inference, with the reason."""
+    warnings: tuple[str, ...] = ()
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready description for the manifest."""
+        return {
+            "name": self.name,
+            "method": self.method,
+            "peft_type": self.source.config.get("peft_type"),
+            "path": str(self.source.path),
+            "config_file": str(self.source.config_path),
+            "weights_file": str(self.source.weights_path),
+            "sha256": dict(self.source.sha256),
+            "config_honoured": _jsonable(self.honoured),
+            "config_ignored": dict(self.ignored),
+            "sites": [
+                {
+                    "module": s.module,
+                    "op": f"peftc::{s.op}",
+                    **_jsonable(s.info),
+                    "scalars": _jsonable(s.scalars),
+                    "tensors": {r: (t.key if t else None) for r, t in s.tensors.items()},
+                }
+                for s in self.sites
+            ],
+            "replacements": [
+                {"param": r.param, "key": r.tensor.key, "reason": r.reason} for r in self.replacements
+            ],
+            "unused_keys": [{"key": k, "reason": why} for k, why in self.unused],
+            "warnings": list(self.warnings),
+        }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)

@@ -1,0 +1,135 @@
+"""Reading adapters from disk: a PEFT directory, or a ``.safetensors`` file plus its config.
+
+Only safetensors are read by default. A pickled ``adapter_model.bin`` is refused with the reason;
+``allow_pickle=True`` loads it with ``torch.load(weights_only=True)``, which restricts unpickling to
+tensors and plain containers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftc.errors import InputError
+from peftc.methods.base import AdapterSource
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+
+
+def read_adapter(
+    path: str | Path,
+    *,
+    name: str | None = None,
+    config: str | Path | None = None,
+    allow_pickle: bool = False,
+) -> AdapterSource:
+    """Read an adapter's config and tensors.
+
+    Args:
+        path: a PEFT adapter directory, or a weights file (``.safetensors``; ``.bin`` with
+            ``allow_pickle``).
+        name: the adapter's name in the program; defaults to the directory (or file) name.
+        config: an ``adapter_config.json`` to use instead of the one in the directory / beside the file.
+        allow_pickle: accept a pickled weights file, loaded with ``weights_only=True``.
+
+    Raises:
+        InputError: naming the missing, unreadable or malformed file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: adapter path does not exist")
+    if path.is_dir():
+        weights = path / WEIGHTS_NAME
+        if not weights.exists():
+            pickled = [path / n for n in PICKLE_NAMES if (path / n).exists()]
+            if not pickled:
+                raise InputError(f"{path}: no {WEIGHTS_NAME} in the adapter directory")
+            weights = pickled[0]
+        config_path = Path(config) if config else path / CONFIG_NAME
+        default_name = path.resolve().name
+    else:
+        weights = path
+        config_path = Path(config) if config else path.parent / CONFIG_NAME
+        default_name = path.stem if path.stem != "adapter_model" else path.resolve().parent.name
+    if not config_path.is_file():
+        hint = "" if path.is_dir() else " (a bare weights file needs --config adapter_config.json)"
+        raise InputError(f"{config_path}: missing adapter config{hint}")
+
+    raw = _read_bytes(config_path)
+    try:
+        cfg = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{config_path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+    if not isinstance(cfg, dict):
+        raise InputError(f"{config_path}: expected a JSON object, got {type(cfg).__name__}")
+    if "peft_type" not in cfg:
+        raise InputError(f"{config_path}: no 'peft_type' field; is this a PEFT adapter config?")
+
+    weights_bytes = _read_bytes(weights)
+    tensors = _load_tensors(weights, weights_bytes, allow_pickle)
+    return AdapterSource(
+        name=_identifier(name or default_name),
+        path=path,
+        config_path=config_path,
+        weights_path=weights,
+        config=cfg,
+        tensors=tensors,
+        sha256={
+            "config": hashlib.sha256(raw).hexdigest(),
+            "weights": hashlib.sha256(weights_bytes).hexdigest(),
+        },
+    )
+
+
+def _load_tensors(path: Path, data: bytes, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load
+
+        try:
+            tensors = load(data)
+        except Exception as e:
+            raise InputError(f"{path}: not a valid safetensors file ({_first_line(e)})") from e
+        if not tensors:
+            raise InputError(f"{path}: the safetensors file holds no tensors")
+        return tensors
+    if path.suffix in (".bin", ".pt", ".pth"):
+        if not allow_pickle:
+            raise InputError(
+                f"{path}: pickled weights are refused because unpickling can run arbitrary code; "
+                "convert the adapter to safetensors (PEFT: save_pretrained(..., safe_serialization=True)) "
+                "or pass --allow-pickle to load it with torch.load(weights_only=True)"
+            )
+        import io
+
+        try:
+            loaded: Any = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise InputError(f"{path}: cannot load with weights_only=True ({_first_line(e)})") from e
+        if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+            raise InputError(f"{path}: expected a dict of tensors")
+        return dict(loaded)
+    raise InputError(f"{path}: unknown adapter weights format {path.suffix!r} (expected .safetensors)")
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from e
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _identifier(name: str) -> str:
+    ident = re.sub(r"\W", "_", name).strip("_") or "adapter"
+    return ident if not ident[0].isdigit() else f"a_{ident}"

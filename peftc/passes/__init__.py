@@ -1,0 +1,30 @@
+"""Program-to-program passes; one per file, run by :class:`PassManager` (see ``base.py``)."""
+
+from peftc.passes.base import (
+    Diagnostic,
+    Pass,
+    PassBase,
+    PassContext,
+    PassManager,
+    PassRecord,
+    PassResult,
+)
+from peftc.passes.eliminate_dead_code import EliminateDeadCodePass
+from peftc.passes.insert_sites import InsertSitesPass
+from peftc.passes.merge_lora import MergeLoraOptions, MergeLoraPass
+from peftc.passes.replace_tensors import ReplaceTensorsPass
+
+__all__ = [
+    "Diagnostic",
+    "EliminateDeadCodePass",
+    "InsertSitesPass",
+    "MergeLoraOptions",
+    "MergeLoraPass",
+    "Pass",
+    "PassBase",
+    "PassContext",
+    "PassManager",
+    "PassRecord",
+    "PassResult",
+    "ReplaceTensorsPass",
+]

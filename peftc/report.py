@@ -1,0 +1,116 @@
+"""Human-readable rendering of manifests and verification results (the CLI's tables).
+
+Everything here takes the manifest's JSON form, so ``peftc inspect`` needs neither torch nor any
+backend; ``--json`` prints the manifest itself instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain text table with left-aligned columns."""
+    cells = [[str(h) for h in headers], *[[_cell(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def verification_table(verification: Mapping[str, Any]) -> str:
+    rows = []
+    for case in verification["cases"]:
+        sizes = ",".join(f"{k}={v}" for k, v in case["sizes"].items())
+        for out in case["outputs"]:
+            rows.append([
+                case["oracle"], sizes, out["name"], f"{out['max_abs']:.2e}", f"{out['max_rel']:.2e}",
+                f"{out['tol_abs']:g} / {out['tol_rel']:g}", "ok" if out["ok"] else "FAIL " + out.get("note", ""),
+            ])  # fmt: skip
+    text = table(["oracle", "sizes", "output", "max abs", "max rel", "tol abs / rel", "result"], rows)
+    effect = verification.get("adapter_effect") or {}
+    if effect:
+        text += "\nadapter effect (max|adapted - base| / max|adapted|): " + ", ".join(
+            f"{k} {v:.3g}" for k, v in effect.items()
+        )
+    return text
+
+
+def manifest_text(m: Mapping[str, Any]) -> str:
+    """``peftc inspect``: the manifest as sections of tables."""
+    model = m["model"]
+    target = m["target"]
+    parts = [
+        f"artifact  status={m['status']}  peftc {m['peftc_version']}  created {m['created']}",
+        table(
+            ["model", "kind", "class", "parameters", "state sha256"],
+            [[model["spec"], model["kind"], model["class"], f"{model['parameters']:,}", model["state_sha256"][:16]]],
+        ),
+    ]
+    for adapter in m["adapters"]:
+        honoured = adapter["config_honoured"]
+        ranks = sorted({s.get("r") for s in adapter["sites"] if s.get("r") is not None})
+        parts.append(
+            table(
+                ["adapter", "method", "sites", "ranks", "replaced tensors", "weights sha256"],
+                [[adapter["name"], adapter["method"], len(adapter["sites"]), ",".join(map(str, ranks)) or "-",
+                  len(adapter["replacements"]), adapter["sha256"]["weights"][:16]]],
+            )  # fmt: skip
+        )
+        set_fields = {k: v for k, v in honoured.items() if v not in (None, [], {}, False, "none")}
+        parts.append("  config: " + ", ".join(f"{k}={v}" for k, v in set_fields.items()))
+        for key in adapter.get("unused_keys", []):
+            parts.append(f"  unused key {key['key']}: {key['reason']}")
+    parts.append(
+        table(
+            ["pass", "modified", "stats", "skipped", "seconds", "nodes"],
+            [
+                [p["name"], p["modified"], _stats(p["stats"]), sum(d["kind"] == "skipped" for d in p["diagnostics"]),
+                 f"{p['seconds']:.2f}", f"{p['nodes_before']} -> {p['nodes_after']}"]
+                for p in m["pipeline"]
+            ],  # fmt: skip
+        )
+    )
+    for p in m["pipeline"]:
+        for d in p["diagnostics"]:
+            parts.append(f"  {p['name']}: {d['kind']} {d['site']}: {d['message']}")
+    parts.append(
+        table(
+            ["file", "bytes", "sha256"],
+            [[f["path"], f"{f['bytes']:,}", f["sha256"][:16]] for f in target["files"]],
+        )
+    )
+    io_rows = [["input", v["name"], v["dtype"], _shape(v["shape"])] for v in target["inputs"]]
+    io_rows += [["output", v["name"], v["dtype"], _shape(v["shape"])] for v in target["outputs"]]
+    parts.append(table(["", "name", "dtype", "shape"], io_rows))
+    if "opset" in target:
+        parts.append(f"target {target['name']}: opset {target['opset']}, {target['nodes']} nodes, "
+                     f"{target['initializers']} initializers ({target['initializer_bytes']:,} bytes)")  # fmt: skip
+    parts.append(verification_table(m["verification"]))
+    for item in m["not_run"]:
+        parts.append(f"not run: {item['what']}: {item['reason']}")
+    for warning in m["warnings"]:
+        parts.append(f"warning: {warning}")
+    parts.append("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in m["timings"].items()))
+    if m.get("command"):
+        parts.append("rebuild: " + " ".join(_quote(c) for c in m["command"]))
+    return "\n\n".join(parts) + "\n"
+
+
+def _stats(stats: Mapping[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in stats.items()) or "-"
+
+
+def _shape(shape: Sequence[Any]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _cell(value: Any) -> str:
+    return "yes" if value is True else "no" if value is False else str(value)
+
+
+def _quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)

@@ -1,0 +1,86 @@
+"""The oracles artifacts are checked against.
+
+* ``program_oracle``: eager PyTorch of a peftc program. For the reference program (after
+  ``insert-sites``) each site op's eager body is the method's reference math.
+* ``peft_oracle``: Hugging Face PEFT's own eager model, ``PeftModel.from_pretrained(base, adapter)``,
+  built from the adapter files peftc read. It shares no code with peftc: it is the independent check
+  that peftc parsed the adapter as PEFT does.
+
+An oracle maps example tensors to ``{output name: numpy array}`` named as the artifact names outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from peftc import ir
+from peftc.methods.base import Adapter
+
+Oracle = Callable[[Mapping[str, torch.Tensor]], dict[str, np.ndarray]]
+
+
+def to_numpy(outputs: object) -> dict[str, np.ndarray]:
+    """Flatten a model's output pytree to named numpy arrays (bf16 widened to fp32)."""
+    named = {}
+    for name, leaf in ir.flatten_named(outputs).items():
+        if isinstance(leaf, torch.Tensor):
+            leaf = leaf.detach()
+            named[name] = (leaf.float() if leaf.dtype == torch.bfloat16 else leaf).cpu().numpy()
+    return named
+
+
+def program_oracle(program: ir.Program) -> Oracle:
+    """Eager execution of ``program``."""
+    module = program.module()
+
+    def run(inputs: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            return to_numpy(module(**inputs))
+
+    return run
+
+
+def peft_oracle(module: torch.nn.Module, adapters: Sequence[Adapter]) -> tuple[Oracle | None, str]:
+    """PEFT's eager model of ``module`` with ``adapters`` active, or ``(None, why not)``."""
+    try:
+        import peft
+    except ImportError:
+        return None, "peft is not installed (pip install 'peftc[oracle]')"
+    if not adapters:
+        return None, "no adapter"
+    from safetensors.torch import save_file
+
+    model = copy.deepcopy(module)
+    with tempfile.TemporaryDirectory(prefix="peftc-oracle-") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            for index, adapter in enumerate(adapters):
+                folder = Path(tmp) / adapter.name
+                folder.mkdir()
+                (folder / "adapter_config.json").write_text(json.dumps(dict(adapter.source.config)))
+                tensors = {k: v.contiguous() for k, v in adapter.source.tensors.items()}
+                save_file(tensors, str(folder / "adapter_model.safetensors"))
+                if index == 0:
+                    model = peft.PeftModel.from_pretrained(model, str(folder), adapter_name=adapter.name)
+                else:
+                    model.load_adapter(str(folder), adapter_name=adapter.name)
+            if len(adapters) > 1:
+                model.base_model.set_adapter([a.name for a in adapters])
+        except Exception as e:
+            return None, f"PEFT could not load the adapter ({type(e).__name__}: {str(e).splitlines()[0]})"
+    model.eval()
+
+    def run(inputs: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return to_numpy(model(**inputs))
+
+    return run, ""
