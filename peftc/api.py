@@ -24,7 +24,7 @@ from peftc.artifact import ArtifactWriter, Manifest, SCHEMA_VERSION, file_record
 from peftc.backends import get_backend
 from peftc.errors import InputError, VerificationError
 from peftc.loaders import InputSignature, LoadedModel, load_model
-from peftc.methods import Adapter, load_adapter
+from peftc.methods import Adapter, parse_adapter, read_adapter
 from peftc.passes import PassContext, PassManager, PassRecord, pipelines
 from peftc.verify import Report, peft_oracle, program_oracle, verify as run_verification
 
@@ -188,6 +188,11 @@ def _build(
 ) -> _Built:
     if configs and len(configs) not in (1, len(paths)):
         raise InputError(f"{len(configs)} --config files for {len(paths)} adapters; give one per adapter, in order")
+    with _stage(timings, "adapters", say, f"read {len(paths)} adapter(s)"):
+        sources = []
+        for index, path in enumerate(paths):
+            config = configs[index] if len(configs) == len(paths) else (configs[0] if configs else None)
+            sources.append(read_adapter(path, config=config, allow_pickle=allow_pickle))
     with _stage(timings, "load", say, f"load model {model if isinstance(model, str) else type(model).__name__}"):
         loaded = load_model(model, inputs=list(inputs), allow_pickle=allow_pickle)
     with _stage(timings, "trace", say, "trace: torch.export"):
@@ -196,12 +201,9 @@ def _build(
             signature: InputSignature = loaded.signature
             example = signature.example(signature.trace_sizes())
             base = ir.trace(loaded.module, example, signature.dynamic_shapes())
-    with _stage(timings, "adapters", say, f"parse {len(paths)} adapter(s)"):
+    with _stage(timings, "adapters", say, "match adapters to the model"):
         table = ir.module_table(base)
-        adapters = []
-        for index, path in enumerate(paths):
-            config = configs[index] if len(configs) == len(paths) else (configs[0] if configs else None)
-            adapters.append(load_adapter(path, table, config=config, allow_pickle=allow_pickle))
+        adapters = [parse_adapter(source, table) for source in sources]
         _dedupe_names(adapters)
     ctx = PassContext(dump_dir=Path(dump_ir) if dump_ir else None, progress=say)
     with _stage(timings, "adapt", say, "adapt: insert adapter sites"):

@@ -34,6 +34,7 @@ def text(program: Program) -> str:
     """The canonical text of the graph (see module docstring)."""
     names: dict[fx.Node, str] = {}
     lines = []
+    count = 0
     for node in program.graph.nodes:
         if node.op == "placeholder":
             fqn = placeholder_fqn(program, node)
@@ -44,7 +45,8 @@ def text(program: Program) -> str:
         if node.op == "output":
             lines.append(f"return {_render(node.args[0], names)}")
             continue
-        names[node] = f"%{len(names)}"
+        names[node] = f"%{count}"
+        count += 1
         args = ", ".join(_render(a, names) for a in node.args)
         if node.kwargs:
             args += ", " + ", ".join(f"{k}={_render(v, names)}" for k, v in node.kwargs.items())

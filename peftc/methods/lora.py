@@ -117,6 +117,14 @@ def parse(source: AdapterSource, modules: ModuleTable) -> Adapter:
         else:
             unused.append((key, why_unused))
 
+    for module_path, tensors in sorted(groups.items()):
+        # A key naming no module is the likelier mistake (a typo, another model); report it first.
+        if module_path not in modules or not modules[module_path].calls:
+            key = next(iter(tensors.values())).key
+            raise InputError(
+                f"{source.describe(key)}: maps to module {module_path!r}, which the base model does not "
+                f"execute{_nearest(module_path, modules)}"
+            )
     sites = []
     for module_path, tensors in sorted(groups.items()):
         sites.append(_site(source, module_path, tensors, modules, targeted, warnings))
@@ -190,12 +198,7 @@ def _site(
 ) -> Site:
     cfg = source.config
     some_key = next(iter(tensors.values())).key
-    module = modules.get(path)
-    if module is None or not module.calls:
-        raise InputError(
-            f"{source.describe(some_key)}: maps to module {path!r}, which the base model does not "
-            f"execute{_nearest(path, modules)}"
-        )
+    module = modules[path]
     if path not in targeted:
         raise InputError(
             f"{source.describe(some_key)}: module {path!r} is not targeted by {source.config_path.name} "

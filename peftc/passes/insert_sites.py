@@ -19,8 +19,10 @@ from __future__ import annotations
 import dataclasses
 
 from peftc import ir
-from peftc.errors import UnsupportedError
-from peftc.ir.modules import ModuleCall, ModuleTable
+from peftc.errors import PreconditionError, UnsupportedError
+from torch import fx
+
+from peftc.ir.modules import ModuleCall, ModuleInfo, ModuleTable
 from peftc.methods.base import Adapter, Site
 from peftc.ops import SITE_OPS
 from peftc.passes.base import PassBase, PassContext, PassResult
@@ -50,6 +52,10 @@ class InsertSitesPass(PassBase):
                         f"{site.module!r}; stacking adapters on one module is not supported yet"
                     )
                 owners[site.module] = adapter.name
+        for node in program.graph.nodes:
+            module = node.meta.get(ir.meta.PEFTC, {}).get("module") if node.op == "call_function" else None
+            if module in owners:
+                raise PreconditionError(f"module {module!r} already has a site node ({node.name})")
 
     def run(self, program: ir.Program, ctx: PassContext) -> PassResult:
         table = ir.module_table(program)
@@ -79,10 +85,6 @@ class InsertSitesPass(PassBase):
 def _insert_site(editor: ir.ProgramEditor, table: ModuleTable, adapter: Adapter, site: Site) -> int:
     op = SITE_OPS[site.op]
     module = table[site.module]
-    base = []
-    for local in op.base_params:
-        fqn = module.params.get(local)
-        base.append(editor.node_for(fqn) if fqn else None)
     tensors = []
     for role in op.tensor_roles:
         entry = site.tensors.get(role)
@@ -104,12 +106,34 @@ def _insert_site(editor: ir.ProgramEditor, table: ModuleTable, adapter: Adapter,
         # Nodes are looked up by name: the editor works on a copy of the graph the table describes.
         nodes = {n.name: n for n in editor.graph.nodes}
         region = [nodes[n.name] for n in call.nodes]
+        base = [_base_operand(editor, module, local, region, adapter) for local in op.base_params]
         out_node = nodes[output.name]
         # Inserted just before the call's output, every operand is already defined.
         node = editor.call(op.overload, (nodes[x.name], *base, *tensors, *scalars), like=out_node)
         ir.meta.peftc_meta(node).update(adapter=adapter.name, module=site.module, site=site.op)
         editor.replace(out_node, node, region)
     return len(module.calls)
+
+
+def _base_operand(editor: ir.ProgramEditor, module: ModuleInfo, local: str, region: list[fx.Node], adapter: Adapter):
+    """The placeholder holding the module's parameter ``local`` as the call reads it (None if absent).
+
+    The call must read the parameter itself: a weight computed in the graph (a parametrization)
+    would be silently replaced by the stored one, so it is refused.
+    """
+    fqn = module.params.get(local)
+    if fqn is None:
+        return None
+    own = editor.node_for(fqn)
+    tensor = editor.tensor(own)
+    read = [a for n in region for a in n.all_input_nodes if a.op == "placeholder" and editor.tensor(a) is tensor]
+    if not read:
+        raise UnsupportedError(
+            f"adapter {adapter.name!r}: module {module.path!r} does not read its parameter {local!r} directly "
+            "(is it computed, e.g. by a parametrization?); peftc cannot adapt it"
+        )
+    # Prefer the module's own placeholder: export may route tied parameters through another name.
+    return own if own in read or not own.users else read[0]
 
 
 def _single_io(call: ModuleCall, site: Site, adapter: Adapter):

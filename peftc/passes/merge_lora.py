@@ -135,7 +135,7 @@ class MergeLoraPass(PassBase):
         if set(node.users) <= set(sites):
             return node, 0
         if editor.has_state(fqn):
-            fqn = f"{fqn}.untied"
+            fqn = f"{fqn}_untied"
         copy = editor.add_parameter(fqn, editor.tensor(node))
         for site in sites:
             site.replace_input_with(node, copy)

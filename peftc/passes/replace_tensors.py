@@ -42,7 +42,7 @@ class ReplaceTensorsPass(PassBase):
             owner = r.param.rpartition(".")[0]
             outside = [u for u in node.users if not _inside(ir.meta.module_path(u), owner)]
             if outside:
-                copy = editor.add_parameter(f"{r.param}.untied", base)
+                copy = editor.add_parameter(f"{r.param}_untied", base)
                 for user in [u for u in node.users if u not in outside]:
                     user.replace_input_with(node, copy)
                 node, untied = copy, untied + 1

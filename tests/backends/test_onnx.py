@@ -1,0 +1,107 @@
+"""The ONNX target: translations match the site ops' eager bodies; names, dims and structure are peftc's."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import adapt, export, run_passes
+
+import models
+from peftc.backends import get_backend
+from peftc.backends.ort import OrtRunner
+from peftc.loaders import parse_inputs
+from peftc.loaders.inputs import from_transformers
+from peftc.passes import EliminateDeadCodePass, MergeLoraPass
+
+
+def _lower(program, signature, directory):
+    directory.mkdir(parents=True, exist_ok=True)
+    lowered = get_backend("onnx").lower(program, signature, directory, lambda m: None)
+    return lowered, onnx.load(str(directory / "model.onnx"), load_external_data=False)
+
+
+class TwoLinears(torch.nn.Module):
+    """One linear with a bias, one without, so both translation branches run."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(12, 24)
+        self.down = torch.nn.Linear(24, 6, bias=False)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+@pytest.mark.parametrize("lora_bias", [False, True])
+def test_unmerged_translation_matches_eager_site_ops(tmp_path, lora_bias):
+    torch.manual_seed(0)
+    model = TwoLinears().eval()
+    adapter = models.make_lora(model, tmp_path / "a", target_modules=["up", "down"], lora_bias=lora_bias)
+    signature = parse_inputs(["x:batch,seq,12:float32"])
+    reference = adapt(export(model, signature), adapter)
+    _lower(reference, signature, tmp_path / "onnx")
+    runner = OrtRunner(tmp_path / "onnx" / "model.onnx")
+    for sizes in signature.cases():
+        x = signature.example(sizes, seed=3)
+        expected = reference.module()(**x).detach().numpy()
+        got = runner.run({"x": x["x"].numpy()})["output"]
+        assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_conv1d_translation_matches_eager(tmp_path, gpt2_program, gpt2_adapter):
+    reference = adapt(gpt2_program, gpt2_adapter)
+    signature = from_transformers(models.tiny_gpt2())
+    _lower(reference, signature, tmp_path)
+    runner = OrtRunner(tmp_path / "model.onnx")
+    inputs = models.text_inputs(3, 11)
+    expected = reference.module()(**inputs).last_hidden_state.detach().numpy()
+    got = runner.run({k: v.numpy() for k, v in inputs.items()})["last_hidden_state"]
+    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def _matmuls(model):
+    # A 2-D aten.linear exports as Gemm; a site's base product is a MatMul. Count both.
+    ops = Counter(n.op_type for n in model.graph.node)
+    return ops["MatMul"] + ops["Gemm"]
+
+
+def test_matmul_counts_merged_and_unmerged(tmp_path, bert_program, bert_adapter):
+    signature = from_transformers(models.tiny_bert())
+    reference = adapt(bert_program, bert_adapter)
+    merged, _ = run_passes(reference, MergeLoraPass(), EliminateDeadCodePass())
+    _, base_onnx = _lower(bert_program, signature, tmp_path / "base")
+    _, merged_onnx = _lower(merged, signature, tmp_path / "merged")
+    lowered, unmerged_onnx = _lower(reference, signature, tmp_path / "unmerged")
+    sites = 11
+    assert _matmuls(merged_onnx) == _matmuls(base_onnx)
+    assert _matmuls(unmerged_onnx) == _matmuls(base_onnx) + 2 * sites
+    names = {i.name for i in unmerged_onnx.graph.initializer}
+    assert "encoder.layer.0.attention.self.query.lora_A.bert_lora" in names
+    assert not [n for n in {i.name for i in merged_onnx.graph.initializer} if "lora" in n]
+    assert len(lowered.info["adapter_initializers"]) == 2 * sites
+
+
+def test_io_names_and_dims_come_from_the_signature(tmp_path, bert_program):
+    lowered, model = _lower(bert_program, from_transformers(models.tiny_bert()), tmp_path)
+    assert [o.name for o in model.graph.output] == ["last_hidden_state", "pooler_output"]
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", "seq"]
+    assert lowered.outputs[0] == {"name": "last_hidden_state", "dtype": "float32", "shape": ["batch", "seq", 32]}
+    assert not [i.name for i in model.graph.initializer if i.name.startswith("val_")]
+
+
+def test_large_models_use_external_data(tmp_path, bert_program, monkeypatch):
+    import peftc.backends.onnx as onnx_backend
+
+    monkeypatch.setattr(onnx_backend, "PROTOBUF_LIMIT", 1024)
+    lowered, _ = _lower(bert_program, from_transformers(models.tiny_bert()), tmp_path)
+    assert lowered.info["external_data"] is True and len(lowered.files) == 2
+    runner = OrtRunner(tmp_path / "model.onnx")
+    inputs = models.text_inputs(2, 4)
+    expected = bert_program.module()(**inputs).last_hidden_state.detach().numpy()
+    got = runner.run({k: v.numpy() for k, v in inputs.items()})["last_hidden_state"]
+    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()

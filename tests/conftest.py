@@ -1,0 +1,103 @@
+"""Shared fixtures: golden tiny models, PEFT-made adapters (cached per session), exported programs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import models  # noqa: E402
+
+from peftc import ir  # noqa: E402
+from peftc.loaders.inputs import InputSignature, from_transformers  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE_ADAPTER = REPO / "examples" / "minilm-lora"
+MINILM_SPEC = f"{REPO / 'examples' / 'minilm.py'}:model"
+
+
+@pytest.fixture(scope="session")
+def golden(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("golden")
+
+
+@pytest.fixture(scope="session")
+def bert_adapter(golden: Path) -> Path:
+    """LoRA on query/value/all dense layers of the tiny BERT."""
+    return models.make_lora(models.tiny_bert(), golden / "bert-lora", target_modules=["query", "value", "dense"])
+
+
+@pytest.fixture(scope="session")
+def gpt2_adapter(golden: Path) -> Path:
+    return models.make_lora(models.tiny_gpt2(), golden / "gpt2-lora", target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+
+
+def export(model: torch.nn.Module, signature: InputSignature | None = None) -> ir.Program:
+    """Trace a model the way ``peftc.compile`` does."""
+    signature = signature or from_transformers(model)
+    example = signature.example(signature.trace_sizes())
+    return ir.trace(model, example, signature.dynamic_shapes())
+
+
+@pytest.fixture(scope="session")
+def bert_program() -> ir.Program:
+    return export(models.tiny_bert())
+
+
+@pytest.fixture(scope="session")
+def gpt2_program() -> ir.Program:
+    return export(models.tiny_gpt2())
+
+
+def adapt(program: ir.Program, *adapter_paths: Path) -> ir.Program:
+    """The reference program: ``program`` with the adapters' sites inserted (the adapt stage)."""
+    from peftc.methods import load_adapter
+    from peftc.passes import PassContext, PassManager, pipelines
+
+    table = ir.module_table(program)
+    adapters = [load_adapter(p, table) for p in adapter_paths]
+    return PassManager(pipelines.adapt(adapters)).run(program, PassContext())[0]
+
+
+def run_passes(program: ir.Program, *passes) -> tuple[ir.Program, list]:
+    from peftc.passes import PassContext, PassManager
+
+    return PassManager(list(passes)).run(program, PassContext())
+
+
+def eager(program: ir.Program, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        return {k: v for k, v in ir.flatten_named(program.module()(**inputs)).items()}
+
+
+def assert_outputs_close(actual: dict, expected: dict, rel: float = 1e-5) -> None:
+    """Every output within ``rel`` of max|expected| (the fp32 bound peftc verifies with)."""
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        a = torch.as_tensor(actual[name]).double()
+        e = torch.as_tensor(expected[name]).double()
+        err = (a - e).abs().max().item() / e.abs().max().item()
+        assert err <= rel, f"{name}: relative error {err:.3g} > {rel}"
+
+
+@pytest.fixture(scope="session")
+def bert_dir(golden: Path) -> Path:
+    """The tiny BERT saved as a Hugging Face model directory (config.json + safetensors)."""
+    path = golden / "bert-hf"
+    models.tiny_bert().save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def minilm_artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[bool, Path]:
+    """The bundled example compiled merged and unmerged (real weights, real trained adapter)."""
+    import peftc
+
+    out = tmp_path_factory.mktemp("minilm")
+    return {
+        merge: peftc.compile(MINILM_SPEC, EXAMPLE_ADAPTER, out=out / f"merge-{merge}", merge=merge).path
+        for merge in (True, False)
+    }

