@@ -20,13 +20,14 @@ from typing import Any
 import torch
 
 from peftc import ir
-from peftc.artifact import ArtifactWriter, Manifest, SCHEMA_VERSION, file_record, read_manifest
+from peftc.artifact import SCHEMA_VERSION, ArtifactWriter, Manifest, file_record
 from peftc.backends import get_backend
 from peftc.errors import InputError, VerificationError
 from peftc.loaders import InputSignature, LoadedModel, load_model
 from peftc.methods import Adapter, parse_adapter, read_adapter
 from peftc.passes import PassContext, PassManager, PassRecord, pipelines
-from peftc.verify import Report, peft_oracle, program_oracle, verify as run_verification
+from peftc.verify import Report, peft_oracle, program_oracle
+from peftc.verify import verify as run_verification
 
 PathLike = str | os.PathLike[str]
 Progress = Callable[[str], None]
@@ -147,7 +148,9 @@ def compile(
         writer.abort()
 
 
-def verify(path: PathLike, *, model: Any = None, oracle: bool = True, seed: int | None = None, progress: Progress | None = None) -> Report:
+def verify(
+    path: PathLike, *, model: Any = None, oracle: bool = True, seed: int | None = None, progress: Progress | None = None
+) -> Report:
     """Re-run the numeric check of the artifact at ``path`` against freshly rebuilt oracles.
 
     The base model and adapters are loaded again from the sources the manifest names (``model``
@@ -173,7 +176,13 @@ def verify(path: PathLike, *, model: Any = None, oracle: bool = True, seed: int 
     built = _build(spec, paths, manifest.options.get("inputs", []), configs, False, None, say, timings)
     dtypes = {o["name"]: o["dtype"] for o in manifest.target["outputs"]}
     with _stage(timings, "verify", say, "verify: artifact vs eager reference"):
-        return _verify(runner.backend_runner, built, dtypes, oracle=oracle, seed=manifest.options.get("seed", 0) if seed is None else seed)
+        return _verify(
+            runner.backend_runner,
+            built,
+            dtypes,
+            oracle=oracle,
+            seed=manifest.options.get("seed", 0) if seed is None else seed,
+        )
 
 
 def _build(
@@ -302,7 +311,16 @@ def _check_sources(manifest: Manifest) -> None:
                 raise InputError(f"{path}: changed since the artifact was built (sha256 differs)")
 
 
-def _command(model: Any, paths: Sequence[PathLike], configs: Sequence[PathLike], target: str, out: PathLike, merge: bool, inputs: Sequence[str], allow_pickle: bool) -> list[str] | None:
+def _command(
+    model: Any,
+    paths: Sequence[PathLike],
+    configs: Sequence[PathLike],
+    target: str,
+    out: PathLike,
+    merge: bool,
+    inputs: Sequence[str],
+    allow_pickle: bool,
+) -> list[str] | None:
     if not isinstance(model, (str, os.PathLike)):
         return None
     command = ["peftc", "compile", str(model)]

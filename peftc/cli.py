@@ -136,16 +136,37 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compile", help="compile a model with adapters into an artifact directory")
     c.add_argument("model", help="Hugging Face model directory, pkg.module:factory, or a .pt2 file")
-    c.add_argument("--adapter", action="append", required=True, help="PEFT adapter directory or .safetensors file (repeatable, in stacking order)")
-    c.add_argument("--config", action="append", help="adapter_config.json for an adapter given as a bare .safetensors file (one per adapter, in order)")
+    c.add_argument(
+        "--adapter",
+        action="append",
+        required=True,
+        help="PEFT adapter directory or .safetensors file (repeatable, in stacking order)",
+    )
+    c.add_argument(
+        "--config",
+        action="append",
+        help="adapter_config.json for an adapter given as a bare .safetensors file (one per adapter, in order)",
+    )
     c.add_argument("--target", default="onnx", help="compilation target (default: onnx)")
     c.add_argument("-o", "--out", required=True, help="artifact directory to create")
-    c.add_argument("--no-merge", action="store_true", help="keep adapters as separate ops instead of merging them into the weights")
-    c.add_argument("--input", action="append", help="input description name:dims:dtype[:low..high], e.g. input_ids:batch,seq:int64 (repeatable)")
+    c.add_argument(
+        "--no-merge", action="store_true", help="keep adapters as separate ops instead of merging them into the weights"
+    )
+    c.add_argument(
+        "--input",
+        action="append",
+        help="input description name:dims:dtype[:low..high], e.g. input_ids:batch,seq:int64 (repeatable)",
+    )
     c.add_argument("--force", action="store_true", help="replace an existing output directory")
-    c.add_argument("--keep-failed", action="store_true", help="write the artifact, marked failed, even if verification fails")
+    c.add_argument(
+        "--keep-failed", action="store_true", help="write the artifact, marked failed, even if verification fails"
+    )
     c.add_argument("--dump-ir", metavar="DIR", help="write the canonical graph after every pass into DIR")
-    c.add_argument("--allow-pickle", action="store_true", help="accept pickled weight files (loaded with torch.load(weights_only=True))")
+    c.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="accept pickled weight files (loaded with torch.load(weights_only=True))",
+    )
     c.add_argument("--no-oracle", action="store_true", help="skip the comparison against Hugging Face PEFT")
     c.add_argument("--seed", type=int, default=0, help="seed of the verification inputs")
     c.add_argument("--json", action="store_true", help="print the manifest as JSON")

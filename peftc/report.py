@@ -24,10 +24,17 @@ def verification_table(verification: Mapping[str, Any]) -> str:
     for case in verification["cases"]:
         sizes = ",".join(f"{k}={v}" for k, v in case["sizes"].items())
         for out in case["outputs"]:
-            rows.append([
-                case["oracle"], sizes, out["name"], f"{out['max_abs']:.2e}", f"{out['max_rel']:.2e}",
-                f"{out['tol_abs']:g} / {out['tol_rel']:g}", "ok" if out["ok"] else "FAIL " + out.get("note", ""),
-            ])  # fmt: skip
+            rows.append(
+                [
+                    case["oracle"],
+                    sizes,
+                    out["name"],
+                    f"{out['max_abs']:.2e}",
+                    f"{out['max_rel']:.2e}",
+                    f"{out['tol_abs']:g} / {out['tol_rel']:g}",
+                    "ok" if out["ok"] else "FAIL " + out.get("note", ""),
+                ]
+            )
     text = table(["oracle", "sizes", "output", "max abs", "max rel", "tol abs / rel", "result"], rows)
     effect = verification.get("adapter_effect") or {}
     if effect:
@@ -54,9 +61,17 @@ def manifest_text(m: Mapping[str, Any]) -> str:
         parts.append(
             table(
                 ["adapter", "method", "sites", "ranks", "replaced tensors", "weights sha256"],
-                [[adapter["name"], adapter["method"], len(adapter["sites"]), ",".join(map(str, ranks)) or "-",
-                  len(adapter["replacements"]), adapter["sha256"]["weights"][:16]]],
-            )  # fmt: skip
+                [
+                    [
+                        adapter["name"],
+                        adapter["method"],
+                        len(adapter["sites"]),
+                        ",".join(map(str, ranks)) or "-",
+                        len(adapter["replacements"]),
+                        adapter["sha256"]["weights"][:16],
+                    ]
+                ],
+            )
         )
         set_fields = {k: v for k, v in honoured.items() if v not in (None, [], {}, False, "none")}
         parts.append("  config: " + ", ".join(f"{k}={v}" for k, v in set_fields.items()))
@@ -66,10 +81,16 @@ def manifest_text(m: Mapping[str, Any]) -> str:
         table(
             ["pass", "modified", "stats", "skipped", "seconds", "nodes"],
             [
-                [p["name"], p["modified"], _stats(p["stats"]), sum(d["kind"] == "skipped" for d in p["diagnostics"]),
-                 f"{p['seconds']:.2f}", f"{p['nodes_before']} -> {p['nodes_after']}"]
+                [
+                    p["name"],
+                    p["modified"],
+                    _stats(p["stats"]),
+                    sum(d["kind"] == "skipped" for d in p["diagnostics"]),
+                    f"{p['seconds']:.2f}",
+                    f"{p['nodes_before']} -> {p['nodes_after']}",
+                ]
                 for p in m["pipeline"]
-            ],  # fmt: skip
+            ],
         )
     )
     for p in m["pipeline"]:
@@ -85,8 +106,10 @@ def manifest_text(m: Mapping[str, Any]) -> str:
     io_rows += [["output", v["name"], v["dtype"], _shape(v["shape"])] for v in target["outputs"]]
     parts.append(table(["", "name", "dtype", "shape"], io_rows))
     if "opset" in target:
-        parts.append(f"target {target['name']}: opset {target['opset']}, {target['nodes']} nodes, "
-                     f"{target['initializers']} initializers ({target['initializer_bytes']:,} bytes)")  # fmt: skip
+        parts.append(
+            f"target {target['name']}: opset {target['opset']}, {target['nodes']} nodes, "
+            f"{target['initializers']} initializers ({target['initializer_bytes']:,} bytes)"
+        )
     parts.append(verification_table(m["verification"]))
     for item in m["not_run"]:
         parts.append(f"not run: {item['what']}: {item['reason']}")

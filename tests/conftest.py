@@ -9,10 +9,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import models  # noqa: E402
+import models
 
-from peftc import ir  # noqa: E402
-from peftc.loaders.inputs import InputSignature, from_transformers  # noqa: E402
+from peftc import ir
+from peftc.loaders.inputs import InputSignature, from_transformers
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_ADAPTER = REPO / "examples" / "minilm-lora"
@@ -32,7 +32,9 @@ def bert_adapter(golden: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def gpt2_adapter(golden: Path) -> Path:
-    return models.make_lora(models.tiny_gpt2(), golden / "gpt2-lora", target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    return models.make_lora(
+        models.tiny_gpt2(), golden / "gpt2-lora", target_modules=["c_attn", "c_proj"], fan_in_fan_out=True
+    )
 
 
 def export(model: torch.nn.Module, signature: InputSignature | None = None) -> ir.Program:
@@ -70,7 +72,7 @@ def run_passes(program: ir.Program, *passes) -> tuple[ir.Program, list]:
 
 def eager(program: ir.Program, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     with torch.no_grad():
-        return {k: v for k, v in ir.flatten_named(program.module()(**inputs)).items()}
+        return dict(ir.flatten_named(program.module()(**inputs)))
 
 
 def assert_outputs_close(actual: dict, expected: dict, rel: float = 1e-5) -> None:

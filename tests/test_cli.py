@@ -57,7 +57,9 @@ def test_rebuild_command_reproduces_the_artifact(capsys, tmp_path, bert_dir, ber
 
 
 def test_dump_ir_writes_graphs_per_pass(capsys, tmp_path, bert_dir, bert_adapter):
-    code, _, err = run(capsys, "compile", bert_dir, "--adapter", bert_adapter, "-o", tmp_path / "out", "--dump-ir", tmp_path / "ir")
+    code, _, err = run(
+        capsys, "compile", bert_dir, "--adapter", bert_adapter, "-o", tmp_path / "out", "--dump-ir", tmp_path / "ir"
+    )
     assert code == 0, err
     names = sorted(p.name for p in (tmp_path / "ir").iterdir())
     assert names[0] == "00_input.txt" and "04_merge-lora.txt" in names
@@ -125,8 +127,14 @@ BAD_ADAPTERS = [
     pytest.param(_truncated, "adapter_model.safetensors: not a valid safetensors file", id="truncated-safetensors"),
     pytest.param(_garbage, "adapter_model.safetensors: not a valid safetensors file", id="corrupt-safetensors"),
     pytest.param(_unknown_module, "queryx.*which the base model does not execute; did you mean", id="unknown-module"),
-    pytest.param(_rank_mismatch, r"query.lora_A.weight: shape \[3, 32\] does not match the base model: expected \[r=4", id="rank-mismatch"),
-    pytest.param(_d_in_mismatch, r"shape \[4, 48\] does not match the base model: expected \[r=4, d_in=32\]", id="d_in-mismatch"),
+    pytest.param(
+        _rank_mismatch,
+        r"query.lora_A.weight: shape \[3, 32\] does not match the base model: expected \[r=4",
+        id="rank-mismatch",
+    ),
+    pytest.param(
+        _d_in_mismatch, r"shape \[4, 48\] does not match the base model: expected \[r=4, d_in=32\]", id="d_in-mismatch"
+    ),
     pytest.param(_unknown_type, "peft_type 'SOMETHING_NEW' is not supported", id="unknown-peft-type"),
     pytest.param(_dora, "use_dora=True: DoRA", id="unsupported-option"),
     pytest.param(_pickle, "adapter_model.bin: pickled weights are refused.*--allow-pickle", id="pickle"),
@@ -138,7 +146,7 @@ def test_bad_adapter_is_one_line_exit_2_nothing_written(capsys, tmp_path, bert_d
     adapter = _adapter_copy(bert_adapter, tmp_path / "adapter")
     corrupt(adapter)
     out = tmp_path / "out"
-    code, stdout, err = run(capsys, "compile", bert_dir, "--adapter", adapter, "-o", out)
+    code, _, err = run(capsys, "compile", bert_dir, "--adapter", adapter, "-o", out)
     assert code == 2
     line = _error_line(err)
     assert line.startswith("peftc: error: ")
@@ -203,7 +211,9 @@ def test_verification_failure_exits_1_with_table(capsys, tmp_path, bert_dir, ber
 
 
 def test_debug_shows_the_traceback(capsys, tmp_path, bert_adapter):
-    code = main(["--debug", "compile", str(tmp_path / "nope"), "--adapter", str(bert_adapter), "-o", str(tmp_path / "o")])
+    code = main(
+        ["--debug", "compile", str(tmp_path / "nope"), "--adapter", str(bert_adapter), "-o", str(tmp_path / "o")]
+    )
     assert code == 2 and "Traceback" in capsys.readouterr().err
 
 

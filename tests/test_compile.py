@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 
+import models
 import numpy as np
 import pytest
 import torch
 from conftest import EXAMPLE_ADAPTER, assert_outputs_close, export
 
-import models
 import peftc
 from peftc import ir
 from peftc.errors import InputError, VerificationError
@@ -26,7 +26,9 @@ FAMILIES = [
         14,
         id="llama-gqa",
     ),
-    pytest.param(models.tiny_gpt2, {"target_modules": ["c_attn", "c_proj", "c_fc"], "fan_in_fan_out": True}, 8, id="gpt2-conv1d"),
+    pytest.param(
+        models.tiny_gpt2, {"target_modules": ["c_attn", "c_proj", "c_fc"], "fan_in_fan_out": True}, 8, id="gpt2-conv1d"
+    ),
 ]
 
 
@@ -60,8 +62,20 @@ def test_family_compiles_and_matches_peft(tmp_path, build, config, sites, merge)
     ("head", "config"),
     [
         (False, {"target_modules": r".*\.(query|value)", "use_rslora": True, "r": 6, "lora_alpha": 4}),
-        (False, {"target_modules": ["query", "value", "dense"], "rank_pattern": {"dense": 2}, "alpha_pattern": {"layer.1.attention.self.query": 16}, "layers_to_transform": [1], "layers_pattern": "layer"}),
-        (True, {"target_modules": ["query", "value"], "modules_to_save": ["classifier"], "bias": "all", "lora_bias": True}),
+        (
+            False,
+            {
+                "target_modules": ["query", "value", "dense"],
+                "rank_pattern": {"dense": 2},
+                "alpha_pattern": {"layer.1.attention.self.query": 16},
+                "layers_to_transform": [1],
+                "layers_pattern": "layer",
+            },
+        ),
+        (
+            True,
+            {"target_modules": ["query", "value"], "modules_to_save": ["classifier"], "bias": "all", "lora_bias": True},
+        ),
     ],
     ids=["rslora-regex", "patterns-layers", "modules_to_save-bias"],
 )

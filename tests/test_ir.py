@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import zipfile
 
+import models
 import pytest
 import torch
 from conftest import export
 
-import models
 from peftc import ir
 from peftc.errors import InputError
 
@@ -52,7 +52,10 @@ def test_module_table_linear_call_is_one_node(bert_program):
     table = ir.module_table(bert_program)
     query = table["encoder.layer.0.attention.self.query"]
     assert query.class_name == "Linear"
-    assert query.params == {"weight": "encoder.layer.0.attention.self.query.weight", "bias": "encoder.layer.0.attention.self.query.bias"}
+    assert query.params == {
+        "weight": "encoder.layer.0.attention.self.query.weight",
+        "bias": "encoder.layer.0.attention.self.query.bias",
+    }
     (call,) = query.calls
     assert [n.target for n in call.nodes] == [torch.ops.aten.linear.default]
     assert len(call.inputs) == 1 and len(call.outputs) == 1

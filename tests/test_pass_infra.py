@@ -107,7 +107,9 @@ def test_correct_pass_runs_and_records():
     assert ir.op_counts(out)["aten.relu"] == 1 and ir.op_counts(program)["aten.gelu"] == 1
     assert records[0].stats == {"replaced": 1} and records[0].modified
     x = torch.randn(3, 4)
-    expected = torch.relu(torch.nn.functional.linear(x, program.state_dict["lin.weight"], program.state_dict["lin.bias"]))
+    expected = torch.relu(
+        torch.nn.functional.linear(x, program.state_dict["lin.weight"], program.state_dict["lin.bias"])
+    )
     torch.testing.assert_close(out.module()(x), expected)
 
 

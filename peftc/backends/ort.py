@@ -35,8 +35,7 @@ class OrtRunner:
         extra = [n for n in feeds if n not in self._types]
         if missing or extra:
             raise InputError(
-                f"inputs do not match the model: missing {missing}, unexpected {extra}; "
-                f"expected {self.input_names}"
+                f"inputs do not match the model: missing {missing}, unexpected {extra}; expected {self.input_names}"
             )
         prepared = {}
         for name, value in feeds.items():

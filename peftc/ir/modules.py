@@ -85,9 +85,9 @@ def module_table(program: Program) -> ModuleTable:
         inputs: list[fx.Node] = []
         for node in nodes:
             for arg in node.all_input_nodes:
-                if arg not in inside and arg.name not in state_names and meta.is_tensor_node(arg):
-                    if arg not in inputs:
-                        inputs.append(arg)
+                external = arg not in inside and arg.name not in state_names
+                if external and meta.is_tensor_node(arg) and arg not in inputs:
+                    inputs.append(arg)
         outputs = tuple(n for n in nodes if any(u not in inside for u in n.users))
         calls.setdefault(path, []).append(ModuleCall(path, key, tuple(nodes), tuple(inputs), outputs))
 
@@ -101,8 +101,5 @@ def module_table(program: Program) -> ModuleTable:
             tensor = tensors.get(spec.target)
             if tensor is not None:
                 shapes[spec.target] = tuple(tensor.shape)
-    modules = {
-        path: ModuleInfo(path, types[path], params.get(path, {}), tuple(calls.get(path, ())))
-        for path in types
-    }
+    modules = {path: ModuleInfo(path, types[path], params.get(path, {}), tuple(calls.get(path, ()))) for path in types}
     return ModuleTable(modules, shapes)

@@ -51,14 +51,10 @@ def trace(
     """
     try:
         with torch.no_grad():
-            return torch.export.export(
-                module, (), dict(example), dynamic_shapes=dict(dynamic_shapes), strict=False
-            )
+            return torch.export.export(module, (), dict(example), dynamic_shapes=dict(dynamic_shapes), strict=False)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UnsupportedError(
-            f"torch.export could not trace {type(module).__name__}: {first}"
-        ) from e
+        raise UnsupportedError(f"torch.export could not trace {type(module).__name__}: {first}") from e
 
 
 def output_names(program: Program) -> list[str]:
@@ -190,8 +186,10 @@ class ProgramEditor:
         index = max((i + 1 for i, k in enumerate(kinds) if k == InputKind.PARAMETER), default=0)
         placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
         anchor = placeholders[index] if index < len(placeholders) else None
-        ctx = self.graph.inserting_before(anchor) if anchor is not None else self.graph.inserting_after(
-            placeholders[-1] if placeholders else None
+        ctx = (
+            self.graph.inserting_before(anchor)
+            if anchor is not None
+            else self.graph.inserting_after(placeholders[-1] if placeholders else None)
         )
         with ctx:
             node = self.graph.placeholder(_identifier("p_" + fqn))

@@ -82,9 +82,7 @@ class InputSignature:
         sizes = self.cases(1)[0]
         values = list(sizes.values())
         if any(v < 2 for v in values) or len(set(values)) != len(values):
-            raise InputError(
-                f"cannot pick distinct tracing sizes >= 2 for dims {sizes}; widen the dim ranges"
-            )
+            raise InputError(f"cannot pick distinct tracing sizes >= 2 for dims {sizes}; widen the dim ranges")
         return sizes
 
     def example(self, sizes: Mapping[str, int], seed: int = 0) -> dict[str, torch.Tensor]:

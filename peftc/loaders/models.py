@@ -74,8 +74,7 @@ def load_model(spec: Any, *, inputs: list[str] | tuple[str, ...] = (), allow_pic
     if ":" in text and not path.exists():
         return _finish(_load_factory(text), override)
     raise InputError(
-        f"cannot load model {text!r}: expected a Hugging Face model directory, a .pt2 file, "
-        "or pkg.module:factory"
+        f"cannot load model {text!r}: expected a Hugging Face model directory, a .pt2 file, or pkg.module:factory"
     )
 
 
@@ -121,9 +120,7 @@ def _load_huggingface(path: Path, allow_pickle: bool) -> LoadedModel:
     if cls is None:
         cls = transformers.AutoModel
     try:
-        module = cls.from_pretrained(
-            str(path), config=config, local_files_only=True, use_safetensors=bool(weights)
-        )
+        module = cls.from_pretrained(str(path), config=config, local_files_only=True, use_safetensors=bool(weights))
     except Exception as e:
         raise InputError(f"{path}: cannot load {getattr(cls, '__name__', cls)}: {_first_line(e)}") from e
     files = {f.name: _sha256(f) for f in [config_file, *weights]}

@@ -26,8 +26,7 @@ def parse_adapter(source: AdapterSource, modules: ModuleTable) -> Adapter:
     parser = PARSERS.get(peft_type)
     if parser is None:
         raise UnsupportedError(
-            f"{source.config_path}: peft_type {peft_type!r} is not supported; supported: "
-            f"{one_of(sorted(PARSERS))}"
+            f"{source.config_path}: peft_type {peft_type!r} is not supported; supported: {one_of(sorted(PARSERS))}"
         )
     return parser(source, modules)
 

@@ -101,9 +101,7 @@ class Adapter:
                 }
                 for s in self.sites
             ],
-            "replacements": [
-                {"param": r.param, "key": r.tensor.key, "reason": r.reason} for r in self.replacements
-            ],
+            "replacements": [{"param": r.param, "key": r.tensor.key, "reason": r.reason} for r in self.replacements],
             "unused_keys": [{"key": k, "reason": why} for k, why in self.unused],
             "warnings": list(self.warnings),
         }

@@ -167,14 +167,11 @@ def _classify_fields(source: AdapterSource) -> tuple[dict[str, Any], dict[str, s
     unknown = {
         k: v
         for k, v in cfg.items()
-        if k not in HONOURED and k not in IGNORED and k not in UNSUPPORTED
-        and v not in (None, False, [], {}, "")
+        if k not in HONOURED and k not in IGNORED and k not in UNSUPPORTED and v not in (None, False, [], {}, "")
     }
     if unknown:
         listed = ", ".join(f"{k}={v!r}" for k, v in sorted(unknown.items()))
-        raise UnsupportedError(
-            f"{where}: fields peftc does not know and that may change the math: {listed}"
-        )
+        raise UnsupportedError(f"{where}: fields peftc does not know and that may change the math: {listed}")
     if cfg.get("bias", "none") not in ("none", "all", "lora_only"):
         raise InputError(f"{where}: bias={cfg['bias']!r}; expected 'none', 'all' or 'lora_only'")
     for field in ("r", "lora_alpha"):
@@ -253,8 +250,7 @@ def _site(
 def _expect(source: AdapterSource, t: AdapterTensor, ndim: int, shape: tuple[int, ...], what: str) -> None:
     if t.tensor.ndim != ndim or tuple(t.tensor.shape) != shape:
         raise InputError(
-            f"{source.describe(t.key)}: shape {list(t.tensor.shape)} does not match the base model: "
-            f"expected {what}"
+            f"{source.describe(t.key)}: shape {list(t.tensor.shape)} does not match the base model: expected {what}"
         )
 
 
@@ -292,8 +288,7 @@ def _classify_full_tensor(
     tensor = source.tensors[key]
     if tuple(tensor.shape) != expected:
         raise InputError(
-            f"{source.describe(key)}: shape {list(tensor.shape)} does not match base parameter "
-            f"{param} {list(expected)}"
+            f"{source.describe(key)}: shape {list(tensor.shape)} does not match base parameter {param} {list(expected)}"
         )
     return Replacement(param, AdapterTensor(key, tensor), reason), ""
 
@@ -309,4 +304,3 @@ def _nearest(path: str, modules: ModuleTable) -> str:
 
     close = difflib.get_close_matches(path, list(modules), n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""
-

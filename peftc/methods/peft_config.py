@@ -40,9 +40,7 @@ def in_modules_to_save(modules_to_save: Sequence[str] | None, path: str) -> bool
 
 
 def _inside_modules_to_save(modules_to_save: Sequence[str] | None, path: str) -> bool:
-    return bool(modules_to_save) and any(
-        re.match(rf"(^|.*\.){m}($|\..*)", path) for m in modules_to_save
-    )
+    return bool(modules_to_save) and any(re.match(rf"(^|.*\.){m}($|\..*)", path) for m in modules_to_save)
 
 
 def is_target(config: Mapping[str, Any], path: str) -> bool:

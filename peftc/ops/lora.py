@@ -37,9 +37,7 @@ def lora_scale(r: int, alpha: float, use_rslora: bool) -> float:
     return float(alpha) / (r**0.5 if use_rslora else r)
 
 
-def delta_weight(
-    lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, fan_in_fan_out: bool
-) -> torch.Tensor:
+def delta_weight(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, fan_in_fan_out: bool) -> torch.Tensor:
     """``s·B·A`` in fp32, in the base weight's layout (``[d_out, d_in]``, or transposed)."""
     delta = (lora_b.to(torch.float32) @ lora_a.to(torch.float32)) * scale
     return delta.T if fan_in_fan_out else delta

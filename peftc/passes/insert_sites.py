@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from peftc import ir
-from peftc.errors import PreconditionError, UnsupportedError
 from torch import fx
 
+from peftc import ir
+from peftc.errors import PreconditionError, UnsupportedError
 from peftc.ir.modules import ModuleCall, ModuleInfo, ModuleTable
 from peftc.methods.base import Adapter, Site
 from peftc.ops import SITE_OPS
@@ -77,10 +77,13 @@ class InsertSitesPass(PassBase):
             if key in sites:
                 seen.add(key)
             elif node.op == "call_function" and ir.meta.module_path(node) in {m for _, m in sites}:
-                raise AssertionError(f"{node.name} ({node.target}) still computes adapted module {ir.meta.module_path(node)}")
+                raise AssertionError(
+                    f"{node.name} ({node.target}) still computes adapted module {ir.meta.module_path(node)}"
+                )
         missing = set(sites) - seen
         if missing:
             raise AssertionError(f"no site node for {sorted(missing)[0]}")
+
 
 def _insert_site(editor: ir.ProgramEditor, table: ModuleTable, adapter: Adapter, site: Site) -> int:
     op = SITE_OPS[site.op]

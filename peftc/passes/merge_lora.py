@@ -101,7 +101,9 @@ class MergeLoraPass(PassBase):
         module = sites[0].meta.get(ir.meta.PEFTC, {}).get("module", _site_name(sites[0]))
         if not torch.isfinite(merged_w).all():
             adapter = sites[0].meta.get(ir.meta.PEFTC, {}).get("adapter", "?")
-            raise InputError(f"adapter {adapter!r}: merged weight of {module!r} is not finite; the adapter tensors are broken")
+            raise InputError(
+                f"adapter {adapter!r}: merged weight of {module!r} is not finite; the adapter tensors are broken"
+            )
         untied = 0
         weight_node, tied = self._writable(editor, weight, sites, f"{module}.weight")
         untied += tied
@@ -128,9 +130,7 @@ class MergeLoraPass(PassBase):
         return untied
 
     @staticmethod
-    def _writable(
-        editor: ir.ProgramEditor, node: fx.Node, sites: list[fx.Node], fqn: str
-    ) -> tuple[fx.Node, int]:
+    def _writable(editor: ir.ProgramEditor, node: fx.Node, sites: list[fx.Node], fqn: str) -> tuple[fx.Node, int]:
         """``node`` itself if only these sites use it, else a new parameter copy for them (untied)."""
         if set(node.users) <= set(sites):
             return node, 0

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from collections import Counter
 
+import models
 import numpy as np
 import onnx
 import pytest
 import torch
 from conftest import adapt, export, run_passes
 
-import models
 from peftc.backends import get_backend
 from peftc.backends.ort import OrtRunner
 from peftc.loaders import parse_inputs

@@ -6,11 +6,11 @@ import json
 import shutil
 from pathlib import Path
 
+import models
 import pytest
+from conftest import export
 from safetensors.torch import load_file, save_file
 
-import models
-from conftest import export
 from peftc import ir
 from peftc.errors import InputError, UnsupportedError
 from peftc.methods import load_adapter
@@ -33,7 +33,11 @@ def _peft_scalings(model, adapter: Path) -> dict[str, float]:
     "config",
     [
         {"target_modules": ["query", "value"], "use_rslora": True, "r": 4, "lora_alpha": 6},
-        {"target_modules": ["query", "value", "dense"], "rank_pattern": {"layer.1.attention.self.query": 2, "dense": 3}, "alpha_pattern": {"value": 3}},
+        {
+            "target_modules": ["query", "value", "dense"],
+            "rank_pattern": {"layer.1.attention.self.query": 2, "dense": 3},
+            "alpha_pattern": {"value": 3},
+        },
         {"target_modules": r".*\.(query|key)", "layers_to_transform": None},
         {"target_modules": ["query", "value"], "layers_to_transform": [1], "layers_pattern": "layer"},
         {"target_modules": ["dense"], "exclude_modules": ["attention.output.dense"]},
@@ -52,14 +56,22 @@ def test_sites_and_scales_match_peft(tmp_path, config):
 def test_every_key_is_accounted_for(tmp_path):
     model = models.tiny_bert(head=True)
     adapter = models.make_lora(
-        model, tmp_path / "a", target_modules=["query", "value"], modules_to_save=["classifier"], bias="all", lora_bias=True
+        model,
+        tmp_path / "a",
+        target_modules=["query", "value"],
+        modules_to_save=["classifier"],
+        bias="all",
+        lora_bias=True,
     )
     parsed = load_adapter(adapter, ir.module_table(export(model)))
     used = {t.key for s in parsed.sites for t in s.tensors.values() if t} | {r.tensor.key for r in parsed.replacements}
     unused = {k for k, _ in parsed.unused}
     keys = set(load_file(adapter / "adapter_model.safetensors"))
     assert used | unused == keys and not used & unused
-    assert {r.param for r in parsed.replacements if r.reason == "modules_to_save"} == {"classifier.weight", "classifier.bias"}
+    assert {r.param for r in parsed.replacements if r.reason == "modules_to_save"} == {
+        "classifier.weight",
+        "classifier.bias",
+    }
     assert all(s.tensors["lora_B_bias"] is not None for s in parsed.sites)
     assert all("PEFT does not load it either" in why for _, why in parsed.unused)
 
@@ -91,11 +103,26 @@ def table(bert_program):
         ({"peft_type": "LOHA"}, UnsupportedError, "peft_type 'LOHA' is not supported"),
         ({"lora_bias": True}, InputError, "lora_bias=true but module"),
         ({"r": 2}, InputError, r"shape \[4, 32\] does not match the base model: expected \[r=2"),
-        ({"target_modules": ["query", "value", "dense", "key"]}, InputError, "key' is targeted by adapter_config.json.*no lora_A/lora_B"),
+        (
+            {"target_modules": ["query", "value", "dense", "key"]},
+            InputError,
+            "key' is targeted by adapter_config.json.*no lora_A/lora_B",
+        ),
         ({"target_modules": ["query", "dense"]}, InputError, "value' is not targeted"),
         ({"bias": "some"}, InputError, "bias='some'"),
     ],
-    ids=["dora", "pissa", "replication", "unknown-field", "peft-type", "lora-bias", "rank", "missing-tensors", "untargeted", "bias"],
+    ids=[
+        "dora",
+        "pissa",
+        "replication",
+        "unknown-field",
+        "peft-type",
+        "lora-bias",
+        "rank",
+        "missing-tensors",
+        "untargeted",
+        "bias",
+    ],
 )
 def test_config_refusals(tmp_path, bert_adapter, table, changes, error, match):
     adapter = _edit_config(_copy(bert_adapter, tmp_path / "a"), **changes)
@@ -120,18 +147,60 @@ def test_fan_in_fan_out_mismatch_warns_like_peft(tmp_path, gpt2_adapter):
 @pytest.mark.parametrize(
     ("edit", "match"),
     [
-        (lambda t: t.update({"base_model.model.encoder.layer.0.attention.self.quarry.lora_A.weight": t.pop("base_model.model.encoder.layer.0.attention.self.query.lora_A.weight")}),
-         "quarry.*does not execute; did you mean 'encoder.layer.0.attention.self.query'"),
-        (lambda t: t.update({"base_model.model.encoder.layer.0.attention.self.query.lora_B.weight": t["base_model.model.encoder.layer.0.attention.self.query.lora_B.weight"][:, :3]}),
-         r"query.lora_B.weight: shape \[32, 3\] does not match"),
-        (lambda t: t.update({"base_model.model.encoder.layer.0.attention.self.query.lora_A.weight": t["base_model.model.encoder.layer.0.attention.self.query.lora_A.weight"][:, :30]}),
-         r"query.lora_A.weight: shape \[4, 30\] does not match the base model: expected \[r=4, d_in=32\]"),
-        (lambda t: t.update({"base_model.model.pooler.dense.weight_extra": t["base_model.model.encoder.layer.0.attention.self.query.lora_A.weight"].clone()}),
-         "pooler.dense.weight_extra: maps to no module or parameter"),
-        (lambda t: t.pop("base_model.model.encoder.layer.1.attention.self.value.lora_B.weight"),
-         "value' has no lora_B.weight"),
-        (lambda t: t.update({"base_model.model.embeddings.word_embeddings.lora_embedding_A": t["base_model.model.encoder.layer.0.attention.self.query.lora_A.weight"].clone()}),
-         "lora_embedding_A tensors are not supported yet"),
+        (
+            lambda t: t.update(
+                {
+                    "base_model.model.encoder.layer.0.attention.self.quarry.lora_A.weight": t.pop(
+                        "base_model.model.encoder.layer.0.attention.self.query.lora_A.weight"
+                    )
+                }
+            ),
+            "quarry.*does not execute; did you mean 'encoder.layer.0.attention.self.query'",
+        ),
+        (
+            lambda t: t.update(
+                {
+                    "base_model.model.encoder.layer.0.attention.self.query.lora_B.weight": t[
+                        "base_model.model.encoder.layer.0.attention.self.query.lora_B.weight"
+                    ][:, :3]
+                }
+            ),
+            r"query.lora_B.weight: shape \[32, 3\] does not match",
+        ),
+        (
+            lambda t: t.update(
+                {
+                    "base_model.model.encoder.layer.0.attention.self.query.lora_A.weight": t[
+                        "base_model.model.encoder.layer.0.attention.self.query.lora_A.weight"
+                    ][:, :30]
+                }
+            ),
+            r"query.lora_A.weight: shape \[4, 30\] does not match the base model: expected \[r=4, d_in=32\]",
+        ),
+        (
+            lambda t: t.update(
+                {
+                    "base_model.model.pooler.dense.weight_extra": t[
+                        "base_model.model.encoder.layer.0.attention.self.query.lora_A.weight"
+                    ].clone()
+                }
+            ),
+            "pooler.dense.weight_extra: maps to no module or parameter",
+        ),
+        (
+            lambda t: t.pop("base_model.model.encoder.layer.1.attention.self.value.lora_B.weight"),
+            "value' has no lora_B.weight",
+        ),
+        (
+            lambda t: t.update(
+                {
+                    "base_model.model.embeddings.word_embeddings.lora_embedding_A": t[
+                        "base_model.model.encoder.layer.0.attention.self.query.lora_A.weight"
+                    ].clone()
+                }
+            ),
+            "lora_embedding_A tensors are not supported yet",
+        ),
     ],
     ids=["unknown-module", "rank-mismatch", "d_in-mismatch", "no-parameter", "missing-B", "embedding"],
 )

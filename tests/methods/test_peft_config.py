@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import models
 import pytest
 
-import models
 from peftc.methods import peft_config
 
 CONFIGS = [

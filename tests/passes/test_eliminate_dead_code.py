@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import models
 import torch
 from conftest import assert_outputs_close, eager, run_passes
 
-import models
 from peftc import ir
 from peftc.passes import EliminateDeadCodePass, MergeLoraPass
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import models
 import pytest
 import torch
 from conftest import adapt, assert_outputs_close, eager, export
 
-import models
 from peftc import ir
 from peftc.errors import PreconditionError, UnsupportedError
 from peftc.methods import load_adapter
@@ -40,7 +40,9 @@ def test_replaces_whole_conv1d_region(gpt2_program, gpt2_adapter):
     assert counts["aten.addmm"] == 2  # only mlp.c_fc is left as the original Conv1D region
 
 
-@pytest.mark.parametrize(("build", "adapter_fixture"), [(models.tiny_bert, "bert_adapter"), (models.tiny_gpt2, "gpt2_adapter")])
+@pytest.mark.parametrize(
+    ("build", "adapter_fixture"), [(models.tiny_bert, "bert_adapter"), (models.tiny_gpt2, "gpt2_adapter")]
+)
 @pytest.mark.parametrize("shape", [(2, 16), (1, 5)])
 def test_reference_program_equals_peft(request, build, adapter_fixture, shape):
     model = build()

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import models
 import pytest
 import torch
 from conftest import adapt, assert_outputs_close, eager, export, run_passes
 
-import models
 from peftc import ir
 from peftc.errors import InputError
 from peftc.passes import EliminateDeadCodePass, MergeLoraPass
@@ -101,7 +101,9 @@ def _with_weight(reference, module, make):
 def test_skips_quantized_base_weight(bert_program, bert_adapter):
     module = "encoder.layer.0.attention.self.query"
     reference = adapt(bert_program, bert_adapter)
-    quantized = _with_weight(reference, module, lambda ed, w: ed.set_tensor(f"{module}.weight", ed.tensor(w).to(torch.int8)))
+    quantized = _with_weight(
+        reference, module, lambda ed, w: ed.set_tensor(f"{module}.weight", ed.tensor(w).to(torch.int8))
+    )
     _, records = run_passes(quantized, MergeLoraPass())
     (skip,) = records[0].diagnostics
     assert skip.site == module and "int8" in skip.message and "--no-merge" in skip.message

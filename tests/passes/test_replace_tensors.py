@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import models
 import torch
 from conftest import adapt, assert_outputs_close, eager, export, run_passes
 
-import models
 from peftc import ir
 from peftc.loaders import parse_inputs
 from peftc.passes import ReplaceTensorsPass

@@ -62,7 +62,9 @@ class OnnxBackend:
         model = onnx_program.model
         _name_outputs(model, ir.output_names(program))
         _name_dims(model, signature)
-        initializer_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+        initializer_bytes = sum(
+            v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None
+        )
         external = initializer_bytes > PROTOBUF_LIMIT
         onnx_program.save(str(directory / MODEL_FILE), external_data=external)
         files = sorted(p.name for p in directory.iterdir() if p.is_file())
