@@ -88,7 +88,8 @@ def parse(source: AdapterSource, modules: ModuleTable) -> Adapter:
         UnsupportedError: a config option peftc does not implement, naming it.
     """
     cfg = source.config
-    honoured, ignored, warnings = _classify_fields(source)
+    honoured, ignored = _classify_fields(source)
+    warnings: list[str] = []
     targeted = {p for p, m in modules.items() if m.calls and peft_config.is_target(cfg, p)}
     if cfg.get("target_modules") is None:
         raise InputError(f"{source.config_path}: LoRA config has no target_modules")
@@ -148,7 +149,7 @@ def parse(source: AdapterSource, modules: ModuleTable) -> Adapter:
     )
 
 
-def _classify_fields(source: AdapterSource) -> tuple[dict[str, Any], dict[str, str], list[str]]:
+def _classify_fields(source: AdapterSource) -> tuple[dict[str, Any], dict[str, str]]:
     cfg = source.config
     where = source.config_path
     if cfg.get("peft_type") != "LORA":
@@ -182,7 +183,7 @@ def _classify_fields(source: AdapterSource) -> tuple[dict[str, Any], dict[str, s
     honoured["lora_alpha"] = cfg.get("lora_alpha", 8)
     ignored = {k: IGNORED[k] for k in cfg if k in IGNORED}
     ignored.update({k: "not set" for k in cfg if k in UNSUPPORTED})
-    return honoured, ignored, []
+    return honoured, ignored
 
 
 def _site(
