@@ -295,9 +295,11 @@ def _classify_full_tensor(
 
 
 def _all_linear_excluded(path: str, cfg: Mapping[str, Any]) -> bool:
-    # PEFT leaves out the output layer of "all-linear": the LM head, or a classifier head.
-    leaf = path.rsplit(".", 1)[-1]
-    return leaf in ("lm_head", "embed_out", "output", "classifier", "score") and "." not in path
+    """PEFT's "all-linear" leaves out the output layer: the LM head, and for ``task_type: SEQ_CLS``
+    the classifier head. (PEFT resolves "all-linear" to explicit names when saving, so this only
+    applies to hand-written configs.)"""
+    heads = ("lm_head", "embed_out") + (("classifier", "score") if cfg.get("task_type") == "SEQ_CLS" else ())
+    return path in heads
 
 
 def _nearest(path: str, modules: ModuleTable) -> str:

@@ -53,6 +53,16 @@ def test_sites_and_scales_match_peft(tmp_path, config):
     assert all(s.op == "lora_linear" for s in parsed.sites)
 
 
+@pytest.mark.parametrize("task_type", [None, "SEQ_CLS"])
+def test_all_linear_resolves_like_peft(tmp_path, task_type):
+    model = models.tiny_bert(head=True)
+    adapter = models.make_lora(model, tmp_path / "a", target_modules="all-linear", task_type=task_type)
+    resolved = json.loads((adapter / "adapter_config.json").read_text())["target_modules"]  # PEFT's own list
+    _edit_config(adapter, target_modules="all-linear")
+    parsed = load_adapter(adapter, ir.module_table(export(model)))
+    assert sorted(s.module for s in parsed.sites) == sorted(resolved)
+
+
 def test_every_key_is_accounted_for(tmp_path):
     model = models.tiny_bert(head=True)
     adapter = models.make_lora(
