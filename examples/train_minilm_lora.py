@@ -76,7 +76,9 @@ def supervised_contrastive(embeddings: torch.Tensor, labels: torch.Tensor) -> to
 def evaluate(model, tokenizer, train: list, test: list) -> dict[str, float]:
     labels = sorted({label for label, _ in train})
     train_emb = embed(model, tokenizer, [s for _, s in train])
-    centroids = torch.stack([train_emb[[i for i, (l, _) in enumerate(train) if l == label]].mean(0) for label in labels])
+    centroids = torch.stack(
+        [train_emb[[i for i, row in enumerate(train) if row[0] == label]].mean(0) for label in labels]
+    )
     test_emb = embed(model, tokenizer, [s for _, s in test])
     predicted = (test_emb @ F.normalize(centroids, dim=-1).T).argmax(1)
     truth = torch.tensor([labels.index(label) for label, _ in test])
