@@ -167,6 +167,8 @@ def verify(
     spec = model if model is not None else manifest.model["spec"]
     if isinstance(spec, str) and spec.startswith("<"):
         raise InputError(f"{path}: built from an in-memory model; pass it with peftc.verify(path, model=...)")
+    if isinstance(spec, str) and not Path(spec).is_absolute() and (Path(manifest.workdir) / spec).exists():
+        spec = str(Path(manifest.workdir) / spec)  # a path relative to where the artifact was built
     _check_sources(manifest)
     if manifest.workdir not in sys.path:
         sys.path.insert(0, manifest.workdir)

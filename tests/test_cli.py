@@ -46,6 +46,20 @@ def test_compile_inspect_verify(capsys, tmp_path, bert_dir, bert_adapter):
     assert report["passed"] and {c["oracle"] for c in report["cases"]} == {"reference", "peft"}
 
 
+def test_verify_from_another_directory(capsys, tmp_path, bert_dir, bert_adapter, monkeypatch):
+    import shutil as sh
+
+    work = tmp_path / "work"
+    work.mkdir()
+    sh.copytree(bert_dir, work / "base")
+    sh.copytree(bert_adapter, work / "adapter")
+    monkeypatch.chdir(work)
+    assert run(capsys, "compile", "base", "--adapter", "adapter", "-o", "out")[0] == 0
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "verify", "work/out")
+    assert code == 0, err
+
+
 def test_rebuild_command_reproduces_the_artifact(capsys, tmp_path, bert_dir, bert_adapter):
     out = tmp_path / "out"
     assert run(capsys, "compile", bert_dir, "--adapter", bert_adapter, "-o", out, "--no-merge")[0] == 0
