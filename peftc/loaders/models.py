@@ -13,7 +13,6 @@ Every model is put in eval mode with gradients off. Hugging Face models get ``us
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 import importlib.util
 import os
@@ -24,7 +23,8 @@ from typing import Any
 import torch
 
 from peftc import ir
-from peftc.errors import InputError, UnsupportedError
+from peftc.errors import InputError, UnsupportedError, first_line
+from peftc.hashing import sha256_file
 from peftc.loaders.inputs import InputSignature, from_program, from_transformers, parse_inputs
 
 
@@ -69,7 +69,7 @@ def load_model(spec: Any, *, inputs: list[str] | tuple[str, ...] = (), allow_pic
         return _finish(_load_huggingface(path, allow_pickle), override)
     if path.is_file() and path.suffix == ".pt2":
         program = ir.load_program(path, allow_pickle=allow_pickle)
-        files = {path.name: _sha256(path)}
+        files = {path.name: sha256_file(path)}
         return LoadedModel(text, "exported", None, program, override or from_program(program), files)
     if ":" in text and not path.exists():
         return _finish(_load_factory(text), override)
@@ -113,7 +113,7 @@ def _load_huggingface(path: Path, allow_pickle: bool) -> LoadedModel:
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as e:
-        raise InputError(f"{config_file}: {_first_line(e)}") from e
+        raise InputError(f"{config_file}: {first_line(e)}") from e
     config.use_cache = False
     architectures = getattr(config, "architectures", None) or []
     cls = getattr(transformers, architectures[0], None) if architectures else None
@@ -122,8 +122,8 @@ def _load_huggingface(path: Path, allow_pickle: bool) -> LoadedModel:
     try:
         module = cls.from_pretrained(str(path), config=config, local_files_only=True, use_safetensors=bool(weights))
     except Exception as e:
-        raise InputError(f"{path}: cannot load {getattr(cls, '__name__', cls)}: {_first_line(e)}") from e
-    files = {f.name: _sha256(f) for f in [config_file, *weights]}
+        raise InputError(f"{path}: cannot load {getattr(cls, '__name__', cls)}: {first_line(e)}") from e
+    files = {f.name: sha256_file(f) for f in [config_file, *weights]}
     return LoadedModel(str(path), "huggingface", module, None, None, files)
 
 
@@ -147,27 +147,14 @@ def _load_factory(text: str) -> LoadedModel:
     except InputError:
         raise
     except Exception as e:
-        raise InputError(f"model {text!r}: cannot import {target!r} ({type(e).__name__}: {_first_line(e)})") from e
+        raise InputError(f"model {text!r}: cannot import {target!r} ({type(e).__name__}: {first_line(e)})") from e
     factory = getattr(module_obj, attr, None)
     if factory is None:
         raise InputError(f"model {text!r}: {target!r} has no attribute {attr!r}")
     try:
         obj = factory() if callable(factory) and not isinstance(factory, torch.nn.Module) else factory
     except Exception as e:
-        raise InputError(f"model {text!r}: the factory raised {type(e).__name__}: {_first_line(e)}") from e
+        raise InputError(f"model {text!r}: the factory raised {type(e).__name__}: {first_line(e)}") from e
     if not isinstance(obj, torch.nn.Module):
         raise UnsupportedError(f"model {text!r}: the factory returned {type(obj).__name__}, not a torch.nn.Module")
     return LoadedModel(text, "factory", obj, None, None)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from peftc.errors import InputError
+from peftc.errors import InputError, first_line
 from peftc.methods.base import AdapterSource
 
 CONFIG_NAME = "adapter_config.json"
@@ -95,7 +95,7 @@ def _load_tensors(path: Path, data: bytes, allow_pickle: bool) -> dict[str, torc
         try:
             tensors = load(data)
         except Exception as e:
-            raise InputError(f"{path}: not a valid safetensors file ({_first_line(e)})") from e
+            raise InputError(f"{path}: not a valid safetensors file ({first_line(e)})") from e
         if not tensors:
             raise InputError(f"{path}: the safetensors file holds no tensors")
         return tensors
@@ -111,7 +111,7 @@ def _load_tensors(path: Path, data: bytes, allow_pickle: bool) -> dict[str, torc
         try:
             loaded: Any = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as e:
-            raise InputError(f"{path}: cannot load with weights_only=True ({_first_line(e)})") from e
+            raise InputError(f"{path}: cannot load with weights_only=True ({first_line(e)})") from e
         if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
             raise InputError(f"{path}: expected a dict of tensors")
         return dict(loaded)
@@ -123,11 +123,6 @@ def _read_bytes(path: Path) -> bytes:
         return path.read_bytes()
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror})") from e
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _identifier(name: str) -> str:

@@ -125,22 +125,11 @@ def test_skips_weight_computed_in_graph(bert_program, bert_adapter):
 
 
 def test_unties_a_weight_shared_with_an_unadapted_module(tmp_path):
-    class Tied(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = torch.nn.Linear(8, 8)
-            self.b = torch.nn.Linear(8, 8)
-            self.b.weight = self.a.weight
-
-        def forward(self, x):
-            return self.b(torch.relu(self.a(x)))
-
-    torch.manual_seed(0)
-    model = Tied().eval()
+    model = models.tied()
     adapter = models.make_lora(model, tmp_path / "t", target_modules=["a"])
     from peftc.loaders import parse_inputs
 
-    reference = adapt(export(model, parse_inputs(["x:batch,8:float32"])), adapter)
+    reference = adapt(export(model, parse_inputs(models.TIED_INPUTS)), adapter)
     # Route module b through the very placeholder the site reads, so merging must not touch it.
     editor = ir.ProgramEditor(reference)
     site_weight = editor.node_for("a.weight")

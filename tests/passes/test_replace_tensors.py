@@ -24,22 +24,10 @@ def test_modules_to_save_and_trained_biases_match_peft(tmp_path):
         assert_outputs_close(eager(reference, inputs), models.peft_outputs(model, adapter, inputs), rel=1e-6)
 
 
-class Tied(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = torch.nn.Linear(8, 8)
-        self.b = torch.nn.Linear(8, 8)
-        self.b.weight = self.a.weight
-
-    def forward(self, x):
-        return self.b(torch.relu(self.a(x)))
-
-
 def test_replacing_a_tied_module_unties_it(tmp_path):
-    torch.manual_seed(0)
-    model = Tied().eval()
+    model = models.tied()
     adapter = models.make_lora(model, tmp_path / "t", target_modules=["a"], modules_to_save=["b"])
-    program = export(model, parse_inputs(["x:batch,8:float32"]))
+    program = export(model, parse_inputs(models.TIED_INPUTS))
     from peftc.methods import load_adapter
 
     parsed = load_adapter(adapter, ir.module_table(program))
