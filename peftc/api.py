@@ -11,7 +11,6 @@ import dataclasses
 import datetime
 import os
 import platform
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -133,7 +132,7 @@ def compile(
                 **dict(lowered.info),
             },
             verification=report.to_json(),
-            not_run=[{"what": n.split(":", 1)[0], "reason": n.split(":", 1)[-1].strip()} for n in report.not_run],
+            not_run=[{"what": what, "reason": why} for what, why in report.not_run],
             timings={k: round(v, 3) for k, v in timings.items()},
             warnings=[w for a in built.adapters for w in a.warnings],
         )
@@ -170,14 +169,14 @@ def verify(
     if isinstance(spec, str) and not Path(spec).is_absolute() and (Path(manifest.workdir) / spec).exists():
         spec = str(Path(manifest.workdir) / spec)  # a path relative to where the artifact was built
     _check_sources(manifest)
-    if manifest.workdir not in sys.path:
-        sys.path.insert(0, manifest.workdir)
     paths = [a["path"] for a in manifest.adapters]
     configs = [a["config_file"] for a in manifest.adapters]
     timings: dict[str, float] = {}
-    built = _build(spec, paths, manifest.options.get("inputs", []), configs, False, None, say, timings)
+    built = _build(
+        spec, paths, manifest.options.get("inputs", []), configs, False, None, say, timings, manifest.workdir
+    )
     dtypes = {o["name"]: o["dtype"] for o in manifest.target["outputs"]}
-    with _stage(timings, "verify", say, "verify: artifact vs eager reference"):
+    with _stage(timings, "verify", say, "verify: artifact vs eager reference" + (" and PEFT" if oracle else "")):
         return _verify(
             runner.backend_runner,
             built,
@@ -196,6 +195,7 @@ def _build(
     dump_ir: PathLike | None,
     say: Progress,
     timings: dict[str, float],
+    workdir: str | None = None,
 ) -> _Built:
     if configs and len(configs) not in (1, len(paths)):
         raise InputError(f"{len(configs)} --config files for {len(paths)} adapters; give one per adapter, in order")
@@ -205,7 +205,7 @@ def _build(
             config = configs[index] if len(configs) == len(paths) else (configs[0] if configs else None)
             sources.append(read_adapter(path, config=config, allow_pickle=allow_pickle))
     with _stage(timings, "load", say, f"load model {model if isinstance(model, str) else type(model).__name__}"):
-        loaded = load_model(model, inputs=list(inputs), allow_pickle=allow_pickle)
+        loaded = load_model(model, inputs=list(inputs), allow_pickle=allow_pickle, workdir=workdir)
     with _stage(timings, "trace", say, "trace: torch.export"):
         base = loaded.program
         if base is None:
@@ -226,13 +226,13 @@ def _verify(runner: Any, built: _Built, dtypes: dict[str, str], *, oracle: bool,
     oracles = {"reference": program_oracle(built.reference)}
     not_run = []
     if not oracle:
-        not_run.append("peft oracle: disabled (--no-oracle)")
+        not_run.append(("peft oracle", "disabled (--no-oracle)"))
     elif built.loaded.module is None:
-        not_run.append("peft oracle: the base is an exported program; PEFT needs the nn.Module")
+        not_run.append(("peft oracle", "the base is an exported program; PEFT needs the nn.Module"))
     else:
         fn, why = peft_oracle(built.loaded.module, built.adapters)
         if fn is None:
-            not_run.append(f"peft oracle: {why}")
+            not_run.append(("peft oracle", why))
         else:
             oracles["peft"] = fn
 

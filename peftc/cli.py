@@ -94,8 +94,8 @@ def _verify(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_json(), indent=2))
     else:
         print(verification_table(report.to_json()))
-        for item in report.not_run:
-            print(f"not run: {item}")
+        for what, why in report.not_run:
+            print(f"not run: {what}: {why}")
     if not report.passed:
         print("peftc: error: verification failed", file=sys.stderr)
         return 1

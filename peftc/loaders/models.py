@@ -47,13 +47,17 @@ class LoadedModel:
         return type(obj).__name__ if self.module is not None else "ExportedProgram"
 
 
-def load_model(spec: Any, *, inputs: list[str] | tuple[str, ...] = (), allow_pickle: bool = False) -> LoadedModel:
+def load_model(
+    spec: Any, *, inputs: list[str] | tuple[str, ...] = (), allow_pickle: bool = False, workdir: str | None = None
+) -> LoadedModel:
     """Load the base model named by ``spec`` (or wrap an ``nn.Module``/``ExportedProgram`` object).
 
     Args:
         spec: a path, ``pkg.module:factory``, an ``nn.Module`` or a ``torch.export.ExportedProgram``.
         inputs: ``--input`` texts overriding the derived input signature.
         allow_pickle: let ``.pt2`` files and HF ``pytorch_model.bin`` weights be unpickled.
+        workdir: the directory ``pkg.module:factory`` modules are imported from, besides ``sys.path``
+            (default: the working directory, as ``python -m`` does).
 
     Raises:
         InputError: the spec names nothing loadable (the message says what was tried).
@@ -72,7 +76,7 @@ def load_model(spec: Any, *, inputs: list[str] | tuple[str, ...] = (), allow_pic
         files = {path.name: sha256_file(path)}
         return LoadedModel(text, "exported", None, program, override or from_program(program), files)
     if ":" in text and not path.exists():
-        return _finish(_load_factory(text), override)
+        return _finish(_load_factory(text, workdir or os.getcwd()), override)
     raise InputError(
         f"cannot load model {text!r}: expected a Hugging Face model directory, a .pt2 file, or pkg.module:factory"
     )
@@ -127,7 +131,7 @@ def _load_huggingface(path: Path, allow_pickle: bool) -> LoadedModel:
     return LoadedModel(str(path), "huggingface", module, None, None, files)
 
 
-def _load_factory(text: str) -> LoadedModel:
+def _load_factory(text: str, workdir: str) -> LoadedModel:
     target, _, attr = text.rpartition(":")
     if not target or not attr:
         raise InputError(f"model {text!r}: expected pkg.module:factory")
@@ -141,8 +145,8 @@ def _load_factory(text: str) -> LoadedModel:
             spec.loader.exec_module(module_obj)
         else:
             # Like `python -m`, resolve modules relative to the working directory too.
-            if os.getcwd() not in sys.path:
-                sys.path.insert(0, os.getcwd())
+            if workdir not in sys.path:
+                sys.path.insert(0, workdir)
             module_obj = importlib.import_module(target)
     except InputError:
         raise

@@ -41,7 +41,8 @@ class Report:
     cases: tuple[CaseResult, ...]
     effect: Mapping[str, float]
     """Per output: ``max|y_adapted - y_base| / max|y_adapted|`` (how much the adapters change it)."""
-    not_run: tuple[str, ...] = ()
+    not_run: tuple[tuple[str, str], ...] = ()
+    """``(what, why)`` for checks that did not run."""
 
     @property
     def passed(self) -> bool:
@@ -73,7 +74,6 @@ class Report:
                 }
                 for c in self.cases
             ],
-            "not_run": list(self.not_run),
         }
 
 
@@ -86,7 +86,7 @@ def verify(
     dtypes: Mapping[str, str] | None = None,
     seed: int = 0,
     cases: int = 3,
-    not_run: Sequence[str] = (),
+    not_run: Sequence[tuple[str, str]] = (),
 ) -> Report:
     """Compare ``artifact`` with every oracle on ``cases`` seeded input shapes."""
     results = []
