@@ -58,6 +58,16 @@ def tiny_gpt2(seed: int = 0) -> torch.nn.Module:
     return _seeded(lambda: transformers.GPT2Model(config), seed)
 
 
+def tiny_vit(seed: int = 0) -> torch.nn.Module:
+    import transformers
+
+    config = transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        image_size=32, patch_size=8, num_channels=3,
+    )  # fmt: skip
+    return _seeded(lambda: transformers.ViTModel(config), seed)
+
+
 class MLP(torch.nn.Module):
     """A plain module (not transformers): two linears and a GELU."""
 

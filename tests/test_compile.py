@@ -105,6 +105,21 @@ def test_real_minilm_with_bundled_adapter(minilm_artifacts, merge):
         assert_outputs_close(runner(**inputs), models.peft_outputs(model, EXAMPLE_ADAPTER, inputs))
 
 
+def test_vision_model_inputs_are_derived(tmp_path):
+    model = models.tiny_vit()
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "attention" in n]
+    targets = sorted({n.rsplit(".", 1)[-1] for n in names if n.endswith("_proj") or n.endswith(("query", "value"))})
+    adapter = models.make_lora(model, tmp_path / "adapter", target_modules=targets)
+    artifact = peftc.compile(model, adapter, out=tmp_path / "out")
+    assert artifact.manifest.target["inputs"] == [
+        {"name": "pixel_values", "dtype": "float32", "shape": ["batch", 3, 32, 32]}
+    ]
+    runner = peftc.load(artifact.path)
+    for batch in (1, 4):
+        pixels = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+        assert_outputs_close(runner(pixel_values=pixels), models.peft_outputs(model, adapter, {"pixel_values": pixels}))
+
+
 def test_plain_module_from_a_factory_file(tmp_path):
     adapter = models.make_lora(models.mlp(), tmp_path / "adapter", target_modules=["lin0", "lin1"])
     spec = f"{models.__file__}:mlp"
