@@ -23,7 +23,7 @@ from peftc.artifact import SCHEMA_VERSION, ArtifactWriter, Manifest, file_record
 from peftc.backends import get_backend
 from peftc.errors import InputError, VerificationError
 from peftc.loaders import InputSignature, LoadedModel, load_model
-from peftc.methods import Adapter, parse_adapter, read_adapter
+from peftc.methods import Adapter, ParseOptions, parse_adapter, read_adapter
 from peftc.passes import PassContext, PassManager, PassRecord, pipelines
 from peftc.verify import Report, peft_oracle, program_oracle
 from peftc.verify import verify as run_verification
@@ -64,6 +64,7 @@ def compile(
     keep_failed: bool = False,
     dump_ir: PathLike | None = None,
     allow_pickle: bool = False,
+    base_residual: bool = False,
     oracle: bool = True,
     seed: int = 0,
     progress: Progress | None = None,
@@ -83,6 +84,8 @@ def compile(
         keep_failed: write the artifact, marked failed, even if verification fails.
         dump_ir: write the canonical graph after every pass into this directory.
         allow_pickle: accept pickled weight files (loaded with ``weights_only=True``).
+        base_residual: ``model`` is the residual base a PiSSA/OLoRA/CorDA/LoRA-GA/LoftQ adapter was
+            trained on (saved after its initialisation), so it is used as is.
         oracle: also verify against Hugging Face PEFT when it is installed.
         seed: seed of the verification inputs.
         progress: called with a line of text as each stage starts.
@@ -99,7 +102,7 @@ def compile(
     writer = ArtifactWriter(out, force=force)
     try:
         backend = get_backend(target)
-        built = _build(model, paths, inputs, configs, allow_pickle, dump_ir, say, timings)
+        built = _build(model, paths, inputs, configs, allow_pickle, dump_ir, say, timings, base_residual=base_residual)
         ctx = PassContext(dump_dir=Path(dump_ir) if dump_ir else None, progress=say)
         with _stage(timings, "optimize", say, "optimize: " + ("merge" if merge else "keep sites unmerged")):
             final, records = PassManager(pipelines.optimize(merge=merge)).run(
@@ -117,9 +120,16 @@ def compile(
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             peftc_version=_version(),
             versions=_versions(backend),
-            command=_command(model, paths, configs, target, out, merge, inputs, allow_pickle),
+            command=_command(model, paths, configs, target, out, merge, inputs, allow_pickle, base_residual),
             workdir=os.getcwd(),
-            options={"target": target, "merge": merge, "seed": seed, "oracle": oracle, "inputs": list(inputs)},
+            options={
+                "target": target,
+                "merge": merge,
+                "seed": seed,
+                "oracle": oracle,
+                "inputs": list(inputs),
+                "base_residual": base_residual,
+            },
             model=_describe_model(built),
             adapters=[a.summary() for a in built.adapters],
             pipeline=[r.to_json() for r in [*built.records, *records]],
@@ -196,6 +206,8 @@ def _build(
     say: Progress,
     timings: dict[str, float],
     workdir: str | None = None,
+    *,
+    base_residual: bool = False,
 ) -> _Built:
     if configs and len(configs) not in (1, len(paths)):
         raise InputError(f"{len(configs)} --config files for {len(paths)} adapters; give one per adapter, in order")
@@ -214,12 +226,20 @@ def _build(
             base = ir.trace(loaded.module, example, signature.dynamic_shapes())
     with _stage(timings, "adapters", say, "match adapters to the model"):
         table = ir.module_table(base)
-        adapters = [parse_adapter(source, table) for source in sources]
+        options = ParseOptions(base_residual=base_residual, tied_embeddings=_tied_embeddings(loaded))
+        adapters = [parse_adapter(source, table, options) for source in sources]
         _dedupe_names(adapters)
     ctx = PassContext(dump_dir=Path(dump_ir) if dump_ir else None, progress=say)
     with _stage(timings, "adapt", say, "adapt: insert adapter sites"):
         reference, records = PassManager(pipelines.adapt(adapters)).run(base, ctx)
     return _Built(loaded, base, adapters, reference, records)
+
+
+def _tied_embeddings(loaded: LoadedModel) -> bool | None:
+    """Whether the model declares tied input/output embeddings (None: unknown for exported programs)."""
+    if loaded.module is None:
+        return None
+    return bool(getattr(getattr(loaded.module, "config", None), "tie_word_embeddings", False))
 
 
 def _verify(runner: Any, built: _Built, dtypes: dict[str, str], *, oracle: bool, seed: int) -> Report:
@@ -322,6 +342,7 @@ def _command(
     merge: bool,
     inputs: Sequence[str],
     allow_pickle: bool,
+    base_residual: bool,
 ) -> list[str] | None:
     if not isinstance(model, (str, os.PathLike)):
         return None
@@ -337,6 +358,8 @@ def _command(
         command.append("--no-merge")
     if allow_pickle:
         command.append("--allow-pickle")
+    if base_residual:
+        command.append("--base-residual")
     return command
 
 

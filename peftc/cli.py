@@ -57,6 +57,7 @@ def _compile(args: argparse.Namespace) -> int:
         keep_failed=args.keep_failed,
         dump_ir=args.dump_ir,
         allow_pickle=args.allow_pickle,
+        base_residual=args.base_residual,
         oracle=not args.no_oracle,
         seed=args.seed,
         progress=_progress(),
@@ -166,6 +167,11 @@ def _parser() -> argparse.ArgumentParser:
         "--allow-pickle",
         action="store_true",
         help="accept pickled weight files (loaded with torch.load(weights_only=True))",
+    )
+    c.add_argument(
+        "--base-residual",
+        action="store_true",
+        help="MODEL is the residual base a PiSSA/OLoRA/CorDA/LoRA-GA/LoftQ adapter was trained on (use it as is)",
     )
     c.add_argument("--no-oracle", action="store_true", help="skip the comparison against Hugging Face PEFT")
     c.add_argument("--seed", type=int, default=0, help="seed of the verification inputs")

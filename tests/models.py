@@ -101,6 +101,78 @@ class Tied(torch.nn.Module):
         return self.b(torch.relu(self.a(x)))
 
 
+class ConvNet(torch.nn.Module):
+    """A small conv net: strided k×k conv, 1×1 conv, a Conv1d over flattened pixels, a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 8, 1)
+        self.conv3 = torch.nn.Conv1d(8, 6, 3, padding=1)
+        self.head = torch.nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        h = torch.relu(self.conv3(h.flatten(2)))
+        return self.head(h.mean(-1))
+
+
+def convnet(seed: int = 0) -> torch.nn.Module:
+    return _seeded(ConvNet, seed)
+
+
+CONVNET_INPUTS = ["x:batch,3,8,8:float32"]
+
+
+class TokenModel(torch.nn.Module):
+    """Token embedding, a projection, and an output layer tied to the embedding (no bias)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 16)
+        self.proj = torch.nn.Linear(16, 16)
+        self.lm_head = torch.nn.Linear(16, 50, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(torch.tanh(self.proj(self.embed(input_ids))))
+
+
+def token_model(seed: int = 0) -> torch.nn.Module:
+    return _seeded(TokenModel, seed)
+
+
+TOKEN_INPUTS = ["input_ids:batch,seq:int64:0..50"]
+
+
+class Experts(torch.nn.Module):
+    """Mixture-of-experts style raw parameters ``[experts, d_out, d_in]`` read by a batched matmul."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_up_proj = torch.nn.Parameter(torch.randn(3, 12, 8) * 0.2)
+        self.down_proj = torch.nn.Parameter(torch.randn(3, 8, 12) * 0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [experts, tokens, 8]
+        return torch.bmm(torch.relu(torch.bmm(x, self.gate_up_proj.transpose(1, 2))), self.down_proj.transpose(1, 2))
+
+
+class MoE(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = Experts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.experts(x)
+
+
+def moe(seed: int = 0) -> torch.nn.Module:
+    return _seeded(MoE, seed)
+
+
+MOE_INPUTS = ["x:3,tokens,8:float32"]
+
+
 def tied(seed: int = 0) -> torch.nn.Module:
     return _seeded(Tied, seed)
 
@@ -123,14 +195,17 @@ def make_lora(model: torch.nn.Module, path: Path, *, seed: int = 1, b_scale: flo
 
     config.setdefault("r", 4)
     config.setdefault("lora_alpha", 8)
+    config.setdefault("init_lora_weights", False)
     torch.manual_seed(seed)
-    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(init_lora_weights=False, **config))
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(**config))
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name and name.endswith("weight"):
                 param.copy_(torch.randn_like(param) * b_scale)
             elif "lora_B" in name and name.endswith("bias"):
                 param.copy_(torch.randn_like(param) * 0.1)
+            elif "magnitude" in name:
+                param.mul_(1 + 0.3 * torch.randn_like(param))  # DoRA: make f = m/‖W+ΔW‖ differ from 1
             elif param.requires_grad and "lora_" not in name:
                 # modules_to_save copies and trained biases: make them differ from the base too.
                 param.add_(torch.randn_like(param) * 0.1)
@@ -138,19 +213,27 @@ def make_lora(model: torch.nn.Module, path: Path, *, seed: int = 1, b_scale: flo
     return path
 
 
-def peft_outputs(model: torch.nn.Module, adapter: Path, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """PEFT's own eager outputs of ``model`` with ``adapter`` (the test's independent oracle)."""
+def peft_outputs(model: torch.nn.Module, adapter: Path | list[Path], inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """PEFT's own eager outputs of ``model`` with ``adapter`` (the test's independent oracle).
+
+    Several adapters are stacked the way PEFT users do it: load, ``merge_and_unload()``, load the next.
+    """
     import copy
 
     from peft import PeftModel
 
     from peftc.ir import flatten_named
 
+    adapters = adapter if isinstance(adapter, list) else [adapter]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        peft_model = PeftModel.from_pretrained(copy.deepcopy(model), str(adapter)).eval()
+        result = copy.deepcopy(model)
+        for index, path in enumerate(adapters):
+            result = PeftModel.from_pretrained(result, str(path)).eval()
+            if index < len(adapters) - 1:
+                result = result.merge_and_unload()
         with torch.no_grad():
-            out = peft_model(**inputs)
+            out = result(**inputs)
     return {k: v.numpy() for k, v in flatten_named(out).items() if isinstance(v, torch.Tensor)}
 
 

@@ -30,7 +30,7 @@ def test_compile_inspect_verify(capsys, tmp_path, bert_dir, bert_adapter):
     out = tmp_path / "out"
     code, stdout, err = run(capsys, "compile", bert_dir, "--adapter", bert_adapter, "-o", out)
     assert code == 0, err
-    assert f"wrote {out}" in stdout and "merge-lora" in stdout and "[peftc" in err
+    assert f"wrote {out}" in stdout and "merge" in stdout and "[peftc" in err
     assert "verify: artifact vs eager reference and PEFT" in err
 
     code, stdout, _ = run(capsys, "inspect", out)
@@ -76,7 +76,7 @@ def test_dump_ir_writes_graphs_per_pass(capsys, tmp_path, bert_dir, bert_adapter
     )
     assert code == 0, err
     names = sorted(p.name for p in (tmp_path / "ir").iterdir())
-    assert names[0] == "00_input.txt" and "04_merge-lora.txt" in names
+    assert names[0] == "00_input.txt" and "04_merge.txt" in names
     assert "peftc.lora_linear" in (tmp_path / "ir" / "02_insert-sites.txt").read_text()
 
 
@@ -125,9 +125,9 @@ def _unknown_type(a: Path) -> None:
     (a / "adapter_config.json").write_text(json.dumps(config | {"peft_type": "SOMETHING_NEW"}))
 
 
-def _dora(a: Path) -> None:
+def _replication(a: Path) -> None:
     config = json.loads((a / "adapter_config.json").read_text())
-    (a / "adapter_config.json").write_text(json.dumps(config | {"use_dora": True}))
+    (a / "adapter_config.json").write_text(json.dumps(config | {"layer_replication": [[0, 1]]}))
 
 
 def _pickle(a: Path) -> None:
@@ -150,7 +150,7 @@ BAD_ADAPTERS = [
         _d_in_mismatch, r"shape \[4, 48\] does not match the base model: expected \[r=4, d_in=32\]", id="d_in-mismatch"
     ),
     pytest.param(_unknown_type, "peft_type 'SOMETHING_NEW' is not supported", id="unknown-peft-type"),
-    pytest.param(_dora, "use_dora=True: DoRA", id="unsupported-option"),
+    pytest.param(_replication, "layer_replication=.*changes the model's topology", id="unsupported-option"),
     pytest.param(_pickle, "adapter_model.bin: pickled weights are refused.*--allow-pickle", id="pickle"),
 ]
 
@@ -214,10 +214,10 @@ def test_unwritable_output_dir(capsys, tmp_path, bert_dir, bert_adapter):
 
 
 def test_verification_failure_exits_1_with_table(capsys, tmp_path, bert_dir, bert_adapter, monkeypatch):
-    import peftc.passes.merge_lora as merge_lora
+    import peftc.ops.lora as lora
 
-    real = merge_lora.delta_weight
-    monkeypatch.setattr(merge_lora, "delta_weight", lambda a, b, s, f: real(a, b, 2 * s, f))
+    real = lora.delta_weight
+    monkeypatch.setattr(lora, "delta_weight", lambda a, b, s, layout: real(a, b, 2 * s, layout))
     code, _, err = run(capsys, "compile", bert_dir, "--adapter", bert_adapter, "-o", tmp_path / "out")
     assert code == 1
     assert "peftc: error: verification failed" in err and "FAIL" in err and "Traceback" not in err

@@ -52,7 +52,7 @@ def test_family_compiles_and_matches_peft(tmp_path, build, config, sites, merge)
     assert {c["oracle"] for c in manifest.verification["cases"]} == {"reference", "peft"}
     assert len({json.dumps(c["sizes"]) for c in manifest.verification["cases"]}) == 3
     assert min(manifest.verification["adapter_effect"].values()) > 0.02  # the adapter really matters
-    merge_record = [p for p in manifest.pipeline if p["name"] == "merge-lora"]
+    merge_record = [p for p in manifest.pipeline if p["name"] == "merge"]
     assert (merge_record[0]["stats"]["merged"] == sites) if merge else not merge_record
     assert len(manifest.target["adapter_initializers"]) == (0 if merge else 2 * sites)
     _check_against_peft(model, adapter, artifact.path)
@@ -167,10 +167,10 @@ def test_caller_objects_are_left_unchanged(tmp_path, bert_adapter):
 
 
 def _drop_scale(monkeypatch):
-    import peftc.passes.merge_lora as merge_lora
+    import peftc.ops.lora as lora
 
-    real = merge_lora.delta_weight
-    monkeypatch.setattr(merge_lora, "delta_weight", lambda a, b, scale, ffo: real(a, b, 1.0, ffo))
+    real = lora.delta_weight
+    monkeypatch.setattr(lora, "delta_weight", lambda a, b, scale, layout: real(a, b, 1.0, layout))
 
 
 def test_mutation_dropped_merge_scale_fails_verification(tmp_path, bert_adapter, monkeypatch):

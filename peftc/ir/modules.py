@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Mapping
 
+import torch
 from torch import fx
 from torch.export.graph_signature import InputKind
 
@@ -50,9 +51,16 @@ class ModuleInfo:
 class ModuleTable(Mapping[str, ModuleInfo]):
     """``path -> ModuleInfo`` for every module that executes in the program."""
 
-    def __init__(self, modules: Mapping[str, ModuleInfo], state_shapes: Mapping[str, tuple[int, ...]]):
+    def __init__(
+        self,
+        modules: Mapping[str, ModuleInfo],
+        state_shapes: Mapping[str, tuple[int, ...]],
+        tensors: Mapping[str, torch.Tensor] | None = None,
+    ):
         self._modules = dict(modules)
         self.state_shapes = dict(state_shapes)
+        self.tensors = dict(tensors or {})
+        """Read-only access to the base parameters, for parsers that derive tensors from them."""
 
     def __getitem__(self, path: str) -> ModuleInfo:
         return self._modules[path]
@@ -102,4 +110,33 @@ def module_table(program: Program) -> ModuleTable:
             if tensor is not None:
                 shapes[spec.target] = tuple(tensor.shape)
     modules = {path: ModuleInfo(path, types[path], params.get(path, {}), tuple(calls.get(path, ()))) for path in types}
-    return ModuleTable(modules, shapes)
+    return ModuleTable(modules, shapes, {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)})
+
+
+_CONV = {"aten.conv1d", "aten.conv2d", "aten.conv3d", "aten.convolution"}
+
+
+def conv_attributes(module: ModuleInfo) -> dict[str, object] | None:
+    """``stride``, ``padding``, ``dilation``, ``groups`` of a convolution module's first call, and
+    whether the call does more than the convolution (``padding_mode`` other than zeros adds a pad).
+    None when the module's call has no convolution."""
+    from peftc.ir.canon import target_name
+
+    if not module.calls:
+        return None
+    nodes = [n for n in module.calls[0].nodes if n.op == "call_function"]
+    conv = next((n for n in nodes if target_name(n) in _CONV), None)
+    if conv is None:
+        return None
+    args = list(conv.args) + [None] * 7
+    rank = conv.args[1].meta["val"].dim() - 2
+    default = (1,) * rank
+    padding = args[4] if args[4] is not None else (0,) * rank
+    extra = [target_name(n) for n in nodes if n is not conv and not target_name(n).startswith("aten.sym_")]
+    return {
+        "stride": tuple(args[3] or default),
+        "padding": padding if isinstance(padding, str) else tuple(padding),
+        "dilation": tuple(args[5] or default),
+        "groups": int(args[6] or 1) if target_name(conv) != "aten.convolution" else int(args[8] or 1),
+        "extra_ops": extra,
+    }

@@ -12,15 +12,15 @@ from pathlib import Path
 from peftc.errors import UnsupportedError, one_of
 from peftc.ir.modules import ModuleTable
 from peftc.methods import lora
-from peftc.methods.base import Adapter, AdapterSource, AdapterTensor, Replacement, Site
+from peftc.methods.base import Adapter, AdapterSource, AdapterTensor, ParseOptions, Replacement, Site
 from peftc.methods.loading import read_adapter
 
-Parser = Callable[[AdapterSource, ModuleTable], Adapter]
+Parser = Callable[[AdapterSource, ModuleTable, ParseOptions], Adapter]
 
 PARSERS: dict[str, Parser] = {"LORA": lora.parse}
 
 
-def parse_adapter(source: AdapterSource, modules: ModuleTable) -> Adapter:
+def parse_adapter(source: AdapterSource, modules: ModuleTable, options: ParseOptions | None = None) -> Adapter:
     """Interpret ``source`` with the parser for its ``peft_type``."""
     peft_type = str(source.config.get("peft_type"))
     parser = PARSERS.get(peft_type)
@@ -28,7 +28,7 @@ def parse_adapter(source: AdapterSource, modules: ModuleTable) -> Adapter:
         raise UnsupportedError(
             f"{source.config_path}: peft_type {peft_type!r} is not supported; supported: {one_of(sorted(PARSERS))}"
         )
-    return parser(source, modules)
+    return parser(source, modules, options or ParseOptions())
 
 
 def load_adapter(
@@ -38,9 +38,10 @@ def load_adapter(
     name: str | None = None,
     config: str | Path | None = None,
     allow_pickle: bool = False,
+    options: ParseOptions | None = None,
 ) -> Adapter:
     """Read and interpret an adapter in one step."""
-    return parse_adapter(read_adapter(path, name=name, config=config, allow_pickle=allow_pickle), modules)
+    return parse_adapter(read_adapter(path, name=name, config=config, allow_pickle=allow_pickle), modules, options)
 
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "Adapter",
     "AdapterSource",
     "AdapterTensor",
+    "ParseOptions",
     "Replacement",
     "Site",
     "load_adapter",

@@ -34,6 +34,18 @@ class AdapterSource:
 
 
 @dataclasses.dataclass(frozen=True)
+class ParseOptions:
+    """How the user asked for adapters to be read."""
+
+    base_residual: bool = False
+    """The base model is the residual base a PiSSA/OLoRA/CorDA/LoRA-GA/LoftQ adapter was trained on."""
+    tied_embeddings: bool | None = None
+    """Whether the model declares its output layer tied to the input embedding (transformers
+    ``tie_word_embeddings``); None when unknown (an exported program). PEFT carries trainable token
+    rows into a tied output layer only when the model declares the tie."""
+
+
+@dataclasses.dataclass(frozen=True)
 class AdapterTensor:
     """A tensor of the adapter file and the key it came from."""
 
@@ -43,7 +55,11 @@ class AdapterTensor:
 
 @dataclasses.dataclass(frozen=True)
 class Site:
-    """One adapted module: the site op that replaces its calls, with tensors and scalars in op order."""
+    """One adapted module (or one of its parameters) and the site op that adapts it.
+
+    A *call site* (``param`` None) replaces each call of the module; a *weight site* replaces the
+    module's parameter ``param`` by ``op(param, *tensors, *scalars)`` (see ``peftc/ops/base.py``).
+    """
 
     module: str
     op: str
@@ -51,6 +67,10 @@ class Site:
     scalars: Mapping[str, Any]
     info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     """Human-facing facts for the manifest (module type, rank, alpha...)."""
+    param: str | None = None
+    """Weight sites: the module's parameter they transform (``weight``, ``bias``...)."""
+    weight_form: tuple[Site, ...] = ()
+    """Call sites: the equivalent weight sites, used when adapters are stacked on one module."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +114,7 @@ class Adapter:
             "sites": [
                 {
                     "module": s.module,
+                    **({"param": s.param} if s.param else {}),
                     "op": f"peftc::{s.op}",
                     **_jsonable(s.info),
                     "scalars": _jsonable(s.scalars),

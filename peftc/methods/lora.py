@@ -1,16 +1,20 @@
-"""peftc's own parser for Hugging Face PEFT LoRA adapters (``peft_type: "LORA"``).
+"""peftc's own parser for Hugging Face PEFT LoRA adapters (``peft_type: "LORA"``), DoRA included.
 
-Every tensor key is mapped to exactly one thing, or the parse fails naming it:
+Every tensor key maps to exactly one thing, or the parse fails naming it:
 
-* ``<module>.lora_A.weight`` / ``lora_B.weight`` / ``lora_B.bias`` → a ``peftc::lora_linear`` site;
-* ``<module>.base_layer.bias`` or ``<module>.bias`` (``bias: all`` / ``lora_only``) → a trained base bias;
-* ``<module>.<param>`` under a ``modules_to_save`` module → a full replacement of that base parameter;
-* ``<module>.modules_to_save.<p>`` / ``<module>.original_module.<p>`` (written when ``bias: all`` meets
-  ``modules_to_save``) → recorded as unused: PEFT does not read them either.
+* ``<m>.lora_A.weight`` / ``lora_B.weight`` / ``lora_B.bias`` → a LoRA site on module ``m``:
+  a ``peftc::lora_linear`` call site for ``nn.Linear`` and GPT-2 ``Conv1D``; a ``lora_weight`` weight
+  site for ``nn.Conv1d/2d/3d``; with ``use_dora``, a ``dora_weight`` site plus ``<m>.lora_magnitude_vector``;
+* ``<m>.lora_embedding_A`` / ``lora_embedding_B`` → a weight site on an ``nn.Embedding``;
+* ``<m>[.base_layer…].lora_A.weight`` for ``target_parameters`` → a weight site on a raw parameter;
+  several targeted parameters of one module nest, the first registered one innermost;
+* ``<m>.token_adapter.trainable_tokens_delta`` → replaced embedding rows (``trainable_token_indices``),
+  also on every output layer tied to that embedding;
+* trained biases and ``modules_to_save`` tensors → full replacements (``peftc.methods.common``).
 
-Keys carry PEFT's ``base_model.model.`` prefix (stripped) and no adapter name. Every config field is
-classified: it changes the math and is honoured, it does not affect inference and is recorded, or
-it changes the math in a way peftc does not implement yet and raises :class:`UnsupportedError`.
+``init_lora_weights`` ``pissa``/``olora`` adapters were trained on a residual base; peftc rebuilds it
+exactly from the original weight (PiSSA: ``W − U_r S_r V_rᵀ``; OLoRA: ``W − s·Q_r R_r``). Other
+base-modifying initialisations are refused with how to convert them.
 """
 
 from __future__ import annotations
@@ -19,291 +23,466 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 from peftc.errors import InputError, UnsupportedError
-from peftc.ir.modules import ModuleTable
-from peftc.methods import peft_config
-from peftc.methods.base import Adapter, AdapterSource, AdapterTensor, Replacement, Site
-from peftc.ops.lora import LORA_LINEAR, lora_scale
+from peftc.ir.modules import ModuleInfo, ModuleTable, conv_attributes
+from peftc.methods import common, peft_config
+from peftc.methods.base import Adapter, AdapterSource, AdapterTensor, ParseOptions, Replacement, Site
+from peftc.ops.dora import DORA_WEIGHT
+from peftc.ops.lora import LORA_BIAS, LORA_EXPERTS, LORA_LINEAR, LORA_WEIGHT, lora_scale
+from peftc.ops.tokens import TOKENS_WEIGHT
 
-PREFIX = "base_model.model."
+FIELDS = common.Fields(
+    honoured=(
+        "r",
+        "lora_alpha",
+        "use_rslora",
+        "rank_pattern",
+        "alpha_pattern",
+        "target_modules",
+        "exclude_modules",
+        "layers_to_transform",
+        "layers_pattern",
+        "fan_in_fan_out",
+        "lora_bias",
+        "bias",
+        "modules_to_save",
+        "use_dora",
+        "target_parameters",
+        "trainable_token_indices",
+        "init_lora_weights",
+        "loftq_config",
+    ),
+    ignored={
+        "lora_dropout": "dropout is the identity at inference",
+        "megatron_config": "training parallelism",
+        "megatron_core": "training parallelism",
+        "eva_config": "initialisation only",
+        "corda_config": "initialisation only (the init is checked through init_lora_weights)",
+        "lora_ga_config": "initialisation only (the init is checked through init_lora_weights)",
+        "runtime_config": "runtime memory options",
+        "qalora_group_size": "only used with use_qalora",
+        "ensure_weight_tying": "training-time tying of modules_to_save copies",
+    },
+    unsupported={
+        "layer_replication": "layer_replication changes the model's topology",
+        "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is input-dependent",
+        "use_qalora": "QA-LoRA (use_qalora) is not supported yet",
+        "velora_config": "VeLoRA (velora_config) is not supported yet",
+        "monteclora_config": "MonteCLoRA (monteclora_config) is not supported yet",
+        "use_bdlora": "BD-LoRA (use_bdlora) is not supported yet",
+        "arrow_config": "Arrow routing (arrow_config) is input-dependent",
+        "kasa_config": "KaSA (kasa_config) is not supported yet",
+    },
+    defaults={"r": 8, "lora_alpha": 8, "bias": "none"},
+)
 
-HONOURED = (
-    "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules",
-    "exclude_modules", "layers_to_transform", "layers_pattern", "fan_in_fan_out", "lora_bias",
-    "bias", "modules_to_save",
-)  # fmt: skip
-
-# Fields that never change what a trained adapter computes at inference.
-IGNORED = {
-    "peft_type": "selects the method",
-    "task_type": "describes the training task",
-    "auto_mapping": "records the training-time model class",
-    "peft_version": "records the PEFT version that saved the adapter",
-    "base_model_name_or_path": "a training-time path; the base model is the one given to peftc",
-    "revision": "a training-time hub revision",
-    "inference_mode": "training flag",
-    "lora_dropout": "dropout is the identity at inference",
-    "init_lora_weights": "initialisation only (the trained tensors are in the file)",
-    "megatron_config": "training parallelism",
-    "megatron_core": "training parallelism",
-    "loftq_config": "initialisation only",
-    "eva_config": "initialisation only",
-    "corda_config": "initialisation only",
-    "lora_ga_config": "initialisation only",
-    "runtime_config": "runtime memory options",
-    "qalora_group_size": "only used with use_qalora",
-    "ensure_weight_tying": "training-time tying of modules_to_save copies",
+CONVERT = (
+    "convert it to a plain LoRA with PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...), "
+    "or compile against the residual base it was trained on with --base-residual"
+)
+REBUILT_INITS = ("pissa", "olora")
+REFUSED_INITS = ("pissa_niter", "corda", "lora_ga", "loftq")
+CALL_TYPES = ("Linear", "NonDynamicallyQuantizableLinear", "Conv1D")
+WEIGHT_TYPES = ("Conv1d", "Conv2d", "Conv3d", "Embedding")
+ROLES = {
+    "lora_A.weight": "lora_A",
+    "lora_B.weight": "lora_B",
+    "lora_B.bias": "lora_B_bias",
+    "lora_embedding_A": "lora_A",
+    "lora_embedding_B": "lora_B",
+    "lora_magnitude_vector": "magnitude",
+    "token_adapter.trainable_tokens_delta": "tokens",
 }
 
-# Fields that change the math in ways this parser does not implement, with what to do instead.
-UNSUPPORTED = {
-    "use_dora": "DoRA (use_dora) is not supported yet; merge it with PEFT's merge_and_unload() first",
-    "layer_replication": "layer_replication changes the model's topology",
-    "trainable_token_indices": "trainable_token_indices (sparse embedding rows) is not supported yet",
-    "target_parameters": "LoRA on raw parameters (target_parameters) is not supported yet",
-    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is input-dependent",
-    "use_qalora": "QA-LoRA (use_qalora) is not supported yet",
-    "velora_config": "VeLoRA (velora_config) is not supported yet",
-    "monteclora_config": "MonteCLoRA (monteclora_config) is not supported yet",
-    "use_bdlora": "BD-LoRA (use_bdlora) is not supported yet",
-    "arrow_config": "Arrow routing (arrow_config) is input-dependent",
-    "kasa_config": "KaSA (kasa_config) is not supported yet",
-}
 
-# init_lora_weights values whose adapters only reproduce the fine-tuned model on a modified base.
-BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
-
-LINEAR_TYPES = {"Linear": False, "NonDynamicallyQuantizableLinear": False, "Conv1D": True}
-_SITE_KEY = re.compile(r"^(?P<module>.+)\.(?P<role>lora_A\.weight|lora_B\.weight|lora_B\.bias)$")
-_OTHER_LORA_KEY = re.compile(r"\.(lora_embedding_[AB]|lora_magnitude_vector|lora_[A-Z])(\.|$)")
-_ROLES = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "lora_B.bias": "lora_B_bias"}
-
-
-def parse(source: AdapterSource, modules: ModuleTable) -> Adapter:
+def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) -> Adapter:
     """Interpret a LoRA adapter against the base model's modules.
+
+    Args:
+        options: ``base_residual`` — the base given to peftc already is the residual base a
+            PiSSA/OLoRA/CorDA/LoRA-GA adapter was trained on, so no residual is rebuilt or refused;
+            ``tied_embeddings`` — whether trainable token rows also go to a tied output layer.
 
     Raises:
         InputError: a tensor that maps to no module, a targeted module without tensors, or a shape
             that disagrees with the base or the config (the message names the key and both shapes).
-        UnsupportedError: a config option peftc does not implement, naming it.
+        UnsupportedError: a config option or module type peftc does not implement, naming it.
     """
     cfg = source.config
-    honoured, ignored = _classify_fields(source)
+    honoured, ignored = common.classify_fields(source, "LORA", FIELDS)
+    common.check_number(source, "r", "lora_alpha")
+    if cfg.get("bias", "none") not in ("none", "all", "lora_only"):
+        raise InputError(f"{source.config_path}: bias={cfg['bias']!r}; expected 'none', 'all' or 'lora_only'")
+    if cfg.get("use_dora") and cfg.get("lora_bias"):
+        raise InputError(f"{source.config_path}: use_dora with lora_bias is invalid (PEFT refuses it too)")
+    base_residual = options.base_residual
+    init = _check_init(source, base_residual)
+    targets = cfg.get("target_modules")
+    params = _targeted_parameters(cfg, modules)
+    if targets is None and not params:
+        raise InputError(f"{source.config_path}: LoRA config has neither target_modules nor target_parameters")
+
+    grouped = common.group_keys(source, modules, _role_of(params))
+    targeted = _targeted(cfg, modules) if targets is not None else set()
+    tokens = _token_modules(source, grouped, modules)
+    site_modules = {p: t for p, t in grouped.modules.items() if p not in tokens and not p.startswith(_PARAM_MARK)}
+    common.check_modules(source, common.Grouped(site_modules, [], []), modules, targeted)
+
     warnings: list[str] = []
-    targeted = {p for p, m in modules.items() if m.calls and peft_config.is_target(cfg, p)}
-    if cfg.get("target_modules") is None:
-        raise InputError(f"{source.config_path}: LoRA config has no target_modules")
-    if isinstance(cfg["target_modules"], str) and cfg["target_modules"].lower() == "all-linear":
-        targeted = {p for p, m in modules.items() if m.calls and m.class_name in LINEAR_TYPES}
-        targeted -= {p for p in targeted if _all_linear_excluded(p, cfg)}
-
-    groups: dict[str, dict[str, AdapterTensor]] = {}
-    replacements: list[Replacement] = []
-    unused: list[tuple[str, str]] = []
-    for key, tensor in source.tensors.items():
-        path = key.removeprefix(PREFIX)
-        match = _SITE_KEY.match(path)
-        if match:
-            groups.setdefault(match["module"], {})[_ROLES[match["role"]]] = AdapterTensor(key, tensor)
-            continue
-        other = _OTHER_LORA_KEY.search(path)
-        if other:
-            raise UnsupportedError(
-                f"{source.describe(key)}: {other.group(1)} tensors are not supported yet "
-                "(LoRA on Embedding/Conv modules and DoRA come with the multi-method support)"
-            )
-        replacement, why_unused = _classify_full_tensor(source, key, path, modules)
-        if replacement is not None:
-            replacements.append(replacement)
-        else:
-            unused.append((key, why_unused))
-
-    for module_path, tensors in sorted(groups.items()):
-        # A key naming no module is the likelier mistake (a typo, another model); report it first.
-        if module_path not in modules or not modules[module_path].calls:
-            key = next(iter(tensors.values())).key
-            raise InputError(
-                f"{source.describe(key)}: maps to module {module_path!r}, which the base model does not "
-                f"execute{_nearest(module_path, modules)}"
-            )
-    sites = []
-    for module_path, tensors in sorted(groups.items()):
-        sites.append(_site(source, module_path, tensors, modules, targeted, warnings))
-    missing = sorted(targeted - set(groups))
-    if missing:
-        raise InputError(
-            f"{source.weights_path}: module {missing[0]!r} is targeted by {source.config_path.name} "
-            f"(target_modules={cfg.get('target_modules')!r}) but the file has no lora_A/lora_B for it"
-            + (f" ({len(missing) - 1} more modules likewise)" if len(missing) > 1 else "")
-        )
+    sites: list[Site] = []
+    for path, tensors in sorted(site_modules.items()):
+        sites += _module_sites(source, modules[path], tensors, modules, warnings)
+    for key, tensors in sorted(grouped.modules.items()):
+        if key.startswith(_PARAM_MARK):
+            sites += _parameter_sites(source, key.removeprefix(_PARAM_MARK), tensors, modules, warnings)
+    for path, entry in sorted(tokens.items()):
+        sites += _token_sites(source, path, entry, modules, options.tied_embeddings)
+    replacements = list(grouped.replacements)
+    if init in REBUILT_INITS and not base_residual:
+        replacements += _residuals(source, init, sites, modules)
     return Adapter(
         name=source.name,
-        method="lora",
+        method="dora" if cfg.get("use_dora") else "lora",
         source=source,
         sites=tuple(sites),
         replacements=tuple(replacements),
-        unused=tuple(unused),
+        unused=tuple(grouped.unused),
         honoured=honoured,
         ignored=ignored,
         warnings=tuple(warnings),
     )
 
 
-def _classify_fields(source: AdapterSource) -> tuple[dict[str, Any], dict[str, str]]:
+def _check_init(source: AdapterSource, base_residual: bool) -> str:
     cfg = source.config
-    where = source.config_path
-    if cfg.get("peft_type") != "LORA":
-        raise UnsupportedError(f"{where}: peft_type {cfg.get('peft_type')!r} is not LoRA")
-    for field, why in UNSUPPORTED.items():
-        if cfg.get(field) not in (None, False, [], {}, ""):
-            raise UnsupportedError(f"{where}: {field}={cfg[field]!r}: {why}")
     init = str(cfg.get("init_lora_weights", True)).lower()
-    if init.startswith(BASE_MODIFYING_INITS):
+    loftq = cfg.get("loftq_config") not in (None, {}, [])
+    if base_residual:
+        return init
+    if init.startswith(REFUSED_INITS) or loftq:
+        name = "loftq" if loftq and not init.startswith(REFUSED_INITS) else init
         raise UnsupportedError(
-            f"{where}: init_lora_weights={cfg['init_lora_weights']!r} trains against a modified "
-            "(residual) base, so merging into the original base would be silently wrong; convert it "
-            "to a plain LoRA with PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...) "
-            "and set init_lora_weights to true"
+            f"{source.config_path}: init_lora_weights={cfg.get('init_lora_weights')!r}"
+            f"{' with loftq_config' if loftq else ''} means the adapter was trained on a modified base ({name}) that "
+            f"peftc cannot rebuild exactly, so merging into the original base would be silently wrong; {CONVERT}"
         )
-    unknown = {
-        k: v
-        for k, v in cfg.items()
-        if k not in HONOURED and k not in IGNORED and k not in UNSUPPORTED and v not in (None, False, [], {}, "")
-    }
-    if unknown:
-        listed = ", ".join(f"{k}={v!r}" for k, v in sorted(unknown.items()))
-        raise UnsupportedError(f"{where}: fields peftc does not know and that may change the math: {listed}")
-    if cfg.get("bias", "none") not in ("none", "all", "lora_only"):
-        raise InputError(f"{where}: bias={cfg['bias']!r}; expected 'none', 'all' or 'lora_only'")
-    for field in ("r", "lora_alpha"):
-        if field in cfg and not isinstance(cfg[field], (int, float)):
-            raise InputError(f"{where}: {field}={cfg[field]!r} is not a number")
-    honoured = {k: cfg.get(k) for k in HONOURED}
-    honoured["r"] = cfg.get("r", 8)
-    honoured["lora_alpha"] = cfg.get("lora_alpha", 8)
-    ignored = {k: IGNORED[k] for k in cfg if k in IGNORED}
-    ignored.update({k: "not set" for k in cfg if k in UNSUPPORTED})
-    return honoured, ignored
+    return init
 
 
-def _site(
+def _targeted(cfg: Mapping[str, Any], modules: ModuleTable) -> set[str]:
+    targets = cfg.get("target_modules")
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        # PEFT's "all-linear" leaves out the output layer (the LM head, and for SEQ_CLS the
+        # classifier head). PEFT resolves it to explicit names when saving, so only hand-written
+        # configs get here.
+        heads = ("lm_head", "embed_out") + (("classifier", "score") if cfg.get("task_type") == "SEQ_CLS" else ())
+        return {p for p, m in modules.items() if m.calls and m.class_name in CALL_TYPES and p not in heads}
+    return common.targeted_modules(cfg, modules)
+
+
+# --------------------------------------------------------------------------------------------
+# keys
+
+_PARAM_MARK = "param:"
+
+
+def _targeted_parameters(cfg: Mapping[str, Any], modules: ModuleTable) -> dict[str, list[str]]:
+    """owner module → its targeted raw parameters, in registration order (``target_parameters``)."""
+    wanted = cfg.get("target_parameters") or []
+    found: dict[str, list[str]] = {}
+    for path, module in modules.items():
+        for local in module.params:
+            key = f"{path}.{local}"
+            if any(key == t or key.endswith("." + t) for t in wanted):
+                found.setdefault(path, []).append(local)
+    return found
+
+
+def _role_of(params: Mapping[str, list[str]]) -> common.RoleFn:
+    plain = common.suffix_roles(ROLES)
+    nested = re.compile(r"^(?P<owner>.+?)(?P<depth>(\.base_layer)*)\.(?P<role>lora_[AB])\.weight$")
+
+    def role(path: str) -> tuple[str, str] | None:
+        match = nested.match(path)
+        if match and match["owner"] in params:
+            # k targeted parameters nest k-1 deep; the first registered one is innermost.
+            owned = params[match["owner"]]
+            index = len(owned) - 1 - match["depth"].count(".base_layer")
+            if 0 <= index < len(owned):
+                return f"{_PARAM_MARK}{match['owner']}.{owned[index]}", match["role"]
+        return plain(path)
+
+    return role
+
+
+# --------------------------------------------------------------------------------------------
+# sites
+
+
+def _rank_alpha(cfg: Mapping[str, Any], key: str) -> tuple[int, float, float]:
+    r = int(peft_config.pattern_value(cfg.get("rank_pattern"), key, cfg.get("r", 8)))
+    alpha = peft_config.pattern_value(cfg.get("alpha_pattern"), key, cfg.get("lora_alpha", 8))
+    return r, alpha, lora_scale(r, alpha, bool(cfg.get("use_rslora", False)))
+
+
+def _module_sites(
     source: AdapterSource,
-    path: str,
+    module: ModuleInfo,
     tensors: dict[str, AdapterTensor],
     modules: ModuleTable,
-    targeted: set[str],
     warnings: list[str],
-) -> Site:
+) -> list[Site]:
     cfg = source.config
-    some_key = next(iter(tensors.values())).key
-    module = modules[path]
-    if path not in targeted:
-        raise InputError(
-            f"{source.describe(some_key)}: module {path!r} is not targeted by {source.config_path.name} "
-            f"(target_modules={cfg.get('target_modules')!r}, exclude_modules={cfg.get('exclude_modules')!r}, "
-            f"layers_to_transform={cfg.get('layers_to_transform')!r})"
-        )
-    if module.class_name not in LINEAR_TYPES:
-        raise UnsupportedError(
-            f"{source.describe(some_key)}: LoRA on {module.class_name} (module {path!r}) is not "
-            "supported yet; supported: nn.Linear and transformers Conv1D"
-        )
-    for role in ("lora_A", "lora_B"):
-        if role not in tensors:
-            raise InputError(f"{source.weights_path}: module {path!r} has no {role}.weight")
-    if "lora_B_bias" in tensors and not cfg.get("lora_bias"):
-        raise InputError(
-            f"{source.describe(tensors['lora_B_bias'].key)}: lora_B.bias present but "
-            f"{source.config_path.name} has lora_bias=false"
-        )
-    if cfg.get("lora_bias") and "lora_B_bias" not in tensors:
-        raise InputError(f"{source.weights_path}: lora_bias=true but module {path!r} has no lora_B.bias")
-
-    fan_in_fan_out = LINEAR_TYPES[module.class_name]
-    if bool(cfg.get("fan_in_fan_out", False)) != fan_in_fan_out:
+    path = module.path
+    layout = common.layout(source, module, "LoRA", CALL_TYPES + WEIGHT_TYPES)
+    common.require_roles(source, path, tensors, ["lora_A", "lora_B"] + (["magnitude"] if cfg.get("use_dora") else []))
+    _check_extra_roles(source, path, tensors, layout)
+    if layout in ("linear", "linear_t") and bool(cfg.get("fan_in_fan_out", False)) != (layout == "linear_t"):
         warnings.append(
             f"fan_in_fan_out={cfg.get('fan_in_fan_out', False)} but {path!r} is a {module.class_name}; "
-            f"using fan_in_fan_out={fan_in_fan_out} as PEFT does"
+            f"using fan_in_fan_out={layout == 'linear_t'} as PEFT does"
         )
-    weight_key = module.params.get("weight")
-    if weight_key is None:
-        raise InputError(f"module {path!r} has no weight parameter in the base model")
+    r, alpha, scale = _rank_alpha(cfg, path)
+    weight_key = module.params["weight"]
     w_shape = modules.state_shapes[weight_key]
-    d_in, d_out = (w_shape[0], w_shape[1]) if fan_in_fan_out else (w_shape[1], w_shape[0])
     a, b = tensors["lora_A"], tensors["lora_B"]
-    r = int(peft_config.pattern_value(cfg.get("rank_pattern"), path, cfg.get("r", 8)))
-    alpha = peft_config.pattern_value(cfg.get("alpha_pattern"), path, cfg.get("lora_alpha", 8))
-    _expect(source, a, 2, (r, d_in), f"[r={r}, d_in={d_in}] (base weight {weight_key} {list(w_shape)})")
-    _expect(source, b, 2, (d_out, r), f"[d_out={d_out}, r={r}] (base weight {weight_key} {list(w_shape)})")
-    if "lora_B_bias" in tensors:
-        _expect(source, tensors["lora_B_bias"], 1, (d_out,), f"[d_out={d_out}]")
-    scale = lora_scale(r, alpha, bool(cfg.get("use_rslora", False)))
-    ordered = {role: tensors.get(role) for role in LORA_LINEAR.tensor_roles}
-    return Site(
-        module=path,
-        op=LORA_LINEAR.name,
-        tensors=ordered,
-        scalars={"scale": scale, "fan_in_fan_out": fan_in_fan_out},
-        info={"module_type": module.class_name, "r": r, "alpha": alpha},
-    )
-
-
-def _expect(source: AdapterSource, t: AdapterTensor, ndim: int, shape: tuple[int, ...], what: str) -> None:
-    if t.tensor.ndim != ndim or tuple(t.tensor.shape) != shape:
-        raise InputError(
-            f"{source.describe(t.key)}: shape {list(t.tensor.shape)} does not match the base model: expected {what}"
+    info = {"module_type": module.class_name, "r": r, "alpha": alpha}
+    base = f"(base weight {weight_key} {list(w_shape)})"
+    if layout == "conv":
+        _check_conv(source, module, path)
+        kernel = tuple(w_shape[2:])
+        common.expect_shape(
+            source, a, (r, w_shape[1], *kernel), f"[r={r}, d_in={w_shape[1]}, *kernel={list(kernel)}] {base}"
         )
-
-
-def _classify_full_tensor(
-    source: AdapterSource, key: str, path: str, modules: ModuleTable
-) -> tuple[Replacement | None, str]:
-    """A non-LoRA key: a trained bias, a modules_to_save tensor, or an unused duplicate."""
-    cfg = source.config
-    owner, _, local = path.rpartition(".")
-    save = cfg.get("modules_to_save") or []
-    for marker in (".modules_to_save", ".original_module"):
-        if owner.endswith(marker) and peft_config.in_modules_to_save(save, owner.removesuffix(marker)):
-            return None, (
-                f"duplicate {marker[1:]} copy written by PEFT when bias={cfg.get('bias')!r} meets "
-                "modules_to_save; PEFT does not load it either"
-            )
-    owner = owner.removesuffix(".base_layer")
-    module = modules.get(owner)
-    param = module.params.get(local) if module else None
-    if param is None:
-        raise InputError(
-            f"{source.describe(key)}: maps to no module or parameter of the base model "
-            f"(looked for {owner}.{local}){_nearest(owner, modules)}"
+        common.expect_shape(
+            source, b, (w_shape[0], r, *(1,) * len(kernel)), f"[d_out={w_shape[0]}, r={r}, 1, …] {base}"
         )
-    if peft_config.in_modules_to_save(save, owner):
-        reason = "modules_to_save"
-    elif local == "bias" and cfg.get("bias", "none") != "none":
-        reason = f"bias={cfg['bias']}"
     else:
-        raise InputError(
-            f"{source.describe(key)}: a full tensor for {param}, but {source.config_path.name} neither "
-            f"lists {owner!r} in modules_to_save nor trains biases (bias={cfg.get('bias', 'none')!r})"
+        d_in, d_out = common.io_dims(modules, module, layout)
+        common.expect_shape(
+            source, a, (r, d_in), f"[r={r}, {'num' if layout == 'embedding' else 'd_in'}={d_in}] {base}"
         )
-    expected = modules.state_shapes[param]
-    tensor = source.tensors[key]
-    if tuple(tensor.shape) != expected:
-        raise InputError(
-            f"{source.describe(key)}: shape {list(tensor.shape)} does not match base parameter {param} {list(expected)}"
+        common.expect_shape(
+            source, b, (d_out, r), f"[{'dim' if layout == 'embedding' else 'd_out'}={d_out}, r={r}] {base}"
         )
-    return Replacement(param, AdapterTensor(key, tensor), reason), ""
+    if layout == "embedding":
+        _check_embedding(source, module, path)
+    if "lora_B_bias" in tensors:
+        common.expect_shape(
+            source, tensors["lora_B_bias"], (w_shape[0] if layout != "linear_t" else w_shape[1],), "[d_out]"
+        )
+
+    if cfg.get("use_dora"):
+        out = w_shape[1] if layout in ("linear_t", "embedding") else w_shape[0]
+        m = tensors["magnitude"]
+        if m.tensor.numel() != out:
+            raise InputError(
+                f"{source.describe(m.key)}: DoRA magnitude has {m.tensor.numel()} elements {list(m.tensor.shape)}, "
+                f"but module {path!r} has {out} output channels {base}"
+            )
+        dora = {"lora_A": a, "lora_B": b, "magnitude": m}
+        return [Site(path, DORA_WEIGHT.name, dora, {"scale": scale, "layout": layout}, info, "weight")]
+
+    weight_site = Site(
+        path, LORA_WEIGHT.name, {"lora_A": a, "lora_B": b}, {"scale": scale, "layout": layout}, info, "weight"
+    )
+    bias_sites: tuple[Site, ...] = ()
+    if "lora_B_bias" in tensors:
+        bias_sites = (
+            Site(path, LORA_BIAS.name, {"lora_B_bias": tensors["lora_B_bias"]}, {"scale": scale}, info, "bias"),
+        )
+    if layout in ("conv", "embedding"):
+        if bias_sites and "bias" not in module.params:
+            raise UnsupportedError(
+                f"{source.describe(tensors['lora_B_bias'].key)}: lora_bias on {path!r}, which has no bias"
+            )
+        return [weight_site, *bias_sites]
+    # Without a base bias there is no parameter to transform: such a call site cannot stack.
+    weight_form = (weight_site, *bias_sites) if not bias_sites or "bias" in module.params else ()
+    return [
+        Site(
+            module=path,
+            op=LORA_LINEAR.name,
+            tensors={role: tensors.get(role) for role in LORA_LINEAR.tensor_roles},
+            scalars={"scale": scale, "fan_in_fan_out": layout == "linear_t"},
+            info=info,
+            weight_form=weight_form,
+        )
+    ]
 
 
-def _all_linear_excluded(path: str, cfg: Mapping[str, Any]) -> bool:
-    """PEFT's "all-linear" leaves out the output layer: the LM head, and for ``task_type: SEQ_CLS``
-    the classifier head. (PEFT resolves "all-linear" to explicit names when saving, so this only
-    applies to hand-written configs.)"""
-    heads = ("lm_head", "embed_out") + (("classifier", "score") if cfg.get("task_type") == "SEQ_CLS" else ())
-    return path in heads
+def _check_extra_roles(source: AdapterSource, path: str, tensors: Mapping[str, AdapterTensor], layout: str) -> None:
+    cfg = source.config
+    keys = {role: t.key for role, t in tensors.items()}
+    if "lora_B_bias" in tensors and not cfg.get("lora_bias"):
+        raise InputError(
+            f"{source.describe(keys['lora_B_bias'])}: lora_B.bias present but {source.config_path.name} has lora_bias=false"
+        )
+    if cfg.get("lora_bias") and "lora_B_bias" not in tensors and layout != "embedding":
+        raise InputError(f"{source.weights_path}: lora_bias=true but module {path!r} has no lora_B.bias")
+    if "magnitude" in tensors and not cfg.get("use_dora"):
+        raise InputError(
+            f"{source.describe(keys['magnitude'])}: a DoRA magnitude, but {source.config_path.name} has use_dora=false"
+        )
+    embedding_keys = any(k.endswith(("lora_embedding_A", "lora_embedding_B")) for k in keys.values())
+    if embedding_keys != (layout == "embedding"):
+        raise InputError(
+            f"{source.describe(keys['lora_A'])}: {'embedding' if embedding_keys else 'linear/conv'} LoRA keys on "
+            f"module {path!r}, which is {'not ' if embedding_keys else ''}an embedding"
+        )
 
 
-def _nearest(path: str, modules: ModuleTable) -> str:
-    import difflib
+def _check_conv(source: AdapterSource, module: ModuleInfo, path: str) -> None:
+    attrs = conv_attributes(module) or {}
+    if attrs.get("groups", 1) != 1:
+        raise UnsupportedError(
+            f"{source.config_path.name}: LoRA on grouped convolution {path!r} (groups={attrs['groups']}) cannot be "
+            "merged exactly (PEFT refuses to merge it too)"
+        )
+    if any(d != 1 for d in attrs.get("dilation", ())):
+        raise UnsupportedError(f"{source.config_path.name}: LoRA on dilated convolution {path!r} fails in PEFT itself")
+    if attrs.get("extra_ops"):
+        raise UnsupportedError(
+            f"{source.config_path.name}: LoRA on {path!r}, whose padding_mode is not 'zeros': PEFT pads the LoRA branch "
+            "with zeros, so its merged and unmerged models differ"
+        )
 
-    close = difflib.get_close_matches(path, list(modules), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
+
+def _check_embedding(source: AdapterSource, module: ModuleInfo, path: str) -> None:
+    ops = {n.target.__name__ if hasattr(n.target, "__name__") else str(n.target) for c in module.calls for n in c.nodes}
+    if any("renorm" in op for op in ops):
+        raise UnsupportedError(
+            f"{source.config_path.name}: LoRA on embedding {path!r} with max_norm (PEFT renormalises in place)"
+        )
+
+
+def _parameter_sites(
+    source: AdapterSource, key: str, tensors: dict[str, AdapterTensor], modules: ModuleTable, warnings: list[str]
+) -> list[Site]:
+    """LoRA on a raw parameter (``target_parameters``): 2-D ``[d_out, d_in]`` or 3-D experts."""
+    owner, _, local = key.rpartition(".")
+    common.require_roles(source, key, tensors, ["lora_A", "lora_B"])
+    shape = modules.state_shapes[modules[owner].params[local]]
+    r, alpha, scale = _rank_alpha(source.config, key)
+    a, b = tensors["lora_A"], tensors["lora_B"]
+    info = {"module_type": f"parameter {local}", "r": r, "alpha": alpha}
+    if len(shape) == 2:
+        common.expect_shape(source, a, (r, shape[1]), f"[r={r}, d_in={shape[1]}] (parameter {key} {list(shape)})")
+        common.expect_shape(source, b, (shape[0], r), f"[d_out={shape[0]}, r={r}] (parameter {key} {list(shape)})")
+        return [
+            Site(owner, LORA_WEIGHT.name, {"lora_A": a, "lora_B": b}, {"scale": scale, "layout": "linear"}, info, local)
+        ]
+    if len(shape) != 3:
+        raise UnsupportedError(
+            f"{source.describe(a.key)}: target_parameters on {key} of rank {len(shape)}; PEFT supports 2-D and 3-D"
+        )
+    experts, d1, d2 = shape
+    d_in, d_out = a.tensor.shape[1], b.tensor.shape[0]
+    transposed = (d1, d2) == (d_in, d_out) and d1 != d2
+    if (d1, d2) not in ((d_out, d_in), (d_in, d_out)):
+        raise InputError(
+            f"{source.describe(a.key)}: factors [{d_out}, {d_in}] do not fit parameter {key} {list(shape)}"
+        )
+    if d1 == d2:
+        warnings.append(f"{key} is square; assuming PEFT's default [experts, d_out, d_in] layout (is_transposed=False)")
+    common.expect_shape(source, a, (r * experts, d_in), f"[r·experts={r * experts}, d_in={d_in}] (parameter {key})")
+    common.expect_shape(source, b, (d_out, r * experts), f"[d_out={d_out}, r·experts={r * experts}] (parameter {key})")
+    scalars = {"scale": scale, "transposed": transposed}
+    return [Site(owner, LORA_EXPERTS.name, {"lora_A": a, "lora_B": b}, scalars, info, local)]
+
+
+def _token_modules(source: AdapterSource, grouped: common.Grouped, modules: ModuleTable) -> dict[str, AdapterTensor]:
+    found = {path: t["tokens"] for path, t in grouped.modules.items() if "tokens" in t}
+    if found and not source.config.get("trainable_token_indices"):
+        key = next(iter(found.values())).key
+        raise InputError(f"{source.describe(key)}: trainable token rows but no trainable_token_indices in the config")
+    return found
+
+
+def _token_sites(
+    source: AdapterSource, path: str, values: AdapterTensor, modules: ModuleTable, tied_embeddings: bool | None
+) -> list[Site]:
+    spec = source.config["trainable_token_indices"]
+    indices = (
+        spec
+        if isinstance(spec, list)
+        else next((v for k, v in spec.items() if path == k or path.endswith("." + k)), None)
+    )
+    if indices is None:
+        raise InputError(
+            f"{source.describe(values.key)}: module {path!r} is not named in trainable_token_indices={spec!r}"
+        )
+    module = modules.get(path)
+    if module is None or "weight" not in module.params:
+        raise InputError(f"{source.describe(values.key)}: maps to module {path!r}, which the base model lacks")
+    weight = modules.state_shapes[module.params["weight"]]
+    common.expect_shape(source, values, (len(indices), weight[1]), f"[{len(indices)} tokens, dim={weight[1]}]")
+    if max(indices, default=0) >= weight[0] or min(indices, default=0) < 0:
+        raise InputError(
+            f"{source.config_path.name}: trainable_token_indices {indices} outside the vocabulary of {weight[0]}"
+        )
+    index = AdapterTensor(
+        f"{source.config_path.name}:trainable_token_indices", torch.tensor(indices, dtype=torch.int64)
+    )
+    tensor = modules.tensors.get(module.params["weight"])
+    tied = [
+        m
+        for m in modules.values()
+        if m.calls and m.path != path and "weight" in m.params and modules.tensors.get(m.params["weight"]) is tensor
+    ]
+    if tied and tied_embeddings is None:
+        raise UnsupportedError(
+            f"trainable tokens on {path!r}, whose weight {', '.join(repr(m.path) for m in tied)} shares: peftc cannot tell "
+            "whether the model declares the tie (PEFT replaces the rows there too only if it does); compile from the "
+            "model itself rather than an exported program"
+        )
+    tied = [module, *(tied if tied_embeddings else [])]
+    sites = []
+    for target in tied:
+        if target.path != path and "bias" in target.params:
+            raise UnsupportedError(
+                f"trainable tokens on {path!r} tied to {target.path!r}, which has a bias PEFT would drop"
+            )
+        info = {
+            "module_type": target.class_name,
+            "tokens": len(indices),
+            **({"tied_to": path} if target.path != path else {}),
+        }
+        sites.append(Site(target.path, TOKENS_WEIGHT.name, {"indices": index, "values": values}, {}, info, "weight"))
+    return sites
+
+
+def _residuals(source: AdapterSource, init: str, sites: list[Site], modules: ModuleTable) -> list[Replacement]:
+    """The residual base a PiSSA/OLoRA adapter was trained on, rebuilt from the original weights."""
+    out = []
+    for site in sites:
+        module = modules[site.module]
+        layout = common.LAYOUT_OF.get(module.class_name)
+        if site.op == LORA_BIAS.name:
+            continue
+        if site.param not in (None, "weight") or layout not in ("linear", "linear_t") or site.op == DORA_WEIGHT.name:
+            raise UnsupportedError(
+                f"{source.config_path.name}: a {init} residual base for {site.op} on {site.module!r} is not supported; {CONVERT}"
+            )
+        if init == "olora" and layout != "linear":
+            raise UnsupportedError(
+                f"{source.config_path.name}: OLoRA residual on {module.class_name} {site.module!r} is not supported"
+            )
+        fqn = module.params["weight"]
+        w = modules.tensors[fqn].to(torch.float32)
+        r, scale = site.info["r"], site.scalars["scale"]
+        if init == "pissa":
+            matrix = w.T if layout == "linear_t" else w
+            u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+            low = u[:, :r] @ torch.diag(s[:r]) @ vh[:r]
+            residual = w - (low.T if layout == "linear_t" else low)
+            what = f"PiSSA residual base W − U_r S_r V_rᵀ (r={r})"
+        else:
+            q, rr = torch.linalg.qr(w)
+            residual = w - scale * q[:, :r] @ rr[:r]
+            what = f"OLoRA residual base W − s·Q_r R_r (r={r})"
+        tensor = residual.to(modules.tensors[fqn].dtype)
+        out.append(Replacement(fqn, AdapterTensor(f"{what} of {fqn}", tensor), what))
+    return out

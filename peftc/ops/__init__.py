@@ -1,12 +1,22 @@
-"""``peftc::`` custom ops: one module per method, each with its eager reference math.
+"""``peftc::`` site ops: one module per method, each with its eager reference math.
 
 Importing this package registers every op with torch (needed before tracing, running or loading a
-program that contains them).
+program that contains them). ``SITE_OPS`` maps op names to their calling conventions.
 """
 
-from peftc.ops import lora
-from peftc.ops.base import SiteOp
+from peftc.ops import dora, lora, tokens
+from peftc.ops.base import LAYOUTS, SiteOp
 
-SITE_OPS: dict[str, SiteOp] = {op.name: op for op in (lora.LORA_LINEAR,)}
+SITE_OPS: dict[str, SiteOp] = {
+    op.name: op
+    for op in (
+        lora.LORA_LINEAR,
+        lora.LORA_WEIGHT,
+        lora.LORA_BIAS,
+        lora.LORA_EXPERTS,
+        dora.DORA_WEIGHT,
+        tokens.TOKENS_WEIGHT,
+    )
+}
 
-__all__ = ["SITE_OPS", "SiteOp", "lora"]
+__all__ = ["LAYOUTS", "SITE_OPS", "SiteOp"]

@@ -22,13 +22,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from peftc.ops.base import SiteOp
+from peftc.ops.base import SiteOp, weight_op
 
 LORA_LINEAR = SiteOp(
     name="lora_linear",
+    form="call",
     base_params=("weight", "bias"),
     tensor_roles=("lora_A", "lora_B", "lora_B_bias"),
     scalars=("scale", "fan_in_fan_out"),
+)
+LORA_WEIGHT = SiteOp(name="lora_weight", form="weight", tensor_roles=("lora_A", "lora_B"), scalars=("scale", "layout"))
+LORA_BIAS = SiteOp(name="lora_bias", form="weight", tensor_roles=("lora_B_bias",), scalars=("scale",))
+LORA_EXPERTS = SiteOp(
+    name="lora_experts_weight", form="weight", tensor_roles=("lora_A", "lora_B"), scalars=("scale", "transposed")
 )
 
 
@@ -37,10 +43,53 @@ def lora_scale(r: int, alpha: float, use_rslora: bool) -> float:
     return float(alpha) / (r**0.5 if use_rslora else r)
 
 
-def delta_weight(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, fan_in_fan_out: bool) -> torch.Tensor:
-    """``s·B·A`` in fp32, in the base weight's layout (``[d_out, d_in]``, or transposed)."""
-    delta = (lora_b.to(torch.float32) @ lora_a.to(torch.float32)) * scale
-    return delta.T if fan_in_fan_out else delta
+def delta_weight(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, layout: str) -> torch.Tensor:
+    """``s·B·A`` in fp32, in the layout of the parameter it adds to (see ``peftc.ops.base.LAYOUTS``).
+
+    For convolutions ``A`` is a ``k×k`` conv ``d_in → r`` and ``B`` a ``1×1`` conv ``r → d_out``, so the
+    kernel update is ``B[:, :, 0, 0] @ A`` over the flattened ``(d_in, k…)`` axes. For embeddings
+    ``A`` is ``[r, num]`` and ``B`` ``[dim, r]``, and the update ``(B·A)ᵀ`` is ``[num, dim]``.
+    """
+    delta = (lora_b.flatten(1).to(torch.float32) @ lora_a.flatten(1).to(torch.float32)) * scale
+    if layout in ("linear_t", "embedding"):
+        return delta.T
+    if layout == "conv":
+        return delta.reshape(lora_b.shape[0], *lora_a.shape[1:])
+    return delta
+
+
+@weight_op("lora_weight(Tensor weight, Tensor lora_a, Tensor lora_b, float scale, str layout) -> Tensor")
+def lora_weight(
+    weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, layout: str
+) -> torch.Tensor:
+    """``W + s·B·A`` (fp32, cast back to ``W``'s dtype): LoRA as a weight transform."""
+    return (weight.to(torch.float32) + delta_weight(lora_a, lora_b, scale, layout)).to(weight.dtype)
+
+
+@weight_op("lora_bias(Tensor bias, Tensor lora_b_bias, float scale) -> Tensor")
+def lora_bias(bias: torch.Tensor, lora_b_bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """``b + s·b_B`` (``lora_bias=True``)."""
+    return (bias.to(torch.float32) + lora_b_bias.to(torch.float32) * scale).to(bias.dtype)
+
+
+@weight_op("lora_experts_weight(Tensor weight, Tensor lora_a, Tensor lora_b, float scale, bool transposed) -> Tensor")
+def lora_experts_weight(
+    weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, transposed: bool
+) -> torch.Tensor:
+    """LoRA on a raw ``[E, d_out, d_in]`` parameter (``target_parameters``, e.g. MoE experts).
+
+    PEFT interleaves the experts differently in the two factors: expert ``e`` owns rows
+    ``e·r … e·r + r - 1`` of ``A`` (``[E·r, d_in]``) but columns ``e, e + E, …`` of ``B``
+    (``[d_out, E·r]``). ``transposed`` parameters are stored ``[E, d_in, d_out]``.
+    """
+    experts = weight.shape[0]
+    rank = lora_a.shape[0] // experts
+    a = lora_a.to(torch.float32).reshape(experts, rank, -1)  # [E, r, d_in]
+    b = lora_b.to(torch.float32).reshape(lora_b.shape[0], rank, experts).permute(2, 0, 1)  # [E, d_out, r]
+    delta = torch.bmm(b, a) * scale  # [E, d_out, d_in]
+    if transposed:
+        delta = delta.transpose(1, 2)
+    return (weight.to(torch.float32) + delta).to(weight.dtype)
 
 
 @torch.library.custom_op("peftc::lora_linear", mutates_args=())

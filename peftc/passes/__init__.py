@@ -11,15 +11,15 @@ from peftc.passes.base import (
 )
 from peftc.passes.eliminate_dead_code import EliminateDeadCodePass
 from peftc.passes.insert_sites import InsertSitesPass
-from peftc.passes.merge_lora import MergeLoraOptions, MergeLoraPass
+from peftc.passes.merge_sites import MergeOptions, MergeSitesPass
 from peftc.passes.replace_tensors import ReplaceTensorsPass
 
 __all__ = [
     "Diagnostic",
     "EliminateDeadCodePass",
     "InsertSitesPass",
-    "MergeLoraOptions",
-    "MergeLoraPass",
+    "MergeOptions",
+    "MergeSitesPass",
     "Pass",
     "PassBase",
     "PassContext",

@@ -1,22 +1,25 @@
-"""insert-sites: replace each adapted module call by one ``peftc::`` site node.
+"""insert-sites: put every adapter site into the program, in stacking order.
 
-For every site of every adapter:
+For each site of each adapter (``peftc/ops/base.py`` describes the two forms):
 
-1. find the module's calls in the graph (``peftc.ir.module_table``); each call must have one tensor
-   input and one output;
-2. add the adapter's tensors as parameters named ``<module>.<role>.<adapter>`` (e.g.
-   ``encoder.layer.0.attention.self.query.lora_A.default``), annotated with their source
-   ``file:key``; a module called several times shares them;
-3. insert ``peftc::<op>(x, *base tensors, *adapter tensors, *scalars)`` (see ``peftc/ops/base.py``)
-   and erase the call's nodes.
+* **call site**: each call of the module (one tensor in, one tensor out) becomes one
+  ``peftc::<op>(x, *base tensors, *adapter tensors, *scalars)`` node and the call's nodes are erased;
+* **weight site**: inside each call of the module, the readers of the parameter get
+  ``peftc::<op>(W, *adapter tensors, *scalars)`` instead of ``W``. Readers outside the module (a tied
+  weight) keep ``W``. A second adapter on the same parameter transforms the first one's output.
 
-Refusals raise, naming the site: an adapter that cannot be inserted would silently compute the base
-model. After the pass every site op's eager body is the reference semantics of the adapted model.
+A module adapted by several adapters takes every adapter's weight form (a call site cannot compose).
+Adapter tensors become parameters named ``<module>.<role>.<adapter>`` (``<module>.<param>_<role>.<adapter>``
+for raw parameters), annotated with their source
+``file:key``; a module called several times shares them. Refusals raise, naming the site: an
+adapter that cannot be inserted would silently compute the base model. After the pass, every site
+op's eager body is the reference semantics of the adapted model.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 
 from torch import fx
 
@@ -35,81 +38,100 @@ class InsertSitesOptions:
 
 
 class InsertSitesPass(PassBase):
-    """Insert one site node per adapted module call."""
+    """Insert every adapter's sites (call sites, or weight sites where adapters stack)."""
 
     name = "insert-sites"
 
     def __init__(self, adapters: tuple[Adapter, ...]) -> None:
         self.options = InsertSitesOptions(tuple(adapters))
 
-    def requires(self, program: ir.Program) -> None:
-        owners: dict[str, str] = {}
+    def plan(self) -> list[tuple[Adapter, Site]]:
+        """Sites in insertion order, with call sites on shared modules replaced by their weight form."""
+        owners = Counter(s.module for a in self.options.adapters for s in {x.module: x for x in a.sites}.values())
+        planned = []
         for adapter in self.options.adapters:
             for site in adapter.sites:
-                if site.module in owners:
-                    raise UnsupportedError(
-                        f"adapters {owners[site.module]!r} and {adapter.name!r} both adapt module "
-                        f"{site.module!r}; stacking adapters on one module is not supported yet"
-                    )
-                owners[site.module] = adapter.name
+                if SITE_OPS[site.op].form == "call" and owners[site.module] > 1:
+                    if not site.weight_form:
+                        raise UnsupportedError(
+                            f"adapter {adapter.name!r}: module {site.module!r} is adapted by several adapters, but "
+                            f"{site.op} has no weight form to stack"
+                        )
+                    planned += [(adapter, s) for s in site.weight_form]
+                else:
+                    planned.append((adapter, site))
+        return planned
+
+    def requires(self, program: ir.Program) -> None:
+        modules = {site.module for _, site in self.plan()}
         for node in program.graph.nodes:
             module = node.meta.get(ir.meta.PEFTC, {}).get("module") if node.op == "call_function" else None
-            if module in owners:
+            if module in modules:
                 raise PreconditionError(f"module {module!r} already has a site node ({node.name})")
 
     def run(self, program: ir.Program, ctx: PassContext) -> PassResult:
         table = ir.module_table(program)
         editor = ir.ProgramEditor(program, self.name)
         inserted = 0
-        for adapter in self.options.adapters:
-            for site in adapter.sites:
-                inserted += _insert_site(editor, table, adapter, site)
+        for adapter, site in self.plan():
+            if SITE_OPS[site.op].form == "call":
+                inserted += _insert_call_site(editor, table, adapter, site)
+            else:
+                inserted += _insert_weight_site(editor, table, adapter, site)
         new = editor.finish() if inserted else program
         return PassResult(new, modified=inserted > 0, stats={"sites": inserted})
 
     def ensures(self, program: ir.Program, result: PassResult) -> None:
-        # Every node that executes inside an adapted module is now that module's site node.
-        sites = {(a.name, s.module): s.op for a in self.options.adapters for s in a.sites}
+        planned = {(a.name, s.module, s.op) for a, s in self.plan()}
+        call_modules = {m for _, m, op in planned if SITE_OPS[op].form == "call"}
         seen = set()
         for node in program.graph.nodes:
-            info = node.meta.get(ir.meta.PEFTC, {}) if node.op == "call_function" else {}
-            key = (info.get("adapter"), info.get("module"))
-            if key in sites:
+            if node.op != "call_function":
+                continue
+            info = node.meta.get(ir.meta.PEFTC, {})
+            key = (info.get("adapter"), info.get("module"), info.get("site"))
+            if key in planned:
                 seen.add(key)
-            elif node.op == "call_function" and ir.meta.module_path(node) in {m for _, m in sites}:
+            elif ir.meta.module_path(node) in call_modules:
                 raise AssertionError(
                     f"{node.name} ({node.target}) still computes adapted module {ir.meta.module_path(node)}"
                 )
-        missing = set(sites) - seen
+        missing = planned - seen
         if missing:
             raise AssertionError(f"no site node for {sorted(missing)[0]}")
 
 
-def _insert_site(editor: ir.ProgramEditor, table: ModuleTable, adapter: Adapter, site: Site) -> int:
-    op = SITE_OPS[site.op]
-    module = table[site.module]
-    tensors = []
-    for role in op.tensor_roles:
+def _adapter_tensors(editor: ir.ProgramEditor, adapter: Adapter, site: Site) -> list[fx.Node | None]:
+    nodes: list[fx.Node | None] = []
+    for role in SITE_OPS[site.op].tensor_roles:
         entry = site.tensors.get(role)
         if entry is None:
-            tensors.append(None)
+            nodes.append(None)
             continue
-        fqn = f"{site.module}.{role}.{adapter.name}"
+        # Sites on raw parameters (target_parameters) of one module need the parameter in the name.
+        owner = site.module if site.param in (None, "weight", "bias") else f"{site.module}.{site.param}_"
+        fqn = f"{owner}.{role}.{adapter.name}".replace("_.", "_")
         node = editor.node_for(fqn) or editor.add_parameter(
-            fqn,
-            entry.tensor,
-            adapter=adapter.name,
-            source=adapter.source.describe(entry.key),
-            role=role,
+            fqn, entry.tensor, adapter=adapter.name, source=adapter.source.describe(entry.key), role=role
         )
-        tensors.append(node)
+        nodes.append(node)
+    return nodes
+
+
+def _insert_call_site(editor: ir.ProgramEditor, table: ModuleTable, adapter: Adapter, site: Site) -> int:
+    op = SITE_OPS[site.op]
+    module = table[site.module]
+    tensors = _adapter_tensors(editor, adapter, site)
     scalars = tuple(site.scalars[name] for name in op.scalars)
     for call in module.calls:
         x, output = _single_io(call, site, adapter)
         # Nodes are looked up by name: the editor works on a copy of the graph the table describes.
         nodes = {n.name: n for n in editor.graph.nodes}
         region = [nodes[n.name] for n in call.nodes]
-        base = [_base_operand(editor, module, local, region, adapter) for local in op.base_params]
+        base = []
+        for local in op.base_params:
+            operand, _ = _operand(editor, module, local, region, adapter) if local in module.params else (None, [])
+            base.append(operand)
         out_node = nodes[output.name]
         # Inserted just before the call's output, every operand is already defined.
         node = editor.call(op.overload, (nodes[x.name], *base, *tensors, *scalars), like=out_node)
@@ -118,28 +140,61 @@ def _insert_site(editor: ir.ProgramEditor, table: ModuleTable, adapter: Adapter,
     return len(module.calls)
 
 
-def _base_operand(editor: ir.ProgramEditor, module: ModuleInfo, local: str, region: list[fx.Node], adapter: Adapter):
-    """The placeholder holding the module's parameter ``local`` as the call reads it (None if absent).
+def _insert_weight_site(editor: ir.ProgramEditor, table: ModuleTable, adapter: Adapter, site: Site) -> int:
+    op = SITE_OPS[site.op]
+    module = table[site.module]
+    tensors = _adapter_tensors(editor, adapter, site)
+    scalars = tuple(site.scalars[name] for name in op.scalars)
+    for call in module.calls:
+        nodes = {n.name: n for n in editor.graph.nodes}
+        region = [nodes[n.name] for n in call.nodes]
+        operand, readers = _operand(editor, module, site.param, region, adapter)
+        node = editor.call(op.overload, (operand, *tensors, *scalars), like=readers[0])
+        ir.meta.peftc_meta(node).update(
+            adapter=adapter.name, module=site.module, site=site.op, param=module.params[site.param]
+        )
+        for reader in readers:
+            for arg in set(reader.all_input_nodes) & {operand, *_stale(operand, editor)}:
+                reader.replace_input_with(arg, node)
+    return len(module.calls)
 
-    The call must read the parameter itself: a weight computed in the graph (a parametrization)
-    would be silently replaced by the stored one, so it is refused.
+
+def _operand(
+    editor: ir.ProgramEditor, module: ModuleInfo, local: str, region: list[fx.Node], adapter: Adapter
+) -> tuple[fx.Node, list[fx.Node]]:
+    """The current value of the module's parameter ``local`` as its call reads it, and its readers.
+
+    That is the parameter's placeholder (export may route a tied parameter through another name:
+    the module's own is preferred) or, when adapters stack, the last weight site on it. The call must
+    read it directly: a weight computed in the graph (a parametrization) would be silently replaced
+    by the stored one, so it is refused.
     """
-    fqn = module.params.get(local)
-    if fqn is None:
-        return None
+    fqn = module.params[local]
     own = editor.node_for(fqn)
     tensor = editor.tensor(own)
-    read = [a for n in region for a in n.all_input_nodes if a.op == "placeholder" and editor.tensor(a) is tensor]
-    if not read:
+    current = {own, *_stale(own, editor)}
+    readers, operand = [], None
+    for node in region:
+        for arg in node.all_input_nodes:
+            stacked = arg.meta.get(ir.meta.PEFTC, {}).get("param") == fqn
+            if arg in current or stacked or (arg.op == "placeholder" and editor.tensor(arg) is tensor):
+                operand = arg if stacked else own
+                readers.append(node)
+    if operand is None:
         raise UnsupportedError(
             f"adapter {adapter.name!r}: module {module.path!r} does not read its parameter {local!r} directly "
             "(is it computed, e.g. by a parametrization?); peftc cannot adapt it"
         )
-    # Prefer the module's own placeholder: export may route tied parameters through another name.
-    return own if own in read or not own.users else read[0]
+    return operand, readers
 
 
-def _single_io(call: ModuleCall, site: Site, adapter: Adapter):
+def _stale(own: fx.Node, editor: ir.ProgramEditor) -> set[fx.Node]:
+    """Other placeholders holding the same tensor (tied names export routed the call through)."""
+    tensor = editor.tensor(own)
+    return {n for n in editor.graph.nodes if n.op == "placeholder" and n is not own and editor.tensor(n) is tensor}
+
+
+def _single_io(call: ModuleCall, site: Site, adapter: Adapter) -> tuple[fx.Node, fx.Node]:
     if len(call.inputs) != 1 or len(call.outputs) != 1:
         raise UnsupportedError(
             f"adapter {adapter.name!r}: module {site.module!r} is called with {len(call.inputs)} tensor "

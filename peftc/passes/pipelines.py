@@ -17,7 +17,7 @@ from peftc.methods.base import Adapter
 from peftc.passes.base import Pass
 from peftc.passes.eliminate_dead_code import EliminateDeadCodePass
 from peftc.passes.insert_sites import InsertSitesPass
-from peftc.passes.merge_lora import MergeLoraPass
+from peftc.passes.merge_sites import MergeSitesPass
 from peftc.passes.replace_tensors import ReplaceTensorsPass
 
 
@@ -30,5 +30,5 @@ def adapt(adapters: Sequence[Adapter]) -> list[Pass]:
 def optimize(*, merge: bool) -> list[Pass]:
     """Deployment rewrites: merge every mergeable site (``merge=True``) or keep sites unmerged."""
     if merge:
-        return [MergeLoraPass(), EliminateDeadCodePass()]
+        return [MergeSitesPass(), EliminateDeadCodePass()]
     return [EliminateDeadCodePass()]

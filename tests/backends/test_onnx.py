@@ -15,7 +15,7 @@ from peftc.backends import get_backend
 from peftc.backends.ort import OrtRunner
 from peftc.loaders import parse_inputs
 from peftc.loaders.inputs import from_transformers
-from peftc.passes import EliminateDeadCodePass, MergeLoraPass
+from peftc.passes import EliminateDeadCodePass, MergeSitesPass
 
 
 def _lower(program, signature, directory):
@@ -94,7 +94,7 @@ def _matmuls(model):
 def test_matmul_counts_merged_and_unmerged(tmp_path, bert_program, bert_adapter):
     signature = from_transformers(models.tiny_bert())
     reference = adapt(bert_program, bert_adapter)
-    merged, _ = run_passes(reference, MergeLoraPass(), EliminateDeadCodePass())
+    merged, _ = run_passes(reference, MergeSitesPass(), EliminateDeadCodePass())
     _, base_onnx = _lower(bert_program, signature, tmp_path / "base")
     _, merged_onnx = _lower(merged, signature, tmp_path / "merged")
     lowered, unmerged_onnx = _lower(reference, signature, tmp_path / "unmerged")

@@ -106,24 +106,32 @@ def table(bert_program):
 @pytest.mark.parametrize(
     ("changes", "error", "match"),
     [
-        ({"use_dora": True}, UnsupportedError, "use_dora"),
-        ({"init_lora_weights": "pissa"}, UnsupportedError, "residual.*path_initial_model_for_weight_conversion"),
+        ({"use_dora": True}, InputError, "has no magnitude"),
+        (
+            {"init_lora_weights": "pissa_niter_4"},
+            UnsupportedError,
+            "modified base.*path_initial_model_for_weight_conversion",
+        ),
+        ({"init_lora_weights": "lora_ga"}, UnsupportedError, "modified base.*--base-residual"),
+        ({"loftq_config": {"loftq_bits": 4}}, UnsupportedError, "with loftq_config.*modified base \\(loftq\\)"),
         ({"layer_replication": [[0, 1]]}, UnsupportedError, "layer_replication"),
         ({"brand_new_option": 3}, UnsupportedError, "brand_new_option=3"),
-        ({"peft_type": "LOHA"}, UnsupportedError, "peft_type 'LOHA' is not supported"),
+        ({"peft_type": "POLY"}, UnsupportedError, "peft_type 'POLY' is not supported"),
         ({"lora_bias": True}, InputError, "lora_bias=true but module"),
         ({"r": 2}, InputError, r"shape \[4, 32\] does not match the base model: expected \[r=2"),
         (
             {"target_modules": ["query", "value", "dense", "key"]},
             InputError,
-            "key' is targeted by adapter_config.json.*no lora_A/lora_B",
+            "key' is targeted by adapter_config.json.*has no tensors for it",
         ),
         ({"target_modules": ["query", "dense"]}, InputError, "value' is not targeted"),
         ({"bias": "some"}, InputError, "bias='some'"),
     ],
     ids=[
-        "dora",
-        "pissa",
+        "dora-without-magnitude",
+        "pissa-niter",
+        "lora-ga",
+        "loftq",
         "replication",
         "unknown-field",
         "peft-type",
@@ -144,7 +152,7 @@ def test_train_only_fields_are_recorded_not_refused(tmp_path, bert_adapter, tabl
     adapter = _edit_config(_copy(bert_adapter, tmp_path / "a"), lora_dropout=0.3, init_lora_weights="gaussian")
     parsed = load_adapter(adapter, table)
     assert "identity at inference" in parsed.ignored["lora_dropout"]
-    assert "init_lora_weights" in parsed.ignored
+    assert parsed.honoured["init_lora_weights"] == "gaussian"  # read (it selects residual bases), no effect here
 
 
 def test_fan_in_fan_out_mismatch_warns_like_peft(tmp_path, gpt2_adapter):
@@ -199,27 +207,27 @@ def test_fan_in_fan_out_mismatch_warns_like_peft(tmp_path, gpt2_adapter):
         ),
         (
             lambda t: t.pop("base_model.model.encoder.layer.1.attention.self.value.lora_B.weight"),
-            "value' has no lora_B.weight",
+            "value' has no lora_B",
         ),
         (
             lambda t: t.update(
                 {
-                    "base_model.model.embeddings.word_embeddings.lora_embedding_A": t[
-                        "base_model.model.encoder.layer.0.attention.self.query.lora_A.weight"
-                    ].clone()
+                    "base_model.model.encoder.layer.0.attention.self.query.lora_magnitude_vector": t[
+                        "base_model.model.encoder.layer.0.attention.self.query.lora_B.weight"
+                    ][:, 0].clone()
                 }
             ),
-            "lora_embedding_A tensors are not supported yet",
+            "a DoRA magnitude, but adapter_config.json has use_dora=false",
         ),
     ],
-    ids=["unknown-module", "rank-mismatch", "d_in-mismatch", "no-parameter", "missing-B", "embedding"],
+    ids=["unknown-module", "rank-mismatch", "d_in-mismatch", "no-parameter", "missing-B", "stray-magnitude"],
 )
 def test_tensor_refusals_name_the_key(tmp_path, bert_adapter, table, edit, match):
     adapter = _copy(bert_adapter, tmp_path / "a")
     tensors = load_file(adapter / "adapter_model.safetensors")
     edit(tensors)
     save_file({k: v.contiguous() for k, v in tensors.items()}, adapter / "adapter_model.safetensors")
-    with pytest.raises(InputError if "embedding" not in match else UnsupportedError, match=match):
+    with pytest.raises(InputError, match=match):
         load_adapter(adapter, table)
 
 

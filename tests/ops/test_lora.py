@@ -46,7 +46,7 @@ def test_fan_in_fan_out_layout_matches_transformers_conv1d():
     conv.bias.data = b.clone()
     expected = conv(x) + 0.5 * (x @ a.T @ bb.T)
     torch.testing.assert_close(lora_linear(x, conv.weight, conv.bias, a, bb, None, 0.5, True), expected)
-    torch.testing.assert_close(delta_weight(a, bb, 0.5, True), (0.5 * bb @ a).T)
+    torch.testing.assert_close(delta_weight(a, bb, 0.5, "linear_t"), (0.5 * bb @ a).T)
 
 
 def test_matches_peft_lora_layer():
@@ -64,7 +64,7 @@ def test_matches_peft_lora_layer():
     assert scale == pytest.approx(layer.scaling["default"])
     with torch.no_grad():
         torch.testing.assert_close(lora_linear(x, w, b, a, bb, None, scale, False), layer(x))
-        torch.testing.assert_close(delta_weight(a, bb, scale, False), layer.get_delta_weight("default"))
+        torch.testing.assert_close(delta_weight(a, bb, scale, "linear"), layer.get_delta_weight("default"))
 
 
 def test_scale_rules():

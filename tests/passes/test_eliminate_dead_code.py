@@ -7,7 +7,7 @@ import torch
 from conftest import assert_outputs_close, eager, run_passes
 
 from peftc import ir
-from peftc.passes import EliminateDeadCodePass, MergeLoraPass
+from peftc.passes import EliminateDeadCodePass, MergeSitesPass
 
 
 def test_removes_unused_parameters_and_is_idempotent(bert_program):
@@ -25,6 +25,6 @@ def test_removes_unused_parameters_and_is_idempotent(bert_program):
 def test_merge_then_cleanup_drops_every_adapter_tensor(bert_program, bert_adapter):
     from conftest import adapt
 
-    merged, _ = run_passes(adapt(bert_program, bert_adapter), MergeLoraPass(), EliminateDeadCodePass())
+    merged, _ = run_passes(adapt(bert_program, bert_adapter), MergeSitesPass(), EliminateDeadCodePass())
     assert not [k for k in merged.state_dict if "lora_" in k]
     assert set(merged.state_dict) == set(bert_program.state_dict)

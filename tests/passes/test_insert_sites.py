@@ -8,7 +8,7 @@ import torch
 from conftest import adapt, assert_outputs_close, eager, export
 
 from peftc import ir
-from peftc.errors import PreconditionError, UnsupportedError
+from peftc.errors import PreconditionError
 from peftc.methods import load_adapter
 from peftc.passes import InsertSitesPass, PassContext, PassManager
 
@@ -79,9 +79,21 @@ def test_refuses_to_insert_twice(bert_program, bert_adapter):
         PassManager([InsertSitesPass((adapter,))]).run(reference, PassContext())
 
 
-def test_refuses_two_adapters_on_one_module(bert_program, bert_adapter):
-    table = ir.module_table(bert_program)
-    first = load_adapter(bert_adapter, table)
-    second = load_adapter(bert_adapter, table, name="other")
-    with pytest.raises(UnsupportedError, match="both adapt module"):
-        PassManager([InsertSitesPass((first, second))]).run(bert_program, PassContext())
+def test_stacked_adapters_become_composed_weight_sites(tmp_path, bert_program, bert_adapter):
+    second = models.make_lora(models.tiny_bert(), tmp_path / "second", seed=5, target_modules=["query", "key"])
+    reference = adapt(bert_program, bert_adapter, second)
+    counts = ir.op_counts(reference)
+    # query (2 layers) is adapted by both: two chained weight sites each. Every other adapted module
+    # has one adapter and keeps its call site: 9 of the first adapter's, key's 2 of the second's.
+    assert counts["peftc.lora_weight"] == 2 * 2 and counts["peftc.lora_linear"] == 9 + 2
+    query = next(
+        n
+        for n in reference.graph.nodes
+        if n.meta.get("peftc", {}).get("module") == "encoder.layer.0.attention.self.query"
+        and n.meta["peftc"]["adapter"] == "second"
+    )
+    assert query.args[0].target is torch.ops.peftc.lora_weight.default  # second transforms the first's output
+    inputs = models.text_inputs(2, 8)
+    assert_outputs_close(
+        eager(reference, inputs), models.peft_outputs(models.tiny_bert(), [bert_adapter, second], inputs), rel=1e-6
+    )

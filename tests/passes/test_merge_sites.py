@@ -1,4 +1,4 @@
-"""merge-lora: W' = W + s·B·A exactly, no site left, refusals with reasons, idempotent."""
+"""merge: call and weight sites fold exactly into the weights; refusals with reasons; idempotent."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from conftest import adapt, assert_outputs_close, eager, export, run_passes
 
 from peftc import ir
 from peftc.errors import InputError
-from peftc.passes import EliminateDeadCodePass, MergeLoraPass
+from peftc.passes import EliminateDeadCodePass, MergeSitesPass
 
 
 def _merge(program):
-    return run_passes(program, MergeLoraPass(), EliminateDeadCodePass())
+    return run_passes(program, MergeSitesPass(), EliminateDeadCodePass())
 
 
 def test_merged_graph_is_the_base_graph(bert_program, bert_adapter):
@@ -88,7 +88,7 @@ def test_lora_bias_on_a_module_without_bias_creates_one(tmp_path):
 
 def test_second_run_changes_nothing(bert_program, bert_adapter):
     merged, _ = _merge(adapt(bert_program, bert_adapter))
-    _, records = run_passes(merged, MergeLoraPass())
+    _, records = run_passes(merged, MergeSitesPass())
     assert records[0].modified is False and records[0].stats["merged"] == 0
 
 
@@ -104,7 +104,7 @@ def test_skips_quantized_base_weight(bert_program, bert_adapter):
     quantized = _with_weight(
         reference, module, lambda ed, w: ed.set_tensor(f"{module}.weight", ed.tensor(w).to(torch.int8))
     )
-    _, records = run_passes(quantized, MergeLoraPass())
+    _, records = run_passes(quantized, MergeSitesPass())
     (skip,) = records[0].diagnostics
     assert skip.site == module and "int8" in skip.message and "--no-merge" in skip.message
     assert records[0].stats["merged"] == 10 and records[0].stats["skipped"] == 1
@@ -119,7 +119,7 @@ def test_skips_weight_computed_in_graph(bert_program, bert_adapter):
         site.replace_input_with(weight, doubled)
 
     computed = _with_weight(adapt(bert_program, bert_adapter), module, scale_weight)
-    _, records = run_passes(computed, MergeLoraPass())
+    _, records = run_passes(computed, MergeSitesPass())
     assert [d.site for d in records[0].diagnostics] == [module]
     assert "computed in the graph" in records[0].diagnostics[0].message
 
@@ -149,4 +149,4 @@ def test_broken_adapter_is_an_error(bert_program, bert_adapter):
     key = "encoder.layer.0.attention.self.query.lora_B.bert_lora"
     editor.set_tensor(key, torch.full_like(editor.tensor(editor.node_for(key)), float("inf")))
     with pytest.raises(InputError, match="merged weight of 'encoder.layer.0.attention.self.query' is not finite"):
-        run_passes(editor.finish(), MergeLoraPass())
+        run_passes(editor.finish(), MergeSitesPass())
