@@ -68,6 +68,93 @@ def tiny_vit(seed: int = 0) -> torch.nn.Module:
     return _seeded(lambda: transformers.ViTModel(config), seed)
 
 
+def import_timm() -> Any:
+    """timm, imported even where torchvision cannot be.
+
+    PyPI's torchvision wheels are built against PyPI's CUDA torch and do not import beside the CPU
+    torch the test suite installs, while timm imports torchvision at import time (datasets,
+    transforms, ``FrozenBatchNorm2d``) for features no model here uses. Where torchvision is
+    unusable, timm is imported against a stand-in package whose every name is a placeholder class
+    that refuses to be built; the stand-in is removed again once timm is imported.
+    """
+    import importlib
+    import importlib.abc
+    import importlib.machinery
+    import sys
+    import types
+
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        pass
+    else:
+        return importlib.import_module("timm")
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]
+
+    class Placeholder(type):
+        def __getattr__(cls, name: str) -> Any:
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return placeholder(f"{cls.__qualname__}.{name}")
+
+    def placeholder(name: str) -> type:
+        def refuse(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError(f"{name} needs torchvision, which is not usable here")
+
+        return Placeholder(name, (), {"__init__": refuse, "__qualname__": name})
+
+    class Package(types.ModuleType):
+        __path__: list[str] = []  # noqa: RUF012
+
+        def __getattr__(self, name: str) -> Any:
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return placeholder(f"{self.__name__}.{name}")
+
+    class Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+            if fullname == "torchvision" or fullname.startswith("torchvision."):
+                return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+            return None
+
+        def create_module(self, spec: Any) -> types.ModuleType:
+            return Package(spec.name)
+
+        def exec_module(self, module: types.ModuleType) -> None:
+            return None
+
+    finder = Finder()
+    sys.meta_path.insert(0, finder)
+    try:
+        return importlib.import_module("timm")
+    finally:
+        sys.meta_path.remove(finder)
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+
+
+def timm_vit(seed: int = 0) -> torch.nn.Module:
+    """A timm VisionTransformer from a config (no pretrained weights): 32×32 images, 8×8 patches."""
+    timm = import_timm()
+    return _seeded(
+        lambda: timm.create_model(
+            "vit_tiny_patch16_224",
+            pretrained=False,
+            img_size=32,
+            patch_size=8,
+            embed_dim=32,
+            depth=2,
+            num_heads=4,
+            num_classes=5,
+        ),
+        seed,
+    )
+
+
+VIT_INPUTS = ["x:batch,3,32,32:float32"]
+
+
 class MLP(torch.nn.Module):
     """A plain module (not transformers): two linears and a GELU."""
 
@@ -209,6 +296,30 @@ def make_lora(model: torch.nn.Module, path: Path, *, seed: int = 1, b_scale: flo
             elif param.requires_grad and "lora_" not in name:
                 # modules_to_save copies and trained biases: make them differ from the base too.
                 param.add_(torch.randn_like(param) * 0.1)
+    peft_model.save_pretrained(str(path))
+    return path
+
+
+def make_adapter(model: torch.nn.Module, path: Path, config: Any, *, seed: int = 1, noise: float = 0.3) -> Path:
+    """Save a PEFT adapter of any method for ``model`` with every trained tensor perturbed.
+
+    Each trainable tensor ``p`` becomes ``p + noise·N(0, 1)·max(rms(p), 1/√fan)``: zero-initialised
+    factors (LoRA B, AdaLoRA E, OFT skew parameters, VeRA λ_b) become non-zero and multiplicative
+    vectors ((IA)³, DoRA magnitude) move away from the identity, so the adapter changes outputs.
+    """
+    import copy
+
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(copy.deepcopy(model), config)
+    with torch.no_grad():
+        for _, param in peft_model.named_parameters():
+            if param.requires_grad and param.numel():
+                fan = param.shape[-1] if param.dim() > 1 else param.numel()
+                floor = 1 / fan**0.5
+                rms = float(param.pow(2).mean().sqrt())
+                param.add_(torch.randn_like(param) * noise * max(rms, floor))
     peft_model.save_pretrained(str(path))
     return path
 

@@ -11,13 +11,16 @@ from pathlib import Path
 
 from peftc.errors import UnsupportedError, one_of
 from peftc.ir.modules import ModuleTable
-from peftc.methods import lora
+from peftc.methods import ia3, lora
 from peftc.methods.base import Adapter, AdapterSource, AdapterTensor, ParseOptions, Replacement, Site
 from peftc.methods.loading import read_adapter
 
 Parser = Callable[[AdapterSource, ModuleTable, ParseOptions], Adapter]
 
-PARSERS: dict[str, Parser] = {"LORA": lora.parse}
+PARSERS: dict[str, Parser] = {
+    "LORA": lora.parse,
+    "IA3": ia3.parse,
+}
 
 
 def parse_adapter(source: AdapterSource, modules: ModuleTable, options: ParseOptions | None = None) -> Adapter:

@@ -80,6 +80,10 @@ class Replacement:
     param: str
     tensor: AdapterTensor
     reason: str
+    untie: bool = True
+    """The replaced module gets its own copy and other readers of a shared (tied) tensor keep the base
+    value, as for PEFT's ``modules_to_save`` copies; False replaces the shared tensor for every reader,
+    as PEFT's in-place loading of saved embedding layers and trained biases does."""
 
 
 @dataclasses.dataclass(frozen=True)

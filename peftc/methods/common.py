@@ -23,6 +23,7 @@ from peftc.methods import peft_config
 from peftc.methods.base import AdapterSource, AdapterTensor, Replacement
 
 PREFIX = "base_model.model."
+OUTPUT_EMBEDDINGS = ("lm_head", "embed_out")  # output layers PEFT saves with save_embedding_layers
 
 # Fields of every PEFT config that never change what a trained adapter computes.
 COMMON_IGNORED = {
@@ -161,10 +162,13 @@ def classify_full_tensor(
             f"(looked for {owner}.{local}){nearest(owner, modules)}"
         )
     bias_mode = cfg.get(bias_field, "none") if bias_field else "none"
+    untie = False
     if peft_config.in_modules_to_save(save, owner):
-        reason = "modules_to_save"
+        reason, untie = "modules_to_save", True
     elif local == "bias" and bias_mode not in (None, "none"):
         reason = f"{bias_field}={bias_mode}"
+    elif local == "weight" and (module.class_name == "Embedding" or owner.rpartition(".")[2] in OUTPUT_EMBEDDINGS):
+        reason = "embedding layer saved whole by PEFT (save_embedding_layers), loaded into the base in place"
     else:
         raise InputError(
             f"{source.describe(key)}: a full tensor for {param}, but {source.config_path.name} neither "
@@ -174,10 +178,12 @@ def classify_full_tensor(
     expected = modules.state_shapes[param]
     tensor = source.tensors[key]
     if tuple(tensor.shape) != expected:
+        resized = " (the adapter was trained on a model with a resized vocabulary; resize the base's embeddings first)"
         raise InputError(
             f"{source.describe(key)}: shape {list(tensor.shape)} does not match base parameter {param} {list(expected)}"
+            + (resized if "embedding" in reason else "")
         )
-    return Replacement(param, AdapterTensor(key, tensor), reason), ""
+    return Replacement(param, AdapterTensor(key, tensor), reason, untie), ""
 
 
 def targeted_modules(cfg: Mapping[str, Any], modules: ModuleTable) -> set[str]:

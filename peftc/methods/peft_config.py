@@ -12,6 +12,8 @@ rules against PEFT itself.
 * ``rank_pattern`` / ``alpha_pattern``: the first key (in file order) that matches the end of the
   module path on a ``.`` boundary, as a regex, gives the value.
 * ``modules_to_save``: a module whose path ends with an entry (plain string suffix) is replaced whole.
+* (IA)³ ``feedforward_modules``: a regex string must match the whole path; a list entry matches as a
+  plain string suffix (no ``.`` boundary).
 """
 
 from __future__ import annotations
@@ -62,6 +64,15 @@ def is_target(config: Mapping[str, Any], path: str) -> bool:
     if index is None:
         return False
     return index == layers if isinstance(layers, int) else index in layers
+
+
+def is_feedforward(feedforward: str | Sequence[str] | None, path: str) -> bool:
+    """Whether an (IA)³ target scales its input (``feedforward_modules``) rather than its output."""
+    if not feedforward:
+        return False
+    if isinstance(feedforward, str):
+        return re.fullmatch(feedforward, path) is not None
+    return any(path.endswith(f) for f in feedforward)
 
 
 def layer_index(path: str, layers_pattern: str | Sequence[str] | None) -> int | None:

@@ -3,8 +3,9 @@
 PEFT adapters carry whole tensors for ``modules_to_save`` modules (task heads, resized layers) and,
 with ``bias: all``/``lora_only``, for trained biases. Each replaces the base parameter's value, cast
 to the base dtype as PEFT's ``load_state_dict`` does. If the base parameter is shared with modules
-outside the replaced one (tied weights), the replaced module gets its own copy (``untied``) and the
-other users keep the base value, which is what PEFT's ``ModulesToSaveWrapper`` computes.
+outside the replaced one (tied weights), a ``modules_to_save`` module gets its own copy (``untied``)
+and the other users keep the base value, which is what PEFT's ``ModulesToSaveWrapper`` computes;
+tensors PEFT loads in place (saved embedding layers, trained biases) change for every reader.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class ReplaceTensorsPass(PassBase):
             node = editor.node_for(r.param)
             base = editor.tensor(node)
             owner = r.param.rpartition(".")[0]
-            outside = [u for u in node.users if not _inside(ir.meta.module_path(u), owner)]
+            outside = [u for u in node.users if r.untie and not _inside(ir.meta.module_path(u), owner)]
             if outside:
                 copy = editor.add_parameter(f"{r.param}_untied", base)
                 for user in [u for u in node.users if u not in outside]:

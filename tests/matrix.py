@@ -1,0 +1,199 @@
+"""The method × model-family coverage matrix, and the README table generated from it.
+
+Each :class:`Method` says how to configure a Hugging Face PEFT adapter of that method on each
+:class:`Family` (or why it does not apply). ``tests/test_matrix.py`` builds every cell with PEFT
+itself, compiles it with peftc merged and unmerged, and checks the compiled program against PEFT's
+eager model; one cell per method also goes through the whole ``peftc.compile`` to an ONNX artifact.
+The README's supported-methods table is rendered from these tables::
+
+    python tests/matrix.py            # print the table
+    python tests/matrix.py --write    # rewrite it in README.md (a test checks they agree)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import models
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+BEGIN, END = "<!-- matrix:begin -->", "<!-- matrix:end -->"
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A tiny model from a config, with the module names methods target."""
+
+    name: str
+    title: str
+    build: Callable[[], Any]
+    inputs: tuple[str, ...] | None
+    """``--input`` descriptions, or None where peftc derives them (transformers models)."""
+    linear: tuple[str, ...]
+    """Linear-like targets: attention and MLP projections."""
+    feedforward: tuple[str, ...]
+    """The subset (IA)³ scales on the input side."""
+    norms: tuple[str, ...] = ()
+    embedding: str | None = None
+    conv: tuple[str, ...] = ()
+    """``nn.Conv2d`` targets."""
+    conv1d: tuple[str, ...] = ()
+    """``nn.Conv1d`` targets."""
+    linear_type: str = "Linear"
+    """``Linear`` or ``Conv1D`` (GPT-2)."""
+
+
+FAMILIES = (
+    Family(
+        "bert",
+        "tiny BERT",
+        models.tiny_bert,
+        None,
+        ("query", "key", "value", "dense"),
+        ("output.dense",),
+        norms=("LayerNorm",),
+        embedding="word_embeddings",
+    ),
+    Family(
+        "llama",
+        "tiny LLaMA (GQA)",
+        models.tiny_llama,
+        None,
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        ("down_proj",),
+        norms=("input_layernorm", "post_attention_layernorm"),
+        embedding="embed_tokens",
+    ),
+    Family(
+        "gpt2",
+        "tiny GPT-2 (Conv1D)",
+        models.tiny_gpt2,
+        None,
+        ("c_attn", "c_proj", "c_fc"),
+        ("mlp.c_proj",),
+        norms=("ln_1", "ln_2"),
+        embedding="wte",
+        linear_type="Conv1D",
+    ),
+    Family(
+        "convnet",
+        "conv net",
+        models.convnet,
+        tuple(models.CONVNET_INPUTS),
+        ("head",),
+        ("conv2",),
+        conv=("conv1", "conv2"),
+        conv1d=("conv3",),
+    ),
+    Family(
+        "vit",
+        "timm ViT",
+        models.timm_vit,
+        tuple(models.VIT_INPUTS),
+        ("qkv", "proj", "fc1", "fc2"),
+        ("fc2",),
+        norms=("norm1", "norm2"),
+        conv=("patch_embed.proj",),
+    ),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """How to configure one PEFT method on each family: a PEFT config, or why it does not apply."""
+
+    name: str
+    title: str
+    config: Callable[[Family], Any]
+    onnx_family: str
+    """The family whose cell also runs the whole compile to ONNX (unmerged, so the method's ops are lowered)."""
+
+
+def _lora(family: Family, **extra: Any) -> Any:
+    from peft import LoraConfig
+
+    targets = [*family.linear, *family.conv, *family.conv1d]
+    fan_in_fan_out = family.linear_type == "Conv1D"
+    return LoraConfig(r=4, lora_alpha=8, target_modules=targets, fan_in_fan_out=fan_in_fan_out, **extra)
+
+
+def _dora(family: Family) -> Any:
+    return _lora(family, use_dora=True)
+
+
+def _lora_embedding(family: Family) -> Any:
+    from peft import LoraConfig
+
+    if family.embedding is None:
+        return "the model has no token embedding"
+    return LoraConfig(r=4, lora_alpha=8, target_modules=[family.embedding])
+
+
+def _ia3(family: Family) -> Any:
+    from peft import IA3Config
+
+    targets = sorted({*family.linear, *family.conv, *family.feedforward})  # PEFT: feedforward ⊆ targets
+    return IA3Config(
+        target_modules=targets,
+        feedforward_modules=list(family.feedforward),
+        fan_in_fan_out=family.linear_type == "Conv1D",
+    )
+
+
+METHODS = (
+    Method("lora", "LoRA (Linear, Conv1D, Conv1d/2d)", _lora, "bert"),
+    Method("lora-embedding", "LoRA on Embedding", _lora_embedding, "gpt2"),
+    Method("dora", "DoRA (`use_dora`)", _dora, "llama"),
+    Method("ia3", "(IA)³", _ia3, "gpt2"),
+)
+
+
+def cells() -> list[tuple[Method, Family]]:
+    """Every (method, family) pair the matrix verifies."""
+    return [(m, f) for m in METHODS for f in FAMILIES if not isinstance(m.config(f), str)]
+
+
+def render() -> str:
+    """The README table: ✓ where a cell is verified merged and unmerged, else a numbered reason."""
+    reasons: list[str] = []
+    header = ["method", *(f.title for f in FAMILIES), "ONNX end to end"]
+    rows = []
+    for method in METHODS:
+        row = [method.title]
+        for family in FAMILIES:
+            config = method.config(family)
+            if isinstance(config, str):
+                if config not in reasons:
+                    reasons.append(config)
+                row.append(f"—{_superscript(reasons.index(config) + 1)}")
+            else:
+                row.append("✓")
+        row.append(next(f.title for f in FAMILIES if f.name == method.onnx_family))
+        rows.append(row)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    notes = [f"{_superscript(i + 1)} {reason}" for i, reason in enumerate(reasons)]
+    return "\n".join(lines) + ("\n\n" + "<br>\n".join(notes) if notes else "") + "\n"
+
+
+def readme_section(text: str) -> str:
+    """The generated part of README.md, between the coverage markers."""
+    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+    return text[start:end].strip("\n") + "\n"
+
+
+def _superscript(number: int) -> str:
+    return str(number).translate(str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹"))
+
+
+if __name__ == "__main__":
+    table = render()
+    if "--write" in sys.argv:
+        text = README.read_text()
+        start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+        README.write_text(text[:start] + "\n" + table + text[end:])
+    print(table, end="")
