@@ -144,7 +144,7 @@ def compile(
             verification=report.to_json(),
             not_run=[{"what": what, "reason": why} for what, why in report.not_run],
             timings={k: round(v, 3) for k, v in timings.items()},
-            warnings=[w for a in built.adapters for w in a.warnings],
+            warnings=[w for a in built.adapters for w in a.all_warnings()],
         )
         if not report.passed:
             error = VerificationError(_failure_line(report), render_table(report))
@@ -183,7 +183,16 @@ def verify(
     configs = [a["config_file"] for a in manifest.adapters]
     timings: dict[str, float] = {}
     built = _build(
-        spec, paths, manifest.options.get("inputs", []), configs, False, None, say, timings, manifest.workdir
+        spec,
+        paths,
+        manifest.options.get("inputs", []),
+        configs,
+        False,
+        None,
+        say,
+        timings,
+        manifest.workdir,
+        base_residual=manifest.options.get("base_residual", False),
     )
     dtypes = {o["name"]: o["dtype"] for o in manifest.target["outputs"]}
     with _stage(timings, "verify", say, "verify: artifact vs eager reference" + (" and PEFT" if oracle else "")):

@@ -111,6 +111,8 @@ class Method:
     config: Callable[[Family], Any]
     onnx_family: str
     """The family whose cell also runs the whole compile to ONNX (unmerged, so the method's ops are lowered)."""
+    noise: float = 0.3
+    """How far ``models.make_adapter`` moves each trained tensor (relative), so the adapter matters."""
 
 
 def _lora(family: Family, **extra: Any) -> Any:
@@ -144,11 +146,22 @@ def _ia3(family: Family) -> Any:
     )
 
 
+def _adalora(family: Family) -> Any:
+    from peft import AdaLoraConfig
+
+    # Pruned ranks as the rank allocator leaves them: a mask per module, some singular values kept.
+    return AdaLoraConfig(
+        init_r=6, target_r=3, total_step=10, lora_alpha=8, target_modules=[*family.linear, *family.conv],
+        fan_in_fan_out=family.linear_type == "Conv1D",
+    )  # fmt: skip
+
+
 METHODS = (
     Method("lora", "LoRA (Linear, Conv1D, Conv1d/2d)", _lora, "bert"),
     Method("lora-embedding", "LoRA on Embedding", _lora_embedding, "gpt2"),
     Method("dora", "DoRA (`use_dora`)", _dora, "llama"),
     Method("ia3", "(IA)³", _ia3, "gpt2"),
+    Method("adalora", "AdaLoRA (pruned `rank_pattern`; Linear, Conv1D, Conv2d)", _adalora, "gpt2", noise=1.0),
 )
 
 

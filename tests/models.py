@@ -320,8 +320,21 @@ def make_adapter(model: torch.nn.Module, path: Path, config: Any, *, seed: int =
                 floor = 1 / fan**0.5
                 rms = float(param.pow(2).mean().sqrt())
                 param.add_(torch.randn_like(param) * noise * max(rms, floor))
+    if str(getattr(config, "peft_type", "")).endswith("ADALORA"):
+        _prune_adalora(peft_model)
     peft_model.save_pretrained(str(path))
     return path
+
+
+def _prune_adalora(peft_model: Any, keep: float = 0.6) -> None:
+    """Set a seeded ``rank_pattern`` as AdaLoRA's rank allocator leaves it (at least one rank kept)."""
+    pattern = {}
+    for name, param in peft_model.named_parameters():
+        if "lora_E" in name:
+            mask = torch.rand(param.shape[0]) < keep
+            mask[0] = True
+            pattern[name.removeprefix("base_model.model.").removesuffix(".default")] = mask.tolist()
+    peft_model.peft_config["default"].rank_pattern = pattern
 
 
 def peft_outputs(model: torch.nn.Module, adapter: Path | list[Path], inputs: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -40,9 +40,9 @@ def _family(name: str):
 
 @functools.cache
 def _adapter(method: str, family: str) -> Path:
-    config = next(m for m in matrix.METHODS if m.name == method).config(FAMILIES[family])
+    spec = next(m for m in matrix.METHODS if m.name == method)
     module, _, _ = _family(family)
-    return models.make_adapter(module, _WORK / f"{method}-{family}", config)
+    return models.make_adapter(module, _WORK / f"{method}-{family}", spec.config(FAMILIES[family]), noise=spec.noise)
 
 
 @pytest.mark.parametrize("merge", [True, False], ids=["merged", "unmerged"])

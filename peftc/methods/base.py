@@ -15,6 +15,9 @@ from typing import Any
 
 import torch
 
+UNKNOWN_UNSET = "not known to peftc, but unset, so it cannot change what the adapter computes"
+"""How a config field peftc does not know is recorded when its value is unset (None, false, empty)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class AdapterSource:
@@ -102,6 +105,18 @@ class Adapter:
     ignored: Mapping[str, str] = dataclasses.field(default_factory=dict)
     """Config fields that do not affect inference, with the reason."""
     warnings: tuple[str, ...] = ()
+    oracle_config: Mapping[str, Any] | None = None
+    """The config PEFT's oracle should load instead of the file's, where they must differ (a residual
+    base given with ``--base-residual`` must not be rebuilt again by PEFT's initialisation)."""
+
+    def all_warnings(self) -> list[str]:
+        """The parser's warnings plus one per config field peftc does not know (unset, so harmless)."""
+        unknown = [
+            f"adapter {self.name!r}: config field {k!r} is {why}"
+            for k, why in self.ignored.items()
+            if why == UNKNOWN_UNSET
+        ]
+        return [*self.warnings, *unknown]
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready description for the manifest."""
@@ -128,7 +143,7 @@ class Adapter:
             ],
             "replacements": [{"param": r.param, "key": r.tensor.key, "reason": r.reason} for r in self.replacements],
             "unused_keys": [{"key": k, "reason": why} for k, why in self.unused],
-            "warnings": list(self.warnings),
+            "warnings": self.all_warnings(),
         }
 
 

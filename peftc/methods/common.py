@@ -1,7 +1,8 @@
 """What every PEFT-format parser shares: config-field accounting, key → module grouping, checks.
 
 A parser declares which config fields it honours, which are irrelevant at inference (with why), and
-which it refuses; :func:`classify_fields` applies that and refuses unknown fields that are set.
+which it refuses; :func:`classify_fields` applies that, refuses unknown fields that are set (they may
+change the math) and records unknown fields that are unset (they cannot) with a warning.
 :func:`group_keys` maps every tensor key to exactly one module and role, or to a full-tensor
 replacement (``modules_to_save``, trained biases), or to a recorded unused key; anything else is an
 error naming the key. :func:`check_modules` then refuses keys for modules the base lacks, modules the
@@ -20,7 +21,7 @@ import torch
 from peftc.errors import InputError, UnsupportedError
 from peftc.ir.modules import ModuleInfo, ModuleTable
 from peftc.methods import peft_config
-from peftc.methods.base import AdapterSource, AdapterTensor, Replacement
+from peftc.methods.base import UNKNOWN_UNSET, AdapterSource, AdapterTensor, Replacement
 
 PREFIX = "base_model.model."
 OUTPUT_EMBEDDINGS = ("lm_head", "embed_out")  # output layers PEFT saves with save_embedding_layers
@@ -75,6 +76,8 @@ def classify_fields(source: AdapterSource, peft_type: str, fields: Fields) -> tu
     honoured = {k: cfg.get(k, fields.defaults.get(k)) for k in fields.honoured}
     ignored = {k: ignored_all[k] for k in cfg if k in ignored_all}
     ignored.update({k: "not set" for k in cfg if k in fields.unsupported})
+    known = {*fields.honoured, *ignored_all, *fields.unsupported}
+    ignored.update({k: UNKNOWN_UNSET for k in cfg if k not in known})
     return honoured, ignored
 
 
@@ -267,6 +270,7 @@ def io_dims(modules: ModuleTable, module: ModuleInfo, layout_name: str) -> tuple
     return in_features, shape[0]
 
 
-def nearest(path: str, modules: ModuleTable) -> str:
-    close = difflib.get_close_matches(path, list(modules), n=1, cutoff=0.6)
+def nearest(path: str, names: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` for the closest of ``names`` (module paths), or ``""``."""
+    close = difflib.get_close_matches(path, list(names), n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""

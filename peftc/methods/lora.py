@@ -125,10 +125,10 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
         raise InputError(f"{source.config_path}: LoRA config has neither target_modules nor target_parameters")
 
     grouped = common.group_keys(source, modules, _role_of(params))
-    targeted = _targeted(cfg, modules) if targets is not None else set()
     tokens = _token_modules(source, grouped, modules)
     site_modules = {p: t for p, t in grouped.modules.items() if p not in tokens and not p.startswith(_PARAM_MARK)}
-    common.check_modules(source, common.Grouped(site_modules, [], []), modules, targeted)
+    wanted = targeted(cfg, modules) if targets is not None else set()
+    common.check_modules(source, common.Grouped(site_modules, [], []), modules, wanted)
 
     warnings: list[str] = []
     sites: list[Site] = []
@@ -142,6 +142,9 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
     replacements = list(grouped.replacements)
     if init in REBUILT_INITS and not base_residual:
         replacements += _residuals(source, init, sites, modules)
+    oracle_config = None
+    if base_residual and (init.startswith(REBUILT_INITS + REFUSED_INITS) or cfg.get("loftq_config")):
+        oracle_config = {**cfg, "init_lora_weights": True, "loftq_config": {}}
     return Adapter(
         name=source.name,
         method="dora" if cfg.get("use_dora") else "lora",
@@ -152,6 +155,7 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
         honoured=honoured,
         ignored=ignored,
         warnings=tuple(warnings),
+        oracle_config=oracle_config,
     )
 
 
@@ -171,7 +175,8 @@ def _check_init(source: AdapterSource, base_residual: bool) -> str:
     return init
 
 
-def _targeted(cfg: Mapping[str, Any], modules: ModuleTable) -> set[str]:
+def targeted(cfg: Mapping[str, Any], modules: ModuleTable) -> set[str]:
+    """Modules the config's ``target_modules`` select (``all-linear`` resolved as PEFT does)."""
     targets = cfg.get("target_modules")
     if isinstance(targets, str) and targets.lower() == "all-linear":
         # PEFT's "all-linear" leaves out the output layer (the LM head, and for SEQ_CLS the
@@ -471,18 +476,35 @@ def _residuals(source: AdapterSource, init: str, sites: list[Site], modules: Mod
                 f"{source.config_path.name}: OLoRA residual on {module.class_name} {site.module!r} is not supported"
             )
         fqn = module.params["weight"]
-        w = modules.tensors[fqn].to(torch.float32)
         r, scale = site.info["r"], site.scalars["scale"]
-        if init == "pissa":
-            matrix = w.T if layout == "linear_t" else w
-            u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-            low = u[:, :r] @ torch.diag(s[:r]) @ vh[:r]
-            residual = w - (low.T if layout == "linear_t" else low)
-            what = f"PiSSA residual base W − U_r S_r V_rᵀ (r={r})"
-        else:
-            q, rr = torch.linalg.qr(w)
-            residual = w - scale * q[:, :r] @ rr[:r]
-            what = f"OLoRA residual base W − s·Q_r R_r (r={r})"
-        tensor = residual.to(modules.tensors[fqn].dtype)
-        out.append(Replacement(fqn, AdapterTensor(f"{what} of {fqn}", tensor), what))
+        residual, what = _residual(source, init, modules.tensors[fqn], r, scale, layout, site.module)
+        out.append(Replacement(fqn, AdapterTensor(f"{what} of {fqn}", residual), what))
     return out
+
+
+def _residual(
+    source: AdapterSource, init: str, weight: torch.Tensor, r: int, scale: float, layout: str, path: str
+) -> tuple[torch.Tensor, str]:
+    """One residual weight, computed in PEFT's order of operations (fp32, cast back).
+
+    PiSSA's residual is only defined when the r-th and (r+1)-th singular values differ: with a tie
+    the kept subspace is arbitrary, so it is refused rather than guessed.
+    """
+    w = weight.to(torch.float32)
+    if init == "pissa":
+        matrix = w.T if layout == "linear_t" else w
+        v, s, uh = torch.linalg.svd(matrix, full_matrices=False)
+        if r < s.numel() and float(s[r - 1] - s[r]) <= 1e-6 * float(s[0]):
+            raise UnsupportedError(
+                f"{source.config_path.name}: PiSSA on {path!r}: singular values {r} and {r + 1} of the base weight "
+                f"are equal, so the residual base it was trained on cannot be rebuilt; {CONVERT}"
+            )
+        root = torch.sqrt(s[:r] / scale)
+        lora_a = torch.diag(root) @ uh[:r]
+        lora_b = v[:, :r] @ torch.diag(root)
+        low = (scale * lora_b) @ lora_a
+        residual = w - (low.T if layout == "linear_t" else low)
+        return residual.to(weight.dtype), f"PiSSA residual base W − s·B₀A₀ (r={r})"
+    q, rr = torch.linalg.qr(w)
+    residual = w - (scale * q[:, :r]) @ rr[:r]
+    return residual.to(weight.dtype), f"OLoRA residual base W − s·Q_r R_r (r={r})"

@@ -4,7 +4,7 @@ Importing this package registers every op with torch (needed before tracing, run
 program that contains them). ``SITE_OPS`` maps op names to their calling conventions.
 """
 
-from peftc.ops import dora, ia3, lora, tokens
+from peftc.ops import adalora, dora, ia3, lora, tokens
 from peftc.ops.base import LAYOUTS, SiteOp
 
 SITE_OPS: dict[str, SiteOp] = {
@@ -14,7 +14,9 @@ SITE_OPS: dict[str, SiteOp] = {
         lora.LORA_WEIGHT,
         lora.LORA_BIAS,
         lora.LORA_EXPERTS,
+        adalora.ADALORA_WEIGHT,
         dora.DORA_WEIGHT,
+        dora.DORA_FACTORED_WEIGHT,
         ia3.IA3_WEIGHT,
         tokens.TOKENS_WEIGHT,
     )

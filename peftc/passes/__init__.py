@@ -10,6 +10,7 @@ from peftc.passes.base import (
     PassResult,
 )
 from peftc.passes.eliminate_dead_code import EliminateDeadCodePass
+from peftc.passes.factor_dora import FactorDoraPass
 from peftc.passes.insert_sites import InsertSitesPass
 from peftc.passes.merge_sites import MergeOptions, MergeSitesPass
 from peftc.passes.replace_tensors import ReplaceTensorsPass
@@ -17,6 +18,7 @@ from peftc.passes.replace_tensors import ReplaceTensorsPass
 __all__ = [
     "Diagnostic",
     "EliminateDeadCodePass",
+    "FactorDoraPass",
     "InsertSitesPass",
     "MergeOptions",
     "MergeSitesPass",

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from peftc.methods.base import Adapter
 from peftc.passes.base import Pass
 from peftc.passes.eliminate_dead_code import EliminateDeadCodePass
+from peftc.passes.factor_dora import FactorDoraPass
 from peftc.passes.insert_sites import InsertSitesPass
 from peftc.passes.merge_sites import MergeSitesPass
 from peftc.passes.replace_tensors import ReplaceTensorsPass
@@ -28,7 +29,8 @@ def adapt(adapters: Sequence[Adapter]) -> list[Pass]:
 
 
 def optimize(*, merge: bool) -> list[Pass]:
-    """Deployment rewrites: merge every mergeable site (``merge=True``) or keep sites unmerged."""
+    """Deployment rewrites: merge every mergeable site (``merge=True``), or keep sites unmerged with
+    everything that depends only on weights (DoRA's norm) computed once, here."""
     if merge:
         return [MergeSitesPass(), EliminateDeadCodePass()]
-    return [EliminateDeadCodePass()]
+    return [FactorDoraPass(), EliminateDeadCodePass()]

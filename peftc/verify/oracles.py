@@ -65,7 +65,8 @@ def peft_oracle(module: torch.nn.Module, adapters: Sequence[Adapter]) -> tuple[O
             for index, adapter in enumerate(adapters):
                 folder = Path(tmp) / adapter.name
                 folder.mkdir()
-                (folder / "adapter_config.json").write_text(json.dumps(dict(adapter.source.config)))
+                config = adapter.oracle_config or adapter.source.config
+                (folder / "adapter_config.json").write_text(json.dumps(dict(config)))
                 tensors = {k: v.contiguous() for k, v in adapter.source.tensors.items()}
                 save_file(tensors, str(folder / "adapter_model.safetensors"))
                 if index == 0:
