@@ -94,7 +94,7 @@ FAMILIES = (
         "timm ViT",
         models.timm_vit,
         tuple(models.VIT_INPUTS),
-        ("qkv", "proj", "fc1", "fc2"),
+        ("qkv", "attn.proj", "fc1", "fc2"),
         ("fc2",),
         norms=("norm1", "norm2"),
         conv=("patch_embed.proj",),
@@ -156,11 +156,40 @@ def _adalora(family: Family) -> Any:
     )  # fmt: skip
 
 
+def _ln_tuning(family: Family) -> Any:
+    from peft import LNTuningConfig
+
+    if not family.norms:
+        return "the model has no normalisation layers"
+    return LNTuningConfig(target_modules=list(family.norms))
+
+
+def _trainable_tokens(family: Family) -> Any:
+    from peft import TrainableTokensConfig
+
+    if family.embedding is None:
+        return "the model has no token embedding"
+    return TrainableTokensConfig(target_modules=[family.embedding], token_indices=[0, 3, 7, 42])
+
+
+def _beft(family: Family) -> Any:
+    from peft import BeftConfig
+
+    if family.linear_type != "Linear":
+        return "PEFT's BEFT adapts nn.Linear only"
+    if family.name == "llama":
+        return "LLaMA's projections have no bias to fold into (PEFT cannot merge BEFT there either)"
+    return BeftConfig(target_modules=list(family.linear))
+
+
 METHODS = (
     Method("lora", "LoRA (Linear, Conv1D, Conv1d/2d)", _lora, "bert"),
     Method("lora-embedding", "LoRA on Embedding", _lora_embedding, "gpt2"),
     Method("dora", "DoRA (`use_dora`)", _dora, "llama"),
     Method("ia3", "(IA)³", _ia3, "gpt2"),
+    Method("ln_tuning", "LayerNorm tuning (`LN_TUNING`)", _ln_tuning, "llama"),
+    Method("trainable_tokens", "Trainable tokens (`TRAINABLE_TOKENS`)", _trainable_tokens, "bert"),
+    Method("beft", "Bias tuning (`BEFT`)", _beft, "vit"),
     Method("adalora", "AdaLoRA (pruned `rank_pattern`; Linear, Conv1D, Conv2d)", _adalora, "gpt2", noise=1.0),
 )
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from peftc.errors import UnsupportedError, one_of
 from peftc.ir.modules import ModuleTable
-from peftc.methods import adalora, ia3, lora
+from peftc.methods import adalora, beft, ia3, ln_tuning, lora, trainable_tokens
 from peftc.methods.base import Adapter, AdapterSource, AdapterTensor, ParseOptions, Replacement, Site
 from peftc.methods.loading import read_adapter
 
@@ -21,6 +21,9 @@ PARSERS: dict[str, Parser] = {
     "LORA": lora.parse,
     "IA3": ia3.parse,
     "ADALORA": adalora.parse,
+    "LN_TUNING": ln_tuning.parse,
+    "TRAINABLE_TOKENS": trainable_tokens.parse,
+    "BEFT": beft.parse,
 }
 
 

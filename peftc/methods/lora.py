@@ -27,11 +27,10 @@ import torch
 
 from peftc.errors import InputError, UnsupportedError
 from peftc.ir.modules import ModuleInfo, ModuleTable, conv_attributes
-from peftc.methods import common, peft_config
+from peftc.methods import common, peft_config, trainable_tokens
 from peftc.methods.base import Adapter, AdapterSource, AdapterTensor, ParseOptions, Replacement, Site
 from peftc.ops.dora import DORA_WEIGHT
 from peftc.ops.lora import LORA_BIAS, LORA_EXPERTS, LORA_LINEAR, LORA_WEIGHT, lora_scale
-from peftc.ops.tokens import TOKENS_WEIGHT
 
 FIELDS = common.Fields(
     honoured=(
@@ -138,7 +137,8 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
         if key.startswith(_PARAM_MARK):
             sites += _parameter_sites(source, key.removeprefix(_PARAM_MARK), tensors, modules, warnings)
     for path, entry in sorted(tokens.items()):
-        sites += _token_sites(source, path, entry, modules, options.tied_embeddings)
+        spec = cfg["trainable_token_indices"]
+        sites += trainable_tokens.sites(source, path, entry, spec, modules, options.tied_embeddings)
     replacements = list(grouped.replacements)
     if init in REBUILT_INITS and not base_residual:
         replacements += _residuals(source, init, sites, modules)
@@ -404,59 +404,6 @@ def _token_modules(source: AdapterSource, grouped: common.Grouped, modules: Modu
         key = next(iter(found.values())).key
         raise InputError(f"{source.describe(key)}: trainable token rows but no trainable_token_indices in the config")
     return found
-
-
-def _token_sites(
-    source: AdapterSource, path: str, values: AdapterTensor, modules: ModuleTable, tied_embeddings: bool | None
-) -> list[Site]:
-    spec = source.config["trainable_token_indices"]
-    indices = (
-        spec
-        if isinstance(spec, list)
-        else next((v for k, v in spec.items() if path == k or path.endswith("." + k)), None)
-    )
-    if indices is None:
-        raise InputError(
-            f"{source.describe(values.key)}: module {path!r} is not named in trainable_token_indices={spec!r}"
-        )
-    module = modules.get(path)
-    if module is None or "weight" not in module.params:
-        raise InputError(f"{source.describe(values.key)}: maps to module {path!r}, which the base model lacks")
-    weight = modules.state_shapes[module.params["weight"]]
-    common.expect_shape(source, values, (len(indices), weight[1]), f"[{len(indices)} tokens, dim={weight[1]}]")
-    if max(indices, default=0) >= weight[0] or min(indices, default=0) < 0:
-        raise InputError(
-            f"{source.config_path.name}: trainable_token_indices {indices} outside the vocabulary of {weight[0]}"
-        )
-    index = AdapterTensor(
-        f"{source.config_path.name}:trainable_token_indices", torch.tensor(indices, dtype=torch.int64)
-    )
-    tensor = modules.tensors.get(module.params["weight"])
-    tied = [
-        m
-        for m in modules.values()
-        if m.calls and m.path != path and "weight" in m.params and modules.tensors.get(m.params["weight"]) is tensor
-    ]
-    if tied and tied_embeddings is None:
-        raise UnsupportedError(
-            f"trainable tokens on {path!r}, whose weight {', '.join(repr(m.path) for m in tied)} shares: peftc cannot tell "
-            "whether the model declares the tie (PEFT replaces the rows there too only if it does); compile from the "
-            "model itself rather than an exported program"
-        )
-    tied = [module, *(tied if tied_embeddings else [])]
-    sites = []
-    for target in tied:
-        if target.path != path and "bias" in target.params:
-            raise UnsupportedError(
-                f"trainable tokens on {path!r} tied to {target.path!r}, which has a bias PEFT would drop"
-            )
-        info = {
-            "module_type": target.class_name,
-            "tokens": len(indices),
-            **({"tied_to": path} if target.path != path else {}),
-        }
-        sites.append(Site(target.path, TOKENS_WEIGHT.name, {"indices": index, "values": values}, {}, info, "weight"))
-    return sites
 
 
 def _residuals(source: AdapterSource, init: str, sites: list[Site], modules: ModuleTable) -> list[Replacement]:

@@ -4,7 +4,7 @@ Importing this package registers every op with torch (needed before tracing, run
 program that contains them). ``SITE_OPS`` maps op names to their calling conventions.
 """
 
-from peftc.ops import adalora, dora, ia3, lora, tokens
+from peftc.ops import adalora, beft, dora, ia3, lora, tokens
 from peftc.ops.base import LAYOUTS, SiteOp
 
 SITE_OPS: dict[str, SiteOp] = {
@@ -15,6 +15,7 @@ SITE_OPS: dict[str, SiteOp] = {
         lora.LORA_BIAS,
         lora.LORA_EXPERTS,
         adalora.ADALORA_WEIGHT,
+        beft.BEFT_BIAS,
         dora.DORA_WEIGHT,
         dora.DORA_FACTORED_WEIGHT,
         ia3.IA3_WEIGHT,
