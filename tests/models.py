@@ -155,6 +155,17 @@ def timm_vit(seed: int = 0) -> torch.nn.Module:
 VIT_INPUTS = ["x:batch,3,32,32:float32"]
 
 
+class Single(torch.nn.Module):
+    """One layer, called on the input: a minimal base for per-layer-type tests."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
 class MLP(torch.nn.Module):
     """A plain module (not transformers): two linears and a GELU."""
 
@@ -327,12 +338,12 @@ def make_adapter(model: torch.nn.Module, path: Path, config: Any, *, seed: int =
 
 
 def _prune_adalora(peft_model: Any, keep: float = 0.6) -> None:
-    """Set a seeded ``rank_pattern`` as AdaLoRA's rank allocator leaves it (at least one rank kept)."""
+    """Set a seeded ``rank_pattern`` as AdaLoRA's rank allocator leaves it (some ranks kept, some pruned)."""
     pattern = {}
     for name, param in peft_model.named_parameters():
         if "lora_E" in name:
             mask = torch.rand(param.shape[0]) < keep
-            mask[0] = True
+            mask[0], mask[-1] = True, False
             pattern[name.removeprefix("base_model.model.").removesuffix(".default")] = mask.tolist()
     peft_model.peft_config["default"].rank_pattern = pattern
 

@@ -21,16 +21,19 @@ from peftc.ops.base import SiteOp, weight_op
 IA3_WEIGHT = SiteOp(name="ia3_weight", form="weight", tensor_roles=("ia3_l",), scalars=("axis", "groups"))
 
 
-@weight_op("ia3_weight(Tensor weight, Tensor ia3_l, int axis, int groups) -> Tensor")
-def ia3_weight(weight: torch.Tensor, ia3_l: torch.Tensor, axis: int, groups: int) -> torch.Tensor:
-    """``weight`` scaled by ``ia3_l`` along ``axis`` (fp32, cast back to ``weight``'s dtype)."""
-    vector = ia3_l.to(torch.float32).reshape(-1)
+def broadcast(vector: torch.Tensor, weight: torch.Tensor, axis: int, groups: int) -> torch.Tensor:
+    """The fp32 vector shaped to multiply ``weight`` along ``axis``."""
+    vector = vector.to(torch.float32).reshape(-1)
     if groups > 1:  # input axis of a grouped convolution: [d_out, d_in/groups, *kernel]
         out, per_group = weight.shape[0], weight.shape[1]
         vector = vector.reshape(groups, 1, per_group).expand(groups, out // groups, per_group)
-        scale = vector.reshape(out, per_group, *([1] * (weight.dim() - 2)))
-    else:
-        shape = [1] * weight.dim()
-        shape[axis] = -1
-        scale = vector.reshape(shape)
-    return (weight.to(torch.float32) * scale).to(weight.dtype)
+        return vector.reshape(out, per_group, *([1] * (weight.dim() - 2)))
+    shape = [1] * weight.dim()
+    shape[axis] = -1
+    return vector.reshape(shape)
+
+
+@weight_op("ia3_weight(Tensor weight, Tensor ia3_l, int axis, int groups) -> Tensor")
+def ia3_weight(weight: torch.Tensor, ia3_l: torch.Tensor, axis: int, groups: int) -> torch.Tensor:
+    """``weight`` scaled by ``ia3_l`` along ``axis`` (fp32, cast back to ``weight``'s dtype)."""
+    return (weight.to(torch.float32) * broadcast(ia3_l, weight, axis, groups)).to(weight.dtype)

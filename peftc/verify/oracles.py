@@ -3,7 +3,8 @@
 * ``program_oracle``: eager PyTorch of a peftc program. For the reference program (after
   ``insert-sites``) each site op's eager body is the method's reference math.
 * ``peft_oracle``: Hugging Face PEFT's own eager model, ``PeftModel.from_pretrained(base, adapter)``,
-  built from the adapter files peftc read. It shares no code with peftc: it is the independent check
+  built from the adapter files peftc read (stacked adapters: PEFT merges each into the base before
+  loading the next). It shares no code with peftc: it is the independent check
   that peftc parsed the adapter as PEFT does.
 
 An oracle maps example tensors to ``{output name: numpy array}`` named as the artifact names outputs.
@@ -69,12 +70,13 @@ def peft_oracle(module: torch.nn.Module, adapters: Sequence[Adapter]) -> tuple[O
                 (folder / "adapter_config.json").write_text(json.dumps(dict(config)))
                 tensors = {k: v.contiguous() for k, v in adapter.source.tensors.items()}
                 save_file(tensors, str(folder / "adapter_model.safetensors"))
-                if index == 0:
-                    model = peft.PeftModel.from_pretrained(model, str(folder), adapter_name=adapter.name)
-                else:
-                    model.load_adapter(str(folder), adapter_name=adapter.name)
-            if len(adapters) > 1:
-                model.base_model.set_adapter([a.name for a in adapters])
+                # Stacked adapters apply in order, each to the model the previous ones produced:
+                # PEFT's own merge of each but the last (several active adapters would instead add
+                # their updates, each computed from the base, which is not composition for DoRA/(IA)³).
+                # PEFT matches some names by substring, so every adapter loads as "default".
+                if index:
+                    model = model.merge_and_unload()
+                model = peft.PeftModel.from_pretrained(model, str(folder))
         except Exception as e:
             return None, f"PEFT could not load the adapter ({type(e).__name__}: {str(e).splitlines()[0]})"
     model.eval()
