@@ -129,6 +129,7 @@ def compile(
                 "oracle": oracle,
                 "inputs": list(inputs),
                 "base_residual": base_residual,
+                "stack": [a.name for a in built.adapters],
             },
             model=_describe_model(built),
             adapters=[a.summary() for a in built.adapters],

@@ -8,7 +8,11 @@ For each site of each adapter (``peftc/ops/base.py`` describes the two forms):
   ``peftc::<op>(W, *adapter tensors, *scalars)`` instead of ``W``. Readers outside the module (a tied
   weight) keep ``W``. A second adapter on the same parameter transforms the first one's output.
 
-A module adapted by several adapters takes every adapter's weight form (a call site cannot compose).
+Adapters stack in the order given, as if each were merged before the next is applied: a module
+adapted by several adapters takes every adapter's weight form (a call site cannot compose), so
+multiplicative methods (DoRA, (IA)³, OFT) compose rather than add; a site on a parameter that a
+later adapter replaces outright is overwritten, so it is dropped (reported); and an adapter trained
+on a residual base must come before anything that adapts the same weight.
 Adapter tensors become parameters named ``<module>.<role>.<adapter>`` (``<module>.<param>_<role>.<adapter>``
 for raw parameters), annotated with their source
 ``file:key``; a module called several times shares them. Refusals raise, naming the site: an
@@ -28,7 +32,7 @@ from peftc.errors import PreconditionError, UnsupportedError
 from peftc.ir.modules import ModuleCall, ModuleInfo, ModuleTable
 from peftc.methods.base import Adapter, Site
 from peftc.ops import SITE_OPS
-from peftc.passes.base import PassBase, PassContext, PassResult
+from peftc.passes.base import Diagnostic, PassBase, PassContext, PassResult
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,25 +49,50 @@ class InsertSitesPass(PassBase):
     def __init__(self, adapters: tuple[Adapter, ...]) -> None:
         self.options = InsertSitesOptions(tuple(adapters))
 
-    def plan(self) -> list[tuple[Adapter, Site]]:
-        """Sites in insertion order, with call sites on shared modules replaced by their weight form."""
-        owners = Counter(s.module for a in self.options.adapters for s in {x.module: x for x in a.sites}.values())
-        planned = []
-        for adapter in self.options.adapters:
+    def plan(self) -> tuple[list[tuple[Adapter, Site]], list[Diagnostic]]:
+        """Sites in insertion order, and what stacking changed (see the module docstring).
+
+        A call site on a module that several adapters adapt is replaced by its weight form. A site on
+        a parameter that a *later* adapter replaces outright (``modules_to_save``, LN tuning) is
+        dropped: applied in order, the replacement overwrites it.
+        """
+        adapters = self.options.adapters
+        last_replaced = {r.param: i for i, a in enumerate(adapters) for r in a.replacements}
+        owners = Counter(s.module for a in adapters for s in {x.module: x for x in a.sites}.values())
+        planned: list[tuple[Adapter, Site]] = []
+        notes: list[Diagnostic] = []
+        for index, adapter in enumerate(adapters):
+            _check_residuals(adapters, index)
             for site in adapter.sites:
-                if SITE_OPS[site.op].form == "call" and owners[site.module] > 1:
+                touched = {site.param} if site.param else {"weight", "bias"}
+                overridden = {p for p in touched if last_replaced.get(f"{site.module}.{p}", -1) > index}
+                forms = [site]
+                if SITE_OPS[site.op].form == "call" and (owners[site.module] > 1 or overridden):
                     if not site.weight_form:
                         raise UnsupportedError(
                             f"adapter {adapter.name!r}: module {site.module!r} is adapted by several adapters, but "
                             f"{site.op} has no weight form to stack"
                         )
-                    planned += [(adapter, s) for s in site.weight_form]
-                else:
-                    planned.append((adapter, site))
-        return planned
+                    forms = list(site.weight_form)
+                for form in forms:
+                    if form.param in overridden:
+                        later = adapters[last_replaced[f"{site.module}.{form.param}"]].name
+                        notes.append(
+                            Diagnostic(
+                                site.module,
+                                f"{adapter.name}'s {form.op} on {form.param} is overwritten by {later}'s full tensor",
+                            )
+                        )
+                        continue
+                    planned.append((adapter, form))
+        for module, count in sorted(owners.items()):
+            if count > 1:
+                order = [a.name for a in adapters if any(s.module == module for s in a.sites)]
+                notes.append(Diagnostic(module, "composed in order: " + " → ".join(order), kind="info"))
+        return planned, notes
 
     def requires(self, program: ir.Program) -> None:
-        modules = {site.module for _, site in self.plan()}
+        modules = {site.module for _, site in self.plan()[0]}
         for node in program.graph.nodes:
             module = node.meta.get(ir.meta.PEFTC, {}).get("module") if node.op == "call_function" else None
             if module in modules:
@@ -73,16 +102,22 @@ class InsertSitesPass(PassBase):
         table = ir.module_table(program)
         editor = ir.ProgramEditor(program, self.name)
         inserted = 0
-        for adapter, site in self.plan():
+        planned, notes = self.plan()
+        for adapter, site in planned:
             if SITE_OPS[site.op].form == "call":
                 inserted += _insert_call_site(editor, table, adapter, site)
             else:
                 inserted += _insert_weight_site(editor, table, adapter, site)
         new = editor.finish() if inserted else program
-        return PassResult(new, modified=inserted > 0, stats={"sites": inserted})
+        stats = {
+            "sites": inserted,
+            "stacked": sum(d.kind == "info" for d in notes),
+            "overwritten": sum(d.kind == "skipped" for d in notes),
+        }
+        return PassResult(new, modified=inserted > 0, stats=stats, diagnostics=tuple(notes))
 
     def ensures(self, program: ir.Program, result: PassResult) -> None:
-        planned = {(a.name, s.module, s.op) for a, s in self.plan()}
+        planned = {(a.name, s.module, s.op) for a, s in self.plan()[0]}
         call_modules = {m for _, m, op in planned if SITE_OPS[op].form == "call"}
         seen = set()
         for node in program.graph.nodes:
@@ -99,6 +134,25 @@ class InsertSitesPass(PassBase):
         missing = planned - seen
         if missing:
             raise AssertionError(f"no site node for {sorted(missing)[0]}")
+
+
+def _check_residuals(adapters: tuple[Adapter, ...], index: int) -> None:
+    """A residual base (PiSSA/OLoRA) is rebuilt from the original weight, so nothing may adapt that
+    weight before the adapter that needs it."""
+    adapter = adapters[index]
+    for replacement in adapter.replacements:
+        if "residual base" not in replacement.reason:
+            continue
+        module = replacement.param.rpartition(".")[0]
+        for earlier in adapters[:index]:
+            if any(s.module == module for s in earlier.sites) or any(
+                r.param == replacement.param for r in earlier.replacements
+            ):
+                raise UnsupportedError(
+                    f"adapter {adapter.name!r} was trained on a residual base of {module!r} rebuilt from the original "
+                    f"weight, but {earlier.name!r} adapts that weight before it; put {adapter.name!r} first, or convert it "
+                    "with PEFT's path_initial_model_for_weight_conversion"
+                )
 
 
 def _adapter_tensors(editor: ir.ProgramEditor, adapter: Adapter, site: Site) -> list[fx.Node | None]:
