@@ -43,6 +43,8 @@ class Family:
     """``nn.Conv2d`` targets."""
     conv1d: tuple[str, ...] = ()
     """``nn.Conv1d`` targets."""
+    pointwise: tuple[str, ...] = ()
+    """The 1×1 subset of ``conv`` (OFT rotates only those as its merge does)."""
     linear_type: str = "Linear"
     """``Linear`` or ``Conv1D`` (GPT-2)."""
 
@@ -88,6 +90,7 @@ FAMILIES = (
         ("conv2",),
         conv=("conv1", "conv2"),
         conv1d=("conv3",),
+        pointwise=("conv2",),
     ),
     Family(
         "vit",
@@ -182,6 +185,32 @@ def _beft(family: Family) -> Any:
     return BeftConfig(target_modules=list(family.linear))
 
 
+CONV1D_REASON = "PEFT's OFT and BOFT do not adapt transformers Conv1D"
+
+
+def _oft(family: Family) -> Any:
+    from peft import OFTConfig
+
+    if family.linear_type == "Conv1D":
+        return CONV1D_REASON
+    targets = [*family.linear, *family.pointwise, *([family.embedding] if family.embedding else [])]
+    # Larger convolutions are refused (PEFT's OFT forward and merge disagree on them, see
+    # peftc/methods/oft.py); the ViT's patch_embed.proj would match the target "proj".
+    larger = [c for c in family.conv if c not in family.pointwise]
+    return OFTConfig(target_modules=targets, exclude_modules=larger or None, oft_block_size=8)
+
+
+def _boft(family: Family) -> Any:
+    from peft import BOFTConfig
+
+    if family.linear_type == "Conv1D":
+        return CONV1D_REASON
+    targets = [*family.linear, *family.conv]
+    if family.name == "convnet":  # 27, 8 and 6 inputs: only one block (block_num=1) fits them all
+        return BOFTConfig(target_modules=targets, boft_block_size=0, boft_block_num=1)
+    return BOFTConfig(target_modules=targets, boft_block_size=4)
+
+
 METHODS = (
     Method("lora", "LoRA (Linear, Conv1D, Conv1d/2d)", _lora, "bert"),
     Method("lora-embedding", "LoRA on Embedding", _lora_embedding, "gpt2"),
@@ -191,6 +220,8 @@ METHODS = (
     Method("trainable_tokens", "Trainable tokens (`TRAINABLE_TOKENS`)", _trainable_tokens, "bert"),
     Method("beft", "Bias tuning (`BEFT`)", _beft, "vit"),
     Method("adalora", "AdaLoRA (pruned `rank_pattern`; Linear, Conv1D, Conv2d)", _adalora, "gpt2", noise=1.0),
+    Method("oft", "OFT (Linear, 1×1 Conv2d, Embedding)", _oft, "bert"),
+    Method("boft", "BOFT (Linear, Conv2d)", _boft, "vit"),
 )
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from peftc.errors import UnsupportedError, one_of
 from peftc.ir.modules import ModuleTable
-from peftc.methods import adalora, beft, ia3, ln_tuning, lora, trainable_tokens
+from peftc.methods import adalora, beft, boft, ia3, ln_tuning, lora, oft, trainable_tokens
 from peftc.methods.base import Adapter, AdapterSource, AdapterTensor, ParseOptions, Replacement, Site
 from peftc.methods.loading import read_adapter
 
@@ -24,6 +24,8 @@ PARSERS: dict[str, Parser] = {
     "LN_TUNING": ln_tuning.parse,
     "TRAINABLE_TOKENS": trainable_tokens.parse,
     "BEFT": beft.parse,
+    "OFT": oft.parse,
+    "BOFT": boft.parse,
 }
 
 

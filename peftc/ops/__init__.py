@@ -4,7 +4,7 @@ Importing this package registers every op with torch (needed before tracing, run
 program that contains them). ``SITE_OPS`` maps op names to their calling conventions.
 """
 
-from peftc.ops import adalora, beft, dora, ia3, lora, tokens
+from peftc.ops import adalora, beft, boft, dora, ia3, lora, oft, tokens
 from peftc.ops.base import LAYOUTS, SiteOp
 
 SITE_OPS: dict[str, SiteOp] = {
@@ -19,6 +19,8 @@ SITE_OPS: dict[str, SiteOp] = {
         dora.DORA_WEIGHT,
         dora.DORA_FACTORED_WEIGHT,
         ia3.IA3_WEIGHT,
+        oft.OFT_WEIGHT,
+        boft.BOFT_WEIGHT,
         tokens.TOKENS_WEIGHT,
     )
 }
