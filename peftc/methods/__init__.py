@@ -11,7 +11,7 @@ from pathlib import Path
 
 from peftc.errors import UnsupportedError, one_of
 from peftc.ir.modules import ModuleTable
-from peftc.methods import ia3, loha, lokr, lora
+from peftc.methods import ia3, loha, lokr, lora, vera
 from peftc.methods.base import Adapter, AdapterSource, AdapterTensor, ParseOptions, Replacement, Site
 from peftc.methods.loading import read_adapter
 
@@ -22,6 +22,7 @@ PARSERS: dict[str, Parser] = {
     "IA3": ia3.parse,
     "LOHA": loha.parse,
     "LOKR": lokr.parse,
+    "VERA": vera.parse,
 }
 
 

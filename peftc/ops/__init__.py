@@ -4,7 +4,7 @@ Importing this package registers every op with torch (needed before tracing, run
 program that contains them). ``SITE_OPS`` maps op names to their calling conventions.
 """
 
-from peftc.ops import dora, ia3, loha, lokr, lora, tokens
+from peftc.ops import dora, ia3, loha, lokr, lora, tokens, vera
 from peftc.ops.base import LAYOUTS, SiteOp
 
 SITE_OPS: dict[str, SiteOp] = {
@@ -19,6 +19,7 @@ SITE_OPS: dict[str, SiteOp] = {
         tokens.TOKENS_WEIGHT,
         loha.LOHA_WEIGHT,
         lokr.LOKR_WEIGHT,
+        vera.VERA_WEIGHT,
     )
 }
 
