@@ -13,6 +13,7 @@ The README's supported-methods table is rendered from these tables::
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -211,6 +212,49 @@ def _boft(family: Family) -> Any:
     return BOFTConfig(target_modules=targets, boft_block_size=4)
 
 
+_NO_CONV1D = "PEFT's LoHa and LoKr adapt nn.Linear and nn.Conv1d/2d, not transformers' Conv1D"
+
+
+def _lycoris_targets(family: Family) -> list[str] | str:
+    if family.linear_type == "Conv1D":
+        return _NO_CONV1D
+    return [*family.linear, *family.conv, *family.conv1d]
+
+
+def _loha(family: Family) -> Any:
+    from peft import LoHaConfig
+
+    targets = _lycoris_targets(family)
+    if isinstance(targets, str):
+        return targets
+    # use_effective_conv2d: k×k convolutions take the CP form (1×1 ones stay flat, as in PEFT).
+    return LoHaConfig(r=4, alpha=8, target_modules=targets, use_effective_conv2d=True)
+
+
+def _lokr(family: Family) -> Any:
+    from peft import LoKrConfig
+
+    targets = _lycoris_targets(family)
+    if isinstance(targets, str):
+        return targets
+    # r=2 with decompose_both gives every factor form across the families: full and low-rank W1
+    # and W2, the CP form (ViT patch embedding) and full Conv1d kernels (conv net).
+    return LoKrConfig(r=2, alpha=4, target_modules=targets, decompose_both=True, use_effective_conv2d=True)
+
+
+def _vera(family: Family) -> Any:
+    from peft import VeraConfig
+
+    # PEFT's VeRA adapts linear layers only, and a suffix such as the ViT's "proj" also names its
+    # patch-embedding convolution, so where a family has convolutions a regex leaves them out.
+    targets: Any = list(family.linear)
+    convs = "|".join(re.escape(c) for c in (*family.conv, *family.conv1d))
+    if convs:
+        targets = rf"(?!(?:.*\.)?(?:{convs})$)(?:.*\.)?(?:{'|'.join(map(re.escape, family.linear))})"
+    # d_initial=1: λ_d starts at 1 rather than 0.1, so the perturbed adapter visibly changes outputs.
+    return VeraConfig(r=16, target_modules=targets, fan_in_fan_out=family.linear_type == "Conv1D", d_initial=1.0)
+
+
 METHODS = (
     Method("lora", "LoRA (Linear, Conv1D, Conv1d/2d)", _lora, "bert"),
     Method("lora-embedding", "LoRA on Embedding", _lora_embedding, "gpt2"),
@@ -222,6 +266,9 @@ METHODS = (
     Method("adalora", "AdaLoRA (pruned `rank_pattern`; Linear, Conv1D, Conv2d)", _adalora, "gpt2", noise=1.0),
     Method("oft", "OFT (Linear, 1×1 Conv2d, Embedding)", _oft, "bert"),
     Method("boft", "BOFT (Linear, Conv2d)", _boft, "vit"),
+    Method("loha", "LoHa (Linear, Conv1d/2d)", _loha, "vit"),
+    Method("lokr", "LoKr (Linear, Conv1d/2d)", _lokr, "convnet"),
+    Method("vera", "VeRA (Linear, Conv1D)", _vera, "gpt2"),
 )
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from peftc.errors import UnsupportedError, one_of
 from peftc.ir.modules import ModuleTable
-from peftc.methods import adalora, beft, boft, ia3, ln_tuning, lora, oft, trainable_tokens
+from peftc.methods import adalora, beft, boft, ia3, ln_tuning, loha, lokr, lora, oft, trainable_tokens, vera
 from peftc.methods.base import Adapter, AdapterSource, AdapterTensor, ParseOptions, Replacement, Site
 from peftc.methods.loading import read_adapter
 
@@ -26,6 +26,9 @@ PARSERS: dict[str, Parser] = {
     "BEFT": beft.parse,
     "OFT": oft.parse,
     "BOFT": boft.parse,
+    "LOHA": loha.parse,
+    "LOKR": lokr.parse,
+    "VERA": vera.parse,
 }
 
 

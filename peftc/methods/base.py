@@ -54,6 +54,9 @@ class AdapterTensor:
 
     key: str
     tensor: torch.Tensor
+    shared: bool = False
+    """One tensor of the whole adapter that every site reads (VeRA's projections): inserted once, as
+    ``<role>.<adapter>``, rather than once per module."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,7 @@ Importing this package registers every op with torch (needed before tracing, run
 program that contains them). ``SITE_OPS`` maps op names to their calling conventions.
 """
 
-from peftc.ops import adalora, beft, boft, dora, ia3, lora, oft, tokens
+from peftc.ops import adalora, beft, boft, dora, ia3, loha, lokr, lora, oft, tokens, vera
 from peftc.ops.base import LAYOUTS, SiteOp
 
 SITE_OPS: dict[str, SiteOp] = {
@@ -22,6 +22,9 @@ SITE_OPS: dict[str, SiteOp] = {
         oft.OFT_WEIGHT,
         boft.BOFT_WEIGHT,
         tokens.TOKENS_WEIGHT,
+        loha.LOHA_WEIGHT,
+        lokr.LOKR_WEIGHT,
+        vera.VERA_WEIGHT,
     )
 }
 

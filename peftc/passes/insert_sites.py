@@ -14,10 +14,10 @@ multiplicative methods (DoRA, (IA)³, OFT) compose rather than add; a site on a 
 later adapter replaces outright is overwritten, so it is dropped (reported); and an adapter trained
 on a residual base must come before anything that adapts the same weight.
 Adapter tensors become parameters named ``<module>.<role>.<adapter>`` (``<module>.<param>_<role>.<adapter>``
-for raw parameters), annotated with their source
-``file:key``; a module called several times shares them. Refusals raise, naming the site: an
-adapter that cannot be inserted would silently compute the base model. After the pass, every site
-op's eager body is the reference semantics of the adapted model.
+for raw parameters; ``<role>.<adapter>`` for a tensor shared by every site, such as VeRA's projections),
+annotated with their source ``file:key``; a module called several times shares them. Refusals raise,
+naming the site: an adapter that cannot be inserted would silently compute the base model. After the
+pass, every site op's eager body is the reference semantics of the adapted model.
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def _adapter_tensors(editor: ir.ProgramEditor, adapter: Adapter, site: Site) -> 
             continue
         # Sites on raw parameters (target_parameters) of one module need the parameter in the name.
         owner = site.module if site.param in (None, "weight", "bias") else f"{site.module}.{site.param}_"
-        fqn = f"{owner}.{role}.{adapter.name}".replace("_.", "_")
+        fqn = f"{role}.{adapter.name}" if entry.shared else f"{owner}.{role}.{adapter.name}".replace("_.", "_")
         node = editor.node_for(fqn) or editor.add_parameter(
             fqn, entry.tensor, adapter=adapter.name, source=adapter.source.describe(entry.key), role=role
         )
