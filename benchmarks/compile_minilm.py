@@ -2,7 +2,12 @@
 
 Run from the repository root (never alongside another benchmark; see benchmarks/README.md)::
 
-    python benchmarks/compile_minilm.py [--adapter DIR] [--reps N] [--reps8 N] [--json]
+    python benchmarks/compile_minilm.py [--adapter DIR | --method lora|dora|ia3] [--reps N] [--reps8 N] [--json]
+
+``--method`` benchmarks a synthetic adapter of that method instead of the bundled LoRA one, made
+with PEFT itself and seeded: r=16, α=32 on every attention and MLP linear (LoRA, DoRA — whose
+magnitude vectors are perturbed so the norm factor is not 1), or (IA)³ on key/value and the MLP
+output (input side), vectors 1 + 0.1·N(0, 1) — the adapters ``shared/BASELINES.md`` measured.
 
 What is measured
 ----------------
@@ -93,6 +98,8 @@ SPEED_GOALS = (
     ("PEFT eager unmerged / peftc merged", "peft_eager_unmerged", "peftc_merged", 2.0, ">="),
     ("peftc unmerged / peftc merged", "peftc_unmerged", "peftc_merged", 1.15, "<="),
 )
+UNMERGED_GOAL = {"dora": 1.2}  # DoRA's unmerged artifact goal (issue: within 1.2x of merged)
+MINILM_LINEARS = ["query", "key", "value", "dense"]
 COMPILE_GOAL_S = 30.0
 
 Outputs = Mapping[str, np.ndarray]
@@ -254,12 +261,39 @@ def paired_ratio(times: Mapping[str, list[float]], num: str, den: str) -> dict[s
     return {"median": statistics.median(ratios), "q1": q1, "q3": q3, "n": len(ratios)}
 
 
+def make_adapter(method: str, out: Path) -> str:
+    """A seeded synthetic ``method`` adapter for MiniLM, saved by PEFT (see the module docstring)."""
+    from peft import IA3Config, LoraConfig, get_peft_model
+
+    from examples.minilm import model as load_base
+
+    if method == "ia3":
+        config = IA3Config(target_modules=["key", "value", "output.dense"], feedforward_modules=["output.dense"])
+    else:
+        config = LoraConfig(
+            r=16, lora_alpha=32, target_modules=MINILM_LINEARS, init_lora_weights=False, use_dora=method == "dora"
+        )
+    torch.manual_seed(0)
+    model = get_peft_model(load_base(), config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "ia3_l" in name or "magnitude" in name:  # both start at the identity (1 or ‖W‖)
+                param.mul_(1 + 0.1 * torch.randn_like(param))
+    model.save_pretrained(str(out))
+    return str(out)
+
+
 def goal_met(value: float, goal: float, comparison: str) -> bool:
     return value >= goal if comparison == ">=" else value <= goal
 
 
 def bench_batch(
-    paths: Mapping[str, Callable[[Any, Any], Any]], batch: int, reps: int, vocab_size: int, rng: random.Random
+    paths: Mapping[str, Callable[[Any, Any], Any]],
+    batch: int,
+    reps: int,
+    vocab_size: int,
+    rng: random.Random,
+    method: str = "lora",
 ) -> dict[str, Any]:
     ids, mask = make_inputs(batch, vocab_size)
     calls = bind(paths, ids, mask)
@@ -281,6 +315,7 @@ def bench_batch(
         }
     headlines = []
     for label, num, den, goal, comparison in SPEED_GOALS:
+        goal = UNMERGED_GOAL.get(method, goal) if num == "peftc_unmerged" else goal
         ratio = paired_ratio(times, num, den)
         headlines.append(
             {
@@ -360,12 +395,14 @@ def print_report(result: Mapping[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def run(adapter: str, reps: int, reps8: int) -> dict[str, Any]:
+def run(adapter: str | None, reps: int, reps8: int, method: str = "lora") -> dict[str, Any]:
     torch.set_num_threads(2)
-    adapter_dir = Path(adapter)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise SystemExit(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
     with tempfile.TemporaryDirectory(prefix="peftc-bench-") as tmp:
+        if adapter is None:
+            log(f"== making a synthetic {method} adapter")
+            adapter = make_adapter(method, Path(tmp) / f"minilm-{method}")
+        elif not (Path(adapter) / "adapter_config.json").is_file():
+            raise SystemExit(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
         compiled = {
             "merged": compile_example(adapter, Path(tmp) / "merged", merge=True),
             "unmerged": compile_example(adapter, Path(tmp) / "unmerged", merge=False),
@@ -378,11 +415,13 @@ def run(adapter: str, reps: int, reps8: int) -> dict[str, Any]:
 
         vocab_size = int(AutoConfig.from_pretrained(model_path()).vocab_size)
         rng = random.Random(ORDER_SEED)
-        batches = [bench_batch(paths, batch, n, vocab_size, rng) for batch, n in ((1, reps), (8, reps8)) if n > 0]
+        sizes = ((1, reps), (8, reps8))
+        batches = [bench_batch(paths, batch, n, vocab_size, rng, method) for batch, n in sizes if n > 0]
     merged_wall = compiled["merged"].wall_s
     return {
         "model": MODEL_SPEC,
         "adapter": adapter,
+        "method": method,
         "peftc_version": peftc.__version__,
         "torch_version": torch.__version__,
         "torch_threads": torch.get_num_threads(),
@@ -397,8 +436,10 @@ def run(adapter: str, reps: int, reps8: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--adapter", default=DEFAULT_ADAPTER, help=f"PEFT LoRA adapter directory (default {DEFAULT_ADAPTER})"
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--adapter", help=f"PEFT adapter directory (default {DEFAULT_ADAPTER})")
+    source.add_argument(
+        "--method", choices=("lora", "dora", "ia3"), help="benchmark a synthetic adapter of this method instead"
     )
     parser.add_argument("--reps", type=int, default=20, help="interleaved repetitions at batch 1 (default 20)")
     parser.add_argument("--reps8", type=int, default=6, help="interleaved repetitions at batch 8 (default 6; 0 skips)")
@@ -406,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.reps < 0 or args.reps8 < 0:
         parser.error("--reps and --reps8 must be >= 0")
-    result = run(args.adapter, args.reps, args.reps8)
+    adapter = args.adapter if args.adapter or args.method else DEFAULT_ADAPTER
+    result = run(adapter, args.reps, args.reps8, args.method or "lora")
     if args.json:
         print(json.dumps(result, indent=1))
     else:
