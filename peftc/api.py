@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from peftc import ir
+from peftc import ir, swap
 from peftc.artifact import SCHEMA_VERSION, ArtifactWriter, Manifest, file_record
 from peftc.backends import get_backend
-from peftc.errors import InputError, VerificationError
+from peftc.errors import InputError, UnsupportedError, VerificationError
 from peftc.loaders import InputSignature, LoadedModel, load_model
 from peftc.methods import Adapter, ParseOptions, parse_adapter, read_adapter
 from peftc.passes import PassContext, PassManager, PassRecord, pipelines
@@ -47,7 +47,8 @@ class _Built:
     loaded: LoadedModel
     base: ir.Program
     adapters: list[Adapter]
-    reference: ir.Program
+    reference: ir.Program | None
+    """The base with every adapter's sites, stacked; None for swappable artifacts (alternatives)."""
     records: list[PassRecord]
 
 
@@ -65,6 +66,9 @@ def compile(
     dump_ir: PathLike | None = None,
     allow_pickle: bool = False,
     base_residual: bool = False,
+    swappable: bool = False,
+    max_rank: int | None = None,
+    multi_adapter: int = 0,
     oracle: bool = True,
     seed: int = 0,
     progress: Progress | None = None,
@@ -86,6 +90,11 @@ def compile(
         allow_pickle: accept pickled weight files (loaded with ``weights_only=True``).
         base_residual: ``model`` is the residual base a PiSSA/OLoRA/CorDA/LoRA-GA/LoftQ adapter was
             trained on (saved after its initialisation), so it is used as is.
+        swappable: keep LoRA sites as fixed-shape slots and write each adapter as a slot file, so
+            adapters are added and switched without recompiling (``peftc/swap.py``); the adapters are
+            then alternatives, not a stack.
+        max_rank: slot rank for ``swappable`` (default: the largest given rank).
+        multi_adapter: with ``swappable``, how many adapters one call can mix, one per batch row.
         oracle: also verify against Hugging Face PEFT when it is installed.
         seed: seed of the verification inputs.
         progress: called with a line of text as each stage starts.
@@ -99,28 +108,74 @@ def compile(
     if not paths:
         raise InputError("no adapter given")
     timings: dict[str, float] = {}
+    if (max_rank is not None or multi_adapter) and not swappable:
+        raise InputError("--max-rank and --multi-adapter apply to --swappable artifacts only")
+    if multi_adapter < 0 or (max_rank is not None and max_rank < 1):
+        raise InputError("--multi-adapter must be >= 0 and --max-rank >= 1")
     writer = ArtifactWriter(out, force=force)
     try:
         backend = get_backend(target)
-        built = _build(model, paths, inputs, configs, allow_pickle, dump_ir, say, timings, base_residual=base_residual)
+        if swappable and not backend.capabilities.adapter_swap:
+            raise UnsupportedError(f"target {target!r} cannot swap adapters; use --target onnx for --swappable")
+        built = _build(
+            model,
+            paths,
+            inputs,
+            configs,
+            allow_pickle,
+            dump_ir,
+            say,
+            timings,
+            base_residual=base_residual,
+            stack=not swappable,
+        )
         ctx = PassContext(dump_dir=Path(dump_ir) if dump_ir else None, progress=say)
-        with _stage(timings, "optimize", say, "optimize: " + ("merge" if merge else "keep sites unmerged")):
-            final, records = PassManager(pipelines.optimize(merge=merge)).run(
-                built.reference, ctx, history=[r.name for r in built.records]
-            )
+        signature = built.loaded.signature
+        table = None
+        extra_target: dict[str, Any] = {}
+        if swappable:
+            with _stage(timings, "optimize", say, "optimize: adapter slots"):
+                final, records, table = swap.build(
+                    built.base, built.adapters, swap.SwapOptions(max_rank, multi_adapter), ctx
+                )
+            signature = swap.signature(signature, table)
+        else:
+            with _stage(timings, "optimize", say, "optimize: " + ("merge" if merge else "keep sites unmerged")):
+                final, records = PassManager(pipelines.optimize(merge=merge)).run(
+                    built.reference, ctx, history=[r.name for r in built.records]
+                )
         with _stage(timings, "lower", say, f"lower: {target}"):
-            lowered = backend.lower(final, built.loaded.signature, writer.tmp, say)
+            overridable = swap.tensor_names(table) if table else ()
+            lowered = backend.lower(final, signature, writer.tmp, say, overridable=overridable)
+            files = list(lowered.files)
+            if table is not None:
+                adapter_files = swap.write_adapter_files(backend, writer.tmp, table, built.adapters)
+                files += adapter_files
+                names = {t: t for t in overridable}
+                table = dataclasses.replace(
+                    table, names={s.module: {p: names[table.fqn(s.module, p)] for p in ("A", "B")} for s in table.slots}
+                )
+                extra_target = {
+                    "slots": table.to_json(),
+                    "adapter_files": {a.name: f for a, f in zip(built.adapters, adapter_files, strict=True)},
+                    "default_adapter": built.adapters[0].name,
+                }
         with _stage(timings, "verify", say, "verify: artifact vs eager reference" + (" and PEFT" if oracle else "")):
-            runner = backend.load(writer.tmp, {"files": lowered.files})
+            runner = backend.load(writer.tmp, {"files": files, **extra_target})
             dtypes = {o["name"]: o["dtype"] for o in lowered.outputs}
-            report = _verify(runner, built, dtypes, oracle=oracle, seed=seed)
+            if table is None:
+                report = _verify(runner, built, dtypes, oracle=oracle, seed=seed)
+            else:
+                report = _verify_swappable(runner, built, table, signature, dtypes, oracle=oracle, seed=seed)
         manifest = Manifest(
             schema_version=SCHEMA_VERSION,
             status="ok" if report.passed else "failed",
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             peftc_version=_version(),
             versions=_versions(backend),
-            command=_command(model, paths, configs, target, out, merge, inputs, allow_pickle, base_residual),
+            command=_command(
+                model, paths, configs, target, out, merge, inputs, allow_pickle, base_residual, table, multi_adapter
+            ),
             workdir=os.getcwd(),
             options={
                 "target": target,
@@ -129,18 +184,23 @@ def compile(
                 "oracle": oracle,
                 "inputs": list(inputs),
                 "base_residual": base_residual,
-                "stack": [a.name for a in built.adapters],
+                **({"stack": [a.name for a in built.adapters]} if not swappable else {}),
+                **({"swappable": True, "max_rank": table.rank, "multi_adapter": multi_adapter} if table else {}),
             },
             model=_describe_model(built),
-            adapters=[a.summary() for a in built.adapters],
+            adapters=[
+                {**a.summary(), **({"slot_file": extra_target["adapter_files"][a.name]} if table else {})}
+                for a in built.adapters
+            ],
             pipeline=[r.to_json() for r in [*built.records, *records]],
             target={
                 "name": target,
-                "files": [file_record(writer.tmp / f, writer.tmp) for f in lowered.files],
+                "files": [file_record(writer.tmp / f, writer.tmp) for f in files],
                 "inputs": list(lowered.inputs),
                 "outputs": list(lowered.outputs),
-                "signature": built.loaded.signature.to_json(),
+                "signature": signature.to_json(),
                 **dict(lowered.info),
+                **{k: v for k, v in extra_target.items() if k != "adapter_files"},
             },
             verification=report.to_json(),
             not_run=[{"what": what, "reason": why} for what, why in report.not_run],
@@ -174,15 +234,12 @@ def verify(
     say = progress or (lambda message: None)
     runner = load(path, allow_failed=True)
     manifest = runner.manifest
-    spec = model if model is not None else manifest.model["spec"]
-    if isinstance(spec, str) and spec.startswith("<"):
-        raise InputError(f"{path}: built from an in-memory model; pass it with peftc.verify(path, model=...)")
-    if isinstance(spec, str) and not Path(spec).is_absolute() and (Path(manifest.workdir) / spec).exists():
-        spec = str(Path(manifest.workdir) / spec)  # a path relative to where the artifact was built
+    spec = _model_spec(manifest, model)
     _check_sources(manifest)
     paths = [a["path"] for a in manifest.adapters]
     configs = [a["config_file"] for a in manifest.adapters]
     timings: dict[str, float] = {}
+    swappable = "slots" in manifest.target
     built = _build(
         spec,
         paths,
@@ -194,15 +251,23 @@ def verify(
         timings,
         manifest.workdir,
         base_residual=manifest.options.get("base_residual", False),
+        stack=not swappable,
     )
     dtypes = {o["name"]: o["dtype"] for o in manifest.target["outputs"]}
+    seed = manifest.options.get("seed", 0) if seed is None else seed
     with _stage(timings, "verify", say, "verify: artifact vs eager reference" + (" and PEFT" if oracle else "")):
+        if swappable:
+            from peftc.slots import SlotTable
+
+            signature = InputSignature.from_json(manifest.target["signature"])
+            table = SlotTable.from_json(manifest.target["slots"])
+            return _verify_swappable(runner.backend_runner, built, table, signature, dtypes, oracle=oracle, seed=seed)
         return _verify(
             runner.backend_runner,
             built,
             dtypes,
             oracle=oracle,
-            seed=manifest.options.get("seed", 0) if seed is None else seed,
+            seed=seed,
         )
 
 
@@ -218,6 +283,7 @@ def _build(
     workdir: str | None = None,
     *,
     base_residual: bool = False,
+    stack: bool = True,
 ) -> _Built:
     if configs and len(configs) not in (1, len(paths)):
         raise InputError(f"{len(configs)} --config files for {len(paths)} adapters; give one per adapter, in order")
@@ -239,6 +305,8 @@ def _build(
         options = ParseOptions(base_residual=base_residual, tied_embeddings=_tied_embeddings(loaded))
         adapters = [parse_adapter(source, table, options) for source in sources]
         _dedupe_names(adapters)
+    if not stack:  # alternatives (swappable): each adapter gets its own reference program when verified
+        return _Built(loaded, base, adapters, None, [])
     ctx = PassContext(dump_dir=Path(dump_ir) if dump_ir else None, progress=say)
     with _stage(timings, "adapt", say, "adapt: insert adapter sites"):
         reference, records = PassManager(pipelines.adapt(adapters)).run(base, ctx)
@@ -277,6 +345,37 @@ def _verify(runner: Any, built: _Built, dtypes: dict[str, str], *, oracle: bool,
         dtypes=dtypes,
         seed=seed,
         not_run=not_run,
+    )
+
+
+def _verify_swappable(
+    runner: Any,
+    built: _Built,
+    table: Any,
+    signature: InputSignature,
+    dtypes: dict[str, str],
+    *,
+    oracle: bool,
+    seed: int,
+) -> Report:
+    """The base and every adapter (against its own eager reference program and PEFT), and a mixed batch."""
+    references: dict[str, dict[str, Any]] = {}
+    not_run = []
+    for adapter in built.adapters:
+        program, _ = PassManager(pipelines.adapt([adapter])).run(built.base, PassContext())
+        references[adapter.name] = {"reference": program_oracle(program)}
+        if oracle and built.loaded.module is not None:
+            fn, why = peft_oracle(built.loaded.module, [adapter])
+            if fn is not None:
+                references[adapter.name]["peft"] = fn
+            else:
+                not_run.append((f"peft oracle [{adapter.name}]", why))
+    if not oracle:
+        not_run.append(("peft oracle", "disabled (--no-oracle)"))
+    elif built.loaded.module is None:
+        not_run.append(("peft oracle", "the base is an exported program; PEFT needs the nn.Module"))
+    return swap.verify_artifact(
+        runner, signature, table, program_oracle(built.base), references, dtypes=dtypes, seed=seed, not_run=not_run
     )
 
 
@@ -331,6 +430,31 @@ def _describe_model(built: _Built) -> dict[str, Any]:
     }
 
 
+def _model_spec(manifest: Manifest, model: Any = None) -> Any:
+    """What to load as the base: ``model`` if given, else the manifest's spec (relative to its workdir)."""
+    spec = model if model is not None else manifest.model["spec"]
+    if isinstance(spec, str) and spec.startswith("<"):
+        raise InputError("the artifact was built from an in-memory model; pass that model (model=...)")
+    if isinstance(spec, str) and not Path(spec).is_absolute() and (Path(manifest.workdir) / spec).exists():
+        spec = str(Path(manifest.workdir) / spec)  # a path relative to where the artifact was built
+    return spec
+
+
+def load_base_for_verify(manifest: Manifest, model: Any = None) -> LoadedModel:
+    """The artifact's base model, loaded again (not traced), its files checked against the manifest.
+
+    Raises:
+        InputError: the model cannot be loaded, or a file it was read from changed since the compile.
+    """
+    loaded = load_model(
+        _model_spec(manifest, model), inputs=manifest.options.get("inputs", []), workdir=manifest.workdir
+    )
+    for name, digest in manifest.model.get("files", {}).items():
+        if loaded.files.get(name) not in (None, digest):
+            raise InputError(f"{manifest.model['spec']}: {name} changed since the artifact was built (sha256 differs)")
+    return loaded
+
+
 def _check_sources(manifest: Manifest) -> None:
     from peftc.hashing import sha256_file
 
@@ -353,6 +477,8 @@ def _command(
     inputs: Sequence[str],
     allow_pickle: bool,
     base_residual: bool,
+    table: Any = None,
+    multi_adapter: int = 0,
 ) -> list[str] | None:
     if not isinstance(model, (str, os.PathLike)):
         return None
@@ -370,6 +496,10 @@ def _command(
         command.append("--allow-pickle")
     if base_residual:
         command.append("--base-residual")
+    if table is not None:
+        command += ["--swappable", "--max-rank", str(table.rank)]
+        if multi_adapter:
+            command += ["--multi-adapter", str(multi_adapter)]
     return command
 
 

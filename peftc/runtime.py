@@ -11,7 +11,9 @@ import numpy as np
 
 from peftc.artifact import Manifest, check_files, read_manifest
 from peftc.backends import get_backend
-from peftc.errors import InputError
+from peftc.errors import InputError, UnsupportedError
+
+_DEFAULT = object()
 
 
 class Runner:
@@ -20,6 +22,12 @@ class Runner:
     Inputs may be numpy arrays or torch tensors; outputs come back as a dict keyed by output name,
     as torch tensors if any input was a tensor, else as numpy arrays. Safe to call from several
     threads.
+
+    Swappable artifacts (``peftc compile --swappable``) hold several adapters: ``runner.adapters``
+    lists them, ``runner(**inputs, adapter="name")`` runs one (``None``: the base model), a list
+    gives one adapter per batch row (artifacts compiled with ``--multi-adapter``), and
+    ``runner.set_adapter(name)`` sets the default for calls that name none. Calls share no state
+    beyond that default, so concurrent calls with different ``adapter=`` are safe.
     """
 
     def __init__(self, path: Path, manifest: Manifest, backend_runner: Any) -> None:
@@ -28,8 +36,39 @@ class Runner:
         self.backend_runner = backend_runner
         self.input_names: list[str] = list(backend_runner.input_names)
         self.output_names: list[str] = list(backend_runner.output_names)
+        self._swappable = "slots" in manifest.target
+        self._default: str | None = manifest.target.get("default_adapter")
 
-    def __call__(self, **inputs: Any) -> dict[str, Any]:
+    @property
+    def adapters(self) -> list[str]:
+        """The adapters this artifact holds (for a merged artifact: the ones merged into it)."""
+        return [a["name"] for a in self.manifest.adapters]
+
+    @property
+    def adapter(self) -> str | None:
+        """The adapter calls use when they name none (None: the base model)."""
+        return self._default
+
+    def set_adapter(self, name: str | None) -> None:
+        """Make ``name`` (None: the base model) the default adapter of this runner.
+
+        Raises:
+            UnsupportedError: the artifact is not swappable (its adapters are compiled in).
+            InputError: no adapter of that name.
+        """
+        self._default = self._check_adapter(name)
+
+    def _check_adapter(self, name: str | None) -> str | None:
+        if not self._swappable:
+            raise UnsupportedError(
+                f"{self.path}: adapters are compiled into this artifact; compile with --swappable to switch them"
+            )
+        if name is not None and name not in self.adapters:
+            known = ", ".join(repr(a) for a in self.adapters) or "none"
+            raise InputError(f"{self.path}: no adapter named {name!r} (adapters: {known})")
+        return name
+
+    def __call__(self, adapter: Any = _DEFAULT, **inputs: Any) -> dict[str, Any]:
         as_torch = False
         feeds: dict[str, np.ndarray] = {}
         for name, value in inputs.items():
@@ -37,7 +76,16 @@ class Runner:
                 as_torch = True
                 value = value.detach().cpu().numpy()
             feeds[name] = np.asarray(value)
-        outputs = self.backend_runner.run(feeds)
+        if adapter is _DEFAULT:
+            outputs = (
+                self.backend_runner.run(feeds, adapter=self._default)
+                if self._swappable
+                else self.backend_runner.run(feeds)
+            )
+        else:
+            for name in adapter if isinstance(adapter, (list, tuple)) else [adapter]:
+                self._check_adapter(name)
+            outputs = self.backend_runner.run(feeds, adapter=adapter)
         if as_torch:
             import torch
 
@@ -61,7 +109,8 @@ def load(path: str | os.PathLike[str], *, allow_failed: bool = False) -> Runner:
         raise InputError(f"{path}: this artifact failed verification (kept with --keep-failed); refusing to run it")
     check_files(path, manifest)
     backend = get_backend(manifest.target["name"])
-    return Runner(path, manifest, backend.load(path, manifest.target))
+    files = {a["name"]: a["slot_file"] for a in manifest.adapters if "slot_file" in a}
+    return Runner(path, manifest, backend.load(path, {**manifest.target, "adapter_files": files}))
 
 
 def describe(path: str | os.PathLike[str]) -> Mapping[str, Any]:

@@ -1,24 +1,52 @@
-"""Running ONNX artifacts with onnxruntime (CPU, always available)."""
+"""Running ONNX artifacts with onnxruntime (CPU, always available).
+
+Swappable artifacts keep their adapter slots as overridable initializers (zero: the base model).
+A call with ``adapter=name`` activates that adapter's slot file through onnxruntime's multi-LoRA API
+(``LoraAdapter`` + ``RunOptions.add_active_adapter``): nothing is copied into the session and no
+state outlives the call, so concurrent calls with different adapters are safe. Slot files are
+loaded on first use and kept (onnxruntime reads them into its own buffers once).
+
+With an adapter bank (``--multi-adapter``), each call feeds the banks (the base in row 0, then the
+adapters the call uses) and an ``adapter_index`` per batch row; banks are assembled once per set of
+adapters and cached.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from peftc.errors import InputError
+from peftc.errors import InputError, UnsupportedError
 
 _ORT_TYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
     "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
 }  # fmt: skip
+INDEX_INPUT = "adapter_index"
+_BANK_CACHE = 8
 
 
 class OrtRunner:
-    """An onnxruntime session over one ``.onnx`` file. ``run`` is safe to call from several threads."""
+    """An onnxruntime session over one ``.onnx`` file. ``run`` is safe to call from several threads.
 
-    def __init__(self, path: str | Path, *, threads: int = 0) -> None:
+    Args:
+        adapters: adapter name → slot file, for swappable artifacts.
+        banks: with an adapter bank: ``(bank size, {bank input → slot name})``.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        threads: int = 0,
+        adapters: Mapping[str, str | Path] | None = None,
+        banks: tuple[int, Mapping[str, str]] | None = None,
+    ) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -26,13 +54,58 @@ class OrtRunner:
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self._types = {i.name: _ORT_TYPES.get(i.type) for i in self.session.get_inputs()}
-        self.input_names = [i.name for i in self.session.get_inputs()]
+        inputs = self.session.get_inputs()
+        self._types = {i.name: _ORT_TYPES.get(i.type) for i in inputs}
+        index_dim = next((i.shape[0] for i in inputs if i.name == INDEX_INPUT), None)
+        # The input whose first dim is the index's (the batch) tells a call its batch size.
+        self._batch_input = next(
+            (i.name for i in inputs if i.name != INDEX_INPUT and i.shape and i.shape[0] == index_dim), None
+        )
+        self.input_names = [n for n in self._types if n != INDEX_INPUT]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self._files = {name: Path(p) for name, p in (adapters or {}).items()}
+        self._loaded: dict[str, Any] = {}
+        self._banks = banks
+        self._bank_cache: OrderedDict[tuple[str, ...], dict[str, np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    @property
+    def adapters(self) -> list[str]:
+        return list(self._files)
+
+    def register(self, name: str, path: str | Path) -> None:
+        """Make the slot file at ``path`` available as adapter ``name``."""
+        with self._lock:
+            self._files[name] = Path(path)
+            self._loaded.pop(name, None)
+            self._bank_cache.clear()
+
+    def run(
+        self, feeds: Mapping[str, np.ndarray], adapter: str | Sequence[str | None] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Run on ``feeds`` with no adapter (None), one adapter (a name), or one per batch row (a list)."""
+        prepared = self._prepare(feeds)
+        options = None
+        if self._banks is not None:
+            batch = int(prepared[self._batch_input].shape[0]) if self._batch_input else 1
+            prepared.update(self._bank_feeds(adapter, batch))
+        elif isinstance(adapter, str):
+            import onnxruntime as ort
+
+            options = ort.RunOptions()
+            options.add_active_adapter(self._lora(adapter))
+        elif adapter is not None:
+            if len(set(adapter)) > 1:
+                raise UnsupportedError(
+                    "this artifact has no adapter bank: one adapter per call (compile with --multi-adapter N to mix "
+                    "adapters in one batch)"
+                )
+            return self.run(feeds, next(iter(adapter), None))
+        return dict(zip(self.output_names, self.session.run(None, prepared, options), strict=True))
+
+    def _prepare(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [n for n in self.input_names if n not in feeds]
-        extra = [n for n in feeds if n not in self._types]
+        extra = [n for n in feeds if n not in self._types or n == INDEX_INPUT]
         if missing or extra:
             raise InputError(
                 f"inputs do not match the model: missing {missing}, unexpected {extra}; expected {self.input_names}"
@@ -42,4 +115,62 @@ class OrtRunner:
             array = np.asarray(value)
             want = self._types[name]
             prepared[name] = array.astype(want, copy=False) if want is not None else array
-        return dict(zip(self.output_names, self.session.run(None, prepared), strict=True))
+        return prepared
+
+    def _check(self, name: str) -> Path:
+        path = self._files.get(name)
+        if path is None:
+            known = ", ".join(repr(n) for n in self._files) or "none"
+            raise InputError(f"no adapter named {name!r} in this artifact (adapters: {known})")
+        return path
+
+    def _lora(self, name: str) -> Any:
+        with self._lock:
+            if name not in self._loaded:
+                import onnxruntime as ort
+
+                adapter = ort.LoraAdapter()
+                adapter.Load(str(self._check(name)))
+                self._loaded[name] = adapter
+            return self._loaded[name]
+
+    def _bank_feeds(self, adapter: str | Sequence[str | None] | None, batch: int) -> dict[str, np.ndarray]:
+        size, inputs = self._banks
+        rows = [adapter] * batch if adapter is None or isinstance(adapter, str) else list(adapter)
+        if len(rows) != batch:
+            raise InputError(f"adapter= lists {len(rows)} names for a batch of {batch} rows")
+        used = tuple(dict.fromkeys(r for r in rows if r is not None))
+        if len(used) > size - 1:
+            raise InputError(
+                f"{len(used)} adapters in one call, but the artifact's bank holds {size - 1} (--multi-adapter)"
+            )
+        with self._lock:
+            banks = self._bank_cache.get(used)
+            if banks is None:
+                banks = self._assemble(used, size, inputs)
+                self._bank_cache[used] = banks
+                while len(self._bank_cache) > _BANK_CACHE:
+                    self._bank_cache.popitem(last=False)
+            self._bank_cache.move_to_end(used)
+        index = np.array([0 if r is None else used.index(r) + 1 for r in rows], dtype=np.int64)
+        return {**banks, INDEX_INPUT: index}
+
+    def _assemble(self, used: tuple[str, ...], size: int, inputs: Mapping[str, str]) -> dict[str, np.ndarray]:
+        import onnxruntime as ort
+
+        values = []
+        for name in used:
+            adapter = ort.AdapterFormat.read_adapter(str(self._check(name)))
+            # .numpy() views memory the AdapterFormat owns: copy before it is released.
+            values.append({k: v.numpy().copy() for k, v in adapter.get_parameters().items()})
+        banks = {}
+        for bank_name, slot_name in inputs.items():
+            rows = [v[slot_name] for v in values]
+            shape = rows[0].shape if rows else None
+            if shape is None:
+                continue
+            stacked = np.zeros((size, *shape), dtype=rows[0].dtype)
+            for i, row in enumerate(rows):
+                stacked[i + 1] = row
+            banks[bank_name] = stacked
+        return banks

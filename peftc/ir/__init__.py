@@ -5,7 +5,7 @@ placeholders, fake values). Passes use :class:`ProgramEditor` and the helpers re
 """
 
 from peftc.ir.canon import op_counts, target_name, text
-from peftc.ir.modules import ModuleCall, ModuleInfo, ModuleTable, module_table
+from peftc.ir.modules import ModuleCall, ModuleInfo, ModuleTable, module_table, module_table_from_module
 from peftc.ir.program import (
     Program,
     ProgramEditor,
@@ -31,6 +31,7 @@ __all__ = [
     "flatten_named",
     "load_program",
     "module_table",
+    "module_table_from_module",
     "op_counts",
     "output_names",
     "placeholder_fqn",

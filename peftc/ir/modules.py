@@ -113,6 +113,27 @@ def module_table(program: Program) -> ModuleTable:
     return ModuleTable(modules, shapes, {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)})
 
 
+def module_table_from_module(module: torch.nn.Module) -> ModuleTable:
+    """A table of every submodule of ``module`` and its parameters, without tracing.
+
+    Used to parse adapters against a base that is not traced again (``peftc add-adapter``): every
+    module counts as called once, and calls carry no nodes, so call-derived facts (convolution
+    attributes) are unknown.
+    """
+    modules, shapes, tensors = {}, {}, {}
+    for path, sub in module.named_modules(remove_duplicate=False):
+        if not path:
+            continue
+        params = {}
+        for local, tensor in [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)]:
+            fqn = f"{path}.{local}"
+            params[local] = fqn
+            shapes[fqn] = tuple(tensor.shape)
+            tensors[fqn] = tensor  # the object itself: tied parameters stay identical
+        modules[path] = ModuleInfo(path, type(sub).__name__, params, (ModuleCall(path, path, (), (), ()),))
+    return ModuleTable(modules, shapes, tensors)
+
+
 _CONV = {"aten.conv1d", "aten.conv2d", "aten.conv3d", "aten.convolution"}
 
 

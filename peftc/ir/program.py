@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -153,6 +153,8 @@ class ProgramEditor:
         self.constants: dict[str, Any] = dict(program.constants)
         vals = [n.meta.get("val") for n in self.graph.nodes if n.op == "placeholder"]
         self.fake_mode = torch._guards.detect_fake_mode(vals)
+        self._extra_kwargs: list[str] = []
+        self._extra_examples: dict[str, torch.Tensor] = {}
 
     # -- state ---------------------------------------------------------------------------------
     def spec(self, node: fx.Node) -> InputSpec | None:
@@ -202,6 +204,38 @@ class ProgramEditor:
         self.state_dict[fqn] = torch.nn.Parameter(tensor.detach(), requires_grad=False)
         self.input_specs.insert(index, InputSpec(InputKind.PARAMETER, TensorArgument(node.name), fqn))
         return node
+
+    def user_input(self, name: str) -> fx.Node | None:
+        """The placeholder of user input ``name``, if the program has one."""
+        names = {s.arg.name for s in self.input_specs if s.kind == InputKind.USER_INPUT}
+        return next((n for n in self.graph.nodes if n.op == "placeholder" and n.name == name and name in names), None)
+
+    def add_user_input(self, name: str, like: torch.Tensor) -> fx.Node:
+        """Add a keyword input ``name`` shaped like the fake value ``like`` (symbolic dims kept).
+
+        It becomes the last user input and the last entry of the program's keyword inputs.
+        """
+        if any(n.op == "placeholder" and n.name == name for n in self.graph.nodes):
+            raise ValueError(f"the program already has a placeholder named {name!r}")
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        with self.graph.inserting_after(placeholders[-1]):
+            node = self.graph.placeholder(name)
+        node.meta["val"] = like
+        self.input_specs.append(InputSpec(InputKind.USER_INPUT, TensorArgument(node.name), None))
+        self._extra_kwargs.append(name)
+        self._extra_examples[name] = torch.zeros(self._concrete(like.shape), dtype=like.dtype)
+        return node
+
+    def _concrete(self, shape: Sequence[Any]) -> list[int]:
+        """``shape`` with each symbolic dim replaced by its size in the program's example inputs."""
+        sizes: dict[str, int] = {}
+        examples = pytree.tree_leaves(self.source.example_inputs or ((), {}))
+        users = [s.arg.name for s in self.source.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+        nodes = {n.name: n for n in self.source.graph.nodes if n.op == "placeholder"}
+        for name, example in zip(users, examples, strict=False):
+            for dim, size in zip(nodes[name].meta["val"].shape, getattr(example, "shape", ()), strict=False):
+                sizes.setdefault(str(dim), int(size))
+        return [d if isinstance(d, int) else sizes[str(d)] for d in shape]
 
     def set_tensor(self, fqn: str, tensor: torch.Tensor) -> None:
         """Replace the value behind state-dict key ``fqn`` (shape and dtype may change)."""
@@ -276,14 +310,26 @@ class ProgramEditor:
                 spec.arg = TensorArgument(value.name)
             specs.append(spec)
         self.graph_module.recompile()
+        call_graph = copy.deepcopy(self.source.module_call_graph)
+        examples = self.source.example_inputs
+        if self._extra_examples and examples is not None:
+            examples = (examples[0], {**examples[1], **self._extra_examples})
+        if self._extra_kwargs:
+            signature = call_graph[0].signature
+            signature.in_spec = _with_kwargs(signature.in_spec, self._extra_kwargs)
+            if signature.forward_arg_names is not None:
+                # The unlifted module's forward() takes exactly the program's inputs, in this order:
+                # torch re-traces it passing keyword inputs positionally.
+                args, kwargs = pytree.tree_unflatten([None] * signature.in_spec.num_leaves, signature.in_spec)
+                signature.forward_arg_names = [*signature.forward_arg_names[: len(args)], *kwargs]
         return ExportedProgram(
             root=self.graph_module,
             graph=self.graph,
             graph_signature=ExportGraphSignature(self.input_specs, specs),
             state_dict=self.state_dict,
             range_constraints=self.source.range_constraints,
-            module_call_graph=copy.deepcopy(self.source.module_call_graph),
-            example_inputs=self.source.example_inputs,
+            module_call_graph=call_graph,
+            example_inputs=examples,
             constants=self.constants,
             verifiers=[self.source.verifier],
         )
@@ -296,6 +342,14 @@ class ProgramEditor:
         fake_args = fx.node.map_arg(args, lambda n: n.meta["val"])
         with self.fake_mode:
             return target(*fake_args)
+
+
+def _with_kwargs(in_spec: pytree.TreeSpec, names: list[str]) -> pytree.TreeSpec:
+    """The ``(args, kwargs)`` input spec with ``names`` appended to the keyword inputs."""
+    args, kwargs = pytree.tree_unflatten([None] * in_spec.num_leaves, in_spec)
+    if not isinstance(kwargs, dict):
+        raise UnsupportedError("the program's inputs are not (args, kwargs); cannot add an input")
+    return pytree.tree_flatten((args, {**kwargs, **dict.fromkeys(names)}))[1]
 
 
 def user_outputs_only(program: Program) -> bool:

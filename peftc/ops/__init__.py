@@ -4,7 +4,7 @@ Importing this package registers every op with torch (needed before tracing, run
 program that contains them). ``SITE_OPS`` maps op names to their calling conventions.
 """
 
-from peftc.ops import adalora, beft, boft, dora, ia3, loha, lokr, lora, oft, tokens, vera
+from peftc.ops import adalora, beft, boft, dora, ia3, loha, lokr, lora, oft, slots, tokens, vera
 from peftc.ops.base import LAYOUTS, SiteOp
 
 SITE_OPS: dict[str, SiteOp] = {
@@ -25,6 +25,10 @@ SITE_OPS: dict[str, SiteOp] = {
         loha.LOHA_WEIGHT,
         lokr.LOKR_WEIGHT,
         vera.VERA_WEIGHT,
+        slots.LORA_SLOT,
+        slots.LORA_EMBEDDING_SLOT,
+        slots.LORA_SLOT_BANK,
+        slots.LORA_EMBEDDING_SLOT_BANK,
     )
 }
 

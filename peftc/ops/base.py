@@ -55,6 +55,8 @@ class SiteOp:
     """Scalar argument names, in argument order."""
     base_params: tuple[str, ...] = ()
     """Call sites only: local names of the module's tensors passed after ``x``."""
+    user_inputs: tuple[str, ...] = ()
+    """Call sites only: program inputs passed last (created by the insertion pass if missing)."""
 
     @property
     def overload(self) -> torch._ops.OpOverload:

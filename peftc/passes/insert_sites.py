@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 
+import torch
 from torch import fx
 
 from peftc import ir
@@ -187,11 +188,36 @@ def _insert_call_site(editor: ir.ProgramEditor, table: ModuleTable, adapter: Ada
             operand, _ = _operand(editor, module, local, region, adapter) if local in module.params else (None, [])
             base.append(operand)
         out_node = nodes[output.name]
+        extra = [_index_input(editor, name, nodes[x.name], site) for name in op.user_inputs]
         # Inserted just before the call's output, every operand is already defined.
-        node = editor.call(op.overload, (nodes[x.name], *base, *tensors, *scalars), like=out_node)
+        node = editor.call(op.overload, (nodes[x.name], *base, *tensors, *scalars, *extra), like=out_node)
         ir.meta.peftc_meta(node).update(adapter=adapter.name, module=site.module, site=site.op)
         editor.replace(out_node, node, region)
     return len(module.calls)
+
+
+def _index_input(editor: ir.ProgramEditor, name: str, x: fx.Node, site: Site) -> fx.Node:
+    """The per-row index input ``name`` (``[batch]`` int64), created on first use.
+
+    Every site that reads it must see the batch as the first dim of its input, the same dim.
+    """
+    batch = x.meta["val"].shape[0]
+    existing = editor.user_input(name)
+    if existing is None:
+        with editor.fake_mode:
+            like = torch.empty((batch,), dtype=torch.int64)
+        if isinstance(batch, int):
+            raise UnsupportedError(
+                f"module {site.module!r}: its input's first dim is the fixed size {batch}, not a dynamic batch dim; "
+                "mixed-adapter batches need the batch first on every adapted module's input"
+            )
+        return editor.add_user_input(name, like)
+    if str(existing.meta["val"].shape[0]) != str(batch):
+        raise UnsupportedError(
+            f"module {site.module!r}: its input's first dim is {batch}, not the batch dim "
+            f"{existing.meta['val'].shape[0]}; mixed-adapter batches need the batch first on every adapted module's input"
+        )
+    return existing
 
 
 def _insert_weight_site(editor: ir.ProgramEditor, table: ModuleTable, adapter: Adapter, site: Site) -> int:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from peftc import ir
+from peftc.errors import UnsupportedError
 from peftc.methods.base import Adapter
 
 Oracle = Callable[[Mapping[str, torch.Tensor]], dict[str, np.ndarray]]
@@ -87,3 +88,38 @@ def peft_oracle(module: torch.nn.Module, adapters: Sequence[Adapter]) -> tuple[O
             return to_numpy(model(**inputs))
 
     return run, ""
+
+
+def weights_oracle(module: torch.nn.Module, adapters: Sequence[Adapter]) -> Oracle:
+    """Eager ``module`` with ``adapters`` applied to its parameters by peftc's own ops, untraced.
+
+    Each adapter, in order, replaces its full tensors and transforms each adapted parameter with its
+    sites' weight form (``W' = op(W, factors)``, the method's reference math). The module then runs
+    with those parameters through ``torch.func.functional_call`` (every tied name given separately,
+    so a site changes only its own module's use of a shared tensor). Used where the base is not
+    traced again (``peftc add-adapter``); the traced ``program_oracle`` is used everywhere else.
+    """
+    from peftc.ops import SITE_OPS
+
+    state = dict(module.named_parameters(remove_duplicate=False))
+    state.update(module.named_buffers(remove_duplicate=False))
+    with torch.no_grad():
+        for adapter in adapters:
+            for replacement in adapter.replacements:
+                state[replacement.param] = replacement.tensor.tensor.to(state[replacement.param].dtype)
+            for site in adapter.sites:
+                forms = site.weight_form if SITE_OPS[site.op].form == "call" else (site,)
+                if not forms:
+                    raise UnsupportedError(f"adapter {adapter.name!r}: {site.op} on {site.module!r} has no weight form")
+                for form in forms:
+                    op = SITE_OPS[form.op]
+                    fqn = f"{form.module}.{form.param}"
+                    tensors = [form.tensors[r].tensor if form.tensors.get(r) else None for r in op.tensor_roles]
+                    state[fqn] = op.overload(state[fqn], *tensors, *(form.scalars[k] for k in op.scalars))
+
+    def run(inputs: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return to_numpy(torch.func.functional_call(module, state, (), dict(inputs), tie_weights=False))
+
+    return run

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib.util
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,8 @@ class OnnxBackend:
     """Lower to ONNX; run with onnxruntime's CPU provider."""
 
     name = "onnx"
-    capabilities = Capabilities(dynamic_shapes=True, adapter_swap=False, device="cpu")
+    capabilities = Capabilities(dynamic_shapes=True, adapter_swap=True, device="cpu")
+    adapter_suffix = ".onnx_adapter"
 
     def available(self) -> Availability:
         missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
@@ -46,7 +47,16 @@ class OnnxBackend:
 
         return {"onnx": onnx.__version__, "onnxscript": onnxscript.__version__, "onnxruntime": onnxruntime.__version__}
 
-    def lower(self, program: ir.Program, signature: InputSignature, directory: Path, progress: Any) -> Lowered:
+    def lower(
+        self,
+        program: ir.Program,
+        signature: InputSignature,
+        directory: Path,
+        progress: Any,
+        overridable: Sequence[str] = (),
+    ) -> Lowered:
+        """Export to ``directory/model.onnx``; ``overridable`` initializers also become graph inputs
+        (their stored value is the default), which is how adapter slots are fed."""
         from peftc.backends.onnx.translations import table
 
         example = signature.example(signature.trace_sizes())
@@ -62,6 +72,7 @@ class OnnxBackend:
         model = onnx_program.model
         _name_outputs(model, ir.output_names(program))
         _name_dims(model, signature)
+        _make_overridable(model, overridable)
         initializer_bytes = sum(
             v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None
         )
@@ -85,9 +96,38 @@ class OnnxBackend:
         )
 
     def load(self, directory: Path, target: Mapping[str, Any]):
+        """An onnxruntime runner; ``target["adapter_files"]`` (name → path) and ``target["slots"]``
+        make it swappable."""
         from peftc.backends.ort import OrtRunner
 
-        return OrtRunner(directory / MODEL_FILE)
+        files = {name: directory / path for name, path in target.get("adapter_files", {}).items()}
+        banks = None
+        if target.get("slots", {}).get("bank"):
+            from peftc.slots import SlotTable
+
+            table = SlotTable.from_json(target["slots"])
+            banks = (table.bank, table.bank_inputs())
+        return OrtRunner(directory / MODEL_FILE, adapters=files, banks=banks)
+
+    def write_adapter(self, path: Path, tensors: Mapping[str, np.ndarray]) -> None:
+        """Write slot values as an onnxruntime adapter file (``onnxruntime.AdapterFormat``)."""
+        import onnxruntime as ort
+
+        adapter = ort.AdapterFormat()
+        adapter.set_adapter_version(1)
+        adapter.set_model_version(1)
+        adapter.set_parameters(
+            {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}
+        )
+        adapter.export_adapter(str(path))
+
+
+def _make_overridable(model: Any, names: Sequence[str]) -> None:
+    initializers = model.graph.initializers
+    for name in names:
+        if name not in initializers:
+            raise AssertionError(f"slot tensor {name} lost its name in ONNX")
+        model.graph.inputs.append(initializers[name])
 
 
 def _name_outputs(model: Any, names: list[str]) -> None:
@@ -138,13 +178,16 @@ def _describe(value: Any) -> dict[str, Any]:
 
 
 def _adapter_initializers(program: ir.Program, model: Any) -> dict[str, str]:
-    """ONNX initializer name -> adapter ``file:key`` for adapter tensors still in the graph."""
+    """ONNX initializer name -> adapter ``file:key`` for adapter tensors still in the graph (slots,
+    which hold whichever adapter is active, are described by ``target.slots`` instead)."""
+    from peftc.slots import SLOT_ADAPTER
+
     names = set(model.graph.initializers)
     out = {}
     for node in program.graph.nodes:
         info = node.meta.get(ir.meta.PEFTC, {})
         fqn = ir.placeholder_fqn(program, node) if node.op == "placeholder" else None
-        if fqn and "source" in info:
+        if fqn and "source" in info and info.get("adapter") != SLOT_ADAPTER:
             if fqn not in names:
                 raise AssertionError(f"adapter tensor {fqn} lost its name in ONNX")
             out[fqn] = info["source"]
