@@ -25,8 +25,8 @@ from peftc.errors import InputError, UnsupportedError, VerificationError
 from peftc.loaders import InputSignature, LoadedModel, load_model
 from peftc.methods import Adapter, ParseOptions, parse_adapter, read_adapter
 from peftc.passes import PassContext, PassManager, PassRecord, pipelines
-from peftc.verify import Report, peft_oracle, program_oracle
-from peftc.verify import verify as run_verification
+from peftc.verification import Report, peft_oracle, program_oracle
+from peftc.verification import verify as run_verification
 
 PathLike = str | os.PathLike[str]
 Progress = Callable[[str], None]
@@ -252,6 +252,7 @@ def verify(
         manifest.workdir,
         base_residual=manifest.options.get("base_residual", False),
         stack=not swappable,
+        names=[a["name"] for a in manifest.adapters],
     )
     dtypes = {o["name"]: o["dtype"] for o in manifest.target["outputs"]}
     seed = manifest.options.get("seed", 0) if seed is None else seed
@@ -284,6 +285,7 @@ def _build(
     *,
     base_residual: bool = False,
     stack: bool = True,
+    names: Sequence[str] | None = None,
 ) -> _Built:
     if configs and len(configs) not in (1, len(paths)):
         raise InputError(f"{len(configs)} --config files for {len(paths)} adapters; give one per adapter, in order")
@@ -291,7 +293,8 @@ def _build(
         sources = []
         for index, path in enumerate(paths):
             config = configs[index] if len(configs) == len(paths) else (configs[0] if configs else None)
-            sources.append(read_adapter(path, config=config, allow_pickle=allow_pickle))
+            name = names[index] if names else None
+            sources.append(read_adapter(path, name=name, config=config, allow_pickle=allow_pickle))
     with _stage(timings, "load", say, f"load model {model if isinstance(model, str) else type(model).__name__}"):
         loaded = load_model(model, inputs=list(inputs), allow_pickle=allow_pickle, workdir=workdir)
     with _stage(timings, "trace", say, "trace: torch.export"):

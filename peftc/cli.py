@@ -58,6 +58,9 @@ def _compile(args: argparse.Namespace) -> int:
         dump_ir=args.dump_ir,
         allow_pickle=args.allow_pickle,
         base_residual=args.base_residual,
+        swappable=args.swappable,
+        max_rank=args.max_rank,
+        multi_adapter=args.multi_adapter,
         oracle=not args.no_oracle,
         seed=args.seed,
         progress=_progress(),
@@ -69,6 +72,37 @@ def _compile(args: argparse.Namespace) -> int:
 
         print(manifest_text(dataclasses.asdict(artifact.manifest)), end="")
         print(f"wrote {artifact.path}")
+    return 0
+
+
+def _add_adapter(args: argparse.Namespace) -> int:
+    from peftc.report import verification_table
+    from peftc.swap import add_adapter
+
+    manifest = add_adapter(
+        args.artifact,
+        args.adapter,
+        name=args.name,
+        config=args.config,
+        model=args.model,
+        allow_pickle=args.allow_pickle,
+        oracle=not args.no_oracle,
+        progress=_progress(),
+    )
+    entry = manifest.adapters[-1]
+    if args.json:
+        print(json.dumps(entry, indent=2))
+    else:
+        print(verification_table(entry["verification"]))
+        print(f"added adapter {entry['name']!r} to {args.artifact} ({entry['slot_file']})")
+    return 0
+
+
+def _remove_adapter(args: argparse.Namespace) -> int:
+    from peftc.swap import remove_adapter
+
+    remove_adapter(args.artifact, args.name)
+    print(f"removed adapter {args.name!r} from {args.artifact}")
     return 0
 
 
@@ -173,10 +207,40 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="MODEL is the residual base a PiSSA/OLoRA/CorDA/LoRA-GA/LoftQ adapter was trained on (use it as is)",
     )
+    c.add_argument(
+        "--swappable",
+        action="store_true",
+        help="keep LoRA sites as fixed-shape adapter slots, so adapters are added and switched without recompiling "
+        "(the --adapter arguments are then alternatives, not a stack)",
+    )
+    c.add_argument("--max-rank", type=int, help="slot rank of a --swappable artifact (default: the largest given rank)")
+    c.add_argument(
+        "--multi-adapter",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --swappable: let one call mix up to N adapters, one per batch row",
+    )
     c.add_argument("--no-oracle", action="store_true", help="skip the comparison against Hugging Face PEFT")
     c.add_argument("--seed", type=int, default=0, help="seed of the verification inputs")
     c.add_argument("--json", action="store_true", help="print the manifest as JSON")
     c.set_defaults(func=_compile)
+
+    a = sub.add_parser("add-adapter", help="add a LoRA adapter to a --swappable artifact (no recompile)")
+    a.add_argument("artifact")
+    a.add_argument("--adapter", required=True, help="PEFT adapter directory or .safetensors file")
+    a.add_argument("--name", help="the adapter's name in the artifact (default: the directory or file name)")
+    a.add_argument("--config", help="adapter_config.json for an adapter given as a bare .safetensors file")
+    a.add_argument("--model", help="the base model, if not the one recorded in the manifest")
+    a.add_argument("--allow-pickle", action="store_true", help="accept a pickled adapter (weights_only=True)")
+    a.add_argument("--no-oracle", action="store_true", help="skip the comparison against Hugging Face PEFT")
+    a.add_argument("--json", action="store_true", help="print the adapter's manifest entry as JSON")
+    a.set_defaults(func=_add_adapter)
+
+    r = sub.add_parser("remove-adapter", help="remove an adapter from a --swappable artifact")
+    r.add_argument("artifact")
+    r.add_argument("--name", required=True)
+    r.set_defaults(func=_remove_adapter)
 
     i = sub.add_parser("inspect", help="show an artifact's manifest")
     i.add_argument("artifact")

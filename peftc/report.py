@@ -55,6 +55,30 @@ def manifest_text(m: Mapping[str, Any]) -> str:
             [[model["spec"], model["kind"], model["class"], f"{model['parameters']:,}", model["state_sha256"][:16]]],
         ),
     ]
+    slots = target.get("slots")
+    if slots:
+        bank = f", a bank of {slots['bank'] - 1} adapters per call" if slots.get("bank") else ""
+        default = target.get("default_adapter")
+        parts.append(
+            f"swappable: {len(slots['slots'])} LoRA slots of rank {slots['rank']} ({slots['dtype']}){bank}; "
+            f"default adapter {default!r}"
+        )
+        parts.append(
+            table(
+                ["adapter", "method", "sites", "ranks", "slot file", "verified"],
+                [
+                    [
+                        a["name"],
+                        a["method"],
+                        len(a["sites"]),
+                        ",".join(map(str, sorted({s.get("r") for s in a["sites"] if s.get("r") is not None}))) or "-",
+                        a.get("slot_file", "-"),
+                        "add-adapter" if a.get("added") else "compile",
+                    ]
+                    for a in m["adapters"]
+                ],
+            )
+        )
     for adapter in m["adapters"]:
         honoured = adapter["config_honoured"]
         ranks = sorted({s.get("r") for s in adapter["sites"] if s.get("r") is not None})

@@ -34,8 +34,8 @@ from peftc.errors import InputError, UnsupportedError, VerificationError
 from peftc.loaders.inputs import InputSignature, TensorInput
 from peftc.methods.base import Adapter
 from peftc.passes import EliminateDeadCodePass, InsertSitesPass, PassContext, PassManager, pipelines
-from peftc.verify import Report, peft_oracle, program_oracle, verify
-from peftc.verify.oracles import Oracle, weights_oracle
+from peftc.verification import Report, peft_oracle, program_oracle, verify
+from peftc.verification.oracles import Oracle, weights_oracle
 
 ADAPTER_DIR = "adapters"
 Progress = Callable[[str], None]
@@ -128,7 +128,10 @@ def verify_artifact(
         )
         reports.append(dataclasses.replace(report, effect={f"{name}: {k}": v for k, v in report.effect.items()}))
     if table.bank and references:
-        reports.append(_verify_mixed(runner, plain, table, base, references, dtypes, seed))
+        names = list(references)
+        for start in range(0, len(names), table.bank - 1):  # as many adapters per batch as the bank holds
+            group = {n: references[n] for n in names[start : start + table.bank - 1]}
+            reports.append(_verify_mixed(runner, plain, table, base, group, dtypes, seed))
     return Report(
         tuple(c for r in reports for c in r.cases),
         {k: v for r in reports for k, v in r.effect.items()},
@@ -209,7 +212,7 @@ def add_adapter(
             f"{directory}: an adapter named {source.name!r} exists; remove it first or pass another --name"
         )
     say("load the base model (no tracing)")
-    loaded = load_base_for_verify(manifest)
+    loaded = load_base_for_verify(manifest, model)
     modules = (
         ir.module_table(loaded.program) if loaded.program is not None else ir.module_table_from_module(loaded.module)
     )

@@ -24,7 +24,7 @@ from peftc import ir
 from peftc.loaders.inputs import from_transformers, parse_inputs
 from peftc.methods import load_adapter
 from peftc.passes import PassContext, PassManager, pipelines
-from peftc.verify import peft_oracle, program_oracle, verify
+from peftc.verification import peft_oracle, program_oracle, verify
 
 FAMILIES = {f.name: f for f in matrix.FAMILIES}
 _WORK = Path(tempfile.mkdtemp(prefix="peftc-coverage-"))

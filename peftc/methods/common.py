@@ -168,7 +168,7 @@ def classify_full_tensor(
         )
     bias_mode = cfg.get(bias_field, "none") if bias_field else "none"
     untie = False
-    if peft_config.in_modules_to_save(save, owner):
+    if peft_config.inside_modules_to_save(save, owner):
         reason, untie = "modules_to_save", True
     elif local == "bias" and bias_mode not in (None, "none"):
         reason = f"{bias_field}={bias_mode}"

@@ -41,7 +41,8 @@ def in_modules_to_save(modules_to_save: Sequence[str] | None, path: str) -> bool
     return bool(modules_to_save) and any(path.endswith(m) for m in modules_to_save)
 
 
-def _inside_modules_to_save(modules_to_save: Sequence[str] | None, path: str) -> bool:
+def inside_modules_to_save(modules_to_save: Sequence[str] | None, path: str) -> bool:
+    """True when ``path`` is a ``modules_to_save`` module or lies inside one (its copy holds it)."""
     return bool(modules_to_save) and any(re.match(rf"(^|.*\.){m}($|\..*)", path) for m in modules_to_save)
 
 
@@ -49,7 +50,7 @@ def is_target(config: Mapping[str, Any], path: str) -> bool:
     """Whether an adapter with this config adapts the module at ``path``."""
     if is_excluded(config.get("exclude_modules"), path):
         return False
-    if _inside_modules_to_save(config.get("modules_to_save"), path):
+    if inside_modules_to_save(config.get("modules_to_save"), path):
         return False
     targets = config.get("target_modules")
     if targets is None:

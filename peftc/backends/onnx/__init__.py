@@ -82,7 +82,7 @@ class OnnxBackend:
         ops = Counter(node.op_type for node in model.graph)
         return Lowered(
             files=tuple(files),
-            inputs=tuple(_describe(v) for v in model.graph.inputs),
+            inputs=tuple(_describe(v) for v in model.graph.inputs if v.name not in overridable),
             outputs=tuple(_describe(v) for v in model.graph.outputs),
             info={
                 "opset": model.opset_imports.get("", None),

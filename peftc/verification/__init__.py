@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from peftc.loaders.inputs import InputSignature
-from peftc.verify.compare import TOLERANCES, OutputError, Tolerance, compare, tolerance_for
-from peftc.verify.oracles import Oracle, peft_oracle, program_oracle, to_numpy
+from peftc.verification.compare import TOLERANCES, OutputError, Tolerance, compare, tolerance_for
+from peftc.verification.oracles import Oracle, peft_oracle, program_oracle, to_numpy
 
 ArtifactFn = Callable[[Mapping[str, torch.Tensor]], Mapping[str, np.ndarray]]
 
