@@ -18,7 +18,7 @@ from peftc.errors import InputError, UnsupportedError, VerificationError
 from peftc.hashing import sha256_file
 from peftc.swap import add_adapter, remove_adapter
 
-TARGETS = ["query", "value", "word_embeddings"]
+TARGETS = ["query", "value", "pooler.dense", "word_embeddings"]  # the pooler reads [batch, hidden]
 
 
 def _lora(model, path, seed, **config):

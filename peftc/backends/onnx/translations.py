@@ -89,7 +89,8 @@ def _per_row(h: Any, rank: int, bank: Any, index: Any) -> Any:
     """``h[b] · bank[index[b]]ᵀ`` for ``h`` ``[batch, ..., k]`` of ``rank`` dims: a batched MatMul over
     gathered slots."""
     chosen = op.Transpose(op.Gather(bank, index, axis=0), perm=[0, 2, 1])  # [batch, k, out]
-    out = op.MatMul(op.Reshape(h, _ints(0, -1, 0)), chosen)  # [batch, n, out]
+    last = op.Slice(op.Shape(h), _ints(rank - 1), _ints(rank))
+    out = op.MatMul(op.Reshape(h, op.Concat(_ints(0, -1), last, axis=0)), chosen)  # [batch, n, out]
     leading = op.Slice(op.Shape(h), _ints(0), _ints(rank - 1))
     return op.Reshape(out, op.Concat(leading, op.Slice(op.Shape(out), _ints(2), _ints(3)), axis=0))
 
