@@ -181,13 +181,35 @@ def test_allow_pickle_loads_with_weights_only(capsys, tmp_path, bert_dir, bert_a
         (["--input", "input_ids:batch,seq"], "expected name:dims:dtype"),
         (["--input", "input_ids:batch,seq:int99"], "unknown dtype 'int99'"),
         (["--target", "tflite"], "unknown target 'tflite'"),
+        (["--max-rank", "8"], "apply to --swappable artifacts only"),
+        (["--swappable", "--max-rank", "2"], "--max-rank 2 is below the rank 4 of a given adapter"),
     ],
-    ids=["input-format", "input-dtype", "target"],
+    ids=["input-format", "input-dtype", "target", "max-rank-alone", "max-rank-too-small"],
 )
 def test_bad_options(capsys, tmp_path, bert_dir, bert_adapter, argv, message):
     code, _, err = run(capsys, "compile", bert_dir, "--adapter", bert_adapter, "-o", tmp_path / "out", *argv)
     assert code == 2 and message in _error_line(err)
     assert not (tmp_path / "out").exists()
+
+
+def test_swappable_compile_add_and_remove(capsys, tmp_path, bert_dir, bert_adapter):
+    import models
+
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "compile", bert_dir, "--adapter", bert_adapter, "--swappable", "-o", out)
+    assert code == 0, err
+    other = models.make_lora(models.tiny_bert(), tmp_path / "other", target_modules=["key"])
+    code, _, err = run(capsys, "add-adapter", out, "--adapter", other)
+    assert code == 2 and "module 'encoder.layer.0.attention.self.key' has no slot" in _error_line(err)
+    same = models.make_lora(models.tiny_bert(), tmp_path / "same", seed=3, target_modules=["query"], r=2)
+    code, stdout, err = run(capsys, "add-adapter", out, "--adapter", same, "--name", "q2")
+    assert code == 0 and "added adapter 'q2'" in stdout, err
+    code, stdout, _ = run(capsys, "inspect", out)
+    assert "swappable: 11 LoRA slots of rank 4" in stdout and "add-adapter" in stdout
+    code, stdout, _ = run(capsys, "remove-adapter", out, "--name", "q2")
+    assert code == 0 and "removed adapter 'q2'" in stdout
+    code, _, err = run(capsys, "remove-adapter", out, "--name", "q2")
+    assert code == 2 and "no adapter named 'q2'" in _error_line(err)
 
 
 def test_missing_model(capsys, tmp_path, bert_adapter):
