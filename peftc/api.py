@@ -12,14 +12,14 @@ import datetime
 import os
 import platform
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from peftc import ir
-from peftc.artifact import SCHEMA_VERSION, ArtifactWriter, Manifest, file_record
+from peftc.artifact import SCHEMA_VERSION, ArtifactWriter, Manifest, file_record, read_manifest
 from peftc.backends import get_backend
 from peftc.errors import InputError, VerificationError
 from peftc.loaders import InputSignature, LoadedModel, load_model
@@ -57,6 +57,7 @@ def compile(
     *,
     out: PathLike,
     target: str = "onnx",
+    target_options: Mapping[str, Any] | None = None,
     merge: bool = True,
     inputs: Sequence[str] = (),
     configs: Sequence[PathLike] = (),
@@ -76,7 +77,10 @@ def compile(
             ``nn.Module`` / ``ExportedProgram`` object.
         adapters: PEFT adapter directories or ``.safetensors`` files, in stacking order.
         out: the artifact directory to create.
-        target: ``onnx``.
+        target: ``onnx``, ``aoti`` (AOTInductor package) or ``trt`` (TensorRT engine).
+        target_options: options of the target, as the CLI flags name them: ``device`` (aoti:
+            ``cpu``/``cuda``); ``profile`` (a list of ``dim:min,opt,max``), ``precision``
+            (``fp32``/``fp16``/``bf16``), ``refit``, ``strip_weights``, ``cache_dir`` (trt).
         merge: fold adapters into the base weights; ``False`` keeps them as separate ops.
         inputs: ``name:dims:dtype`` input descriptions overriding the derived ones.
         configs: ``adapter_config.json`` files for adapters given as bare weight files, by position.
@@ -101,7 +105,7 @@ def compile(
     timings: dict[str, float] = {}
     writer = ArtifactWriter(out, force=force)
     try:
-        backend = get_backend(target)
+        backend = get_backend(target, target_options)
         built = _build(model, paths, inputs, configs, allow_pickle, dump_ir, say, timings, base_residual=base_residual)
         ctx = PassContext(dump_dir=Path(dump_ir) if dump_ir else None, progress=say)
         with _stage(timings, "optimize", say, "optimize: " + ("merge" if merge else "keep sites unmerged")):
@@ -109,10 +113,15 @@ def compile(
                 built.reference, ctx, history=[r.name for r in built.records]
             )
         with _stage(timings, "lower", say, f"lower: {target}"):
-            lowered = backend.lower(final, built.loaded.signature, writer.tmp, say)
-        with _stage(timings, "verify", say, "verify: artifact vs eager reference" + (" and PEFT" if oracle else "")):
-            runner = backend.load(writer.tmp, {"files": lowered.files})
-            dtypes = {o["name"]: o["dtype"] for o in lowered.outputs}
+            extra = {"reference": built.reference} if getattr(backend, "uses_reference", False) else {}
+            lowered = backend.lower(final, built.loaded.signature, writer.tmp, say, **extra)
+        verifier = get_backend(lowered.verify_with) if lowered.verify_with else backend
+        checked = f" (its {lowered.verify_with} model)" if lowered.verify_with else ""
+        with _stage(
+            timings, "verify", say, f"verify: artifact{checked} vs eager reference" + (" and PEFT" if oracle else "")
+        ):
+            runner = verifier.load(writer.tmp, {"files": list(lowered.files), **dict(lowered.info)})
+            dtypes = {o["name"]: o.get("compute_dtype") or o["dtype"] for o in lowered.outputs}
             report = _verify(runner, built, dtypes, oracle=oracle, seed=seed)
         manifest = Manifest(
             schema_version=SCHEMA_VERSION,
@@ -120,10 +129,13 @@ def compile(
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             peftc_version=_version(),
             versions=_versions(backend),
-            command=_command(model, paths, configs, target, out, merge, inputs, allow_pickle, base_residual),
+            command=_command(
+                model, paths, configs, target, out, merge, inputs, allow_pickle, base_residual, target_options
+            ),
             workdir=os.getcwd(),
             options={
                 "target": target,
+                "target_options": _options_json(target_options),
                 "merge": merge,
                 "seed": seed,
                 "oracle": oracle,
@@ -140,10 +152,11 @@ def compile(
                 "inputs": list(lowered.inputs),
                 "outputs": list(lowered.outputs),
                 "signature": built.loaded.signature.to_json(),
+                "verified_with": lowered.verify_with or target,
                 **dict(lowered.info),
             },
             verification=report.to_json(),
-            not_run=[{"what": what, "reason": why} for what, why in report.not_run],
+            not_run=[{"what": what, "reason": why} for what, why in (*lowered.not_run, *report.not_run)],
             timings={k: round(v, 3) for k, v in timings.items()},
             warnings=[w for a in built.adapters for w in a.all_warnings()],
         )
@@ -172,7 +185,9 @@ def verify(
     from peftc.runtime import load
 
     say = progress or (lambda message: None)
-    runner = load(path, allow_failed=True)
+    recorded = read_manifest(path).target
+    runtime = recorded.get("verified_with") if recorded.get("verified_with") != recorded["name"] else None
+    runner = load(path, allow_failed=True, runtime=runtime)
     manifest = runner.manifest
     spec = model if model is not None else manifest.model["spec"]
     if isinstance(spec, str) and spec.startswith("<"):
@@ -195,7 +210,7 @@ def verify(
         manifest.workdir,
         base_residual=manifest.options.get("base_residual", False),
     )
-    dtypes = {o["name"]: o["dtype"] for o in manifest.target["outputs"]}
+    dtypes = {o["name"]: o.get("compute_dtype") or o["dtype"] for o in manifest.target["outputs"]}
     with _stage(timings, "verify", say, "verify: artifact vs eager reference" + (" and PEFT" if oracle else "")):
         return _verify(
             runner.backend_runner,
@@ -353,6 +368,7 @@ def _command(
     inputs: Sequence[str],
     allow_pickle: bool,
     base_residual: bool,
+    target_options: Mapping[str, Any] | None = None,
 ) -> list[str] | None:
     if not isinstance(model, (str, os.PathLike)):
         return None
@@ -370,7 +386,26 @@ def _command(
         command.append("--allow-pickle")
     if base_residual:
         command.append("--base-residual")
+    for name, value in _options_json(target_options).items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            command.append(flag)
+        elif isinstance(value, list):
+            for item in value:
+                command += [flag, str(item)]
+        else:
+            command += [flag, str(value)]
     return command
+
+
+def _options_json(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Target options as given (unset ones dropped), JSON-ready: ``{"precision": "fp16", "profile": [...]}``."""
+    out: dict[str, Any] = {}
+    for name, value in sorted((options or {}).items()):
+        if value in (None, False, (), []):
+            continue
+        out[name] = [str(v) for v in value] if isinstance(value, (list, tuple)) else value
+    return out
 
 
 def _version() -> str:
