@@ -404,7 +404,8 @@ def _options_json(options: Mapping[str, Any] | None) -> dict[str, Any]:
     for name, value in sorted((options or {}).items()):
         if value in (None, False, (), []):
             continue
-        out[name] = [str(v) for v in value] if isinstance(value, (list, tuple)) else value
+        text = lambda v: v.text() if hasattr(v, "text") else str(v)  # noqa: E731  (a DimProfile or its text)
+        out[name] = [text(v) for v in value] if isinstance(value, (list, tuple)) else value
     return out
 
 
