@@ -12,14 +12,14 @@ import datetime
 import os
 import platform
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from peftc import ir, swap
-from peftc.artifact import SCHEMA_VERSION, ArtifactWriter, Manifest, file_record
+from peftc.artifact import SCHEMA_VERSION, ArtifactWriter, Manifest, file_record, read_manifest
 from peftc.backends import get_backend
 from peftc.errors import InputError, UnsupportedError, VerificationError
 from peftc.loaders import InputSignature, LoadedModel, load_model
@@ -58,6 +58,7 @@ def compile(
     *,
     out: PathLike,
     target: str = "onnx",
+    target_options: Mapping[str, Any] | None = None,
     merge: bool = True,
     inputs: Sequence[str] = (),
     configs: Sequence[PathLike] = (),
@@ -80,7 +81,10 @@ def compile(
             ``nn.Module`` / ``ExportedProgram`` object.
         adapters: PEFT adapter directories or ``.safetensors`` files, in stacking order.
         out: the artifact directory to create.
-        target: ``onnx``.
+        target: ``onnx``, ``aoti`` (AOTInductor package) or ``trt`` (TensorRT engine).
+        target_options: options of the target, as the CLI flags name them: ``device`` (aoti:
+            ``cpu``/``cuda``); ``profile`` (a list of ``dim:min,opt,max``), ``precision``
+            (``fp32``/``fp16``/``bf16``), ``refit``, ``strip_weights``, ``cache_dir`` (trt).
         merge: fold adapters into the base weights; ``False`` keeps them as separate ops.
         inputs: ``name:dims:dtype`` input descriptions overriding the derived ones.
         configs: ``adapter_config.json`` files for adapters given as bare weight files, by position.
@@ -114,9 +118,9 @@ def compile(
         raise InputError("--multi-adapter must be >= 0 and --max-rank >= 1")
     writer = ArtifactWriter(out, force=force)
     try:
-        backend = get_backend(target)
-        if swappable and not backend.capabilities.adapter_swap:
-            raise UnsupportedError(f"target {target!r} cannot swap adapters; use --target onnx for --swappable")
+        backend = get_backend(target, target_options)
+        if swappable and not backend.capabilities.slots:
+            raise UnsupportedError(f"target {target!r} cannot build --swappable artifacts; use --target onnx or aoti")
         built = _build(
             model,
             paths,
@@ -146,7 +150,10 @@ def compile(
                 )
         with _stage(timings, "lower", say, f"lower: {target}"):
             overridable = swap.tensor_names(table) if table else ()
-            lowered = backend.lower(final, signature, writer.tmp, say, overridable=overridable)
+            extra = {"reference": built.reference} if getattr(backend, "uses_reference", False) else {}
+            if overridable:
+                extra["overridable"] = overridable
+            lowered = backend.lower(final, signature, writer.tmp, say, **extra)
             files = list(lowered.files)
             if table is not None:
                 adapter_files = swap.write_adapter_files(backend, writer.tmp, table, built.adapters)
@@ -160,9 +167,13 @@ def compile(
                     "adapter_files": {a.name: f for a, f in zip(built.adapters, adapter_files, strict=True)},
                     "default_adapter": built.adapters[0].name,
                 }
-        with _stage(timings, "verify", say, "verify: artifact vs eager reference" + (" and PEFT" if oracle else "")):
-            runner = backend.load(writer.tmp, {"files": files, **extra_target})
-            dtypes = {o["name"]: o["dtype"] for o in lowered.outputs}
+        verifier = get_backend(lowered.verify_with) if lowered.verify_with else backend
+        checked = f" (its {lowered.verify_with} model)" if lowered.verify_with else ""
+        with _stage(
+            timings, "verify", say, f"verify: artifact{checked} vs eager reference" + (" and PEFT" if oracle else "")
+        ):
+            runner = verifier.load(writer.tmp, {"files": files, **dict(lowered.info), **extra_target})
+            dtypes = {o["name"]: o.get("compute_dtype") or o["dtype"] for o in lowered.outputs}
             if table is None:
                 report = _verify(runner, built, dtypes, oracle=oracle, seed=seed)
             else:
@@ -174,11 +185,23 @@ def compile(
             peftc_version=_version(),
             versions=_versions(backend),
             command=_command(
-                model, paths, configs, target, out, merge, inputs, allow_pickle, base_residual, table, multi_adapter
+                model,
+                paths,
+                configs,
+                target,
+                out,
+                merge,
+                inputs,
+                allow_pickle,
+                base_residual,
+                target_options,
+                table,
+                multi_adapter,
             ),
             workdir=os.getcwd(),
             options={
                 "target": target,
+                "target_options": _options_json(target_options),
                 "merge": merge,
                 "seed": seed,
                 "oracle": oracle,
@@ -199,11 +222,12 @@ def compile(
                 "inputs": list(lowered.inputs),
                 "outputs": list(lowered.outputs),
                 "signature": signature.to_json(),
+                "verified_with": lowered.verify_with or target,
                 **dict(lowered.info),
                 **{k: v for k, v in extra_target.items() if k != "adapter_files"},
             },
             verification=report.to_json(),
-            not_run=[{"what": what, "reason": why} for what, why in report.not_run],
+            not_run=[{"what": what, "reason": why} for what, why in (*lowered.not_run, *report.not_run)],
             timings={k: round(v, 3) for k, v in timings.items()},
             warnings=[w for a in built.adapters for w in a.all_warnings()],
         )
@@ -232,7 +256,9 @@ def verify(
     from peftc.runtime import load
 
     say = progress or (lambda message: None)
-    runner = load(path, allow_failed=True)
+    recorded = read_manifest(path).target
+    runtime = recorded.get("verified_with") if recorded.get("verified_with") != recorded["name"] else None
+    runner = load(path, allow_failed=True, runtime=runtime)
     manifest = runner.manifest
     spec = _model_spec(manifest, model)
     _check_sources(manifest)
@@ -254,7 +280,7 @@ def verify(
         stack=not swappable,
         names=[a["name"] for a in manifest.adapters],
     )
-    dtypes = {o["name"]: o["dtype"] for o in manifest.target["outputs"]}
+    dtypes = {o["name"]: o.get("compute_dtype") or o["dtype"] for o in manifest.target["outputs"]}
     seed = manifest.options.get("seed", 0) if seed is None else seed
     with _stage(timings, "verify", say, "verify: artifact vs eager reference" + (" and PEFT" if oracle else "")):
         if swappable:
@@ -480,6 +506,7 @@ def _command(
     inputs: Sequence[str],
     allow_pickle: bool,
     base_residual: bool,
+    target_options: Mapping[str, Any] | None = None,
     table: Any = None,
     multi_adapter: int = 0,
 ) -> list[str] | None:
@@ -499,11 +526,31 @@ def _command(
         command.append("--allow-pickle")
     if base_residual:
         command.append("--base-residual")
+    for name, value in _options_json(target_options).items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            command.append(flag)
+        elif isinstance(value, list):
+            for item in value:
+                command += [flag, str(item)]
+        else:
+            command += [flag, str(value)]
     if table is not None:
         command += ["--swappable", "--max-rank", str(table.rank)]
         if multi_adapter:
             command += ["--multi-adapter", str(multi_adapter)]
     return command
+
+
+def _options_json(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Target options as given (unset ones dropped), JSON-ready: ``{"precision": "fp16", "profile": [...]}``."""
+    out: dict[str, Any] = {}
+    for name, value in sorted((options or {}).items()):
+        if value in (None, False, (), []):
+            continue
+        text = lambda v: v.text() if hasattr(v, "text") else str(v)  # noqa: E731  (a DimProfile or its text)
+        out[name] = [text(v) for v in value] if isinstance(value, (list, tuple)) else value
+    return out
 
 
 def _version() -> str:

@@ -50,6 +50,7 @@ def _compile(args: argparse.Namespace) -> int:
         args.adapter,
         out=args.out,
         target=args.target,
+        target_options=_target_options(args),
         merge=not args.no_merge,
         inputs=args.input or [],
         configs=args.config or [],
@@ -104,6 +105,19 @@ def _remove_adapter(args: argparse.Namespace) -> int:
     remove_adapter(args.artifact, args.name)
     print(f"removed adapter {args.name!r} from {args.artifact}")
     return 0
+
+
+def _target_options(args: argparse.Namespace) -> dict[str, object]:
+    """The target flags that were given (each target checks and refuses the ones it does not take)."""
+    options = {
+        "device": args.device,
+        "profile": args.profile or [],
+        "precision": args.precision,
+        "refit": args.refit,
+        "strip_weights": args.strip_weights,
+        "cache_dir": args.cache_dir,
+    }
+    return {k: v for k, v in options.items() if v not in (None, False, [])}
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -182,7 +196,21 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         help="adapter_config.json for an adapter given as a bare .safetensors file (one per adapter, in order)",
     )
-    c.add_argument("--target", default="onnx", help="compilation target (default: onnx)")
+    c.add_argument("--target", default="onnx", help="compilation target: onnx (default), aoti, trt")
+    t = c.add_argument_group("target options")
+    t.add_argument("--device", choices=["cpu", "cuda"], help="aoti: compile for this device (default cpu)")
+    t.add_argument(
+        "--profile",
+        action="append",
+        metavar="DIM:MIN,OPT,MAX",
+        help="trt: range of a dynamic dim, e.g. seq:1,128,512 (repeatable; default: derived from the model)",
+    )
+    t.add_argument("--precision", help="trt: fp32 (default), fp16 or bf16 (strongly typed network)")
+    t.add_argument("--refit", action="store_true", help="trt: build a refittable engine (adapter swap by refit)")
+    t.add_argument(
+        "--strip-weights", action="store_true", help="trt: leave weights out of the engine (refitted from the ONNX)"
+    )
+    t.add_argument("--cache-dir", metavar="DIR", help="trt: timing/runtime cache directory reused across builds")
     c.add_argument("-o", "--out", required=True, help="artifact directory to create")
     c.add_argument(
         "--no-merge", action="store_true", help="keep adapters as separate ops instead of merging them into the weights"

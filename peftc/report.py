@@ -134,6 +134,7 @@ def manifest_text(m: Mapping[str, Any]) -> str:
             f"target {target['name']}: opset {target['opset']}, {target['nodes']} nodes, "
             f"{target['initializers']} initializers ({target['initializer_bytes']:,} bytes)"
         )
+    parts.extend(_target_lines(target))
     parts.append(verification_table(m["verification"]))
     for item in m["not_run"]:
         parts.append(f"not run: {item['what']}: {item['reason']}")
@@ -143,6 +144,38 @@ def manifest_text(m: Mapping[str, Any]) -> str:
     if m.get("command"):
         parts.append("rebuild: " + " ".join(_quote(c) for c in m["command"]))
     return "\n\n".join(parts) + "\n"
+
+
+def _target_lines(target: Mapping[str, Any]) -> list[str]:
+    """The aoti and trt targets' own facts (package and swap; parse, profile, engine and refit map)."""
+    lines = []
+    if target["name"] == "aoti":
+        lines.append(
+            f"target aoti: {target['package']} for {target['device']}, {target['constants']} constants, "
+            f"{len(target['adapter_constants'])} adapter constants, swappable {_cell(target['swappable'])}"
+        )
+    trt = target.get("tensorrt")
+    if trt:
+        parse = trt["parse"]
+        settings = trt["settings"]
+        lines.append(
+            f"target trt: {trt['module']} {trt['version']}, precision {settings['precision']}, parsed "
+            f"{parse['layers']} layers; engine: {trt['engine'] or trt.get('engine_missing') or 'none'}"
+        )
+        lines.append(
+            table(
+                ["profile input", "min", "opt", "max"],
+                [[p["name"], _shape(p["min"]), _shape(p["opt"]), _shape(p["max"])] for p in trt["profile"]],
+            )
+        )
+        refit = trt["refit_map"]
+        lines.append(
+            f"refit map: {len(refit['entries'])} weights, {len(refit['refused'])} refused; refittable engine "
+            f"{_cell(settings['refit'])}, weights stripped {_cell(settings['strip_weights'])}"
+        )
+        for item in refit["refused"][:5]:
+            lines.append(f"  refit refused {item['weight']}: {item['reason']}")
+    return lines
 
 
 def _stats(stats: Mapping[str, Any]) -> str:

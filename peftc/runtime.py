@@ -96,19 +96,33 @@ class Runner:
         return f"Runner({str(self.path)!r}, target={self.manifest.target['name']!r}, inputs={self.input_names})"
 
 
-def load(path: str | os.PathLike[str], *, allow_failed: bool = False) -> Runner:
+def load(path: str | os.PathLike[str], *, allow_failed: bool = False, runtime: str | None = None) -> Runner:
     """Load the artifact at ``path`` after validating its manifest and file hashes.
+
+    Args:
+        runtime: run the artifact with another target's runtime that reads its files, when the
+            manifest lists it in ``target.runnable_with`` (e.g. ``"onnx"``: the verified ONNX inside a
+            ``trt`` artifact, with onnxruntime). Never chosen implicitly.
 
     Raises:
         InputError: not an artifact, a manifest that does not validate, a file whose sha256 differs,
-            or an artifact that failed verification (unless ``allow_failed``).
+            an artifact that failed verification (unless ``allow_failed``), or a ``runtime`` the
+            artifact cannot be run with.
+        BackendUnavailable: the target's runtime cannot run here (e.g. a TensorRT artifact built
+            without a GPU has no engine; the message says how to run its ONNX).
     """
     path = Path(path)
     manifest = read_manifest(path)
     if manifest.status != "ok" and not allow_failed:
         raise InputError(f"{path}: this artifact failed verification (kept with --keep-failed); refusing to run it")
     check_files(path, manifest)
-    backend = get_backend(manifest.target["name"])
+    name = manifest.target["name"]
+    if runtime is not None and runtime != name:
+        allowed = manifest.target.get("runnable_with", [])
+        if runtime not in allowed:
+            raise InputError(f"{path}: a {name!r} artifact cannot be run with {runtime!r} (it can with {allowed})")
+        name = runtime
+    backend = get_backend(name)
     files = {a["name"]: a["slot_file"] for a in manifest.adapters if "slot_file" in a}
     return Runner(path, manifest, backend.load(path, {**manifest.target, "adapter_files": files}))
 

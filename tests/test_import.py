@@ -17,6 +17,7 @@ def test_import_peftc_imports_no_runtime():
         "import peftc\n"
         "assert 'torch' not in sys.modules, 'import peftc pulled in torch'\n"
         "import peftc.api, peftc.passes, peftc.backends, peftc.runtime, peftc.backends.onnx\n"
+        "import peftc.backends.aoti, peftc.backends.tensorrt, peftc.backends.tensorrt.settings\n"
         "print('ok')\n"
     )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

@@ -24,6 +24,9 @@ class Capabilities:
     dynamic_shapes: bool
     adapter_swap: bool
     device: str
+    slots: bool = False
+    """Builds ``--swappable`` artifacts: adapter slots filled from adapter files at run time
+    (``peftc/swap.py``); such a backend has ``adapter_suffix`` and ``write_adapter``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +45,11 @@ class Lowered:
     inputs: tuple[Mapping[str, Any], ...]
     outputs: tuple[Mapping[str, Any], ...]
     info: Mapping[str, Any]
+    not_run: tuple[tuple[str, str], ...] = ()
+    """``(what, why)`` for parts of the lowering that could not run here (e.g. a GPU-only engine build)."""
+    verify_with: str | None = None
+    """Another target whose runner checks these files when this target's own cannot run here (the
+    TensorRT target without a GPU verifies its ONNX with ``onnx``); None: this target's runner."""
 
 
 class Runner(Protocol):
@@ -54,7 +62,13 @@ class Runner(Protocol):
 
 
 class Backend(Protocol):
-    """A compilation target."""
+    """A compilation target.
+
+    Backends are constructed with their target options (``--precision``, ``--profile``, ``--device``…)
+    and validate them in ``__init__``; a backend without options is constructed with none. A backend
+    whose class sets ``uses_reference = True`` also receives the adapt-stage program (sites unmerged)
+    as ``lower(..., reference=program)``, to map adapter tensors to the weights they were merged into.
+    """
 
     name: str
     capabilities: Capabilities

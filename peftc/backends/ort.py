@@ -15,19 +15,20 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from peftc.backends import banks
+from peftc.backends.banks import INDEX_INPUT, Choice
 from peftc.errors import InputError, UnsupportedError
 
 _ORT_TYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
     "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
 }  # fmt: skip
-INDEX_INPUT = "adapter_index"
 _BANK_CACHE = 8
 
 
@@ -80,9 +81,7 @@ class OrtRunner:
             self._loaded.pop(name, None)
             self._bank_cache.clear()
 
-    def run(
-        self, feeds: Mapping[str, np.ndarray], adapter: str | Sequence[str | None] | None = None
-    ) -> dict[str, np.ndarray]:
+    def run(self, feeds: Mapping[str, np.ndarray], adapter: Choice = None) -> dict[str, np.ndarray]:
         """Run on ``feeds`` with no adapter (None), one adapter (a name), or one per batch row (a list)."""
         prepared = self._prepare(feeds)
         options = None
@@ -134,43 +133,23 @@ class OrtRunner:
                 self._loaded[name] = adapter
             return self._loaded[name]
 
-    def _bank_feeds(self, adapter: str | Sequence[str | None] | None, batch: int) -> dict[str, np.ndarray]:
+    def _bank_feeds(self, adapter: Choice, batch: int) -> dict[str, np.ndarray]:
         size, inputs = self._banks
-        rows = [adapter] * batch if adapter is None or isinstance(adapter, str) else list(adapter)
-        if len(rows) != batch:
-            raise InputError(f"adapter= lists {len(rows)} names for a batch of {batch} rows")
-        used = tuple(dict.fromkeys(r for r in rows if r is not None))
-        if len(used) > size - 1:
-            raise InputError(
-                f"{len(used)} adapters in one call, but the artifact's bank holds {size - 1} (--multi-adapter)"
-            )
+        used, index = banks.rows(adapter, batch, size)
         with self._lock:
-            banks = self._bank_cache.get(used)
-            if banks is None:
-                banks = self._assemble(used, size, inputs)
-                self._bank_cache[used] = banks
+            stacked = self._bank_cache.get(used)
+            if stacked is None:
+                stacked = banks.stack(size, inputs, [self._values(name) for name in used])
+                self._bank_cache[used] = stacked
                 while len(self._bank_cache) > _BANK_CACHE:
                     self._bank_cache.popitem(last=False)
             self._bank_cache.move_to_end(used)
-        index = np.array([0 if r is None else used.index(r) + 1 for r in rows], dtype=np.int64)
-        return {**banks, INDEX_INPUT: index}
+        return {**stacked, INDEX_INPUT: index}
 
-    def _assemble(self, used: tuple[str, ...], size: int, inputs: Mapping[str, str]) -> dict[str, np.ndarray]:
+    def _values(self, name: str) -> dict[str, np.ndarray]:
+        """An adapter file's slot values (slot name → array)."""
         import onnxruntime as ort
 
-        values = []
-        for name in used:
-            adapter = ort.AdapterFormat.read_adapter(str(self._check(name)))
-            # .numpy() views memory the AdapterFormat owns: copy before it is released.
-            values.append({k: v.numpy().copy() for k, v in adapter.get_parameters().items()})
-        banks = {}
-        for bank_name, slot_name in inputs.items():
-            rows = [v[slot_name] for v in values]
-            shape = rows[0].shape if rows else None
-            if shape is None:
-                continue
-            stacked = np.zeros((size, *shape), dtype=rows[0].dtype)
-            for i, row in enumerate(rows):
-                stacked[i + 1] = row
-            banks[bank_name] = stacked
-        return banks
+        adapter = ort.AdapterFormat.read_adapter(str(self._check(name)))
+        # .numpy() views memory the AdapterFormat owns: copy before it is released.
+        return {k: v.numpy().copy() for k, v in adapter.get_parameters().items()}

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 
@@ -62,6 +62,21 @@ class SiteOp:
     def overload(self) -> torch._ops.OpOverload:
         """The registered ``torch.ops.peftc.<name>.default``."""
         return getattr(torch.ops.peftc, self.name).default
+
+
+CALL_BODIES: dict[str, Callable[..., torch.Tensor]] = {}
+"""Call-site op name → its eager Python body, for backends that decompose ops rather than translate them."""
+
+
+def call_op(name: str) -> Callable[[F], Any]:
+    """Register the decorated function as the opaque custom op ``peftc::<name>`` (one IR node; a backend
+    translates it or decomposes it into its body, kept in :data:`CALL_BODIES`)."""
+
+    def register(fn: F) -> Any:
+        CALL_BODIES[name] = fn
+        return torch.library.custom_op(f"peftc::{name}", mutates_args=())(fn)
+
+    return register
 
 
 def weight_op(schema: str) -> Callable[[F], F]:

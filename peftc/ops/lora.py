@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from peftc.ops.base import SiteOp, weight_op
+from peftc.ops.base import SiteOp, call_op, weight_op
 
 LORA_LINEAR = SiteOp(
     name="lora_linear",
@@ -92,7 +92,7 @@ def lora_experts_weight(
     return (weight.to(torch.float32) + delta).to(weight.dtype)
 
 
-@torch.library.custom_op("peftc::lora_linear", mutates_args=())
+@call_op("lora_linear")
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from peftc.ops.base import SiteOp
+from peftc.ops.base import SiteOp, call_op
 
 LORA_SLOT = SiteOp(
     name="lora_slot",
@@ -61,7 +61,7 @@ def _base(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fan_
     return F.linear(x, weight.T if fan_in_fan_out else weight, bias)
 
 
-@torch.library.custom_op("peftc::lora_slot", mutates_args=())
+@call_op("lora_slot")
 def lora_slot(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -80,7 +80,7 @@ def _(x, weight, bias, slot_a, slot_b, fan_in_fan_out):
     return _base(x, weight, bias, fan_in_fan_out)
 
 
-@torch.library.custom_op("peftc::lora_embedding_slot", mutates_args=())
+@call_op("lora_embedding_slot")
 def lora_embedding_slot(
     ids: torch.Tensor, weight: torch.Tensor, slot_a: torch.Tensor, slot_b: torch.Tensor
 ) -> torch.Tensor:
@@ -102,7 +102,7 @@ def _per_row(h: torch.Tensor, bank: torch.Tensor, index: torch.Tensor) -> torch.
     return torch.bmm(flat, chosen.transpose(1, 2)).reshape(*h.shape[:-1], chosen.shape[1])
 
 
-@torch.library.custom_op("peftc::lora_slot_bank", mutates_args=())
+@call_op("lora_slot_bank")
 def lora_slot_bank(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -123,7 +123,7 @@ def _(x, weight, bias, bank_a, bank_b, fan_in_fan_out, adapter_index):
     return _base(x, weight, bias, fan_in_fan_out)
 
 
-@torch.library.custom_op("peftc::lora_embedding_slot_bank", mutates_args=())
+@call_op("lora_embedding_slot_bank")
 def lora_embedding_slot_bank(
     ids: torch.Tensor, weight: torch.Tensor, bank_a: torch.Tensor, bank_b: torch.Tensor, adapter_index: torch.Tensor
 ) -> torch.Tensor:

@@ -31,7 +31,7 @@ class OnnxBackend:
     """Lower to ONNX; run with onnxruntime's CPU provider."""
 
     name = "onnx"
-    capabilities = Capabilities(dynamic_shapes=True, adapter_swap=True, device="cpu")
+    capabilities = Capabilities(dynamic_shapes=True, adapter_swap=True, device="cpu", slots=True)
     adapter_suffix = ".onnx_adapter"
 
     def available(self) -> Availability:

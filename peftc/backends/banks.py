@@ -1,0 +1,56 @@
+"""Adapter banks for mixed-adapter batches, shared by the runtimes (numpy only, no torch).
+
+A call names one adapter per batch row (or one for all, or None for the base). The runtime puts the
+adapters the call uses into bank rows 1…k (row 0 is the base, all zeros) and feeds each batch row's
+bank row as ``adapter_index``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from peftc.errors import InputError
+
+INDEX_INPUT = "adapter_index"
+
+Choice = str | Sequence[str | None] | None
+"""``adapter=`` of a call: a name, None (the base model), or one of those per batch row."""
+
+
+def rows(adapter: Choice, batch: int, size: int) -> tuple[tuple[str, ...], np.ndarray]:
+    """The adapters a call uses, in bank order, and the bank row of every batch row.
+
+    Raises:
+        InputError: a per-row list of the wrong length, or more adapters than the bank holds.
+    """
+    chosen = [adapter] * batch if adapter is None or isinstance(adapter, str) else list(adapter)
+    if len(chosen) != batch:
+        raise InputError(f"adapter= lists {len(chosen)} names for a batch of {batch} rows")
+    used = tuple(dict.fromkeys(r for r in chosen if r is not None))
+    if len(used) > size - 1:
+        raise InputError(
+            f"{len(used)} adapters in one call, but the artifact's bank holds {size - 1} (--multi-adapter)"
+        )
+    index = np.array([0 if r is None else used.index(r) + 1 for r in chosen], dtype=np.int64)
+    return used, index
+
+
+def stack(size: int, names: Mapping[str, str], values: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Banks from per-adapter slot values: bank tensor → ``[size, *slot shape]`` (row 0 zero).
+
+    Args:
+        names: bank tensor name → the slot name adapter files use for it.
+        values: slot values of the adapters in bank rows 1, 2, … (slot name → array).
+    """
+    banks = {}
+    for bank, slot in names.items():
+        if not values:
+            continue
+        first = values[0][slot]
+        stacked = np.zeros((size, *first.shape), dtype=first.dtype)
+        for row, adapter in enumerate(values, start=1):
+            stacked[row] = adapter[slot]
+        banks[bank] = stacked
+    return banks
