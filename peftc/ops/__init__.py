@@ -4,7 +4,7 @@ Importing this package registers every op with torch (needed before tracing, run
 program that contains them). ``SITE_OPS`` maps op names to their calling conventions.
 """
 
-from peftc.ops import adalora, beft, boft, dora, ia3, loha, lokr, lora, oft, tokens, vera
+from peftc.ops import adalora, beft, boft, dora, ia3, loha, lokr, lora, oft, ssf, tokens, vera, zeroi2v
 from peftc.ops.base import LAYOUTS, SiteOp
 
 SITE_OPS: dict[str, SiteOp] = {
@@ -25,6 +25,9 @@ SITE_OPS: dict[str, SiteOp] = {
         loha.LOHA_WEIGHT,
         lokr.LOKR_WEIGHT,
         vera.VERA_WEIGHT,
+        ssf.SSF,
+        zeroi2v.LINEAR_ADAPTER,
+        zeroi2v.TEMPORAL_SHIFT,
     )
 }
 
