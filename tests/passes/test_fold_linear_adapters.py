@@ -1,0 +1,143 @@
+"""fold-linear-adapters: ZeroI2V's adapters fold into the projections on the side they sit; STDHA stays.
+
+The oracle is ``reparam_models.zeroi2v_reference``: the official ``LinearAdapter`` arrangement and
+``TemporalShift`` code around a video ViT, sharing no code with peftc. fp32, ≤ 1e-5 relative (the bound
+``peftc.verify`` uses); observed ~2e-7, while the adapters move the outputs by more than 100 %.
+Frame counts 2 and 5 here, 3 in ``tests/test_reparam.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import reparam_models as rm
+import torch
+from conftest import adapt, assert_outputs_close, export, run_passes
+from torch import nn
+
+from peftc import ir
+from peftc.loaders import parse_inputs
+from peftc.methods import Adapter, AdapterSource, AdapterTensor, Site, load_adapter
+from peftc.passes import EliminateDeadCodePass, FoldLinearAdaptersPass, PassContext, PassManager, pipelines
+
+STDHA = {"shift_div": 12}
+
+
+def _config(frames):
+    return {"peft_type": "ZEROI2V", "scale": 0.5, "num_frames": frames, "stdha": STDHA}
+
+
+def _setup(tmp_path, frames):
+    model, base = rm.exported("video", frames)
+    adapters = rm.zeroi2v_adapters(model)
+    path = rm.write_native(tmp_path / f"z{frames}", _config(frames), rm.zeroi2v_official_tensors(adapters))
+    return model, base, rm.zeroi2v_reference(model, adapters, STDHA, frames), path
+
+
+def _fold(reference):
+    return run_passes(reference, FoldLinearAdaptersPass(), EliminateDeadCodePass())
+
+
+def _check_numbers(program, reference_model, frames, batches=(1, 2), seeds=(0, 1)):
+    module = program.module()
+    for batch in batches:
+        for seed in seeds:
+            x = rm.video(batch, frames, seed)
+            with torch.no_grad():
+                assert_outputs_close({"output": module(x=x)}, {"output": reference_model(x)})
+
+
+@pytest.mark.parametrize("frames", [2, 5])
+def test_adapters_fold_and_only_the_temporal_shift_remains(tmp_path, frames):
+    _, base, reference_model, path = _setup(tmp_path, frames)
+    reference = adapt(base, path)
+    _check_numbers(reference, reference_model, frames, batches=(2,), seeds=(0,))
+    folded, records = _fold(reference)
+    assert records[0].stats == {"folded_input_side": 4, "folded_output_side": 4, "kept": 0, "untied": 0}
+    before, after = ir.op_counts(base), ir.op_counts(folded)
+    assert {k: after[k] - before[k] for k in after if after[k] != before[k]} == {"peftc.temporal_shift": 2}
+    assert sum(t.numel() for t in folded.state_dict.values()) == sum(t.numel() for t in base.state_dict.values())
+    _check_numbers(folded, reference_model, frames)
+
+
+def test_second_run_changes_nothing(tmp_path):
+    _, base, _, path = _setup(tmp_path, 2)
+    folded, _ = _fold(adapt(base, path))
+    _, records = run_passes(folded, FoldLinearAdaptersPass())
+    assert records[0].modified is False and records[0].stats["folded_input_side"] == 0
+
+
+def test_folding_on_the_wrong_side_is_caught(tmp_path, monkeypatch):
+    """Mutation: fold the out-projection's adapter as if it came before it (W·M instead of M·W)."""
+    import peftc.passes.fold_linear_adapters as fold
+    from peftc.ops.zeroi2v import fold_input, fold_output
+
+    def wrong_side(weight, bias, matrix, offset):
+        if weight.shape[0] == weight.shape[1]:  # attn.proj, square
+            return fold_input(weight, bias, matrix, offset)
+        return fold_output(weight, bias, matrix, offset)
+
+    monkeypatch.setattr(fold, "fold_output", wrong_side)
+    _, base, reference_model, path = _setup(tmp_path, 2)
+    folded, _ = _fold(adapt(base, path))
+    with pytest.raises(AssertionError, match="relative error"):
+        _check_numbers(folded, reference_model, 2, batches=(2,), seeds=(0,))
+
+
+def test_shift_in_the_wrong_direction_is_caught(tmp_path):
+    frames = 2
+    _, base, reference_model, path = _setup(tmp_path, frames)
+    adapter = load_adapter(path, ir.module_table(base))
+    reversed_sites = tuple(
+        dataclasses.replace(
+            s, scalars={**s.scalars, "spans": [-v if i % 3 == 2 else v for i, v in enumerate(s.scalars["spans"])]}
+        )
+        if s.op == "temporal_shift"
+        else s
+        for s in adapter.sites
+    )
+    wrong = dataclasses.replace(adapter, sites=reversed_sites)
+    reference = PassManager(pipelines.adapt([wrong])).run(base, PassContext())[0]
+    with pytest.raises(AssertionError, match="relative error"):
+        _check_numbers(reference, reference_model, frames, batches=(2,), seeds=(0,))
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+        self.act = nn.ReLU()
+        self.out = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.lin(x))
+        return self.out(h) + h
+
+
+def test_adapter_without_a_projection_beside_it_is_kept_with_the_reason(tmp_path):
+    model = rm.seeded(Residual)
+    base = export(model, parse_inputs(["x:batch,6:float32"]))
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "down_weight": torch.randn(3, 6, generator=g),
+        "down_bias": None,
+        "up_weight": torch.randn(6, 3, generator=g),
+        "up_bias": torch.randn(6, generator=g),
+    }
+    site_tensors = {k: AdapterTensor(k, v) if v is not None else None for k, v in tensors.items()}
+    site = Site("act", "linear_adapter", site_tensors, {"scale": 0.5, "residual": True}, position="output")
+    source = AdapterSource("a", Path(tmp_path), Path(tmp_path), Path(tmp_path), {"peft_type": "ZEROI2V"}, {}, {})
+    reference = PassManager(pipelines.adapt([Adapter("a", "zeroi2v", source, (site,))])).run(base, PassContext())[0]
+    kept, records = _fold(reference)
+    assert records[0].stats["kept"] == 1 and records[0].modified is False
+    [note] = records[0].diagnostics
+    assert note.site == "act" and "no projection after it (it is read by aten.add" in note.message
+    assert "nor before it (it is produced by aten.relu, not by a Linear)" in note.message
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        h = model.act(model.lin(x))
+        h = h + 0.5 * (h @ tensors["down_weight"].T @ tensors["up_weight"].T + tensors["up_bias"])
+        expected = model.out(h) + h
+    assert_outputs_close({"output": kept.module()(x=x)}, {"output": expected})
