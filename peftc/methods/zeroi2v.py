@@ -17,8 +17,9 @@ Tensor keys, in either of two formats:
 
 * **official** ``[backbone.]<block>.<placement>.D_fc{1,2}.{weight,bias}``, ``<placement>`` one of
   ``T_Adapter_in`` (before the attention in-projection: timm ``attn.qkv`` or the
-  ``nn.MultiheadAttention`` ``attn``), ``S_Adapter`` (after the out-projection ``attn.proj`` /
-  ``attn.out_proj``), ``MLP_Adapter`` (before ``mlp.fc1`` / ``mlp.c_fc``) and ``MLP_Adapter_out``
+  ``nn.MultiheadAttention`` ``attn``), ``S_Adapter`` (after the out-projection ``attn.proj``, or the
+  output of an ``nn.MultiheadAttention``, which ends with its out-projection), ``MLP_Adapter`` (before
+  ``mlp.fc1`` / ``mlp.c_fc``) and ``MLP_Adapter_out``
   (after ``mlp.fc2`` / ``mlp.c_proj``). The official CLIP block path ``transformer.resblocks.N`` is read
   as the base's ``blocks.N`` when the base is a timm ViT (e.g. timm's port of CLIP);
 * **peftc-native** ``<module>.zeroi2v_{in,out}.{down,up}.{weight,bias}``: an adapter before (``in``) or
@@ -66,7 +67,7 @@ CLIP_BLOCK = re.compile(r"^transformer\.resblocks\.(\d+)$")
 # placement → (side, projections it may sit next to, relative to the block)
 PLACEMENTS = {
     "T_Adapter_in": ("input", ("attn.qkv", "attn")),
-    "S_Adapter": ("output", ("attn.proj", "attn.out_proj")),
+    "S_Adapter": ("output", ("attn.proj", "attn.out_proj", "attn")),
     "MLP_Adapter": ("input", ("mlp.fc1", "mlp.c_fc")),
     "MLP_Adapter_out": ("output", ("mlp.fc2", "mlp.c_proj")),
 }
@@ -205,7 +206,8 @@ def _adapter_site(
         )
     common.require_roles(source, f"{path} ({label})", tensors, ["down_weight", "up_weight"])
     d_out, d_in = modules.state_shapes[weight_name][:2]
-    width = d_in if side == "input" else d_out
+    # nn.MultiheadAttention takes and returns its embedding width (in_proj_weight is [3·d, d])
+    width = d_in if side == "input" or "in_proj_weight" in module.params else d_out
     hidden = tensors["down_weight"].tensor.shape[0]
     expected = {"down_weight": (hidden, width), "down_bias": (hidden,), "up_weight": (width, hidden)}
     expected["up_bias"] = (width,)

@@ -141,3 +141,65 @@ def test_adapter_without_a_projection_beside_it_is_kept_with_the_reason(tmp_path
         h = h + 0.5 * (h @ tensors["down_weight"].T @ tensors["up_weight"].T + tensors["up_bias"])
         expected = model.out(h) + h
     assert_outputs_close({"output": kept.module()(x=x)}, {"output": expected})
+
+
+class ClipBlock(nn.Module):
+    """The official ZeroI2V block's frozen part (CLIP: nn.MultiheadAttention, mlp.c_fc/c_proj),
+    with its adapters applied where ``ResidualAttentionBlock_ZeroI2V.forward`` applies them."""
+
+    def __init__(self, adapters: dict | None = None) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2)
+        self.ln_1, self.ln_2 = nn.LayerNorm(16), nn.LayerNorm(16)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("c_fc", nn.Linear(16, 32))
+        self.mlp.add_module("gelu", nn.GELU())
+        self.mlp.add_module("c_proj", nn.Linear(32, 16))
+        self.adapters = nn.ModuleDict(adapters or {})
+
+    def _adapter(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return self.adapters[name](x) if name in self.adapters else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [tokens, batch, 16], as CLIP's transformer
+        h = self._adapter("T_Adapter_in", self.ln_1(x))
+        x = x + self._adapter("S_Adapter", self.attn(h, h, h, need_weights=False)[0])
+        return x + self._adapter("MLP_Adapter_out", self.mlp(self._adapter("MLP_Adapter", self.ln_2(x))))
+
+
+class Clip(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.transformer = nn.Module()
+        self.transformer.resblocks = nn.Sequential(ClipBlock())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.transformer.resblocks(x)
+
+
+def test_clip_blocks_with_multihead_attention_fold(tmp_path):
+    model = rm.seeded(Clip)
+    base = export(model, parse_inputs(["x:tokens,batch,16:float32"]))
+    torch.manual_seed(3)
+    adapters = {name: rm.LinearAdapter(16, 4, scale=0.5).eval() for name in rm.PLACEMENT_NAMES}
+    for adapter in adapters.values():
+        nn.init.normal_(adapter.D_fc2.weight, 0, 0.3)
+    tensors = {
+        f"transformer.resblocks.0.{name}.{key}": value
+        for name, adapter in adapters.items()
+        for key, value in adapter.state_dict().items()
+    }
+    path = rm.write_native(tmp_path / "clip", {"peft_type": "ZEROI2V", "scale": 0.5}, tensors)
+    sites = {(s.module, s.position) for s in load_adapter(path, ir.module_table(base)).sites}
+    block = "transformer.resblocks.0"
+    assert sites == {(f"{block}.attn", "input"), (f"{block}.attn", "output"), (f"{block}.mlp.c_fc", "input")} | {
+        (f"{block}.mlp.c_proj", "output")
+    }
+    folded, records = _fold(adapt(base, path))
+    assert records[0].stats == {"folded_input_side": 2, "folded_output_side": 2, "kept": 0, "untied": 0}
+    reference = rm.seeded(Clip)
+    reference.transformer.resblocks[0].adapters = nn.ModuleDict(adapters)
+    x = torch.randn(5, 3, 16, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = reference(x)
+        assert float((expected - model(x)).abs().max() / expected.abs().max()) > 0.05
+        assert_outputs_close({"output": folded.module()(x=x)}, {"output": expected})
