@@ -237,18 +237,29 @@ def _insert_activation_site(editor: ir.ProgramEditor, table: ModuleTable, adapte
     for call in module.calls:
         nodes = {n.name: n for n in editor.graph.nodes}
         region = {nodes[n.name] for n in call.nodes if n.name in nodes}
-        outputs = [n for n in call.outputs if ir.meta.is_tensor_node(n)]
-        ends = outputs if site.position == "output" else list(call.inputs)
-        if len(ends) != 1 or ends[0].name not in nodes:
+        if site.position == "output":
+            ends = [nodes[n.name] for n in call.outputs if ir.meta.is_tensor_node(n) and n.name in nodes]
+        else:  # what the call reads now, which an earlier activation site may have put in front of it
+            ends = list(
+                dict.fromkeys(
+                    a
+                    for n in editor.graph.nodes
+                    if n in region
+                    for a in n.all_input_nodes
+                    if a not in region and ir.meta.is_tensor_node(a) and editor.fqn(a) is None
+                )
+            )
+        if len(ends) != 1:
             raise UnsupportedError(
                 f"adapter {adapter.name!r}: module {site.module!r} has {len(ends)} tensor {site.position}s in the "
                 f"graph (or they were replaced by another site); {site.op} needs exactly one"
             )
-        value = _latest(nodes[ends[0].name], site)
         if site.position == "output":
+            value = _latest(ends[0], site)
             readers = [u for u in value.users if u not in region]
             node = editor.call(op.overload, (value, *tensors, *scalars), like=value, before=value.next)
         else:
+            value = ends[0]
             readers = [n for n in editor.graph.nodes if n in region and value in n.all_input_nodes]
             node = editor.call(op.overload, (value, *tensors, *scalars), like=readers[0])
         ir.meta.peftc_meta(node).update(adapter=adapter.name, module=site.module, site=site.op, position=site.position)
@@ -258,13 +269,13 @@ def _insert_activation_site(editor: ir.ProgramEditor, table: ModuleTable, adapte
 
 
 def _latest(value: fx.Node, site: Site) -> fx.Node:
-    """The value after the activation sites already stacked on this side of the module."""
+    """The module's output after the activation sites already stacked on it."""
     while True:
         stacked = [
             u
             for u in value.users
             if u.meta.get(ir.meta.PEFTC, {}).get("module") == site.module
-            and u.meta.get(ir.meta.PEFTC, {}).get("position") == site.position
+            and u.meta.get(ir.meta.PEFTC, {}).get("position") == "output"
         ]
         if not stacked:
             return value

@@ -203,3 +203,25 @@ def test_clip_blocks_with_multihead_attention_fold(tmp_path):
         expected = reference(x)
         assert float((expected - model(x)).abs().max() / expected.abs().max()) > 0.05
         assert_outputs_close({"output": folded.module()(x=x)}, {"output": expected})
+
+
+@pytest.mark.parametrize("order", ["ssf-first", "zeroi2v-first"])
+def test_stacked_with_ssf_on_the_same_activation(tmp_path, order):
+    """SSF after norm1 and a ZeroI2V adapter before qkv both act on norm1's output: x → SSF → adapter."""
+    model, base = rm.exported("vit")
+    ssf = rm.write_native(tmp_path / "ssf", {"peft_type": "SSF"}, rm.native_ssf(model, {"blocks.0.norm1": 48}))
+    g = torch.Generator().manual_seed(5)
+    down, up = torch.randn(8, 48, generator=g) / 7, torch.randn(48, 8, generator=g) / 3
+    tensors = {"blocks.0.attn.qkv.zeroi2v_in.down.weight": down, "blocks.0.attn.qkv.zeroi2v_in.up.weight": up}
+    zeroi2v = rm.write_native(tmp_path / "z", {"peft_type": "ZEROI2V", "scale": 0.5}, tensors)
+    reference = adapt(base, *((ssf, zeroi2v) if order == "ssf-first" else (zeroi2v, ssf)))
+    folded, _ = run_passes(reference, *pipelines.optimize(merge=True))
+    assert ir.text(folded) == ir.text(base)
+    expected_model = rm.native_ssf_reference(model, rm.native_ssf(model, {"blocks.0.norm1": 48}))
+    qkv = expected_model.blocks[0].attn.qkv
+    qkv.register_forward_pre_hook(lambda m, args: (args[0] + 0.5 * (args[0] @ down.T @ up.T),))
+    x = rm.images(2, seed=7)
+    with torch.no_grad():
+        expected = {"output": expected_model(x)}
+    for program in (reference, folded):
+        assert_outputs_close({"output": program.module()(x=x)}, expected)
