@@ -184,7 +184,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compile", help="compile a model with adapters into an artifact directory")
-    c.add_argument("model", help="Hugging Face model directory, pkg.module:factory, or a .pt2 file")
+    c.add_argument(
+        "model",
+        help="Hugging Face model directory, pkg.module:factory, a .pt2 file, or timm:NAME[,KEY=VALUE...]@WEIGHTS",
+    )
     c.add_argument(
         "--adapter",
         action="append",

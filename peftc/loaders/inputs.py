@@ -227,3 +227,17 @@ def from_program(program: Any) -> InputSignature:
         kind = "float" if val.dtype.is_floating_point else "index"
         inputs.append(TensorInput(name, tuple(shape), dtype, kind))
     return InputSignature(tuple(inputs), dims)
+
+
+def from_timm(model: Any, kwargs: Mapping[str, Any] | None = None) -> InputSignature:
+    """``x:batch,C,H,W`` for a timm model: its patch embedding's image size if it has one, else the
+    ``pretrained_cfg`` (``default_cfg``) input size, with ``img_size``/``in_chans`` arguments applied."""
+    kwargs = kwargs or {}
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    channels, height, width = cfg.get("input_size", (3, 224, 224))
+    size = kwargs.get("img_size") or getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size is not None:
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+    channels = int(kwargs.get("in_chans", channels))
+    spec = TensorInput("x", ("batch", channels, int(height), int(width)), "float32")
+    return InputSignature((spec,), {"batch": DimSpec("batch")})

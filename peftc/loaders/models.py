@@ -4,7 +4,14 @@
   ``config.architectures`` (so a task head is kept), else ``AutoModel``; loaded offline;
 * ``pkg.module:factory`` or ``path/to/file.py:factory``: a callable returning an ``nn.Module`` (or
   the module object itself);
-* a ``.pt2`` file saved by ``torch.export.save`` (loaded without unpickling, see ``peftc.ir.serialize``).
+* a ``.pt2`` file saved by ``torch.export.save`` (loaded without unpickling, see ``peftc.ir.serialize``);
+* ``timm:NAME[,KEY=VALUE...]@WEIGHTS``: ``timm.create_model(NAME, pretrained=False, KEY=VALUE...)`` with
+  its state dict read from the local file ``WEIGHTS`` (safetensors; a pickle only with
+  ``allow_pickle``, through ``torch.load(weights_only=True)``), since there is no model hub. Values are
+  JSON (``depth=2``, ``depths=[2,2]``, ``global_pool="avg"``; a bare word is a string); commas inside
+  brackets do not split. The input is ``x:batch,C,H,W`` from the model's ``pretrained_cfg`` input
+  size, or its patch embedding's image size (``img_size=...``). timm is an optional dependency
+  (``peftc[timm]``) imported only here, and it imports torchvision, which must match the installed torch.
 
 Every model is put in eval mode with gradients off. Hugging Face models get ``use_cache=False``
 (a KV cache is not a tensor output and cannot be exported).
@@ -13,8 +20,10 @@ Every model is put in eval mode with gradients off. Hugging Face models get ``us
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import importlib.util
+import json
 import os
 import sys
 from pathlib import Path
@@ -25,7 +34,7 @@ import torch
 from peftc import ir
 from peftc.errors import InputError, UnsupportedError, first_line
 from peftc.hashing import sha256_file
-from peftc.loaders.inputs import InputSignature, from_program, from_transformers, parse_inputs
+from peftc.loaders.inputs import InputSignature, from_program, from_timm, from_transformers, parse_inputs
 
 
 @dataclasses.dataclass
@@ -34,7 +43,7 @@ class LoadedModel:
 
     spec: str
     kind: str
-    """``huggingface``, ``factory``, ``exported`` or ``module`` (an object passed from Python)."""
+    """``huggingface``, ``factory``, ``timm``, ``exported`` or ``module`` (an object passed from Python)."""
     module: torch.nn.Module | None
     program: ir.Program | None
     signature: InputSignature | None
@@ -45,6 +54,9 @@ class LoadedModel:
     def class_name(self) -> str:
         obj = self.module if self.module is not None else self.program
         return type(obj).__name__ if self.module is not None else "ExportedProgram"
+
+
+TIMM_PREFIX = "timm:"
 
 
 def load_model(
@@ -68,6 +80,8 @@ def load_model(
     if isinstance(spec, torch.nn.Module):
         return _finish(LoadedModel(f"<{type(spec).__name__}>", "module", spec, None, None), override)
     text = str(spec)
+    if text.startswith(TIMM_PREFIX):
+        return _finish(_load_timm(text, allow_pickle, workdir), override)
     path = Path(text)
     if path.is_dir():
         return _finish(_load_huggingface(path, allow_pickle), override)
@@ -78,7 +92,8 @@ def load_model(
     if ":" in text and not path.exists():
         return _finish(_load_factory(text, workdir or os.getcwd()), override)
     raise InputError(
-        f"cannot load model {text!r}: expected a Hugging Face model directory, a .pt2 file, or pkg.module:factory"
+        f"cannot load model {text!r}: expected a Hugging Face model directory, a .pt2 file, pkg.module:factory, "
+        "or timm:NAME@WEIGHTS"
     )
 
 
@@ -89,7 +104,7 @@ def _finish(model: LoadedModel, override: InputSignature | None) -> LoadedModel:
         p.requires_grad_(False)
     if hasattr(getattr(module, "config", None), "use_cache"):
         module.config.use_cache = False
-    model.signature = override or from_transformers(module)
+    model.signature = override or model.signature or from_transformers(module)
     if model.signature is None:
         raise InputError(
             f"cannot derive the inputs of {type(module).__name__}; describe them with "
@@ -162,3 +177,120 @@ def _load_factory(text: str, workdir: str) -> LoadedModel:
     if not isinstance(obj, torch.nn.Module):
         raise UnsupportedError(f"model {text!r}: the factory returned {type(obj).__name__}, not a torch.nn.Module")
     return LoadedModel(text, "factory", obj, None, None)
+
+
+def parse_timm_spec(text: str) -> tuple[str, dict[str, Any], str | None]:
+    """``timm:NAME[,KEY=VALUE...][@WEIGHTS]`` → ``(NAME, {KEY: VALUE}, WEIGHTS or None)``.
+
+    Raises:
+        InputError: naming the malformed part.
+    """
+    head, _, weights = text.removeprefix(TIMM_PREFIX).partition("@")
+    parts = _split_top_level(head)
+    name = parts[0].strip()
+    if not name:
+        raise InputError(
+            f"model {text!r}: expected timm:NAME[,KEY=VALUE...]@WEIGHTS, e.g. timm:vit_base_patch16_224@w.safetensors"
+        )
+    kwargs: dict[str, Any] = {}
+    for part in parts[1:]:
+        key, equals, value = part.partition("=")
+        key = key.strip()
+        if not equals or not key.isidentifier():
+            raise InputError(f"model {text!r}: {part!r} is not KEY=VALUE")
+        try:
+            kwargs[key] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key] = value.strip()
+    return name, kwargs, weights.strip() or None
+
+
+def _split_top_level(text: str) -> list[str]:
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += (char in "[({") - (char in "])}")
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return [*parts, current]
+
+
+def _load_timm(text: str, allow_pickle: bool, workdir: str | None) -> LoadedModel:
+    name, kwargs, weights = parse_timm_spec(text)
+    if weights is None:
+        raise InputError(
+            f"model {text!r}: no weights; peftc never downloads models, so give a local state dict: "
+            f"timm:{name}@weights.safetensors"
+        )
+    file = Path(weights)
+    if not file.is_absolute() and not file.exists() and workdir:
+        file = Path(workdir) / file
+    if not file.is_file():
+        raise InputError(f"model {text!r}: weights file {file} does not exist")
+    tensors = _read_state_dict(file, allow_pickle)
+    try:
+        import timm
+    except Exception as e:
+        raise UnsupportedError(
+            f"model {text!r}: timm cannot be imported ({type(e).__name__}: {first_line(e)}); install it with "
+            f"pip install 'peftc[timm]' and a torchvision built for the installed torch {torch.__version__} "
+            "(timm imports torchvision)"
+        ) from e
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=1)
+        raise InputError(
+            f"model {text!r}: timm has no model {name!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+        )
+    try:
+        module = timm.create_model(name, pretrained=False, **kwargs)
+    except Exception as e:
+        raise InputError(f"model {text!r}: timm cannot build {name} with {kwargs}: {first_line(e)}") from e
+    _check_state_dict(text, file, module, tensors)
+    module.load_state_dict(tensors)
+    loaded = LoadedModel(text, "timm", module, None, None, {file.name: sha256_file(file)})
+    loaded.signature = from_timm(module, kwargs)
+    return loaded
+
+
+def _read_state_dict(file: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(file))
+        except Exception as e:
+            raise InputError(f"{file}: not a valid safetensors file ({first_line(e)})") from e
+    if not allow_pickle:
+        raise InputError(
+            f"{file}: pickled weights are refused because unpickling can run arbitrary code; save the state dict "
+            "with safetensors.torch.save_file, or pass --allow-pickle to load it with torch.load(weights_only=True)"
+        )
+    try:
+        loaded = torch.load(str(file), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InputError(f"{file}: cannot load with weights_only=True ({first_line(e)})") from e
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise InputError(f"{file}: expected a state dict (a dict of tensors)")
+    return loaded
+
+
+def _check_state_dict(text: str, file: Path, module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = [k for k in sorted(set(expected) & set(tensors)) if tuple(expected[k].shape) != tuple(tensors[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys (first {missing[0]!r})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (first {unexpected[0]!r})")
+    if wrong:
+        k = wrong[0]
+        problems.append(f"{k} is {list(tensors[k].shape)}, the model's is {list(expected[k].shape)}")
+    if problems:
+        raise InputError(
+            f"{file}: does not fit {text.partition('@')[0]}: {'; '.join(problems)} (the file must hold the model's "
+            "state_dict() as timm names it; model arguments go in the spec, e.g. timm:NAME,num_classes=10@FILE)"
+        )

@@ -1,7 +1,7 @@
 """Adapter formats: read an adapter from disk and interpret it against the base model.
 
-``PARSERS`` maps a PEFT ``peft_type`` to the parser that understands it; every other type is an
-:class:`~peftc.errors.UnsupportedError` naming it.
+``PARSERS`` maps a PEFT ``peft_type`` to the parser that understands it (plus ``SSF`` and
+``ZEROI2V``, which PEFT lacks); every other type is an :class:`~peftc.errors.UnsupportedError` naming it.
 """
 
 from __future__ import annotations
@@ -11,7 +11,21 @@ from pathlib import Path
 
 from peftc.errors import UnsupportedError, one_of
 from peftc.ir.modules import ModuleTable
-from peftc.methods import adalora, beft, boft, ia3, ln_tuning, loha, lokr, lora, oft, trainable_tokens, vera
+from peftc.methods import (
+    adalora,
+    beft,
+    boft,
+    ia3,
+    ln_tuning,
+    loha,
+    lokr,
+    lora,
+    oft,
+    ssf,
+    trainable_tokens,
+    vera,
+    zeroi2v,
+)
 from peftc.methods.base import Adapter, AdapterSource, AdapterTensor, ParseOptions, Replacement, Site
 from peftc.methods.loading import read_adapter
 
@@ -29,6 +43,9 @@ PARSERS: dict[str, Parser] = {
     "LOHA": loha.parse,
     "LOKR": lokr.parse,
     "VERA": vera.parse,
+    # Not PEFT methods: formats of their official code and peftc-native directories.
+    "SSF": ssf.parse,
+    "ZEROI2V": zeroi2v.parse,
 }
 
 

@@ -64,7 +64,9 @@ class Site:
     """One adapted module (or one of its parameters) and the site op that adapts it.
 
     A *call site* (``param`` None) replaces each call of the module; a *weight site* replaces the
-    module's parameter ``param`` by ``op(param, *tensors, *scalars)`` (see ``peftc/ops/base.py``).
+    module's parameter ``param`` by ``op(param, *tensors, *scalars)``; an *activation site*
+    (``position`` set) transforms the activation at the module call's output or input (see
+    ``peftc/ops/base.py``).
     """
 
     module: str
@@ -77,6 +79,8 @@ class Site:
     """Weight sites: the module's parameter they transform (``weight``, ``bias``...)."""
     weight_form: tuple[Site, ...] = ()
     """Call sites: the equivalent weight sites, used when adapters are stacked on one module."""
+    position: str | None = None
+    """Activation sites: ``"output"`` (after the module's output) or ``"input"`` (before its input)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +141,7 @@ class Adapter:
                 {
                     "module": s.module,
                     **({"param": s.param} if s.param else {}),
+                    **({"position": s.position} if s.position else {}),
                     "op": f"peftc::{s.op}",
                     **_jsonable(s.info),
                     "scalars": _jsonable(s.scalars),

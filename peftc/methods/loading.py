@@ -2,7 +2,8 @@
 
 Only safetensors are read by default. A pickled ``adapter_model.bin`` is refused with the reason;
 ``allow_pickle=True`` loads it with ``torch.load(weights_only=True)``, which restricts unpickling to
-tensors and plain containers.
+tensors and plain containers. A weights file with no config beside it is accepted when its key names
+say what it is: an official SSF checkpoint (``ssf_scale_N`` keys; ``peftc/methods/ssf.py``).
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ def read_adapter(
         weights = path
         config_path = Path(config) if config else path.parent / CONFIG_NAME
         default_name = path.stem if path.stem != "adapter_model" else path.resolve().parent.name
+    own_config = config is None and not config_path.is_file()
+    if not path.is_dir() and (own_config or (config is not None and config_path.resolve() == weights.resolve())):
+        return _self_described(path, weights, name or default_name, allow_pickle)
     if not config_path.is_file():
         hint = "" if path.is_dir() else " (a bare weights file needs --config adapter_config.json)"
         raise InputError(f"{config_path}: missing adapter config{hint}")
@@ -85,6 +89,34 @@ def read_adapter(
             "config": hashlib.sha256(raw).hexdigest(),
             "weights": hashlib.sha256(weights_bytes).hexdigest(),
         },
+    )
+
+
+def _self_described(path: Path, weights: Path, name: str, allow_pickle: bool) -> AdapterSource:
+    """A weights file without a config whose key names say what it is (an official SSF checkpoint).
+
+    The file stands for its config too (``config_path`` is the weights file), so a rebuild from the
+    manifest reads it the same way.
+    """
+    from peftc.methods.ssf import implied_config
+
+    data = _read_bytes(weights)
+    tensors = _load_tensors(weights, data, allow_pickle)
+    cfg = implied_config(tensors)
+    if cfg is None:
+        raise InputError(
+            f"{weights.parent / CONFIG_NAME}: missing adapter config (a bare weights file needs --config "
+            "adapter_config.json, unless it is an official SSF checkpoint with ssf_scale_N keys)"
+        )
+    digest = hashlib.sha256(data).hexdigest()
+    return AdapterSource(
+        name=_identifier(name),
+        path=path,
+        config_path=weights,
+        weights_path=weights,
+        config=cfg,
+        tensors=tensors,
+        sha256={"config": digest, "weights": digest},
     )
 
 

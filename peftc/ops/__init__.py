@@ -4,7 +4,7 @@ Importing this package registers every op with torch (needed before tracing, run
 program that contains them). ``SITE_OPS`` maps op names to their calling conventions.
 """
 
-from peftc.ops import adalora, beft, boft, dora, ia3, loha, lokr, lora, oft, slots, tokens, vera
+from peftc.ops import adalora, beft, boft, dora, ia3, loha, lokr, lora, oft, slots, ssf, tokens, vera, zeroi2v
 from peftc.ops.base import LAYOUTS, SiteOp
 
 SITE_OPS: dict[str, SiteOp] = {
@@ -29,6 +29,9 @@ SITE_OPS: dict[str, SiteOp] = {
         slots.LORA_EMBEDDING_SLOT,
         slots.LORA_SLOT_BANK,
         slots.LORA_EMBEDDING_SLOT_BANK,
+        ssf.SSF,
+        zeroi2v.LINEAR_ADAPTER,
+        zeroi2v.TEMPORAL_SHIFT,
     )
 }
 

@@ -11,6 +11,10 @@ An adapter site takes one of two forms:
   embedding, or whatever reads a raw parameter) is left untouched and reads ``W'``. Every mergeable
   method is such a transform, which is what makes merging generic: folding a weight site *is* the
   merge, and stacking adapters is composing their transforms.
+* **activation site** — transforms the activation at the output (or the input) of a module's call,
+  ``y' = op(y, *adapter tensors, *scalars)``, leaving the module itself alone: SSF's scale and shift,
+  ZeroI2V's linear adapters, STDHA's temporal shift. Re-parameterisation passes (``fold-ssf``,
+  ``fold-linear-adapters``) fold the affine ones into the neighbouring layer's weights.
 
 Each op's eager body is the reference math of its method, written once in ``peftc/ops/<method>.py``.
 Weight ops are registered as ``CompositeImplicitAutograd``: they stay one node in peftc's IR, while
@@ -48,7 +52,7 @@ class SiteOp:
 
     name: str
     """Op name in the ``peftc`` namespace, e.g. ``"lora_linear"``."""
-    form: Literal["call", "weight"]
+    form: Literal["call", "weight", "activation"]
     tensor_roles: tuple[str, ...]
     """Adapter tensor roles, in argument order (absent optional ones are passed as ``None``)."""
     scalars: tuple[str, ...]

@@ -11,6 +11,8 @@ from peftc.passes.base import (
 )
 from peftc.passes.eliminate_dead_code import EliminateDeadCodePass
 from peftc.passes.factor_dora import FactorDoraPass
+from peftc.passes.fold_linear_adapters import FoldLinearAdaptersPass
+from peftc.passes.fold_ssf import FoldSsfPass
 from peftc.passes.insert_sites import InsertSitesPass
 from peftc.passes.merge_sites import MergeOptions, MergeSitesPass
 from peftc.passes.replace_tensors import ReplaceTensorsPass
@@ -19,6 +21,8 @@ __all__ = [
     "Diagnostic",
     "EliminateDeadCodePass",
     "FactorDoraPass",
+    "FoldLinearAdaptersPass",
+    "FoldSsfPass",
     "InsertSitesPass",
     "MergeOptions",
     "MergeSitesPass",

@@ -1,12 +1,16 @@
 """insert-sites: put every adapter site into the program, in stacking order.
 
-For each site of each adapter (``peftc/ops/base.py`` describes the two forms):
+For each site of each adapter (``peftc/ops/base.py`` describes the forms):
 
 * **call site**: each call of the module (one tensor in, one tensor out) becomes one
   ``peftc::<op>(x, *base tensors, *adapter tensors, *scalars)`` node and the call's nodes are erased;
 * **weight site**: inside each call of the module, the readers of the parameter get
   ``peftc::<op>(W, *adapter tensors, *scalars)`` instead of ``W``. Readers outside the module (a tied
   weight) keep ``W``. A second adapter on the same parameter transforms the first one's output.
+* **activation site**: at each call of the module, ``peftc::<op>(y, *adapter tensors, *scalars)`` is
+  put on the call's output ``y`` (every reader outside the module reads it instead) or on its input
+  (only the module's own nodes read it). Several activation sites on one side of a module apply in
+  stacking order.
 
 Adapters stack in the order given, as if each were merged before the next is applied: a module
 adapted by several adapters takes every adapter's weight form (a call site cannot compose), so
@@ -14,7 +18,8 @@ multiplicative methods (DoRA, (IA)³, OFT) compose rather than add; a site on a 
 later adapter replaces outright is overwritten, so it is dropped (reported); and an adapter trained
 on a residual base must come before anything that adapts the same weight.
 Adapter tensors become parameters named ``<module>.<role>.<adapter>`` (``<module>.<param>_<role>.<adapter>``
-for raw parameters; ``<role>.<adapter>`` for a tensor shared by every site, such as VeRA's projections),
+for raw parameters; ``<module>.input.<role>.<adapter>`` for an activation site on a module's input;
+``<role>.<adapter>`` for a tensor shared by every site, such as VeRA's projections),
 annotated with their source ``file:key``; a module called several times shares them. Refusals raise,
 naming the site: an adapter that cannot be inserted would silently compute the base model. After the
 pass, every site op's eager body is the reference semantics of the adapted model.
@@ -59,13 +64,16 @@ class InsertSitesPass(PassBase):
         """
         adapters = self.options.adapters
         last_replaced = {r.param: i for i, a in enumerate(adapters) for r in a.replacements}
-        owners = Counter(s.module for a in adapters for s in {x.module: x for x in a.sites}.values())
+        owners = Counter(
+            s.module for a in adapters for s in {x.module: x for x in a.sites if not _is_activation(x)}.values()
+        )
         planned: list[tuple[Adapter, Site]] = []
         notes: list[Diagnostic] = []
         for index, adapter in enumerate(adapters):
             _check_residuals(adapters, index)
             for site in adapter.sites:
-                touched = {site.param} if site.param else {"weight", "bias"}
+                # An activation site transforms what flows in or out, never a parameter.
+                touched = set() if _is_activation(site) else {site.param} if site.param else {"weight", "bias"}
                 overridden = {p for p in touched if last_replaced.get(f"{site.module}.{p}", -1) > index}
                 forms = [site]
                 if SITE_OPS[site.op].form == "call" and (owners[site.module] > 1 or overridden):
@@ -107,6 +115,8 @@ class InsertSitesPass(PassBase):
         for adapter, site in planned:
             if SITE_OPS[site.op].form == "call":
                 inserted += _insert_call_site(editor, table, adapter, site)
+            elif _is_activation(site):
+                inserted += _insert_activation_site(editor, table, adapter, site)
             else:
                 inserted += _insert_weight_site(editor, table, adapter, site)
         new = editor.finish() if inserted else program
@@ -165,6 +175,8 @@ def _adapter_tensors(editor: ir.ProgramEditor, adapter: Adapter, site: Site) -> 
             continue
         # Sites on raw parameters (target_parameters) of one module need the parameter in the name.
         owner = site.module if site.param in (None, "weight", "bias") else f"{site.module}.{site.param}_"
+        if site.position == "input":  # a module may carry activation sites on both sides
+            owner = f"{site.module}.input"
         fqn = f"{role}.{adapter.name}" if entry.shared else f"{owner}.{role}.{adapter.name}".replace("_.", "_")
         node = editor.node_for(fqn) or editor.add_parameter(
             fqn, entry.tensor, adapter=adapter.name, source=adapter.source.describe(entry.key), role=role
@@ -237,6 +249,63 @@ def _insert_weight_site(editor: ir.ProgramEditor, table: ModuleTable, adapter: A
             for arg in set(reader.all_input_nodes) & {operand, *_stale(operand, editor)}:
                 reader.replace_input_with(arg, node)
     return len(module.calls)
+
+
+def _is_activation(site: Site) -> bool:
+    return SITE_OPS[site.op].form == "activation"
+
+
+def _insert_activation_site(editor: ir.ProgramEditor, table: ModuleTable, adapter: Adapter, site: Site) -> int:
+    op = SITE_OPS[site.op]
+    module = table[site.module]
+    tensors = _adapter_tensors(editor, adapter, site)
+    scalars = tuple(site.scalars[name] for name in op.scalars)
+    for call in module.calls:
+        nodes = {n.name: n for n in editor.graph.nodes}
+        region = {nodes[n.name] for n in call.nodes if n.name in nodes}
+        if site.position == "output":
+            ends = [nodes[n.name] for n in call.outputs if ir.meta.is_tensor_node(n) and n.name in nodes]
+        else:  # what the call reads now, which an earlier activation site may have put in front of it
+            ends = list(
+                dict.fromkeys(
+                    a
+                    for n in editor.graph.nodes
+                    if n in region
+                    for a in n.all_input_nodes
+                    if a not in region and ir.meta.is_tensor_node(a) and editor.fqn(a) is None
+                )
+            )
+        if len(ends) != 1:
+            raise UnsupportedError(
+                f"adapter {adapter.name!r}: module {site.module!r} has {len(ends)} tensor {site.position}s in the "
+                f"graph (or they were replaced by another site); {site.op} needs exactly one"
+            )
+        if site.position == "output":
+            value = _latest(ends[0], site)
+            readers = [u for u in value.users if u not in region]
+            node = editor.call(op.overload, (value, *tensors, *scalars), like=value, before=value.next)
+        else:
+            value = ends[0]
+            readers = [n for n in editor.graph.nodes if n in region and value in n.all_input_nodes]
+            node = editor.call(op.overload, (value, *tensors, *scalars), like=readers[0])
+        ir.meta.peftc_meta(node).update(adapter=adapter.name, module=site.module, site=site.op, position=site.position)
+        for reader in readers:
+            reader.replace_input_with(value, node)
+    return len(module.calls)
+
+
+def _latest(value: fx.Node, site: Site) -> fx.Node:
+    """The module's output after the activation sites already stacked on it."""
+    while True:
+        stacked = [
+            u
+            for u in value.users
+            if u.meta.get(ir.meta.PEFTC, {}).get("module") == site.module
+            and u.meta.get(ir.meta.PEFTC, {}).get("position") == "output"
+        ]
+        if not stacked:
+            return value
+        value = stacked[0]
 
 
 def _operand(

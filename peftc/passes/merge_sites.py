@@ -19,7 +19,8 @@ Refusals leave the site unmerged with a diagnostic: a parameter that is not floa
 (quantized), or an operand computed in the graph rather than stored. A non-finite merged weight is
 an error naming the adapter and module: the adapter is broken.
 
-After the pass no site remains except the refused ones.
+After the pass no weight or call site remains except the refused ones; activation sites are left to
+``fold-ssf`` and ``fold-linear-adapters``.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from peftc.passes.base import Diagnostic, PassBase, PassContext, PassResult
 
 LORA_LINEAR = torch.ops.peftc.lora_linear.default
 WEIGHT_OPS = {op.overload for op in SITE_OPS.values() if op.form == "weight"}
-SITE_TARGETS = {op.overload for op in SITE_OPS.values()}
+# Activation sites (SSF, linear adapters, temporal shift) are folded by their own passes.
+SITE_TARGETS = {op.overload for op in SITE_OPS.values() if op.form != "activation"}
 
 
 @dataclasses.dataclass(frozen=True)

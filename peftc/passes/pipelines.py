@@ -17,6 +17,8 @@ from peftc.methods.base import Adapter
 from peftc.passes.base import Pass
 from peftc.passes.eliminate_dead_code import EliminateDeadCodePass
 from peftc.passes.factor_dora import FactorDoraPass
+from peftc.passes.fold_linear_adapters import FoldLinearAdaptersPass
+from peftc.passes.fold_ssf import FoldSsfPass
 from peftc.passes.insert_sites import InsertSitesPass
 from peftc.passes.merge_sites import MergeSitesPass
 from peftc.passes.replace_tensors import ReplaceTensorsPass
@@ -29,8 +31,9 @@ def adapt(adapters: Sequence[Adapter]) -> list[Pass]:
 
 
 def optimize(*, merge: bool) -> list[Pass]:
-    """Deployment rewrites: merge every mergeable site (``merge=True``), or keep sites unmerged with
-    everything that depends only on weights (DoRA's norm) computed once, here."""
+    """Deployment rewrites: merge every mergeable site (``merge=True``), then fold re-parameterisable
+    activation sites (SSF, linear adapters) into the weights they now sit next to; or keep sites
+    unmerged with everything that depends only on weights (DoRA's norm) computed once, here."""
     if merge:
-        return [MergeSitesPass(), EliminateDeadCodePass()]
+        return [MergeSitesPass(), FoldSsfPass(), FoldLinearAdaptersPass(), EliminateDeadCodePass()]
     return [FactorDoraPass(), EliminateDeadCodePass()]

@@ -58,6 +58,9 @@ def peft_oracle(module: torch.nn.Module, adapters: Sequence[Adapter]) -> tuple[O
         return None, "peft is not installed (pip install 'peftc[oracle]')"
     if not adapters:
         return None, "no adapter"
+    foreign = sorted({str(a.source.config.get("peft_type")) for a in adapters} - {str(t.value) for t in peft.PeftType})
+    if foreign:
+        return None, f"PEFT does not implement {', '.join(foreign)} (the eager reference program is the oracle)"
     from safetensors.torch import save_file
 
     model = copy.deepcopy(module)
