@@ -147,12 +147,12 @@ def manifest_text(m: Mapping[str, Any]) -> str:
 
 
 def _target_lines(target: Mapping[str, Any]) -> list[str]:
-    """The aoti and trt targets' own facts (package and swap; parse, profile, engine and refit map)."""
+    """The aoti and trt targets' own facts (package and constants; parse, profile, engine and refit map)."""
     lines = []
     if target["name"] == "aoti":
         lines.append(
             f"target aoti: {target['package']} for {target['device']}, {target['constants']} constants, "
-            f"{len(target['adapter_constants'])} adapter constants, swappable {_cell(target['swappable'])}"
+            f"{len(target['adapter_constants'])} adapter constants"
         )
     trt = target.get("tensorrt")
     if trt:

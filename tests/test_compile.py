@@ -18,17 +18,20 @@ import peftc
 from peftc import ir
 from peftc.errors import InputError, VerificationError
 
+# Every family unmerged (LoRA's ONNX translation on each layout), BERT merged too. The matrix
+# (tests/test_matrix.py) checks merged and unmerged programs of every family against PEFT.
+BERT = (models.tiny_bert, {"target_modules": ["query", "value", "dense"]}, 11)
+LLAMA = (
+    models.tiny_llama,
+    {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
+    14,
+)
+GPT2 = (models.tiny_gpt2, {"target_modules": ["c_attn", "c_proj", "c_fc"], "fan_in_fan_out": True}, 8)
 FAMILIES = [
-    pytest.param(models.tiny_bert, {"target_modules": ["query", "value", "dense"]}, 11, id="bert"),
-    pytest.param(
-        models.tiny_llama,
-        {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
-        14,
-        id="llama-gqa",
-    ),
-    pytest.param(
-        models.tiny_gpt2, {"target_modules": ["c_attn", "c_proj", "c_fc"], "fan_in_fan_out": True}, 8, id="gpt2-conv1d"
-    ),
+    pytest.param(*BERT, True, id="bert-merged"),
+    pytest.param(*BERT, False, id="bert-unmerged"),
+    pytest.param(*LLAMA, False, id="llama-gqa-unmerged"),
+    pytest.param(*GPT2, False, id="gpt2-conv1d-unmerged"),
 ]
 
 
@@ -41,8 +44,7 @@ def _check_against_peft(model, adapter, out, shapes=((2, 16), (1, 7))):
         assert_outputs_close(got, models.peft_outputs(model, adapter, inputs))
 
 
-@pytest.mark.parametrize("merge", [True, False], ids=["merged", "unmerged"])
-@pytest.mark.parametrize(("build", "config", "sites"), FAMILIES)
+@pytest.mark.parametrize(("build", "config", "sites", "merge"), FAMILIES)
 def test_family_compiles_and_matches_peft(tmp_path, build, config, sites, merge):
     model = build()
     adapter = models.make_lora(model, tmp_path / "adapter", **config)

@@ -231,19 +231,3 @@ def test_merged_artifacts_cannot_switch(minilm_artifacts):
         runner.set_adapter(None)
     with pytest.raises(InputError, match="not a swappable artifact"):
         add_adapter(minilm_artifacts[True], minilm_artifacts[True])
-
-
-def test_aoti_swappable_artifact_with_a_bank(swappable, tmp_path):
-    """The same slots in an AOTInductor package: adapters fill its constants; one compile (~40 s)."""
-    model, adapters, _, _ = swappable
-    chosen = [adapters["r4"], adapters["r6_pat"]]
-    artifact = peftc.compile(model, chosen, out=tmp_path / "aoti", target="aoti", swappable=True, multi_adapter=2)
-    assert {c["oracle"] for c in artifact.manifest.verification["cases"]} >= {"base", "peft[r4]", "mixed batch"}
-    runner = peftc.load(artifact.path)
-    inputs = {k: v.numpy() for k, v in models.text_inputs(3, 9).items()}
-    first = runner(**inputs, adapter="r4")
-    runner(**inputs, adapter=["r6_pat", None, "r4"])
-    again = runner(**inputs, adapter="r4")
-    assert all(np.array_equal(first[k], again[k]) for k in first)  # constants reloaded in full, not patched
-    tensors = {k: __import__("torch").from_numpy(v) for k, v in inputs.items()}
-    assert_outputs_close(again, models.peft_outputs(model, adapters["r4"], tensors))

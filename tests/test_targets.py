@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_outputs_close
-from safetensors.torch import load_file
 
 import peftc
 from peftc.backends.tensorrt import engine as trt_engine
@@ -34,12 +33,16 @@ def adapters(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory, adapters):
-    """The tiny BERT with LoRA ``a``, unmerged, for each target this machine can build."""
+    """The tiny BERT with LoRA ``a``: unmerged for ONNX; for AOTInductor swappable (``a`` by default,
+    ``b`` beside it, a bank of 2), so one package compile also covers adapter slots in AOTI."""
     root = tmp_path_factory.mktemp("targets")
-    out = {}
-    for target in ("onnx", "aoti"):
-        out[target] = peftc.compile(models.tiny_bert(), adapters["a"], out=root / target, target=target, merge=False)
-    return out
+    model = models.tiny_bert()
+    return {
+        "onnx": peftc.compile(model, adapters["a"], out=root / "onnx", merge=False),
+        "aoti": peftc.compile(
+            model, [adapters["a"], adapters["b"]], out=root / "aoti", target="aoti", swappable=True, multi_adapter=2
+        ),
+    }
 
 
 def _target(name):
@@ -90,47 +93,28 @@ def test_runner_contract(target, artifacts, gpu_artifacts, adapters):
         runner(input_ids=np.zeros((1, 4), dtype=np.int64))
 
 
-def test_aoti_manifest_maps_adapter_constants(artifacts):
+def test_aoti_manifest_maps_slot_constants(artifacts):
     target = artifacts["aoti"].manifest.target
-    assert [f["path"] for f in target["files"]] == ["model.pt2"]
-    assert target["device"] == "cpu" and target["swappable"] is True
+    assert [f["path"] for f in target["files"]] == ["model.pt2", "adapters/a.safetensors", "adapters/b.safetensors"]
+    assert target["device"] == "cpu" and target["slots"]["bank"] == 3
     assert target["outputs"][0] == {"name": "last_hidden_state", "dtype": "float32", "shape": ["batch", "seq", 32]}
-    sources = {k: v["source"] for k, v in target["adapter_constants"].items()}
-    assert sources == artifacts["onnx"].manifest.target["adapter_initializers"]  # same names as the ONNX
-    assert len(sources) == 2 * 2 * len(SITES)
-    assert target["adapter_constants"]["encoder.layer.0.attention.self.query.lora_A.a"]["shape"] == [4, 32]
+    slot = "encoder.layer.0.attention.self.query.bank_A.slots"
+    assert target["adapter_constants"][slot]["shape"] == [3, 4, 32]  # bank rows: base, then the adapters
+    oracles = {c["oracle"] for c in artifacts["aoti"].manifest.verification["cases"]}
+    assert {"base", "peft[a]", "peft[b]", "mixed batch"} <= oracles
 
 
-def _constants(target, adapter_dir):
-    """Constant name → tensor of the adapter in ``adapter_dir``, through the manifest's key map."""
-    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    return {name: tensors[c["source"].split(":", 1)[1]] for name, c in target["adapter_constants"].items()}
-
-
-def test_aoti_swap_a_b_a_without_recompiling(artifacts, adapters):
-    artifact = artifacts["aoti"]
-    runner = peftc.load(artifact.path)
-    swap = runner.backend_runner.swap
+def test_aoti_switches_a_b_a_without_recompiling(artifacts, adapters):
+    runner = peftc.load(artifacts["aoti"].path)
+    assert runner.adapters == ["a", "b"] and runner.adapter == "a"
     inputs = models.text_inputs(2, 11)
     first = runner(**inputs)
-    swap(_constants(artifact.manifest.target, adapters["b"]))
-    with_b = runner(**inputs)
+    with_b = runner(**inputs, adapter="b")
     assert_outputs_close(with_b, models.peft_outputs(models.tiny_bert(), adapters["b"], inputs))
     assert not torch.allclose(with_b["last_hidden_state"], first["last_hidden_state"])
-    swap(_constants(artifact.manifest.target, adapters["a"]))
-    again = runner(**inputs)
-    assert all(torch.equal(first[k], again[k]) for k in first)  # bit-identical
-
-
-def test_aoti_swap_refusals(artifacts, adapters):
-    runner = peftc.load(artifacts["aoti"].path).backend_runner
-    name = "encoder.layer.0.attention.self.query.lora_A.a"
-    with pytest.raises(
-        InputError, match=r"lora_A.a: new tensor is \[8, 32\] float32, the artifact's slot is \[4, 32\]"
-    ):
-        runner.swap({name: torch.zeros(8, 32)})
-    with pytest.raises(InputError, match=r"not adapter constants of this artifact: \['encoder.layer.0.attention"):
-        runner.swap({"encoder.layer.0.attention.self.query.weight": torch.zeros(32, 32)})
-    runner.swappable = False  # as for a merged artifact
-    with pytest.raises(InputError, match="no swappable adapter tensors"):
-        runner.swap({name: torch.zeros(4, 32)})
+    mixed = runner(**inputs, adapter=["b", None])
+    assert torch.equal(mixed["last_hidden_state"][0], with_b["last_hidden_state"][0])
+    again = runner(**inputs, adapter="a")
+    assert all(torch.equal(first[k], again[k]) for k in first)  # slot values reloaded whole: bit-identical
+    with pytest.raises(InputError, match="no adapter named 'c'"):
+        runner(**inputs, adapter="c")

@@ -6,14 +6,14 @@ kernels for CUDA). The package is loaded with ``torch._inductor.aoti_load_packag
 its flat ``boxed_run`` entry, inputs in the program's own order and outputs named like every target.
 
 Parameters stay *constants* of the package under their state-dict keys (Inductor does not freeze
-them by default), so the adapter tensors of an unmerged artifact are named constants too. The
-manifest maps them to their adapter ``file:key`` (``target.adapter_constants``, with shape and dtype),
-and :meth:`AotiRunner.swap` replaces them in the loaded package without recompiling.
+them by default), so adapter tensors are named constants too; the manifest maps them to where they
+came from (``target.adapter_constants``: source, shape and dtype).
 
-A ``--swappable`` artifact's adapter slots are such constants; its adapters are safetensors files of
-slot values. A call with ``adapter=name`` loads that adapter's values into the slots (only when they
-are not the ones loaded) and runs; the package holds one set of constants, so a lock serializes
-calls, and a call never sees another call's adapter.
+A ``--swappable`` artifact's adapter slots are such constants, and its adapters are safetensors files
+of slot values. A call with ``adapter=name`` loads that adapter's values into the slots (only when
+they are not the ones loaded) with the package's ``load_constants`` and runs; slot values are always
+loaded whole, from the file, never patched, so A → B → A gives A's outputs bit for bit. The package
+holds one set of constants, so a lock serializes calls: a call never sees another call's adapter.
 """
 
 from __future__ import annotations
@@ -108,7 +108,6 @@ class AotiBackend:
             "output_order": ir.output_names(program),
             "constants": len(constants),
             "adapter_constants": adapter_constants,
-            "swappable": bool(adapter_constants) and not folded,
         }
         not_run = tuple(("adapter swap", f"adapter tensor {f} was folded by Inductor") for f in folded[:1])
         return Lowered(
@@ -124,10 +123,8 @@ class AotiBackend:
 
 
 class AotiRunner:
-    """A loaded AOTInductor package. ``run`` takes and returns numpy arrays.
-
-    ``run`` may be called from several threads; :meth:`swap` must not run concurrently with it.
-    """
+    """A loaded AOTInductor package. ``run`` takes and returns numpy arrays; it may be called from
+    several threads (calls of a swappable artifact are serialized, see the module docstring)."""
 
     def __init__(self, path: Path, target: Mapping[str, Any], directory: Path | None = None) -> None:
         self.device = target.get("device", "cpu")
@@ -140,7 +137,6 @@ class AotiRunner:
         self.input_names = [n for n in self._order if n != banks.INDEX_INPUT]  # the runner fills the index
         self.output_names: list[str] = list(target["output_order"])
         self.adapter_constants: dict[str, Mapping[str, Any]] = dict(target.get("adapter_constants", {}))
-        self.swappable = bool(target.get("swappable", False))
         directory = directory or path.parent
         self._files = {name: directory / p for name, p in target.get("adapter_files", {}).items()}
         self._slots = _slot_names(target.get("slots"))
@@ -226,38 +222,6 @@ class AotiRunner:
             name: (value.float() if value.dtype == torch.bfloat16 else value).cpu().numpy()
             for name, value in zip(self.output_names, outputs, strict=True)
         }
-
-    def swap(self, constants: Mapping[str, torch.Tensor]) -> None:
-        """Replace adapter tensors in the loaded package without recompiling.
-
-        Args:
-            constants: constant name (the state-dict key the manifest lists under
-                ``target.adapter_constants``, e.g. ``encoder.layer.0.attention.self.query.lora_A.my_adapter``)
-                → new tensor of exactly the same shape and dtype. Names not given keep their values.
-
-        The package copies the tensors (``load_constants``, not user-managed), so the caller may free
-        them. AOTInductor itself does not check shapes; this method does, because a wrong shape would
-        be read out of bounds.
-
-        Raises:
-            InputError: the artifact is not swappable (merged), a name is not an adapter constant, or a
-                tensor's shape or dtype differs from the compiled one.
-        """
-        if not self.swappable:
-            raise InputError("this artifact has no swappable adapter tensors (compile with --no-merge)")
-        unknown = sorted(set(constants) - set(self.adapter_constants))
-        if unknown:
-            raise InputError(f"not adapter constants of this artifact: {unknown[:5]}")
-        prepared = {}
-        for name, tensor in constants.items():
-            want = self.adapter_constants[name]
-            if list(tensor.shape) != list(want["shape"]) or str(tensor.dtype).removeprefix("torch.") != want["dtype"]:
-                raise InputError(
-                    f"{name}: new tensor is {list(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}, the "
-                    f"artifact's slot is {want['shape']} {want['dtype']}"
-                )
-            prepared[name] = tensor.detach().to(self.device).contiguous()
-        self.model.load_constants(prepared, check_full_update=False)
 
 
 def _slot_names(slots: Mapping[str, Any] | None) -> tuple[int, dict[str, str]] | None:
