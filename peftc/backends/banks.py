@@ -7,7 +7,10 @@ bank row as ``adapter_index``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -15,6 +18,7 @@ from peftc.errors import InputError
 
 INDEX_INPUT = "adapter_index"
 
+T = TypeVar("T")
 Choice = str | Sequence[str | None] | None
 """``adapter=`` of a call: a name, None (the base model), or one of those per batch row."""
 
@@ -54,3 +58,37 @@ def stack(size: int, names: Mapping[str, str], values: Sequence[Mapping[str, np.
             stacked[row] = adapter[slot]
         banks[bank] = stacked
     return banks
+
+
+class AdapterFiles:
+    """A swappable artifact's adapter files by name, each read at most once per reader, thread-safe."""
+
+    def __init__(self, files: Mapping[str, str | Path] | None = None) -> None:
+        self._files = {name: Path(path) for name, path in (files or {}).items()}
+        self._cache: dict[tuple[str, str], Any] = {}
+        self._lock = threading.RLock()
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._files)
+
+    def register(self, name: str, path: str | Path) -> None:
+        """Make the file at ``path`` adapter ``name`` (replacing what was read for that name)."""
+        with self._lock:
+            self._files[name] = Path(path)
+            self._cache = {k: v for k, v in self._cache.items() if k[0] != name}
+
+    def read(self, name: str, kind: str, reader: Callable[[Path], T]) -> T:
+        """``reader(path of name)``, cached per ``(name, kind)``.
+
+        Raises:
+            InputError: no adapter of that name.
+        """
+        with self._lock:
+            if (name, kind) not in self._cache:
+                path = self._files.get(name)
+                if path is None:
+                    known = ", ".join(repr(n) for n in self._files) or "none"
+                    raise InputError(f"no adapter named {name!r} in this artifact (adapters: {known})")
+                self._cache[name, kind] = reader(path)
+            return self._cache[name, kind]

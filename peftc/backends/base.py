@@ -7,13 +7,14 @@ Backends are looked up by name in ``peftc.backends.BACKENDS`` (module paths, imp
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from peftc import ir
+from peftc.errors import InputError
 from peftc.loaders.inputs import InputSignature
 
 
@@ -50,6 +51,22 @@ class Lowered:
     verify_with: str | None = None
     """Another target whose runner checks these files when this target's own cannot run here (the
     TensorRT target without a GPU verifies its ONNX with ``onnx``); None: this target's runner."""
+
+
+def check_feeds(feeds: Mapping[str, Any], expected: Sequence[str], allowed: Sequence[str] | None = None) -> None:
+    """Raise :class:`InputError` naming the missing and unexpected inputs, if any.
+
+    Args:
+        expected: the inputs a caller must give (shown in the message).
+        allowed: the names a call may carry (default ``expected``; runners add those they fill).
+    """
+    allowed = expected if allowed is None else allowed
+    missing = [n for n in expected if n not in feeds]
+    extra = [n for n in feeds if n not in allowed]
+    if missing or extra:
+        raise InputError(
+            f"inputs do not match the model: missing {missing}, unexpected {extra}; expected {list(expected)}"
+        )
 
 
 class Runner(Protocol):

@@ -23,7 +23,8 @@ import numpy as np
 
 from peftc.backends import banks
 from peftc.backends.banks import INDEX_INPUT, Choice
-from peftc.errors import InputError, UnsupportedError
+from peftc.backends.base import check_feeds
+from peftc.errors import UnsupportedError
 
 _ORT_TYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -37,7 +38,7 @@ class OrtRunner:
 
     Args:
         adapters: adapter name → slot file, for swappable artifacts.
-        banks: with an adapter bank: ``(bank size, {bank input → slot name})``.
+        bank: with an adapter bank: ``(bank size, {bank input → slot name})``.
     """
 
     def __init__(
@@ -46,7 +47,7 @@ class OrtRunner:
         *,
         threads: int = 0,
         adapters: Mapping[str, str | Path] | None = None,
-        banks: tuple[int, Mapping[str, str]] | None = None,
+        bank: tuple[int, Mapping[str, str]] | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -64,21 +65,19 @@ class OrtRunner:
         )
         self.input_names = [n for n in self._types if n != INDEX_INPUT]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self._files = {name: Path(p) for name, p in (adapters or {}).items()}
-        self._loaded: dict[str, Any] = {}
-        self._banks = banks
+        self.files = banks.AdapterFiles(adapters)
+        self._banks = bank
         self._bank_cache: OrderedDict[tuple[str, ...], dict[str, np.ndarray]] = OrderedDict()
         self._lock = threading.Lock()
 
     @property
     def adapters(self) -> list[str]:
-        return list(self._files)
+        return self.files.names
 
     def register(self, name: str, path: str | Path) -> None:
         """Make the slot file at ``path`` available as adapter ``name``."""
+        self.files.register(name, path)
         with self._lock:
-            self._files[name] = Path(path)
-            self._loaded.pop(name, None)
             self._bank_cache.clear()
 
     def run(self, feeds: Mapping[str, np.ndarray], adapter: Choice = None) -> dict[str, np.ndarray]:
@@ -103,12 +102,7 @@ class OrtRunner:
         return dict(zip(self.output_names, self.session.run(None, prepared, options), strict=True))
 
     def _prepare(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        missing = [n for n in self.input_names if n not in feeds]
-        extra = [n for n in feeds if n not in self._types or n == INDEX_INPUT]
-        if missing or extra:
-            raise InputError(
-                f"inputs do not match the model: missing {missing}, unexpected {extra}; expected {self.input_names}"
-            )
+        check_feeds(feeds, self.input_names)
         prepared = {}
         for name, value in feeds.items():
             array = np.asarray(value)
@@ -116,22 +110,15 @@ class OrtRunner:
             prepared[name] = array.astype(want, copy=False) if want is not None else array
         return prepared
 
-    def _check(self, name: str) -> Path:
-        path = self._files.get(name)
-        if path is None:
-            known = ", ".join(repr(n) for n in self._files) or "none"
-            raise InputError(f"no adapter named {name!r} in this artifact (adapters: {known})")
-        return path
-
     def _lora(self, name: str) -> Any:
-        with self._lock:
-            if name not in self._loaded:
-                import onnxruntime as ort
+        def load(path: Path) -> Any:
+            import onnxruntime as ort
 
-                adapter = ort.LoraAdapter()
-                adapter.Load(str(self._check(name)))
-                self._loaded[name] = adapter
-            return self._loaded[name]
+            adapter = ort.LoraAdapter()
+            adapter.Load(str(path))
+            return adapter
+
+        return self.files.read(name, "lora", load)
 
     def _bank_feeds(self, adapter: Choice, batch: int) -> dict[str, np.ndarray]:
         size, inputs = self._banks
@@ -148,8 +135,12 @@ class OrtRunner:
 
     def _values(self, name: str) -> dict[str, np.ndarray]:
         """An adapter file's slot values (slot name → array)."""
-        import onnxruntime as ort
 
-        adapter = ort.AdapterFormat.read_adapter(str(self._check(name)))
-        # .numpy() views memory the AdapterFormat owns: copy before it is released.
-        return {k: v.numpy().copy() for k, v in adapter.get_parameters().items()}
+        def read(path: Path) -> dict[str, np.ndarray]:
+            import onnxruntime as ort
+
+            adapter = ort.AdapterFormat.read_adapter(str(path))
+            # .numpy() views memory the AdapterFormat owns: copy before it is released.
+            return {k: v.numpy().copy() for k, v in adapter.get_parameters().items()}
+
+        return self.files.read(name, "values", read)

@@ -100,17 +100,7 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
         info = {"module_type": module.class_name, "r": rank, "init_r": init_r, "alpha": alpha}
         scalars = {"scale": scale, "ranknum": float(init_r), "layout": layout}
         sites.append(Site(path, ADALORA_WEIGHT.name, dict(tensors), scalars, info, "weight"))
-    return Adapter(
-        name=source.name,
-        method="adalora",
-        source=source,
-        sites=tuple(sites),
-        replacements=tuple(grouped.replacements),
-        unused=tuple(grouped.unused),
-        honoured=honoured,
-        ignored=ignored,
-        warnings=tuple(warnings),
-    )
+    return common.adapter(source, "adalora", sites, grouped, honoured, ignored, warnings)
 
 
 def _rank_masks(source: AdapterSource, adapted: set[str]) -> dict[str, list[bool]]:

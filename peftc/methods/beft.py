@@ -43,13 +43,4 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
             )
         info = {"module_type": module.class_name}
         sites.append(Site(path, BEFT_BIAS.name, {"beft_bias": tensors["beft_bias"]}, {}, info, "bias"))
-    return Adapter(
-        name=source.name,
-        method="beft",
-        source=source,
-        sites=tuple(sites),
-        replacements=tuple(grouped.replacements),
-        unused=tuple(grouped.unused),
-        honoured=honoured,
-        ignored=ignored,
-    )
+    return common.adapter(source, "beft", sites, grouped, honoured, ignored)

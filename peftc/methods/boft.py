@@ -80,25 +80,13 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
         raise InputError(f"{source.config_path}: boft_n_butterfly_factor must be at least 1")
 
     grouped = common.group_keys(source, modules, common.suffix_roles(ROLES))
-    targeted = common.targeted_modules(cfg, modules)
-    layouts = {path: common.layout(source, modules[path], "BOFT", TYPES) for path in sorted(targeted)}
-    common.check_modules(source, grouped, modules, targeted)
+    layouts = common.layouts(source, grouped, modules, "BOFT", TYPES)
     warnings: list[str] = []
     sites = [
         _site(source, modules[path], layouts[path], tensors, modules, settings, warnings)
         for path, tensors in sorted(grouped.modules.items())
     ]
-    return Adapter(
-        name=source.name,
-        method="boft",
-        source=source,
-        sites=tuple(sites),
-        replacements=tuple(grouped.replacements),
-        unused=tuple(grouped.unused),
-        honoured=honoured,
-        ignored=ignored,
-        warnings=tuple(warnings),
-    )
+    return common.adapter(source, "boft", sites, grouped, honoured, ignored, warnings)
 
 
 def _site(

@@ -191,6 +191,43 @@ def classify_full_tensor(
     return Replacement(param, AdapterTensor(key, tensor), reason, untie), ""
 
 
+def adapter(
+    source: AdapterSource,
+    method: str,
+    sites: Iterable[Site],
+    grouped: Grouped,
+    honoured: Mapping[str, Any],
+    ignored: Mapping[str, str],
+    warnings: Iterable[str] = (),
+    replacements: Iterable[Replacement] | None = None,
+    unused: Iterable[tuple[str, str]] | None = None,
+) -> Adapter:
+    """The parsed adapter: its sites plus the replacements and unused keys :func:`group_keys` found
+    (``replacements`` / ``unused`` override them where a parser accounts for more keys itself)."""
+    return Adapter(
+        name=source.name,
+        method=method,
+        source=source,
+        sites=tuple(sites),
+        replacements=tuple(grouped.replacements if replacements is None else replacements),
+        unused=tuple(grouped.unused if unused is None else unused),
+        honoured=honoured,
+        ignored=ignored,
+        warnings=tuple(warnings),
+    )
+
+
+def layouts(
+    source: AdapterSource, grouped: Grouped, modules: ModuleTable, method: str, supported: Iterable[str]
+) -> dict[str, str]:
+    """Targeted module → weight layout, after :func:`check_modules` (every targeted module has a
+    supported type and tensors, every tensor a targeted module)."""
+    targeted = targeted_modules(source.config, modules)
+    found = {path: layout(source, modules[path], method, supported) for path in sorted(targeted)}
+    check_modules(source, grouped, modules, targeted)
+    return found
+
+
 def targeted_modules(cfg: Mapping[str, Any], modules: ModuleTable) -> set[str]:
     """Modules the config's target rules select, among those that execute."""
     return {p for p, m in modules.items() if m.calls and peft_config.is_target(cfg, p)}
@@ -363,16 +400,7 @@ def parse_lycoris(
         info = {"module_type": module.class_name, "r": r, "alpha": alpha}
         site_tensors = {role: tensors.get(role) for role in op.tensor_roles}
         sites.append(Site(path, op.name, site_tensors, {"scale": alpha / r}, info, "weight"))
-    return Adapter(
-        name=source.name,
-        method=peft_type.lower(),
-        source=source,
-        sites=tuple(sites),
-        replacements=tuple(grouped.replacements),
-        unused=tuple(grouped.unused),
-        honoured=honoured,
-        ignored=ignored,
-    )
+    return adapter(source, peft_type.lower(), sites, grouped, honoured, ignored)
 
 
 def refuse_padding_mode(source: AdapterSource, module: ModuleInfo, title: str) -> None:

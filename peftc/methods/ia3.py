@@ -65,14 +65,4 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
         sites.append(Site(path, IA3_WEIGHT.name, {"ia3_l": vector}, {"axis": axis, "groups": groups}, info, "weight"))
         if not feedforward and "bias" in module.params:
             sites.append(Site(path, IA3_WEIGHT.name, {"ia3_l": vector}, {"axis": 0, "groups": 1}, info, "bias"))
-    return Adapter(
-        name=source.name,
-        method="ia3",
-        source=source,
-        sites=tuple(sites),
-        replacements=tuple(grouped.replacements),
-        unused=tuple(grouped.unused),
-        honoured=honoured,
-        ignored=ignored,
-        warnings=tuple(warnings),
-    )
+    return common.adapter(source, "ia3", sites, grouped, honoured, ignored, warnings)

@@ -41,13 +41,4 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
                 raise InputError(f"{source.describe(entry.key)}: module {path!r} has no parameter {param!r}")
             common.expect_shape(source, entry, modules.state_shapes[fqn], f"{list(modules.state_shapes[fqn])} ({fqn})")
             replacements.append(Replacement(fqn, AdapterTensor(entry.key, entry.tensor), "LN tuning copy", untie=True))
-    return Adapter(
-        name=source.name,
-        method="ln_tuning",
-        source=source,
-        sites=(),
-        replacements=tuple(replacements),
-        unused=tuple(grouped.unused),
-        honoured=honoured,
-        ignored=ignored,
-    )
+    return common.adapter(source, "ln_tuning", (), grouped, honoured, ignored, replacements=replacements)

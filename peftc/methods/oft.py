@@ -97,24 +97,12 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
         )
 
     grouped = common.group_keys(source, modules, common.suffix_roles(ROLES), refuse=_old_format)
-    targeted = common.targeted_modules(cfg, modules)
-    layouts = {path: common.layout(source, modules[path], "OFT", TYPES) for path in sorted(targeted)}
-    common.check_modules(source, grouped, modules, targeted)
+    layouts = common.layouts(source, grouped, modules, "OFT", TYPES)
     sites = [
         _site(source, modules[path], layouts[path], tensors, modules, settings, warnings)
         for path, tensors in sorted(grouped.modules.items())
     ]
-    return Adapter(
-        name=source.name,
-        method="oft",
-        source=source,
-        sites=tuple(sites),
-        replacements=tuple(grouped.replacements),
-        unused=tuple(grouped.unused),
-        honoured=honoured,
-        ignored=ignored,
-        warnings=tuple(warnings),
-    )
+    return common.adapter(source, "oft", sites, grouped, honoured, ignored, warnings)
 
 
 def _site(

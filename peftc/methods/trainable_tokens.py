@@ -42,16 +42,7 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
     found: list[Site] = []
     for path, tensors in sorted(grouped.modules.items()):
         found += sites(source, path, tensors["tokens"], spec, modules, options.tied_embeddings)
-    return Adapter(
-        name=source.name,
-        method="trainable_tokens",
-        source=source,
-        sites=tuple(found),
-        replacements=tuple(grouped.replacements),
-        unused=tuple(grouped.unused),
-        honoured=honoured,
-        ignored=ignored,
-    )
+    return common.adapter(source, "trainable_tokens", found, grouped, honoured, ignored)
 
 
 def sites(

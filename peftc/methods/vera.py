@@ -110,17 +110,7 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
         site_tensors = {**projections, "vera_lambda_b": tensors["lambda_b"], "vera_lambda_d": tensors["lambda_d"]}
         info = {"module_type": modules[path].class_name, "r": r}
         sites.append(Site(path, VERA_WEIGHT.name, site_tensors, {"layout": layout}, info, "weight"))
-    return Adapter(
-        name=source.name,
-        method="vera",
-        source=source,
-        sites=tuple(sites),
-        replacements=tuple(grouped.replacements),
-        unused=tuple(unused),
-        honoured=honoured,
-        ignored=ignored,
-        warnings=tuple(warnings),
-    )
+    return common.adapter(source, "vera", sites, grouped, honoured, ignored, warnings, unused=unused)
 
 
 def _saved(

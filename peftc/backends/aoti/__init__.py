@@ -30,7 +30,7 @@ import torch
 
 from peftc import ir
 from peftc.backends import banks
-from peftc.backends.base import Availability, Capabilities, Lowered
+from peftc.backends.base import Availability, Capabilities, Lowered, check_feeds
 from peftc.errors import BackendUnavailable, InputError, UnsupportedError
 from peftc.loaders.inputs import InputSignature
 
@@ -138,21 +138,19 @@ class AotiRunner:
         self.output_names: list[str] = list(target["output_order"])
         self.adapter_constants: dict[str, Mapping[str, Any]] = dict(target.get("adapter_constants", {}))
         directory = directory or path.parent
-        self._files = {name: directory / p for name, p in target.get("adapter_files", {}).items()}
+        self.files = banks.AdapterFiles({n: directory / p for n, p in target.get("adapter_files", {}).items()})
         self._slots = _slot_names(target.get("slots"))
-        self._loaded: dict[str, dict[str, np.ndarray]] = {}
         self._active: tuple[str | None, ...] | None = None
         self._lock = threading.Lock()
 
     @property
     def adapters(self) -> list[str]:
-        return list(self._files)
+        return self.files.names
 
     def register(self, name: str, path: str | Path) -> None:
         """Make the slot file at ``path`` available as adapter ``name``."""
+        self.files.register(name, path)
         with self._lock:
-            self._files[name] = Path(path)
-            self._loaded.pop(name, None)
             self._active = None
 
     def run(self, feeds: Mapping[str, np.ndarray], adapter: banks.Choice = None) -> dict[str, np.ndarray]:
@@ -198,23 +196,12 @@ class AotiRunner:
         return np.zeros(want["shape"], dtype=np.dtype(want["dtype"]))
 
     def _values(self, name: str) -> dict[str, np.ndarray]:
-        if name not in self._loaded:
-            path = self._files.get(name)
-            if path is None:
-                known = ", ".join(repr(n) for n in self._files) or "none"
-                raise InputError(f"no adapter named {name!r} in this artifact (adapters: {known})")
-            from safetensors.numpy import load_file
+        from safetensors.numpy import load_file
 
-            self._loaded[name] = load_file(str(path))
-        return self._loaded[name]
+        return self.files.read(name, "values", lambda path: load_file(str(path)))
 
     def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        missing = [n for n in self._order if n not in feeds]
-        extra = [n for n in feeds if n not in self._order]
-        if missing or extra:
-            raise InputError(
-                f"inputs do not match the model: missing {missing}, unexpected {extra}; expected {self.input_names}"
-            )
+        check_feeds(feeds, [n for n in self._order if n in feeds or n != banks.INDEX_INPUT], self._order)
         flat = [torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.device) for n in self._order]
         with torch.no_grad():
             outputs = self.model.loader.boxed_run(flat)

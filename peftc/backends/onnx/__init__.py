@@ -107,7 +107,7 @@ class OnnxBackend:
 
             table = SlotTable.from_json(target["slots"])
             banks = (table.bank, table.bank_inputs())
-        return OrtRunner(directory / MODEL_FILE, adapters=files, banks=banks)
+        return OrtRunner(directory / MODEL_FILE, adapters=files, bank=banks)
 
     def write_adapter(self, path: Path, tensors: Mapping[str, np.ndarray]) -> None:
         """Write slot values as an onnxruntime adapter file (``onnxruntime.AdapterFormat``)."""

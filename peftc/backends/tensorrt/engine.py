@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from peftc.backends.base import check_feeds
 from peftc.errors import BackendUnavailable, InputError, UnsupportedError
 
 MODULES = ("tensorrt", "tensorrt_rtx")
@@ -309,10 +310,7 @@ class TrtRunner:
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self.torch
-        missing = [n for n in self.input_names if n not in feeds]
-        extra = [n for n in feeds if n not in self.input_names]
-        if missing or extra:
-            raise InputError(f"inputs do not match the engine: missing {missing}, unexpected {extra}")
+        check_feeds(feeds, self.input_names)
         keep = []
         for name in self.input_names:
             dtype = _torch_dtype(torch, self.engine.get_tensor_dtype(name))
