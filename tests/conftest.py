@@ -37,6 +37,30 @@ def gpt2_adapter(golden: Path) -> Path:
     )
 
 
+def edited_adapter(src: Path, dst: Path | None = None, *, config=None, tensors=None) -> Path:
+    """A copy of the adapter ``src`` at ``dst`` (or ``src`` itself, edited in place) with ``config``
+    fields changed and ``tensors`` changed: a dict of key → tensor (None removes the key), or a
+    function of the loaded tensors returning the tensors to save."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    path = src if dst is None else Path(shutil.copytree(src, dst))
+    if config:
+        file = path / "adapter_config.json"
+        file.write_text(json.dumps({**json.loads(file.read_text()), **config}))
+    if tensors is not None:
+        weights = load_file(path / "adapter_model.safetensors")
+        if callable(tensors):
+            weights = tensors(weights)
+        else:
+            weights.update(tensors)
+        kept = {k: v.contiguous() for k, v in weights.items() if v is not None}
+        save_file(kept, path / "adapter_model.safetensors")
+    return path
+
+
 def export(model: torch.nn.Module, signature: InputSignature | None = None) -> ir.Program:
     """Trace a model the way ``peftc.compile`` does."""
     signature = signature or from_transformers(model)
@@ -47,6 +71,12 @@ def export(model: torch.nn.Module, signature: InputSignature | None = None) -> i
 @pytest.fixture(scope="session")
 def bert_program() -> ir.Program:
     return export(models.tiny_bert())
+
+
+@pytest.fixture(scope="session")
+def bert_table(bert_program) -> ir.ModuleTable:
+    """The module table of the tiny BERT, which adapters are parsed against."""
+    return ir.module_table(bert_program)
 
 
 @pytest.fixture(scope="session")

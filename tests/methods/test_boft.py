@@ -8,7 +8,6 @@ and factor products are the oracle.
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -16,8 +15,7 @@ import models
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import export
-from safetensors.torch import load_file, save_file
+from conftest import edited_adapter, export
 
 import peftc
 from peftc import ir
@@ -171,20 +169,6 @@ def bert_boft(tmp_path_factory) -> Path:
     return models.make_adapter(models.tiny_bert(), tmp_path_factory.mktemp("boft") / "bert", config)
 
 
-@pytest.fixture(scope="module")
-def bert_table():
-    return ir.module_table(export(models.tiny_bert()))
-
-
-def _copy(adapter: Path, dest: Path, *, config=None, tensors=None) -> Path:
-    dest.mkdir()
-    cfg = json.loads((adapter / "adapter_config.json").read_text())
-    (dest / "adapter_config.json").write_text(json.dumps({**cfg, **(config or {})}))
-    weights = load_file(str(adapter / "adapter_model.safetensors"))
-    save_file(tensors(weights) if tensors else weights, str(dest / "adapter_model.safetensors"))
-    return dest
-
-
 def test_single_factor_file_with_more_configured_is_read_with_a_warning(bert_boft, bert_table):
     """PEFT without its CUDA extension saves one factor beside boft_n_butterfly_factor=2."""
     adapter = load_adapter(bert_boft, bert_table)
@@ -197,38 +181,38 @@ def test_several_factors_in_the_file_are_honoured(bert_boft, bert_table, tmp_pat
     def two_factors(weights):
         return {k: (torch.cat([v, v.flip(1)]) if k.endswith("boft_R") else v) for k, v in weights.items()}
 
-    adapter = load_adapter(_copy(bert_boft, tmp_path / "a", tensors=two_factors), bert_table)
+    adapter = load_adapter(edited_adapter(bert_boft, tmp_path / "a", tensors=two_factors), bert_table)
     assert all(s.info["butterfly_factors"] == 2 for s in adapter.sites) and not adapter.warnings
 
 
 def test_wrong_rotation_shape_names_key_and_shapes(bert_boft, bert_table, tmp_path):
     key = "base_model.model.encoder.layer.1.attention.self.value.boft_R"
-    broken = _copy(bert_boft, tmp_path / "a", tensors=lambda w: {**w, key: w[key][:, :4].contiguous()})
+    broken = edited_adapter(bert_boft, tmp_path / "a", tensors=lambda w: {**w, key: w[key][:, :4].contiguous()})
     with pytest.raises(InputError, match=rf"{key}: shape \[1, 4, 4, 4\] does not match .* expected \[1, 8, 4, 4\]"):
         load_adapter(broken, bert_table)
 
 
 def test_wrong_scale_shape_names_key_and_shapes(bert_boft, bert_table, tmp_path):
     key = "base_model.model.encoder.layer.0.attention.self.query.boft_s"
-    broken = _copy(bert_boft, tmp_path / "a", tensors=lambda w: {**w, key: w[key].T.contiguous()})
+    broken = edited_adapter(bert_boft, tmp_path / "a", tensors=lambda w: {**w, key: w[key].T.contiguous()})
     with pytest.raises(InputError, match=rf"{key}: shape \[1, 32\] does not match .* expected .*\[32, 1\]"):
         load_adapter(broken, bert_table)
 
 
 def test_block_size_that_does_not_divide_is_refused(bert_boft, bert_table, tmp_path):
-    broken = _copy(bert_boft, tmp_path / "a", config={"boft_block_size": 5})
+    broken = edited_adapter(bert_boft, tmp_path / "a", config={"boft_block_size": 5})
     with pytest.raises(InputError, match=r"boft_block_size=5 does not divide the 32 inputs of"):
         load_adapter(broken, bert_table)
 
 
 def test_unknown_config_field_is_refused(bert_boft, bert_table, tmp_path):
-    broken = _copy(bert_boft, tmp_path / "a", config={"boft_scale_mode": "log"})
+    broken = edited_adapter(bert_boft, tmp_path / "a", config={"boft_scale_mode": "log"})
     with pytest.raises(UnsupportedError, match=r"may change the math: boft_scale_mode='log'"):
         load_adapter(broken, bert_table)
 
 
 def test_embedding_layer_type_is_refused(bert_boft, bert_table, tmp_path):
-    broken = _copy(bert_boft, tmp_path / "a", config={"target_modules": ["query", "value", "word_embeddings"]})
+    broken = edited_adapter(bert_boft, tmp_path / "a", config={"target_modules": ["query", "value", "word_embeddings"]})
     with pytest.raises(UnsupportedError, match=r"BOFT on Embedding \(module 'embeddings.word_embeddings'\)"):
         load_adapter(broken, bert_table)
 

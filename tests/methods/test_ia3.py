@@ -4,13 +4,11 @@ the cause; scaling the wrong side is caught by verification."""
 from __future__ import annotations
 
 import copy
-import json
 
 import models
 import pytest
 import torch
-from conftest import export
-from safetensors.torch import load_file, save_file
+from conftest import edited_adapter, export
 
 import peftc
 from peftc import ir
@@ -88,21 +86,11 @@ def ia3_adapter(tmp_path):
     return model, _ia3(model, tmp_path / "a", target_modules=["query", "value"], feedforward_modules=["value"])
 
 
-def _edit(adapter, config=None, tensors=None):
-    if config:
-        path = adapter / "adapter_config.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
-    if tensors:
-        loaded = load_file(adapter / "adapter_model.safetensors")
-        tensors(loaded)
-        save_file({k: v.contiguous() for k, v in loaded.items()}, adapter / "adapter_model.safetensors")
-
-
 def test_refuses_a_vector_on_a_module_that_is_not_linear(ia3_adapter, bert_program):
     _, adapter = ia3_adapter
     key = "base_model.model.embeddings.LayerNorm.ia3_l"
     targets = ["query", "value", "embeddings.LayerNorm"]
-    _edit(adapter, {"target_modules": targets}, lambda t: t.update({key: torch.ones(32, 1)}))
+    edited_adapter(adapter, config={"target_modules": targets}, tensors={key: torch.ones(32, 1)})
     with pytest.raises(
         UnsupportedError, match=r"\(IA\)³ on LayerNorm \(module 'embeddings.LayerNorm'\) is not supported"
     ):
@@ -112,7 +100,7 @@ def test_refuses_a_vector_on_a_module_that_is_not_linear(ia3_adapter, bert_progr
 def test_refuses_a_vector_of_the_wrong_shape(ia3_adapter, bert_program):
     _, adapter = ia3_adapter
     key = "base_model.model.encoder.layer.0.attention.self.value.ia3_l"
-    _edit(adapter, tensors=lambda t: t.update({key: torch.ones(32, 1)}))  # output-side shape on an input-side target
+    edited_adapter(adapter, tensors={key: torch.ones(32, 1)})  # output-side shape on an input-side target
     with pytest.raises(InputError, match=rf"{key}: shape \[32, 1\] does not match .*\[1, 32\] for input"):
         load_adapter(adapter, ir.module_table(bert_program))
 

@@ -99,8 +99,8 @@ def _edit_config(path: Path, **changes) -> Path:
 
 
 @pytest.fixture
-def table(bert_program):
-    return ir.module_table(bert_program)
+def table(bert_table):
+    return bert_table
 
 
 @pytest.mark.parametrize(

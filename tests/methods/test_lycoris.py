@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from pathlib import Path
 
 import models
 import pytest
 import torch
-from conftest import adapt, assert_outputs_close, eager, export
+from conftest import adapt, assert_outputs_close, eager, edited_adapter, export
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -273,25 +272,13 @@ def test_compiled_program_matches_peft(tmp_path, method, config, merge):
 # refusals
 
 
-def _edit(src: Path, dst: Path, config: dict | None = None, tensors: dict | None = None) -> Path:
-    shutil.copytree(src, dst)
-    if config is not None:
-        cfg = json.loads((dst / "adapter_config.json").read_text())
-        (dst / "adapter_config.json").write_text(json.dumps({**cfg, **config}))
-    if tensors is not None:
-        weights = load_file(dst / "adapter_model.safetensors")
-        weights.update(tensors)
-        save_file({k: v for k, v in weights.items() if v is not None}, dst / "adapter_model.safetensors")
-    return dst
-
-
 @pytest.fixture(scope="module")
 def loha_adapter(tmp_path_factory) -> Path:
     return _adapter(tmp_path_factory.mktemp("loha"), "loha", r=2, alpha=3, use_effective_conv2d=True)
 
 
 def test_wrong_shape_names_key_module_and_shapes(tmp_path, loha_adapter):
-    bad = _edit(loha_adapter, tmp_path / "bad", tensors={"base_model.model.lin.hada_w1_b": torch.zeros(2, 7)})
+    bad = edited_adapter(loha_adapter, tmp_path / "bad", tensors={"base_model.model.lin.hada_w1_b": torch.zeros(2, 7)})
     with pytest.raises(
         InputError, match=r"lin\.hada_w1_b: shape \[2, 7\] .* expected \[2, 12\] for 'lin' \(weight \[10, 12\]"
     ):
@@ -299,7 +286,7 @@ def test_wrong_shape_names_key_module_and_shapes(tmp_path, loha_adapter):
 
 
 def test_a_factor_peft_would_not_create_is_refused(tmp_path, loha_adapter):
-    bad = _edit(loha_adapter, tmp_path / "bad", config={"use_effective_conv2d": False})
+    bad = edited_adapter(loha_adapter, tmp_path / "bad", config={"use_effective_conv2d": False})
     with pytest.raises(
         InputError,
         match=r"c1\.hada_t\d: PEFT creates no hada_t\d for Conv1d 'c1' .* it creates hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b",
@@ -308,13 +295,13 @@ def test_a_factor_peft_would_not_create_is_refused(tmp_path, loha_adapter):
 
 
 def test_a_missing_factor_is_refused(tmp_path, loha_adapter):
-    bad = _edit(loha_adapter, tmp_path / "bad", tensors={"base_model.model.head.hada_w2_b": None})
+    bad = edited_adapter(loha_adapter, tmp_path / "bad", tensors={"base_model.model.head.hada_w2_b": None})
     with pytest.raises(InputError, match=r"module 'head' has no hada_w2_b"):
         load_adapter(bad, _table())
 
 
 def test_unknown_config_field_is_refused(tmp_path, loha_adapter):
-    bad = _edit(loha_adapter, tmp_path / "bad", config={"use_magic": True})
+    bad = edited_adapter(loha_adapter, tmp_path / "bad", config={"use_magic": True})
     with pytest.raises(UnsupportedError, match=r"fields peftc does not know .*use_magic=True"):
         load_adapter(bad, _table())
 

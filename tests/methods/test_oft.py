@@ -16,8 +16,8 @@ import models
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import export
-from safetensors.torch import load_file, save_file
+from conftest import edited_adapter, export
+from safetensors.torch import save_file
 
 import peftc
 from peftc import ir
@@ -180,20 +180,6 @@ def bert_oft(tmp_path_factory) -> Path:
     return models.make_adapter(models.tiny_bert(), tmp_path_factory.mktemp("oft") / "bert", config)
 
 
-@pytest.fixture(scope="module")
-def bert_table():
-    return ir.module_table(export(models.tiny_bert()))
-
-
-def _copy(adapter: Path, dest: Path, *, config=None, tensors=None) -> Path:
-    dest.mkdir()
-    cfg = json.loads((adapter / "adapter_config.json").read_text())
-    (dest / "adapter_config.json").write_text(json.dumps({**cfg, **(config or {})}))
-    weights = load_file(str(adapter / "adapter_model.safetensors"))
-    save_file(tensors(weights) if tensors else weights, str(dest / "adapter_model.safetensors"))
-    return dest
-
-
 def test_parses_sites_with_peft_block_layout(bert_oft, bert_table):
     adapter = load_adapter(bert_oft, bert_table)
     assert {s.op for s in adapter.sites} == {"oft_weight"} and len(adapter.sites) == 4
@@ -203,13 +189,13 @@ def test_parses_sites_with_peft_block_layout(bert_oft, bert_table):
 
 def test_wrong_tensor_shape_names_key_and_shapes(bert_oft, bert_table, tmp_path):
     key = "base_model.model.encoder.layer.0.attention.self.query.oft_R.weight"
-    broken = _copy(bert_oft, tmp_path / "a", tensors=lambda w: {**w, key: w[key][:, :21].contiguous()})
+    broken = edited_adapter(bert_oft, tmp_path / "a", tensors=lambda w: {**w, key: w[key][:, :21].contiguous()})
     with pytest.raises(InputError, match=rf"{key}: shape \[4, 21\] does not match .* expected \[4, 28\]"):
         load_adapter(broken, bert_table)
 
 
 def test_block_size_that_disagrees_with_the_file_is_refused(bert_oft, bert_table, tmp_path):
-    broken = _copy(bert_oft, tmp_path / "a", config={"oft_block_size": 4})
+    broken = edited_adapter(bert_oft, tmp_path / "a", config={"oft_block_size": 4})
     with pytest.raises(InputError, match=r"shape \[4, 28\] does not match .* expected \[8, 6\]"):
         load_adapter(broken, bert_table)
 
@@ -217,7 +203,7 @@ def test_block_size_that_disagrees_with_the_file_is_refused(bert_oft, bert_table
 def test_rotation_key_of_the_wrong_layer_kind_is_refused(bert_oft, bert_table, tmp_path):
     old = "base_model.model.encoder.layer.0.attention.self.query.oft_R.weight"
     new = old.replace("oft_R", "oft_embedding_R")
-    broken = _copy(
+    broken = edited_adapter(
         bert_oft, tmp_path / "a", tensors=lambda w: {**{k: v for k, v in w.items() if k != old}, new: w[old]}
     )
     with pytest.raises(InputError, match=r"keeps its OFT rotation in oft_R"):
@@ -225,13 +211,13 @@ def test_rotation_key_of_the_wrong_layer_kind_is_refused(bert_oft, bert_table, t
 
 
 def test_unknown_config_field_is_refused(bert_oft, bert_table, tmp_path):
-    broken = _copy(bert_oft, tmp_path / "a", config={"use_householder": True})
+    broken = edited_adapter(bert_oft, tmp_path / "a", config={"use_householder": True})
     with pytest.raises(UnsupportedError, match=r"may change the math: use_householder=True"):
         load_adapter(broken, bert_table)
 
 
 def test_pre_0_14_oft_checkpoint_is_refused(bert_oft, bert_table, tmp_path):
-    broken = _copy(bert_oft, tmp_path / "a")
+    broken = edited_adapter(bert_oft, tmp_path / "a")
     cfg = json.loads((broken / "adapter_config.json").read_text())
     del cfg["oft_block_size"]
     (broken / "adapter_config.json").write_text(json.dumps(cfg))

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from pathlib import Path
 
 import models
 import pytest
 import torch
-from conftest import adapt, assert_outputs_close, eager, export
+from conftest import adapt, assert_outputs_close, eager, edited_adapter, export
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -185,18 +184,6 @@ def table():
     return ir.module_table(export(mixed(), parse_inputs(INPUTS)))
 
 
-def _edit(src: Path, dst: Path, config: dict | None = None, tensors: dict | None = None) -> Path:
-    shutil.copytree(src, dst)
-    if config is not None:
-        cfg = json.loads((dst / "adapter_config.json").read_text())
-        (dst / "adapter_config.json").write_text(json.dumps({**cfg, **config}))
-    if tensors is not None:
-        weights = load_file(dst / "adapter_model.safetensors")
-        weights.update(tensors)
-        save_file({k: v for k, v in weights.items() if v is not None}, dst / "adapter_model.safetensors")
-    return dst
-
-
 @pytest.mark.parametrize(
     ("config", "tensors", "error", "match"),
     [
@@ -220,7 +207,7 @@ def _edit(src: Path, dst: Path, config: dict | None = None, tensors: dict | None
 )
 def test_refusals_name_the_cause(tmp_path, adapter, table, config, tensors, error, match):
     with pytest.raises(error, match=match):
-        load_adapter(_edit(adapter, tmp_path / "bad", config, tensors), table)
+        load_adapter(edited_adapter(adapter, tmp_path / "bad", config=config, tensors=tensors), table)
 
 
 class Convolutional(nn.Module):
