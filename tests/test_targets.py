@@ -34,15 +34,23 @@ def adapters(tmp_path_factory):
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory, adapters):
     """The tiny BERT with LoRA ``a``: unmerged for ONNX; for AOTInductor swappable (``a`` by default,
-    ``b`` beside it, a bank of 2), so one package compile also covers adapter slots in AOTI."""
+    ``b`` beside it, a bank of 2), so one package compile also covers adapter slots in AOTI. The
+    AOTI compile runs with Inductor's shared cache pointed at ``shared-cache``, which it must not use."""
     root = tmp_path_factory.mktemp("targets")
     model = models.tiny_bert()
-    return {
-        "onnx": peftc.compile(model, adapters["a"], out=root / "onnx", merge=False),
-        "aoti": peftc.compile(
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TORCHINDUCTOR_CACHE_DIR", str(root / "shared-cache"))
+        aoti = peftc.compile(
             model, [adapters["a"], adapters["b"]], out=root / "aoti", target="aoti", swappable=True, multi_adapter=2
-        ),
-    }
+        )
+    return {"onnx": peftc.compile(model, adapters["a"], out=root / "onnx", merge=False), "aoti": aoti}
+
+
+def test_aoti_compiles_in_a_private_inductor_cache(artifacts):
+    """Two compiles of one graph in one shared cache race on its metadata files (an empty JSON in
+    the package); each compile gets its own cache, so the shared one stays untouched."""
+    shared = artifacts["aoti"].path.parent / "shared-cache"
+    assert not shared.exists() or not any(shared.rglob("*")), sorted(shared.rglob("*"))[:5]
 
 
 def _target(name):

@@ -5,6 +5,11 @@ the device, and runs ``torch._inductor.aoti_compile_and_package`` (C++ for CPU, 
 kernels for CUDA). The package is loaded with ``torch._inductor.aoti_load_package`` and run through
 its flat ``boxed_run`` entry, inputs in the program's own order and outputs named like every target.
 
+Each compile runs in its own Inductor cache directory, deleted afterwards: Inductor rewrites a
+graph's metadata files in the shared cache while packaging reads them, so two compiles of one graph
+at once (two users, two test workers) could package an empty JSON file. Compiling costs the same
+either way; nothing is reused across graphs that differ.
+
 Parameters stay *constants* of the package under their state-dict keys (Inductor does not freeze
 them by default), so adapter tensors are named constants too; the manifest maps them to where they
 came from (``target.adapter_constants``: source, shape and dtype).
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -94,7 +100,10 @@ class AotiBackend:
             decomposed = move_to_device_pass(decomposed, self.device)
         progress(f"aoti: compiling for {self.device} with AOTInductor (tens of seconds)")
         path = directory / PACKAGE_FILE
-        torch._inductor.aoti_compile_and_package(decomposed, package_path=str(path))
+        from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+
+        with tempfile.TemporaryDirectory(prefix="peftc-inductor-") as cache, temporary_cache_dir(cache):
+            torch._inductor.aoti_compile_and_package(decomposed, package_path=str(path))
         loaded = torch._inductor.aoti_load_package(str(path))
         constants = set(loaded.get_constant_fqns())
         missing = sorted(set(overridable) - constants)
