@@ -10,6 +10,7 @@ import onnx
 import pytest
 import torch
 from conftest import adapt, export, run_passes
+from onnx import numpy_helper
 
 from peftc.backends import get_backend
 from peftc.backends.ort import OrtRunner
@@ -117,7 +118,11 @@ def test_io_names_and_dims_come_from_the_signature(tmp_path, bert_program):
     dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
     assert dims == ["batch", "seq"]
     assert lowered.outputs[0] == {"name": "last_hidden_state", "dtype": "float32", "shape": ["batch", "seq", 32]}
-    assert not [i.name for i in model.graph.initializer if i.name.startswith("val_")]
+    # weights keep their state-dict names; the other initializers are folded shape arithmetic
+    initializers = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert set(bert_program.state_dict) <= set(initializers)
+    folded = {k: v for k, v in initializers.items() if k not in bert_program.state_dict}
+    assert all(v.dtype == np.int64 or v.size == 1 for v in folded.values()), folded
 
 
 def test_large_models_use_external_data(tmp_path, bert_program, monkeypatch):

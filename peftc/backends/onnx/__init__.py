@@ -2,9 +2,11 @@
 
 Export runs without onnxscript's optimizer so every initializer keeps its state-dict key as its
 name (the optimizer's constant folding renames weights ``val_N``); onnxruntime performs the same
-folding when it loads the file, at the same run-time speed. peftc then names the outputs after the
-model's output pytree and the dynamic dims after the input signature, and writes weights as
-external data when the model exceeds the 2 GB protobuf limit.
+folding when it loads the file, at the same run-time speed. Only nodes over ``Constant`` nodes alone
+are folded at export (shape arithmetic, reduction axes, gather indices): TensorRT's parser needs such
+inputs as constants and does not fold them itself, and no initializer is touched. peftc then names
+the outputs after the model's output pytree and the dynamic dims after the input signature, and
+writes weights as external data when the model exceeds the 2 GB protobuf limit.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class OnnxBackend:
         _name_outputs(model, ir.output_names(program))
         _name_dims(model, signature)
         _make_overridable(model, overridable)
+        _fold_constant_nodes(model)
         initializer_bytes = sum(
             v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None
         )
@@ -128,6 +131,17 @@ def _make_overridable(model: Any, names: Sequence[str]) -> None:
         if name not in initializers:
             raise AssertionError(f"slot tensor {name} lost its name in ONNX")
         model.graph.inputs.append(initializers[name])
+
+
+def _fold_constant_nodes(model: Any) -> None:
+    """Fold the nodes whose inputs are all ``Constant`` node outputs; nodes reading an initializer
+    or a graph input keep their names and stay for onnxruntime to fold at load time."""
+    from onnxscript.optimizer import fold_constants
+
+    def only_constant_nodes(node: Any) -> bool | None:
+        return False if any(v is not None and (v.is_initializer() or v.is_graph_input()) for v in node.inputs) else None
+
+    fold_constants(model, should_fold=only_constant_nodes)
 
 
 def _name_outputs(model: Any, names: list[str]) -> None:
