@@ -20,12 +20,17 @@ attend to the neighbouring frames: zero parameters, zero FLOPs. Frames are folde
 as ``(b t)`` (time innermost). For a channel span shifted by ``k > 0`` frame ``t`` takes frame
 ``t - k``'s values and frames ``0 … k-1`` keep their own; for ``k < 0`` frame ``t`` takes ``t + |k|`` and
 the last ``|k|`` frames keep their own (the official code writes into a clone, so the boundary frames
-keep their values). :data:`TEMPORAL_SHIFT`'s body builds this from reshape, slice and concat only —
-the ops exporters emit for it (ONNX ``Reshape``/``Slice``/``Concat``), which TensorRT's parser accepts;
-the Python loop over spans runs once, at trace time, because spans and frame count are static.
+keep their values). :data:`TEMPORAL_SHIFT`'s body is one gather: with channels in groups of
+``gcd(C, span bounds)``, the activation viewed as rows ``(frame, token…, group)`` of one group each is
+gathered by a row index computed from the static spans and frame count (a constant when the token
+count is static). Exported that is ONNX ``Reshape``, ``Gather``, ``Reshape``, which TensorRT's parser
+accepts: one copy of the activation in contiguous blocks, where slicing the spans out and
+concatenating them back moved it twice in small strided pieces.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -112,26 +117,25 @@ def temporal_shift(x: torch.Tensor, frames: int, batch_axis: int, spans: list[in
         spans: flat ``[start, stop, shift, …]`` triples, sorted and non-overlapping: channels
             ``[start, stop)`` move by ``shift`` frames.
     """
-    clips = x.unflatten(batch_axis, (-1, frames))
-    time = batch_axis + 1
-    pieces = []
-    cursor = 0
-    for index in range(0, len(spans), 3):  # static spans: unrolled at trace time
-        start, stop, shift = spans[index : index + 3]
-        if start > cursor:
-            pieces.append(clips[..., cursor:start])
-        pieces.append(_shift_frames(clips[..., start:stop], time, shift, frames))
-        cursor = stop
-    if cursor < x.shape[-1]:
-        pieces.append(clips[..., cursor:])
-    return torch.cat(pieces, dim=-1).flatten(batch_axis, time)
-
-
-def _shift_frames(span: torch.Tensor, time: int, shift: int, frames: int) -> torch.Tensor:
-    """Frame ``t`` takes frame ``t - shift``; frames with no such source keep their own values."""
-    steps = abs(shift)
-    if steps == 0 or steps >= frames:
-        return span  # nothing moves (the official slice assignment is empty)
-    if shift > 0:
-        return torch.cat([span.narrow(time, 0, steps), span.narrow(time, 0, frames - steps)], dim=time)
-    return torch.cat([span.narrow(time, steps, frames - steps), span.narrow(time, frames - steps, steps)], dim=time)
+    channels = x.shape[-1]
+    bounds = [v for i, v in enumerate(spans) if i % 3 != 2]
+    width = math.gcd(channels, *bounds)  # channels move in groups of this many
+    groups = channels // width
+    group = torch.arange(groups)
+    shift = group * 0  # from aranges only: a decomposition may not hold tensor literals
+    for i in range(0, len(spans), 3):  # static spans and frames: the index is a constant
+        start, stop, steps = spans[i : i + 3]
+        shift = shift + steps * ((group >= start // width) & (group < stop // width))
+    time = torch.arange(frames).unsqueeze(1)
+    source = time - shift  # [frames, groups]: frame t of a group takes frame t - shift ...
+    source = torch.where((source >= 0) & (source < frames), source, time)  # ... or keeps its own
+    between = math.prod(x.shape[batch_axis + 1 : -1])  # the axes between time and channels, e.g. tokens
+    index = (
+        source.view(frames, 1, groups) * (between * groups)
+        + torch.arange(between).view(1, -1, 1) * groups
+        + group.view(1, 1, groups)
+    )
+    # one row per (frame, token…, group) of each clip; -1 stands for the batch, so the shape is a constant
+    rows = x.reshape(*x.shape[:batch_axis], -1, frames * between * groups, width)
+    axis = batch_axis + 1
+    return rows.index_select(axis, index.flatten()).reshape(*x.shape[:batch_axis], -1, *x.shape[axis:])
