@@ -121,18 +121,18 @@ def temporal_shift(x: torch.Tensor, frames: int, batch_axis: int, spans: list[in
     bounds = [v for i, v in enumerate(spans) if i % 3 != 2]
     width = math.gcd(channels, *bounds)  # channels move in groups of this many
     groups = channels // width
-    group = torch.arange(groups)
+    group = torch.arange(groups, device=x.device)
     shift = group * 0  # from aranges only: a decomposition may not hold tensor literals
     for i in range(0, len(spans), 3):  # static spans and frames: the index is a constant
         start, stop, steps = spans[i : i + 3]
         shift = shift + steps * ((group >= start // width) & (group < stop // width))
-    time = torch.arange(frames).unsqueeze(1)
+    time = torch.arange(frames, device=x.device).unsqueeze(1)
     source = time - shift  # [frames, groups]: frame t of a group takes frame t - shift ...
     source = torch.where((source >= 0) & (source < frames), source, time)  # ... or keeps its own
     between = math.prod(x.shape[batch_axis + 1 : -1])  # the axes between time and channels, e.g. tokens
     index = (
         source.view(frames, 1, groups) * (between * groups)
-        + torch.arange(between).view(1, -1, 1) * groups
+        + torch.arange(between, device=x.device).view(1, -1, 1) * groups
         + group.view(1, 1, groups)
     )
     # one row per (frame, token…, group) of each clip; -1 stands for the batch, so the shape is a constant
