@@ -60,12 +60,13 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parent.parent
-for extra in (REPO, REPO / "tests"):
+for extra in (REPO, REPO / "tests", REPO / "benchmarks"):
     if str(extra) not in sys.path:
         sys.path.insert(0, str(extra))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from compile_minilm import log, paired_ratio, time_interleaved  # noqa: E402  (the shared timing helpers)
 from safetensors.torch import save_file  # noqa: E402
 
 import peftc  # noqa: E402
@@ -78,10 +79,6 @@ from peftc.methods import load_adapter  # noqa: E402
 GOAL = 1.03
 ORDER_SEED = 0
 Call = Callable[[], Any]
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def import_timm() -> Any:
@@ -167,29 +164,6 @@ def hooked(model: torch.nn.Module, adapter: Any) -> torch.nn.Module:
         else:
             modules[site.module].register_forward_hook(lambda m, args, out, apply=apply: apply(out))
     return model
-
-
-# ------------------------------------------------------------------------------------------------
-# timing
-
-
-def time_interleaved(calls: Mapping[str, Call], reps: int, rng: random.Random) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(reps):
-        order = list(calls)
-        rng.shuffle(order)
-        for name in order:
-            calls[name]()  # untimed: let the previous runtime's threads settle, warm caches
-            start = time.perf_counter()
-            calls[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def paired_ratio(times: Mapping[str, list[float]], num: str, den: str) -> dict[str, float]:
-    ratios = [a / b for a, b in zip(times[num], times[den], strict=True)]
-    q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratios[0]] * 3
-    return {"median": statistics.median(ratios), "q1": q[0], "q3": q[2], "n": len(ratios)}
 
 
 def as_array(value: Any) -> np.ndarray:
