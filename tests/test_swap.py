@@ -147,6 +147,17 @@ def test_padding_is_exact(tmp_path):
     assert all(np.array_equal(a[k], b[k]) for k in a)  # the padding contributes exact zeros
 
 
+def test_without_a_bank_a_call_takes_one_adapter(tmp_path):
+    model = models.tiny_bert()
+    adapter = _lora(model, tmp_path / "a", 5, r=4, lora_alpha=8, target_modules=TARGETS)
+    runner = peftc.load(peftc.compile(model, adapter, out=tmp_path / "out", swappable=True).path)
+    inputs = {k: v.numpy() for k, v in models.text_inputs(2, 7).items()}
+    one, per_row = runner(**inputs, adapter="a"), runner(**inputs, adapter=["a", "a"])
+    assert all(np.array_equal(one[k], per_row[k]) for k in one)
+    with pytest.raises(UnsupportedError, match="no adapter bank: one adapter per call"):
+        runner(**inputs, adapter=["a", None])
+
+
 def _hashes(directory: Path) -> dict[str, str]:
     return {str(p.relative_to(directory)): sha256_file(p) for p in sorted(directory.rglob("*")) if p.is_file()}
 

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from peftc.errors import InputError
+from peftc.errors import InputError, UnsupportedError
 
 INDEX_INPUT = "adapter_index"
 
@@ -39,6 +39,22 @@ def rows(adapter: Choice, batch: int, size: int) -> tuple[tuple[str, ...], np.nd
         )
     index = np.array([0 if r is None else used.index(r) + 1 for r in chosen], dtype=np.int64)
     return used, index
+
+
+def single(adapter: Choice) -> str | None:
+    """The one adapter of a call to an artifact without a bank (a per-row list must name one).
+
+    Raises:
+        UnsupportedError: the rows name different adapters.
+    """
+    if adapter is None or isinstance(adapter, str):
+        return adapter
+    if len(set(adapter)) > 1:
+        raise UnsupportedError(
+            "this artifact has no adapter bank: one adapter per call (compile with --multi-adapter N to mix "
+            "adapters in one batch)"
+        )
+    return next(iter(adapter), None)
 
 
 def stack(size: int, names: Mapping[str, str], values: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -24,7 +24,6 @@ import numpy as np
 from peftc.backends import banks
 from peftc.backends.banks import INDEX_INPUT, Choice
 from peftc.backends.base import check_feeds
-from peftc.errors import UnsupportedError
 
 _ORT_TYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -87,18 +86,11 @@ class OrtRunner:
         if self._banks is not None:
             batch = int(prepared[self._batch_input].shape[0]) if self._batch_input else 1
             prepared.update(self._bank_feeds(adapter, batch))
-        elif isinstance(adapter, str):
+        elif (name := banks.single(adapter)) is not None:
             import onnxruntime as ort
 
             options = ort.RunOptions()
-            options.add_active_adapter(self._lora(adapter))
-        elif adapter is not None:
-            if len(set(adapter)) > 1:
-                raise UnsupportedError(
-                    "this artifact has no adapter bank: one adapter per call (compile with --multi-adapter N to mix "
-                    "adapters in one batch)"
-                )
-            return self.run(feeds, next(iter(adapter), None))
+            options.add_active_adapter(self._lora(name))
         return dict(zip(self.output_names, self.session.run(None, prepared, options), strict=True))
 
     def _prepare(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

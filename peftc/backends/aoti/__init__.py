@@ -37,7 +37,7 @@ import torch
 from peftc import ir
 from peftc.backends import banks
 from peftc.backends.base import Availability, Capabilities, Lowered, check_feeds
-from peftc.errors import BackendUnavailable, InputError, UnsupportedError
+from peftc.errors import BackendUnavailable, InputError
 from peftc.loaders.inputs import InputSignature
 
 PACKAGE_FILE = "model.pt2"
@@ -175,13 +175,7 @@ class AotiRunner:
                 feeds[banks.INDEX_INPUT] = index
                 wanted: tuple[str | None, ...] = used
             else:
-                if not (adapter is None or isinstance(adapter, str)):
-                    if len(set(adapter)) > 1:
-                        raise UnsupportedError(
-                            "this artifact has no adapter bank: one adapter per call (--multi-adapter)"
-                        )
-                    adapter = next(iter(adapter), None)
-                wanted = (adapter,)
+                wanted = (banks.single(adapter),)
             if wanted != self._active:
                 self._fill(wanted, size, names)
                 self._active = wanted
