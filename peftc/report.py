@@ -71,7 +71,7 @@ def manifest_text(m: Mapping[str, Any]) -> str:
                         a["name"],
                         a["method"],
                         len(a["sites"]),
-                        ",".join(map(str, sorted({s.get("r") for s in a["sites"] if s.get("r") is not None}))) or "-",
+                        _ranks(a),
                         a.get("slot_file", "-"),
                         "add-adapter" if a.get("added") else "compile",
                     ]
@@ -81,7 +81,6 @@ def manifest_text(m: Mapping[str, Any]) -> str:
         )
     for adapter in m["adapters"]:
         honoured = adapter["config_honoured"]
-        ranks = sorted({s.get("r") for s in adapter["sites"] if s.get("r") is not None})
         parts.append(
             table(
                 ["adapter", "method", "sites", "ranks", "replaced tensors", "weights sha256"],
@@ -90,7 +89,7 @@ def manifest_text(m: Mapping[str, Any]) -> str:
                         adapter["name"],
                         adapter["method"],
                         len(adapter["sites"]),
-                        ",".join(map(str, ranks)) or "-",
+                        _ranks(adapter),
                         len(adapter["replacements"]),
                         adapter["sha256"]["weights"][:16],
                     ]
@@ -194,3 +193,8 @@ def _quote(text: str) -> str:
     import shlex
 
     return shlex.quote(text)
+
+
+def _ranks(adapter: Mapping[str, Any]) -> str:
+    """The distinct LoRA ranks of an adapter's sites, ``"-"`` for a method without ranks."""
+    return ",".join(map(str, sorted({s["r"] for s in adapter["sites"] if s.get("r") is not None}))) or "-"
