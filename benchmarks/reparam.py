@@ -74,7 +74,7 @@ from peftc import ir  # noqa: E402
 from peftc.backends import get_backend  # noqa: E402
 from peftc.backends.ort import OrtRunner  # noqa: E402
 from peftc.loaders import parse_inputs  # noqa: E402
-from peftc.methods import load_adapter  # noqa: E402
+from peftc.methods.loading import load_adapter  # noqa: E402
 
 GOAL = 1.03
 ORDER_SEED = 0

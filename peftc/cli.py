@@ -1,4 +1,4 @@
-"""The ``peftc`` command line: argument parsing and rendering only; the work is in ``peftc.api``.
+"""The ``peftc`` command line: argument parsing and rendering only; the work is in ``peftc.driver``.
 
 Exit codes: 0 ok, 1 verification failed, 2 bad or unsupported input, 3 internal error.
 Errors print one line (``--debug`` adds the traceback); progress goes to stderr, results to stdout.
@@ -42,18 +42,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _compile(args: argparse.Namespace) -> int:
-    from peftc.api import compile
+    from peftc.driver.pipeline import compile_artifact
+    from peftc.options import CompileOptions
     from peftc.report import manifest_text
 
-    artifact = compile(
-        args.model,
-        args.adapter,
+    options = CompileOptions(
+        model=args.model,
+        adapters=tuple(args.adapter),
         out=args.out,
         target=args.target,
         target_options=_target_options(args),
         merge=not args.no_merge,
-        inputs=args.input or [],
-        configs=args.config or [],
+        inputs=tuple(args.input or ()),
+        configs=tuple(args.config or ()),
         force=args.force,
         keep_failed=args.keep_failed,
         dump_ir=args.dump_ir,
@@ -64,8 +65,8 @@ def _compile(args: argparse.Namespace) -> int:
         multi_adapter=args.multi_adapter,
         oracle=not args.no_oracle,
         seed=args.seed,
-        progress=_progress(),
     )
+    artifact = compile_artifact(options, _progress())
     if args.json:
         print(artifact.manifest.to_json(), end="")
     else:
@@ -78,7 +79,7 @@ def _compile(args: argparse.Namespace) -> int:
 
 def _add_adapter(args: argparse.Namespace) -> int:
     from peftc.report import verification_table
-    from peftc.swap import add_adapter
+    from peftc.swap.manage import add_adapter
 
     manifest = add_adapter(
         args.artifact,
@@ -100,7 +101,7 @@ def _add_adapter(args: argparse.Namespace) -> int:
 
 
 def _remove_adapter(args: argparse.Namespace) -> int:
-    from peftc.swap import remove_adapter
+    from peftc.swap.manage import remove_adapter
 
     remove_adapter(args.artifact, args.name)
     print(f"removed adapter {args.name!r} from {args.artifact}")
@@ -135,10 +136,10 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from peftc.api import verify
+    from peftc.driver.pipeline import reverify
     from peftc.report import verification_table
 
-    report = verify(args.artifact, model=args.model, oracle=not args.no_oracle, progress=_progress())
+    report = reverify(args.artifact, model=args.model, oracle=not args.no_oracle, progress=_progress())
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:

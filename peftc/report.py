@@ -47,102 +47,91 @@ def verification_table(verification: Mapping[str, Any]) -> str:
 def manifest_text(m: Mapping[str, Any]) -> str:
     """``peftc inspect``: the manifest as sections of tables."""
     model = m["model"]
-    target = m["target"]
     parts = [
         f"artifact  status={m['status']}  peftc {m['peftc_version']}  created {m['created']}",
         table(
             ["model", "kind", "class", "parameters", "state sha256"],
             [[model["spec"], model["kind"], model["class"], f"{model['parameters']:,}", model["state_sha256"][:16]]],
         ),
+        *_adapter_parts(m),
+        *_pipeline_parts(m["pipeline"]),
+        *_files_parts(m["target"]),
+        *_target_lines(m["target"]),
+        verification_table(m["verification"]),
+        *(f"not run: {item['what']}: {item['reason']}" for item in m["not_run"]),
+        *(f"warning: {warning}" for warning in m["warnings"]),
+        "timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in m["timings"].items()),
     ]
-    slots = target.get("slots")
+    if m.get("command"):
+        parts.append("rebuild: " + " ".join(_quote(c) for c in m["command"]))
+    return "\n\n".join(parts) + "\n"
+
+
+def _adapter_parts(m: Mapping[str, Any]) -> list[str]:
+    """The slots of a swappable artifact, then every adapter: its table, config and unused keys."""
+    parts = []
+    slots = m["target"].get("slots")
     if slots:
         bank = f", a bank of {slots['bank'] - 1} adapters per call" if slots.get("bank") else ""
-        default = target.get("default_adapter")
+        default = m["target"].get("default_adapter")
         parts.append(
             f"swappable: {len(slots['slots'])} LoRA slots of rank {slots['rank']} ({slots['dtype']}){bank}; "
             f"default adapter {default!r}"
         )
-        parts.append(
-            table(
-                ["adapter", "method", "sites", "ranks", "slot file", "verified"],
-                [
-                    [
-                        a["name"],
-                        a["method"],
-                        len(a["sites"]),
-                        _ranks(a),
-                        a.get("slot_file", "-"),
-                        "add-adapter" if a.get("added") else "compile",
-                    ]
-                    for a in m["adapters"]
-                ],
-            )
-        )
-    for adapter in m["adapters"]:
-        honoured = adapter["config_honoured"]
-        parts.append(
-            table(
-                ["adapter", "method", "sites", "ranks", "replaced tensors", "weights sha256"],
-                [
-                    [
-                        adapter["name"],
-                        adapter["method"],
-                        len(adapter["sites"]),
-                        _ranks(adapter),
-                        len(adapter["replacements"]),
-                        adapter["sha256"]["weights"][:16],
-                    ]
-                ],
-            )
-        )
-        set_fields = {k: v for k, v in honoured.items() if v not in (None, [], {}, False, "none")}
-        parts.append("  config: " + ", ".join(f"{k}={v}" for k, v in set_fields.items()))
-        for key in adapter.get("unused_keys", []):
-            parts.append(f"  unused key {key['key']}: {key['reason']}")
-    parts.append(
-        table(
-            ["pass", "modified", "stats", "skipped", "seconds", "nodes"],
+        verified = {True: "add-adapter", False: "compile"}
+        rows = [
             [
-                [
-                    p["name"],
-                    p["modified"],
-                    _stats(p["stats"]),
-                    sum(d["kind"] == "skipped" for d in p["diagnostics"]),
-                    f"{p['seconds']:.2f}",
-                    f"{p['nodes_before']} -> {p['nodes_after']}",
-                ]
-                for p in m["pipeline"]
-            ],
-        )
-    )
-    for p in m["pipeline"]:
-        for d in p["diagnostics"]:
-            parts.append(f"  {p['name']}: {d['kind']} {d['site']}: {d['message']}")
-    parts.append(
-        table(
-            ["file", "bytes", "sha256"],
-            [[f["path"], f"{f['bytes']:,}", f["sha256"][:16]] for f in target["files"]],
-        )
-    )
+                a["name"],
+                a["method"],
+                len(a["sites"]),
+                _ranks(a),
+                a.get("slot_file", "-"),
+                verified[bool(a.get("added"))],
+            ]
+            for a in m["adapters"]
+        ]
+        parts.append(table(["adapter", "method", "sites", "ranks", "slot file", "verified"], rows))
+    for adapter in m["adapters"]:
+        row = [adapter["name"], adapter["method"], len(adapter["sites"]), _ranks(adapter)]
+        row += [len(adapter["replacements"]), adapter["sha256"]["weights"][:16]]
+        parts.append(table(["adapter", "method", "sites", "ranks", "replaced tensors", "weights sha256"], [row]))
+        set_fields = {k: v for k, v in adapter["config_honoured"].items() if v not in (None, [], {}, False, "none")}
+        parts.append("  config: " + ", ".join(f"{k}={v}" for k, v in set_fields.items()))
+        parts += [f"  unused key {key['key']}: {key['reason']}" for key in adapter.get("unused_keys", [])]
+    return parts
+
+
+def _pipeline_parts(pipeline: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Every pass as it ran, then each pass's diagnostics."""
+    rows = [
+        [
+            p["name"],
+            p["modified"],
+            _stats(p["stats"]),
+            sum(d["kind"] == "skipped" for d in p["diagnostics"]),
+            f"{p['seconds']:.2f}",
+            f"{p['nodes_before']} -> {p['nodes_after']}",
+        ]
+        for p in pipeline
+    ]
+    parts = [table(["pass", "modified", "stats", "skipped", "seconds", "nodes"], rows)]
+    for p in pipeline:
+        parts += [f"  {p['name']}: {d['kind']} {d['site']}: {d['message']}" for d in p["diagnostics"]]
+    return parts
+
+
+def _files_parts(target: Mapping[str, Any]) -> list[str]:
+    """The artifact's files, its inputs and outputs, and an ONNX model's size."""
+    files = [[f["path"], f"{f['bytes']:,}", f["sha256"][:16]] for f in target["files"]]
     io_rows = [["input", v["name"], v["dtype"], _shape(v["shape"])] for v in target["inputs"]]
     io_rows += [["output", v["name"], v["dtype"], _shape(v["shape"])] for v in target["outputs"]]
-    parts.append(table(["", "name", "dtype", "shape"], io_rows))
+    parts = [table(["file", "bytes", "sha256"], files), table(["", "name", "dtype", "shape"], io_rows)]
     if "opset" in target:
         parts.append(
             f"target {target['name']}: opset {target['opset']}, {target['nodes']} nodes, "
             f"{target['initializers']} initializers ({target['initializer_bytes']:,} bytes)"
         )
-    parts.extend(_target_lines(target))
-    parts.append(verification_table(m["verification"]))
-    for item in m["not_run"]:
-        parts.append(f"not run: {item['what']}: {item['reason']}")
-    for warning in m["warnings"]:
-        parts.append(f"warning: {warning}")
-    parts.append("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in m["timings"].items()))
-    if m.get("command"):
-        parts.append("rebuild: " + " ".join(_quote(c) for c in m["command"]))
-    return "\n\n".join(parts) + "\n"
+    return parts
 
 
 def _target_lines(target: Mapping[str, Any]) -> list[str]:

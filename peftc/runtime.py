@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from peftc.artifact import Manifest, check_files, read_manifest
-from peftc.backends import get_backend
+from peftc.backends import Backend, get_backend
 from peftc.errors import InputError, UnsupportedError
+from peftc.swap.runtime import SwappableRunner
 
 _DEFAULT = object()
 
@@ -122,9 +123,24 @@ def load(path: str | os.PathLike[str], *, allow_failed: bool = False, runtime: s
         if runtime not in allowed:
             raise InputError(f"{path}: a {name!r} artifact cannot be run with {runtime!r} (it can with {allowed})")
         name = runtime
-    backend = get_backend(name)
-    files = {a["name"]: a["slot_file"] for a in manifest.adapters if "slot_file" in a}
-    return Runner(path, manifest, backend.load(path, {**manifest.target, "adapter_files": files}))
+    return Runner(path, manifest, open_runner(get_backend(name), path, manifest.target, manifest.adapters))
+
+
+def open_runner(
+    backend: Backend, directory: Path, target: Mapping[str, Any], adapters: Sequence[Mapping[str, Any]]
+) -> Any:
+    """The target's runner of the artifact in ``directory``; a swappable artifact's, wrapped so that
+    calls choose adapters (``peftc/swap/runtime.py``).
+
+    Args:
+        target: the manifest's ``target`` record.
+        adapters: the manifest's adapter entries (their ``slot_file``).
+    """
+    runner = backend.load(directory, target)
+    if "slots" not in target:
+        return runner
+    files = {a["name"]: directory / a["slot_file"] for a in adapters if "slot_file" in a}
+    return SwappableRunner(runner, target, files)
 
 
 def describe(path: str | os.PathLike[str]) -> Mapping[str, Any]:

@@ -86,7 +86,7 @@ def gpt2_program() -> ir.Program:
 
 def adapt(program: ir.Program, *adapter_paths: Path) -> ir.Program:
     """The reference program: ``program`` with the adapters' sites inserted (the adapt stage)."""
-    from peftc.methods import load_adapter
+    from peftc.methods.loading import load_adapter
     from peftc.passes import PassContext, PassManager, pipelines
 
     table = ir.module_table(program)

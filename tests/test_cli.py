@@ -236,7 +236,7 @@ def test_unwritable_output_dir(capsys, tmp_path, bert_dir, bert_adapter):
 
 
 def test_verification_failure_exits_1_with_table(capsys, tmp_path, bert_dir, bert_adapter, monkeypatch):
-    import peftc.ops.lora as lora
+    import peftc.methods.lora.ops as lora
 
     real = lora.delta_weight
     monkeypatch.setattr(lora, "delta_weight", lambda a, b, s, layout: real(a, b, 2 * s, layout))

@@ -169,7 +169,7 @@ def test_caller_objects_are_left_unchanged(tmp_path, bert_adapter):
 
 
 def _drop_scale(monkeypatch):
-    import peftc.ops.lora as lora
+    import peftc.methods.lora.ops as lora
 
     real = lora.delta_weight
     monkeypatch.setattr(lora, "delta_weight", lambda a, b, scale, layout: real(a, b, 1.0, layout))
@@ -184,7 +184,7 @@ def test_mutation_dropped_merge_scale_fails_verification(tmp_path, bert_adapter,
 
 
 def test_mutation_wrong_onnx_translation_fails_verification(tmp_path, bert_adapter, monkeypatch):
-    import peftc.backends.onnx.translations as translations
+    import peftc.methods.lora.onnx as translations
 
     real = translations.lora_linear
     monkeypatch.setattr(

@@ -22,7 +22,7 @@ from conftest import export
 import peftc
 from peftc import ir
 from peftc.loaders.inputs import from_transformers, parse_inputs
-from peftc.methods import load_adapter
+from peftc.methods.loading import load_adapter
 from peftc.passes import PassContext, PassManager, pipelines
 from peftc.verification import peft_oracle, program_oracle, verify
 

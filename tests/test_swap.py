@@ -212,7 +212,7 @@ def test_add_adapter_refusals_leave_the_artifact_unchanged(copy, tmp_path, confi
 
 
 def test_add_adapter_failing_verification_leaves_the_artifact_unchanged(copy, tmp_path, monkeypatch):
-    import peftc.slots as slots
+    import peftc.swap.slots as slots
 
     model, artifact, _ = copy
     extra = _lora(model, tmp_path / "extra", 7, r=3, lora_alpha=5, target_modules=["value"])

@@ -3,6 +3,7 @@
 from peftc.artifact.manifest import (
     MANIFEST_FILE,
     SCHEMA_VERSION,
+    Artifact,
     Manifest,
     check_files,
     file_record,
@@ -13,6 +14,7 @@ from peftc.artifact.writer import ArtifactWriter
 __all__ = [
     "MANIFEST_FILE",
     "SCHEMA_VERSION",
+    "Artifact",
     "ArtifactWriter",
     "Manifest",
     "check_files",

@@ -84,6 +84,14 @@ def _type_names(expected: Any) -> str:
     return " or ".join("null" if t is type(None) else t.__name__ for t in types)
 
 
+@dataclasses.dataclass(frozen=True)
+class Artifact:
+    """A compiled artifact on disk."""
+
+    path: Path
+    manifest: Manifest
+
+
 def read_manifest(directory: str | Path) -> Manifest:
     """Read and validate ``directory/manifest.json``."""
     path = Path(directory) / MANIFEST_FILE

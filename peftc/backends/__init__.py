@@ -7,7 +7,7 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
-from peftc.backends.base import Availability, Backend, Capabilities, Lowered, Runner
+from peftc.backends.base import Availability, Backend, Capabilities, Lowered, Runner, SlotBackend, SlotRunner
 from peftc.errors import BackendUnavailable, UnsupportedError, one_of
 
 BACKENDS: dict[str, str] = {
@@ -41,4 +41,14 @@ def get_backend(name: str, options: Mapping[str, Any] | None = None) -> Backend:
     return backend
 
 
-__all__ = ["BACKENDS", "Availability", "Backend", "Capabilities", "Lowered", "Runner", "get_backend"]
+__all__ = [
+    "BACKENDS",
+    "Availability",
+    "Backend",
+    "Capabilities",
+    "Lowered",
+    "Runner",
+    "SlotBackend",
+    "SlotRunner",
+    "get_backend",
+]

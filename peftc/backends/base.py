@@ -1,7 +1,14 @@
 """What a target backend provides: lowering a program to files, and running those files.
 
+Every backend is a :class:`Backend`; optional capabilities are protocols a backend implements or
+not, and the driver asks ``isinstance(backend, SlotBackend)``:
+
+* :class:`SlotBackend`: it builds swappable artifacts (``peftc/swap/``): its lowering keeps named
+  tensors overridable, it writes adapter files, and its runner is a :class:`SlotRunner`.
+
 Backends are looked up by name in ``peftc.backends.BACKENDS`` (module paths, imported lazily), so
-``import peftc`` never imports onnxruntime or TensorRT.
+``import peftc`` never imports onnxruntime or TensorRT. They import no feature module: what a
+feature needs from them is declared here.
 """
 
 from __future__ import annotations
@@ -9,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -25,9 +32,6 @@ class Capabilities:
     dynamic_shapes: bool
     adapter_swap: bool
     device: str
-    slots: bool = False
-    """Builds ``--swappable`` artifacts: adapter slots filled from adapter files at run time
-    (``peftc/swap.py``); such a backend has ``adapter_suffix`` and ``write_adapter``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,9 +86,10 @@ class Backend(Protocol):
     """A compilation target.
 
     Backends are constructed with their target options (``--precision``, ``--profile``, ``--device``…)
-    and validate them in ``__init__``; a backend without options is constructed with none. A backend
-    whose class sets ``uses_reference = True`` also receives the adapt-stage program (sites unmerged)
-    as ``lower(..., reference=program)``, to map adapter tensors to the weights they were merged into.
+    and validate them in ``__init__``; a backend without options is constructed with none.
+    ``lower`` also receives the adapt-stage program the lowered one was optimized from (sites
+    unmerged), for targets that map adapter tensors to the weights they were merged into (TensorRT's
+    refit map), and the names of tensors to keep overridable (only a :class:`SlotBackend` is given any).
     """
 
     name: str
@@ -94,6 +99,51 @@ class Backend(Protocol):
 
     def versions(self) -> dict[str, str]: ...
 
-    def lower(self, program: ir.Program, signature: InputSignature, directory: Path, progress: Any) -> Lowered: ...
+    def lower(
+        self,
+        program: ir.Program,
+        signature: InputSignature,
+        directory: Path,
+        progress: Any,
+        *,
+        reference: ir.Program | None = None,
+        overridable: Sequence[str] = (),
+    ) -> Lowered: ...
 
     def load(self, directory: Path, target: Mapping[str, Any]) -> Runner: ...
+
+
+@runtime_checkable
+class SlotBackend(Protocol):
+    """A target that builds swappable artifacts.
+
+    ``lower(..., overridable=names)`` keeps those tensors settable at run time (their stored values
+    are the defaults); ``write_adapter`` writes one adapter's values of them as a file its runner
+    reads; ``load`` returns a :class:`SlotRunner`.
+    """
+
+    adapter_suffix: str
+    """The file name suffix of its adapter files (``.onnx_adapter``, ``.safetensors``)."""
+
+    def write_adapter(self, path: Path, tensors: Mapping[str, np.ndarray]) -> None: ...
+
+
+@runtime_checkable
+class SlotRunner(Protocol):
+    """The runner of a :class:`SlotBackend`'s model: runs it with given values of its overridable tensors."""
+
+    input_names: list[str]
+    output_names: list[str]
+
+    def load_slots(self, path: Path) -> Any:
+        """One adapter file, read into a form ``run`` takes as ``slots`` (the caller keeps it)."""
+        ...
+
+    def slot_values(self, path: Path) -> dict[str, np.ndarray]:
+        """One adapter file's arrays, keyed as in the file."""
+        ...
+
+    def run(self, feeds: Mapping[str, np.ndarray], slots: Any = None) -> dict[str, np.ndarray]:
+        """Run with the overridable tensors set to ``slots``: a :meth:`load_slots` result, or a mapping
+        of every overridable tensor to its value; None leaves them as they are."""
+        ...

@@ -4,12 +4,11 @@ This package is the only place that touches torch.export internals (graph signat
 placeholders, fake values). Passes use :class:`ProgramEditor` and the helpers re-exported here.
 """
 
-from peftc.ir.canon import op_counts, target_name, text
+from peftc.ir.canon import fingerprint, op_counts, target_name, text
 from peftc.ir.modules import ModuleCall, ModuleInfo, ModuleTable, module_table, module_table_from_module
 from peftc.ir.program import (
     Program,
     ProgramEditor,
-    fingerprint,
     flatten_named,
     output_names,
     placeholder_fqn,

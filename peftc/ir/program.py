@@ -90,27 +90,6 @@ def placeholder_fqn(program: Program, node: fx.Node) -> str | None:
     return spec.target if spec is not None and spec.kind in _STATE_KINDS else None
 
 
-def fingerprint(program: Program) -> str:
-    """A digest of the graph, signature and tensor identities (not contents).
-
-    Used by the pass manager to catch a pass that mutates its input or misreports ``modified``.
-    In-place weight edits are caught by ``tensor._version`` and, for writes through ``.data`` (which
-    bypass the version counter), by a checksum of a strided sample of each tensor's contents
-    (at most 4096 elements, so fingerprinting a 100M-parameter model stays in milliseconds).
-    """
-    from peftc.ir.canon import text
-
-    h = hashlib.sha256(text(program).encode())
-    h.update(str(program.graph_signature).encode())
-    for key, t in sorted({**program.state_dict, **program.constants}.items()):
-        if isinstance(t, torch.Tensor):
-            flat = t.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // 4096)]
-            checksum = float(sample.sum(dtype=torch.float64)) if sample.numel() else 0.0
-            h.update(f"{key}:{id(t)}:{t._version}:{tuple(t.shape)}:{t.dtype}:{checksum!r}".encode())
-    return h.hexdigest()
-
-
 def state_digest(program: Program) -> str:
     """sha256 over every parameter and buffer (key, dtype, shape, bytes): the identity of a base model."""
     h = hashlib.sha256()

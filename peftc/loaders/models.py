@@ -55,6 +55,14 @@ class LoadedModel:
         obj = self.module if self.module is not None else self.program
         return type(obj).__name__ if self.module is not None else "ExportedProgram"
 
+    @property
+    def tied_embeddings(self) -> bool | None:
+        """Whether the model declares tied input/output embeddings (transformers ``tie_word_embeddings``);
+        None when unknown (an exported program)."""
+        if self.module is None:
+            return None
+        return bool(getattr(getattr(self.module, "config", None), "tie_word_embeddings", False))
+
 
 TIMM_PREFIX = "timm:"
 

@@ -1,19 +1,77 @@
-"""peftc's parser for Hugging Face PEFT AdaLoRA adapters (``peft_type: "ADALORA"``).
+"""AdaLoRA (PEFT ``ADALORA``; ``shared/methods.md`` §2.6): its weight transform and peftc's parser.
 
-Keys: ``<m>.lora_A`` ``[r_m, d_in]``, ``<m>.lora_B`` ``[d_out, r_m]``, ``<m>.lora_E`` ``[r_m, 1]`` on
-``nn.Linear``, GPT-2 ``Conv1D`` and ``nn.Conv2d`` targets (``d_in`` is ``in·k_h·k_w`` for a convolution), where ``r_m`` is the rank left after pruning:
-``rank_pattern`` maps ``<m>.lora_E`` to the mask of kept singular values (``init_r`` entries) and PEFT
-saves only the kept rows. Every module's scale is ``α / (init_r + 1e-5)``, pruned or not
-(``peftc/ops/adalora.py``). Trained biases and ``modules_to_save`` tensors are full replacements.
-"""
+AdaLoRA trains an SVD-shaped update ``ΔW = P Λ Q``: ``A`` (``[r, d_in]``, Q), ``B`` (``[d_out, r]``, P)
+and the singular values ``E`` (``[r, 1]``, Λ) whose pruned entries were dropped before saving. PEFT
+scales it by ``α / (ranknum + 1e-5)``, where ``ranknum`` is the *initial* rank ``init_r`` even after
+pruning — the division, and its ``1e-5``, are part of the trained model::
+
+    W' = W + (B · (A ⊙ E)) · α / (ranknum + 1e-5)
+
+``ΔW`` is ``[d_out, d_in]``: transposed for a Conv1D (``fan_in_fan_out``), reshaped to the kernel for a
+convolution, whose ``A`` is ``[r, d_in·k_h·k_w]``.
+
+**Adapter files.** Keys: ``<m>.lora_A`` ``[r_m, d_in]``, ``<m>.lora_B`` ``[d_out, r_m]``,
+``<m>.lora_E`` ``[r_m, 1]`` on ``nn.Linear``, GPT-2 ``Conv1D`` and ``nn.Conv2d`` targets (``d_in``
+is ``in·k_h·k_w`` for a convolution), where ``r_m`` is the rank left after pruning: ``rank_pattern``
+maps ``<m>.lora_E`` to the mask of kept singular values (``init_r`` entries) and PEFT saves only the
+kept rows. Every module's scale is ``α / (init_r + 1e-5)``, pruned or not (above). Trained biases
+and ``modules_to_save`` tensors are full replacements."""
 
 from __future__ import annotations
 
+import numpy as np
+import torch
+
 from peftc.errors import InputError, UnsupportedError
 from peftc.ir.modules import ModuleTable, conv_attributes
-from peftc.methods import common, lora
+from peftc.methods import common
 from peftc.methods.base import Adapter, AdapterSource, ParseOptions, Site
-from peftc.ops.adalora import ADALORA_WEIGHT
+from peftc.methods.lora import parse as lora
+from peftc.methods.record import Method
+from peftc.ops import SiteOp, composite_op, from_out_in
+
+ADALORA_WEIGHT = SiteOp(
+    name="adalora_weight",
+    form="weight",
+    tensor_roles=("lora_A", "lora_B", "lora_E"),
+    scalars=("scale", "ranknum", "layout"),
+)
+
+
+def delta_weight(
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    lora_e: torch.Tensor,
+    scale: float,
+    ranknum: float,
+    layout: str,
+) -> torch.Tensor:
+    """``ΔW`` in fp32, shaped like ``weight``, in PEFT's order of operations."""
+    a, b, e = (t.to(torch.float32) for t in (lora_a, lora_b, lora_e))
+    delta = from_out_in(b @ (a * e), weight, layout)
+    # PEFT adds 1e-5 to a float32 tensor: the divisor is rounded to float32 after the addition.
+    divisor = float(np.float32(ranknum) + np.float32(1e-5))
+    return delta * scale / divisor
+
+
+@composite_op(
+    "adalora_weight(Tensor weight, Tensor lora_a, Tensor lora_b, Tensor lora_e, float scale, float ranknum, "
+    "str layout) -> Tensor"
+)
+def adalora_weight(
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    lora_e: torch.Tensor,
+    scale: float,
+    ranknum: float,
+    layout: str,
+) -> torch.Tensor:
+    """``W + ΔW`` (fp32, cast back to ``W``'s dtype); see the module docstring."""
+    delta = delta_weight(weight, lora_a, lora_b, lora_e, scale, ranknum, layout)
+    return (weight.to(torch.float32) + delta).to(weight.dtype)
+
 
 _SCHEDULE = "training schedule of the rank allocator"
 FIELDS = common.Fields(
@@ -119,3 +177,6 @@ def _rank_masks(source: AdapterSource, adapted: set[str]) -> dict[str, list[bool
             raise InputError(f"{source.config_path}: rank_pattern[{key!r}] is not a list of init_r={init_r} booleans")
         masks[path] = mask
     return masks
+
+
+METHOD = Method("adalora", ("ADALORA",), parse, ops=(ADALORA_WEIGHT,))

@@ -66,7 +66,7 @@ class Site:
     A *call site* (``param`` None) replaces each call of the module; a *weight site* replaces the
     module's parameter ``param`` by ``op(param, *tensors, *scalars)``; an *activation site*
     (``position`` set) transforms the activation at the module call's output or input (see
-    ``peftc/ops/base.py``).
+    ``peftc/ops.py``).
     """
 
     module: str

@@ -1,16 +1,30 @@
-"""peftc's parser for Hugging Face PEFT bias-tuning adapters (``peft_type: "BEFT"``).
+"""BEFT, bias tuning (PEFT ``BEFT``): its weight transform and peftc's parser.
 
-Keys: ``<m>.beft_bias`` ``[1, d_out]`` on ``nn.Linear`` targets, each a ``beft_bias`` site on the
-module's bias (``peftc/ops/beft.py``). ``modules_to_save`` tensors are full replacements.
-"""
+BEFT adds a trained vector ``v`` to a linear layer's output, ``y = x Wᵀ + b + v``, which folds exactly
+into the bias: ``b' = b + v``.
+
+**Adapter files.** Keys: ``<m>.beft_bias`` ``[1, d_out]`` on ``nn.Linear`` targets, each a
+``beft_bias`` site on the module's bias. ``modules_to_save`` tensors are full replacements."""
 
 from __future__ import annotations
+
+import torch
 
 from peftc.errors import InputError, UnsupportedError
 from peftc.ir.modules import ModuleTable
 from peftc.methods import common
 from peftc.methods.base import Adapter, AdapterSource, ParseOptions, Site
-from peftc.ops.beft import BEFT_BIAS
+from peftc.methods.record import Method
+from peftc.ops import SiteOp, composite_op
+
+BEFT_BIAS = SiteOp(name="beft_bias", form="weight", tensor_roles=("beft_bias",), scalars=())
+
+
+@composite_op("beft_bias(Tensor bias, Tensor beft_bias) -> Tensor")
+def beft_bias(bias: torch.Tensor, beft_bias: torch.Tensor) -> torch.Tensor:
+    """``b + v`` (fp32, cast back to ``b``'s dtype)."""
+    return (bias.to(torch.float32) + beft_bias.to(torch.float32).reshape(-1)).to(bias.dtype)
+
 
 FIELDS = common.Fields(
     honoured=("target_modules", "modules_to_save"),
@@ -44,3 +58,6 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
         info = {"module_type": module.class_name}
         sites.append(Site(path, BEFT_BIAS.name, {"beft_bias": tensors["beft_bias"]}, {}, info, "bias"))
     return common.adapter(source, "beft", sites, grouped, honoured, ignored)
+
+
+METHOD = Method("beft", ("BEFT",), parse, ops=(BEFT_BIAS,))

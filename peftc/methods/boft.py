@@ -1,9 +1,29 @@
-"""peftc's parser for Hugging Face PEFT BOFT adapters (``peft_type: "BOFT"``).
+"""BOFT, butterfly OFT (PEFT ``BOFT``; ``shared/methods.md`` §3): its weight transform and peftc's parser.
 
-Keys: ``<m>.boft_R`` ``[N, D, H, H]`` (``N`` butterfly factors of ``D`` blocks of size ``H``) and
-``<m>.boft_s`` (``[d_out, 1]`` for ``nn.Linear``, ``[1, d_out]`` for ``nn.Conv2d``); trained biases and
-``modules_to_save`` tensors are full replacements. Each target becomes a ``boft_weight`` site on its
-weight (``peftc/ops/boft.py``).
+BOFT (butterfly OFT) rotates a layer's input by a product of ``N`` butterfly factors and scales its
+output channels. Each factor ``F_i = P_i B_i P_iᵀ`` is a block-diagonal ``B_i`` of ``D`` orthogonal
+``H×H`` blocks, conjugated by a fixed butterfly permutation ``P_i``; every block is the Cayley
+transform of the skew-symmetric part of a trained ``H×H`` matrix::
+
+    B_i,j = (I + K)⁻¹(I − K),   K = (A − Aᵀ)/2,   A = boft_R[i, j]
+    R = F_{N−1} ⋯ F_1 F_0,      y = s ⊙ ((x R) Mᵀ)   ⇔   M' = diag(s) · M Rᵀ
+
+with ``M`` the weight as ``[d_out, d_in]`` (``nn.Conv2d``: flattened to ``[d_out, c·kh·kw]``) and
+``s = boft_s`` one factor per output channel (the bias is not scaled). ``M Rᵀ`` is applied factor by
+factor, ``F_0ᵀ`` first, without building any ``d_in × d_in`` matrix: ``M F_iᵀ`` is ``M`` with its
+columns gathered by ``P_i⁻¹``, rotated block by block, and gathered back by ``P_i``.
+
+``P_i`` (``i ≥ 1``; ``P_0`` is the identity) splits the ``d_in`` indices into ``D/2^i`` equal groups
+and, inside each group, reorders its chunks of ``H/2`` indices: even-numbered chunks first, then the
+odd-numbered ones. ``(P_i)[a, perm[a]] = 1``, so ``F_i[a, c] = B_i[perm[a], perm[c]]``; both
+gathers are reshapes and transposes (:func:`butterfly_gather`).
+
+The Cayley transform is the exact one of ``peftc/methods/oft.py`` (elimination that exports to ONNX).
+
+**Adapter files.** Keys: ``<m>.boft_R`` ``[N, D, H, H]`` (``N`` butterfly factors of ``D`` blocks of
+size ``H``) and ``<m>.boft_s`` (``[d_out, 1]`` for ``nn.Linear``, ``[1, d_out]`` for ``nn.Conv2d``);
+trained biases and ``modules_to_save`` tensors are full replacements. Each target becomes a
+``boft_weight`` site on its weight.
 
 For a module with ``n`` inputs (``c_in·kh·kw`` for a convolution), ``boft_block_size`` gives
 ``H`` and ``D = n/H``, or ``boft_block_num`` gives ``D`` and ``H = n/D``; either must divide ``n``.
@@ -22,11 +42,52 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 from peftc.errors import InputError, UnsupportedError
 from peftc.ir.modules import ModuleInfo, ModuleTable, conv_attributes
 from peftc.methods import common
 from peftc.methods.base import Adapter, AdapterSource, AdapterTensor, ParseOptions, Site
-from peftc.ops.boft import BOFT_WEIGHT
+from peftc.methods.oft import cayley, rotate_columns
+from peftc.methods.record import Method
+from peftc.ops import SiteOp, as_out_in, composite_op, from_out_in
+
+BOFT_WEIGHT = SiteOp(name="boft_weight", form="weight", tensor_roles=("boft_R", "boft_s"), scalars=("layout",))
+
+
+@composite_op("boft_weight(Tensor weight, Tensor boft_r, Tensor boft_s, str layout) -> Tensor")
+def boft_weight(weight: torch.Tensor, boft_r: torch.Tensor, boft_s: torch.Tensor, layout: str) -> torch.Tensor:
+    """``diag(s)·M·Rᵀ`` for BOFT's butterfly rotation ``R`` (fp32, cast back to ``weight``'s dtype).
+
+    Args:
+        boft_r: ``[N, D, H, H]``: ``N`` butterfly factors of ``D`` blocks of size ``H``.
+        boft_s: one scale per output channel (``[d_out, 1]`` or ``[1, d_out]``).
+        layout: ``linear`` or ``conv``.
+    """
+    factors, count, size = boft_r.shape[0], boft_r.shape[1], boft_r.shape[2]
+    a = boft_r.to(torch.float32).reshape(factors * count, size, size)
+    blocks = cayley(0.5 * (a - a.transpose(1, 2))).reshape(factors, count, size, size)
+    matrix = as_out_in(weight.to(torch.float32), layout)
+    for i in range(factors):  # M Rᵀ = M F_0ᵀ F_1ᵀ ⋯; P_0 is the identity, so factor 0 needs no gathers
+        groups = count // 2**i
+        gathered = butterfly_gather(matrix, groups, size // 2, inverse=True) if i else matrix
+        matrix = rotate_columns(gathered, blocks[i], transpose=True)
+        matrix = butterfly_gather(matrix, groups, size // 2, inverse=False) if i else matrix
+    scaled = matrix * boft_s.to(torch.float32).reshape(-1, 1)
+    return from_out_in(scaled, weight, layout).to(weight.dtype)
+
+
+def butterfly_gather(matrix: torch.Tensor, groups: int, chunk: int, *, inverse: bool) -> torch.Tensor:
+    """``matrix[:, perm]`` (or ``matrix[:, perm⁻¹]``) for BOFT's butterfly permutation ``perm``.
+
+    Chunk ``c = 2p + e`` of a group moves to position ``e·(chunks/2) + p`` (even chunks first):
+    a transpose of a ``[chunks/2, 2]`` grid, written as reshapes so it exports without index tensors.
+    """
+    rows, columns = matrix.shape
+    half = columns // groups // chunk // 2
+    grid = (rows, groups, 2, half, chunk) if inverse else (rows, groups, half, 2, chunk)
+    return matrix.reshape(grid).transpose(2, 3).reshape(rows, columns)
+
 
 FIELDS = common.Fields(
     honoured=(
@@ -163,3 +224,6 @@ def _check_conv(source: AdapterSource, module: ModuleInfo, shape: tuple[int, ...
         raise UnsupportedError(
             f"{where}, whose padding_mode is not 'zeros': PEFT's forward pads with zeros, so it differs from its merge()"
         )
+
+
+METHOD = Method("boft", ("BOFT",), parse, ops=(BOFT_WEIGHT,))

@@ -1,19 +1,53 @@
-"""peftc's parser for Hugging Face PEFT (IA)³ adapters (``peft_type: "IA3"``).
+"""(IA)³ (PEFT ``IA3``; ``shared/methods.md`` §4.2): its weight transform and peftc's parser.
 
-Keys: ``<m>.ia3_l`` on ``nn.Linear``, GPT-2 ``Conv1D`` and ``nn.Conv2d/3d`` targets, shaped as PEFT
-creates them: ``[d_out, 1]`` (output scaling) or ``[1, d_in]`` (input scaling, ``feedforward_modules``)
-for linear layers, ``[1, n, 1, …]`` for convolutions. ``modules_to_save`` tensors are full replacements.
-Each target becomes an ``ia3_weight`` site on its weight, plus one on its bias for output scaling
-(``peftc/ops/ia3.py``).
-"""
+(IA)³ multiplies activations by a trained vector ``l``. PEFT scales the *output* of an ordinary
+target (bias included) and the *input* of a ``feedforward_modules`` target; both fold exactly::
+
+    output:  y = l ⊙ (x Wᵀ + b)   ⇔  W' = diag(l)·W,  b' = l ⊙ b
+    input:   y = (l ⊙ x) Wᵀ + b   ⇔  W' = W·diag(l)
+
+so one op scales a parameter along one axis: the output axis of a weight (0 for ``nn.Linear`` and
+convolutions, 1 for a ``Conv1D`` stored ``[d_in, d_out]``), the input axis, or the only axis of a
+bias. A grouped convolution's input axis holds ``d_in / groups`` channels per output channel, so the
+vector is laid out per group first, as PEFT does.
+
+**Adapter files.** Keys: ``<m>.ia3_l`` on ``nn.Linear``, GPT-2 ``Conv1D`` and ``nn.Conv2d/3d``
+targets, shaped as PEFT creates them: ``[d_out, 1]`` (output scaling) or ``[1, d_in]`` (input
+scaling, ``feedforward_modules``) for linear layers, ``[1, n, 1, …]`` for convolutions.
+``modules_to_save`` tensors are full replacements. Each target becomes an ``ia3_weight`` site on its
+weight, plus one on its bias for output scaling."""
 
 from __future__ import annotations
+
+import torch
 
 from peftc.errors import InputError
 from peftc.ir.modules import ModuleTable, conv_attributes
 from peftc.methods import common, peft_config
 from peftc.methods.base import Adapter, AdapterSource, ParseOptions, Site
-from peftc.ops.ia3 import IA3_WEIGHT
+from peftc.methods.record import Method
+from peftc.ops import SiteOp, composite_op
+
+IA3_WEIGHT = SiteOp(name="ia3_weight", form="weight", tensor_roles=("ia3_l",), scalars=("axis", "groups"))
+
+
+def broadcast(vector: torch.Tensor, weight: torch.Tensor, axis: int, groups: int) -> torch.Tensor:
+    """The fp32 vector shaped to multiply ``weight`` along ``axis``."""
+    vector = vector.to(torch.float32).reshape(-1)
+    if groups > 1:  # input axis of a grouped convolution: [d_out, d_in/groups, *kernel]
+        out, per_group = weight.shape[0], weight.shape[1]
+        vector = vector.reshape(groups, 1, per_group).expand(groups, out // groups, per_group)
+        return vector.reshape(out, per_group, *([1] * (weight.dim() - 2)))
+    shape = [1] * weight.dim()
+    shape[axis] = -1
+    return vector.reshape(shape)
+
+
+@composite_op("ia3_weight(Tensor weight, Tensor ia3_l, int axis, int groups) -> Tensor")
+def ia3_weight(weight: torch.Tensor, ia3_l: torch.Tensor, axis: int, groups: int) -> torch.Tensor:
+    """``weight`` scaled by ``ia3_l`` along ``axis`` (fp32, cast back to ``weight``'s dtype)."""
+    return (weight.to(torch.float32) * broadcast(ia3_l, weight, axis, groups)).to(weight.dtype)
+
 
 FIELDS = common.Fields(
     honoured=("target_modules", "exclude_modules", "feedforward_modules", "fan_in_fan_out", "modules_to_save"),
@@ -66,3 +100,6 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
         if not feedforward and "bias" in module.params:
             sites.append(Site(path, IA3_WEIGHT.name, {"ia3_l": vector}, {"axis": 0, "groups": 1}, info, "bias"))
     return common.adapter(source, "ia3", sites, grouped, honoured, ignored, warnings)
+
+
+METHOD = Method("ia3", ("IA3",), parse, ops=(IA3_WEIGHT,))

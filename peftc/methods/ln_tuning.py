@@ -11,6 +11,7 @@ from peftc.errors import InputError
 from peftc.ir.modules import ModuleTable
 from peftc.methods import common
 from peftc.methods.base import Adapter, AdapterSource, AdapterTensor, ParseOptions, Replacement
+from peftc.methods.record import Method
 
 FIELDS = common.Fields(honoured=("target_modules", "exclude_modules", "modules_to_save"), ignored={})
 MARKER = ".ln_tuning_layers."
@@ -42,3 +43,6 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
             common.expect_shape(source, entry, modules.state_shapes[fqn], f"{list(modules.state_shapes[fqn])} ({fqn})")
             replacements.append(Replacement(fqn, AdapterTensor(entry.key, entry.tensor), "LN tuning copy", untie=True))
     return common.adapter(source, "ln_tuning", (), grouped, honoured, ignored, replacements=replacements)
+
+
+METHOD = Method("ln_tuning", ("LN_TUNING",), parse)

@@ -1,9 +1,12 @@
 """Reading adapters from disk: a PEFT directory, or a ``.safetensors`` file plus its config.
 
+:func:`read_adapter` reads the files; :func:`load_adapter` also interprets them against a model
+(``peftc.methods.registry.parse_adapter``).
+
 Only safetensors are read by default. A pickled ``adapter_model.bin`` is refused with the reason;
 ``allow_pickle=True`` loads it with ``torch.load(weights_only=True)``, which restricts unpickling to
 tensors and plain containers. A weights file with no config beside it is accepted when its key names
-say what it is: an official SSF checkpoint (``ssf_scale_N`` keys; ``peftc/methods/ssf.py``).
+say what it is: an official SSF checkpoint (``ssf_scale_N`` keys; ``Method.recognise``).
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from typing import Any
 import torch
 
 from peftc.errors import InputError, first_line
-from peftc.methods.base import AdapterSource
+from peftc.ir.modules import ModuleTable
+from peftc.methods import registry
+from peftc.methods.base import Adapter, AdapterSource, ParseOptions
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -93,16 +98,15 @@ def read_adapter(
 
 
 def _self_described(path: Path, weights: Path, name: str, allow_pickle: bool) -> AdapterSource:
-    """A weights file without a config whose key names say what it is (an official SSF checkpoint).
+    """A weights file without a config whose key names say what it is (``Method.recognise``: an
+    official SSF checkpoint).
 
     The file stands for its config too (``config_path`` is the weights file), so a rebuild from the
     manifest reads it the same way.
     """
-    from peftc.methods.ssf import implied_config
-
     data = _read_bytes(weights)
     tensors = _load_tensors(weights, data, allow_pickle)
-    cfg = implied_config(tensors)
+    cfg = registry.recognise(tensors)
     if cfg is None:
         raise InputError(
             f"{weights.parent / CONFIG_NAME}: missing adapter config (a bare weights file needs --config "
@@ -160,3 +164,17 @@ def _read_bytes(path: Path) -> bytes:
 def _identifier(name: str) -> str:
     ident = re.sub(r"\W", "_", name).strip("_") or "adapter"
     return ident if not ident[0].isdigit() else f"a_{ident}"
+
+
+def load_adapter(
+    path: str | Path,
+    modules: ModuleTable,
+    *,
+    name: str | None = None,
+    config: str | Path | None = None,
+    allow_pickle: bool = False,
+    options: ParseOptions | None = None,
+) -> Adapter:
+    """Read and interpret an adapter in one step."""
+    source = read_adapter(path, name=name, config=config, allow_pickle=allow_pickle)
+    return registry.parse_adapter(source, modules, options)

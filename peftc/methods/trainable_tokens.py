@@ -1,11 +1,16 @@
-"""Trainable tokens: embedding rows replaced by trained values (PEFT ``TRAINABLE_TOKENS`` and LoRA's
-``trainable_token_indices``).
+"""Trainable tokens (PEFT ``TRAINABLE_TOKENS``; LoRA's ``trainable_token_indices``) and peftc's parser.
 
-Keys: ``<embedding>.trainable_tokens_delta`` (``peft_type: "TRAINABLE_TOKENS"``, indices in
-``token_indices``) or ``<embedding>.token_adapter.trainable_tokens_delta`` (LoRA, indices in
-``trainable_token_indices``), ``[n tokens, dim]``. Each becomes a ``tokens_weight`` site on the
-embedding, and on an output layer tied to it where the model declares the tie (PEFT follows ties).
-"""
+Rows of an embedding matrix are replaced by trained values::
+
+    W' = W with rows ``indices`` replaced by ``values``   (replacement, not addition)
+
+The indices come from the adapter config (``trainable_token_indices``); a tied output layer reads the
+same rows.
+
+**Adapter files.** Keys: ``<embedding>.trainable_tokens_delta`` (``peft_type: "TRAINABLE_TOKENS"``,
+indices in ``token_indices``) or ``<embedding>.token_adapter.trainable_tokens_delta`` (LoRA, indices
+in ``trainable_token_indices``), ``[n tokens, dim]``. Each becomes a ``tokens_weight`` site on the
+embedding, and on an output layer tied to it where the model declares the tie (PEFT follows ties)."""
 
 from __future__ import annotations
 
@@ -15,7 +20,17 @@ from peftc.errors import InputError, UnsupportedError
 from peftc.ir.modules import ModuleTable
 from peftc.methods import common
 from peftc.methods.base import Adapter, AdapterSource, AdapterTensor, ParseOptions, Site
-from peftc.ops.tokens import TOKENS_WEIGHT
+from peftc.methods.record import Method
+from peftc.ops import SiteOp, composite_op
+
+TOKENS_WEIGHT = SiteOp(name="tokens_weight", form="weight", tensor_roles=("indices", "values"), scalars=())
+
+
+@composite_op("tokens_weight(Tensor weight, Tensor indices, Tensor values) -> Tensor")
+def tokens_weight(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``W.index_copy(0, indices, values)``."""
+    return weight.index_copy(0, indices.to(torch.int64), values.to(weight.dtype))
+
 
 FIELDS = common.Fields(
     honoured=("token_indices", "target_modules"),
@@ -103,3 +118,6 @@ def sites(
         }
         sites.append(Site(target.path, TOKENS_WEIGHT.name, {"indices": index, "values": values}, {}, info, "weight"))
     return sites
+
+
+METHOD = Method("trainable_tokens", ("TRAINABLE_TOKENS",), parse, ops=(TOKENS_WEIGHT,))

@@ -1,14 +1,25 @@
-"""peftc's parser for Hugging Face PEFT VeRA adapters (``peft_type: "VERA"``).
+"""VeRA (PEFT ``VERA``): its weight transform and peftc's parser.
 
-Keys: ``<m>.vera_lambda_b`` ``[d_out]`` and ``<m>.vera_lambda_d`` ``[r]`` per target (``nn.Linear`` or
-GPT-2 ``Conv1D``, as in PEFT), and the shared projections ``base_model.vera_A`` ``[r, d_in_max]`` and
-``base_model.vera_B`` ``[d_out_max, r]``, sized for the largest target, when ``save_projection`` is
-true. Without them PEFT redraws both from ``projection_prng_key`` when it loads the adapter, and so
-does peftc, the same way: a CPU ``torch.Generator`` seeded with the key draws ``A`` then ``B``, each
-Kaiming-uniform over its second axis (bound ``√3·√2/√fan_in``). Saved projections that
-``save_projection=false`` tells PEFT to ignore are recorded as unused.
+VeRA trains two vectors per module and shares two frozen random projections across all of them:
+``A`` ``[r, d_in_max]`` and ``B`` ``[d_out_max, r]``, sized for the largest adapted module. A module
+with ``d_in`` inputs and ``d_out`` outputs uses their leading slices::
 
-Each target becomes one ``vera_weight`` site on its weight (``peftc/ops/vera.py``) that reads the
+    y = x Wᵀ + b + λ_b ⊙ (B[:d_out] (λ_d ⊙ (A[:, :d_in] x)))
+    ⇔  W' = W + ΔW,   ΔW = (λ_b ⊙ B[:d_out]) · (λ_d ⊙ A[:, :d_in])     (λ_b scales rows, λ_d scales the r axis)
+
+There is no α/r scale. GPT-2's ``Conv1D`` stores ``W`` as ``[d_in, d_out]`` (``fan_in_fan_out``), so
+``ΔW`` is added transposed. The update is formed in fp32 and cast back to ``W``'s dtype.
+
+**Adapter files.** Keys: ``<m>.vera_lambda_b`` ``[d_out]`` and ``<m>.vera_lambda_d`` ``[r]`` per
+target (``nn.Linear`` or GPT-2 ``Conv1D``, as in PEFT), and the shared projections
+``base_model.vera_A`` ``[r, d_in_max]`` and ``base_model.vera_B`` ``[d_out_max, r]``, sized for the
+largest target, when ``save_projection`` is true. Without them PEFT redraws both from
+``projection_prng_key`` when it loads the adapter, and so does peftc, the same way: a CPU
+``torch.Generator`` seeded with the key draws ``A`` then ``B``, each Kaiming-uniform over its second
+axis (bound ``√3·√2/√fan_in``). Saved projections that ``save_projection=false`` tells PEFT to
+ignore are recorded as unused.
+
+Each target becomes one ``vera_weight`` site on its weight (above) that reads the
 shared projections; trained biases (``bias``) and ``modules_to_save`` tensors are full replacements.
 """
 
@@ -23,7 +34,48 @@ from peftc.errors import InputError
 from peftc.ir.modules import ModuleTable
 from peftc.methods import common
 from peftc.methods.base import Adapter, AdapterSource, AdapterTensor, ParseOptions, Site
-from peftc.ops.vera import VERA_WEIGHT
+from peftc.methods.record import Method
+from peftc.ops import SiteOp, composite_op
+
+VERA_WEIGHT = SiteOp(
+    name="vera_weight",
+    form="weight",
+    tensor_roles=("vera_A", "vera_B", "vera_lambda_b", "vera_lambda_d"),
+    scalars=("layout",),
+)
+
+
+def delta_weight(
+    vera_a: torch.Tensor,
+    vera_b: torch.Tensor,
+    lambda_b: torch.Tensor,
+    lambda_d: torch.Tensor,
+    d_out: int,
+    d_in: int,
+) -> torch.Tensor:
+    """``(λ_b ⊙ B[:d_out]) · (λ_d ⊙ A[:, :d_in])`` in fp32, ``[d_out, d_in]``."""
+    a = vera_a.to(torch.float32)[:, :d_in] * lambda_d.to(torch.float32)[:, None]
+    b = vera_b.to(torch.float32)[:d_out] * lambda_b.to(torch.float32)[:, None]
+    return b @ a
+
+
+@composite_op(
+    "vera_weight(Tensor weight, Tensor vera_a, Tensor vera_b, Tensor lambda_b, Tensor lambda_d, str layout) -> Tensor"
+)
+def vera_weight(
+    weight: torch.Tensor,
+    vera_a: torch.Tensor,
+    vera_b: torch.Tensor,
+    lambda_b: torch.Tensor,
+    lambda_d: torch.Tensor,
+    layout: str,
+) -> torch.Tensor:
+    """``W + ΔW`` for a ``linear`` ``[d_out, d_in]`` or ``linear_t`` ``[d_in, d_out]`` weight (fp32 math)."""
+    transposed = layout == "linear_t"
+    d_out, d_in = (weight.shape[1], weight.shape[0]) if transposed else (weight.shape[0], weight.shape[1])
+    delta = delta_weight(vera_a, vera_b, lambda_b, lambda_d, d_out, d_in)
+    return (weight.to(torch.float32) + (delta.T if transposed else delta)).to(weight.dtype)
+
 
 FIELDS = common.Fields(
     honoured=(
@@ -141,3 +193,6 @@ def _redrawn(seed: int, r: int, d_in_max: int, d_out_max: int) -> dict[str, Adap
         tensor = torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
         out[role] = AdapterTensor(f"{role} redrawn from projection_prng_key={seed}", tensor, shared=True)
     return out
+
+
+METHOD = Method("vera", ("VERA",), parse, ops=(VERA_WEIGHT,))

@@ -1,4 +1,9 @@
-"""Program-to-program passes; one per file, run by :class:`PassManager` (see ``base.py``)."""
+"""Program-to-program passes: the contract and the manager (``base.py``), one pass per file.
+
+This namespace holds the infrastructure only; passes are imported from their modules, and
+``pipelines.py`` is the one place that orders them. Method-specific passes (folds, DoRA's factor)
+live with their method in ``peftc/methods/``.
+"""
 
 from peftc.passes.base import (
     Diagnostic,
@@ -9,28 +14,5 @@ from peftc.passes.base import (
     PassRecord,
     PassResult,
 )
-from peftc.passes.eliminate_dead_code import EliminateDeadCodePass
-from peftc.passes.factor_dora import FactorDoraPass
-from peftc.passes.fold_linear_adapters import FoldLinearAdaptersPass
-from peftc.passes.fold_ssf import FoldSsfPass
-from peftc.passes.insert_sites import InsertSitesPass
-from peftc.passes.merge_sites import MergeOptions, MergeSitesPass
-from peftc.passes.replace_tensors import ReplaceTensorsPass
 
-__all__ = [
-    "Diagnostic",
-    "EliminateDeadCodePass",
-    "FactorDoraPass",
-    "FoldLinearAdaptersPass",
-    "FoldSsfPass",
-    "InsertSitesPass",
-    "MergeOptions",
-    "MergeSitesPass",
-    "Pass",
-    "PassBase",
-    "PassContext",
-    "PassManager",
-    "PassRecord",
-    "PassResult",
-    "ReplaceTensorsPass",
-]
+__all__ = ["Diagnostic", "Pass", "PassBase", "PassContext", "PassManager", "PassRecord", "PassResult"]

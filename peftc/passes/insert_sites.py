@@ -1,6 +1,6 @@
 """insert-sites: put every adapter site into the program, in stacking order.
 
-For each site of each adapter (``peftc/ops/base.py`` describes the forms):
+For each site of each adapter (``peftc/ops.py`` describes the forms):
 
 * **call site**: each call of the module (one tensor in, one tensor out) becomes one
   ``peftc::<op>(x, *base tensors, *adapter tensors, *scalars)`` node and the call's nodes are erased;
@@ -36,8 +36,8 @@ from torch import fx
 from peftc import ir
 from peftc.errors import PreconditionError, UnsupportedError
 from peftc.ir.modules import ModuleCall, ModuleInfo, ModuleTable
+from peftc.methods import registry
 from peftc.methods.base import Adapter, Site
-from peftc.ops import SITE_OPS
 from peftc.passes.base import Diagnostic, PassBase, PassContext, PassResult
 
 
@@ -76,7 +76,7 @@ class InsertSitesPass(PassBase):
                 touched = set() if _is_activation(site) else {site.param} if site.param else {"weight", "bias"}
                 overridden = {p for p in touched if last_replaced.get(f"{site.module}.{p}", -1) > index}
                 forms = [site]
-                if SITE_OPS[site.op].form == "call" and (owners[site.module] > 1 or overridden):
+                if registry.site_ops()[site.op].form == "call" and (owners[site.module] > 1 or overridden):
                     if not site.weight_form:
                         raise UnsupportedError(
                             f"adapter {adapter.name!r}: module {site.module!r} is adapted by several adapters, but "
@@ -113,7 +113,7 @@ class InsertSitesPass(PassBase):
         inserted = 0
         planned, notes = self.plan()
         for adapter, site in planned:
-            if SITE_OPS[site.op].form == "call":
+            if registry.site_ops()[site.op].form == "call":
                 inserted += _insert_call_site(editor, table, adapter, site)
             elif _is_activation(site):
                 inserted += _insert_activation_site(editor, table, adapter, site)
@@ -129,7 +129,7 @@ class InsertSitesPass(PassBase):
 
     def ensures(self, program: ir.Program, result: PassResult) -> None:
         planned = {(a.name, s.module, s.op) for a, s in self.plan()[0]}
-        call_modules = {m for _, m, op in planned if SITE_OPS[op].form == "call"}
+        call_modules = {m for _, m, op in planned if registry.site_ops()[op].form == "call"}
         seen = set()
         for node in program.graph.nodes:
             if node.op != "call_function":
@@ -168,7 +168,7 @@ def _check_residuals(adapters: tuple[Adapter, ...], index: int) -> None:
 
 def _adapter_tensors(editor: ir.ProgramEditor, adapter: Adapter, site: Site) -> list[fx.Node | None]:
     nodes: list[fx.Node | None] = []
-    for role in SITE_OPS[site.op].tensor_roles:
+    for role in registry.site_ops()[site.op].tensor_roles:
         entry = site.tensors.get(role)
         if entry is None:
             nodes.append(None)
@@ -186,7 +186,7 @@ def _adapter_tensors(editor: ir.ProgramEditor, adapter: Adapter, site: Site) -> 
 
 
 def _insert_call_site(editor: ir.ProgramEditor, table: ModuleTable, adapter: Adapter, site: Site) -> int:
-    op = SITE_OPS[site.op]
+    op = registry.site_ops()[site.op]
     module = table[site.module]
     tensors = _adapter_tensors(editor, adapter, site)
     scalars = tuple(site.scalars[name] for name in op.scalars)
@@ -233,7 +233,7 @@ def _index_input(editor: ir.ProgramEditor, name: str, x: fx.Node, site: Site) ->
 
 
 def _insert_weight_site(editor: ir.ProgramEditor, table: ModuleTable, adapter: Adapter, site: Site) -> int:
-    op = SITE_OPS[site.op]
+    op = registry.site_ops()[site.op]
     module = table[site.module]
     tensors = _adapter_tensors(editor, adapter, site)
     scalars = tuple(site.scalars[name] for name in op.scalars)
@@ -252,11 +252,11 @@ def _insert_weight_site(editor: ir.ProgramEditor, table: ModuleTable, adapter: A
 
 
 def _is_activation(site: Site) -> bool:
-    return SITE_OPS[site.op].form == "activation"
+    return registry.site_ops()[site.op].form == "activation"
 
 
 def _insert_activation_site(editor: ir.ProgramEditor, table: ModuleTable, adapter: Adapter, site: Site) -> int:
-    op = SITE_OPS[site.op]
+    op = registry.site_ops()[site.op]
     module = table[site.module]
     tensors = _adapter_tensors(editor, adapter, site)
     scalars = tuple(site.scalars[name] for name in op.scalars)

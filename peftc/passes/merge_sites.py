@@ -1,15 +1,16 @@
 """merge: fold every adapter site into the base weights (``shared/methods.md`` §2–§4).
 
 Merging is exact up to rounding because every mergeable method is a weight transform
-(``peftc/ops/base.py``):
+(``peftc/ops.py``):
 
 1. **Weight sites** ``W' = op(W, factors…)`` are evaluated with the op's own body (fp32, cast back to
    the parameter's dtype) and replaced by a parameter holding ``W'``. Chains (stacked adapters)
    fold from the parameter outwards. A module called several times yields identical chains, which
    share one merged parameter.
-2. **Call sites** (``peftc::lora_linear``) become their weight-form equivalent,
-   ``W' = lora_weight(W, A, B, s)`` and ``b' = b + s·b_B``, and the plain base op again:
-   ``aten.linear(x, W', b')``, or ``aten.matmul(x, W') + b'`` for a ``[d_in, d_out]`` (Conv1D) weight.
+2. **Call sites** of a linear module (``peftc::lora_linear``) become their weight form (the op's
+   ``SiteOp.weight_form``: ``W' = lora_weight(W, A, B, s)`` and ``b' = b + s·b_B``) and the plain base
+   op again: ``aten.linear(x, W', b')``, or ``aten.matmul(x, W') + b'`` for a ``[d_in, d_out]``
+   (Conv1D, ``fan_in_fan_out``) weight. Call sites without a weight form (adapter slots) are skipped.
 
 The merged value takes the original parameter's state-dict key when nothing else reads that
 parameter; otherwise (a weight tied with an unadapted module) it becomes a new ``<key>_merged``
@@ -33,13 +34,13 @@ from torch import fx
 
 from peftc import ir
 from peftc.errors import InputError
-from peftc.ops import SITE_OPS
+from peftc.methods import registry
+from peftc.ops import SiteOp
 from peftc.passes.base import Diagnostic, PassBase, PassContext, PassResult
 
-LORA_LINEAR = torch.ops.peftc.lora_linear.default
-WEIGHT_OPS = {op.overload for op in SITE_OPS.values() if op.form == "weight"}
-# Activation sites (SSF, linear adapters, temporal shift) are folded by their own passes.
-SITE_TARGETS = {op.overload for op in SITE_OPS.values() if op.form != "activation"}
+
+def _ops_by_form(form: str) -> dict[Any, SiteOp]:
+    return {op.overload: op for op in registry.site_ops().values() if op.form == form}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,24 +58,26 @@ class MergeSitesPass(PassBase):
 
     def run(self, program: ir.Program, ctx: PassContext) -> PassResult:
         editor = ir.ProgramEditor(program, self.name)
+        weight_ops = set(_ops_by_form("weight"))
+        call_ops = {target: op for target, op in _ops_by_form("call").items() if op.weight_form is not None}
         diagnostics: list[Diagnostic] = []
         merged = untied = 0
         with torch.no_grad():
-            folded, refused = _fold_weight_sites(editor)
+            folded, refused = _fold_weight_sites(editor, weight_ops)
             diagnostics += refused
-            for group in _groups(folded, editor):
+            for group in _groups(folded):
                 untied += _materialize(editor, group, folded)
-                merged += sum(1 for _ in _chain(group[0]))
-            calls: dict[fx.Node, list[fx.Node]] = {}
+                merged += sum(1 for _ in _chain(group[0], folded))
+            calls: dict[tuple[Any, fx.Node], list[fx.Node]] = {}
             for node in editor.graph.nodes:
-                if node.op == "call_function" and node.target is LORA_LINEAR:
-                    calls.setdefault(node.args[1], []).append(node)
-            for weight, sites in calls.items():
-                reason = _call_refusal(editor, weight, sites)
+                if node.op == "call_function" and node.target in call_ops:
+                    calls.setdefault((node.target, node.args[1]), []).append(node)
+            for (target, weight), sites in calls.items():
+                reason = _call_refusal(editor, weight, sites, call_ops[target])
                 if reason:
                     diagnostics += [Diagnostic(_site_name(s), reason) for s in sites]
                     continue
-                untied += _merge_call_sites(editor, sites)
+                untied += _merge_call_sites(editor, sites, call_ops[target])
                 merged += len(sites)
         stats = {"merged": merged, "skipped": len(diagnostics), "untied": untied}
         if not merged:
@@ -83,17 +86,21 @@ class MergeSitesPass(PassBase):
         return PassResult(editor.finish(), True, stats, tuple(diagnostics))
 
     def ensures(self, program: ir.Program, result: PassResult) -> None:
-        left = sum(1 for n in program.graph.nodes if n.op == "call_function" and n.target in SITE_TARGETS)
+        # Activation sites (SSF, linear adapters, temporal shift) are folded by their own passes.
+        mergeable = {*_ops_by_form("weight"), *(t for t, op in _ops_by_form("call").items() if op.weight_form)}
+        left = sum(1 for n in program.graph.nodes if n.op == "call_function" and n.target in mergeable)
         if left != result.stats["skipped"]:
             raise AssertionError(f"{left} sites left, {result.stats['skipped']} reported skipped")
 
 
-def _fold_weight_sites(editor: ir.ProgramEditor) -> tuple[dict[fx.Node, torch.Tensor], list[Diagnostic]]:
+def _fold_weight_sites(
+    editor: ir.ProgramEditor, weight_ops: set[Any]
+) -> tuple[dict[fx.Node, torch.Tensor], list[Diagnostic]]:
     """Evaluate every weight site whose operands are stored (or already folded) tensors."""
     folded: dict[fx.Node, torch.Tensor] = {}
     refused: list[Diagnostic] = []
     for node in editor.graph.nodes:
-        if node.op != "call_function" or node.target not in WEIGHT_OPS:
+        if node.op != "call_function" or node.target not in weight_ops:
             continue
         values: list[Any] = []
         reason = None
@@ -126,15 +133,15 @@ def _fold_weight_sites(editor: ir.ProgramEditor) -> tuple[dict[fx.Node, torch.Te
     return folded, refused
 
 
-def _chain(node: fx.Node):
-    """The weight-site nodes from ``node`` back to the stored parameter."""
-    while node.op == "call_function" and node.target in WEIGHT_OPS:
+def _chain(node: fx.Node, folded: dict[fx.Node, torch.Tensor]):
+    """The folded weight-site nodes from ``node`` back to the stored parameter."""
+    while node in folded:
         yield node
         node = node.args[0]
 
 
-def _root(node: fx.Node) -> fx.Node:
-    for site in _chain(node):
+def _root(node: fx.Node, folded: dict[fx.Node, torch.Tensor]) -> fx.Node:
+    for site in _chain(node, folded):
         node = site.args[0]
     return node
 
@@ -148,7 +155,7 @@ def _key(node: Any) -> Any:
     return node
 
 
-def _groups(folded: dict[fx.Node, torch.Tensor], editor: ir.ProgramEditor) -> list[list[fx.Node]]:
+def _groups(folded: dict[fx.Node, torch.Tensor]) -> list[list[fx.Node]]:
     """Folded chain ends (read by non-site nodes), grouped when they compute the same value."""
     ends = [n for n in folded if any(u not in folded for u in n.users)]
     groups: dict[Any, list[fx.Node]] = {}
@@ -160,9 +167,9 @@ def _groups(folded: dict[fx.Node, torch.Tensor], editor: ir.ProgramEditor) -> li
 def _materialize(editor: ir.ProgramEditor, group: list[fx.Node], folded: dict[fx.Node, torch.Tensor]) -> int:
     """Put the folded value into a parameter and reroute the group's readers to it."""
     value = folded[group[0]]
-    root = _root(group[0])
+    root = _root(group[0], folded)
     fqn = editor.fqn(root)
-    chains = {site for end in group for site in _chain(end)}
+    chains = {site for end in group for site in _chain(end, folded)}
     others = [u for u in root.users if u not in chains and u not in folded]
     if others:
         target = editor.add_parameter(_fresh(editor, f"{fqn}_merged"), value)
@@ -174,7 +181,7 @@ def _materialize(editor: ir.ProgramEditor, group: list[fx.Node], folded: dict[fx
     return int(bool(others))
 
 
-def _call_refusal(editor: ir.ProgramEditor, weight: Any, sites: list[fx.Node]) -> str | None:
+def _call_refusal(editor: ir.ProgramEditor, weight: Any, sites: list[fx.Node], op: SiteOp) -> str | None:
     w = editor.tensor(weight)
     if w is None:
         return f"the base weight is computed in the graph ({weight.name}), not a stored parameter"
@@ -185,18 +192,28 @@ def _call_refusal(editor: ir.ProgramEditor, weight: Any, sites: list[fx.Node]) -
         )
     if len({tuple(s.args[2:]) for s in sites}) > 1:
         return "one tied weight is adapted differently by several sites"
-    for arg in sites[0].args[3:6]:
+    start = op.operands_start
+    for arg in sites[0].args[start : start + len(op.tensor_roles)]:
         if isinstance(arg, fx.Node) and editor.tensor(arg) is None:
             return f"adapter tensor {arg.name} is computed in the graph, not stored"
     return None
 
 
-def _merge_call_sites(editor: ir.ProgramEditor, sites: list[fx.Node]) -> int:
-    """``lora_linear`` sites sharing a weight → the plain base op on ``W'``, ``b'``."""
-    _x, weight, bias, a, b, b_bias, scale, fan_in_fan_out = sites[0].args
+def _merge_call_sites(editor: ir.ProgramEditor, sites: list[fx.Node], op: SiteOp) -> int:
+    """Call sites of one linear module's weight → the plain base op on ``W'``, ``b'`` (the op's weight form)."""
+    if op.base_params != ("weight", "bias") or op.weight_form is None:
+        raise AssertionError(f"{op.name} is not a mergeable call site of a linear module")
+    x_weight_bias, operands = sites[0].args[: op.operands_start], sites[0].args[op.operands_start :]
+    _x, weight, bias = x_weight_bias
+    fan_in_fan_out = dict(zip(op.scalars, operands[len(op.tensor_roles) :]))["fan_in_fan_out"]
+    forms = op.weight_form(*operands)
     module = sites[0].meta.get(ir.meta.PEFTC, {}).get("module", _site_name(sites[0]))
-    layout = "linear_t" if fan_in_fan_out else "linear"
-    merged_w = torch.ops.peftc.lora_weight(editor.tensor(weight), editor.tensor(a), editor.tensor(b), scale, layout)
+
+    def evaluate(param: str, value: torch.Tensor) -> torch.Tensor:
+        form, args = forms[param]
+        return form.overload(value, *(editor.tensor(a) if isinstance(a, fx.Node) else a for a in args))
+
+    merged_w = evaluate("weight", editor.tensor(weight))
     if not torch.isfinite(merged_w).all():
         adapter = sites[0].meta.get(ir.meta.PEFTC, {}).get("adapter", "?")
         raise InputError(
@@ -205,18 +222,14 @@ def _merge_call_sites(editor: ir.ProgramEditor, sites: list[fx.Node]) -> int:
     weight_node, untied = _writable(editor, weight, sites, f"{module}.weight")
     editor.set_tensor(editor.fqn(weight_node), merged_w)
     bias_node = bias
-    if b_bias is not None:
-        if bias is None:
-            zero = torch.zeros_like(editor.tensor(b_bias), dtype=merged_w.dtype)
-            bias_node = editor.add_parameter(
-                _fresh(editor, f"{module}.bias"), torch.ops.peftc.lora_bias(zero, editor.tensor(b_bias), scale)
-            )
+    if "bias" in forms:
+        if bias is None:  # a bias the base lacks: the update added to zeros
+            zero = torch.zeros_like(editor.tensor(forms["bias"][1][0]), dtype=merged_w.dtype)
+            bias_node = editor.add_parameter(_fresh(editor, f"{module}.bias"), evaluate("bias", zero))
         else:
             bias_node, tied = _writable(editor, bias, sites, f"{module}.bias")
             untied += tied
-            editor.set_tensor(
-                editor.fqn(bias_node), torch.ops.peftc.lora_bias(editor.tensor(bias), editor.tensor(b_bias), scale)
-            )
+            editor.set_tensor(editor.fqn(bias_node), evaluate("bias", editor.tensor(bias)))
     for site in sites:
         x = site.args[0]
         if fan_in_fan_out:

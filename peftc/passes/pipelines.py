@@ -5,20 +5,20 @@ A compile runs two stages:
 * ``adapt``: make the program compute the adapted model. Its output is the *reference program*:
   every site op's eager body is the method's reference math, so verification compares artifacts
   against it.
-* ``optimize``: rewrite for deployment without changing the numbers beyond rounding (merge or keep
-  sites, then clean up).
+* ``optimize``: rewrite for deployment without changing the numbers beyond rounding. Each build mode
+  has its list: :func:`merged`, :func:`unmerged`, :func:`swappable`. Methods add their own passes to
+  the first two (``Method.merged_passes`` / ``unmerged_passes``), in the order of
+  ``peftc/methods/registry.py``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from peftc.methods import registry
 from peftc.methods.base import Adapter
 from peftc.passes.base import Pass
 from peftc.passes.eliminate_dead_code import EliminateDeadCodePass
-from peftc.passes.factor_dora import FactorDoraPass
-from peftc.passes.fold_linear_adapters import FoldLinearAdaptersPass
-from peftc.passes.fold_ssf import FoldSsfPass
 from peftc.passes.insert_sites import InsertSitesPass
 from peftc.passes.merge_sites import MergeSitesPass
 from peftc.passes.replace_tensors import ReplaceTensorsPass
@@ -30,10 +30,22 @@ def adapt(adapters: Sequence[Adapter]) -> list[Pass]:
     return [ReplaceTensorsPass(adapters), InsertSitesPass(adapters), EliminateDeadCodePass()]
 
 
+def merged() -> list[Pass]:
+    """Merge every mergeable site, then fold re-parameterisable activation sites (SSF, linear
+    adapters) into the weights they now sit next to."""
+    return [MergeSitesPass(), *registry.passes("merged"), EliminateDeadCodePass()]
+
+
+def unmerged() -> list[Pass]:
+    """Keep sites unmerged, with everything that depends only on weights (DoRA's norm) computed once, here."""
+    return [*registry.passes("unmerged"), EliminateDeadCodePass()]
+
+
 def optimize(*, merge: bool) -> list[Pass]:
-    """Deployment rewrites: merge every mergeable site (``merge=True``), then fold re-parameterisable
-    activation sites (SSF, linear adapters) into the weights they now sit next to; or keep sites
-    unmerged with everything that depends only on weights (DoRA's norm) computed once, here."""
-    if merge:
-        return [MergeSitesPass(), FoldSsfPass(), FoldLinearAdaptersPass(), EliminateDeadCodePass()]
-    return [FactorDoraPass(), EliminateDeadCodePass()]
+    """:func:`merged` or :func:`unmerged`."""
+    return merged() if merge else unmerged()
+
+
+def swappable(slots: Adapter) -> list[Pass]:
+    """Put the zero adapter slots (``peftc.swap.slots.slot_adapter``) on the base program."""
+    return [InsertSitesPass((slots,)), EliminateDeadCodePass()]

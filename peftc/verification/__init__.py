@@ -13,9 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from peftc.errors import VerificationError
 from peftc.loaders.inputs import InputSignature
 from peftc.verification.compare import TOLERANCES, OutputError, Tolerance, compare, tolerance_for
-from peftc.verification.oracles import Oracle, peft_oracle, program_oracle, to_numpy
+from peftc.verification.oracles import NotRun, Oracle, OraclePlan, peft_oracle, program_oracle, to_numpy
 
 ArtifactFn = Callable[[Mapping[str, torch.Tensor]], Mapping[str, np.ndarray]]
 
@@ -48,6 +49,27 @@ class Report:
     def passed(self) -> bool:
         return bool(self.cases) and all(c.ok for c in self.cases)
 
+    def error(self) -> VerificationError:
+        """The failure as an error: one line naming the worst output, and the whole table."""
+        from peftc.report import verification_table
+
+        case, out = max(((c, o) for c in self.cases for o in c.outputs if not o.ok), key=lambda pair: pair[1].max_rel)
+        line = (
+            f"verification failed: output {out.name!r} vs {case.oracle} at {dict(case.sizes)}: "
+            f"max abs {out.max_abs:.3g} (tol {out.tolerance.abs:g}), max rel {out.max_rel:.3g} "
+            f"(tol {out.tolerance.rel:g}){' — ' + out.note if out.note else ''}"
+        )
+        return VerificationError(line, verification_table(self.to_json()))
+
+    @classmethod
+    def combine(cls, reports: Sequence[Report], not_run: Sequence[tuple[str, str]] = ()) -> Report:
+        """Several reports as one: every case, every adapter effect, and ``not_run``."""
+        return cls(
+            tuple(c for r in reports for c in r.cases),
+            {k: v for r in reports for k, v in r.effect.items()},
+            tuple(not_run),
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "passed": self.passed,
@@ -75,6 +97,12 @@ class Report:
                 for c in self.cases
             ],
         }
+
+
+def output_dtypes(outputs: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """Each output's dtype as the artifact computes it (a TensorRT fp16 engine's ``compute_dtype``),
+    which selects its tolerance."""
+    return {o["name"]: o.get("compute_dtype") or o["dtype"] for o in outputs}
 
 
 def verify(
@@ -111,11 +139,14 @@ def verify(
 
 __all__ = [
     "CaseResult",
+    "NotRun",
     "Oracle",
+    "OraclePlan",
     "OutputError",
     "Report",
     "Tolerance",
     "compare",
+    "output_dtypes",
     "peft_oracle",
     "program_oracle",
     "to_numpy",

@@ -6,6 +6,10 @@
   built from the adapter files peftc read (stacked adapters: PEFT merges each into the base before
   loading the next). It shares no code with peftc: it is the independent check
   that peftc parsed the adapter as PEFT does.
+* ``weights_oracle``: the untraced module with the adapters applied to its parameters by peftc's ops.
+
+:class:`OraclePlan` decides which of them a verification runs, and records why any did not: every
+mode and ``peftc add-adapter`` assemble their oracles through it.
 
 An oracle maps example tensors to ``{output name: numpy array}`` named as the artifact names outputs.
 """
@@ -13,6 +17,7 @@ An oracle maps example tensors to ``{output name: numpy array}`` named as the ar
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import tempfile
 import warnings
@@ -24,9 +29,43 @@ import torch
 
 from peftc import ir
 from peftc.errors import UnsupportedError
+from peftc.methods import registry
 from peftc.methods.base import Adapter
 
 Oracle = Callable[[Mapping[str, torch.Tensor]], dict[str, np.ndarray]]
+NotRun = list[tuple[str, str]]
+"""``(what, why)`` for checks that did not run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OraclePlan:
+    """Which oracles a verification compares with: the eager reference, and PEFT where it can run."""
+
+    module: torch.nn.Module | None
+    """The base model as an ``nn.Module`` (None when it was given as an exported program)."""
+    peft: bool = True
+    """Whether PEFT was asked for (``--no-oracle`` turns it off)."""
+
+    def not_run(self) -> NotRun:
+        """Why PEFT cannot run for any adapter (asked not to, or no module to give it)."""
+        if not self.peft:
+            return [("peft oracle", "disabled (--no-oracle)")]
+        if self.module is None:
+            return [("peft oracle", "the base is an exported program; PEFT needs the nn.Module")]
+        return []
+
+    def oracles(self, reference: Oracle, adapters: Sequence[Adapter]) -> tuple[dict[str, Oracle], NotRun]:
+        """``{"reference": reference, "peft": …}`` for ``adapters``, and why PEFT could not load them.
+
+        The reasons of :meth:`not_run` are not repeated here.
+        """
+        found = {"reference": reference}
+        if self.not_run():
+            return found, []
+        fn, why = peft_oracle(self.module, adapters)
+        if fn is None:
+            return found, [("peft oracle", why)]
+        return {**found, "peft": fn}, []
 
 
 def to_numpy(outputs: object) -> dict[str, np.ndarray]:
@@ -102,8 +141,7 @@ def weights_oracle(module: torch.nn.Module, adapters: Sequence[Adapter]) -> Orac
     so a site changes only its own module's use of a shared tensor). Used where the base is not
     traced again (``peftc add-adapter``); the traced ``program_oracle`` is used everywhere else.
     """
-    from peftc.ops import SITE_OPS
-
+    ops = registry.site_ops()
     state = dict(module.named_parameters(remove_duplicate=False))
     state.update(module.named_buffers(remove_duplicate=False))
     with torch.no_grad():
@@ -111,11 +149,11 @@ def weights_oracle(module: torch.nn.Module, adapters: Sequence[Adapter]) -> Orac
             for replacement in adapter.replacements:
                 state[replacement.param] = replacement.tensor.tensor.to(state[replacement.param].dtype)
             for site in adapter.sites:
-                forms = site.weight_form if SITE_OPS[site.op].form == "call" else (site,)
+                forms = site.weight_form if ops[site.op].form == "call" else (site,)
                 if not forms:
                     raise UnsupportedError(f"adapter {adapter.name!r}: {site.op} on {site.module!r} has no weight form")
                 for form in forms:
-                    op = SITE_OPS[form.op]
+                    op = ops[form.op]
                     fqn = f"{form.module}.{form.param}"
                     tensors = [form.tensors[r].tensor if form.tensors.get(r) else None for r in op.tensor_roles]
                     state[fqn] = op.overload(state[fqn], *tensors, *(form.scalars[k] for k in op.scalars))

@@ -16,7 +16,8 @@ from peftc.backends import get_backend
 from peftc.backends.ort import OrtRunner
 from peftc.loaders import parse_inputs
 from peftc.loaders.inputs import from_transformers
-from peftc.passes import EliminateDeadCodePass, MergeSitesPass
+from peftc.passes.eliminate_dead_code import EliminateDeadCodePass
+from peftc.passes.merge_sites import MergeSitesPass
 
 
 def _lower(program, signature, directory):

@@ -15,8 +15,8 @@ import peftc
 from peftc import ir
 from peftc.errors import InputError, VerificationError
 from peftc.loaders import parse_inputs
-from peftc.methods import load_adapter
-from peftc.ops.adalora import adalora_weight
+from peftc.methods.adalora import adalora_weight
+from peftc.methods.loading import load_adapter
 
 LAYERS = {
     "linear": (lambda: torch.nn.Linear(12, 9), "x:batch,12:float32"),

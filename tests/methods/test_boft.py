@@ -22,8 +22,8 @@ from peftc import ir
 from peftc.errors import InputError, UnsupportedError, VerificationError
 from peftc.loaders.inputs import parse_inputs
 from peftc.methods import boft as boft_parser
-from peftc.methods import load_adapter
 from peftc.methods.common import COMMON_IGNORED
+from peftc.methods.loading import load_adapter
 
 TOL = 1e-6
 
@@ -113,7 +113,7 @@ def test_butterfly_gather_is_peft_permutation(count, size, factors):
     """The reshape form of the permutation equals PEFT's index list, and its inverse undoes it."""
     from peft.tuners.boft.layer import BOFTLayer
 
-    from peftc.ops.boft import butterfly_gather
+    from peftc.methods.boft import butterfly_gather
 
     n = count * size
     matrix = torch.arange(n, dtype=torch.float32).unsqueeze(0)
@@ -250,7 +250,7 @@ def mlp_boft(tmp_path_factory) -> Path:
 
 
 def test_mutation_transposed_rotation_fails_verification(tmp_path, mlp_boft, monkeypatch):
-    import peftc.ops.boft as op
+    import peftc.methods.boft as op
 
     real = op.rotate_columns
     monkeypatch.setattr(op, "rotate_columns", lambda m, blocks, transpose: real(m, blocks, transpose=not transpose))

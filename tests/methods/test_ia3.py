@@ -14,8 +14,8 @@ import peftc
 from peftc import ir
 from peftc.errors import InputError, UnsupportedError, VerificationError
 from peftc.loaders import parse_inputs
-from peftc.methods import load_adapter
-from peftc.ops.ia3 import ia3_weight
+from peftc.methods.ia3 import ia3_weight
+from peftc.methods.loading import load_adapter
 
 
 def _ia3(model, path, **config):
@@ -106,7 +106,7 @@ def test_refuses_a_vector_of_the_wrong_shape(ia3_adapter, bert_program):
 
 
 def test_mutation_scaling_the_wrong_side_fails_verification(ia3_adapter, tmp_path, monkeypatch):
-    import peftc.ops.ia3 as ops
+    import peftc.methods.ia3 as ops
 
     model, adapter = ia3_adapter
     real = ops.broadcast

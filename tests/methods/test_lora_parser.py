@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from peftc import ir
 from peftc.errors import InputError, UnsupportedError
-from peftc.methods import load_adapter
+from peftc.methods.loading import load_adapter
 
 
 def _peft_scalings(model, adapter: Path) -> dict[str, float]:

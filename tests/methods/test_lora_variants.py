@@ -15,7 +15,7 @@ import peftc
 from peftc import ir
 from peftc.errors import InputError, UnsupportedError
 from peftc.loaders import parse_inputs
-from peftc.methods import load_adapter
+from peftc.methods.loading import load_adapter
 
 
 def _lora(model, path, **config):

@@ -19,12 +19,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import peftc
-import peftc.ops.loha as loha_ops
-import peftc.ops.lokr as lokr_ops
+import peftc.methods.loha as loha_ops
+import peftc.methods.lokr as lokr_ops
 from peftc import ir
 from peftc.errors import InputError, UnsupportedError, VerificationError
 from peftc.loaders.inputs import parse_inputs
-from peftc.methods import load_adapter, loha, lokr
+from peftc.methods import loha, lokr
+from peftc.methods.loading import load_adapter
 from peftc.passes import PassContext, PassManager, pipelines
 
 

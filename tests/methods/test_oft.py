@@ -23,9 +23,9 @@ import peftc
 from peftc import ir
 from peftc.errors import InputError, UnsupportedError, VerificationError
 from peftc.loaders.inputs import parse_inputs
-from peftc.methods import load_adapter
 from peftc.methods import oft as oft_parser
 from peftc.methods.common import COMMON_IGNORED
+from peftc.methods.loading import load_adapter
 
 TOL = 1e-6
 
@@ -106,7 +106,7 @@ def test_exact_cayley_is_orthogonal_and_exports_to_onnx(tmp_path):
     """The unrolled elimination is the exact inverse, and the op runs in onnxruntime unchanged."""
     import onnxruntime
 
-    from peftc.ops.oft import cayley, skew_from_upper
+    from peftc.methods.oft import cayley, skew_from_upper
 
     s = skew_from_upper(torch.randn(5, 28, dtype=torch.float64), 8)
     r = cayley(s)
@@ -277,7 +277,7 @@ def test_exact_cayley_with_trained_biases_compiles_unmerged_to_a_verified_onnx_a
 
 
 def test_mutation_dropped_neumann_term_fails_verification(tmp_path, mlp_oft, monkeypatch):
-    import peftc.ops.oft as op
+    import peftc.methods.oft as op
 
     real = op.cayley_neumann_series
     monkeypatch.setattr(op, "cayley_neumann_series", lambda s, terms: real(s, terms - 1))
@@ -288,7 +288,7 @@ def test_mutation_dropped_neumann_term_fails_verification(tmp_path, mlp_oft, mon
 
 
 def test_mutation_transposed_rotation_fails_verification(tmp_path, mlp_oft, monkeypatch):
-    import peftc.ops.oft as op
+    import peftc.methods.oft as op
 
     real = op.rotate_columns
     monkeypatch.setattr(op, "rotate_columns", lambda m, blocks, transpose: real(m, blocks, transpose=not transpose))
@@ -307,7 +307,7 @@ def test_coft_projection_is_idempotent_so_a_saved_projection_gives_peft_eval_out
     after = rotation.weight.detach()
     assert not torch.equal(before, after)  # PEFT projected in place
     # The projection is idempotent, so projecting the saved (already projected) value again is a no-op.
-    from peftc.ops.oft import project, skew_from_upper
+    from peftc.methods.oft import project, skew_from_upper
 
     s = skew_from_upper(after, 4)
     torch.testing.assert_close(project(s, 0.1 / 6**0.5), s)

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from peftc import ir
 from peftc.errors import InputError
-from peftc.methods import load_adapter
+from peftc.methods.loading import load_adapter
 
 
 def _save(path, tensors):

@@ -16,12 +16,12 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import peftc
-import peftc.ops.vera as vera_ops
+import peftc.methods.vera as vera_ops
 from peftc import ir
 from peftc.errors import InputError, UnsupportedError, VerificationError
 from peftc.loaders.inputs import parse_inputs
-from peftc.methods import load_adapter
-from peftc.ops.vera import VERA_WEIGHT
+from peftc.methods.loading import load_adapter
+from peftc.methods.vera import VERA_WEIGHT
 from peftc.passes import PassContext, PassManager, pipelines
 
 

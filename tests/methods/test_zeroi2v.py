@@ -12,7 +12,7 @@ import torch
 
 from peftc import ir
 from peftc.errors import InputError, UnsupportedError
-from peftc.methods import load_adapter
+from peftc.methods.loading import load_adapter
 
 CONFIG = {"peft_type": "ZEROI2V", "scale": 0.5, "num_frames": rm.FRAMES, "stdha": {"shift_div": 12}}
 # one adapter before an in-projection of width 48, in peftc's native naming

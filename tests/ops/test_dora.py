@@ -11,7 +11,7 @@ import torch
 
 import peftc
 from peftc.errors import VerificationError
-from peftc.ops.dora import dora_factored_weight, dora_weight, factor
+from peftc.methods.lora.dora import dora_factored_weight, dora_weight, factor
 
 
 def _peft_merged(module: torch.nn.Module, target: str, **config) -> tuple[dict, torch.Tensor, torch.Tensor]:
@@ -81,7 +81,7 @@ def test_factored_weight_equals_reference(layout):
 def test_mutation_norm_over_the_wrong_axis_fails_verification(tmp_path, monkeypatch):
     from peft import LoraConfig
 
-    import peftc.ops.dora as dora
+    import peftc.methods.lora.dora as dora
 
     model = models.tiny_bert()
     adapter = models.make_adapter(model, tmp_path / "a", LoraConfig(target_modules=["query", "value"], use_dora=True))

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from peftc.ops.lora import delta_weight, lora_linear, lora_scale
+from peftc.methods.lora.ops import delta_weight, lora_linear, lora_scale
 
 
 def _tensors(d_in=6, d_out=5, r=3, seed=0):

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import peftc.ops  # noqa: F401  (registers the ops)
-from peftc.ops.ssf import fold_after, fold_before
-from peftc.ops.zeroi2v import adapter_affine, fold_input, fold_output
+import peftc.methods.registry  # noqa: F401  (registers the ops)
+from peftc.methods.ssf.ops import fold_after, fold_before
+from peftc.methods.zeroi2v.ops import adapter_affine, fold_input, fold_output
 
 TOL = 1e-6
 

@@ -7,7 +7,8 @@ import torch
 from conftest import assert_outputs_close, eager, run_passes
 
 from peftc import ir
-from peftc.passes import EliminateDeadCodePass, MergeSitesPass
+from peftc.passes.eliminate_dead_code import EliminateDeadCodePass
+from peftc.passes.merge_sites import MergeSitesPass
 
 
 def test_removes_unused_parameters_and_is_idempotent(bert_program):

@@ -7,8 +7,10 @@ import pytest
 from conftest import assert_outputs_close, eager, export, run_passes
 
 from peftc import ir
-from peftc.methods import load_adapter
-from peftc.passes import EliminateDeadCodePass, FactorDoraPass, PassContext, PassManager, pipelines
+from peftc.methods.loading import load_adapter
+from peftc.methods.lora.factor_dora import FactorDoraPass
+from peftc.passes import PassContext, PassManager, pipelines
+from peftc.passes.eliminate_dead_code import EliminateDeadCodePass
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,11 @@ from torch import nn
 
 from peftc import ir
 from peftc.loaders import parse_inputs
-from peftc.methods import Adapter, AdapterSource, AdapterTensor, Site, load_adapter
-from peftc.passes import EliminateDeadCodePass, FoldLinearAdaptersPass, PassContext, PassManager, pipelines
+from peftc.methods import Adapter, AdapterSource, AdapterTensor, Site
+from peftc.methods.loading import load_adapter
+from peftc.methods.zeroi2v.fold import FoldLinearAdaptersPass
+from peftc.passes import PassContext, PassManager, pipelines
+from peftc.passes.eliminate_dead_code import EliminateDeadCodePass
 
 STDHA = {"shift_div": 12}
 
@@ -71,8 +74,8 @@ def test_second_run_changes_nothing(tmp_path):
 
 def test_folding_on_the_wrong_side_is_caught(tmp_path, monkeypatch):
     """Mutation: fold the out-projection's adapter as if it came before it (W·M instead of M·W)."""
-    import peftc.passes.fold_linear_adapters as fold
-    from peftc.ops.zeroi2v import fold_input, fold_output
+    import peftc.methods.zeroi2v.fold as fold
+    from peftc.methods.zeroi2v.ops import fold_input, fold_output
 
     def wrong_side(weight, bias, matrix, offset):
         if weight.shape[0] == weight.shape[1]:  # attn.proj, square

@@ -16,7 +16,8 @@ from torch import nn
 
 from peftc import ir
 from peftc.loaders import parse_inputs
-from peftc.passes import EliminateDeadCodePass, FoldSsfPass
+from peftc.methods.ssf.fold import FoldSsfPass
+from peftc.passes.eliminate_dead_code import EliminateDeadCodePass
 
 
 def _official(tmp_path, family):
@@ -105,8 +106,8 @@ def test_second_run_changes_nothing(resnet):
 
 def test_folding_on_the_wrong_side_is_caught(tmp_path, monkeypatch):
     """Mutation: scale a square producer's input columns (the consumer's side) instead of its rows."""
-    import peftc.passes.fold_ssf as fold_ssf
-    from peftc.ops.ssf import fold_after, fold_before
+    import peftc.methods.ssf.fold as fold_ssf
+    from peftc.methods.ssf.ops import fold_after, fold_before
 
     def wrong_side(weight, bias, scale, shift):
         if weight.dim() == 2 and weight.shape[0] == weight.shape[1]:  # attn.proj

@@ -9,8 +9,9 @@ from conftest import adapt, assert_outputs_close, eager, export
 
 from peftc import ir
 from peftc.errors import PreconditionError
-from peftc.methods import load_adapter
-from peftc.passes import InsertSitesPass, PassContext, PassManager
+from peftc.methods.loading import load_adapter
+from peftc.passes import PassContext, PassManager
+from peftc.passes.insert_sites import InsertSitesPass
 
 
 def test_inserts_one_site_per_adapted_linear(bert_program, bert_adapter):

@@ -9,7 +9,8 @@ from conftest import adapt, assert_outputs_close, eager, export, run_passes
 
 from peftc import ir
 from peftc.errors import InputError
-from peftc.passes import EliminateDeadCodePass, MergeSitesPass
+from peftc.passes.eliminate_dead_code import EliminateDeadCodePass
+from peftc.passes.merge_sites import MergeSitesPass
 
 
 def _merge(program):

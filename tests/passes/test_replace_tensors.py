@@ -8,7 +8,7 @@ from conftest import adapt, assert_outputs_close, eager, export, run_passes
 
 from peftc import ir
 from peftc.loaders import parse_inputs
-from peftc.passes import ReplaceTensorsPass
+from peftc.passes.replace_tensors import ReplaceTensorsPass
 
 
 def test_modules_to_save_and_trained_biases_match_peft(tmp_path):
@@ -28,7 +28,7 @@ def test_replacing_a_tied_module_unties_it(tmp_path):
     model = models.tied()
     adapter = models.make_lora(model, tmp_path / "t", target_modules=["a"], modules_to_save=["b"])
     program = export(model, parse_inputs(models.TIED_INPUTS))
-    from peftc.methods import load_adapter
+    from peftc.methods.loading import load_adapter
 
     parsed = load_adapter(adapter, ir.module_table(program))
     _, records = run_passes(program, ReplaceTensorsPass((parsed,)))
@@ -38,7 +38,7 @@ def test_replacing_a_tied_module_unties_it(tmp_path):
 
 
 def test_no_replacements_is_a_no_op(bert_program, bert_adapter):
-    from peftc.methods import load_adapter
+    from peftc.methods.loading import load_adapter
 
     parsed = load_adapter(bert_adapter, ir.module_table(bert_program))
     _, records = run_passes(bert_program, ReplaceTensorsPass((parsed,)))

@@ -1,7 +1,7 @@
 """The AOTInductor target (``--target aoti``): a compiled ``.pt2`` package for CPU or CUDA.
 
-Lowering decomposes the remaining call-site ops to ATen (``translations.py``), moves the program to
-the device, and runs ``torch._inductor.aoti_compile_and_package`` (C++ for CPU, with gcc; Triton
+Lowering decomposes the remaining call-site ops into their eager bodies (``SiteOp.body``, so the
+reference math is the compiled math), moves the program to the device, and runs ``torch._inductor.aoti_compile_and_package`` (C++ for CPU, with gcc; Triton
 kernels for CUDA). The package is loaded with ``torch._inductor.aoti_load_package`` and run through
 its flat ``boxed_run`` entry, inputs in the program's own order and outputs named like every target.
 
@@ -15,15 +15,15 @@ them by default), so adapter tensors are named constants too; the manifest maps 
 came from (``target.adapter_constants``: source, shape and dtype).
 
 A ``--swappable`` artifact's adapter slots are such constants, and its adapters are safetensors files
-of slot values. A call with ``adapter=name`` loads that adapter's values into the slots (only when
-they are not the ones loaded) with the package's ``load_constants`` and runs; slot values are always
-loaded whole, from the file, never patched, so A → B → A gives A's outputs bit for bit. The package
-holds one set of constants, so a lock serializes calls: a call never sees another call's adapter.
+of slot values. Its runner is a :class:`~peftc.backends.base.SlotRunner`: ``run(feeds, slots)``
+loads the slot values into the package with ``load_constants`` (only when they are not the ones
+loaded) and runs; values are always loaded whole, never patched, so A → B → A gives A's outputs bit
+for bit. The package holds one set of constants, so a lock serializes such calls: a call never sees
+another call's slots.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import tempfile
 import threading
@@ -35,10 +35,10 @@ import numpy as np
 import torch
 
 from peftc import ir
-from peftc.backends import banks
 from peftc.backends.base import Availability, Capabilities, Lowered, check_feeds
 from peftc.errors import BackendUnavailable, InputError
 from peftc.loaders.inputs import InputSignature
+from peftc.methods import registry
 
 PACKAGE_FILE = "model.pt2"
 DEVICES = ("cpu", "cuda")
@@ -58,7 +58,7 @@ class AotiBackend:
         self.device = options.get("device") or "cpu"
         if self.device not in DEVICES:
             raise InputError(f"--device {self.device!r}: use one of {', '.join(DEVICES)}")
-        self.capabilities = Capabilities(dynamic_shapes=True, adapter_swap=True, device=self.device, slots=True)
+        self.capabilities = Capabilities(dynamic_shapes=True, adapter_swap=True, device=self.device)
 
     adapter_suffix = ".safetensors"
 
@@ -88,12 +88,12 @@ class AotiBackend:
         signature: InputSignature,
         directory: Path,
         progress: Any,
+        *,
+        reference: ir.Program | None = None,
         overridable: Sequence[str] = (),
     ) -> Lowered:
         """Compile the package; ``overridable`` tensors (adapter slots) must stay package constants."""
-        from peftc.backends.aoti.translations import table
-
-        decomposed = program.run_decompositions(table())
+        decomposed = program.run_decompositions(decompositions())
         if self.device != "cpu":
             from torch.export.passes import move_to_device_pass
 
@@ -128,106 +128,61 @@ class AotiBackend:
         )
 
     def load(self, directory: Path, target: Mapping[str, Any]) -> AotiRunner:
-        return AotiRunner(Path(directory) / target.get("package", PACKAGE_FILE), target, Path(directory))
+        return AotiRunner(Path(directory) / target.get("package", PACKAGE_FILE), target)
+
+
+def decompositions() -> dict[Any, Any]:
+    """Decomposition table for ``run_decompositions``: every call-site op → its eager body."""
+    return {op.overload: op.body for op in registry.site_ops().values() if op.form == "call"}
 
 
 class AotiRunner:
     """A loaded AOTInductor package. ``run`` takes and returns numpy arrays; it may be called from
-    several threads (calls of a swappable artifact are serialized, see the module docstring)."""
+    several threads (calls that set slots are serialized, see the module docstring)."""
 
-    def __init__(self, path: Path, target: Mapping[str, Any], directory: Path | None = None) -> None:
+    def __init__(self, path: Path, target: Mapping[str, Any]) -> None:
         self.device = target.get("device", "cpu")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailable(f"{path}: compiled for CUDA, and torch sees no CUDA device here")
-        import peftc.ops  # noqa: F401  (a package may call peftc ops that were left undecomposed)
+        import peftc.methods.registry  # noqa: F401  (a package may call peftc ops that were left undecomposed)
 
         self.model = torch._inductor.aoti_load_package(str(path))
-        self._order: list[str] = list(target["input_order"])
-        self.input_names = [n for n in self._order if n != banks.INDEX_INPUT]  # the runner fills the index
+        self.input_names: list[str] = list(target["input_order"])
         self.output_names: list[str] = list(target["output_order"])
-        self.adapter_constants: dict[str, Mapping[str, Any]] = dict(target.get("adapter_constants", {}))
-        directory = directory or path.parent
-        self.files = banks.AdapterFiles({n: directory / p for n, p in target.get("adapter_files", {}).items()})
-        self._slots = _slot_names(target.get("slots"))
-        self._active: tuple[str | None, ...] | None = None
+        self._active: Any = None
         self._lock = threading.Lock()
 
-    @property
-    def adapters(self) -> list[str]:
-        return self.files.names
+    def load_slots(self, path: Path) -> dict[str, np.ndarray]:
+        """A safetensors adapter file's values (memory-mapped)."""
+        return self.slot_values(path)
 
-    def register(self, name: str, path: str | Path) -> None:
-        """Make the slot file at ``path`` available as adapter ``name``."""
-        self.files.register(name, path)
-        with self._lock:
-            self._active = None
-
-    def run(self, feeds: Mapping[str, np.ndarray], adapter: banks.Choice = None) -> dict[str, np.ndarray]:
-        """Run on ``feeds``; with slots, with no adapter (None), one (a name) or one per batch row."""
-        if self._slots is None:
-            return self._run(feeds)
-        size, names = self._slots
-        feeds = dict(feeds)
-        with self._lock:
-            if size:
-                batch = len(next(iter(feeds.values())))
-                used, index = banks.rows(adapter, batch, size)
-                feeds[banks.INDEX_INPUT] = index
-                wanted: tuple[str | None, ...] = used
-            else:
-                wanted = (banks.single(adapter),)
-            if wanted != self._active:
-                self._fill(wanted, size, names)
-                self._active = wanted
-            return self._run(feeds)
-
-    def _fill(self, wanted: tuple[str | None, ...], size: int, names: Mapping[str, str]) -> None:
-        """Load the slot constants for ``wanted`` (bank rows, or the one adapter; None: zeros)."""
-        if size:
-            values = banks.stack(size, names, [self._values(n) for n in wanted if n is not None])
-            values = {k: values.get(k, np.zeros_like(self._zeros(k))) for k in names}
-        else:
-            name = wanted[0]
-            source = self._values(name) if name is not None else {}
-            values = {k: source.get(slot, self._zeros(k)) for k, slot in names.items()}
-        self.model.load_constants(
-            {k: torch.from_numpy(v).to(self.device) for k, v in values.items()}, check_full_update=False
-        )
-
-    def _zeros(self, name: str) -> np.ndarray:
-        want = self.adapter_constants[name]
-        return np.zeros(want["shape"], dtype=np.dtype(want["dtype"]))
-
-    def _values(self, name: str) -> dict[str, np.ndarray]:
+    def slot_values(self, path: Path) -> dict[str, np.ndarray]:
         from safetensors.numpy import load_file
 
-        return self.files.read(name, "values", lambda path: load_file(str(path)))
+        return load_file(str(path))
+
+    def run(
+        self, feeds: Mapping[str, np.ndarray], slots: Mapping[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Run on ``feeds``; with ``slots`` (constant → array), those constants loaded first."""
+        if slots is None:
+            return self._run(feeds)
+        with self._lock:
+            if slots is not self._active:
+                constants = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in slots.items()}
+                self.model.load_constants(constants, check_full_update=False)
+                self._active = slots
+            return self._run(feeds)
 
     def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        check_feeds(feeds, [n for n in self._order if n in feeds or n != banks.INDEX_INPUT], self._order)
-        flat = [torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.device) for n in self._order]
+        check_feeds(feeds, self.input_names)
+        flat = [torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.device) for n in self.input_names]
         with torch.no_grad():
             outputs = self.model.loader.boxed_run(flat)
         return {
             name: (value.float() if value.dtype == torch.bfloat16 else value).cpu().numpy()
             for name, value in zip(self.output_names, outputs, strict=True)
         }
-
-
-def _slot_names(slots: Mapping[str, Any] | None) -> tuple[int, dict[str, str]] | None:
-    """``(bank size, {slot constant → the name adapter files use})`` of a swappable artifact."""
-    if not slots:
-        return None
-    from peftc.slots import SlotTable
-
-    table = SlotTable.from_json(slots)
-    single = dataclasses.replace(table, bank=0)
-    names = {
-        table.names.get(s.module, {}).get(p, table.fqn(s.module, p)): single.fqn(s.module, p)
-        for s in table.slots
-        for p in ("A", "B")
-    }
-    return table.bank, names
 
 
 def _adapter_constants(program: ir.Program, constants: set[str]) -> tuple[dict[str, dict[str, Any]], list[str]]:

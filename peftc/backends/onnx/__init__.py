@@ -11,10 +11,11 @@ writes weights as external data when the model exceeds the 2 GB protobuf limit.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import torch
 from peftc import ir
 from peftc.backends.base import Availability, Capabilities, Lowered
 from peftc.loaders.inputs import InputSignature
+from peftc.methods import registry
 
 MODEL_FILE = "model.onnx"
 PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2  # keep a margin for the graph itself
@@ -33,7 +35,7 @@ class OnnxBackend:
     """Lower to ONNX; run with onnxruntime's CPU provider."""
 
     name = "onnx"
-    capabilities = Capabilities(dynamic_shapes=True, adapter_swap=True, device="cpu", slots=True)
+    capabilities = Capabilities(dynamic_shapes=True, adapter_swap=True, device="cpu")
     adapter_suffix = ".onnx_adapter"
 
     def available(self) -> Availability:
@@ -55,12 +57,12 @@ class OnnxBackend:
         signature: InputSignature,
         directory: Path,
         progress: Any,
+        *,
+        reference: ir.Program | None = None,
         overridable: Sequence[str] = (),
     ) -> Lowered:
         """Export to ``directory/model.onnx``; ``overridable`` initializers also become graph inputs
         (their stored value is the default), which is how adapter slots are fed."""
-        from peftc.backends.onnx.translations import table
-
         example = signature.example(signature.trace_sizes())
         onnx_program = torch.onnx.export(
             program,
@@ -68,7 +70,7 @@ class OnnxBackend:
             kwargs=example,
             dynamo=True,
             optimize=False,
-            custom_translation_table=table(),
+            custom_translation_table=translations(),
             verbose=False,
         )
         model = onnx_program.model
@@ -94,23 +96,15 @@ class OnnxBackend:
                 "initializers": len(model.graph.initializers),
                 "initializer_bytes": initializer_bytes,
                 "external_data": external,
-                "adapter_initializers": _adapter_initializers(program, model),
+                "adapter_initializers": _adapter_initializers(program, model, overridable),
             },
         )
 
     def load(self, directory: Path, target: Mapping[str, Any]):
-        """An onnxruntime runner; ``target["adapter_files"]`` (name → path) and ``target["slots"]``
-        make it swappable."""
+        """An onnxruntime runner (a :class:`~peftc.backends.base.SlotRunner`)."""
         from peftc.backends.ort import OrtRunner
 
-        files = {name: directory / path for name, path in target.get("adapter_files", {}).items()}
-        banks = None
-        if target.get("slots", {}).get("bank"):
-            from peftc.slots import SlotTable
-
-            table = SlotTable.from_json(target["slots"])
-            banks = (table.bank, table.bank_inputs())
-        return OrtRunner(directory / MODEL_FILE, adapters=files, bank=banks)
+        return OrtRunner(directory / MODEL_FILE)
 
     def write_adapter(self, path: Path, tensors: Mapping[str, np.ndarray]) -> None:
         """Write slot values as an onnxruntime adapter file (``onnxruntime.AdapterFormat``)."""
@@ -191,17 +185,26 @@ def _describe(value: Any) -> dict[str, Any]:
     return {"name": value.name, "dtype": dtype, "shape": dims}
 
 
-def _adapter_initializers(program: ir.Program, model: Any) -> dict[str, str]:
-    """ONNX initializer name -> adapter ``file:key`` for adapter tensors still in the graph (slots,
-    which hold whichever adapter is active, are described by ``target.slots`` instead)."""
-    from peftc.slots import SLOT_ADAPTER
+def translations() -> dict[Any, Callable[..., Any]]:
+    """``custom_translation_table`` for ``torch.onnx.export``: every call-site op's ONNX translation
+    (``SiteOp.onnx``, ``module:function``), imported now."""
+    table = {}
+    for op in registry.site_ops().values():
+        if op.onnx:
+            module, _, name = op.onnx.partition(":")
+            table[op.overload] = getattr(importlib.import_module(module), name)
+    return table
 
+
+def _adapter_initializers(program: ir.Program, model: Any, overridable: Sequence[str]) -> dict[str, str]:
+    """ONNX initializer name -> adapter ``file:key`` for adapter tensors still in the graph
+    (``overridable`` ones, adapter slots, hold whichever adapter is active and are left out)."""
     names = set(model.graph.initializers)
     out = {}
     for node in program.graph.nodes:
         info = node.meta.get(ir.meta.PEFTC, {})
         fqn = ir.placeholder_fqn(program, node) if node.op == "placeholder" else None
-        if fqn and "source" in info and info.get("adapter") != SLOT_ADAPTER:
+        if fqn and "source" in info and fqn not in overridable:
             if fqn not in names:
                 raise AssertionError(f"adapter tensor {fqn} lost its name in ONNX")
             out[fqn] = info["source"]

@@ -25,7 +25,7 @@ for it by name.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,14 +54,12 @@ class TensorRTBackend:
 
     name = "trt"
     capabilities = Capabilities(dynamic_shapes=True, adapter_swap=True, device="cuda")
-    uses_reference = True
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         unknown = sorted(set(options or {}) - OPTIONS)
         if unknown:
             raise InputError(f"target 'trt' has no option(s) {unknown}; it takes {sorted(OPTIONS)}")
         self.settings = TensorRTSettings.from_options(options or {})
-        self.reference: ir.Program | None = None
 
     def available(self) -> Availability:
         module = trt_engine.find_module()
@@ -85,8 +83,12 @@ class TensorRTBackend:
         signature: InputSignature,
         directory: Path,
         progress: Any,
+        *,
         reference: ir.Program | None = None,
+        overridable: Sequence[str] = (),
     ) -> Lowered:
+        """Lower through ONNX, parse (and with a GPU, build) the engine; ``reference`` (the program with
+        sites unmerged) says how each weight was adapted, for the refit map."""
         import onnx
 
         from peftc.backends.onnx import OnnxBackend
@@ -216,13 +218,12 @@ class TensorRTRunner:
             self._check_against_onnx(weights)
 
     def _check_against_onnx(self, weights: Mapping[str, Any]) -> None:
-        from peftc.verify import compare
+        from peftc.verification import compare, output_dtypes
 
         signature = InputSignature.from_json(self.target["signature"])
         inputs = {k: v.numpy() for k, v in signature.example(signature.cases(1)[0], seed=0).items()}
         expected = onnx_with_weights(self.directory / ONNX_FILE, weights, inputs)
-        dtypes = {o["name"]: o.get("compute_dtype") or o["dtype"] for o in self.target["outputs"]}
-        results = compare(expected, self.run(inputs), dtypes)
+        results = compare(expected, self.run(inputs), output_dtypes(self.target["outputs"]))
         bad = [r for r in results if not r.ok]
         if bad:
             raise VerificationError(

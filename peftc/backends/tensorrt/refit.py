@@ -35,10 +35,10 @@ from torch import fx
 
 from peftc import ir
 from peftc.errors import InputError
-from peftc.ops import SITE_OPS
+from peftc.methods import registry
+from peftc.ops import SiteOp
 
 BASE_FILE = "refit_base.safetensors"
-LORA_LINEAR = "lora_linear"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,13 +226,13 @@ def refit_weights(
 
 
 def _apply(site: RefitSite, weight: torch.Tensor, adapters: Mapping[str, Mapping[str, torch.Tensor]]) -> torch.Tensor:
+    """``op(W, …)`` for a weight site; a call site (merged) through its weight form, as ``merge`` did."""
     tensors = [None if t is None else _lookup(adapters, site.adapter, t) for t in site.tensors]
-    if site.op == LORA_LINEAR:  # merged as lora_weight(W, A, B, s, layout); see passes/merge_sites.py
-        scale, fan_in_fan_out = site.scalars
-        return torch.ops.peftc.lora_weight(
-            weight, tensors[0], tensors[1], scale, "linear_t" if fan_in_fan_out else "linear"
-        )
-    return SITE_OPS[site.op].overload(weight, *tensors, *site.scalars)
+    op = registry.site_ops()[site.op]
+    if op.form == "call":
+        op, operands = op.weight_form(*tensors, *site.scalars)["weight"]
+        return op.overload(weight, *operands)
+    return op.overload(weight, *tensors, *site.scalars)
 
 
 def _lookup(adapters: Mapping[str, Mapping[str, torch.Tensor]], adapter: str, source: str) -> torch.Tensor:
@@ -247,26 +247,27 @@ def _lookup(adapters: Mapping[str, Mapping[str, torch.Tensor]], adapter: str, so
 
 def _merged_chains(reference: ir.Program) -> list[tuple[fx.Node, list[RefitSite], str | None]]:
     """Every adapted parameter of ``reference`` with its sites, innermost first (or why not)."""
-    weight_ops = {op.overload for op in SITE_OPS.values() if op.form == "weight"}
-    lora_linear = SITE_OPS[LORA_LINEAR].overload
+    ops = {op.overload: op for op in registry.site_ops().values()}
+    weight_ops = {target for target, op in ops.items() if op.form == "weight"}
+    calls = {target for target, op in ops.items() if op.form == "call" and op.weight_form is not None}
     out = []
     seen: set[str] = set()
     for node in reference.graph.nodes:
         if node.op != "call_function":
             continue
         chain_end = node.target in weight_ops and not any(u.target in weight_ops for u in node.users)
-        if not (chain_end or node.target is lora_linear):
+        if not (chain_end or node.target in calls):
             continue
         sites: list[RefitSite] = []
         reason = None
         current = node
         root: fx.Node | None = None
         while True:
-            site, why = _site(reference, current, lora_linear)
+            site, why = _site(current, ops[current.target])
             reason = reason or why
             if site is not None:
                 sites.insert(0, site)
-            operand = current.args[1] if current.target is lora_linear else current.args[0]
+            operand = current.args[1] if current.target in calls else current.args[0]  # x, then the weight
             if not isinstance(operand, fx.Node):
                 break
             if operand.op == "call_function" and operand.target in weight_ops:
@@ -284,17 +285,13 @@ def _merged_chains(reference: ir.Program) -> list[tuple[fx.Node, list[RefitSite]
     return out
 
 
-def _site(reference: ir.Program, node: fx.Node, lora_linear: Any) -> tuple[RefitSite | None, str | None]:
+def _site(node: fx.Node, op: SiteOp) -> tuple[RefitSite | None, str | None]:
     info = node.meta.get(ir.meta.PEFTC, {})
-    name = "lora_linear" if node.target is lora_linear else node.target._opname
-    op = SITE_OPS[name]
-    if node.target is lora_linear:
-        tensor_args, scalars = node.args[3:6], node.args[6:]
-        if node.args[5] is not None:
-            return None, "lora_B.bias folds into the bias too; refit of LoRA biases is not mapped"
-    else:
-        n = len(op.tensor_roles)
-        tensor_args, scalars = node.args[1 : 1 + n], node.args[1 + n :]
+    start = op.operands_start if op.form == "call" else 1
+    count = len(op.tensor_roles)
+    tensor_args, scalars = node.args[start : start + count], node.args[start + count :]
+    if op.form == "call" and "bias" in op.weight_form(*tensor_args, *scalars):
+        return None, "lora_B.bias folds into the bias too; refit of LoRA biases is not mapped"
     sources: list[str | None] = []
     for arg in tensor_args:
         if arg is None:
@@ -309,7 +306,7 @@ def _site(reference: ir.Program, node: fx.Node, lora_linear: Any) -> tuple[Refit
         sources.append(source)
     if not all(isinstance(s, (bool, int, float, str, type(None), list, tuple)) for s in scalars):
         return None, f"site {info.get('module', node.name)} has non-JSON arguments"
-    return RefitSite(name, info.get("module", ""), info.get("adapter", ""), tuple(sources), tuple(scalars)), None
+    return RefitSite(op.name, info.get("module", ""), info.get("adapter", ""), tuple(sources), tuple(scalars)), None
 
 
 def _plain_source(source: str) -> bool:

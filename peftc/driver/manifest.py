@@ -1,0 +1,100 @@
+"""The manifest of a compile: what went in, what ran, what came out, how it was checked.
+
+:func:`target_record` is the manifest's ``target`` section, made right after lowering: verification
+opens the artifact's runner from it, so a compile checks the very record ``peftc.load`` reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftc import __version__, ir
+from peftc.artifact import SCHEMA_VERSION, Manifest, file_record
+from peftc.backends.base import Backend
+from peftc.driver.build import Built
+from peftc.driver.modes import Lowering, Optimized
+from peftc.options import CompileOptions
+from peftc.verification import Report
+
+
+def target_record(options: CompileOptions, optimized: Optimized, lowering: Lowering, directory: Path) -> dict[str, Any]:
+    """The ``target`` section: files with sha256, inputs, outputs, signature and the target's facts."""
+    lowered = lowering.lowered
+    return {
+        "name": options.target,
+        "files": [file_record(directory / f, directory) for f in lowering.files],
+        "inputs": list(lowered.inputs),
+        "outputs": list(lowered.outputs),
+        "signature": optimized.signature.to_json(),
+        "verified_with": lowered.verify_with or options.target,
+        **dict(lowered.info),
+        **dict(lowering.target),
+    }
+
+
+def manifest(
+    options: CompileOptions,
+    built: Built,
+    optimized: Optimized,
+    lowering: Lowering,
+    target: dict[str, Any],
+    report: Report,
+    timings: dict[str, float],
+    backend: Backend,
+) -> Manifest:
+    """The whole manifest (``status`` from the report)."""
+    return Manifest(
+        schema_version=SCHEMA_VERSION,
+        status="ok" if report.passed else "failed",
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        peftc_version=__version__,
+        versions=_versions(backend),
+        command=options.command(max_rank=optimized.options.get("max_rank")),
+        workdir=os.getcwd(),
+        options={
+            "target": options.target,
+            "target_options": options.target_json(),
+            "merge": options.merge,
+            "seed": options.seed,
+            "oracle": options.oracle,
+            "inputs": list(options.inputs),
+            "base_residual": options.base_residual,
+            **optimized.options,
+        },
+        model=_describe_model(built),
+        adapters=[{**a.summary(), **lowering.adapters.get(a.name, {})} for a in built.adapters],
+        pipeline=[r.to_json() for r in [*built.records, *optimized.records]],
+        target=target,
+        verification=report.to_json(),
+        not_run=[{"what": what, "reason": why} for what, why in (*lowering.lowered.not_run, *report.not_run)],
+        timings={k: round(v, 3) for k, v in timings.items()},
+        warnings=[w for a in built.adapters for w in a.all_warnings()],
+    )
+
+
+def _describe_model(built: Built) -> dict[str, Any]:
+    loaded = built.loaded
+    return {
+        "spec": loaded.spec,
+        "kind": loaded.kind,
+        "class": loaded.class_name,
+        "files": loaded.files,
+        "state_sha256": ir.state_digest(built.base),
+        "parameters": sum(t.numel() for t in built.base.state_dict.values()),
+    }
+
+
+def _versions(backend: Backend) -> dict[str, str]:
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("transformers", "peft"):
+        with contextlib.suppress(ImportError):
+            versions[name] = __import__(name).__version__
+    versions.update(backend.versions())
+    return versions

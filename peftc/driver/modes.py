@@ -1,0 +1,131 @@
+"""Build modes: what a compile does after the shared stages, one class per kind of artifact.
+
+A mode owns its pass list (from ``peftc/passes/pipelines.py``), its lowering extras, its
+verification plan and its manifest fields. The driver calls, in order, :meth:`Mode.check` (can this
+target build it?), :meth:`Mode.optimize`, :meth:`Mode.lower` and :meth:`Mode.verify`; ``peftc
+verify`` calls :meth:`Mode.verify` again with the manifest's target record, so a mode verifies from
+what the manifest holds. The modes are :class:`Merged` and :class:`Unmerged` (a stack of adapters,
+verified against the stacked reference program and PEFT) and ``peftc.swap.mode.Swappable``
+(alternative adapters in slots, filled at run time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import torch
+
+from peftc import ir
+from peftc.backends.base import Backend, Lowered
+from peftc.driver.build import Built, Progress
+from peftc.loaders.inputs import InputSignature
+from peftc.passes import pipelines
+from peftc.passes.base import Pass, PassContext, PassManager, PassRecord
+from peftc.verification import OraclePlan, Report, output_dtypes, program_oracle, verify
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimized:
+    """The program a mode lowers, what its passes did, and the mode's own results."""
+
+    program: ir.Program
+    records: tuple[PassRecord, ...]
+    signature: InputSignature
+    """The artifact's inputs (a mode may add some: the adapter index of a bank)."""
+    options: Mapping[str, Any]
+    """The mode's fields of the manifest's ``options`` (resolved values, e.g. the slot rank)."""
+    state: Any = None
+    """What the mode's ``lower`` needs beyond the program (the slot table)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Lowering:
+    """What a mode wrote: the target's lowering plus the mode's own files and manifest fields."""
+
+    lowered: Lowered
+    files: tuple[str, ...]
+    """Every file of the artifact, relative to its directory."""
+    target: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """The mode's fields of the manifest's ``target`` record."""
+    adapters: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    """Adapter name → the mode's fields of its manifest entry."""
+
+
+class Mode(Protocol):
+    """A kind of artifact (see the module docstring)."""
+
+    stacks: ClassVar[bool]
+    """The adapters form one stack with one reference program; False: they are alternatives."""
+    label: str
+    """What ``optimize`` does, for the progress line."""
+
+    def check(self, backend: Backend) -> None: ...
+
+    def optimize(self, built: Built, ctx: PassContext) -> Optimized: ...
+
+    def lower(
+        self, backend: Backend, optimized: Optimized, built: Built, directory: Path, progress: Progress
+    ) -> Lowering: ...
+
+    def verify(self, runner: Any, built: Built, target: Mapping[str, Any], plan: OraclePlan, seed: int) -> Report: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stack:
+    """A stack of adapters on one model: every target builds it."""
+
+    stacks: ClassVar[bool] = True
+    label: ClassVar[str] = ""
+    passes: ClassVar[Callable[[], list[Pass]]]
+
+    def check(self, backend: Backend) -> None:
+        return None
+
+    def optimize(self, built: Built, ctx: PassContext) -> Optimized:
+        history = [r.name for r in built.records]
+        program, records = PassManager(type(self).passes()).run(built.reference, ctx, history=history)
+        options = {"stack": [a.name for a in built.adapters]}
+        return Optimized(program, tuple(records), built.loaded.signature, options)
+
+    def lower(
+        self, backend: Backend, optimized: Optimized, built: Built, directory: Path, progress: Progress
+    ) -> Lowering:
+        lowered = backend.lower(optimized.program, optimized.signature, directory, progress, reference=built.reference)
+        return Lowering(lowered, lowered.files)
+
+    def verify(self, runner: Any, built: Built, target: Mapping[str, Any], plan: OraclePlan, seed: int) -> Report:
+        """The artifact against the stacked reference program and PEFT, on three seeded input shapes."""
+        oracles, not_run = plan.oracles(program_oracle(built.reference), built.adapters)
+        return verify(
+            lambda inputs: runner.run(numpy_inputs(inputs)),
+            built.loaded.signature,
+            oracles,
+            base=program_oracle(built.base),
+            dtypes=output_dtypes(target["outputs"]),
+            seed=seed,
+            not_run=[*plan.not_run(), *not_run],
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Merged(_Stack):
+    """Every site folded into the weights (``pipelines.merged``): the base model's cost."""
+
+    label: ClassVar[str] = "merge"
+    passes = staticmethod(pipelines.merged)
+
+
+@dataclasses.dataclass(frozen=True)
+class Unmerged(_Stack):
+    """Sites kept as separate ops (``pipelines.unmerged``, ``--no-merge``)."""
+
+    label: ClassVar[str] = "keep sites unmerged"
+    passes = staticmethod(pipelines.unmerged)
+
+
+def numpy_inputs(inputs: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Verification inputs as a runner takes them."""
+    return {k: v.numpy() for k, v in inputs.items()}

@@ -1,0 +1,99 @@
+"""The compile pipeline, and re-verifying an artifact: the driver's two entry points.
+
+:func:`compile_artifact` runs load → trace → adapt → mode.optimize → lower → verify → commit, timing
+each stage. Nothing reaches ``options.out`` before verification passes (``peftc.artifact.writer``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from peftc.artifact import Artifact, ArtifactWriter, Manifest, read_manifest
+from peftc.backends import get_backend
+from peftc.driver import manifest as manifests
+from peftc.driver.build import Progress, Sources, Stages, build
+from peftc.driver.modes import Merged, Mode, Unmerged
+from peftc.driver.sources import recorded
+from peftc.options import CompileOptions
+from peftc.runtime import load, open_runner
+from peftc.swap.mode import Swappable
+from peftc.verification import OraclePlan, Report
+
+
+def compile_artifact(options: CompileOptions, progress: Progress | None = None) -> Artifact:
+    """Compile, verify and write the artifact ``options`` describe (``peftc.compile`` documents it)."""
+    stages = Stages(progress)
+    writer = ArtifactWriter(options.out, force=options.force)
+    try:
+        backend = get_backend(options.target, options.target_options)
+        mode = mode_for(options)
+        mode.check(backend)
+        built = build(_sources(options), stages, stack=mode.stacks, dump_ir=options.dump_ir)
+        with stages("optimize", f"optimize: {mode.label}"):
+            optimized = mode.optimize(built, stages.context(options.dump_ir))
+        with stages("lower", f"lower: {options.target}"):
+            lowering = mode.lower(backend, optimized, built, writer.tmp, stages.say)
+        target = manifests.target_record(options, optimized, lowering, writer.tmp)
+        verifier = get_backend(lowering.lowered.verify_with) if lowering.lowered.verify_with else backend
+        checked = f" (its {lowering.lowered.verify_with} model)" if lowering.lowered.verify_with else ""
+        with stages(
+            "verify", f"verify: artifact{checked} vs eager reference" + (" and PEFT" if options.oracle else "")
+        ):
+            runner = open_runner(verifier, writer.tmp, target, _entries(built, lowering))
+            report = mode.verify(runner, built, target, OraclePlan(built.loaded.module, options.oracle), options.seed)
+        manifest = manifests.manifest(options, built, optimized, lowering, target, report, stages.timings, backend)
+        if not report.passed:
+            if options.keep_failed:
+                writer.commit(manifest)
+            raise report.error()
+        writer.commit(manifest)
+        return Artifact(options.out, manifest)
+    finally:
+        writer.abort()
+
+
+def reverify(
+    path: Any, *, model: Any = None, oracle: bool = True, seed: int | None = None, progress: Progress | None = None
+) -> Report:
+    """Re-run the numeric check of the artifact at ``path`` against oracles rebuilt from its sources."""
+    stages = Stages(progress)
+    target = read_manifest(path).target
+    runtime = target.get("verified_with") if target.get("verified_with") != target["name"] else None
+    runner = load(path, allow_failed=True, runtime=runtime)
+    manifest = runner.manifest
+    mode = mode_from(manifest)
+    built = build(recorded(manifest, model), stages, stack=mode.stacks)
+    seed = manifest.options.get("seed", 0) if seed is None else seed
+    with stages("verify", "verify: artifact vs eager reference" + (" and PEFT" if oracle else "")):
+        plan = OraclePlan(built.loaded.module, oracle)
+        return mode.verify(runner.backend_runner, built, manifest.target, plan, seed)
+
+
+def mode_for(options: CompileOptions) -> Mode:
+    """The build mode ``options`` ask for."""
+    if options.swappable:
+        return Swappable(options.max_rank, options.multi_adapter)
+    return Merged() if options.merge else Unmerged()
+
+
+def mode_from(manifest: Manifest) -> Mode:
+    """The build mode an artifact was compiled in (as far as verifying it goes)."""
+    if "slots" in manifest.target:
+        return Swappable()
+    return Merged() if manifest.options.get("merge", True) else Unmerged()
+
+
+def _sources(options: CompileOptions) -> Sources:
+    return Sources(
+        model=options.model,
+        adapters=options.adapters,
+        configs=tuple(options.config_for(i) for i in range(len(options.adapters))),
+        inputs=options.inputs,
+        allow_pickle=options.allow_pickle,
+        base_residual=options.base_residual,
+    )
+
+
+def _entries(built: Any, lowering: Any) -> list[dict[str, Any]]:
+    """The adapters' manifest entries as far as the runtime reads them (name and the mode's fields)."""
+    return [{"name": a.name, **lowering.adapters.get(a.name, {})} for a in built.adapters]

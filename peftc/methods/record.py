@@ -1,0 +1,45 @@
+"""One record per method: what the compiler needs to know about it, declared in the method's module.
+
+A :class:`Method` names the ``peft_type`` values its parser reads, its site ops (each carrying its
+eager body, ONNX translation and weight form, ``peftc/ops.py``) and the passes it adds to a build
+mode. ``peftc/methods/registry.py`` lists every record; the tables the passes and backends use
+(site ops by name, parsers by ``peft_type``, translations) are derived from that list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from peftc.ir.modules import ModuleTable
+    from peftc.methods.base import Adapter, AdapterSource, ParseOptions
+    from peftc.ops import SiteOp
+    from peftc.passes.base import Pass
+
+Parser = Callable[["AdapterSource", "ModuleTable", "ParseOptions"], "Adapter"]
+"""Interprets an adapter read from disk against the base model's modules."""
+Recognise = Callable[[Mapping[str, "torch.Tensor"]], "dict[str, Any] | None"]
+"""The config implied by the key names of a weights file given without one, or None."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """Everything peftc knows about one adapter method."""
+
+    name: str
+    """Short name (``lora``, ``ssf``…)."""
+    peft_types: tuple[str, ...]
+    """The ``peft_type`` values of ``adapter_config.json`` its parser reads (none: not an adapter format)."""
+    parse: Parser | None
+    ops: tuple[SiteOp, ...] = ()
+    """The ``peftc::`` site ops its sites use (registered when the module is imported)."""
+    merged_passes: tuple[Callable[[], Pass], ...] = ()
+    """Passes run after ``merge`` when adapters are merged: folds of its activation sites."""
+    unmerged_passes: tuple[Callable[[], Pass], ...] = ()
+    """Passes run when sites stay unmerged: weight-only work moved to compile time."""
+    recognise: Recognise | None = None
+    """Reads a weights file that comes without a config (an official checkpoint format)."""

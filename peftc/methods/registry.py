@@ -1,0 +1,101 @@
+"""Every method peftc knows, as one list of records, and the tables derived from it.
+
+Adding a method is one module (its parser, site ops and record, ``METHOD``) and one line in
+:data:`METHODS`. Passes and backends never name a method: they read the tables below — site ops by
+name, parsers by ``peft_type``, each mode's extra passes — which follow the list.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from peftc.errors import UnsupportedError, one_of
+from peftc.ir.modules import ModuleTable
+from peftc.methods import (
+    adalora,
+    beft,
+    boft,
+    ia3,
+    ln_tuning,
+    loha,
+    lokr,
+    lora,
+    oft,
+    ssf,
+    trainable_tokens,
+    vera,
+    zeroi2v,
+)
+from peftc.methods.base import Adapter, AdapterSource, ParseOptions
+from peftc.methods.record import Method
+from peftc.ops import SiteOp
+from peftc.passes.base import Pass
+from peftc.swap.ops import SLOTS
+
+METHODS: list[Method] = [
+    lora.METHOD,
+    adalora.METHOD,
+    ia3.METHOD,
+    ln_tuning.METHOD,
+    trainable_tokens.METHOD,
+    beft.METHOD,
+    oft.METHOD,
+    boft.METHOD,
+    loha.METHOD,
+    lokr.METHOD,
+    vera.METHOD,
+    ssf.METHOD,
+    zeroi2v.METHOD,
+    SLOTS,
+]
+"""In the order their extra passes run. ``SLOTS`` is not an adapter format: swappable artifacts' ops."""
+
+
+def site_ops() -> dict[str, SiteOp]:
+    """Every site op by name."""
+    return _tables(tuple(METHODS))[0]
+
+
+def parsers() -> dict[str, Method]:
+    """The method that reads each ``peft_type``."""
+    return _tables(tuple(METHODS))[1]
+
+
+def passes(stage: str) -> list[Pass]:
+    """New instances of the passes methods add when sites are ``merged`` or stay ``unmerged``."""
+    return [make() for method in METHODS for make in getattr(method, f"{stage}_passes")]
+
+
+def recognise(tensors: Mapping[str, torch.Tensor]) -> dict[str, Any] | None:
+    """The config a method reads from the key names of a weights file that came without one."""
+    for method in METHODS:
+        config = method.recognise(tensors) if method.recognise else None
+        if config is not None:
+            return config
+    return None
+
+
+@functools.cache
+def _tables(methods: tuple[Method, ...]) -> tuple[dict[str, SiteOp], dict[str, Method]]:
+    ops = {op.name: op for method in methods for op in method.ops}
+    by_type = {peft_type: method for method in methods for peft_type in method.peft_types}
+    return ops, by_type
+
+
+def parse_adapter(source: AdapterSource, modules: ModuleTable, options: ParseOptions | None = None) -> Adapter:
+    """Interpret ``source`` with the parser of its ``peft_type``.
+
+    Raises:
+        UnsupportedError: no method reads that ``peft_type`` (the message lists those that are read).
+    """
+    peft_type = str(source.config.get("peft_type"))
+    method = parsers().get(peft_type)
+    if method is None or method.parse is None:
+        raise UnsupportedError(
+            f"{source.config_path}: peft_type {peft_type!r} is not supported; supported: {one_of(sorted(parsers()))}"
+        )
+    return method.parse(source, modules, options or ParseOptions())

@@ -1,0 +1,119 @@
+"""What a compile is asked to do: one frozen, validated record, built by the CLI and by ``peftc.compile``.
+
+:class:`CompileOptions` holds every flag of ``peftc compile``. It is checked once, when it is made
+(an error names the flag), and it renders itself back as the command line that rebuilds the
+artifact (:meth:`CompileOptions.command`), so the CLI and the manifest agree on what each flag means.
+Target-specific options (``--device``, ``--precision``, ``--profile``…) are checked by the target
+they belong to (``peftc.backends.get_backend``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from peftc.errors import InputError
+
+PathLike = str | os.PathLike[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileOptions:
+    """Every option of a compile (``peftc.compile`` documents each one)."""
+
+    model: Any
+    adapters: tuple[PathLike, ...]
+    out: Path
+    target: str = "onnx"
+    target_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    merge: bool = True
+    inputs: tuple[str, ...] = ()
+    configs: tuple[PathLike, ...] = ()
+    force: bool = False
+    keep_failed: bool = False
+    dump_ir: Path | None = None
+    allow_pickle: bool = False
+    base_residual: bool = False
+    swappable: bool = False
+    max_rank: int | None = None
+    multi_adapter: int = 0
+    oracle: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        adapters = [self.adapters] if isinstance(self.adapters, (str, os.PathLike)) else list(self.adapters)
+        self._set(
+            adapters=tuple(adapters),
+            out=Path(self.out),
+            target_options=types.MappingProxyType(dict(self.target_options or {})),
+            inputs=tuple(self.inputs),
+            configs=tuple(self.configs),
+            dump_ir=Path(self.dump_ir) if self.dump_ir else None,
+        )
+        if not self.adapters:
+            raise InputError("no adapter given")
+        if (self.max_rank is not None or self.multi_adapter) and not self.swappable:
+            raise InputError("--max-rank and --multi-adapter apply to --swappable artifacts only")
+        if self.multi_adapter < 0 or (self.max_rank is not None and self.max_rank < 1):
+            raise InputError("--multi-adapter must be >= 0 and --max-rank >= 1")
+        if self.configs and len(self.configs) not in (1, len(self.adapters)):
+            raise InputError(
+                f"{len(self.configs)} --config files for {len(self.adapters)} adapters; give one per adapter, in order"
+            )
+
+    def _set(self, **values: Any) -> None:
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    def config_for(self, index: int) -> PathLike | None:
+        """The ``--config`` of adapter ``index``: one per adapter, or one for all."""
+        if len(self.configs) == len(self.adapters):
+            return self.configs[index]
+        return self.configs[0] if self.configs else None
+
+    def target_json(self) -> dict[str, Any]:
+        """The target options that were given, JSON-ready: ``{"precision": "fp16", "profile": [...]}``."""
+        out: dict[str, Any] = {}
+        for name, value in sorted(self.target_options.items()):
+            if value in (None, False, (), []):
+                continue
+            text = lambda v: v.text() if hasattr(v, "text") else str(v)  # noqa: E731  (a DimProfile or its text)
+            out[name] = [text(v) for v in value] if isinstance(value, (list, tuple)) else value
+        return out
+
+    def command(self, *, max_rank: int | None = None) -> list[str] | None:
+        """The ``peftc compile`` command that rebuilds the artifact (None for an in-memory model).
+
+        Args:
+            max_rank: the slot rank a ``--swappable`` compile chose (recorded even when defaulted).
+        """
+        if not isinstance(self.model, (str, os.PathLike)):
+            return None
+        command = ["peftc", "compile", str(self.model)]
+        command += _repeated("--adapter", self.adapters) + _repeated("--config", self.configs)
+        command += _repeated("--input", self.inputs)
+        command += ["--target", self.target, "-o", str(self.out), "--force"]
+        flags = {
+            "--no-merge": not self.merge,
+            "--allow-pickle": self.allow_pickle,
+            "--base-residual": self.base_residual,
+        }
+        command += [flag for flag, given in flags.items() if given]
+        for name, value in self.target_json().items():
+            flag = "--" + name.replace("_", "-")
+            if value is True:
+                command.append(flag)
+            else:
+                command += _repeated(flag, value if isinstance(value, list) else [value])
+        if self.swappable:
+            command += ["--swappable", "--max-rank", str(self.max_rank if max_rank is None else max_rank)]
+            command += ["--multi-adapter", str(self.multi_adapter)] if self.multi_adapter else []
+        return command
+
+
+def _repeated(flag: str, values: Sequence[Any]) -> list[str]:
+    return [item for value in values for item in (flag, str(value))]

@@ -1,0 +1,183 @@
+"""Adding and removing adapters of a swappable artifact, without recompiling.
+
+:func:`add_adapter` parses the new adapter against the base model's modules (loaded again, not
+traced), checks it against the slot table, writes its adapter file, verifies the artifact with it
+against eager PyTorch of the base module with the adapter's weights applied by peftc's ops and
+against PEFT, and commits the manifest atomically; on any failure the artifact is left exactly as it
+was. :func:`remove_adapter` drops an adapter and its file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from peftc import ir
+from peftc.artifact import MANIFEST_FILE, Manifest, check_files, file_record, read_manifest
+from peftc.backends import get_backend
+from peftc.driver.build import adapted
+from peftc.driver.sources import load_base
+from peftc.errors import InputError
+from peftc.loaders import LoadedModel
+from peftc.loaders.inputs import InputSignature
+from peftc.methods.base import Adapter, ParseOptions
+from peftc.methods.loading import read_adapter
+from peftc.methods.registry import parse_adapter
+from peftc.runtime import load
+from peftc.swap.files import relative_path, slot_values
+from peftc.swap.slots import check_fits
+from peftc.swap.table import SlotTable
+from peftc.swap.verify import verify_artifact
+from peftc.verification import OraclePlan, Report, output_dtypes, program_oracle
+from peftc.verification.oracles import weights_oracle
+
+Progress = Callable[[str], None]
+
+
+def add_adapter(
+    out: str | os.PathLike[str],
+    adapter: str | os.PathLike[str],
+    *,
+    name: str | None = None,
+    config: str | os.PathLike[str] | None = None,
+    model: Any = None,
+    allow_pickle: bool = False,
+    oracle: bool = True,
+    progress: Progress | None = None,
+) -> Manifest:
+    """Add a LoRA adapter to the swappable artifact ``out`` without recompiling it.
+
+    The adapter is parsed against the base model's modules, checked against the slot table, written
+    as an adapter file, and verified (artifact with the adapter vs eager PyTorch of the base with the
+    adapter's weights applied, and vs PEFT) before the manifest is replaced atomically.
+
+    Raises:
+        InputError: not a swappable artifact, the name is taken, or the adapter does not fit the
+            slots (the message names the module, rank or shape); the artifact is unchanged.
+        VerificationError: the artifact with the adapter disagrees with its oracles; unchanged too.
+    """
+    say = progress or (lambda message: None)
+    directory = Path(out)
+    manifest = _swappable(directory)
+    table = SlotTable.from_json(manifest.target["slots"])
+    source = read_adapter(adapter, name=name, config=config, allow_pickle=allow_pickle)
+    if source.name in {a["name"] for a in manifest.adapters}:
+        raise InputError(
+            f"{directory}: an adapter named {source.name!r} exists; remove it first or pass another --name"
+        )
+    say("load the base model (no tracing)")
+    loaded = load_base(manifest, model)
+    modules = (
+        ir.module_table(loaded.program) if loaded.program is not None else ir.module_table_from_module(loaded.module)
+    )
+    parsed = parse_adapter(source, modules, ParseOptions(tied_embeddings=loaded.tied_embeddings))
+    check_fits(table, parsed)
+    backend = get_backend(manifest.target["name"])
+    relative = relative_path(backend, parsed.name)
+    final = directory / relative
+    tmp = final.with_name(f".{parsed.name}.peftc-tmp{backend.adapter_suffix}")
+    try:
+        backend.write_adapter(tmp, slot_values(table, parsed))
+        say(f"verify: artifact with {parsed.name!r} vs eager PyTorch" + (" and PEFT" if oracle else ""))
+        runner = load(directory).backend_runner
+        runner.register(parsed.name, tmp)
+        report = _verify_added(runner, manifest, table, loaded, parsed, OraclePlan(loaded.module, oracle))
+        if not report.passed:
+            raise report.error()
+        os.replace(tmp, final)
+        entry = {**parsed.summary(), "slot_file": relative, "verification": report.to_json(), "added": True}
+        updated = dataclasses.replace(
+            manifest,
+            adapters=[*manifest.adapters, entry],
+            target={**manifest.target, "files": [*manifest.target["files"], file_record(final, directory)]},
+            not_run=[*manifest.not_run, *({"what": f"{w} [{parsed.name}]", "reason": r} for w, r in report.not_run)],
+        )
+        _commit(directory, updated)
+        return updated
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if final.exists() and relative not in {f["path"] for f in read_manifest(directory).target["files"]}:
+            final.unlink()
+        raise
+
+
+def remove_adapter(out: str | os.PathLike[str], name: str) -> Manifest:
+    """Remove adapter ``name`` and its adapter file from the swappable artifact ``out``.
+
+    Raises:
+        InputError: not a swappable artifact, or no adapter of that name.
+    """
+    directory = Path(out)
+    manifest = _swappable(directory)
+    entry = next((a for a in manifest.adapters if a["name"] == name), None)
+    if entry is None:
+        names = ", ".join(repr(a["name"]) for a in manifest.adapters) or "none"
+        raise InputError(f"{directory}: no adapter named {name!r} (adapters: {names})")
+    updated = dataclasses.replace(
+        manifest,
+        adapters=[a for a in manifest.adapters if a["name"] != name],
+        target={
+            **manifest.target,
+            "files": [f for f in manifest.target["files"] if f["path"] != entry["slot_file"]],
+            "default_adapter": None
+            if manifest.target.get("default_adapter") == name
+            else manifest.target.get("default_adapter"),
+        },
+    )
+    _commit(directory, updated)
+    with contextlib.suppress(OSError):
+        (directory / entry["slot_file"]).unlink()
+    return updated
+
+
+def _swappable(directory: Path) -> Manifest:
+    manifest = read_manifest(directory)
+    if "slots" not in manifest.target:
+        raise InputError(f"{directory}: not a swappable artifact (compile it with --swappable)")
+    if manifest.status != "ok":
+        raise InputError(f"{directory}: this artifact failed verification; recompile it")
+    check_files(directory, manifest)
+    return manifest
+
+
+def _commit(directory: Path, manifest: Manifest) -> None:
+    """Replace ``manifest.json`` atomically (write a temporary file, then rename it over)."""
+    fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(manifest.to_json())
+        os.replace(tmp, directory / MANIFEST_FILE)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _verify_added(
+    runner: Any, manifest: Manifest, table: SlotTable, loaded: LoadedModel, adapter: Adapter, plan: OraclePlan
+) -> Report:
+    """The base and the new adapter: against the untraced base module with the adapter's weights
+    applied (the traced base program for an exported one) and PEFT."""
+    if loaded.module is not None:
+        base = weights_oracle(loaded.module, [])
+        reference = weights_oracle(loaded.module, [adapter])
+    else:
+        base = program_oracle(loaded.program)
+        reference = program_oracle(adapted(loaded.program, [adapter]))
+    oracles, not_run = plan.oracles(reference, [adapter])
+    return verify_artifact(
+        runner,
+        InputSignature.from_json(manifest.target["signature"]),
+        table,
+        base,
+        {adapter.name: oracles},
+        dtypes=output_dtypes(manifest.target["outputs"]),
+        seed=manifest.options.get("seed", 0),
+        not_run=[*not_run, *plan.not_run()],
+    )

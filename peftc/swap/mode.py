@@ -1,0 +1,99 @@
+"""The swappable build mode: compile once, then add, remove and switch LoRA adapters without recompiling.
+
+``peftc compile … --swappable`` puts a zero *slot* on every LoRA site of the adapters it is given
+(``slots.py``, ``ops.py``), lowers the program with the slot tensors overridable (a ``SlotBackend``),
+and writes every given adapter as an adapter file (``files.py``). The zero slots are the base model;
+an adapter file fills them. ``--multi-adapter N`` stacks ``N`` slots (row 0 the base) into banks read
+per batch row through an ``adapter_index`` input. The adapters are alternatives, not a stack.
+
+Verification (``verify.py``) covers the base against the eager base program and every adapter
+against its own eager reference program and PEFT; with a bank, mixed batches too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+from peftc.backends.base import Backend, SlotBackend
+from peftc.driver.build import Built, Progress, adapted
+from peftc.driver.modes import Lowering, Optimized
+from peftc.errors import UnsupportedError
+from peftc.loaders.inputs import InputSignature, TensorInput
+from peftc.passes import pipelines
+from peftc.passes.base import PassContext, PassManager
+from peftc.swap import slots
+from peftc.swap.files import write_adapter_files
+from peftc.swap.table import INDEX_INPUT, SlotTable
+from peftc.swap.verify import verify_artifact
+from peftc.verification import OraclePlan, Report, output_dtypes, program_oracle
+
+
+@dataclasses.dataclass(frozen=True)
+class Swappable:
+    """LoRA sites as fixed-shape slots filled from adapter files at run time (see the module docstring)."""
+
+    max_rank: int | None = None
+    """Slot rank; default: the largest rank of the given adapters."""
+    bank: int = 0
+    """``--multi-adapter N``: adapters one call can mix (the bank holds N + 1 slots with the base)."""
+    stacks: ClassVar[bool] = False
+    label: ClassVar[str] = "adapter slots"
+
+    def check(self, backend: Backend) -> None:
+        if not isinstance(backend, SlotBackend):
+            raise UnsupportedError(
+                f"target {backend.name!r} cannot build --swappable artifacts; use --target onnx or aoti"
+            )
+
+    def optimize(self, built: Built, ctx: PassContext) -> Optimized:
+        table = slots.plan(built.adapters, self.max_rank, self.bank + 1 if self.bank else 0)
+        program, records = PassManager(pipelines.swappable(slots.slot_adapter(table))).run(built.base, ctx)
+        options = {"swappable": True, "max_rank": table.rank, "multi_adapter": self.bank}
+        return Optimized(program, tuple(records), signature(built.loaded.signature, table), options, table)
+
+    def lower(
+        self, backend: Backend, optimized: Optimized, built: Built, directory: Path, progress: Progress
+    ) -> Lowering:
+        table: SlotTable = optimized.state
+        overridable = tuple(table.tensors())
+        lowered = backend.lower(optimized.program, optimized.signature, directory, progress, overridable=overridable)
+        files = write_adapter_files(backend, directory, table, built.adapters)
+        target = {"slots": table.to_json(), "default_adapter": built.adapters[0].name}
+        entries = {name: {"slot_file": path} for name, path in files.items()}
+        return Lowering(lowered, (*lowered.files, *files.values()), target, entries)
+
+    def verify(self, runner: Any, built: Built, target: Mapping[str, Any], plan: OraclePlan, seed: int) -> Report:
+        """The base, and every adapter against its own reference program and PEFT; mixed batches with a bank."""
+        references = {}
+        not_run = []
+        for adapter in built.adapters:
+            oracles, missing = plan.oracles(program_oracle(adapted(built.base, [adapter])), [adapter])
+            references[adapter.name] = oracles
+            not_run += [(f"{what} [{adapter.name}]", why) for what, why in missing]
+        return verify_artifact(
+            runner,
+            InputSignature.from_json(target["signature"]),
+            SlotTable.from_json(target["slots"]),
+            program_oracle(built.base),
+            references,
+            dtypes=output_dtypes(target["outputs"]),
+            seed=seed,
+            not_run=[*not_run, *plan.not_run()],
+        )
+
+
+def signature(base: InputSignature, table: SlotTable) -> InputSignature:
+    """The artifact's inputs: the base's, plus ``adapter_index`` ``[batch]`` with a bank.
+
+    Raises:
+        UnsupportedError: a bank, but the model's inputs have no ``batch`` dim.
+    """
+    if not table.bank:
+        return base
+    if "batch" not in base.dims:
+        raise UnsupportedError("--multi-adapter needs a 'batch' dim in the model's inputs (describe it with --input)")
+    index = TensorInput(INDEX_INPUT, ("batch",), "int64", "index", 0, table.bank)
+    return InputSignature((*base.inputs, index), base.dims)

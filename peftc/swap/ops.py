@@ -1,0 +1,151 @@
+"""Adapter slots: LoRA sites whose factors are fixed-shape inputs, so adapters swap without recompiling.
+
+A swappable artifact keeps every LoRA site unmerged with tensors of a fixed shape, the *slot*::
+
+    y = base(x) + (x · Aᵀ) · Bᵀ          A: [R, d_in] (rows r..R-1 zero),  B: [d_out, R] = s·B_adapter, zero-padded
+
+``R`` is the artifact's maximum rank; an adapter of rank ``r ≤ R`` fills the first ``r`` rows of
+``A`` and columns of ``B``, and its scale ``s`` (α/r, α/√r, per-module patterns) is multiplied into
+``B`` when its slot file is written, so neither rank nor scale needs a recompile. The zero slot is
+the base model. Zero padding is exact: the extra terms are exact zeros.
+
+Mixed-adapter batches (``*_bank`` ops) stack ``N`` slots into a bank and pick one per batch row with
+an ``adapter_index`` input: ``A_row = A_bank[index[row]]``; row 0 of the bank is reserved for the base
+model (all zeros).
+
+Ops, each an ``torch.library.custom_op`` (one node in the IR, one ONNX translation):
+
+* ``lora_slot(x, W, b, A, B, fan_in_fan_out)``: a linear or GPT-2 ``Conv1D`` module call;
+* ``lora_embedding_slot(ids, E, Aᵀ, B)``: an embedding lookup, ``E[ids] + Aᵀ[ids] · Bᵀ``. The slot
+  keeps ``A`` transposed (``[num, R]``), so a lookup reads rows and never transposes the table;
+* ``lora_slot_bank`` / ``lora_embedding_slot_bank``: the same with banks and a per-row index.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from peftc.methods.record import Method
+from peftc.ops import call_op
+from peftc.swap.table import INDEX_INPUT
+
+
+def _base(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fan_in_fan_out: bool) -> torch.Tensor:
+    return F.linear(x, weight.T if fan_in_fan_out else weight, bias)
+
+
+def lora_slot(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    slot_a: torch.Tensor,
+    slot_b: torch.Tensor,
+    fan_in_fan_out: bool,
+) -> torch.Tensor:
+    """A linear (or ``Conv1D``) module call plus the LoRA update held in its slot."""
+    y = _base(x, weight, bias, fan_in_fan_out)
+    return y + F.linear(F.linear(x.to(slot_a.dtype), slot_a), slot_b).to(y.dtype)
+
+
+def _slot_fake(x, weight, bias, slot_a, slot_b, fan_in_fan_out):
+    return _base(x, weight, bias, fan_in_fan_out)
+
+
+def lora_embedding_slot(
+    ids: torch.Tensor, weight: torch.Tensor, slot_a: torch.Tensor, slot_b: torch.Tensor
+) -> torch.Tensor:
+    """An embedding lookup plus the LoRA update held in its slot (PEFT's unmerged embedding form);
+    ``slot_a`` is ``Aᵀ``."""
+    y = F.embedding(ids, weight)
+    return y + F.linear(F.embedding(ids, slot_a), slot_b).to(y.dtype)
+
+
+def _embedding_fake(ids, weight, slot_a, slot_b):
+    return F.embedding(ids, weight)
+
+
+def _per_row(h: torch.Tensor, bank: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``h[row] · bank[index[row]]ᵀ`` for every batch row; ``h`` is ``[batch, ..., k]``."""
+    chosen = bank[index]  # [batch, out, k]
+    flat = h.reshape(h.shape[0], -1, h.shape[-1])
+    return torch.bmm(flat, chosen.transpose(1, 2)).reshape(*h.shape[:-1], chosen.shape[1])
+
+
+def lora_slot_bank(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    bank_a: torch.Tensor,
+    bank_b: torch.Tensor,
+    fan_in_fan_out: bool,
+    adapter_index: torch.Tensor,
+) -> torch.Tensor:
+    """``lora_slot`` with each batch row using the slot ``adapter_index[row]`` of the banks."""
+    y = _base(x, weight, bias, fan_in_fan_out)
+    h = _per_row(x.to(bank_a.dtype), bank_a, adapter_index)
+    return y + _per_row(h, bank_b, adapter_index).to(y.dtype)
+
+
+def _slot_bank_fake(x, weight, bias, bank_a, bank_b, fan_in_fan_out, adapter_index):
+    return _base(x, weight, bias, fan_in_fan_out)
+
+
+def lora_embedding_slot_bank(
+    ids: torch.Tensor, weight: torch.Tensor, bank_a: torch.Tensor, bank_b: torch.Tensor, adapter_index: torch.Tensor
+) -> torch.Tensor:
+    """``lora_embedding_slot`` with each batch row using the slot ``adapter_index[row]`` (banks of ``Aᵀ``)."""
+    y = F.embedding(ids, weight)
+    num = bank_a.shape[1]
+    # Row b reads Aᵀ of its adapter: entry index[b]·num + id of the flattened [N·num, R] bank.
+    flat = ids + (adapter_index * num).reshape(-1, *([1] * (ids.dim() - 1)))
+    h = F.embedding(flat, bank_a.reshape(-1, bank_a.shape[-1]))  # [batch, seq..., R]
+    return y + _per_row(h, bank_b, adapter_index).to(y.dtype)
+
+
+def _embedding_bank_fake(ids, weight, bank_a, bank_b, adapter_index):
+    return F.embedding(ids, weight)
+
+
+_ONNX = "peftc.swap.onnx:"
+LORA_SLOT = call_op(
+    "lora_slot",
+    lora_slot,
+    _slot_fake,
+    base_params=("weight", "bias"),
+    tensor_roles=("slot_A", "slot_B"),
+    scalars=("fan_in_fan_out",),
+    onnx=_ONNX + "lora_slot",
+)
+LORA_EMBEDDING_SLOT = call_op(
+    "lora_embedding_slot",
+    lora_embedding_slot,
+    _embedding_fake,
+    base_params=("weight",),
+    tensor_roles=("slot_A", "slot_B"),
+    scalars=(),
+    onnx=_ONNX + "lora_embedding_slot",
+)
+LORA_SLOT_BANK = call_op(
+    "lora_slot_bank",
+    lora_slot_bank,
+    _slot_bank_fake,
+    base_params=("weight", "bias"),
+    tensor_roles=("bank_A", "bank_B"),
+    scalars=("fan_in_fan_out",),
+    user_inputs=(INDEX_INPUT,),
+    onnx=_ONNX + "lora_slot_bank",
+)
+LORA_EMBEDDING_SLOT_BANK = call_op(
+    "lora_embedding_slot_bank",
+    lora_embedding_slot_bank,
+    _embedding_bank_fake,
+    base_params=("weight",),
+    tensor_roles=("bank_A", "bank_B"),
+    scalars=(),
+    user_inputs=(INDEX_INPUT,),
+    onnx=_ONNX + "lora_embedding_slot_bank",
+)
+
+SLOTS = Method("slots", (), None, ops=(LORA_SLOT, LORA_EMBEDDING_SLOT, LORA_SLOT_BANK, LORA_EMBEDDING_SLOT_BANK))
+"""Not an adapter format: the ops of swappable artifacts' slots (``peftc/methods/registry.py`` lists it)."""

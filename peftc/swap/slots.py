@@ -1,0 +1,161 @@
+"""Slots for the LoRA sites of a swappable compile's adapters, and packing an adapter into them.
+
+A swappable compile turns the LoRA sites of the adapters it is given into *slots* (``ops.py``):
+fixed-shape tensors of rank ``R`` that hold any LoRA adapter of rank ``≤ R`` on a subset of those
+modules. :func:`plan` makes the :class:`~peftc.swap.table.SlotTable` for the given adapters and
+:func:`slot_adapter` the zero slots ``insert-sites`` puts on the base program.
+
+:func:`pack` turns a parsed adapter into slot values: ``A`` zero-padded to ``R`` rows and ``s·B``
+zero-padded to ``R`` columns, zeros for the slots it does not use. :func:`check_fits` refuses, with
+the module and shapes named, an adapter that does not fit: another method, a module without a slot,
+a rank above ``R``, full-tensor replacements (which no slot can hold).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from peftc.errors import InputError, UnsupportedError
+from peftc.methods.base import Adapter, AdapterSource, AdapterTensor, Site
+from peftc.swap.ops import LORA_EMBEDDING_SLOT, LORA_EMBEDDING_SLOT_BANK, LORA_SLOT, LORA_SLOT_BANK
+from peftc.swap.table import SLOT_ADAPTER, Slot, SlotTable
+
+
+def _lora_parts(adapter: Adapter, site: Site) -> tuple[str, AdapterTensor, AdapterTensor, float]:
+    """``(kind, A, B, scale)`` of a LoRA site a slot can hold, else an UnsupportedError naming it."""
+    if site.op == "lora_linear" and site.tensors.get("lora_B_bias") is None:
+        return "linear", site.tensors["lora_A"], site.tensors["lora_B"], float(site.scalars["scale"])
+    if site.op == "lora_weight" and site.scalars.get("layout") == "embedding":
+        return "embedding", site.tensors["lora_A"], site.tensors["lora_B"], float(site.scalars["scale"])
+    what = "lora_bias" if site.op == "lora_linear" else f"{adapter.method} ({site.op}"
+    what += "" if site.op == "lora_linear" else f" on a {site.info.get('module_type', '?')})"
+    raise UnsupportedError(
+        f"adapter {adapter.name!r}: {what} on {site.module!r} cannot be swapped; swappable artifacts hold LoRA on "
+        "nn.Linear, GPT-2 Conv1D and nn.Embedding (compile without --swappable to merge or keep it unmerged)"
+    )
+
+
+def plan(adapters: Sequence[Adapter], max_rank: int | None, bank: int = 0) -> SlotTable:
+    """The slot table for the adapters a swappable compile is given (the union of their LoRA sites).
+
+    Raises:
+        UnsupportedError: an adapter no slot can hold (see :func:`check_fits`).
+        InputError: ``max_rank`` below an adapter's rank, or adapters of different dtypes.
+    """
+    found: dict[str, Slot] = {}
+    ranks, dtypes = [], set()
+    for adapter in adapters:
+        _check_whole(adapter)
+        for site in adapter.sites:
+            kind, a, b, _ = _lora_parts(adapter, site)
+            d_in = a.tensor.shape[1]
+            d_out = b.tensor.shape[0]
+            slot = Slot(site.module, kind, d_in, d_out, bool(site.scalars.get("fan_in_fan_out", False)))
+            if found.setdefault(site.module, slot) != slot:
+                raise InputError(
+                    f"adapters disagree on the shape of module {site.module!r}: {found[site.module]} vs {slot}"
+                )
+            ranks.append(a.tensor.shape[0])
+            dtypes.add(str(a.tensor.dtype).removeprefix("torch."))
+    if not found:
+        raise InputError("no LoRA site to make swappable in the given adapters")
+    if len(dtypes) > 1:
+        raise InputError(f"adapters of different dtypes {sorted(dtypes)}: slots have one dtype; convert them first")
+    rank = max(ranks) if max_rank is None else int(max_rank)
+    if rank < max(ranks):
+        raise InputError(f"--max-rank {rank} is below the rank {max(ranks)} of a given adapter")
+    return SlotTable(rank, dtypes.pop(), tuple(found[m] for m in sorted(found)), bank)
+
+
+def _check_whole(adapter: Adapter) -> None:
+    if adapter.replacements:
+        what = adapter.replacements[0]
+        raise UnsupportedError(
+            f"adapter {adapter.name!r} replaces full tensors ({what.param}: {what.reason}), which no slot can hold; "
+            "compile it without --swappable"
+        )
+
+
+def check_fits(table: SlotTable, adapter: Adapter) -> None:
+    """Raise, naming module and shapes, if ``adapter`` does not fit ``table``'s slots."""
+    _check_whole(adapter)
+    slots = table.by_module()
+    for site in adapter.sites:
+        kind, a, b, _ = _lora_parts(adapter, site)
+        slot = slots.get(site.module)
+        if slot is None:
+            raise InputError(
+                f"adapter {adapter.name!r}: module {site.module!r} has no slot in this artifact; its slots are on "
+                f"{len(slots)} modules ({', '.join(sorted(slots)[:4])}{', …' if len(slots) > 4 else ''})"
+            )
+        rank = a.tensor.shape[0]
+        if rank > table.rank:
+            raise InputError(
+                f"{adapter.source.describe(a.key)}: rank {rank} is above the artifact's maximum rank {table.rank} "
+                "(recompile with a larger --max-rank)"
+            )
+        if (kind, a.tensor.shape[1], b.tensor.shape[0]) != (slot.kind, slot.d_in, slot.d_out):
+            raise InputError(
+                f"{adapter.source.describe(a.key)}: {kind} factors [{rank}, {a.tensor.shape[1]}] / "
+                f"[{b.tensor.shape[0]}, {rank}] do not fit the slot of {site.module!r} ({slot.kind}, d_in={slot.d_in}, "
+                f"d_out={slot.d_out})"
+            )
+        dtype = str(a.tensor.dtype).removeprefix("torch.")
+        if dtype != table.dtype:
+            raise InputError(
+                f"{adapter.source.describe(a.key)}: dtype {dtype}, but the artifact's slots are {table.dtype}"
+            )
+
+
+def pack(table: SlotTable, adapter: Adapter | None) -> dict[str, torch.Tensor]:
+    """Slot values for ``adapter`` (zeros everywhere for None: the base model), keyed ``module → A/B``.
+
+    ``B`` holds ``s·B`` (computed in fp32, cast to the slot dtype); unused rows/columns are zero.
+    """
+    dtype = getattr(torch, table.dtype)
+    values = {}
+    for slot in table.slots:
+        shapes = slot.shapes(table.rank)
+        values[f"{slot.module}:A"] = torch.zeros(shapes["A"], dtype=dtype)
+        values[f"{slot.module}:B"] = torch.zeros(shapes["B"], dtype=dtype)
+    if adapter is None:
+        return values
+    check_fits(table, adapter)
+    for site in adapter.sites:
+        kind, a, b, scale = _lora_parts(adapter, site)
+        rank = a.tensor.shape[0]
+        if kind == "embedding":  # an embedding slot holds Aᵀ
+            values[f"{site.module}:A"][:, :rank] = a.tensor.T.to(dtype)
+        else:
+            values[f"{site.module}:A"][:rank] = a.tensor.to(dtype)
+        values[f"{site.module}:B"][:, :rank] = (b.tensor.to(torch.float32) * scale).to(dtype)
+    return values
+
+
+def slot_adapter(table: SlotTable) -> Adapter:
+    """A stand-in adapter whose sites are the zero slots, for ``insert-sites``."""
+    zeros = pack(table, None)
+    sites = []
+    for slot in table.slots:
+        if table.bank:
+            tensors = {
+                f"bank_{part}": AdapterTensor(
+                    f"slot {part} of {slot.module}", zeros[f"{slot.module}:{part}"][None].repeat(table.bank, 1, 1)
+                )
+                for part in ("A", "B")
+            }
+            op = LORA_EMBEDDING_SLOT_BANK if slot.kind == "embedding" else LORA_SLOT_BANK
+        else:
+            tensors = {
+                f"slot_{part}": AdapterTensor(f"slot {part} of {slot.module}", zeros[f"{slot.module}:{part}"])
+                for part in ("A", "B")
+            }
+            op = LORA_EMBEDDING_SLOT if slot.kind == "embedding" else LORA_SLOT
+        scalars = {} if slot.kind == "embedding" else {"fan_in_fan_out": slot.fan_in_fan_out}
+        sites.append(Site(slot.module, op.name, tensors, scalars, {"slot": True}))
+    where = Path(SLOT_ADAPTER)
+    source = AdapterSource(SLOT_ADAPTER, where, where, where, {}, {}, {})
+    return Adapter(name=SLOT_ADAPTER, method="slots", source=source, sites=tuple(sites))

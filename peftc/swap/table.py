@@ -1,0 +1,112 @@
+"""The slot table of a swappable artifact: the contract between its compiled model and its adapter files.
+
+Which modules have slots, their kind and shapes, the rank and dtype, the bank size for mixed-adapter
+batches, and the names of the slot tensors in the compiled model. It is stored in the manifest
+(``target.slots``) and read back by the runtime and by ``peftc add-adapter``; it is plain data (no
+torch), so running an artifact does not need the compiler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+INDEX_INPUT = "adapter_index"
+"""The input of a bank artifact that says which bank row each batch row reads."""
+SLOT_ADAPTER = "slots"
+"""The name slot tensors carry in the program: ``<module>.slot_A.slots``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """One adapted module's slot."""
+
+    module: str
+    kind: str
+    """``linear`` (nn.Linear / Conv1D call) or ``embedding``."""
+    d_in: int
+    """Input features; for an embedding, the vocabulary size."""
+    d_out: int
+    fan_in_fan_out: bool = False
+
+    def shapes(self, rank: int) -> dict[str, tuple[int, ...]]:
+        """Slot tensor → shape: ``A`` ``[R, d_in]`` (an embedding's ``Aᵀ``: ``[num, R]``), ``B`` ``[d_out, R]``."""
+        a = (self.d_in, rank) if self.kind == "embedding" else (rank, self.d_in)
+        return {"A": a, "B": (self.d_out, rank)}
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotTable:
+    """Every slot of a swappable artifact, its rank, dtype and bank size."""
+
+    rank: int
+    dtype: str
+    slots: tuple[Slot, ...]
+    bank: int = 0
+    """Mixed-adapter batches: slots per bank including the reserved base row 0 (0 = no bank)."""
+    names: Mapping[str, Mapping[str, str]] = dataclasses.field(default_factory=dict)
+    """module → {"A", "B"} → tensor name in the compiled model (filled in by lowering)."""
+
+    def by_module(self) -> dict[str, Slot]:
+        return {s.module: s for s in self.slots}
+
+    def fqn(self, module: str, part: str) -> str:
+        """The program's name for slot tensor ``part`` (``A``/``B``) of ``module``."""
+        role = ("bank_" if self.bank else "slot_") + part
+        return f"{module}.{role}.{SLOT_ADAPTER}"
+
+    def bank_inputs(self) -> dict[str, str]:
+        """Bank tensor name in the compiled model → the slot name adapter files use for it."""
+        single = dataclasses.replace(self, bank=0)
+        return {
+            self.names.get(s.module, {}).get(part, self.fqn(s.module, part)): single.fqn(s.module, part)
+            for s in self.slots
+            for part in ("A", "B")
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "dtype": self.dtype,
+            "bank": self.bank,
+            "slots": [
+                {
+                    **dataclasses.asdict(s),
+                    "tensors": {
+                        part: {
+                            "name": self.names.get(s.module, {}).get(part, self.fqn(s.module, part)),
+                            "shape": list(shape),
+                        }
+                        for part, shape in self.shapes_of(s).items()
+                    },
+                    "keys": _key_patterns(s),
+                }
+                for s in self.slots
+            ],
+        }
+
+    def shapes_of(self, slot: Slot) -> dict[str, tuple[int, ...]]:
+        shapes = slot.shapes(self.rank)
+        return {k: ((self.bank, *v) if self.bank else v) for k, v in shapes.items()}
+
+    def tensors(self) -> dict[str, tuple[int, ...]]:
+        """Slot tensor name in the compiled model → its shape (with the bank axis, if any)."""
+        return {
+            self.names.get(s.module, {}).get(part, self.fqn(s.module, part)): shape
+            for s in self.slots
+            for part, shape in self.shapes_of(s).items()
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> SlotTable:
+        slots = tuple(Slot(s["module"], s["kind"], s["d_in"], s["d_out"], s["fan_in_fan_out"]) for s in data["slots"])
+        names = {s["module"]: {part: t["name"] for part, t in s["tensors"].items()} for s in data["slots"]}
+        return cls(int(data["rank"]), str(data["dtype"]), slots, int(data.get("bank", 0)), names)
+
+
+def _key_patterns(slot: Slot) -> dict[str, str]:
+    prefix = f"base_model.model.{slot.module}"
+    if slot.kind == "embedding":
+        return {"A": f"{prefix}.lora_embedding_A", "B": f"{prefix}.lora_embedding_B"}
+    return {"A": f"{prefix}.lora_A.weight", "B": f"{prefix}.lora_B.weight"}
