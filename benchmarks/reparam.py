@@ -71,7 +71,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 import peftc  # noqa: E402
 from peftc import ir  # noqa: E402
-from peftc.backends import get_backend  # noqa: E402
+from peftc.backends import LowerRequest, get_backend  # noqa: E402
 from peftc.backends.ort import OrtRunner  # noqa: E402
 from peftc.loaders import parse_inputs  # noqa: E402
 from peftc.methods.loading import load_adapter  # noqa: E402
@@ -191,7 +191,7 @@ def section(
     log(f"== {label}: trace the base and lower it to ONNX")
     program = ir.trace(base, signature.example(signature.trace_sizes()), signature.dynamic_shapes())
     (workdir / f"{label}-base").mkdir()
-    get_backend("onnx").lower(program, signature, workdir / f"{label}-base", lambda m: None)
+    get_backend("onnx").lower(LowerRequest(program, signature), workdir / f"{label}-base", lambda m: None)
     log(f"== {label}: peftc.compile")
     start = time.perf_counter()
     artifact = peftc.compile(

@@ -74,27 +74,9 @@ def compile(
         InputError, UnsupportedError: bad or unsupported input (exit code 2).
         VerificationError: the artifact disagrees with its oracles (exit code 1).
     """
-    options = CompileOptions(
-        model=model,
-        adapters=adapters,
-        out=out,
-        target=target,
-        target_options=target_options or {},
-        merge=merge,
-        inputs=inputs,
-        configs=configs,
-        force=force,
-        keep_failed=keep_failed,
-        dump_ir=dump_ir,
-        allow_pickle=allow_pickle,
-        base_residual=base_residual,
-        swappable=swappable,
-        max_rank=max_rank,
-        multi_adapter=multi_adapter,
-        oracle=oracle,
-        seed=seed,
-    )
-    return pipeline.compile_artifact(options, progress)
+    arguments = dict(locals())  # every argument but ``progress`` is the CompileOptions field of its name
+    del arguments["progress"]
+    return pipeline.compile_artifact(CompileOptions(**arguments), progress)
 
 
 def verify(

@@ -13,13 +13,16 @@ import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from peftc.errors import PeftcError, VerificationError
 
+if TYPE_CHECKING:
+    from peftc.options import CompileOptions
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     if not args.debug:
         _quiet_dependencies()
     try:
@@ -41,12 +44,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 3
 
 
-def _compile(args: argparse.Namespace) -> int:
-    from peftc.driver.pipeline import compile_artifact
+def compile_options(args: argparse.Namespace) -> CompileOptions:
+    """The ``peftc compile`` flags as :class:`~peftc.options.CompileOptions` (which validates them)."""
     from peftc.options import CompileOptions
-    from peftc.report import manifest_text
 
-    options = CompileOptions(
+    return CompileOptions(
         model=args.model,
         adapters=tuple(args.adapter),
         out=args.out,
@@ -66,6 +68,13 @@ def _compile(args: argparse.Namespace) -> int:
         oracle=not args.no_oracle,
         seed=args.seed,
     )
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from peftc.driver.pipeline import compile_artifact
+    from peftc.report import manifest_text
+
+    options = compile_options(args)
     artifact = compile_artifact(options, _progress())
     if args.json:
         print(artifact.manifest.to_json(), end="")
@@ -179,10 +188,11 @@ def _quiet_dependencies() -> None:
         pass
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peftc", description="Compile PEFT-adapted models into verified artifacts.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
+def parser() -> argparse.ArgumentParser:
+    """The ``peftc`` argument parser (the CLI's declarations)."""
+    root = argparse.ArgumentParser(prog="peftc", description="Compile PEFT-adapted models into verified artifacts.")
+    root.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = root.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compile", help="compile a model with adapters into an artifact directory")
     c.add_argument(
@@ -285,7 +295,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--no-oracle", action="store_true", help="skip the comparison against Hugging Face PEFT")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     v.set_defaults(func=_verify)
-    return parser
+    return root
 
 
 if __name__ == "__main__":

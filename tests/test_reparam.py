@@ -128,11 +128,11 @@ def test_zeroi2v_official_checkpoint_with_stdha(tmp_path):
     _check(artifact.path, reference, [rm.video(1, seed=1), rm.video(2, seed=2)])
     # STDHA adds one Gather (with a constant index) between two Reshapes per block to what runs: one
     # copy of the QKV activation, in ops TensorRT's ONNX parser takes
-    from peftc.backends import get_backend
+    from peftc.backends import LowerRequest, get_backend
     from peftc.loaders import parse_inputs
 
     (tmp_path / "base").mkdir()
-    get_backend("onnx").lower(base, parse_inputs(rm.VIDEO_INPUTS), tmp_path / "base", None)
+    get_backend("onnx").lower(LowerRequest(base, parse_inputs(rm.VIDEO_INPUTS)), tmp_path / "base", None)
     added = _runtime_ops(artifact.path / "model.onnx") - _runtime_ops(tmp_path / "base" / "model.onnx")
     assert added == Counter({"Gather": 2, "Reshape": 4}), added
 

@@ -7,7 +7,16 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
-from peftc.backends.base import Availability, Backend, Capabilities, Lowered, Runner, SlotBackend, SlotRunner
+from peftc.backends.base import (
+    Availability,
+    Backend,
+    Capabilities,
+    Lowered,
+    LowerRequest,
+    Runner,
+    SlotBackend,
+    SlotRunner,
+)
 from peftc.errors import BackendUnavailable, UnsupportedError, one_of
 
 BACKENDS: dict[str, str] = {
@@ -46,6 +55,7 @@ __all__ = [
     "Availability",
     "Backend",
     "Capabilities",
+    "LowerRequest",
     "Lowered",
     "Runner",
     "SlotBackend",

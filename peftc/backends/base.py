@@ -57,6 +57,21 @@ class Lowered:
     TensorRT target without a GPU verifies its ONNX with ``onnx``); None: this target's runner."""
 
 
+@dataclasses.dataclass(frozen=True)
+class LowerRequest:
+    """What a target lowers: the program, its inputs, and what some targets need besides."""
+
+    program: ir.Program
+    """The program after the build mode's passes."""
+    signature: InputSignature
+    """Its inputs (names, dtypes, dynamic dims and their ranges)."""
+    reference: ir.Program | None = None
+    """The adapt-stage program ``program`` was optimized from (sites unmerged), which says how each
+    weight was adapted (TensorRT's refit map); None: ``program`` itself."""
+    overridable: tuple[str, ...] = ()
+    """Tensors to keep settable at run time (adapter slots); only a :class:`SlotBackend` is given any."""
+
+
 def check_feeds(feeds: Mapping[str, Any], expected: Sequence[str], allowed: Sequence[str] | None = None) -> None:
     """Raise :class:`InputError` naming the missing and unexpected inputs, if any.
 
@@ -87,9 +102,7 @@ class Backend(Protocol):
 
     Backends are constructed with their target options (``--precision``, ``--profile``, ``--device``…)
     and validate them in ``__init__``; a backend without options is constructed with none.
-    ``lower`` also receives the adapt-stage program the lowered one was optimized from (sites
-    unmerged), for targets that map adapter tensors to the weights they were merged into (TensorRT's
-    refit map), and the names of tensors to keep overridable (only a :class:`SlotBackend` is given any).
+    ``lower`` writes the request's program into ``directory`` (announcing long steps to ``progress``).
     """
 
     name: str
@@ -99,16 +112,7 @@ class Backend(Protocol):
 
     def versions(self) -> dict[str, str]: ...
 
-    def lower(
-        self,
-        program: ir.Program,
-        signature: InputSignature,
-        directory: Path,
-        progress: Any,
-        *,
-        reference: ir.Program | None = None,
-        overridable: Sequence[str] = (),
-    ) -> Lowered: ...
+    def lower(self, request: LowerRequest, directory: Path, progress: Any) -> Lowered: ...
 
     def load(self, directory: Path, target: Mapping[str, Any]) -> Runner: ...
 
@@ -117,7 +121,7 @@ class Backend(Protocol):
 class SlotBackend(Protocol):
     """A target that builds swappable artifacts.
 
-    ``lower(..., overridable=names)`` keeps those tensors settable at run time (their stored values
+    ``lower`` keeps the request's ``overridable`` tensors settable at run time (their stored values
     are the defaults); ``write_adapter`` writes one adapter's values of them as a file its runner
     reads; ``load`` returns a :class:`SlotRunner`.
     """

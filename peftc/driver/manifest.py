@@ -7,9 +7,11 @@ opens the artifact's runner from it, so a compile checks the very record ``peftc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import os
 import platform
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,44 +41,51 @@ def target_record(options: CompileOptions, optimized: Optimized, lowering: Lower
     }
 
 
-def manifest(
-    options: CompileOptions,
-    built: Built,
-    optimized: Optimized,
-    lowering: Lowering,
-    target: dict[str, Any],
-    report: Report,
-    timings: dict[str, float],
-    backend: Backend,
-) -> Manifest:
-    """The whole manifest (``status`` from the report)."""
-    return Manifest(
-        schema_version=SCHEMA_VERSION,
-        status="ok" if report.passed else "failed",
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        peftc_version=__version__,
-        versions=_versions(backend),
-        command=options.command(max_rank=optimized.options.get("max_rank")),
-        workdir=os.getcwd(),
-        options={
-            "target": options.target,
-            "target_options": options.target_json(),
-            "merge": options.merge,
-            "seed": options.seed,
-            "oracle": options.oracle,
-            "inputs": list(options.inputs),
-            "base_residual": options.base_residual,
-            **optimized.options,
-        },
-        model=_describe_model(built),
-        adapters=[{**a.summary(), **lowering.adapters.get(a.name, {})} for a in built.adapters],
-        pipeline=[r.to_json() for r in [*built.records, *optimized.records]],
-        target=target,
-        verification=report.to_json(),
-        not_run=[{"what": what, "reason": why} for what, why in (*lowering.lowered.not_run, *report.not_run)],
-        timings={k: round(v, 3) for k, v in timings.items()},
-        warnings=[w for a in built.adapters for w in a.all_warnings()],
-    )
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+    """What a compile made before verification; the manifest describes it."""
+
+    options: CompileOptions
+    built: Built
+    optimized: Optimized
+    lowering: Lowering
+    target: dict[str, Any]
+    """The manifest's ``target`` record (:func:`target_record`): verification opens the runner from it."""
+
+    def runtime_adapters(self) -> list[dict[str, Any]]:
+        """The adapters' manifest entries as far as the runtime reads them (name, the mode's fields)."""
+        return [{"name": a.name, **self.lowering.adapters.get(a.name, {})} for a in self.built.adapters]
+
+    def manifest(self, report: Report, timings: Mapping[str, float], backend: Backend) -> Manifest:
+        """The whole manifest (``status`` from the report)."""
+        options, built, optimized, lowering = self.options, self.built, self.optimized, self.lowering
+        return Manifest(
+            schema_version=SCHEMA_VERSION,
+            status="ok" if report.passed else "failed",
+            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            peftc_version=__version__,
+            versions=_versions(backend),
+            command=options.command(max_rank=optimized.options.get("max_rank")),
+            workdir=os.getcwd(),
+            options={
+                "target": options.target,
+                "target_options": options.target_json(),
+                "merge": options.merge,
+                "seed": options.seed,
+                "oracle": options.oracle,
+                "inputs": list(options.inputs),
+                "base_residual": options.base_residual,
+                **optimized.options,
+            },
+            model=_describe_model(built),
+            adapters=[{**a.summary(), **lowering.adapters.get(a.name, {})} for a in built.adapters],
+            pipeline=[r.to_json() for r in [*built.records, *optimized.records]],
+            target=self.target,
+            verification=report.to_json(),
+            not_run=[{"what": what, "reason": why} for what, why in (*lowering.lowered.not_run, *report.not_run)],
+            timings={k: round(v, 3) for k, v in timings.items()},
+            warnings=[w for a in built.adapters for w in a.all_warnings()],
+        )
 
 
 def _describe_model(built: Built) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from peftc import ir
-from peftc.backends.base import Backend, Lowered
+from peftc.backends.base import Backend, Lowered, LowerRequest
 from peftc.driver.build import Built, Progress
 from peftc.loaders.inputs import InputSignature
 from peftc.passes import pipelines
@@ -93,7 +93,9 @@ class _Stack:
     def lower(
         self, backend: Backend, optimized: Optimized, built: Built, directory: Path, progress: Progress
     ) -> Lowering:
-        lowered = backend.lower(optimized.program, optimized.signature, directory, progress, reference=built.reference)
+        lowered = backend.lower(
+            LowerRequest(optimized.program, optimized.signature, built.reference), directory, progress
+        )
         return Lowering(lowered, lowered.files)
 
     def verify(self, runner: Any, built: Built, target: Mapping[str, Any], plan: OraclePlan, seed: int) -> Report:

@@ -34,14 +34,14 @@ def compile_artifact(options: CompileOptions, progress: Progress | None = None) 
         with stages("lower", f"lower: {options.target}"):
             lowering = mode.lower(backend, optimized, built, writer.tmp, stages.say)
         target = manifests.target_record(options, optimized, lowering, writer.tmp)
-        verifier = get_backend(lowering.lowered.verify_with) if lowering.lowered.verify_with else backend
-        checked = f" (its {lowering.lowered.verify_with} model)" if lowering.lowered.verify_with else ""
-        with stages(
-            "verify", f"verify: artifact{checked} vs eager reference" + (" and PEFT" if options.oracle else "")
-        ):
-            runner = open_runner(verifier, writer.tmp, target, _entries(built, lowering))
+        compiled = manifests.Compiled(options, built, optimized, lowering, target)
+        verify_with = lowering.lowered.verify_with
+        verifier = get_backend(verify_with) if verify_with else backend
+        checked = f" (its {verify_with} model)" if verify_with else ""
+        with stages("verify", f"verify: artifact{checked} vs eager reference{' and PEFT' if options.oracle else ''}"):
+            runner = open_runner(verifier, writer.tmp, target, compiled.runtime_adapters())
             report = mode.verify(runner, built, target, OraclePlan(built.loaded.module, options.oracle), options.seed)
-        manifest = manifests.manifest(options, built, optimized, lowering, target, report, stages.timings, backend)
+        manifest = compiled.manifest(report, stages.timings, backend)
         if not report.passed:
             if options.keep_failed:
                 writer.commit(manifest)
@@ -92,8 +92,3 @@ def _sources(options: CompileOptions) -> Sources:
         allow_pickle=options.allow_pickle,
         base_residual=options.base_residual,
     )
-
-
-def _entries(built: Any, lowering: Any) -> list[dict[str, Any]]:
-    """The adapters' manifest entries as far as the runtime reads them (name and the mode's fields)."""
-    return [{"name": a.name, **lowering.adapters.get(a.name, {})} for a in built.adapters]

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from peftc.backends.base import Backend, SlotBackend
+from peftc.backends.base import Backend, LowerRequest, SlotBackend
 from peftc.driver.build import Built, Progress, adapted
 from peftc.driver.modes import Lowering, Optimized
 from peftc.errors import UnsupportedError
@@ -58,8 +58,8 @@ class Swappable:
         self, backend: Backend, optimized: Optimized, built: Built, directory: Path, progress: Progress
     ) -> Lowering:
         table: SlotTable = optimized.state
-        overridable = tuple(table.tensors())
-        lowered = backend.lower(optimized.program, optimized.signature, directory, progress, overridable=overridable)
+        request = LowerRequest(optimized.program, optimized.signature, overridable=tuple(table.tensors()))
+        lowered = backend.lower(request, directory, progress)
         files = write_adapter_files(backend, directory, table, built.adapters)
         target = {"slots": table.to_json(), "default_adapter": built.adapters[0].name}
         entries = {name: {"slot_file": path} for name, path in files.items()}

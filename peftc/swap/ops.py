@@ -23,11 +23,13 @@ Ops, each an ``torch.library.custom_op`` (one node in the IR, one ONNX translati
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
 from peftc.methods.record import Method
-from peftc.ops import call_op
+from peftc.ops import SiteOp, call_op
 from peftc.swap.table import INDEX_INPUT
 
 
@@ -107,44 +109,25 @@ def _embedding_bank_fake(ids, weight, bank_a, bank_b, adapter_index):
     return F.embedding(ids, weight)
 
 
-_ONNX = "peftc.swap.onnx:"
-LORA_SLOT = call_op(
-    "lora_slot",
-    lora_slot,
-    _slot_fake,
-    base_params=("weight", "bias"),
-    tensor_roles=("slot_A", "slot_B"),
-    scalars=("fan_in_fan_out",),
-    onnx=_ONNX + "lora_slot",
-)
-LORA_EMBEDDING_SLOT = call_op(
-    "lora_embedding_slot",
-    lora_embedding_slot,
-    _embedding_fake,
-    base_params=("weight",),
-    tensor_roles=("slot_A", "slot_B"),
-    scalars=(),
-    onnx=_ONNX + "lora_embedding_slot",
-)
-LORA_SLOT_BANK = call_op(
-    "lora_slot_bank",
-    lora_slot_bank,
-    _slot_bank_fake,
-    base_params=("weight", "bias"),
-    tensor_roles=("bank_A", "bank_B"),
-    scalars=("fan_in_fan_out",),
-    user_inputs=(INDEX_INPUT,),
-    onnx=_ONNX + "lora_slot_bank",
-)
-LORA_EMBEDDING_SLOT_BANK = call_op(
-    "lora_embedding_slot_bank",
-    lora_embedding_slot_bank,
-    _embedding_bank_fake,
-    base_params=("weight",),
-    tensor_roles=("bank_A", "bank_B"),
-    scalars=(),
-    user_inputs=(INDEX_INPUT,),
-    onnx=_ONNX + "lora_embedding_slot_bank",
+def _slot_op(name: str, body: Any, fake: Any, base_params: tuple[str, ...], *, bank: bool) -> SiteOp:
+    """A slot op: ``A``/``B`` slots (or banks, with the per-row index input) on a linear or embedding call."""
+    return call_op(
+        name,
+        body,
+        fake,
+        base_params=base_params,
+        tensor_roles=("bank_A", "bank_B") if bank else ("slot_A", "slot_B"),
+        scalars=("fan_in_fan_out",) if "bias" in base_params else (),
+        user_inputs=(INDEX_INPUT,) if bank else (),
+        onnx=f"peftc.swap.onnx:{name}",
+    )
+
+
+LORA_SLOT = _slot_op("lora_slot", lora_slot, _slot_fake, ("weight", "bias"), bank=False)
+LORA_EMBEDDING_SLOT = _slot_op("lora_embedding_slot", lora_embedding_slot, _embedding_fake, ("weight",), bank=False)
+LORA_SLOT_BANK = _slot_op("lora_slot_bank", lora_slot_bank, _slot_bank_fake, ("weight", "bias"), bank=True)
+LORA_EMBEDDING_SLOT_BANK = _slot_op(
+    "lora_embedding_slot_bank", lora_embedding_slot_bank, _embedding_bank_fake, ("weight",), bank=True
 )
 
 SLOTS = Method("slots", (), None, ops=(LORA_SLOT, LORA_EMBEDDING_SLOT, LORA_SLOT_BANK, LORA_EMBEDDING_SLOT_BANK))

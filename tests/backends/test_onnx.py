@@ -12,7 +12,7 @@ import torch
 from conftest import adapt, export, run_passes
 from onnx import numpy_helper
 
-from peftc.backends import get_backend
+from peftc.backends import LowerRequest, get_backend
 from peftc.backends.ort import OrtRunner
 from peftc.loaders import parse_inputs
 from peftc.loaders.inputs import from_transformers
@@ -22,7 +22,7 @@ from peftc.passes.merge_sites import MergeSitesPass
 
 def _lower(program, signature, directory):
     directory.mkdir(parents=True, exist_ok=True)
-    lowered = get_backend("onnx").lower(program, signature, directory, lambda m: None)
+    lowered = get_backend("onnx").lower(LowerRequest(program, signature), directory, lambda m: None)
     return lowered, onnx.load(str(directory / "model.onnx"), load_external_data=False)
 
 

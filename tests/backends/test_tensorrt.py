@@ -290,6 +290,7 @@ def test_parser_reads_other_methods_and_precisions(tmp_path, method):
     """Lowering only (no verification compile): the parser takes each ONNX, names kept, types as asked."""
     from peft import IA3Config
 
+    from peftc.backends import LowerRequest
     from peftc.backends.tensorrt import TensorRTBackend
     from peftc.passes import PassContext, PassManager, pipelines
 
@@ -304,7 +305,9 @@ def test_parser_reads_other_methods_and_precisions(tmp_path, method):
     program = PassManager(pipelines.optimize(merge=method == "fp16")).run(reference, PassContext())[0]
     options = {"precision": "fp16"} if method == "fp16" else {}
     (tmp_path / "out").mkdir()
-    lowered = TensorRTBackend(options).lower(program, signature, tmp_path / "out", lambda m: None, reference=reference)
+    lowered = TensorRTBackend(options).lower(
+        LowerRequest(program, signature, reference), tmp_path / "out", lambda m: None
+    )
     info = lowered.info["tensorrt"]
     parse = info["parse"]
     assert [o["name"] for o in parse["outputs"]] == ["last_hidden_state", "pooler_output"]
@@ -324,13 +327,14 @@ def test_parser_reads_other_methods_and_precisions(tmp_path, method):
 @needs_parser
 def test_fp16_copy_computes_the_model_within_fp16_tolerance(tmp_path, bert_program, bert_adapter):
     """The cast network, run by onnxruntime on CPU (TensorRT needs a GPU), against the fp32 reference."""
+    from peftc.backends import LowerRequest
     from peftc.backends.onnx import OnnxBackend
     from peftc.backends.ort import OrtRunner
     from peftc.backends.tensorrt.precision import cast_model
 
     signature = from_transformers(models.tiny_bert())
     reference = adapt(bert_program, bert_adapter)
-    OnnxBackend().lower(reference, signature, tmp_path, lambda m: None)
+    OnnxBackend().lower(LowerRequest(reference, signature), tmp_path, lambda m: None)
     half = OrtRunner(cast_model(tmp_path / "model.onnx", "fp16"))
     inputs = models.text_inputs(3, 20)
     expected = {k: v.detach().numpy() for k, v in dict(reference.module()(**inputs)).items()}

@@ -27,7 +27,7 @@ from __future__ import annotations
 import importlib.util
 import tempfile
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from peftc import ir
-from peftc.backends.base import Availability, Capabilities, Lowered, check_feeds
+from peftc.backends.base import Availability, Capabilities, Lowered, LowerRequest, check_feeds
 from peftc.errors import BackendUnavailable, InputError
 from peftc.loaders.inputs import InputSignature
 from peftc.methods import registry
@@ -82,17 +82,9 @@ class AotiBackend:
             out["gpu"] = torch.cuda.get_device_name(0)
         return out
 
-    def lower(
-        self,
-        program: ir.Program,
-        signature: InputSignature,
-        directory: Path,
-        progress: Any,
-        *,
-        reference: ir.Program | None = None,
-        overridable: Sequence[str] = (),
-    ) -> Lowered:
+    def lower(self, request: LowerRequest, directory: Path, progress: Any) -> Lowered:
         """Compile the package; ``overridable`` tensors (adapter slots) must stay package constants."""
+        program, signature, overridable = request.program, request.signature, request.overridable
         decomposed = program.run_decompositions(decompositions())
         if self.device != "cpu":
             from torch.export.passes import move_to_device_pass

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from peftc import ir
-from peftc.backends.base import Availability, Capabilities, Lowered
+from peftc.backends.base import Availability, Capabilities, Lowered, LowerRequest
 from peftc.loaders.inputs import InputSignature
 from peftc.methods import registry
 
@@ -51,18 +51,10 @@ class OnnxBackend:
 
         return {"onnx": onnx.__version__, "onnxscript": onnxscript.__version__, "onnxruntime": onnxruntime.__version__}
 
-    def lower(
-        self,
-        program: ir.Program,
-        signature: InputSignature,
-        directory: Path,
-        progress: Any,
-        *,
-        reference: ir.Program | None = None,
-        overridable: Sequence[str] = (),
-    ) -> Lowered:
+    def lower(self, request: LowerRequest, directory: Path, progress: Any) -> Lowered:
         """Export to ``directory/model.onnx``; ``overridable`` initializers also become graph inputs
         (their stored value is the default), which is how adapter slots are fed."""
+        program, signature, overridable = request.program, request.signature, request.overridable
         example = signature.example(signature.trace_sizes())
         onnx_program = torch.onnx.export(
             program,

@@ -25,14 +25,13 @@ for it by name.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from peftc import ir
-from peftc.backends.base import Availability, Capabilities, Lowered
+from peftc.backends.base import Availability, Capabilities, Lowered, LowerRequest
 from peftc.backends.tensorrt import engine as trt_engine
 from peftc.backends.tensorrt.refit import BASE_FILE, RefitMap, base_weights, build_refit_map, refit_weights
 from peftc.backends.tensorrt.settings import (
@@ -77,18 +76,11 @@ class TensorRTBackend:
         trt = trt_engine.import_trt()
         return {**OnnxBackend().versions(), trt.__name__: trt.__version__}
 
-    def lower(
-        self,
-        program: ir.Program,
-        signature: InputSignature,
-        directory: Path,
-        progress: Any,
-        *,
-        reference: ir.Program | None = None,
-        overridable: Sequence[str] = (),
-    ) -> Lowered:
-        """Lower through ONNX, parse (and with a GPU, build) the engine; ``reference`` (the program with
-        sites unmerged) says how each weight was adapted, for the refit map."""
+    def lower(self, request: LowerRequest, directory: Path, progress: Any) -> Lowered:
+        """Lower through ONNX, parse (and with a GPU, build) the engine; the request's ``reference``
+        (the program with sites unmerged) says how each weight was adapted, for the refit map."""
+        program, signature = request.program, request.signature
+        reference = request.reference or program
         import onnx
 
         from peftc.backends.onnx import OnnxBackend
@@ -96,7 +88,7 @@ class TensorRTBackend:
         settings = self.settings
         dims = dim_profiles(signature, settings.profiles)  # bad profiles fail before any export
         profiles = input_profiles(signature, dims)
-        onnx_lowered = OnnxBackend().lower(program, signature, directory, progress)
+        onnx_lowered = OnnxBackend().lower(LowerRequest(program, signature), directory, progress)
         engine_onnx = directory / ONNX_FILE
         if settings.precision != "fp32":
             from peftc.backends.tensorrt.precision import cast_model
@@ -107,7 +99,7 @@ class TensorRTBackend:
         report = trt_engine.parse(engine_onnx)
         _check_parse(report, onnx_lowered)
         model = onnx.load(str(engine_onnx), load_external_data=False)
-        refit_map = build_refit_map(reference or program, program, {i.name for i in model.graph.initializer})
+        refit_map = build_refit_map(reference, program, {i.name for i in model.graph.initializer})
         refit_map = _against_network(refit_map, report)
         not_run: list[tuple[str, str]] = []
         device, why = trt_engine.cuda_device()
@@ -115,7 +107,7 @@ class TensorRTBackend:
         if settings.refit:
             from safetensors.torch import save_file
 
-            save_file(base_weights(reference or program, refit_map), str(directory / BASE_FILE))
+            save_file(base_weights(reference, refit_map), str(directory / BASE_FILE))
         if device is None:
             not_run.append(("tensorrt engine build and run", f"engine not built: {why}"))
         else:
