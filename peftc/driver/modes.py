@@ -16,8 +16,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
-import torch
-
 from peftc import ir
 from peftc.backends.base import Backend, Lowered, LowerRequest
 from peftc.driver.build import Built, Progress
@@ -102,7 +100,7 @@ class _Stack:
         """The artifact against the stacked reference program and PEFT, on three seeded input shapes."""
         oracles, not_run = plan.oracles(program_oracle(built.reference), built.adapters)
         return verify(
-            lambda inputs: runner.run(numpy_inputs(inputs)),
+            lambda inputs: runner.run({k: v.numpy() for k, v in inputs.items()}),
             built.loaded.signature,
             oracles,
             base=program_oracle(built.base),
@@ -126,8 +124,3 @@ class Unmerged(_Stack):
 
     label: ClassVar[str] = "keep sites unmerged"
     passes = staticmethod(pipelines.unmerged)
-
-
-def numpy_inputs(inputs: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    """Verification inputs as a runner takes them."""
-    return {k: v.numpy() for k, v in inputs.items()}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -65,7 +65,7 @@ def parsers() -> dict[str, Method]:
     return _tables(tuple(METHODS))[1]
 
 
-def passes(stage: str) -> list[Pass]:
+def passes(stage: Literal["merged", "unmerged"]) -> list[Pass]:
     """New instances of the passes methods add when sites are ``merged`` or stay ``unmerged``."""
     return [make() for method in METHODS for make in getattr(method, f"{stage}_passes")]
 
