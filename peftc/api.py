@@ -39,6 +39,8 @@ def compile(
     multi_adapter: int = 0,
     oracle: bool = True,
     seed: int = 0,
+    precision: str | None = None,
+    max_error: float | None = None,
     progress: Progress | None = None,
 ) -> Artifact:
     """Compile ``model`` with ``adapters`` into a verified artifact directory ``out``.
@@ -50,8 +52,8 @@ def compile(
         out: the artifact directory to create.
         target: ``onnx``, ``aoti`` (AOTInductor package) or ``trt`` (TensorRT engine).
         target_options: options of the target, as the CLI flags name them: ``device`` (aoti:
-            ``cpu``/``cuda``); ``profile`` (a list of ``dim:min,opt,max``), ``precision``
-            (``fp32``/``fp16``/``bf16``), ``refit``, ``strip_weights``, ``cache_dir`` (trt).
+            ``cpu``/``cuda``); ``profile`` (a list of ``dim:min,opt,max``), ``refit``,
+            ``strip_weights``, ``cache_dir`` (trt).
         merge: fold adapters into the base weights; ``False`` keeps them as separate ops.
         inputs: ``name:dims:dtype`` input descriptions overriding the derived ones.
         configs: ``adapter_config.json`` files for adapters given as bare weight files, by position.
@@ -68,6 +70,11 @@ def compile(
         multi_adapter: with ``swappable``, how many adapters one call can mix, one per batch row.
         oracle: also verify against Hugging Face PEFT when it is installed.
         seed: seed of the verification inputs.
+        precision: what the artifact computes in, ``fp32``, ``fp16`` or ``bf16`` (default: the base
+            checkpoint's dtype where the target runs it, else fp32, noted in the manifest). A reduced
+            precision is verified against the fp32 oracles within ``max_error`` (``peftc/precision.py``).
+        max_error: the error budget of a reduced-precision artifact, relative to each output's scale
+            (default: ``u·√(3·depth)``, ``peftc.precision.budget``).
         progress: called with a line of text as each stage starts.
 
     Raises:

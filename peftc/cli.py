@@ -67,6 +67,8 @@ def compile_options(args: argparse.Namespace) -> CompileOptions:
         multi_adapter=args.multi_adapter,
         oracle=not args.no_oracle,
         seed=args.seed,
+        precision=args.precision,
+        max_error=args.max_error,
     )
 
 
@@ -122,7 +124,6 @@ def _target_options(args: argparse.Namespace) -> dict[str, object]:
     options = {
         "device": args.device,
         "profile": args.profile or [],
-        "precision": args.precision,
         "refit": args.refit,
         "strip_weights": args.strip_weights,
         "cache_dir": args.cache_dir,
@@ -219,7 +220,6 @@ def parser() -> argparse.ArgumentParser:
         metavar="DIM:MIN,OPT,MAX",
         help="trt: range of a dynamic dim, e.g. seq:1,128,512 (repeatable; default: derived from the model)",
     )
-    t.add_argument("--precision", help="trt: fp32 (default), fp16 or bf16 (strongly typed network)")
     t.add_argument("--refit", action="store_true", help="trt: build a refittable engine (adapter swap by refit)")
     t.add_argument(
         "--strip-weights", action="store_true", help="trt: leave weights out of the engine (refitted from the ONNX)"
@@ -265,6 +265,18 @@ def parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--no-oracle", action="store_true", help="skip the comparison against Hugging Face PEFT")
     c.add_argument("--seed", type=int, default=0, help="seed of the verification inputs")
+    c.add_argument(
+        "--precision",
+        choices=["fp32", "fp16", "bf16"],
+        help="what the artifact computes in (default: the base checkpoint's dtype where the target runs it, else fp32)",
+    )
+    c.add_argument(
+        "--max-error",
+        type=float,
+        metavar="E",
+        help="error budget of a reduced-precision artifact against the fp32 oracles, relative to each output's "
+        "scale (default: u·√(3·depth), peftc/precision.py)",
+    )
     c.add_argument("--json", action="store_true", help="print the manifest as JSON")
     c.set_defaults(func=_compile)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from peftc.errors import InputError
+from peftc.precision import FLOATS as PRECISIONS
 
 PathLike = str | os.PathLike[str]
 
@@ -43,17 +44,28 @@ class CompileOptions:
     multi_adapter: int = 0
     oracle: bool = True
     seed: int = 0
+    precision: str | None = None
+    max_error: float | None = None
 
     def __post_init__(self) -> None:
         adapters = [self.adapters] if isinstance(self.adapters, (str, os.PathLike)) else list(self.adapters)
+        target_options = dict(self.target_options or {})
+        given = target_options.pop("precision", None)  # the trt option of earlier versions
+        if given and self.precision and given != self.precision:
+            raise InputError(f"--precision {self.precision!r} and the target option precision={given!r} disagree")
         self._set(
             adapters=tuple(adapters),
             out=Path(self.out),
-            target_options=types.MappingProxyType(dict(self.target_options or {})),
+            target_options=types.MappingProxyType(target_options),
             inputs=tuple(self.inputs),
             configs=tuple(self.configs),
             dump_ir=Path(self.dump_ir) if self.dump_ir else None,
+            precision=self.precision or given or None,
         )
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise InputError(f"--precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if self.max_error is not None and not self.max_error > 0:
+            raise InputError(f"--max-error {self.max_error!r}: give a positive error relative to the output scale")
         if not self.adapters:
             raise InputError("no adapter given")
         if (self.max_rank is not None or self.multi_adapter) and not self.swappable:
@@ -103,6 +115,8 @@ class CompileOptions:
             "--base-residual": self.base_residual,
         }
         command += [flag for flag, given in flags.items() if given]
+        command += ["--precision", self.precision] if self.precision else []
+        command += ["--max-error", repr(self.max_error)] if self.max_error is not None else []
         for name, value in self.target_json().items():
             flag = "--" + name.replace("_", "-")
             if value is True:

@@ -31,7 +31,7 @@ def verification_table(verification: Mapping[str, Any]) -> str:
                     out["name"],
                     f"{out['max_abs']:.2e}",
                     f"{out['max_rel']:.2e}",
-                    f"{out['tol_abs']:g} / {out['tol_rel']:g}",
+                    f"{'-' if out['tol_abs'] is None else format(out['tol_abs'], 'g')} / {out['tol_rel']:g}",
                     "ok" if out["ok"] else "FAIL " + out.get("note", ""),
                 ]
             )

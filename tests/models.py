@@ -369,7 +369,7 @@ def peft_outputs(model: torch.nn.Module, adapter: Path | list[Path], inputs: dic
                 result = result.merge_and_unload()
         with torch.no_grad():
             out = result(**inputs)
-    return {k: v.numpy() for k, v in flatten_named(out).items() if isinstance(v, torch.Tensor)}
+    return {k: v.float().numpy() for k, v in flatten_named(out).items() if isinstance(v, torch.Tensor)}
 
 
 def text_inputs(batch: int, seq: int, vocab: int = 100, seed: int = 7) -> dict[str, torch.Tensor]:

@@ -32,6 +32,12 @@ class Capabilities:
     dynamic_shapes: bool
     adapter_swap: bool
     device: str
+    precisions: Mapping[str, str] = dataclasses.field(default_factory=lambda: {"fp32": "program"})
+    """The precisions it computes in (``peftc/precision.py``), each with how it gets there: ``program``,
+    the driver hands it a program traced in that precision; ``option``, it takes an fp32 program and the
+    ``precision`` target option, and casts when it lowers."""
+    precision_hint: str = ""
+    """Where to go for a precision it lacks (part of the refusal)."""
 
 
 @dataclasses.dataclass(frozen=True)

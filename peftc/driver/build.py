@@ -1,20 +1,26 @@
 """The stages every build mode shares: read the adapters, load and trace the model, parse the adapters
 against it, and (for a stack of adapters) insert their sites: the reference program.
 
-:class:`Stages` times each stage under the key the manifest reports it by and announces it to the
-progress callback.
+The model is traced in fp32, the numbers' reference (oracles, merges); when the artifact computes in
+another precision from a program traced in it (``Capabilities.precisions``), it is traced in that one
+too: a :class:`World` each. :class:`Stages` times each stage under the key the manifest reports it by
+and announces it to the progress callback.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from peftc import ir
+from peftc.errors import UnsupportedError
 from peftc.loaders import LoadedModel, load_model
 from peftc.methods.base import Adapter, ParseOptions
 from peftc.methods.loading import read_adapter
@@ -22,6 +28,7 @@ from peftc.methods.registry import parse_adapter
 from peftc.options import PathLike
 from peftc.passes import pipelines
 from peftc.passes.base import PassContext, PassManager, PassRecord
+from peftc.precision import FLOATS
 
 Progress = Callable[[str], None]
 
@@ -66,18 +73,46 @@ class Sources:
 
 
 @dataclasses.dataclass(frozen=True)
+class World:
+    """The model traced in one precision, with the adapters' sites inserted when they form a stack."""
+
+    precision: str
+    module: torch.nn.Module | None
+    """The base module in this precision (None for an exported program)."""
+    base: ir.Program
+    reference: ir.Program | None
+    records: tuple[PassRecord, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class Built:
     """Everything a build derives before its mode optimizes: also what ``peftc verify`` rebuilds."""
 
     loaded: LoadedModel
-    base: ir.Program
     adapters: tuple[Adapter, ...]
-    reference: ir.Program | None
-    """The base with every adapter's sites, stacked; None when the adapters are alternatives."""
-    records: tuple[PassRecord, ...]
+    worlds: tuple[World, ...]
+    """The fp32 world first; then the artifact's precision, when it is traced in another one."""
+    precision: str
+    """What the artifact computes in."""
+
+    @property
+    def fp32(self) -> World:
+        """The model in fp32: the oracles, and the values of every merged or cast tensor."""
+        return self.worlds[0]
+
+    @property
+    def world(self) -> World:
+        """The model in the artifact's precision (the fp32 world, unless it is traced in another)."""
+        return self.worlds[-1]
 
 
-def build(sources: Sources, stages: Stages, *, stack: bool, dump_ir: Path | None = None) -> Built:
+Precision = Callable[[LoadedModel], tuple[str, bool]]
+"""The artifact's precision for a loaded model, and whether it is traced in it (else lowered from fp32)."""
+
+
+def build(
+    sources: Sources, stages: Stages, *, stack: bool, dump_ir: Path | None = None, precision: Precision | None = None
+) -> Built:
     """Read, load, trace and parse; with ``stack``, also insert the adapters' sites in order."""
     with stages("adapters", f"read {len(sources.adapters)} adapter(s)"):
         read = [
@@ -94,20 +129,44 @@ def build(sources: Sources, stages: Stages, *, stack: bool, dump_ir: Path | None
         loaded = load_model(
             model, inputs=list(sources.inputs), allow_pickle=sources.allow_pickle, workdir=sources.workdir
         )
-    with stages("trace", "trace: torch.export"):
-        base = loaded.program
-        if base is None:
-            signature = loaded.signature
-            base = ir.trace(loaded.module, signature.example(signature.trace_sizes()), signature.dynamic_shapes())
+    chosen, traced = precision(loaded) if precision else ("fp32", False)
+    names = ["fp32", chosen] if traced else ["fp32"]
+    with stages("trace", "trace: torch.export" + (f" (fp32 and {chosen})" if traced else "")):
+        traces = [_trace(loaded, name) for name in names]
     with stages("adapters", "match adapters to the model"):
-        table = ir.module_table(base)
+        table = ir.module_table(traces[0][1])
         options = ParseOptions(base_residual=sources.base_residual, tied_embeddings=loaded.tied_embeddings)
         adapters = _unique_names([parse_adapter(source, table, options) for source in read])
-    if not stack:  # alternatives (swappable): each adapter gets its own reference program when verified
-        return Built(loaded, base, adapters, None, ())
-    with stages("adapt", "adapt: insert adapter sites"):
-        reference, records = PassManager(pipelines.adapt(adapters)).run(base, stages.context(dump_ir))
-    return Built(loaded, base, adapters, reference, tuple(records))
+    worlds = []
+    for name, (module, base) in zip(names, traces, strict=True):
+        if not stack:  # alternatives (swappable): each adapter gets its own reference program when verified
+            worlds.append(World(name, module, base, None, ()))
+            continue
+        with stages("adapt", "adapt: insert adapter sites" + (f" ({name})" if traced else "")):
+            reference, records = PassManager(pipelines.adapt(adapters)).run(base, stages.context(dump_ir))
+        worlds.append(World(name, module, base, reference, tuple(records)))
+    return Built(loaded, adapters, tuple(worlds), chosen)
+
+
+def _trace(loaded: LoadedModel, precision: str) -> tuple[torch.nn.Module | None, ir.Program]:
+    """The base module in ``precision`` (a copy unless it already is) and its program."""
+    if loaded.program is not None:
+        if loaded.precision != precision:
+            raise UnsupportedError(
+                f"the base is an exported program in {loaded.precision}; peftc cannot trace it again in {precision} "
+                "(give the nn.Module, or export it in fp32)"
+            )
+        return None, loaded.program
+    module = in_precision(loaded.module, precision)
+    signature = loaded.signature.in_dtype(FLOATS[precision])
+    return module, ir.trace(module, signature.example(signature.trace_sizes()), signature.dynamic_shapes())
+
+
+def in_precision(module: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """``module`` itself if its float tensors are all in ``precision``, else a copy in it."""
+    dtype = FLOATS[precision]
+    floats = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
+    return module if all(t.dtype == dtype for t in floats) else copy.deepcopy(module).to(dtype)
 
 
 def adapted(base: ir.Program, adapters: Sequence[Adapter]) -> ir.Program:

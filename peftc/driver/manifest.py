@@ -26,8 +26,10 @@ from peftc.options import CompileOptions
 from peftc.verification import Report
 
 
-def target_record(options: CompileOptions, optimized: Optimized, lowering: Lowering, directory: Path) -> dict[str, Any]:
-    """The ``target`` section: files with sha256, inputs, outputs, signature and the target's facts."""
+def target_record(
+    options: CompileOptions, optimized: Optimized, lowering: Lowering, directory: Path, precision: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The ``target`` section: files with sha256, inputs, outputs, signature, precision and the target's facts."""
     lowered = lowering.lowered
     return {
         "name": options.target,
@@ -36,6 +38,7 @@ def target_record(options: CompileOptions, optimized: Optimized, lowering: Lower
         "outputs": list(lowered.outputs),
         "signature": optimized.signature.to_json(),
         "verified_with": lowered.verify_with or options.target,
+        "precision": dict(precision),
         **dict(lowered.info),
         **dict(lowering.target),
     }
@@ -75,11 +78,13 @@ class Compiled:
                 "oracle": options.oracle,
                 "inputs": list(options.inputs),
                 "base_residual": options.base_residual,
+                "precision": options.precision,
+                "max_error": options.max_error,
                 **optimized.options,
             },
             model=_describe_model(built),
             adapters=[{**a.summary(), **lowering.adapters.get(a.name, {})} for a in built.adapters],
-            pipeline=[r.to_json() for r in [*built.records, *optimized.records]],
+            pipeline=[r.to_json() for r in [*built.world.records, *optimized.records]],
             target=self.target,
             verification=report.to_json(),
             not_run=[{"what": what, "reason": why} for what, why in (*lowering.lowered.not_run, *report.not_run)],
@@ -95,8 +100,8 @@ def _describe_model(built: Built) -> dict[str, Any]:
         "kind": loaded.kind,
         "class": loaded.class_name,
         "files": loaded.files,
-        "state_sha256": ir.state_digest(built.base),
-        "parameters": sum(t.numel() for t in built.base.state_dict.values()),
+        "state_sha256": ir.state_digest(built.world.base),
+        "parameters": sum(t.numel() for t in built.world.base.state_dict.values()),
     }
 
 

@@ -12,9 +12,11 @@ verified against the stacked reference program and PEFT) and ``peftc.swap.mode.S
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
+
+import torch
 
 from peftc import ir
 from peftc.backends.base import Backend, Lowered, LowerRequest
@@ -22,6 +24,8 @@ from peftc.driver.build import Built, Progress
 from peftc.loaders.inputs import InputSignature
 from peftc.passes import pipelines
 from peftc.passes.base import Pass, PassContext, PassManager, PassRecord
+from peftc.passes.take_state import TakeStatePass
+from peftc.precision import FLOATS
 from peftc.verification import OraclePlan, Report, output_dtypes, program_oracle, verify
 
 
@@ -68,7 +72,9 @@ class Mode(Protocol):
         self, backend: Backend, optimized: Optimized, built: Built, directory: Path, progress: Progress
     ) -> Lowering: ...
 
-    def verify(self, runner: Any, built: Built, target: Mapping[str, Any], plan: OraclePlan, seed: int) -> Report: ...
+    def verify(
+        self, runner: Any, built: Built, target: Mapping[str, Any], plans: Sequence[OraclePlan], seed: int
+    ) -> Report: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,31 +89,61 @@ class _Stack:
         return None
 
     def optimize(self, built: Built, ctx: PassContext) -> Optimized:
-        history = [r.name for r in built.records]
-        program, records = PassManager(type(self).passes()).run(built.reference, ctx, history=history)
-        options = {"stack": [a.name for a in built.adapters]}
-        return Optimized(program, tuple(records), built.loaded.signature, options)
+        programs = [world.reference for world in built.worlds]
+        program, records = in_each_world(built, programs, type(self).passes, ctx)
+        return Optimized(program, records, signature(built), {"stack": [a.name for a in built.adapters]})
 
     def lower(
         self, backend: Backend, optimized: Optimized, built: Built, directory: Path, progress: Progress
     ) -> Lowering:
-        lowered = backend.lower(
-            LowerRequest(optimized.program, optimized.signature, built.reference), directory, progress
-        )
+        request = LowerRequest(optimized.program, optimized.signature, built.world.reference)
+        lowered = backend.lower(request, directory, progress)
         return Lowering(lowered, lowered.files)
 
-    def verify(self, runner: Any, built: Built, target: Mapping[str, Any], plan: OraclePlan, seed: int) -> Report:
-        """The artifact against the stacked reference program and PEFT, on three seeded input shapes."""
-        oracles, not_run = plan.oracles(program_oracle(built.reference), built.adapters)
+    def verify(
+        self, runner: Any, built: Built, target: Mapping[str, Any], plans: Sequence[OraclePlan], seed: int
+    ) -> Report:
+        """The artifact against the stacked reference program and PEFT in each precision, on three seeded
+        input shapes (``plans``: the fp32 oracles, then the artifact's precision's)."""
+        oracles, tolerances, not_run = {}, {}, []
+        for world, plan in zip(built.worlds, plans, strict=True):
+            found, missing = plan.oracles(program_oracle(world.reference), built.adapters)
+            oracles.update(found)
+            tolerances.update(plan.tolerances(found))
+            not_run += [*plan.not_run(), *missing]
         return verify(
             lambda inputs: runner.run({k: v.numpy() for k, v in inputs.items()}),
-            built.loaded.signature,
+            built.loaded.signature.in_dtype(torch.float32),
             oracles,
-            base=program_oracle(built.base),
+            base=program_oracle(built.fp32.base),
             dtypes=output_dtypes(target["outputs"]),
             seed=seed,
-            not_run=[*plan.not_run(), *not_run],
+            not_run=not_run,
+            tolerances=tolerances,
         )
+
+
+def signature(built: Built) -> InputSignature:
+    """The artifact's inputs: the model's, float ones in the artifact's world's precision."""
+    return built.loaded.signature.in_dtype(FLOATS[built.world.precision])
+
+
+def in_each_world(
+    built: Built, programs: Sequence[ir.Program], passes: Callable[[], list[Pass]], ctx: PassContext
+) -> tuple[ir.Program, tuple[PassRecord, ...]]:
+    """``passes`` on each world's program; the last world's result, with the fp32 world's state taken
+    (``take-state``) when there are two: merges and folds computed in fp32 and cast once."""
+    results = []
+    for world, program in zip(built.worlds, programs, strict=True):
+        history = [r.name for r in world.records]
+        results.append(PassManager(passes()).run(program, ctx, history=history))
+    program, records = results[-1]
+    if len(results) > 1:
+        program, taken = PassManager([TakeStatePass(results[0][0])]).run(
+            program, ctx, history=[r.name for r in records]
+        )
+        records = [*records, *taken]
+    return program, tuple(records)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,18 +6,20 @@ each stage. Nothing reaches ``options.out`` before verification passes (``peftc.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from peftc.artifact import Artifact, ArtifactWriter, Manifest, read_manifest
 from peftc.backends import get_backend
 from peftc.driver import manifest as manifests
+from peftc.driver import precision as precisions
 from peftc.driver.build import Progress, Sources, Stages, build
 from peftc.driver.modes import Merged, Mode, Unmerged
 from peftc.driver.sources import recorded
 from peftc.options import CompileOptions
 from peftc.runtime import load, open_runner
 from peftc.swap.mode import Swappable
-from peftc.verification import OraclePlan, Report
+from peftc.verification import Report
 
 
 def compile_artifact(options: CompileOptions, progress: Progress | None = None) -> Artifact:
@@ -28,19 +30,25 @@ def compile_artifact(options: CompileOptions, progress: Progress | None = None) 
         backend = get_backend(options.target, options.target_options)
         mode = mode_for(options)
         mode.check(backend)
-        built = build(_sources(options), stages, stack=mode.stacks, dump_ir=options.dump_ir)
+        choose = partial(precisions.choose, options.precision, backend)
+        built = build(_sources(options), stages, stack=mode.stacks, dump_ir=options.dump_ir, precision=choose)
+        if backend.capabilities.precisions[built.precision] == "option" and built.precision != "fp32":
+            backend = get_backend(options.target, {**options.target_options, "precision": built.precision})
+        precision = precisions.record(built, backend, options.precision, options.max_error)
         with stages("optimize", f"optimize: {mode.label}"):
             optimized = mode.optimize(built, stages.context(options.dump_ir))
         with stages("lower", f"lower: {options.target}"):
             lowering = mode.lower(backend, optimized, built, writer.tmp, stages.say)
-        target = manifests.target_record(options, optimized, lowering, writer.tmp)
+        target = manifests.target_record(options, optimized, lowering, writer.tmp, precision)
         compiled = manifests.Compiled(options, built, optimized, lowering, target)
         verify_with = lowering.lowered.verify_with
         verifier = get_backend(verify_with) if verify_with else backend
         checked = f" (its {verify_with} model)" if verify_with else ""
         with stages("verify", f"verify: artifact{checked} vs eager reference{' and PEFT' if options.oracle else ''}"):
             runner = open_runner(verifier, writer.tmp, target, compiled.runtime_adapters())
-            report = mode.verify(runner, built, target, OraclePlan(built.loaded.module, options.oracle), options.seed)
+            report = mode.verify(
+                runner, built, target, precisions.plans(built, options.oracle, precision), options.seed
+            )
         manifest = compiled.manifest(report, stages.timings, backend)
         if not report.passed:
             if options.keep_failed:
@@ -62,11 +70,12 @@ def reverify(
     runner = load(path, allow_failed=True, runtime=runtime)
     manifest = runner.manifest
     mode = mode_from(manifest)
-    built = build(recorded(manifest, model), stages, stack=mode.stacks)
+    precision = precisions.recorded(manifest.target)
+    built = build(recorded(manifest, model), stages, stack=mode.stacks, precision=lambda loaded: precision)
     seed = manifest.options.get("seed", 0) if seed is None else seed
     with stages("verify", "verify: artifact vs eager reference" + (" and PEFT" if oracle else "")):
-        plan = OraclePlan(built.loaded.module, oracle)
-        return mode.verify(runner.backend_runner, built, manifest.target, plan, seed)
+        plans = precisions.plans(built, oracle, manifest.target.get("precision") or {"budget": None})
+        return mode.verify(runner.backend_runner, built, manifest.target, plans, seed)
 
 
 def mode_for(options: CompileOptions) -> Mode:

@@ -114,6 +114,14 @@ class InputSignature:
             for spec in self.inputs
         }
 
+    def in_dtype(self, dtype: torch.dtype) -> InputSignature:
+        """The signature with its float inputs in ``dtype`` (integer and bool inputs as they are)."""
+        name = next(k for k, v in DTYPES.items() if v == dtype)
+        inputs = tuple(
+            dataclasses.replace(i, dtype=name) if DTYPES[i.dtype].is_floating_point else i for i in self.inputs
+        )
+        return InputSignature(inputs, self.dims)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "inputs": [dataclasses.asdict(i) | {"shape": list(i.shape)} for i in self.inputs],

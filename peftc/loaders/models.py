@@ -56,6 +56,20 @@ class LoadedModel:
         return type(obj).__name__ if self.module is not None else "ExportedProgram"
 
     @property
+    def precision(self) -> str:
+        """The precision of the base checkpoint: the dtype holding most of its float parameters."""
+        from collections import Counter
+
+        from peftc.precision import name_of
+
+        tensors = self.module.parameters() if self.module is not None else self.program.state_dict.values()
+        counts: Counter[torch.dtype] = Counter()
+        for tensor in tensors:
+            if tensor.is_floating_point():
+                counts[tensor.dtype] += tensor.numel()
+        return name_of(counts.most_common(1)[0][0]) if counts else "fp32"
+
+    @property
     def tied_embeddings(self) -> bool | None:
         """Whether the model declares tied input/output embeddings (transformers ``tie_word_embeddings``);
         None when unknown (an exported program)."""

@@ -7,13 +7,14 @@ name, parsers by ``peft_type``, each mode's extra passes — which follow the li
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
 
-from peftc.errors import UnsupportedError, one_of
+from peftc.errors import InputError, UnsupportedError, one_of
 from peftc.ir.modules import ModuleTable
 from peftc.methods import (
     adalora,
@@ -30,10 +31,11 @@ from peftc.methods import (
     vera,
     zeroi2v,
 )
-from peftc.methods.base import Adapter, AdapterSource, ParseOptions
+from peftc.methods.base import Adapter, AdapterSource, ParseOptions, Site
 from peftc.methods.record import Method
 from peftc.ops import SiteOp
 from peftc.passes.base import Pass
+from peftc.precision import adapter_dtype
 from peftc.swap.ops import SLOTS
 
 METHODS: list[Method] = [
@@ -98,4 +100,46 @@ def parse_adapter(source: AdapterSource, modules: ModuleTable, options: ParseOpt
         raise UnsupportedError(
             f"{source.config_path}: peft_type {peft_type!r} is not supported; supported: {one_of(sorted(parsers()))}"
         )
-    return method.parse(source, modules, options or ParseOptions())
+    return _computing(method.parse(source, modules, options or ParseOptions()), modules)
+
+
+def _computing(adapter: Adapter, modules: ModuleTable) -> Adapter:
+    """``adapter`` with every float site tensor in the dtype it computes in (``peftc.precision``, as PEFT
+    loads it), after refusing integer tensors from the file and replacements of another kind than
+    the parameter they replace (integer for float or the reverse).
+
+    Raises:
+        InputError: naming the key of such a tensor.
+    """
+    source = adapter.source
+
+    def convert(site: Site) -> Site:
+        module = modules.get(site.module)
+        name = module.params.get(site.param or "weight") if module else None
+        base = modules.tensors[name].dtype if name in modules.tensors else None
+        tensors = {}
+        for role, entry in site.tensors.items():
+            if entry is not None and not entry.tensor.is_floating_point():
+                if entry.key in source.tensors:
+                    raise InputError(
+                        f"{source.describe(entry.key)}: dtype {_name(entry.tensor.dtype)}; adapter tensors are "
+                        "floating point"
+                    )
+            elif entry is not None:
+                entry = dataclasses.replace(entry, tensor=entry.tensor.to(adapter_dtype(base, entry.tensor.dtype)))
+            tensors[role] = entry
+        return dataclasses.replace(site, tensors=tensors, weight_form=tuple(convert(f) for f in site.weight_form))
+
+    for replacement in adapter.replacements:
+        base = modules.tensors.get(replacement.param)
+        value = replacement.tensor.tensor
+        if base is not None and value.is_floating_point() != base.is_floating_point():
+            raise InputError(
+                f"{source.describe(replacement.tensor.key)}: dtype {_name(value.dtype)} for {replacement.param}, "
+                f"which is {_name(base.dtype)}"
+            )
+    return dataclasses.replace(adapter, sites=tuple(convert(s) for s in adapter.sites))
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -17,10 +17,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from peftc import ir
 from peftc.artifact import MANIFEST_FILE, Manifest, check_files, file_record, read_manifest
 from peftc.backends import get_backend
-from peftc.driver.build import adapted
+from peftc.driver.build import adapted, in_precision
 from peftc.driver.sources import load_base
 from peftc.errors import InputError
 from peftc.loaders import LoadedModel
@@ -33,7 +35,7 @@ from peftc.swap.files import relative_path, slot_values
 from peftc.swap.slots import check_fits
 from peftc.swap.table import SlotTable
 from peftc.swap.verify import verify_artifact
-from peftc.verification import OraclePlan, Report, output_dtypes, program_oracle
+from peftc.verification import OraclePlan, Report, Tolerance, output_dtypes, program_oracle
 from peftc.verification.oracles import weights_oracle
 
 Progress = Callable[[str], None]
@@ -86,7 +88,7 @@ def add_adapter(
         say(f"verify: artifact with {parsed.name!r} vs eager PyTorch" + (" and PEFT" if oracle else ""))
         runner = load(directory).backend_runner
         runner.register(parsed.name, tmp)
-        report = _verify_added(runner, manifest, table, loaded, parsed, OraclePlan(loaded.module, oracle))
+        report = _verify_added(runner, manifest, table, loaded, parsed, oracle)
         if not report.passed:
             raise report.error()
         os.replace(tmp, final)
@@ -160,24 +162,30 @@ def _commit(directory: Path, manifest: Manifest) -> None:
 
 
 def _verify_added(
-    runner: Any, manifest: Manifest, table: SlotTable, loaded: LoadedModel, adapter: Adapter, plan: OraclePlan
+    runner: Any, manifest: Manifest, table: SlotTable, loaded: LoadedModel, adapter: Adapter, peft: bool
 ) -> Report:
-    """The base and the new adapter: against the untraced base module with the adapter's weights
-    applied (the traced base program for an exported one) and PEFT."""
-    if loaded.module is not None:
-        base = weights_oracle(loaded.module, [])
-        reference = weights_oracle(loaded.module, [adapter])
+    """The base and the new adapter: against the untraced base module in fp32 with the adapter's
+    weights applied (the traced base program for an exported one) and PEFT, within the artifact's
+    budget when it computes in a reduced precision."""
+    budget = (manifest.target.get("precision") or {}).get("budget")
+    module = in_precision(loaded.module, "fp32") if loaded.module is not None else None
+    plan = OraclePlan(module, peft, Tolerance(None, budget) if budget else None)
+    if module is not None:
+        base = weights_oracle(module, [])
+        reference = weights_oracle(module, [adapter])
     else:
         base = program_oracle(loaded.program)
         reference = program_oracle(adapted(loaded.program, [adapter]))
     oracles, not_run = plan.oracles(reference, [adapter])
+    names = {"base", "mixed batch", *(f"{o}[{adapter.name}]" for o in oracles)}
     return verify_artifact(
         runner,
-        InputSignature.from_json(manifest.target["signature"]),
+        InputSignature.from_json(manifest.target["signature"]).in_dtype(torch.float32),
         table,
         base,
         {adapter.name: oracles},
         dtypes=output_dtypes(manifest.target["outputs"]),
         seed=manifest.options.get("seed", 0),
         not_run=[*not_run, *plan.not_run()],
+        tolerances=dict.fromkeys(names, plan.tolerance),
     )

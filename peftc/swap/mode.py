@@ -13,17 +13,19 @@ against its own eager reference program and PEFT; with a bank, mixed batches too
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
+
 from peftc.backends.base import Backend, LowerRequest, SlotBackend
 from peftc.driver.build import Built, Progress, adapted
-from peftc.driver.modes import Lowering, Optimized
+from peftc.driver.modes import Lowering, Optimized, in_each_world, signature
 from peftc.errors import UnsupportedError
 from peftc.loaders.inputs import InputSignature, TensorInput
 from peftc.passes import pipelines
-from peftc.passes.base import PassContext, PassManager
+from peftc.passes.base import PassContext
 from peftc.swap import slots
 from peftc.swap.files import write_adapter_files
 from peftc.swap.table import INDEX_INPUT, SlotTable
@@ -50,9 +52,10 @@ class Swappable:
 
     def optimize(self, built: Built, ctx: PassContext) -> Optimized:
         table = slots.plan(built.adapters, self.max_rank, self.bank + 1 if self.bank else 0)
-        program, records = PassManager(pipelines.swappable(slots.slot_adapter(table))).run(built.base, ctx)
+        bases = [world.base for world in built.worlds]
+        program, records = in_each_world(built, bases, lambda: pipelines.swappable(slots.slot_adapter(table)), ctx)
         options = {"swappable": True, "max_rank": table.rank, "multi_adapter": self.bank}
-        return Optimized(program, tuple(records), signature(built.loaded.signature, table), options, table)
+        return Optimized(program, records, with_index(signature(built), table), options, table)
 
     def lower(
         self, backend: Backend, optimized: Optimized, built: Built, directory: Path, progress: Progress
@@ -65,27 +68,34 @@ class Swappable:
         entries = {name: {"slot_file": path} for name, path in files.items()}
         return Lowering(lowered, (*lowered.files, *files.values()), target, entries)
 
-    def verify(self, runner: Any, built: Built, target: Mapping[str, Any], plan: OraclePlan, seed: int) -> Report:
-        """The base, and every adapter against its own reference program and PEFT; mixed batches with a bank."""
-        references = {}
-        not_run = []
-        for adapter in built.adapters:
-            oracles, missing = plan.oracles(program_oracle(adapted(built.base, [adapter])), [adapter])
-            references[adapter.name] = oracles
-            not_run += [(f"{what} [{adapter.name}]", why) for what, why in missing]
+    def verify(
+        self, runner: Any, built: Built, target: Mapping[str, Any], plans: Sequence[OraclePlan], seed: int
+    ) -> Report:
+        """The base, and every adapter against its own reference program and PEFT in each precision
+        (``plans``); mixed batches with a bank."""
+        references: dict[str, dict[str, Any]] = {}
+        tolerances, not_run = {}, []
+        for world, plan in zip(built.worlds, plans, strict=True):
+            for adapter in built.adapters:
+                found, missing = plan.oracles(program_oracle(adapted(world.base, [adapter])), [adapter])
+                references.setdefault(adapter.name, {}).update(found)
+                tolerances.update({f"{name}[{adapter.name}]": t for name, t in plan.tolerances(found).items()})
+                not_run += [(f"{what} [{adapter.name}]", why) for what, why in missing]
+            not_run += plan.not_run()
         return verify_artifact(
             runner,
-            InputSignature.from_json(target["signature"]),
+            InputSignature.from_json(target["signature"]).in_dtype(torch.float32),
             SlotTable.from_json(target["slots"]),
-            program_oracle(built.base),
+            program_oracle(built.fp32.base),
             references,
             dtypes=output_dtypes(target["outputs"]),
             seed=seed,
-            not_run=[*not_run, *plan.not_run()],
+            not_run=not_run,
+            tolerances={**dict.fromkeys(["base", "mixed batch"], plans[0].tolerance), **tolerances},
         )
 
 
-def signature(base: InputSignature, table: SlotTable) -> InputSignature:
+def with_index(base: InputSignature, table: SlotTable) -> InputSignature:
     """The artifact's inputs: the base's, plus ``adapter_index`` ``[batch]`` with a bank.
 
     Raises:

@@ -11,7 +11,7 @@ from typing import Any
 
 from onnxscript import opset18 as op
 
-from peftc.backends.onnx.script import cast, ints
+from peftc.backends.onnx.script import add_promoted, cast, ints
 
 
 def _base_linear(x: Any, weight: Any, bias: Any, fan_in_fan_out: bool) -> Any:
@@ -25,14 +25,14 @@ def lora_slot(x: Any, weight: Any, bias: Any, slot_a: Any, slot_b: Any, fan_in_f
     y = _base_linear(x, weight, bias, fan_in_fan_out)
     down = op.MatMul(cast(x, x, slot_a), op.Transpose(slot_a, perm=[1, 0]))
     up = op.MatMul(down, op.Transpose(slot_b, perm=[1, 0]))
-    return op.Add(y, cast(up, slot_b, x))
+    return add_promoted(y, x, up, slot_b)  # as the eager body: added in the promoted dtype, cast back
 
 
 def lora_embedding_slot(ids: Any, weight: Any, slot_a: Any, slot_b: Any) -> Any:
     """``E[ids] + Aᵀ[ids] · Bᵀ`` (the slot holds ``Aᵀ``, so both lookups are row gathers)."""
     y = op.Gather(weight, ids, axis=0)
     up = op.MatMul(op.Gather(slot_a, ids, axis=0), op.Transpose(slot_b, perm=[1, 0]))
-    return op.Add(y, cast(up, slot_b, weight))
+    return add_promoted(y, weight, up, slot_b)
 
 
 def _per_row(h: Any, rank: int, bank: Any, index: Any) -> Any:
@@ -52,7 +52,7 @@ def lora_slot_bank(
     y = _base_linear(x, weight, bias, fan_in_fan_out)
     rank = len(x.shape)
     h = _per_row(cast(x, x, bank_a), rank, bank_a, adapter_index)
-    return op.Add(y, cast(_per_row(h, rank, bank_b, adapter_index), bank_b, x))
+    return add_promoted(y, x, _per_row(h, rank, bank_b, adapter_index), bank_b)
 
 
 def lora_embedding_slot_bank(ids: Any, weight: Any, bank_a: Any, bank_b: Any, adapter_index: Any) -> Any:
@@ -62,4 +62,5 @@ def lora_embedding_slot_bank(ids: Any, weight: Any, bank_a: Any, bank_b: Any, ad
     offsets = op.Reshape(op.Mul(adapter_index, num), ints(-1, *([1] * (len(ids.shape) - 1))))
     table = op.Reshape(bank_a, op.Concat(ints(-1), op.Slice(op.Shape(bank_a), ints(2), ints(3)), axis=0))
     h = op.Gather(table, op.Add(ids, offsets), axis=0)  # [batch, seq..., R]
-    return op.Add(y, cast(_per_row(h, len(ids.shape) + 1, bank_b, adapter_index), bank_b, weight))
+    up = _per_row(h, len(ids.shape) + 1, bank_b, adapter_index)
+    return add_promoted(y, weight, up, bank_b)

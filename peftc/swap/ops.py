@@ -47,7 +47,7 @@ def lora_slot(
 ) -> torch.Tensor:
     """A linear (or ``Conv1D``) module call plus the LoRA update held in its slot."""
     y = _base(x, weight, bias, fan_in_fan_out)
-    return y + F.linear(F.linear(x.to(slot_a.dtype), slot_a), slot_b).to(y.dtype)
+    return (y + F.linear(F.linear(x.to(slot_a.dtype), slot_a), slot_b)).to(y.dtype)
 
 
 def _slot_fake(x, weight, bias, slot_a, slot_b, fan_in_fan_out):
@@ -60,7 +60,7 @@ def lora_embedding_slot(
     """An embedding lookup plus the LoRA update held in its slot (PEFT's unmerged embedding form);
     ``slot_a`` is ``Aᵀ``."""
     y = F.embedding(ids, weight)
-    return y + F.linear(F.embedding(ids, slot_a), slot_b).to(y.dtype)
+    return (y + F.linear(F.embedding(ids, slot_a), slot_b)).to(y.dtype)
 
 
 def _embedding_fake(ids, weight, slot_a, slot_b):
@@ -86,7 +86,7 @@ def lora_slot_bank(
     """``lora_slot`` with each batch row using the slot ``adapter_index[row]`` of the banks."""
     y = _base(x, weight, bias, fan_in_fan_out)
     h = _per_row(x.to(bank_a.dtype), bank_a, adapter_index)
-    return y + _per_row(h, bank_b, adapter_index).to(y.dtype)
+    return (y + _per_row(h, bank_b, adapter_index)).to(y.dtype)
 
 
 def _slot_bank_fake(x, weight, bias, bank_a, bank_b, fan_in_fan_out, adapter_index):
@@ -102,7 +102,7 @@ def lora_embedding_slot_bank(
     # Row b reads Aᵀ of its adapter: entry index[b]·num + id of the flattened [N·num, R] bank.
     flat = ids + (adapter_index * num).reshape(-1, *([1] * (ids.dim() - 1)))
     h = F.embedding(flat, bank_a.reshape(-1, bank_a.shape[-1]))  # [batch, seq..., R]
-    return y + _per_row(h, bank_b, adapter_index).to(y.dtype)
+    return (y + _per_row(h, bank_b, adapter_index)).to(y.dtype)
 
 
 def _embedding_bank_fake(ids, weight, bank_a, bank_b, adapter_index):

@@ -17,7 +17,7 @@ import torch
 
 from peftc.loaders.inputs import DimSpec, InputSignature
 from peftc.swap.table import INDEX_INPUT, SlotTable
-from peftc.verification import Oracle, Report, verify
+from peftc.verification import Oracle, Report, Tolerance, verify
 
 
 def verify_artifact(
@@ -30,24 +30,28 @@ def verify_artifact(
     dtypes: Mapping[str, str],
     seed: int,
     not_run: Sequence[tuple[str, str]] = (),
+    tolerances: Mapping[str, Tolerance | None] | None = None,
 ) -> Report:
-    """The base (no adapter) and every adapter (its named oracles), and mixed batches with a bank."""
+    """The base (no adapter) and every adapter (its named oracles), and mixed batches with a bank.
+
+    ``tolerances``: oracle name as reported (``base``, ``peft[a]``, ``mixed batch``…) → its tolerance.
+    """
+    budgets = {k: v for k, v in (tolerances or {}).items() if v is not None}
 
     def run(adapter: Any) -> Callable[[Mapping[str, torch.Tensor]], Mapping[str, np.ndarray]]:
         return lambda inputs: runner.run({k: v.numpy() for k, v in inputs.items()}, adapter=adapter)
 
     plain = InputSignature(tuple(i for i in signature.inputs if i.name != INDEX_INPUT), signature.dims)
-    reports = [verify(run(None), plain, {"base": base}, dtypes=dtypes, seed=seed)]
+    reports = [verify(run(None), plain, {"base": base}, dtypes=dtypes, seed=seed, tolerances=budgets)]
     for name, oracles in references.items():
-        report = verify(
-            run(name), plain, {f"{o}[{name}]": fn for o, fn in oracles.items()}, base=base, dtypes=dtypes, seed=seed
-        )
+        named = {f"{o}[{name}]": fn for o, fn in oracles.items()}
+        report = verify(run(name), plain, named, base=base, dtypes=dtypes, seed=seed, tolerances=budgets)
         reports.append(dataclasses.replace(report, effect={f"{name}: {k}": v for k, v in report.effect.items()}))
     if table.bank and references:
         names = list(references)
         for start in range(0, len(names), table.bank - 1):  # as many adapters per batch as the bank holds
             group = {n: references[n] for n in names[start : start + table.bank - 1]}
-            reports.append(_verify_mixed(run, plain, base, group, dtypes, seed))
+            reports.append(_verify_mixed(run, plain, base, group, dtypes, seed, budgets))
     return Report.combine(reports, not_run)
 
 
@@ -58,6 +62,7 @@ def _verify_mixed(
     references: Mapping[str, Mapping[str, Oracle]],
     dtypes: Mapping[str, str],
     seed: int,
+    tolerances: Mapping[str, Tolerance],
 ) -> Report:
     """One batch whose rows use the base and every adapter in turn, against per-row eager outputs."""
     names = [None, *references]
@@ -70,4 +75,6 @@ def _verify_mixed(
         return {out: np.stack([per[n][out][row] for row, n in enumerate(choice)]) for out in per[None]}
 
     fixed = InputSignature(plain.inputs, {k: DimSpec(k, sizes[k], sizes[k]) for k in plain.dims})
-    return verify(run(choice), fixed, {"mixed batch": expected}, dtypes=dtypes, seed=seed, cases=1)
+    return verify(
+        run(choice), fixed, {"mixed batch": expected}, dtypes=dtypes, seed=seed, cases=1, tolerances=tolerances
+    )

@@ -24,7 +24,8 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class Tolerance:
-    abs: float
+    abs: float | None
+    """None: no absolute bound (a reduced-precision budget is relative to each output's scale)."""
     rel: float
 
 
@@ -59,16 +60,20 @@ def compare(
     reference: Mapping[str, np.ndarray],
     actual: Mapping[str, np.ndarray],
     dtypes: Mapping[str, str] | None = None,
+    tolerance: Tolerance | None = None,
 ) -> list[OutputError]:
     """Compare every reference output with the same-named actual output.
 
     ``dtypes`` names each output's dtype in the compiled model (default: the reference array's),
-    which selects the tolerance; bf16 outputs reach numpy as fp32, hence the override.
+    which selects the tolerance; bf16 outputs reach numpy as fp32, hence the override. A given
+    ``tolerance`` (a reduced-precision budget) applies to every float output instead.
     """
     results = []
     for name, ref in reference.items():
         ref = np.asarray(ref)
         tol = tolerance_for((dtypes or {}).get(name, str(ref.dtype)))
+        if tolerance is not None and tol != EXACT:
+            tol = tolerance
         got = actual.get(name)
         if got is None:
             results.append(OutputError(name, float("inf"), 0.0, float("inf"), tol, False, "output missing"))
@@ -83,6 +88,6 @@ def compare(
         max_ref = float(np.abs(ref.astype(np.float64)).max()) if ref.size else 0.0
         max_rel = max_abs / max_ref if max_ref > 0 else (0.0 if max_abs == 0 else float("inf"))
         finite = bool(np.isfinite(got).all()) or not np.issubdtype(got.dtype, np.floating)
-        ok = finite and max_abs <= tol.abs and max_rel <= tol.rel
+        ok = finite and (tol.abs is None or max_abs <= tol.abs) and max_rel <= tol.rel
         results.append(OutputError(name, max_abs, max_ref, max_rel, tol, ok, "" if finite else "non-finite values"))
     return results

@@ -31,6 +31,7 @@ from peftc import ir
 from peftc.errors import UnsupportedError
 from peftc.methods import registry
 from peftc.methods.base import Adapter
+from peftc.verification.compare import Tolerance
 
 Oracle = Callable[[Mapping[str, torch.Tensor]], dict[str, np.ndarray]]
 NotRun = list[tuple[str, str]]
@@ -39,33 +40,41 @@ NotRun = list[tuple[str, str]]
 
 @dataclasses.dataclass(frozen=True)
 class OraclePlan:
-    """Which oracles a verification compares with: the eager reference, and PEFT where it can run."""
+    """Which oracles a verification compares with, in one precision: the eager reference, and PEFT
+    where it can run; and how close the artifact must come to them."""
 
     module: torch.nn.Module | None
-    """The base model as an ``nn.Module`` (None when it was given as an exported program)."""
+    """The base model as an ``nn.Module`` in this precision (None when it was given as an exported program)."""
     peft: bool = True
     """Whether PEFT was asked for (``--no-oracle`` turns it off)."""
+    tolerance: Tolerance | None = None
+    """The artifact's budget against these oracles (None: each output dtype's bound, ``compare.py``)."""
+    label: str = ""
+    """Appended to the oracles' names: ``""`` for the fp32 oracles, ``@bf16``… for the artifact's precision."""
 
     def not_run(self) -> NotRun:
         """Why PEFT cannot run for any adapter (asked not to, or no module to give it)."""
         if not self.peft:
-            return [("peft oracle", "disabled (--no-oracle)")]
+            return [(f"peft oracle{self.label}", "disabled (--no-oracle)")]
         if self.module is None:
-            return [("peft oracle", "the base is an exported program; PEFT needs the nn.Module")]
+            return [(f"peft oracle{self.label}", "the base is an exported program; PEFT needs the nn.Module")]
         return []
 
     def oracles(self, reference: Oracle, adapters: Sequence[Adapter]) -> tuple[dict[str, Oracle], NotRun]:
-        """``{"reference": reference, "peft": …}`` for ``adapters``, and why PEFT could not load them.
-
-        The reasons of :meth:`not_run` are not repeated here.
+        """``{"reference": reference, "peft": …}`` (names with :attr:`label`) for ``adapters``, and why
+        PEFT could not load them. The reasons of :meth:`not_run` are not repeated here.
         """
-        found = {"reference": reference}
+        found = {f"reference{self.label}": reference}
         if self.not_run():
             return found, []
         fn, why = peft_oracle(self.module, adapters)
         if fn is None:
-            return found, [("peft oracle", why)]
-        return {**found, "peft": fn}, []
+            return found, [(f"peft oracle{self.label}", why)]
+        return {**found, f"peft{self.label}": fn}, []
+
+    def tolerances(self, oracles: Mapping[str, Oracle]) -> dict[str, Tolerance]:
+        """Oracle name → :attr:`tolerance`, for ``verify`` (empty without one)."""
+        return dict.fromkeys(oracles, self.tolerance) if self.tolerance is not None else {}
 
 
 def to_numpy(outputs: object) -> dict[str, np.ndarray]:
@@ -79,14 +88,24 @@ def to_numpy(outputs: object) -> dict[str, np.ndarray]:
 
 
 def program_oracle(program: ir.Program) -> Oracle:
-    """Eager execution of ``program``."""
+    """Eager execution of ``program`` (float inputs cast to the dtypes it was traced with)."""
     module = program.module()
+    dtypes = {
+        n.name: n.meta["val"].dtype
+        for n in program.graph.nodes
+        if n.op == "placeholder" and n.name in ir.user_input_names(program)
+    }
 
     def run(inputs: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
         with torch.no_grad():
-            return to_numpy(module(**inputs))
+            return to_numpy(module(**_cast_floats(inputs, dtypes)))
 
     return run
+
+
+def _cast_floats(inputs: Mapping[str, torch.Tensor], dtypes: Mapping[str, torch.dtype]) -> dict[str, torch.Tensor]:
+    """Float inputs in the given dtypes (an input missing from ``dtypes``, or not float, as it is)."""
+    return {k: v.to(dtypes[k]) if v.is_floating_point() and k in dtypes else v for k, v in inputs.items()}
 
 
 def peft_oracle(module: torch.nn.Module, adapters: Sequence[Adapter]) -> tuple[Oracle | None, str]:
@@ -123,11 +142,12 @@ def peft_oracle(module: torch.nn.Module, adapters: Sequence[Adapter]) -> tuple[O
         except Exception as e:
             return None, f"PEFT could not load the adapter ({type(e).__name__}: {str(e).splitlines()[0]})"
     model.eval()
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
 
     def run(inputs: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return to_numpy(model(**inputs))
+            return to_numpy(model(**_cast_floats(inputs, dict.fromkeys(inputs, dtype))))
 
     return run, ""
 

@@ -124,8 +124,8 @@ def test_cli_bad_profile_is_one_line_and_writes_nothing(capsys, tmp_path, bert_d
 
 
 def test_target_options_on_a_target_without_them(tmp_path, bert_adapter):
-    with pytest.raises(UnsupportedError, match=r"target 'onnx' takes no target options \(--precision\)"):
-        peftc.compile(models.tiny_bert(), bert_adapter, out=tmp_path / "out", target_options={"precision": "fp16"})
+    with pytest.raises(UnsupportedError, match=r"target 'onnx' takes no target options \(--refit\)"):
+        peftc.compile(models.tiny_bert(), bert_adapter, out=tmp_path / "out", target_options={"refit": True})
 
 
 # -- the parser on every ONNX the target emits, and the refit map -------------------------------

@@ -58,7 +58,10 @@ class AotiBackend:
         self.device = options.get("device") or "cpu"
         if self.device not in DEVICES:
             raise InputError(f"--device {self.device!r}: use one of {', '.join(DEVICES)}")
-        self.capabilities = Capabilities(dynamic_shapes=True, adapter_swap=True, device=self.device)
+        precisions = dict.fromkeys(("fp32", "bf16", "fp16"), "program")
+        self.capabilities = Capabilities(
+            dynamic_shapes=True, adapter_swap=True, device=self.device, precisions=precisions
+        )
 
     adapter_suffix = ".safetensors"
 
@@ -140,6 +143,7 @@ class AotiRunner:
 
         self.model = torch._inductor.aoti_load_package(str(path))
         self.input_names: list[str] = list(target["input_order"])
+        self._dtypes = {i["name"]: getattr(torch, i["dtype"]) for i in target.get("inputs", ()) if i.get("dtype")}
         self.output_names: list[str] = list(target["output_order"])
         self._active: Any = None
         self._lock = threading.Lock()
@@ -168,7 +172,10 @@ class AotiRunner:
 
     def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(feeds, self.input_names)
-        flat = [torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.device) for n in self.input_names]
+        flat = [
+            torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.device, self._dtypes.get(n))
+            for n in self.input_names
+        ]
         with torch.no_grad():
             outputs = self.model.loader.boxed_run(flat)
         return {

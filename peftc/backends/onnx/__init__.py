@@ -35,7 +35,13 @@ class OnnxBackend:
     """Lower to ONNX; run with onnxruntime's CPU provider."""
 
     name = "onnx"
-    capabilities = Capabilities(dynamic_shapes=True, adapter_swap=True, device="cpu")
+    capabilities = Capabilities(
+        dynamic_shapes=True,
+        adapter_swap=True,
+        device="cpu",
+        precisions={"fp32": "program", "fp16": "program"},
+        precision_hint="onnxruntime's CPU kernels have no bf16; --target aoti computes in bf16",
+    )
     adapter_suffix = ".onnx_adapter"
 
     def available(self) -> Availability:

@@ -52,7 +52,12 @@ class TensorRTBackend:
     """Lower to a TensorRT engine (through the ONNX backend); run it on a CUDA device."""
 
     name = "trt"
-    capabilities = Capabilities(dynamic_shapes=True, adapter_swap=True, device="cuda")
+    capabilities = Capabilities(
+        dynamic_shapes=True,
+        adapter_swap=True,
+        device="cuda",
+        precisions={"fp32": "program", "fp16": "option", "bf16": "option"},
+    )
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         unknown = sorted(set(options or {}) - OPTIONS)

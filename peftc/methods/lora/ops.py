@@ -100,7 +100,7 @@ def lora_linear(
     """A linear (or ``Conv1D``) module with an unmerged LoRA update; see the module docstring."""
     y = F.linear(x, weight.T if fan_in_fan_out else weight, bias)
     h = F.linear(F.linear(x.to(lora_a.dtype), lora_a), lora_b, lora_b_bias)
-    return y + (h * scale).to(y.dtype)
+    return (y + h * scale).to(y.dtype)  # added in the wider dtype (the adapter's), as PEFT does
 
 
 def _base_call(x, weight, bias, lora_a, lora_b, lora_b_bias, scale, fan_in_fan_out):
