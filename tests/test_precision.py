@@ -135,7 +135,7 @@ def test_a_precision_the_target_cannot_run_is_refused(tmp_path, bert_adapter):
 
 
 def test_an_impossible_budget_fails_naming_the_worst_output(tmp_path, bert_adapter):
-    with pytest.raises(VerificationError, match=r"output '\w+' vs \w+.*max rel .* \(tol 1e-07\)"):
+    with pytest.raises(VerificationError, match=r"output '\w+' vs [\w@]+.*max rel .* \(tol [12]e-07\)"):
         peftc.compile(models.tiny_bert(), bert_adapter, out=tmp_path / "out", precision="fp16", max_error=1e-7)
     assert not (tmp_path / "out").exists()
 

@@ -126,3 +126,19 @@ def test_aoti_switches_a_b_a_without_recompiling(artifacts, adapters):
     assert all(torch.equal(first[k], again[k]) for k in first)  # slot values reloaded whole: bit-identical
     with pytest.raises(InputError, match="no adapter named 'c'"):
         runner(**inputs, adapter="c")
+
+
+def test_aoti_bf16_within_its_budget(tmp_path, adapters):
+    """The bf16 AOTInductor artifact (the CPU's AMX path): verified against the fp32 oracles within
+    u·√(3·depth), and the same against PEFT's fp32 model here."""
+    from peftc.precision import budget
+
+    model = models.tiny_bert()
+    artifact = peftc.compile(model, adapters["a"], out=tmp_path / "aoti", target="aoti", precision="bf16")
+    precision = artifact.manifest.target["precision"]
+    assert precision["compute"] == "bf16" and precision["budget"] == pytest.approx(budget("bf16", precision["depth"]))
+    assert artifact.manifest.target["outputs"][0]["dtype"] == "bfloat16"
+    inputs = models.text_inputs(3, 13)
+    got = peftc.load(artifact.path)(**inputs)
+    assert all(v.dtype == torch.float32 for v in got.values())  # bf16 outputs come back widened
+    assert_outputs_close(got, models.peft_outputs(model, adapters["a"], inputs), rel=precision["budget"])

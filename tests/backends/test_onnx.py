@@ -12,7 +12,8 @@ import torch
 from conftest import adapt, export, run_passes
 from onnx import numpy_helper
 
-from peftc.backends import LowerRequest, get_backend
+import peftc
+from peftc.backends import LowerRequest
 from peftc.backends.ort import OrtRunner
 from peftc.loaders import parse_inputs
 from peftc.loaders.inputs import from_transformers
@@ -20,9 +21,13 @@ from peftc.passes.eliminate_dead_code import EliminateDeadCodePass
 from peftc.passes.merge_sites import MergeSitesPass
 
 
-def _lower(program, signature, directory):
+def _lower(program, signature, directory, *, fuse=False):
+    """The ONNX the exporter writes (by default without onnxruntime's fusions, whose renaming and
+    fused ops the structure tests below do not look at)."""
+    from peftc.backends.onnx import OnnxBackend
+
     directory.mkdir(parents=True, exist_ok=True)
-    lowered = get_backend("onnx").lower(LowerRequest(program, signature), directory, lambda m: None)
+    lowered = OnnxBackend(fuse=fuse).lower(LowerRequest(program, signature), directory, lambda m: None)
     return lowered, onnx.load(str(directory / "model.onnx"), load_external_data=False)
 
 
@@ -137,3 +142,27 @@ def test_large_models_use_external_data(tmp_path, bert_program, monkeypatch):
     expected = bert_program.module()(**inputs).last_hidden_state.detach().numpy()
     got = runner.run({k: v.numpy() for k, v in inputs.items()})["last_hidden_state"]
     assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_merged_models_are_fused_for_onnxruntime(tmp_path, bert_adapter):
+    """A model with no adapter tensors left gets onnxruntime's transformer fusions; an unmerged one,
+    whose adapter initializers keep their names, does not."""
+    merged = peftc.compile(models.tiny_bert(), bert_adapter, out=tmp_path / "merged").manifest.target
+    assert merged["fusions"]["skip_layer_normalization"] == 4 and merged["fusions"]["attention"] == 2
+    assert {"SkipLayerNormalization", "Attention"} <= set(merged["op_counts"]) and "Softmax" not in merged["op_counts"]
+    unmerged = peftc.compile(models.tiny_bert(), bert_adapter, out=tmp_path / "unmerged", merge=False).manifest.target
+    assert unmerged["fusions"] == {} and "SkipLayerNormalization" not in unmerged["op_counts"]
+
+
+def test_a_fusion_that_fails_keeps_the_unfused_model(tmp_path, bert_adapter, monkeypatch):
+    from onnxscript.rewriter import ort_fusions
+
+    def broken(model):
+        raise RuntimeError("rewriter bug")
+
+    monkeypatch.setattr(ort_fusions, "optimize_for_ort", broken)
+    artifact = peftc.compile(models.tiny_bert(), bert_adapter, out=tmp_path / "out")
+    assert artifact.manifest.status == "ok" and artifact.manifest.target["fusions"] == {}
+    assert {"what": "onnxruntime fusions", "reason": "kept the unfused model: RuntimeError: rewriter bug"} in (
+        artifact.manifest.not_run
+    )

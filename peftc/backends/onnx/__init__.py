@@ -24,6 +24,7 @@ import torch
 
 from peftc import ir
 from peftc.backends.base import Availability, Capabilities, Lowered, LowerRequest
+from peftc.errors import first_line
 from peftc.loaders.inputs import InputSignature
 from peftc.methods import registry
 
@@ -57,9 +58,15 @@ class OnnxBackend:
 
         return {"onnx": onnx.__version__, "onnxscript": onnxscript.__version__, "onnxruntime": onnxruntime.__version__}
 
+    def __init__(self, *, fuse: bool = True) -> None:
+        self.fuse = fuse
+        """Apply onnxruntime's transformer fusions to a model with no adapter tensors left (off when
+        the ONNX is for another runtime: TensorRT parses standard ops only)."""
+
     def lower(self, request: LowerRequest, directory: Path, progress: Any) -> Lowered:
         """Export to ``directory/model.onnx``; ``overridable`` initializers also become graph inputs
-        (their stored value is the default), which is how adapter slots are fed."""
+        (their stored value is the default), which is how adapter slots are fed. A model with no
+        adapter tensors left (merged) is then fused for onnxruntime (:func:`_fuse`)."""
         program, signature, overridable = request.program, request.signature, request.overridable
         example = signature.example(signature.trace_sizes())
         onnx_program = torch.onnx.export(
@@ -81,6 +88,11 @@ class OnnxBackend:
         )
         external = initializer_bytes > PROTOBUF_LIMIT
         onnx_program.save(str(directory / MODEL_FILE), external_data=external)
+        adapter_initializers = _adapter_initializers(program, model, overridable)
+        fusions, not_run = {}, ()
+        if self.fuse and not adapter_initializers and not overridable and not external:
+            progress("onnx: onnxruntime fusions (attention, skip-norm, bias-gelu)")
+            model, fusions, not_run = _fuse(directory / MODEL_FILE, model, {k: v.numpy() for k, v in example.items()})
         files = sorted(p.name for p in directory.iterdir() if p.is_file())
         ops = Counter(node.op_type for node in model.graph)
         return Lowered(
@@ -94,8 +106,10 @@ class OnnxBackend:
                 "initializers": len(model.graph.initializers),
                 "initializer_bytes": initializer_bytes,
                 "external_data": external,
-                "adapter_initializers": _adapter_initializers(program, model, overridable),
+                "adapter_initializers": adapter_initializers,
+                "fusions": fusions,
             },
+            not_run=not_run,
         )
 
     def load(self, directory: Path, target: Mapping[str, Any]):
@@ -115,6 +129,41 @@ class OnnxBackend:
             {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}
         )
         adapter.export_adapter(str(path))
+
+
+def _fuse(
+    path: Path, exported: Any, example: Mapping[str, np.ndarray]
+) -> tuple[Any, dict[str, int], tuple[tuple[str, str], ...]]:
+    """The saved model at ``path``, constant-folded by onnxscript's optimizer and fused for
+    onnxruntime (``onnxscript.rewriter.ort_fusions``: Attention, SkipLayerNormalization, BiasGelu…),
+    written back, with the fusions that applied. Measured on MiniLM (2-vCPU AVX-512 VM): 17 % faster
+    at batch 1, 19 % at batch 8. Weights are renamed, so only models without adapter tensors are
+    fused (and below the 2 GB protobuf limit: one file). The fused model must load in onnxruntime
+    and agree with the unfused one on ``example`` (within 1e-3 of each output's scale; the artifact
+    is verified against its oracles afterwards like any other); otherwise the unfused model stays
+    and ``not_run`` says why (the rewriter has produced ill-typed Gemms on rank-3 inputs).
+    """
+    import onnx_ir
+    from onnxscript import optimizer
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    from peftc.backends.ort import OrtRunner
+
+    fused_path = path.with_name(f".fused.{path.name}")
+    try:
+        model = onnx_ir.load(str(path))
+        optimizer.optimize(model)
+        model, counts = optimize_for_ort(model)
+        onnx_ir.save(model, str(fused_path))
+        expected, got = OrtRunner(path).run(example), OrtRunner(fused_path).run(example)
+        worst = max(float(np.abs(got[k] - v).max() / (np.abs(v).max() or 1.0)) for k, v in expected.items())
+        if not worst <= 1e-3:
+            raise ValueError(f"the fused model differs from the unfused one by {worst:.3g} of an output's scale")
+    except Exception as e:
+        fused_path.unlink(missing_ok=True)
+        return exported, {}, (("onnxruntime fusions", f"kept the unfused model: {type(e).__name__}: {first_line(e)}"),)
+    fused_path.replace(path)
+    return model, {k: v for k, v in sorted(counts.items()) if v}, ()
 
 
 def _make_overridable(model: Any, names: Sequence[str]) -> None:

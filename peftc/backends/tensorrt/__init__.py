@@ -93,7 +93,7 @@ class TensorRTBackend:
         settings = self.settings
         dims = dim_profiles(signature, settings.profiles)  # bad profiles fail before any export
         profiles = input_profiles(signature, dims)
-        onnx_lowered = OnnxBackend().lower(LowerRequest(program, signature), directory, progress)
+        onnx_lowered = OnnxBackend(fuse=False).lower(LowerRequest(program, signature), directory, progress)
         engine_onnx = directory / ONNX_FILE
         if settings.precision != "fp32":
             from peftc.backends.tensorrt.precision import cast_model
