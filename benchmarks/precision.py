@@ -2,7 +2,7 @@
 
 Run from the repository root, alone on the machine (see benchmarks/README.md)::
 
-    python benchmarks/precision.py [--model minilm|bert-base] [--reps N] [--reps8 N] [--paths a,b] [--json]
+    python benchmarks/precision.py [--model minilm|bert-base] [--reps N] [--reps8 N] [--paths a,b] [--larger 16,32] [--json]
 
 The model (the bundled MiniLM with its adapter, or a ~110M BERT-base built from its config, seeded,
 with a PEFT-made LoRA r=16 on every linear) is compiled merged for each path below, and every path is
@@ -106,7 +106,7 @@ def compile_paths(model: Any, adapter: str, names: list[str], root: Path) -> dic
     return runners
 
 
-def run(model_name: str, names: list[str], reps: int, reps8: int) -> dict[str, Any]:
+def run(model_name: str, names: list[str], reps: int, reps8: int, larger: tuple[int, ...] = ()) -> dict[str, Any]:
     from peft import PeftModel
 
     torch.set_num_threads(2)
@@ -122,7 +122,7 @@ def run(model_name: str, names: list[str], reps: int, reps8: int) -> dict[str, A
         }
         result["budgets"] = {name: record["budget"] for name, (_, record) in compiled.items()}
         with torch.no_grad():
-            for batch, count in ((1, reps), (8, reps8)):
+            for batch, count in ((1, reps), (8, reps8), *((b, max(2, reps8 // 2)) for b in larger)):
                 if count > 0:
                     ids, mask = common.make_inputs(batch, base.config.vocab_size)
                     calls = _calls(eager, {k: v for k, (v, _) in compiled.items()}, ids, mask)
@@ -190,9 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--reps", type=int, default=20, help="interleaved repetitions at batch 1 (default 20)")
     parser.add_argument("--reps8", type=int, default=6, help="interleaved repetitions at batch 8 (default 6; 0 skips)")
+    parser.add_argument("--larger", default="", help="more batch sizes, e.g. 16,32 (half the batch-8 repetitions)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     args = parser.parse_args(argv)
-    result = run(args.model, [p for p in args.paths.split(",") if p], args.reps, args.reps8)
+    larger = tuple(int(b) for b in args.larger.split(",") if b)
+    result = run(args.model, [p for p in args.paths.split(",") if p], args.reps, args.reps8, larger)
     print(json.dumps(result, indent=2)) if args.json else report(result)
     return 0
 

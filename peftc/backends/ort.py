@@ -34,7 +34,11 @@ class OrtRunner:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        # onnxruntime's SkipLayerNormalization CPU kernel is slower than the Add and LayerNormalization
+        # it fuses (peftc/backends/onnx: _split_skip_norms); keep them apart.
+        self.session = ort.InferenceSession(
+            str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=["SkipLayerNormFusion"]
+        )
         self._types = {i.name: _ORT_TYPES.get(i.type) for i in self.session.get_inputs()}
         self.input_names = list(self._types)
         self.output_names = [o.name for o in self.session.get_outputs()]

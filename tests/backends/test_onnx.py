@@ -146,10 +146,13 @@ def test_large_models_use_external_data(tmp_path, bert_program, monkeypatch):
 
 def test_merged_models_are_fused_for_onnxruntime(tmp_path, bert_adapter):
     """A model with no adapter tensors left gets onnxruntime's transformer fusions; an unmerged one,
-    whose adapter initializers keep their names, does not."""
+    whose adapter initializers keep their names, does not. SkipLayerNormalization is split back into
+    Add + LayerNormalization (its CPU kernel is the slower one)."""
     merged = peftc.compile(models.tiny_bert(), bert_adapter, out=tmp_path / "merged").manifest.target
-    assert merged["fusions"]["skip_layer_normalization"] == 4 and merged["fusions"]["attention"] == 2
-    assert {"SkipLayerNormalization", "Attention"} <= set(merged["op_counts"]) and "Softmax" not in merged["op_counts"]
+    assert merged["fusions"]["attention"] == 2 and "skip_layer_normalization" not in merged["fusions"]
+    ops = merged["op_counts"]
+    assert "Attention" in ops and "Softmax" not in ops and "SkipLayerNormalization" not in ops
+    assert ops["LayerNormalization"] == 5, ops  # embeddings + 2 per layer
     unmerged = peftc.compile(models.tiny_bert(), bert_adapter, out=tmp_path / "unmerged", merge=False).manifest.target
     assert unmerged["fusions"] == {} and "SkipLayerNormalization" not in unmerged["op_counts"]
 
