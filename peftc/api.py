@@ -41,6 +41,8 @@ def compile(
     seed: int = 0,
     precision: str | None = None,
     max_error: float | None = None,
+    calibration: PathLike | None = None,
+    calibration_samples: int = 64,
     progress: Progress | None = None,
 ) -> Artifact:
     """Compile ``model`` with ``adapters`` into a verified artifact directory ``out``.
@@ -71,10 +73,15 @@ def compile(
         oracle: also verify against Hugging Face PEFT when it is installed.
         seed: seed of the verification inputs.
         precision: what the artifact computes in, ``fp32``, ``fp16`` or ``bf16`` (default: the base
-            checkpoint's dtype where the target runs it, else fp32, noted in the manifest). A reduced
+            checkpoint's dtype where the target runs it, else fp32, noted in the manifest), or an
+            integer precision, ``int8``, ``int8-static``, ``int8-weight`` or ``int4``, whose layers
+            are quantized as far as ``max_error`` allows (``peftc/driver/quantize.py``). A reduced
             precision is verified against the fp32 oracles within ``max_error`` (``peftc/precision.py``).
         max_error: the error budget of a reduced-precision artifact, relative to each output's scale
-            (default: ``u·√(3·depth)``, ``peftc.precision.budget``).
+            (default: from the format's rounding and the model's depth, ``peftc.precision.budget``).
+        calibration: a ``.safetensors`` or ``.npz`` file of model inputs (batch first) for an integer
+            precision: ``int8-static``'s activation ranges, and the inputs layer errors are measured on.
+        calibration_samples: without ``calibration``, how many seeded input batches to generate.
         progress: called with a line of text as each stage starts.
 
     Raises:

@@ -17,6 +17,9 @@ from typing import TYPE_CHECKING
 
 from peftc.errors import PeftcError, VerificationError
 
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int8-static", "int8-weight", "int4")
+"""``--precision``'s choices: ``peftc.precision.PRECISIONS``, named here so the CLI starts without torch."""
+
 if TYPE_CHECKING:
     from peftc.options import CompileOptions
 
@@ -69,6 +72,8 @@ def compile_options(args: argparse.Namespace) -> CompileOptions:
         seed=args.seed,
         precision=args.precision,
         max_error=args.max_error,
+        calibration=args.calibration,
+        calibration_samples=args.calibration_samples,
     )
 
 
@@ -267,15 +272,30 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="seed of the verification inputs")
     c.add_argument(
         "--precision",
-        choices=["fp32", "fp16", "bf16"],
-        help="what the artifact computes in (default: the base checkpoint's dtype where the target runs it, else fp32)",
+        choices=PRECISIONS,
+        help="what the artifact computes in (default: the base checkpoint's dtype where the target runs it, else "
+        "fp32); int8 (dynamic activations), int8-static (calibrated), int8-weight and int4 (weight-only) quantize "
+        "the layers that fit the error budget",
     )
     c.add_argument(
         "--max-error",
         type=float,
         metavar="E",
         help="error budget of a reduced-precision artifact against the fp32 oracles, relative to each output's "
-        "scale (default: u·√(3·depth), peftc/precision.py)",
+        "scale (default: from the format and the model's depth, peftc/precision.py)",
+    )
+    c.add_argument(
+        "--calibration",
+        metavar="FILE",
+        help="inputs for an integer precision (.safetensors or .npz: one array per model input, batch first): "
+        "activation ranges of int8-static, and the inputs each layer's error is measured on",
+    )
+    c.add_argument(
+        "--calibration-samples",
+        type=int,
+        default=64,
+        metavar="N",
+        help="without --calibration, generate N seeded input batches from the input signature (default 64)",
     )
     c.add_argument("--json", action="store_true", help="print the manifest as JSON")
     c.set_defaults(func=_compile)

@@ -16,10 +16,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from peftc.errors import InputError
-from peftc.precision import FLOATS as PRECISIONS
+from peftc.errors import InputError, UnsupportedError
+from peftc.precision import PRECISIONS, QUANTIZED
 
 PathLike = str | os.PathLike[str]
+CALIBRATION_SAMPLES = 64
+"""Generated calibration batches of an integer precision (``peftc/driver/quantize.py`` says why 64)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +48,8 @@ class CompileOptions:
     seed: int = 0
     precision: str | None = None
     max_error: float | None = None
+    calibration: Path | None = None
+    calibration_samples: int = CALIBRATION_SAMPLES
 
     def __post_init__(self) -> None:
         adapters = [self.adapters] if isinstance(self.adapters, (str, os.PathLike)) else list(self.adapters)
@@ -61,11 +65,21 @@ class CompileOptions:
             configs=tuple(self.configs),
             dump_ir=Path(self.dump_ir) if self.dump_ir else None,
             precision=self.precision or given or None,
+            calibration=Path(self.calibration) if self.calibration else None,
         )
         if self.precision is not None and self.precision not in PRECISIONS:
             raise InputError(f"--precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
         if self.max_error is not None and not self.max_error > 0:
             raise InputError(f"--max-error {self.max_error!r}: give a positive error relative to the output scale")
+        if (self.calibration or self.calibration_samples != CALIBRATION_SAMPLES) and self.precision not in QUANTIZED:
+            raise InputError(f"--calibration and --calibration-samples apply to --precision {', '.join(QUANTIZED)}")
+        if self.calibration_samples < 1:
+            raise InputError(f"--calibration-samples {self.calibration_samples}: give at least 1")
+        if self.precision in QUANTIZED and self.swappable:
+            raise UnsupportedError(
+                f"--precision {self.precision} with --swappable: adapter slots are float tensors set at run time; "
+                "quantize a merged (default) or --no-merge artifact"
+            )
         if not self.adapters:
             raise InputError("no adapter given")
         if (self.max_rank is not None or self.multi_adapter) and not self.swappable:
@@ -117,6 +131,12 @@ class CompileOptions:
         command += [flag for flag, given in flags.items() if given]
         command += ["--precision", self.precision] if self.precision else []
         command += ["--max-error", repr(self.max_error)] if self.max_error is not None else []
+        command += ["--calibration", str(self.calibration)] if self.calibration else []
+        command += (
+            ["--calibration-samples", str(self.calibration_samples)]
+            if self.calibration_samples != CALIBRATION_SAMPLES
+            else []
+        )
         for name, value in self.target_json().items():
             flag = "--" + name.replace("_", "-")
             if value is True:

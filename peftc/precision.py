@@ -38,9 +38,16 @@ def adapter_dtype(base: torch.dtype | None, stored: torch.dtype) -> torch.dtype:
 
 FLOATS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 """The precisions an artifact computes in (``--precision``), by name."""
+QUANTIZED: dict[str, tuple[int, int]] = {"int8": (8, 2), "int8-static": (8, 2), "int8-weight": (8, 2), "int4": (4, 2)}
+"""The integer precisions (``peftc/backends/onnx/quantize.py`` says what each quantizes), each with its
+bits and how many of a weighted op's operands it rounds to them (its weight and its input activation;
+the weight-only formats' kernels round activations to int8 blocks too)."""
+PRECISIONS = (*FLOATS, *QUANTIZED)
 UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 MATMULS = ("linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "conv1d", "conv2d", "conv3d", "convolution")
 MATMULS += ("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu")
+WEIGHTED = ("linear", "addmm", "conv1d", "conv2d", "conv3d", "convolution", "embedding")
+"""The ops whose weights a quantizer rounds: the depth that counts for an integer precision."""
 
 
 def name_of(dtype: torch.dtype) -> str:
@@ -60,15 +67,26 @@ def budget(precision: str, depth: int) -> float:
     Measured on tiny BERT, tiny LLaMA and MiniLM: eager PyTorch in fp16 and bf16 reaches 0.26–0.43×
     this bound of the fp32 outputs, onnxruntime's fp16 kernels up to 0.67×. fp32 artifacts keep the
     per-dtype bound of ``verification/compare.py``.
+
+    An integer precision rounds each quantized operand to a grid of ``2^(bits-1) - 1`` steps either
+    side of zero, scaled to the largest magnitude of its group (a weight row or block, an activation
+    tensor): an error of up to half a step, ``u = 1 / (2·(2^(bits-1) - 1))`` of that magnitude
+    (1/254 for int8, 1/14 for int4). Two operands per weighted op (:data:`WEIGHTED`) are rounded
+    so, over ``depth`` such ops: ``u·√(2·depth)``. Activation outliers break the assumption that a
+    tensor's values use its whole range (transformers' activations do not): the layer search keeps the
+    layers that break it in fp32 (``peftc/driver/quantize.py``).
     """
+    if precision in QUANTIZED:
+        bits, operands = QUANTIZED[precision]
+        return (operands * max(depth, 1)) ** 0.5 / (2 * (2 ** (bits - 1) - 1))
     return UNIT_ROUNDOFF[FLOATS[precision]] * (3 * max(depth, 1)) ** 0.5
 
 
-def matmul_depth(program: Any) -> int:
-    """The most matmul-like ops (:data:`MATMULS`) on one path from an input to an output of ``program``."""
+def matmul_depth(program: Any, ops: tuple[str, ...] = MATMULS) -> int:
+    """The most matmul-like ops (``ops``) on one path from an input to an output of ``program``."""
     depth: dict[Any, int] = {}
     for node in program.graph.nodes:
         before = max((depth[a] for a in node.all_input_nodes), default=0)
         target = getattr(node.target, "_opname", "") if node.op == "call_function" else ""
-        depth[node] = before + (target in MATMULS)
+        depth[node] = before + (target in ops)
     return max(depth.values(), default=0)

@@ -57,6 +57,7 @@ def manifest_text(m: Mapping[str, Any]) -> str:
         *_pipeline_parts(m["pipeline"]),
         *_files_parts(m["target"]),
         *_target_lines(m["target"]),
+        *_precision_parts(m["target"].get("precision")),
         verification_table(m["verification"]),
         *(f"not run: {item['what']}: {item['reason']}" for item in m["not_run"]),
         *(f"warning: {warning}" for warning in m["warnings"]),
@@ -164,6 +165,37 @@ def _target_lines(target: Mapping[str, Any]) -> list[str]:
         for item in refit["refused"][:5]:
             lines.append(f"  refit refused {item['weight']}: {item['reason']}")
     return lines
+
+
+def _precision_parts(precision: Mapping[str, Any] | None) -> list[str]:
+    """What the artifact computes in, its budget, and an integer precision's layer table."""
+    if not precision:
+        return []
+    line = f"precision {precision['compute']} ({precision['how']}; checkpoint {precision['checkpoint']})"
+    if precision.get("budget") is not None:
+        line += (
+            f", error budget {precision['budget']:.3g} vs the fp32 oracles "
+            f"({precision['budget_from']}, depth {precision['depth']})"
+        )
+    parts = [line + (f"\n  note: {precision['note']}" if precision.get("note") else "")]
+    quantization = precision.get("quantization")
+    if quantization:
+        calibration = quantization["calibration"]
+        source = (
+            calibration["source"] if calibration["source"] != "generated" else f"generated, seed {calibration['seed']}"
+        )
+        parts.append(
+            f"quantized {quantization['quantized']} of {len(quantization['layers'])} layers, "
+            f"{quantization['kept_float']} kept in float; error on the calibration inputs "
+            f"({calibration['batches']} batches, {source}) {quantization['error']:.2e}"
+        )
+        rows = [
+            [layer["module"] or "-", layer["name"], layer["op"], _shape(layer["shape"]), layer["precision"],
+             f"{layer['error_alone']:.2e}"]
+            for layer in quantization["layers"]
+        ]  # fmt: skip
+        parts.append(table(["layer", "node", "op", "weight", "precision", "error quantized alone"], rows))
+    return parts
 
 
 def _stats(stats: Mapping[str, Any]) -> str:

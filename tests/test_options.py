@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import shlex
+from pathlib import Path
 
 import pytest
 
@@ -60,6 +61,12 @@ def test_the_rebuild_command_parses_back_to_the_same_artifact():
     again = compile_options(parser().parse_args(options.command()[1:]))
     same = {"seed", "oracle", "dump_ir", "keep_failed"}
     assert dataclasses.replace(again, **{k: getattr(options, k) for k in same}) == options
+    quantized = (
+        "compile m --adapter a -o o --precision int8 --max-error 0.05 --calibration c.npz --calibration-samples 9"
+    )
+    options = compile_options(parser().parse_args(shlex.split(quantized)))
+    assert options.calibration == Path("c.npz") and options.calibration_samples == 9 and options.max_error == 0.05
+    assert compile_options(parser().parse_args(options.command()[1:])) == dataclasses.replace(options, force=True)
     swappable = CompileOptions(model="m", adapters=("a",), out="o", swappable=True, multi_adapter=2)
     assert swappable.command(max_rank=16)[-4:] == ["--max-rank", "16", "--multi-adapter", "2"]
     assert CompileOptions(model=object(), adapters=("a",), out="o").command() is None

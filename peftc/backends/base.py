@@ -5,6 +5,8 @@ not, and the driver asks ``isinstance(backend, SlotBackend)``:
 
 * :class:`SlotBackend`: it builds swappable artifacts (``peftc/swap/``): its lowering keeps named
   tensors overridable, it writes adapter files, and its runner is a :class:`SlotRunner`.
+* :class:`QuantizingBackend`: it computes in integer precisions by quantizing its fp32 lowering,
+  layer by layer (``peftc/driver/quantize.py`` chooses the layers).
 
 Backends are looked up by name in ``peftc.backends.BACKENDS`` (module paths, imported lazily), so
 ``import peftc`` never imports onnxruntime or TensorRT. They import no feature module: what a
@@ -14,7 +16,7 @@ feature needs from them is declared here.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -35,7 +37,8 @@ class Capabilities:
     precisions: Mapping[str, str] = dataclasses.field(default_factory=lambda: {"fp32": "program"})
     """The precisions it computes in (``peftc/precision.py``), each with how it gets there: ``program``,
     the driver hands it a program traced in that precision; ``option``, it takes an fp32 program and the
-    ``precision`` target option, and casts when it lowers."""
+    ``precision`` target option, and casts when it lowers; ``quantize``, it lowers the fp32 program and
+    quantizes the result (a :class:`QuantizingBackend`)."""
     precision_hint: str = ""
     """Where to go for a precision it lacks (part of the refusal)."""
 
@@ -157,3 +160,49 @@ class SlotRunner(Protocol):
         """Run with the overridable tensors set to ``slots``: a :meth:`load_slots` result, or a mapping
         of every overridable tensor to its value; None leaves them as they are."""
         ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """One op a quantizer can rewrite."""
+
+    name: str
+    """Its name in the lowered artifact (what ``keep`` lists)."""
+    op: str
+    module: str
+    """The PyTorch module it came from (``encoder.layer.0.output.dense``), or ''."""
+    shape: tuple[int, ...]
+    """Its weight's shape."""
+
+
+@runtime_checkable
+class QuantizingBackend(Protocol):
+    """A target that quantizes its fp32 lowering (``Capabilities.precisions`` says ``quantize``).
+
+    ``prepare`` readies the lowered model file at ``path`` for quantizing, in place; ``quantizable``
+    lists the ops ``precision`` rewrites; ``quantize`` writes ``src`` quantized to ``dst``, leaving
+    the layers named in ``keep`` in float (``only``: quantize just those), with ``calibration``
+    feeds for schemes that need activation ranges (cached in ``cache``).
+    """
+
+    model_file: str
+    """The file in the artifact directory that ``quantize`` rewrites."""
+
+    def prepare(self, path: Path) -> None: ...
+
+    def describe(self, path: Path) -> dict[str, Any]:
+        """The facts of ``Lowered.info`` that quantizing changes (op counts, weight bytes)."""
+        ...
+
+    def quantizable(self, path: Path, precision: str) -> list[Layer]: ...
+
+    def quantize(
+        self,
+        src: Path,
+        dst: Path,
+        precision: str,
+        keep: Collection[str],
+        calibration: Sequence[Mapping[str, np.ndarray]],
+        cache: Path,
+        only: Collection[str] | None = None,
+    ) -> None: ...

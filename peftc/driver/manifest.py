@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from peftc import __version__, ir
+from peftc import __version__, ir, machine
 from peftc.artifact import SCHEMA_VERSION, Manifest, file_record
 from peftc.backends.base import Backend
 from peftc.driver.build import Built
@@ -29,7 +29,8 @@ from peftc.verification import Report
 def target_record(
     options: CompileOptions, optimized: Optimized, lowering: Lowering, directory: Path, precision: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """The ``target`` section: files with sha256, inputs, outputs, signature, precision and the target's facts."""
+    """The ``target`` section: files with sha256, inputs, outputs, signature, precision, the machine it
+    was built and verified on (``peftc.machine.cpu``), and the target's facts."""
     lowered = lowering.lowered
     return {
         "name": options.target,
@@ -39,6 +40,7 @@ def target_record(
         "signature": optimized.signature.to_json(),
         "verified_with": lowered.verify_with or options.target,
         "precision": dict(precision),
+        "machine": machine.cpu(),
         **dict(lowered.info),
         **dict(lowering.target),
     }

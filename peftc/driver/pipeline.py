@@ -13,6 +13,7 @@ from peftc.artifact import Artifact, ArtifactWriter, Manifest, read_manifest
 from peftc.backends import get_backend
 from peftc.driver import manifest as manifests
 from peftc.driver import precision as precisions
+from peftc.driver import quantize as quantizing
 from peftc.driver.build import Progress, Sources, Stages, build
 from peftc.driver.modes import Merged, Mode, Unmerged
 from peftc.driver.sources import recorded
@@ -39,6 +40,11 @@ def compile_artifact(options: CompileOptions, progress: Progress | None = None) 
             optimized = mode.optimize(built, stages.context(options.dump_ir))
         with stages("lower", f"lower: {options.target}"):
             lowering = mode.lower(backend, optimized, built, writer.tmp, stages.say)
+        if precision["how"] == "quantize":
+            with stages("quantize", f"quantize: {built.precision}"):
+                lowering, precision = quantizing.run(
+                    backend, lowering, built, writer.tmp, precision, options, stages.say
+                )
         target = manifests.target_record(options, optimized, lowering, writer.tmp, precision)
         compiled = manifests.Compiled(options, built, optimized, lowering, target)
         verify_with = lowering.lowered.verify_with

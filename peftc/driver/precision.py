@@ -17,7 +17,7 @@ from peftc.backends.base import Backend
 from peftc.driver.build import Built
 from peftc.errors import UnsupportedError
 from peftc.loaders import LoadedModel
-from peftc.precision import budget, matmul_depth
+from peftc.precision import MATMULS, QUANTIZED, WEIGHTED, budget, matmul_depth
 from peftc.verification import OraclePlan, Tolerance
 
 
@@ -40,14 +40,16 @@ def choose(requested: str | None, backend: Backend, loaded: LoadedModel) -> tupl
 def record(built: Built, backend: Backend, requested: str | None, max_error: float | None) -> dict[str, Any]:
     """The manifest's ``target.precision``: what the artifact computes in, how, and its budget."""
     precision = built.precision
-    depth = matmul_depth(built.fp32.base)
+    quantized = precision in QUANTIZED
+    depth = matmul_depth(built.fp32.base, WEIGHTED if quantized else MATMULS)
+    formula = "u·√(2·depth)" if quantized else "u·√(3·depth)"
     out: dict[str, Any] = {
         "compute": precision,
         "checkpoint": built.loaded.precision,
         "how": backend.capabilities.precisions[precision],
         "depth": depth,
         "budget": None if precision == "fp32" else (max_error or budget(precision, depth)),
-        "budget_from": None if precision == "fp32" else ("--max-error" if max_error else "u·√(3·depth)"),
+        "budget_from": None if precision == "fp32" else ("--max-error" if max_error else formula),
     }
     if requested is None and precision != built.loaded.precision:
         hint = backend.capabilities.precision_hint

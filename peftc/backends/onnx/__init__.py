@@ -15,7 +15,7 @@ import importlib
 import importlib.util
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from peftc import ir
-from peftc.backends.base import Availability, Capabilities, Lowered, LowerRequest
+from peftc.backends.base import Availability, Capabilities, Layer, Lowered, LowerRequest
 from peftc.errors import first_line
 from peftc.loaders.inputs import InputSignature
 from peftc.methods import registry
@@ -40,10 +40,14 @@ class OnnxBackend:
         dynamic_shapes=True,
         adapter_swap=True,
         device="cpu",
-        precisions={"fp32": "program", "fp16": "program"},
+        precisions={
+            "fp32": "program", "fp16": "program",
+            "int8": "quantize", "int8-static": "quantize", "int8-weight": "quantize", "int4": "quantize",
+        },
         precision_hint="onnxruntime's CPU kernels have no bf16; --target aoti computes in bf16",
-    )
+    )  # fmt: skip
     adapter_suffix = ".onnx_adapter"
+    model_file = MODEL_FILE
 
     def available(self) -> Availability:
         missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
@@ -94,17 +98,13 @@ class OnnxBackend:
             progress("onnx: onnxruntime fusions (attention, skip-norm, bias-gelu)")
             model, fusions, not_run = _fuse(directory / MODEL_FILE, model, {k: v.numpy() for k, v in example.items()})
         files = sorted(p.name for p in directory.iterdir() if p.is_file())
-        ops = Counter(node.op_type for node in model.graph)
         return Lowered(
             files=tuple(files),
             inputs=tuple(_describe(v) for v in model.graph.inputs if v.name not in overridable),
             outputs=tuple(_describe(v) for v in model.graph.outputs),
             info={
                 "opset": model.opset_imports.get("", None),
-                "nodes": sum(ops.values()),
-                "op_counts": dict(sorted(ops.items())),
-                "initializers": len(model.graph.initializers),
-                "initializer_bytes": initializer_bytes,
+                **_facts(model),
                 "external_data": external,
                 "adapter_initializers": adapter_initializers,
                 "fusions": fusions,
@@ -112,11 +112,42 @@ class OnnxBackend:
             not_run=not_run,
         )
 
+    def describe(self, path: Path) -> dict[str, Any]:
+        """The graph facts of ``lower``'s ``info`` for the model file at ``path`` (after quantizing)."""
+        import onnx_ir
+
+        return _facts(onnx_ir.load(str(path)))
+
     def load(self, directory: Path, target: Mapping[str, Any]):
         """An onnxruntime runner (a :class:`~peftc.backends.base.SlotRunner`)."""
         from peftc.backends.ort import OrtRunner
 
         return OrtRunner(directory / MODEL_FILE)
+
+    def prepare(self, path: Path) -> None:
+        from peftc.backends.onnx import quantize
+
+        quantize.prepare(path)
+
+    def quantizable(self, path: Path, precision: str) -> list[Layer]:
+        from peftc.backends.onnx import quantize
+
+        return quantize.quantizable(path, precision)
+
+    def quantize(
+        self,
+        src: Path,
+        dst: Path,
+        precision: str,
+        keep: Collection[str],
+        calibration: Sequence[Mapping[str, np.ndarray]],
+        cache: Path,
+        only: Collection[str] | None = None,
+    ) -> None:
+        """``peftc/backends/onnx/quantize.py`` (a :class:`~peftc.backends.base.QuantizingBackend`)."""
+        from peftc.backends.onnx import quantize
+
+        quantize.quantize(src, dst, precision, keep, calibration, cache, only)
 
     def write_adapter(self, path: Path, tensors: Mapping[str, np.ndarray]) -> None:
         """Write slot values as an onnxruntime adapter file (``onnxruntime.AdapterFormat``)."""
@@ -206,6 +237,17 @@ def _split_skip_norms(model: Any) -> int:
             new.name, new.type, new.shape = old.name, old.type, old.shape
         split += 1
     return split
+
+
+def _facts(model: Any) -> dict[str, Any]:
+    ops = Counter(node.op_type for node in model.graph)
+    values = [v.const_value for v in model.graph.initializers.values() if v.const_value is not None]
+    return {
+        "nodes": sum(ops.values()),
+        "op_counts": dict(sorted(ops.items())),
+        "initializers": len(model.graph.initializers),
+        "initializer_bytes": sum(v.nbytes for v in values),
+    }
 
 
 def _make_overridable(model: Any, names: Sequence[str]) -> None:
