@@ -12,10 +12,10 @@ either way; nothing is reused across graphs that differ.
 
 Parameters stay *constants* of the package under their state-dict keys, so adapter tensors are named
 constants too; the manifest maps them to where they came from (``target.adapter_constants``: source,
-shape and dtype). Merged and unmerged packages are compiled with Inductor's freezing (weights treated
-as constants it may fold and prepack); swappable ones without, so their slots stay plain constants
-``load_constants`` fills. Measured on MiniLM (``benchmarks/precision.py``, 2-vCPU AVX-512/AMX VM),
-freezing changes nothing measurable in fp32 or bf16 here.
+shape and dtype). Merged and unmerged packages are compiled with Inductor's freezing (``frozen`` in
+the manifest: weights, adapter tensors included, folded into the package and pre-packed for oneDNN;
+Inductor freezes only with grad off, hence the ``no_grad``); swappable ones without, so their slots
+stay plain constants ``load_constants`` fills.
 
 A ``--swappable`` artifact's adapter slots are such constants, and its adapters are safetensors files
 of slot values. Its runner is a :class:`~peftc.backends.base.SlotRunner`: ``run(feeds, slots)``
@@ -100,7 +100,13 @@ class AotiBackend:
         path = directory / PACKAGE_FILE
         from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
-        with tempfile.TemporaryDirectory(prefix="peftc-inductor-") as cache, temporary_cache_dir(cache):
+        # Inductor freezes (folds weights into the package and pre-packs them for oneDNN) only with
+        # grad off; adapter slots must stay settable constants, so swappable packages are not frozen.
+        with (
+            tempfile.TemporaryDirectory(prefix="peftc-inductor-") as cache,
+            temporary_cache_dir(cache),
+            torch.no_grad(),
+        ):
             torch._inductor.aoti_compile_and_package(
                 decomposed, package_path=str(path), inductor_configs={"freezing": not overridable}
             )
@@ -110,15 +116,20 @@ class AotiBackend:
         if missing:
             raise AssertionError(f"adapter slot {missing[0]} was folded into the package; it cannot be swapped")
         adapter_constants, folded = _adapter_constants(program, constants)
+        frozen = not overridable
         info = {
             "package": PACKAGE_FILE,
             "device": self.device,
+            "frozen": frozen,
             "input_order": ir.user_input_names(program),
             "output_order": ir.output_names(program),
             "constants": len(constants),
             "adapter_constants": adapter_constants,
         }
-        not_run = tuple(("adapter swap", f"adapter tensor {f} was folded by Inductor") for f in folded[:1])
+        # Frozen packages fold weights, adapter tensors included: that is the point of freezing.
+        not_run = (
+            () if frozen else tuple(("adapter swap", f"adapter tensor {f} was folded by Inductor") for f in folded[:1])
+        )
         return Lowered(
             files=(PACKAGE_FILE,),
             inputs=tuple(_describe_inputs(signature)),
