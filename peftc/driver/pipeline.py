@@ -59,7 +59,7 @@ def compile_artifact(options: CompileOptions, progress: Progress | None = None) 
         if not report.passed:
             if options.keep_failed:
                 writer.commit(manifest)
-            raise report.error()
+            raise quantizing.explained(report.error(), precision)
         writer.commit(manifest)
         return Artifact(options.out, manifest)
     finally:

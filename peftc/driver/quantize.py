@@ -217,6 +217,20 @@ def quantize(
     }
 
 
+def explained(error: VerificationError, precision: Mapping[str, Any]) -> VerificationError:
+    """``error`` with what to do about it when the artifact is quantized: the layer search met the
+    budget on its calibration inputs, the verification inputs it has not seen did not."""
+    quantization = precision.get("quantization")
+    if not quantization:
+        return error
+    batches = quantization["calibration"]["batches"]
+    hint = (
+        f"; the layer search met {quantization['error']:.3g} on its {batches} calibration batches: give more "
+        "--calibration-samples, a --calibration file like the real inputs, or a larger --max-error"
+    )
+    return VerificationError(str(error) + hint, error.table)
+
+
 def _error(expected: Sequence[Mapping[str, np.ndarray]], got: Sequence[Mapping[str, np.ndarray]]) -> float:
     """The largest error of any float output in any batch, relative to that output's largest magnitude
     in the batch (as verification measures each case)."""
