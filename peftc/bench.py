@@ -75,19 +75,7 @@ def bench(
     manifests = [read_manifest(path) for path in artifacts]
     first = manifests[0]
     stages = Stages(progress)
-    adapters = None
-    if "slots" in first.target:  # a swappable artifact: its default adapter is the one timed
-        default = first.target.get("default_adapter")
-        adapters = tuple(a for a in first.adapters if a["name"] == default)
-    sources = recorded(first, model)
-    if adapters is not None:
-        keep = {a["name"] for a in adapters}
-        sources = dataclasses.replace(
-            sources,
-            adapters=tuple(p for p, a in zip(sources.adapters, first.adapters, strict=True) if a["name"] in keep),
-            configs=tuple(c for c, a in zip(sources.configs, first.adapters, strict=True) if a["name"] in keep),
-            names=tuple(n for n in sources.names if n in keep),
-        )
+    sources = _timed_sources(first, model)
     built = build(sources, stages, stack=True, precision=lambda loaded: ("fp32", False))
     signature = built.loaded.signature.in_dtype(torch.float32)
     module = built.loaded.module
@@ -103,19 +91,7 @@ def bench(
             return to_numpy(module(**{k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}))
 
     paths = [Timed(BASE, eager, {}), *([Timed(PEFT, peft, {})] if peft else [])]
-    for path, manifest in zip(artifacts, manifests, strict=True):
-        runner = load(path)
-        precision = manifest.target.get("precision") or {"compute": "fp32"}
-        facts = {
-            "path": str(path),
-            "target": manifest.target["name"],
-            "precision": precision["compute"],
-            "budget": precision.get("budget"),
-            "merged": manifest.options.get("merge", True) and "slots" not in manifest.target,
-            "swappable": "slots" in manifest.target,
-            "bytes": sum(f["bytes"] for f in manifest.target["files"]),
-        }
-        paths.append(Timed(Path(path).name or str(path), _numpy(runner), facts))
+    paths += [_artifact_path(path, manifest) for path, manifest in zip(artifacts, manifests, strict=True)]
     names = [p.name for p in paths]
     if len(set(names)) != len(names):
         paths = [dataclasses.replace(p, name=p.facts.get("path", p.name)) for p in paths]
@@ -135,22 +111,53 @@ def bench(
         expected = reference(inputs)
         say(f"bench: batch {batch}, {len(paths)} paths x {reps} repetitions")
         times = _interleaved(paths, inputs, reps)
-        peft_times = times.get(PEFT)
         for path in paths:
-            record: dict[str, Any] = {"ms": 1e3 * statistics.median(times[path.name])}
-            if peft_times:
-                ratios = [p / t for p, t in zip(peft_times, times[path.name], strict=True)]
-                record["speedup_vs_peft"] = statistics.median(ratios)
-            ratios = [t / b for t, b in zip(times[path.name], times[BASE], strict=True)]
-            record["vs_base"] = statistics.median(ratios)
-            record["error"] = _error(expected, path.call(inputs))
-            rows[path.name]["batches"][str(batch)] = record
+            rows[path.name]["batches"][str(batch)] = _record(times, path, expected, inputs)
     return {
         "machine": machine.cpu() | {"torch_threads": torch.get_num_threads()},
         "inputs": {"dims": dims, "batches": batches, "seed": seed, "reps": reps},
         "oracle": PEFT if peft else f"reference program ({why})",
         "paths": list(rows.values()),
     }
+
+
+def _timed_sources(first: Any, model: Any) -> Any:
+    """The sources the first artifact records; a swappable artifact's default adapter is the one timed."""
+    sources = recorded(first, model)
+    if "slots" not in first.target:
+        return sources
+    keep = {first.target.get("default_adapter")}
+    return dataclasses.replace(
+        sources,
+        adapters=tuple(p for p, a in zip(sources.adapters, first.adapters, strict=True) if a["name"] in keep),
+        configs=tuple(c for c, a in zip(sources.configs, first.adapters, strict=True) if a["name"] in keep),
+        names=tuple(n for n in sources.names if n in keep),
+    )
+
+
+def _artifact_path(path: Path, manifest: Any) -> Timed:
+    precision = manifest.target.get("precision") or {"compute": "fp32"}
+    facts = {
+        "path": str(path),
+        "target": manifest.target["name"],
+        "precision": precision["compute"],
+        "budget": precision.get("budget"),
+        "merged": manifest.options.get("merge", True) and "slots" not in manifest.target,
+        "swappable": "slots" in manifest.target,
+        "bytes": sum(f["bytes"] for f in manifest.target["files"]),
+    }
+    return Timed(Path(path).name or str(path), _numpy(load(path)), facts)
+
+
+def _record(times: Mapping[str, list[float]], path: Timed, expected: Any, inputs: Any) -> dict[str, Any]:
+    record: dict[str, Any] = {"ms": 1e3 * statistics.median(times[path.name])}
+    if PEFT in times:
+        ratios = [p / t for p, t in zip(times[PEFT], times[path.name], strict=True)]
+        record["speedup_vs_peft"] = statistics.median(ratios)
+    ratios = [t / b for t, b in zip(times[path.name], times[BASE], strict=True)]
+    record["vs_base"] = statistics.median(ratios)
+    record["error"] = _error(expected, path.call(inputs))
+    return record
 
 
 def _numpy(runner: Any) -> Callable[[Mapping[str, torch.Tensor]], dict[str, np.ndarray]]:

@@ -128,9 +128,11 @@ def _files_parts(target: Mapping[str, Any]) -> list[str]:
     io_rows += [["output", v["name"], v["dtype"], _shape(v["shape"])] for v in target["outputs"]]
     parts = [table(["file", "bytes", "sha256"], files), table(["", "name", "dtype", "shape"], io_rows)]
     if "opset" in target:
+        fusions = ", ".join(f"{k} {v}" for k, v in (target.get("fusions") or {}).items())
         parts.append(
             f"target {target['name']}: opset {target['opset']}, {target['nodes']} nodes, "
             f"{target['initializers']} initializers ({target['initializer_bytes']:,} bytes)"
+            + (f"; onnxruntime fusions: {fusions}" if fusions else "")
         )
     return parts
 

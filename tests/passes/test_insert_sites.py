@@ -95,6 +95,8 @@ def test_stacked_adapters_become_composed_weight_sites(tmp_path, bert_program, b
     )
     assert query.args[0].target is torch.ops.peftc.lora_weight.default  # second transforms the first's output
     inputs = models.text_inputs(2, 8)
+    # The composed weight rounds differently from PEFT's sum of branches (seen 1.4e-6 on the pooler):
+    # the fp32 bound every compile verifies with, not a tighter one.
     assert_outputs_close(
-        eager(reference, inputs), models.peft_outputs(models.tiny_bert(), [bert_adapter, second], inputs), rel=1e-6
+        eager(reference, inputs), models.peft_outputs(models.tiny_bert(), [bert_adapter, second], inputs)
     )
