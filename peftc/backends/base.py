@@ -16,7 +16,7 @@ feature needs from them is declared here.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -64,6 +64,8 @@ class Lowered:
     verify_with: str | None = None
     """Another target whose runner checks these files when this target's own cannot run here (the
     TensorRT target without a GPU verifies its ONNX with ``onnx``); None: this target's runner."""
+    pending: Any = None
+    """What a :class:`QuantizingBackend` left unwritten for its quantizer (not part of the manifest)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +81,8 @@ class LowerRequest:
     weight was adapted (TensorRT's refit map); None: ``program`` itself."""
     overridable: tuple[str, ...] = ()
     """Tensors to keep settable at run time (adapter slots); only a :class:`SlotBackend` is given any."""
+    precision: str = "fp32"
+    """The precision the artifact computes in (an integer one: ``lower`` returns what it quantizes)."""
 
 
 def check_feeds(feeds: Mapping[str, Any], expected: Sequence[str], allowed: Sequence[str] | None = None) -> None:
@@ -175,34 +179,34 @@ class Layer:
     """Its weight's shape."""
 
 
+class Quantizer(Protocol):
+    """A target's fp32 lowering, open for quantizing layer by layer (``QuantizingBackend.quantizer``).
+
+    ``layers`` lists what ``precision`` can rewrite; ``trial`` returns a callable running the model
+    with every layer quantized except those in ``keep`` (``only``: just those), measured by the layer
+    search; ``write`` writes the chosen one into the artifact directory and returns its lowering.
+    ``calibration`` feeds give schemes that need them their activation ranges.
+    """
+
+    layers: Sequence[Layer]
+
+    def trial(
+        self,
+        keep: Collection[str],
+        calibration: Sequence[Mapping[str, np.ndarray]],
+        only: Collection[str] | None = None,
+    ) -> Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]: ...
+
+    def write(self, keep: Collection[str], calibration: Sequence[Mapping[str, np.ndarray]]) -> Lowered: ...
+
+
 @runtime_checkable
 class QuantizingBackend(Protocol):
     """A target that quantizes its fp32 lowering (``Capabilities.precisions`` says ``quantize``).
 
-    ``prepare`` readies the lowered model file at ``path`` for quantizing, in place; ``quantizable``
-    lists the ops ``precision`` rewrites; ``quantize`` writes ``src`` quantized to ``dst``, leaving
-    the layers named in ``keep`` in float (``only``: quantize just those), with ``calibration``
-    feeds for schemes that need activation ranges (cached in ``cache``).
+    Given a request in such a precision, ``lower`` returns the fp32 lowering it quantizes: written
+    into the directory, or held in ``Lowered.pending`` where writing it first would be wasted work
+    (a compile); ``quantizer`` opens it (``scratch``: a directory for its trials, deleted after).
     """
 
-    model_file: str
-    """The file in the artifact directory that ``quantize`` rewrites."""
-
-    def prepare(self, path: Path) -> None: ...
-
-    def describe(self, path: Path) -> dict[str, Any]:
-        """The facts of ``Lowered.info`` that quantizing changes (op counts, weight bytes)."""
-        ...
-
-    def quantizable(self, path: Path, precision: str) -> list[Layer]: ...
-
-    def quantize(
-        self,
-        src: Path,
-        dst: Path,
-        precision: str,
-        keep: Collection[str],
-        calibration: Sequence[Mapping[str, np.ndarray]],
-        cache: Path,
-        only: Collection[str] | None = None,
-    ) -> None: ...
+    def quantizer(self, lowered: Lowered, directory: Path, precision: str, scratch: Path) -> Quantizer: ...

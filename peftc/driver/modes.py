@@ -96,7 +96,7 @@ class _Stack:
     def lower(
         self, backend: Backend, optimized: Optimized, built: Built, directory: Path, progress: Progress
     ) -> Lowering:
-        request = LowerRequest(optimized.program, optimized.signature, built.world.reference)
+        request = LowerRequest(optimized.program, optimized.signature, built.world.reference, precision=built.precision)
         lowered = backend.lower(request, directory, progress)
         return Lowering(lowered, lowered.files)
 

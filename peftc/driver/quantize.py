@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import shutil
 import tempfile
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
@@ -37,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from peftc.backends.base import Backend, QuantizingBackend
+from peftc.backends.base import Backend, Lowered, Quantizer, QuantizingBackend
 from peftc.driver.build import Built
 from peftc.driver.modes import Lowering
 from peftc.errors import InputError, UnsupportedError, VerificationError
@@ -130,72 +129,62 @@ def run(
         raise AssertionError(f"target {backend.name!r} declares integer precisions but does not quantize")
     signature = built.loaded.signature.in_dtype(torch.float32)
     calib = calibration(options.calibration, options.calibration_samples, signature, options.seed)
-    record = quantize(backend, directory, built.precision, precision["budget"], built.fp32.reference, calib, progress)
-    lowered = lowering.lowered
-    info = {**lowered.info, **backend.describe(directory / backend.model_file)}
-    return dataclasses.replace(lowering, lowered=dataclasses.replace(lowered, info=info)), {
-        **precision,
-        "quantization": record,
-    }
+    with tempfile.TemporaryDirectory(prefix="peftc-quantize-") as scratch:
+        quantizer = backend.quantizer(lowering.lowered, directory, built.precision, Path(scratch))
+        lowered, record = quantize(
+            quantizer, backend.name, built.precision, precision["budget"], built.fp32.reference, calib, progress
+        )
+    files = (*lowered.files, *(f for f in lowering.files if f not in lowering.lowered.files))
+    return dataclasses.replace(lowering, lowered=lowered, files=files), {**precision, "quantization": record}
 
 
 def quantize(
-    backend: QuantizingBackend,
-    directory: Path,
+    quantizer: Quantizer,
+    target: str,
     precision: str,
     budget: float,
     reference: Any,
     calib: Calibration,
     progress: Callable[[str], None],
-) -> dict[str, Any]:
-    """Quantize the model file in ``directory`` (the fp32 lowering of ``reference``, the fp32 reference
-    program) as far as ``budget`` allows, in place; return the manifest's ``quantization`` record."""
-    model_file = backend.model_file
+) -> tuple[Lowered, dict[str, Any]]:
+    """Quantize ``quantizer``'s model (the fp32 lowering of ``reference``, the fp32 reference program)
+    as far as ``budget`` allows and write it; return its lowering and the manifest's ``quantization``
+    record."""
     oracle = program_oracle(reference)
     expected = [oracle({k: torch.from_numpy(v) for k, v in feed.items()}) for feed in calib.feeds]
-    with tempfile.TemporaryDirectory(prefix="peftc-quantize-") as scratch:
-        src = Path(scratch) / "fp32" / model_file
-        src.parent.mkdir()
-        shutil.move(directory / model_file, src)
-        backend.prepare(src)
-        layers = backend.quantizable(src, precision)
-        if not layers:
-            raise UnsupportedError(
-                f"--precision {precision}: target {backend.name!r} finds no layer of this model it quantizes that way"
-            )
-        cache = Path(scratch) / "calibration.json"
+    layers = list(quantizer.layers)
+    if not layers:
+        raise UnsupportedError(f"--precision {precision}: target {target!r} finds no layer of this model it quantizes")
 
-        def measure(keep: Collection[str] = (), only: Collection[str] | None = None, into: Path | None = None) -> float:
-            trial = into or Path(scratch) / "trial"
-            trial.mkdir(exist_ok=True)
-            backend.quantize(src, trial / model_file, precision, keep, calib.feeds, cache, only)
-            runner = backend.load(trial, {})
-            return _error(expected, [runner.run(feed) for feed in calib.feeds])
+    def measure(keep: Collection[str] = (), only: Collection[str] | None = None) -> float:
+        run = quantizer.trial(keep, calib.feeds, only)
+        return _error(expected, [run(feed) for feed in calib.feeds])
 
-        alone = {}
-        for index, layer in enumerate(layers):
-            progress(f"quantize: {precision} sensitivity {index + 1}/{len(layers)}: {layer.module or layer.name}")
-            alone[layer.name] = measure(only=[layer.name])
-        order = sorted(layers, key=lambda layer: -alone[layer.name])
-        progress(f"quantize: {precision}, {len(layers)} layers, budget {budget:.3g}")
-        tried = {0: measure()}
-        low, high = 0, len(layers)  # keeping the ``high`` most sensitive layers meets the budget; ``low`` does not
-        if tried[0] <= budget:
-            high = 0
-        while high - low > 1:
-            middle = (low + high) // 2
-            tried[middle] = measure(keep=[layer.name for layer in order[:middle]])
-            low, high = (low, middle) if tried[middle] <= budget else (middle, high)
-        if high == len(layers):
-            worst = ", ".join(f"{layer.module or layer.name} {alone[layer.name]:.2e}" for layer in order[:5])
-            raise VerificationError(
-                f"--precision {precision} cannot meet the error budget {budget:.3g} on the calibration inputs: "
-                "quantizing every layer gives "
-                f"{tried[0]:.2e}, quantizing only the least sensitive {tried[low]:.2e}; the most sensitive layers "
-                f"(error quantized alone): {worst}"
-            )
-        keep = {layer.name for layer in order[:high]}
-        error = measure(keep=keep, into=directory)
+    alone = {}
+    for index, layer in enumerate(layers):
+        progress(f"quantize: {precision} sensitivity {index + 1}/{len(layers)}: {layer.module or layer.name}")
+        alone[layer.name] = measure(only=[layer.name])
+    order = sorted(layers, key=lambda layer: -alone[layer.name])
+    progress(f"quantize: {precision}, {len(layers)} layers, budget {budget:.3g}")
+    tried = {0: measure()}
+    low, high = 0, len(layers)  # keeping the ``high`` most sensitive layers meets the budget; ``low`` does not
+    if tried[0] <= budget:
+        high = 0
+    while high - low > 1:
+        middle = (low + high) // 2
+        tried[middle] = measure(keep=[layer.name for layer in order[:middle]])
+        low, high = (low, middle) if tried[middle] <= budget else (middle, high)
+    if high == len(layers):
+        worst = ", ".join(f"{layer.module or layer.name} {alone[layer.name]:.2e}" for layer in order[:5])
+        raise VerificationError(
+            f"--precision {precision} cannot meet the error budget {budget:.3g} on the calibration inputs: "
+            "quantizing every layer gives "
+            f"{tried[0]:.2e}, quantizing only the least sensitive {tried[low]:.2e}; the most sensitive layers "
+            f"(error quantized alone): {worst}"
+        )
+    keep = {layer.name for layer in order[:high]}
+    progress(f"quantize: {precision}, writing {len(layers) - len(keep)} of {len(layers)} layers quantized")
+    lowered = quantizer.write(keep, calib.feeds)
     table = [
         {
             "name": layer.name,
@@ -207,11 +196,11 @@ def quantize(
         }
         for layer in layers
     ]
-    return {
+    return lowered, {
         "layers": table,
         "quantized": len(layers) - len(keep),
         "kept_float": len(keep),
-        "error": error,
+        "error": tried[high],
         "search": [{"kept_float": k, "error": e} for k, e in sorted(tried.items())],
         "calibration": calib.record,
     }

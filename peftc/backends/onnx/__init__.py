@@ -15,7 +15,7 @@ import importlib
 import importlib.util
 import re
 from collections import Counter
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from peftc import ir
-from peftc.backends.base import Availability, Capabilities, Layer, Lowered, LowerRequest
+from peftc.backends.base import Availability, Capabilities, Lowered, LowerRequest
 from peftc.errors import first_line
 from peftc.loaders.inputs import InputSignature
 from peftc.methods import registry
@@ -47,7 +47,6 @@ class OnnxBackend:
         precision_hint="onnxruntime's CPU kernels have no bf16; --target aoti computes in bf16",
     )  # fmt: skip
     adapter_suffix = ".onnx_adapter"
-    model_file = MODEL_FILE
 
     def available(self) -> Availability:
         missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
@@ -124,30 +123,11 @@ class OnnxBackend:
 
         return OrtRunner(directory / MODEL_FILE)
 
-    def prepare(self, path: Path) -> None:
-        from peftc.backends.onnx import quantize
-
-        quantize.prepare(path)
-
-    def quantizable(self, path: Path, precision: str) -> list[Layer]:
-        from peftc.backends.onnx import quantize
-
-        return quantize.quantizable(path, precision)
-
-    def quantize(
-        self,
-        src: Path,
-        dst: Path,
-        precision: str,
-        keep: Collection[str],
-        calibration: Sequence[Mapping[str, np.ndarray]],
-        cache: Path,
-        only: Collection[str] | None = None,
-    ) -> None:
+    def quantizer(self, lowered: Lowered, directory: Path, precision: str, scratch: Path) -> Any:
         """``peftc/backends/onnx/quantize.py`` (a :class:`~peftc.backends.base.QuantizingBackend`)."""
-        from peftc.backends.onnx import quantize
+        from peftc.backends.onnx.quantize import OnnxQuantizer
 
-        quantize.quantize(src, dst, precision, keep, calibration, cache, only)
+        return OnnxQuantizer(self, lowered, directory, precision, scratch)
 
     def write_adapter(self, path: Path, tensors: Mapping[str, np.ndarray]) -> None:
         """Write slot values as an onnxruntime adapter file (``onnxruntime.AdapterFormat``)."""

@@ -22,14 +22,17 @@ PyTorch module it came from (the exporter's ``namespace`` metadata) so a report 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
-from collections.abc import Collection, Iterator, Mapping, Sequence
+import shutil
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from peftc.backends.base import Layer
+from peftc.backends.base import Layer, Lowered
+from peftc.backends.onnx import MODEL_FILE
 
 _WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Conv": 1, "Attention": 1, "Gather": 0}
 SCHEMES: dict[str, dict[str, Any]] = {
@@ -39,6 +42,37 @@ SCHEMES: dict[str, dict[str, Any]] = {
     "int4": {"kind": "nbits", "bits": 4, "ops": ("MatMul",)},
 }
 BLOCK = 32
+
+
+class OnnxQuantizer:
+    """The ONNX file ``lower`` wrote, open for quantizing (a :class:`~peftc.backends.base.Quantizer`):
+    moved into ``scratch`` and prepared; trials are quantized files there, each run by onnxruntime; the
+    static scheme's activation ranges are computed once and reused."""
+
+    def __init__(self, backend: Any, lowered: Lowered, directory: Path, precision: str, scratch: Path) -> None:
+        self._backend, self._lowered, self._directory, self._precision = backend, lowered, directory, precision
+        self._scratch, self._cache = scratch, scratch / "calibration.json"
+        self._src = scratch / "fp32" / MODEL_FILE
+        self._src.parent.mkdir()
+        shutil.move(directory / MODEL_FILE, self._src)
+        prepare(self._src)
+        self.layers = quantizable(self._src, precision)
+
+    def trial(
+        self,
+        keep: Collection[str],
+        calibration: Sequence[Mapping[str, np.ndarray]],
+        only: Collection[str] | None = None,
+    ) -> Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]:
+        trial = self._scratch / "trial"
+        trial.mkdir(exist_ok=True)
+        quantize(self._src, trial / MODEL_FILE, self._precision, keep, calibration, self._cache, only)
+        return self._backend.load(trial, {}).run
+
+    def write(self, keep: Collection[str], calibration: Sequence[Mapping[str, np.ndarray]]) -> Lowered:
+        path = self._directory / MODEL_FILE
+        quantize(self._src, path, self._precision, keep, calibration, self._cache)
+        return dataclasses.replace(self._lowered, info={**self._lowered.info, **self._backend.describe(path)})
 
 
 def prepare(path: Path) -> None:
