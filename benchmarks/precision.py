@@ -21,6 +21,8 @@ aoti_fp16              ``--target aoti --precision fp16``
 onnx_int8              ``--target onnx --precision int8`` (dynamic int8, layer search at the default budget)
 onnx_int8_static       ``--precision int8-static`` (calibrated on 64 generated batches)
 onnx_int8_weight       ``--precision int8-weight``; onnx_int4: ``--precision int4`` (MatMulNBits)
+aoti_int8              ``--target aoti --precision int8`` (torchao PT2E, dynamic; oneDNN int8 kernels)
+aoti_int8_static       ``--target aoti --precision int8-static`` (calibrated on 64 generated batches)
 …_e0.1                 the same with ``--max-error 0.1`` (a user's 10 % budget)
 =====================  ==========================================================================
 
@@ -68,6 +70,10 @@ COMPILED: dict[str, tuple[str, str, float | None]] = {
     "onnx_int8_static_e0.1": ("onnx", "int8-static", 0.1),
     "onnx_int8_weight": ("onnx", "int8-weight", None),
     "onnx_int4": ("onnx", "int4", None),
+    "aoti_int8": ("aoti", "int8", None),
+    "aoti_int8_e0.1": ("aoti", "int8", 0.1),
+    "aoti_int8_static": ("aoti", "int8-static", None),
+    "aoti_int8_static_e0.1": ("aoti", "int8-static", 0.1),
 }
 """path → (target, precision, --max-error); ``_eE`` paths take a user's budget of E instead of the default."""
 

@@ -144,6 +144,8 @@ def _target_lines(target: Mapping[str, Any]) -> list[str]:
         lines.append(
             f"target aoti: {target['package']} for {target['device']}, {target['constants']} constants, "
             f"{len(target['adapter_constants'])} adapter constants"
+            + (", frozen" if target.get("frozen") else "")
+            + "".join(f", {n} oneDNN int8 {k}" for k, n in (target.get("int8_kernels") or {}).items() if n)
         )
     trt = target.get("tensorrt")
     if trt:

@@ -219,9 +219,16 @@ def test_mutation_quantizing_every_layer_regardless_exceeds_the_budget(tmp_path,
 
 def test_integer_precisions_are_refused_where_they_cannot_be_built(tmp_path, bert_adapter):
     with pytest.raises(
-        UnsupportedError, match=r"--precision int8: target 'aoti' computes in fp32, bf16, fp16; .*--precision bf16 "
+        UnsupportedError,
+        match=r"--precision int4: target 'aoti' computes in fp32, bf16, fp16, int8, int8-static; "
+        r"weight-only int8/int4 have no fast AOTInductor CPU kernel.*--target onnx",
     ):
-        peftc.compile(models.tiny_bert(), bert_adapter, out=tmp_path / "a", target="aoti", precision="int8")
+        peftc.compile(models.tiny_bert(), bert_adapter, out=tmp_path / "a", target="aoti", precision="int4")
+    with pytest.raises(UnsupportedError, match="--precision int8-weight: target 'aoti'"):
+        peftc.compile(models.tiny_bert(), bert_adapter, out=tmp_path / "e", target="aoti", precision="int8-weight")
+    from peftc.backends.aoti import AotiBackend
+
+    assert "int8" not in AotiBackend({"device": "cuda"}).capabilities.precisions
     with pytest.raises(UnsupportedError, match="--precision int4 with --swappable: adapter slots are float"):
         peftc.compile(models.tiny_bert(), bert_adapter, out=tmp_path / "b", precision="int4", swappable=True)
     with pytest.raises(InputError, match="--calibration and --calibration-samples apply to --precision int8"):
@@ -255,3 +262,96 @@ def test_cli_quantizes_and_inspect_shows_the_layer_table(capsys, tmp_path, bert_
             ["compile", str(bert_dir), "--adapter", str(bert_adapter), "-o", str(tmp_path / "x"), "--precision", "int9"]
         )
     assert exit.value.code == 2 and "invalid choice: 'int9'" in capsys.readouterr().err
+
+
+# --- --target aoti: torchao PT2E + Inductor's oneDNN int8 kernels (``peftc/backends/aoti/quantize.py``)
+
+
+@pytest.fixture(scope="module")
+def aoti_static_bert(tmp_path_factory, bert_adapter):
+    out = tmp_path_factory.mktemp("aoti-int8") / "out"
+    return peftc.compile(
+        models.tiny_bert(), bert_adapter, out=out, target="aoti", precision="int8-static", calibration_samples=16
+    )
+
+
+def test_aoti_int8_static_runs_int8_kernels_within_budget(aoti_static_bert, bert_adapter):
+    artifact = aoti_static_bert
+    precision = _verified_within_budget(artifact)
+    quantization = _quantization(artifact)
+    layers = quantization["layers"]
+    assert [layer["module"] for layer in layers][:3] == [
+        f"encoder.layer.0.attention.self.{m}" for m in ("query", "key", "value")
+    ]
+    assert {layer["op"] for layer in layers} == {"linear"} and len(layers) == 13  # 12 encoder linears + pooler
+    quantized = sum(layer["precision"] == "int8-static" for layer in layers)
+    assert quantized == quantization["quantized"] > 0
+    assert artifact.manifest.target["int8_kernels"]["qlinear"] == quantized  # Inductor fused every q/dq pair
+    inputs = models.text_inputs(3, 11)
+    got = peftc.load(artifact.path)(**inputs)
+    assert_outputs_close(got, models.peft_outputs(models.tiny_bert(), bert_adapter, inputs), rel=precision["budget"])
+
+
+def test_aoti_search_trials_model_the_compiled_kernels(aoti_static_bert, bert_adapter):
+    """The layer search runs the converted program eagerly; the compiled int8 kernels must compute the
+    same (else the search would choose layers for a different artifact): on the search's own
+    calibration inputs, the package's error against PEFT is the search's, to a tenth of the budget."""
+    from peftc.driver.quantize import _error, calibration
+    from peftc.loaders.inputs import InputSignature
+
+    manifest = aoti_static_bert.manifest
+    quantization = _quantization(aoti_static_bert)
+    signature = InputSignature.from_json(manifest.target["signature"])
+    feeds = calibration(None, quantization["calibration"]["batches"], signature, manifest.options["seed"]).feeds
+    runner = peftc.load(aoti_static_bert.path)
+    tensors = [{k: torch.from_numpy(v) for k, v in feed.items()} for feed in feeds]
+    expected = [
+        {k: np.asarray(v) for k, v in models.peft_outputs(models.tiny_bert(), bert_adapter, t).items()} for t in tensors
+    ]
+    got = [{k: np.asarray(v) for k, v in runner(**t).items()} for t in tensors]
+    budget_ = manifest.target["precision"]["budget"]
+    assert abs(_error(expected, got) - quantization["error"]) <= 0.1 * budget_
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_aoti_int8_dynamic_on_llama_keeps_the_adapter_branch_in_float(tmp_path, llama_adapter, merge):
+    model = models.tiny_llama()
+    artifact = peftc.compile(
+        model, llama_adapter, out=tmp_path / "out", target="aoti", precision="int8", merge=merge, calibration_samples=8
+    )
+    precision = _verified_within_budget(artifact)
+    layers = _quantization(artifact)["layers"]
+    assert len(layers) == 14 and all("lora" not in layer["module"] for layer in layers)  # 7 linears x 2 layers
+    assert artifact.manifest.target["int8_kernels"]["qlinear"] == _quantization(artifact)["quantized"] > 0
+    inputs = models.text_inputs(2, 7)
+    got = peftc.load(artifact.path)(**inputs)
+    assert_outputs_close(got, models.peft_outputs(model, llama_adapter, inputs), rel=precision["budget"])
+
+
+def test_aoti_int8_static_conv_net_quantizes_2d_convolutions(tmp_path, conv_adapter):
+    """X86's quantizer takes conv2d and linear: the Conv1d stays in float and is no layer."""
+    artifact = peftc.compile(
+        models.convnet(), conv_adapter, out=tmp_path / "out", inputs=list(models.CONVNET_INPUTS), target="aoti",
+        precision="int8-static", max_error=0.05, calibration_samples=16,
+    )  # fmt: skip
+    _verified_within_budget(artifact)
+    layers = {layer["module"]: layer for layer in _quantization(artifact)["layers"]}
+    assert list(layers) == ["conv1", "conv2", "head"]
+    assert [layers[m]["op"] for m in layers] == ["conv2d", "conv2d", "linear"]
+    convs = sum(layers[m]["precision"] == "int8-static" for m in ("conv1", "conv2"))
+    assert artifact.manifest.target["int8_kernels"]["qconv"] == convs > 0
+
+
+def test_aoti_mutation_a_write_that_ignores_the_kept_layers_fails_verification(tmp_path, llama_adapter, monkeypatch):
+    """Quantizing the layers the search kept in float breaks tiny LLaMA's default int8-static budget:
+    the artifact is verified, not trusted to the search."""
+    from peftc.backends.aoti.quantize import AotiQuantizer
+
+    real = AotiQuantizer.write
+    monkeypatch.setattr(AotiQuantizer, "write", lambda self, keep, calibration: real(self, (), calibration))
+    with pytest.raises(VerificationError, match=r"the layer search met .* calibration batches"):
+        peftc.compile(
+            models.tiny_llama(), llama_adapter, out=tmp_path / "out", target="aoti", precision="int8-static",
+            calibration_samples=16,
+        )  # fmt: skip
+    assert not (tmp_path / "out").exists()

@@ -29,6 +29,7 @@ import torch
 
 from peftc import ir
 from peftc.errors import UnsupportedError
+from peftc.logs import quiet_imports
 from peftc.methods import registry
 from peftc.methods.base import Adapter
 from peftc.verification.compare import Tolerance
@@ -111,7 +112,8 @@ def _cast_floats(inputs: Mapping[str, torch.Tensor], dtypes: Mapping[str, torch.
 def peft_oracle(module: torch.nn.Module, adapters: Sequence[Adapter]) -> tuple[Oracle | None, str]:
     """PEFT's eager model of ``module`` with ``adapters`` active, or ``(None, why not)``."""
     try:
-        import peft
+        with quiet_imports():
+            import peft
     except ImportError:
         return None, "peft is not installed (pip install 'peftc[oracle]')"
     if not adapters:

@@ -62,9 +62,13 @@ class AotiBackend:
         if self.device not in DEVICES:
             raise InputError(f"--device {self.device!r}: use one of {', '.join(DEVICES)}")
         precisions = dict.fromkeys(("fp32", "bf16", "fp16"), "program")
+        if self.device == "cpu":
+            precisions |= dict.fromkeys(("int8", "int8-static"), "quantize")
         hint = (
-            "on CPUs with AMX, --precision bf16 runs as fast as AOTInductor's int8 at a tenth of its error "
-            "(README: Precision and speed); --target onnx quantizes to int8/int4"
+            "weight-only int8/int4 have no fast AOTInductor CPU kernel with float activations (README: "
+            "Precision and speed); --target onnx quantizes weights only"
+            if self.device == "cpu"
+            else "AOTInductor's int8 kernels are x86 CPU ones (--device cpu)"
         )
         self.capabilities = Capabilities(
             dynamic_shapes=True, adapter_swap=True, device=self.device, precisions=precisions, precision_hint=hint
@@ -93,13 +97,28 @@ class AotiBackend:
         return out
 
     def lower(self, request: LowerRequest, directory: Path, progress: Any) -> Lowered:
-        """Compile the package; ``overridable`` tensors (adapter slots) must stay package constants."""
+        """Compile the package; ``overridable`` tensors (adapter slots) must stay package constants.
+        An integer ``precision`` is compiled by the quantizer: the program is left pending for it."""
         program, signature, overridable = request.program, request.signature, request.overridable
         decomposed = program.run_decompositions(decompositions())
+        if self.capabilities.precisions.get(request.precision) == "quantize":
+            return Lowered((), tuple(_describe_inputs(signature)), (), {}, pending=(decomposed, signature))
         if self.device != "cpu":
             from torch.export.passes import move_to_device_pass
 
             decomposed = move_to_device_pass(decomposed, self.device)
+        return self.compile(decomposed, program, signature, directory, progress, overridable)
+
+    def compile(
+        self,
+        compiled: ir.Program,
+        program: ir.Program,
+        signature: InputSignature,
+        directory: Path,
+        progress: Any,
+        overridable: tuple[str, ...] = (),
+    ) -> Lowered:
+        """Compile ``compiled`` (``program`` decomposed, moved, or quantized) into ``directory``."""
         progress(f"aoti: compiling for {self.device} with AOTInductor (tens of seconds)")
         path = directory / PACKAGE_FILE
         from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
@@ -112,7 +131,7 @@ class AotiBackend:
             torch.no_grad(),
         ):
             torch._inductor.aoti_compile_and_package(
-                decomposed, package_path=str(path), inductor_configs={"freezing": not overridable}
+                compiled, package_path=str(path), inductor_configs={"freezing": not overridable}
             )
         loaded = torch._inductor.aoti_load_package(str(path))
         constants = set(loaded.get_constant_fqns())
@@ -141,6 +160,13 @@ class AotiBackend:
             info=info,
             not_run=not_run,
         )
+
+    def quantizer(self, lowered: Lowered, directory: Path, precision: str, scratch: Path) -> Any:
+        """``peftc/backends/aoti/quantize.py`` (a :class:`~peftc.backends.base.QuantizingBackend`)."""
+        from peftc.backends.aoti.quantize import AotiQuantizer
+
+        program, signature = lowered.pending
+        return AotiQuantizer(self, program, signature, directory, precision)
 
     def load(self, directory: Path, target: Mapping[str, Any]) -> AotiRunner:
         return AotiRunner(Path(directory) / target.get("package", PACKAGE_FILE), target)
