@@ -39,9 +39,10 @@ def adapter_dtype(base: torch.dtype | None, stored: torch.dtype) -> torch.dtype:
 FLOATS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 """The precisions an artifact computes in (``--precision``), by name."""
 QUANTIZED: dict[str, tuple[int, int]] = {"int8": (8, 2), "int8-static": (8, 2), "int8-weight": (8, 2), "int4": (4, 2)}
-"""The integer precisions (``peftc/backends/onnx/quantize.py`` says what each quantizes), each with its
-bits and how many of a weighted op's operands it rounds to them (its weight and its input activation;
-the weight-only formats' kernels round activations to int8 blocks too)."""
+"""The integer precisions (``peftc/backends/onnx/quantize.py`` and ``aoti/quantize.py`` say what each
+quantizes on each target), each with its bits and how many of a weighted op's operands it rounds to
+them (its weight and its input activation; the weight-only formats' kernels round activations to int8
+blocks too)."""
 PRECISIONS = (*FLOATS, *QUANTIZED)
 UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 MATMULS = ("linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "conv1d", "conv2d", "conv3d", "convolution")

@@ -127,7 +127,7 @@ class OnnxBackend:
         """``peftc/backends/onnx/quantize.py`` (a :class:`~peftc.backends.base.QuantizingBackend`)."""
         from peftc.backends.onnx.quantize import OnnxQuantizer
 
-        return OnnxQuantizer(self, lowered, directory, precision, scratch)
+        return OnnxQuantizer(self, lowered, directory / MODEL_FILE, precision, scratch)
 
     def write_adapter(self, path: Path, tensors: Mapping[str, np.ndarray]) -> None:
         """Write slot values as an onnxruntime adapter file (``onnxruntime.AdapterFormat``)."""

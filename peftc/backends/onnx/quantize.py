@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 
 from peftc.backends.base import Layer, Lowered
-from peftc.backends.onnx import MODEL_FILE
 
 _WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Conv": 1, "Attention": 1, "Gather": 0}
 SCHEMES: dict[str, dict[str, Any]] = {
@@ -45,16 +44,16 @@ BLOCK = 32
 
 
 class OnnxQuantizer:
-    """The ONNX file ``lower`` wrote, open for quantizing (a :class:`~peftc.backends.base.Quantizer`):
+    """The ONNX file ``lower`` wrote at ``path``, open for quantizing (a :class:`~peftc.backends.base.Quantizer`):
     moved into ``scratch`` and prepared; trials are quantized files there, each run by onnxruntime; the
     static scheme's activation ranges are computed once and reused."""
 
-    def __init__(self, backend: Any, lowered: Lowered, directory: Path, precision: str, scratch: Path) -> None:
-        self._backend, self._lowered, self._directory, self._precision = backend, lowered, directory, precision
+    def __init__(self, backend: Any, lowered: Lowered, path: Path, precision: str, scratch: Path) -> None:
+        self._backend, self._lowered, self._path, self._precision = backend, lowered, path, precision
         self._scratch, self._cache = scratch, scratch / "calibration.json"
-        self._src = scratch / "fp32" / MODEL_FILE
+        self._src = scratch / "fp32" / path.name
         self._src.parent.mkdir()
-        shutil.move(directory / MODEL_FILE, self._src)
+        shutil.move(path, self._src)
         prepare(self._src)
         self.layers = quantizable(self._src, precision)
 
@@ -66,13 +65,12 @@ class OnnxQuantizer:
     ) -> Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]:
         trial = self._scratch / "trial"
         trial.mkdir(exist_ok=True)
-        quantize(self._src, trial / MODEL_FILE, self._precision, keep, calibration, self._cache, only)
+        quantize(self._src, trial / self._path.name, self._precision, keep, calibration, self._cache, only)
         return self._backend.load(trial, {}).run
 
     def write(self, keep: Collection[str], calibration: Sequence[Mapping[str, np.ndarray]]) -> Lowered:
-        path = self._directory / MODEL_FILE
-        quantize(self._src, path, self._precision, keep, calibration, self._cache)
-        return dataclasses.replace(self._lowered, info={**self._lowered.info, **self._backend.describe(path)})
+        quantize(self._src, self._path, self._precision, keep, calibration, self._cache)
+        return dataclasses.replace(self._lowered, info={**self._lowered.info, **self._backend.describe(self._path)})
 
 
 def prepare(path: Path) -> None:
