@@ -207,10 +207,14 @@ def _quiet_dependencies() -> None:
     import logging
     import warnings
 
+    from peftc.logs import NOISY
+
     for category in (FutureWarning, DeprecationWarning, UserWarning):
         warnings.filterwarnings("ignore", category=category)
     # torch.onnx logs one warning per torchvision op it cannot register when torchvision is absent.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    for name in NOISY:
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         import transformers
 

@@ -7,8 +7,8 @@ import logging
 from collections.abc import Iterator
 
 NOISY = ("torchao", "torch.utils._pytree")
-"""torchao (imported by peft too, where installed) warns at import for each CUDA extension a CPU
-build cannot load, and registers an enum that torch's pytree warns about."""
+"""torchao (imported by transformers and peft too, where installed) warns at import for each CUDA
+extension a CPU build cannot load, and registers enums that torch's pytree warns about."""
 
 
 @contextlib.contextmanager

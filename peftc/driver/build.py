@@ -22,6 +22,7 @@ import torch
 from peftc import ir
 from peftc.errors import UnsupportedError
 from peftc.loaders import LoadedModel, load_model
+from peftc.logs import quiet_imports
 from peftc.methods.base import Adapter, ParseOptions
 from peftc.methods.loading import read_adapter
 from peftc.methods.registry import parse_adapter
@@ -125,7 +126,7 @@ def build(
             for index, path in enumerate(sources.adapters)
         ]
     model = sources.model
-    with stages("load", f"load model {model if isinstance(model, str) else type(model).__name__}"):
+    with stages("load", f"load model {model if isinstance(model, str) else type(model).__name__}"), quiet_imports():
         loaded = load_model(
             model, inputs=list(sources.inputs), allow_pickle=sources.allow_pickle, workdir=sources.workdir
         )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -290,7 +291,9 @@ class ProgramEditor:
                 spec.arg = TensorArgument(value.name)
             specs.append(spec)
         self.graph_module.recompile()
-        call_graph = copy.deepcopy(self.source.module_call_graph)
+        with warnings.catch_warnings():  # copying torch's own TreeSpecs trips its LeafSpec deprecation
+            warnings.simplefilter("ignore", FutureWarning)
+            call_graph = copy.deepcopy(self.source.module_call_graph)
         examples = self.source.example_inputs
         if self._extra_examples and examples is not None:
             examples = (examples[0], {**examples[1], **self._extra_examples})
