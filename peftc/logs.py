@@ -12,9 +12,9 @@ extension a CPU build cannot load, and registers enums that torch's pytree warns
 
 
 @contextlib.contextmanager
-def quiet_imports() -> Iterator[None]:
-    """Raise the :data:`NOISY` loggers to ERROR for the duration."""
-    loggers = [logging.getLogger(name) for name in NOISY]
+def quiet(*names: str) -> Iterator[None]:
+    """Raise the named loggers (``""``: the root logger) to ERROR for the duration."""
+    loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
@@ -23,3 +23,8 @@ def quiet_imports() -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
+
+
+def quiet_imports() -> contextlib.AbstractContextManager[None]:
+    """The :data:`NOISY` loggers quiet for the duration."""
+    return quiet(*NOISY)

@@ -179,6 +179,12 @@ class Layer:
     """Its weight's shape."""
 
 
+Feeds = Sequence[Mapping[str, np.ndarray]]
+"""Input batches: input name → array (calibration inputs)."""
+Run = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
+"""A model run: inputs → outputs by name."""
+
+
 class Quantizer(Protocol):
     """A target's fp32 lowering, open for quantizing layer by layer (``QuantizingBackend.quantizer``).
 
@@ -190,14 +196,9 @@ class Quantizer(Protocol):
 
     layers: Sequence[Layer]
 
-    def trial(
-        self,
-        keep: Collection[str],
-        calibration: Sequence[Mapping[str, np.ndarray]],
-        only: Collection[str] | None = None,
-    ) -> Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]: ...
+    def trial(self, keep: Collection[str], calibration: Feeds, only: Collection[str] | None = None) -> Run: ...
 
-    def write(self, keep: Collection[str], calibration: Sequence[Mapping[str, np.ndarray]]) -> Lowered: ...
+    def write(self, keep: Collection[str], calibration: Feeds) -> Lowered: ...
 
 
 @runtime_checkable

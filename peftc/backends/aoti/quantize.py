@@ -31,7 +31,7 @@ import dataclasses
 import re
 import warnings
 import zipfile
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from peftc import ir
-from peftc.backends.base import Layer, Lowered
+from peftc.backends.base import Feeds, Layer, Lowered, Run
 from peftc.errors import BackendUnavailable
 from peftc.loaders.inputs import InputSignature
 from peftc.logs import quiet_imports
@@ -61,12 +61,7 @@ class AotiQuantizer:
         self._outputs = ir.output_names(program)
         self.layers = list(_layers(program.module()).values())
 
-    def trial(
-        self,
-        keep: Collection[str],
-        calibration: Sequence[Mapping[str, np.ndarray]],
-        only: Collection[str] | None = None,
-    ) -> Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]:
+    def trial(self, keep: Collection[str], calibration: Feeds, only: Collection[str] | None = None) -> Run:
         converted = self._convert(keep, calibration, only)
 
         def run(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -77,7 +72,7 @@ class AotiQuantizer:
 
         return run
 
-    def write(self, keep: Collection[str], calibration: Sequence[Mapping[str, np.ndarray]]) -> Lowered:
+    def write(self, keep: Collection[str], calibration: Feeds) -> Lowered:
         converted = self._convert(keep, calibration)
         signature = self._signature
         example = signature.example(signature.trace_sizes())

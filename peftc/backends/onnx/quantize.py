@@ -23,15 +23,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import shutil
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from peftc.backends.base import Layer, Lowered
+from peftc.backends.base import Feeds, Layer, Lowered, Run
+from peftc.logs import quiet
 
 _WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Conv": 1, "Attention": 1, "Gather": 0}
 SCHEMES: dict[str, dict[str, Any]] = {
@@ -57,18 +57,13 @@ class OnnxQuantizer:
         prepare(self._src)
         self.layers = quantizable(self._src, precision)
 
-    def trial(
-        self,
-        keep: Collection[str],
-        calibration: Sequence[Mapping[str, np.ndarray]],
-        only: Collection[str] | None = None,
-    ) -> Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]:
+    def trial(self, keep: Collection[str], calibration: Feeds, only: Collection[str] | None = None) -> Run:
         trial = self._scratch / "trial"
         trial.mkdir(exist_ok=True)
         quantize(self._src, trial / self._path.name, self._precision, keep, calibration, self._cache, only)
         return self._backend.load(trial, {}).run
 
-    def write(self, keep: Collection[str], calibration: Sequence[Mapping[str, np.ndarray]]) -> Lowered:
+    def write(self, keep: Collection[str], calibration: Feeds) -> Lowered:
         quantize(self._src, self._path, self._precision, keep, calibration, self._cache)
         return dataclasses.replace(self._lowered, info={**self._lowered.info, **self._backend.describe(self._path)})
 
@@ -174,18 +169,9 @@ class _Reader:
         return iter(lambda: self.get_next(), None)
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def _quiet() -> contextlib.AbstractContextManager[None]:
     """onnxruntime's quantizers log every node at INFO and advise pre-processing at WARNING."""
-    loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
+    return quiet("", "onnxruntime.quantization.matmul_nbits_quantizer")
 
 
 def _module(node: Any) -> str:
