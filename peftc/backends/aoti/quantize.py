@@ -31,7 +31,7 @@ import dataclasses
 import re
 import warnings
 import zipfile
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,7 @@ class AotiQuantizer:
     ) -> None:
         self._backend, self._program, self._signature = backend, program, signature
         self._directory, self._dynamic = directory, DYNAMIC[precision]
+        self._calibrated: dict[str, torch.nn.Module] | None = None
         self._inputs = ir.user_input_names(program)
         self._outputs = ir.output_names(program)
         self.layers = list(_layers(program.module()).values())
@@ -83,15 +84,32 @@ class AotiQuantizer:
         kernels = _int8_kernels(self._directory / lowered.files[0])
         return dataclasses.replace(lowered, info={**lowered.info, "int8_kernels": kernels})
 
-    def _convert(
-        self,
-        keep: Collection[str],
-        calibration: Sequence[Mapping[str, np.ndarray]],
-        only: Collection[str] | None = None,
-    ) -> torch.fx.GraphModule:
-        """The program with the chosen layers quantized: annotated, calibrated, converted."""
+    def _convert(self, keep: Collection[str], calibration: Feeds, only: Collection[str] | None = None) -> Any:
+        """The program with the chosen layers quantized: annotated, observed, converted.
+
+        Calibration runs the program in float with observers attached, so what an observer sees does
+        not depend on which other layers are chosen: the static scheme calibrates once with every
+        layer chosen and gives each trial's observers those states (an observer shared by several
+        nodes would see more there, so a trial with one calibrates itself)."""
         with _imports():
-            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+        prepared = self._prepare(keep, only)
+        if self._dynamic:
+            self._observe(prepared, calibration[:1])  # activations are quantized at run time: weights only
+            return convert_pt2e(prepared)
+        if self._calibrated is None:
+            self._calibrated = _observers(self._observe(self._prepare((), None), calibration)) or {}
+        observers = _observers(prepared)
+        if observers is not None and observers.keys() <= self._calibrated.keys():
+            for name, observer in observers.items():
+                observer.load_state_dict(self._calibrated[name].state_dict())
+        else:
+            self._observe(prepared, calibration)
+        return convert_pt2e(prepared)
+
+    def _prepare(self, keep: Collection[str], only: Collection[str] | None) -> Any:
+        with _imports():
+            from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
             from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
                 X86InductorQuantizer,
                 get_default_x86_inductor_quantization_config,
@@ -103,11 +121,23 @@ class AotiQuantizer:
         config = get_default_x86_inductor_quantization_config(is_dynamic=self._dynamic)
         for name in sorted(chosen):
             quantizer.set_module_name_qconfig(name, config)
-        prepared = prepare_pt2e(module, quantizer)
+        return prepare_pt2e(module, quantizer)
+
+    def _observe(self, prepared: Any, feeds: Feeds) -> Any:
         with torch.no_grad():
-            for feed in calibration[:1] if self._dynamic else calibration:  # dynamic: weights observed once
+            for feed in feeds:
                 prepared(**{k: torch.from_numpy(np.ascontiguousarray(feed[k])) for k in self._inputs})
-        return convert_pt2e(prepared)
+        return prepared
+
+
+def _observers(prepared: torch.fx.GraphModule) -> dict[str, torch.nn.Module] | None:
+    """The observers of a prepared program by the node each observes; None if one is shared."""
+    out: dict[str, torch.nn.Module] = {}
+    for node in prepared.graph.nodes:
+        module = prepared.get_submodule(node.target) if node.op == "call_module" else None
+        if module is not None and hasattr(module, "calculate_qparams"):
+            out[node.args[0].name] = module
+    return out if len({id(m) for m in out.values()}) == len(out) else None
 
 
 def _int8_kernels(package: Path) -> dict[str, int]:
