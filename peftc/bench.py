@@ -34,6 +34,7 @@ from peftc.driver.sources import recorded
 from peftc.errors import InputError, UnsupportedError
 from peftc.runtime import load
 from peftc.verification import program_oracle
+from peftc.verification.compare import relative_error
 from peftc.verification.oracles import peft_oracle, to_numpy
 
 PEFT, BASE = "peft eager", "eager base"
@@ -156,7 +157,7 @@ def _record(times: Mapping[str, list[float]], path: Timed, expected: Any, inputs
         record["speedup_vs_peft"] = statistics.median(ratios)
     ratios = [t / b for t, b in zip(times[path.name], times[BASE], strict=True)]
     record["vs_base"] = statistics.median(ratios)
-    record["error"] = _error(expected, path.call(inputs))
+    record["error"] = relative_error(expected, path.call(inputs))
     return record
 
 
@@ -181,18 +182,6 @@ def _interleaved(paths: Sequence[Timed], inputs: Mapping[str, torch.Tensor], rep
             path.call(inputs)
             times[path.name].append(time.perf_counter() - start)
     return times
-
-
-def _error(expected: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray]) -> float:
-    """The largest error of any float output, relative to that output's largest magnitude."""
-    worst = 0.0
-    for name, ref in expected.items():
-        if name not in got or not np.issubdtype(np.asarray(ref).dtype, np.floating):
-            continue
-        have = np.asarray(got[name], dtype=np.float64)
-        scale = float(np.abs(ref).max()) or 1.0
-        worst = max(worst, float(np.abs(have - ref).max()) / scale)
-    return worst
 
 
 def report(result: Mapping[str, Any]) -> str:

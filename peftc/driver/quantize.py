@@ -43,6 +43,7 @@ from peftc.errors import InputError, UnsupportedError, VerificationError
 from peftc.loaders.inputs import DTYPES, InputSignature
 from peftc.options import CompileOptions
 from peftc.verification import program_oracle
+from peftc.verification.compare import relative_error
 
 BATCH = 8
 SEED = 1000
@@ -221,13 +222,6 @@ def explained(error: VerificationError, precision: Mapping[str, Any]) -> Verific
 
 
 def _error(expected: Sequence[Mapping[str, np.ndarray]], got: Sequence[Mapping[str, np.ndarray]]) -> float:
-    """The largest error of any float output in any batch, relative to that output's largest magnitude
-    in the batch (as verification measures each case)."""
-    worst = 0.0
-    for want, have in zip(expected, got, strict=True):
-        for name, ref in want.items():
-            if not np.issubdtype(ref.dtype, np.floating):
-                continue
-            diff = float(np.abs(have[name].astype(np.float64) - ref).max())
-            worst = max(worst, diff / (float(np.abs(ref).max()) or 1.0) if np.isfinite(diff) else float("inf"))
-    return worst
+    """The worst :func:`~peftc.verification.compare.relative_error` over the batches (each output
+    relative to its own scale in the batch, as verification measures each case)."""
+    return max(relative_error(want, have) for want, have in zip(expected, got, strict=True))

@@ -91,3 +91,21 @@ def compare(
         ok = finite and (tol.abs is None or max_abs <= tol.abs) and max_rel <= tol.rel
         results.append(OutputError(name, max_abs, max_ref, max_rel, tol, ok, "" if finite else "non-finite values"))
     return results
+
+
+def relative_error(expected: Mapping[str, np.ndarray], actual: Mapping[str, np.ndarray]) -> float:
+    """The largest error of any float output, relative to that output's largest magnitude in
+    ``expected`` (1 where that is 0), as :func:`compare` measures it; inf for a missing or non-finite
+    output. One number for a search or a benchmark row, where :func:`compare` gives a table."""
+    worst = 0.0
+    for name, ref in expected.items():
+        ref = np.asarray(ref)
+        if not np.issubdtype(ref.dtype, np.floating):
+            continue
+        if name not in actual:
+            return float("inf")
+        diff = float(np.abs(np.asarray(actual[name], dtype=np.float64) - ref).max())
+        if not np.isfinite(diff):
+            return float("inf")
+        worst = max(worst, diff / (float(np.abs(ref).max()) or 1.0))
+    return worst
