@@ -35,7 +35,7 @@ from peftc.methods.base import Adapter, AdapterSource, ParseOptions, Site
 from peftc.methods.record import Method
 from peftc.ops import SiteOp
 from peftc.passes.base import Pass
-from peftc.precision import adapter_dtype
+from peftc.precision import adapter_dtype, name_of
 from peftc.swap.ops import SLOTS
 
 METHODS: list[Method] = [
@@ -122,7 +122,7 @@ def _computing(adapter: Adapter, modules: ModuleTable) -> Adapter:
             if entry is not None and not entry.tensor.is_floating_point():
                 if entry.key in source.tensors:
                     raise InputError(
-                        f"{source.describe(entry.key)}: dtype {_name(entry.tensor.dtype)}; adapter tensors are "
+                        f"{source.describe(entry.key)}: dtype {name_of(entry.tensor.dtype)}; adapter tensors are "
                         "floating point"
                     )
             elif entry is not None:
@@ -135,11 +135,7 @@ def _computing(adapter: Adapter, modules: ModuleTable) -> Adapter:
         value = replacement.tensor.tensor
         if base is not None and value.is_floating_point() != base.is_floating_point():
             raise InputError(
-                f"{source.describe(replacement.tensor.key)}: dtype {_name(value.dtype)} for {replacement.param}, "
-                f"which is {_name(base.dtype)}"
+                f"{source.describe(replacement.tensor.key)}: dtype {name_of(value.dtype)} for {replacement.param}, "
+                f"which is {name_of(base.dtype)}"
             )
     return dataclasses.replace(adapter, sites=tuple(convert(s) for s in adapter.sites))
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
