@@ -165,8 +165,10 @@ def _bench(args: argparse.Namespace) -> int:
 
     batches = [n for _, n in numbers("--batch", [t for t in args.batch.split(",") if t.strip()])]
     sizes = dict(numbers("--size", args.size))
-    if "" in sizes or args.reps < 1:
-        raise InputError("--size takes DIM=N (e.g. seq=128) and --reps a positive count")
+    if "" in sizes:
+        raise InputError("--size: give DIM=N with the dim's name (e.g. seq=128)")
+    if args.reps < 1:
+        raise InputError(f"--reps {args.reps}: give a positive count")
     result = bench.bench(
         [Path(p) for p in args.artifacts], batches=batches, sizes=sizes, reps=args.reps, progress=_progress()
     )

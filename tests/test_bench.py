@@ -57,6 +57,8 @@ def test_cli_bench_json_and_plot(capsys, tmp_path, artifacts):
         (["--batch", "0"], "--batch '0': give positive integers"),
         (["--size", "seq"], "--size 'seq': give positive integers"),
         (["--size", "width=3"], "--size width: the model's dynamic dims are"),
+        (["--size", "=3"], "--size: give DIM=N with the dim's name"),
+        (["--reps", "0"], "--reps 0: give a positive count"),
     ],
 )
 def test_cli_bench_refuses_bad_flags_in_one_line(capsys, artifacts, argv, message):
