@@ -12,12 +12,14 @@ repetition shuffles the paths, calls each twice and times the second call; a rat
 repetitions of the paired per-repetition ratio (``compile_minilm.py`` explains why). Compile wall
 times and every path's max abs error against PEFT are reported too.
 
-**GPU part** (``--gpu``; needs a CUDA build of torch and a GPU, and TensorRT for the trt row): a
-~110M-parameter BERT-base built from its config (seeded), LoRA r=16 on every linear made by PEFT,
-fp16, seq 128, batch 1/8/32: ``peft_eager_unmerged`` (fp16), ``torch_compile_merged`` (``torch.compile``
-of the merged fp16 model), ``aoti_cuda_merged`` (``--target aoti --device cuda``) and, if it builds,
-``trt_fp16_merged`` (``--target trt --precision fp16``). Timings use CUDA synchronisation. The goal is
-≥ 2× over PEFT eager unmerged at batch 1.
+**GPU part** (``--gpu [--gpu-targets aoti,trt] [--precisions fp16,bf16]``; needs a CUDA build of torch
+and a GPU, and TensorRT for the trt rows): a ~110M-parameter BERT-base built from its config (seeded),
+LoRA r=16 on every linear made by PEFT, seq 128, batch 1/8/32: ``peft_eager_unmerged`` (fp16, the
+reference of every ratio), ``peft_eager_fp32`` (the reference of every error), ``torch_compile_merged``
+(``torch.compile`` of the merged fp16 model), and per precision P ``aoti_cuda_P`` (``--target aoti
+--device cuda --precision P``) and ``trt_P`` (``--target trt --precision P``); a path that cannot be
+built is listed as not run with the reason. Timings use CUDA synchronisation. The goal is ≥ 2× over
+PEFT eager unmerged at batch 1.
 """
 
 from __future__ import annotations
@@ -42,7 +44,6 @@ import compile_minilm as common  # the shared timing helpers
 import peftc
 
 CPU_PATHS = ("eager_base", "peft_eager_unmerged", "onnx_merged", "aoti_merged")
-GPU_PATHS = ("peft_eager_unmerged", "torch_compile_merged", "aoti_cuda_merged", "trt_fp16_merged")
 GOAL = 2.0
 
 
@@ -94,8 +95,12 @@ def cpu(adapter: str, reps: int, reps8: int) -> dict[str, Any]:
     return result
 
 
-def measure(calls: Mapping[str, Callable[[], Any]], reps: int, reference: str, compiled: tuple[str, ...]) -> dict:
-    errors = max_errors(calls, reference)
+def measure(
+    calls: Mapping[str, Callable[[], Any]], reps: int, reference: str, compiled: tuple[str, ...], oracle: str = ""
+) -> dict:
+    """Paired ratios against ``reference``; max abs errors against ``oracle`` (default: the reference)."""
+    oracle = oracle or reference
+    errors = max_errors(calls, oracle)
     common.log(f"   timing {len(calls)} paths x {reps} reps")
     times = common.time_interleaved(calls, reps, random.Random(common.ORDER_SEED))
     ratios = {f"{reference} / {name}": common.paired_ratio(times, reference, name) for name in compiled}
@@ -105,7 +110,7 @@ def measure(calls: Mapping[str, Callable[[], Any]], reps: int, reference: str, c
         "median_ms": {k: 1e3 * float(np.median(v)) for k, v in times.items()},
         "min_ms": {k: 1e3 * min(v) for k, v in times.items()},
         "ratios": ratios,
-        "max_abs_error_vs_" + reference: errors,
+        "max_abs_error_vs_" + oracle: errors,
     }
 
 
@@ -128,7 +133,7 @@ def _numpy(outputs: Any) -> dict[str, np.ndarray]:
     }
 
 
-def gpu(reps: int) -> dict[str, Any]:
+def gpu(reps: int, precisions: tuple[str, ...], targets: tuple[str, ...] = ("aoti", "trt")) -> dict[str, Any]:
     """The GPU part (see the module docstring). Written for the device machine; never run on CPU CI."""
     import transformers
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -136,6 +141,7 @@ def gpu(reps: int) -> dict[str, Any]:
     from peftc.backends.tensorrt import engine as trt_engine
 
     result: dict[str, Any] = {"part": "gpu", "device": torch.cuda.get_device_name(0), "batches": {}, "not_run": {}}
+    result["compile_s"] = {}
     torch.manual_seed(0)
     config = transformers.BertConfig()  # BERT-base: 110M parameters
     base = transformers.BertModel(config).eval()
@@ -146,28 +152,34 @@ def gpu(reps: int) -> dict[str, Any]:
         )
         get_peft_model(copy.deepcopy(base), lora).save_pretrained(f"{tmp}/adapter")
         half = copy.deepcopy(base).half().cuda().eval()
+        oracle = PeftModel.from_pretrained(copy.deepcopy(base).cuda(), f"{tmp}/adapter").eval()
         unmerged = PeftModel.from_pretrained(copy.deepcopy(half), f"{tmp}/adapter").eval()
         merged = PeftModel.from_pretrained(copy.deepcopy(half), f"{tmp}/adapter").merge_and_unload().eval()
         compiled = torch.compile(merged)
         runners: dict[str, Any] = {}
-        try:
-            runners["aoti_cuda_merged"] = peftc.load(
-                peftc.compile(
-                    half, f"{tmp}/adapter", out=f"{tmp}/aoti", target="aoti", target_options={"device": "cuda"}
-                ).path
-            )
-        except peftc.PeftcError as e:
-            result["not_run"]["aoti_cuda_merged"] = str(e)
-        if trt_engine.find_module() is None:
-            result["not_run"]["trt_fp16_merged"] = "TensorRT not installed"
-        else:
-            try:
-                art = peftc.compile(
-                    base, f"{tmp}/adapter", out=f"{tmp}/trt", target="trt", target_options={"precision": "fp16"}
-                )
-                runners["trt_fp16_merged"] = peftc.load(art.path)
-            except peftc.PeftcError as e:
-                result["not_run"]["trt_fp16_merged"] = str(e)
+        chosen = [("aoti_cuda", "aoti", {"device": "cuda"})] if "aoti" in targets else []
+        if "trt" in targets and trt_engine.find_module() is None:
+            result["not_run"]["trt"] = "TensorRT not installed"
+        elif "trt" in targets:
+            chosen.append(("trt", "trt", {}))
+        for label, target, options in chosen:
+            for precision in precisions:
+                name = f"{label}_{precision}"
+                common.log(f"== compile {name}")
+                start = time.perf_counter()
+                try:
+                    art = peftc.compile(
+                        base,
+                        f"{tmp}/adapter",
+                        out=f"{tmp}/{name}",
+                        target=target,
+                        target_options=options,
+                        precision=precision,
+                    )
+                    runners[name] = peftc.load(art.path)
+                    result["compile_s"][name] = time.perf_counter() - start
+                except peftc.PeftcError as e:
+                    result["not_run"][name] = str(e)
         with torch.no_grad():
             for batch in (1, 8, 32):
                 g = torch.Generator().manual_seed(batch)
@@ -177,14 +189,19 @@ def gpu(reps: int) -> dict[str, Any]:
                 cuda_in = {"input_ids": ids_c, "attention_mask": mask_c}
                 calls: dict[str, Callable[[], Any]] = {
                     "peft_eager_unmerged": _synced(_bound(unmerged, cuda_in)),
+                    "peft_eager_fp32": _synced(_bound(oracle, cuda_in)),
                     "torch_compile_merged": _synced(_bound(compiled, cuda_in)),
                 }
                 for name, runner in runners.items():
                     calls[name] = _synced(_bound(runner, {"input_ids": ids, "attention_mask": mask}))
                 result["batches"][batch] = measure(
-                    calls, reps, "peft_eager_unmerged", (*runners, "torch_compile_merged")
+                    calls, reps, "peft_eager_unmerged", (*runners, "torch_compile_merged"), oracle="peft_eager_fp32"
                 )
     return result
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name for name in text.split(",") if name)
 
 
 def _bound(fn: Callable[..., Any], inputs: Mapping[str, Any]) -> Callable[[], Any]:
@@ -225,13 +242,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--reps8", type=int, default=6)
     parser.add_argument("--gpu", action="store_true", help="run the GPU part instead (needs CUDA)")
+    parser.add_argument(
+        "--precisions", default="fp16,bf16", help="GPU part: the artifacts' precisions (fp32,fp16,bf16)"
+    )
+    parser.add_argument("--gpu-targets", default="aoti,trt", help="GPU part: the targets to compile (aoti,trt)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.gpu:
         if not torch.cuda.is_available():
             print(f"GPU part not run: torch {torch.__version__} sees no CUDA device", file=sys.stderr)
             return 2
-        result = gpu(args.reps)
+        result = gpu(args.reps, _names(args.precisions), _names(args.gpu_targets))
     else:
         result = cpu(args.adapter, args.reps, args.reps8)
     if args.json:

@@ -18,7 +18,7 @@ from peftc.errors import InputError
 
 SITES = ["query", "value"]
 TRT_MODULE = trt_engine.find_module()
-DEVICE, NO_GPU = trt_engine.cuda_device()
+DEVICE, NO_GPU = trt_engine.build_device() if TRT_MODULE else trt_engine.cuda_device()
 
 
 @pytest.fixture(scope="module")

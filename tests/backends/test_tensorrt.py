@@ -40,7 +40,7 @@ needs_parser = pytest.mark.skipif(
     TRT_MODULE is None,
     reason=f"TensorRT parser not installed: neither tensorrt nor tensorrt_rtx ({trt_engine.INSTALL_HINT})",
 )
-DEVICE, NO_GPU = trt_engine.cuda_device()
+DEVICE, NO_GPU = trt_engine.build_device() if TRT_MODULE else trt_engine.cuda_device()
 needs_gpu = pytest.mark.skipif(
     DEVICE is None or TRT_MODULE is None, reason=f"engine not built: {NO_GPU or 'no TensorRT'}"
 )
@@ -93,6 +93,39 @@ def test_precision_the_device_cannot_run():
     check_precision("bf16", (9, 0), "NVIDIA H200")
     with pytest.raises(UnsupportedError, match=r"--precision bf16: Tesla T4 \(compute capability 7.5\) cannot run it"):
         check_precision("bf16", (7, 5), "Tesla T4")
+
+
+H100 = trt_engine.Device("NVIDIA H100 80GB HBM3", (9, 0))
+
+
+@pytest.mark.skipif(TRT_MODULE != "tensorrt_rtx", reason="the compute-capability list is TensorRT-RTX's")
+def test_tensorrt_rtx_names_the_gpus_it_cannot_build_for():
+    """Seen on an H100: TensorRT-RTX 1.7 fails inside Myelin for every target ("target_sm '90' does not
+    have arch kind assigned") and its engines do not deserialize on 9.0. peftc says so before building."""
+    assert trt_engine.unbuildable(trt_engine.Device("NVIDIA GeForce RTX 4090", (8, 9))) == ""
+    assert trt_engine.unbuildable(trt_engine.Device("NVIDIA RTX PRO 6000", (12, 0))) == ""
+    why = trt_engine.unbuildable(H100)
+    assert why.startswith("tensorrt_rtx 1.7") and "7.5, 8.0, 8.6, 8.9, 12.0, 12.1; NVIDIA H100 80GB HBM3 is 9.0" in why
+    assert "--target aoti --device cuda" in why
+
+
+@needs_parser
+def test_a_gpu_tensorrt_cannot_build_for_gets_the_verified_onnx_and_the_reason(tmp_path, bert_adapter, monkeypatch):
+    monkeypatch.setattr(trt_engine, "cuda_device", lambda: (H100, ""))
+    monkeypatch.setattr(trt_engine, "unbuildable", lambda device, module=None: f"cannot build for {device.name}")
+
+    def build(*args, **kwargs):
+        raise AssertionError("no engine build may start on a GPU TensorRT cannot build for")
+
+    monkeypatch.setattr(trt_engine, "build", build)
+    artifact = peftc.compile(models.tiny_bert(), bert_adapter, out=tmp_path / "out", target="trt")
+    info = artifact.manifest.target["tensorrt"]
+    assert (
+        info["engine"] is None and info["engine_missing"] == "engine not built: cannot build for NVIDIA H100 80GB HBM3"
+    )
+    assert artifact.manifest.target["verified_with"] == "onnx" and artifact.manifest.verification["passed"]
+    with pytest.raises(BackendUnavailable, match=r"engine not built: cannot build for NVIDIA H100"):
+        peftc.load(artifact.path)
 
 
 def test_refit_modes():

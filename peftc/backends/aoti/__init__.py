@@ -106,7 +106,9 @@ class AotiBackend:
         if self.device != "cpu":
             from torch.export.passes import move_to_device_pass
 
-            decomposed = move_to_device_pass(decomposed, self.device)
+            # "cuda:N", not "cuda": the pass writes the string into device kwargs (aten._assert_tensor_metadata)
+            # while fake tensors moved with it report cuda:N, and Inductor then refuses the mismatch.
+            decomposed = move_to_device_pass(decomposed, f"cuda:{torch.cuda.current_device()}")
         return self.compile(decomposed, program, signature, directory, progress, overridable)
 
     def compile(

@@ -107,7 +107,7 @@ class TensorRTBackend:
         refit_map = build_refit_map(reference, program, {i.name for i in model.graph.initializer})
         refit_map = _against_network(refit_map, report)
         not_run: list[tuple[str, str]] = []
-        device, why = trt_engine.cuda_device()
+        device, why = trt_engine.build_device(report.module)
         engine_file = None
         if settings.refit:
             from safetensors.torch import save_file

@@ -85,6 +85,34 @@ def cuda_device() -> tuple[Device | None, str]:
     return Device(name.value.decode(errors="replace"), (major.value, minor.value)), ""
 
 
+def unbuildable(device: Device, module: str | None = None) -> str:
+    """Why the installed TensorRT cannot build engines for ``device`` ("" when it can).
+
+    TensorRT-RTX builds only for the compute capabilities its ``ComputeCapability`` enum names
+    (consumer and workstation GPUs): on others (an H100 is 9.0) its builder fails inside Myelin and an
+    engine built anyway does not deserialize. NVIDIA's full ``tensorrt`` has no such enum.
+    """
+    trt = import_trt(module)
+    names = getattr(getattr(trt, "ComputeCapability", None), "__members__", {})
+    supported = sorted((int(n[2:-1]), int(n[-1])) for n in names if n.startswith("SM") and n[2:].isdigit())
+    if not supported or tuple(device.compute_capability) in supported:
+        return ""
+    listed = ", ".join(f"{major}.{minor}" for major, minor in supported)
+    have = ".".join(map(str, device.compute_capability))
+    return (
+        f"{trt.__name__} {trt.__version__} builds engines for compute capability {listed}; {device.name} is "
+        f"{have} (install NVIDIA's tensorrt wheel for this GPU, or use --target aoti --device cuda)"
+    )
+
+
+def build_device(module: str | None = None) -> tuple[Device | None, str]:
+    """The GPU the installed TensorRT builds engines for here, or why there is none."""
+    device, why = cuda_device()
+    if device is not None and (why := unbuildable(device, module)):
+        return None, why
+    return device, why
+
+
 class _Logger:
     """A TensorRT logger that keeps errors for the exception message and forwards the rest to logging."""
 
