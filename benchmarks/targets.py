@@ -138,7 +138,7 @@ def gpu(reps: int, precisions: tuple[str, ...], targets: tuple[str, ...] = ("aot
     import transformers
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from peftc.backends.tensorrt import engine as trt_engine
+    from peftc.backends.tensorrt import install as trt_install
 
     result: dict[str, Any] = {"part": "gpu", "device": torch.cuda.get_device_name(0), "batches": {}, "not_run": {}}
     result["compile_s"] = {}
@@ -158,7 +158,7 @@ def gpu(reps: int, precisions: tuple[str, ...], targets: tuple[str, ...] = ("aot
         compiled = torch.compile(merged)
         runners: dict[str, Any] = {}
         chosen = [("aoti_cuda", "aoti", {"device": "cuda"})] if "aoti" in targets else []
-        if "trt" in targets and trt_engine.find_module() is None:
+        if "trt" in targets and trt_install.find_module() is None:
             result["not_run"]["trt"] = "TensorRT not installed"
         elif "trt" in targets:
             chosen.append(("trt", "trt", {}))

@@ -20,7 +20,7 @@ from conftest import assert_outputs_close
 from safetensors.torch import save_file
 
 import peftc
-from peftc.backends.tensorrt import engine as trt_engine
+from peftc.backends.tensorrt import install as trt_install
 from peftc.cli import main
 from peftc.errors import InputError, UnsupportedError
 from peftc.loaders import load_model
@@ -138,7 +138,7 @@ def test_zeroi2v_official_checkpoint_with_stdha(tmp_path):
 
 
 @pytest.mark.skipif(
-    trt_engine.find_module() is None, reason="TensorRT ONNX parser not installed (extra peftc[tensorrt])"
+    trt_install.find_module() is None, reason="TensorRT ONNX parser not installed (extra peftc[tensorrt])"
 )
 def test_zeroi2v_with_stdha_parses_in_tensorrt(tmp_path):
     """The STDHA gather and the video model's mean over frames (a ReduceMean whose axes the exporter

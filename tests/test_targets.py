@@ -13,12 +13,12 @@ import torch
 from conftest import assert_outputs_close
 
 import peftc
-from peftc.backends.tensorrt import engine as trt_engine
+from peftc.backends.tensorrt import install as trt_install
 from peftc.errors import InputError
 
 SITES = ["query", "value"]
-TRT_MODULE = trt_engine.find_module()
-DEVICE, NO_GPU = trt_engine.build_device() if TRT_MODULE else trt_engine.cuda_device()
+TRT_MODULE = trt_install.find_module()
+DEVICE, NO_GPU = trt_install.build_device() if TRT_MODULE else trt_install.cuda_device()
 
 
 @pytest.fixture(scope="module")

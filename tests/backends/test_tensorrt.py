@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 import peftc
 from peftc.backends.tensorrt import engine as trt_engine
+from peftc.backends.tensorrt import install as trt_install
 from peftc.backends.tensorrt.refit import BASE_FILE, RefitMap, refit_weights
 from peftc.backends.tensorrt.settings import (
     DimProfile,
@@ -35,12 +36,12 @@ from peftc.backends.tensorrt.settings import (
 from peftc.errors import BackendUnavailable, InputError, UnsupportedError
 from peftc.loaders.inputs import from_transformers
 
-TRT_MODULE = trt_engine.find_module()
+TRT_MODULE = trt_install.find_module()
 needs_parser = pytest.mark.skipif(
     TRT_MODULE is None,
-    reason=f"TensorRT parser not installed: neither tensorrt nor tensorrt_rtx ({trt_engine.INSTALL_HINT})",
+    reason=f"TensorRT parser not installed: neither tensorrt nor tensorrt_rtx ({trt_install.INSTALL_HINT})",
 )
-DEVICE, NO_GPU = trt_engine.build_device() if TRT_MODULE else trt_engine.cuda_device()
+DEVICE, NO_GPU = trt_install.build_device() if TRT_MODULE else trt_install.cuda_device()
 needs_gpu = pytest.mark.skipif(
     DEVICE is None or TRT_MODULE is None, reason=f"engine not built: {NO_GPU or 'no TensorRT'}"
 )
@@ -95,24 +96,24 @@ def test_precision_the_device_cannot_run():
         check_precision("bf16", (7, 5), "Tesla T4")
 
 
-H100 = trt_engine.Device("NVIDIA H100 80GB HBM3", (9, 0))
+H100 = trt_install.Device("NVIDIA H100 80GB HBM3", (9, 0))
 
 
 @pytest.mark.skipif(TRT_MODULE != "tensorrt_rtx", reason="the compute-capability list is TensorRT-RTX's")
 def test_tensorrt_rtx_names_the_gpus_it_cannot_build_for():
     """Seen on an H100: TensorRT-RTX 1.7 fails inside Myelin for every target ("target_sm '90' does not
     have arch kind assigned") and its engines do not deserialize on 9.0. peftc says so before building."""
-    assert trt_engine.unbuildable(trt_engine.Device("NVIDIA GeForce RTX 4090", (8, 9))) == ""
-    assert trt_engine.unbuildable(trt_engine.Device("NVIDIA RTX PRO 6000", (12, 0))) == ""
-    why = trt_engine.unbuildable(H100)
+    assert trt_install.unbuildable(trt_install.Device("NVIDIA GeForce RTX 4090", (8, 9))) == ""
+    assert trt_install.unbuildable(trt_install.Device("NVIDIA RTX PRO 6000", (12, 0))) == ""
+    why = trt_install.unbuildable(H100)
     assert why.startswith("tensorrt_rtx 1.7") and "7.5, 8.0, 8.6, 8.9, 12.0, 12.1; NVIDIA H100 80GB HBM3 is 9.0" in why
     assert "--target aoti --device cuda" in why
 
 
 @needs_parser
 def test_a_gpu_tensorrt_cannot_build_for_gets_the_verified_onnx_and_the_reason(tmp_path, bert_adapter, monkeypatch):
-    monkeypatch.setattr(trt_engine, "cuda_device", lambda: (H100, ""))
-    monkeypatch.setattr(trt_engine, "unbuildable", lambda device, module=None: f"cannot build for {device.name}")
+    monkeypatch.setattr(trt_install, "cuda_device", lambda: (H100, ""))
+    monkeypatch.setattr(trt_install, "unbuildable", lambda device, module=None: f"cannot build for {device.name}")
 
     def build(*args, **kwargs):
         raise AssertionError("no engine build may start on a GPU TensorRT cannot build for")
@@ -138,7 +139,7 @@ def test_refit_modes():
 
 
 def test_no_tensorrt_module_is_refused_before_any_work(tmp_path, bert_adapter, monkeypatch):
-    monkeypatch.setattr(trt_engine, "find_module", lambda: None)
+    monkeypatch.setattr(trt_install, "find_module", lambda: None)
     with pytest.raises(BackendUnavailable, match=r"pip install 'peftc\[tensorrt\]'.*nothing was built.*--target onnx"):
         peftc.compile(models.tiny_bert(), bert_adapter, out=tmp_path / "out", target="trt")
     assert not list(tmp_path.iterdir())
@@ -179,7 +180,7 @@ def adapters(tmp_path_factory):
 def trt_artifacts(tmp_path_factory, adapters):
     """LoRA merged (refittable) and unmerged, compiled by ``peftc.compile`` for ``--target trt``."""
     if TRT_MODULE is None:
-        pytest.skip(f"TensorRT parser not installed ({trt_engine.INSTALL_HINT})")
+        pytest.skip(f"TensorRT parser not installed ({trt_install.INSTALL_HINT})")
     root = tmp_path_factory.mktemp("trt")
     return {
         merge: peftc.compile(

@@ -33,6 +33,7 @@ import numpy as np
 
 from peftc.backends.base import Availability, Capabilities, Lowered, LowerRequest
 from peftc.backends.tensorrt import engine as trt_engine
+from peftc.backends.tensorrt import install as trt_install
 from peftc.backends.tensorrt.refit import BASE_FILE, RefitMap, base_weights, build_refit_map, refit_weights
 from peftc.backends.tensorrt.settings import (
     TensorRTSettings,
@@ -66,11 +67,11 @@ class TensorRTBackend:
         self.settings = TensorRTSettings.from_options(options or {})
 
     def available(self) -> Availability:
-        module = trt_engine.find_module()
+        module = trt_install.find_module()
         if module is None:
             return Availability(
                 False,
-                f"neither tensorrt nor tensorrt_rtx is installed ({trt_engine.INSTALL_HINT}); nothing was built: "
+                f"neither tensorrt nor tensorrt_rtx is installed ({trt_install.INSTALL_HINT}); nothing was built: "
                 "--target onnx builds the ONNX model this target would consume",
             )
         return Availability(True)
@@ -78,7 +79,7 @@ class TensorRTBackend:
     def versions(self) -> dict[str, str]:
         from peftc.backends.onnx import OnnxBackend
 
-        trt = trt_engine.import_trt()
+        trt = trt_install.import_trt()
         return {**OnnxBackend().versions(), trt.__name__: trt.__version__}
 
     def lower(self, request: LowerRequest, directory: Path, progress: Any) -> Lowered:
@@ -107,7 +108,7 @@ class TensorRTBackend:
         refit_map = build_refit_map(reference, program, {i.name for i in model.graph.initializer})
         refit_map = _against_network(refit_map, report)
         not_run: list[tuple[str, str]] = []
-        device, why = trt_engine.build_device(report.module)
+        device, why = trt_install.build_device(report.module)
         engine_file = None
         if settings.refit:
             from safetensors.torch import save_file
