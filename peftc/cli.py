@@ -140,14 +140,22 @@ def _inspect(args: argparse.Namespace) -> int:
     import dataclasses
 
     from peftc.artifact import MANIFEST_FILE, read_manifest
+    from peftc.artifact.manifest import file_problems
     from peftc.report import manifest_text
 
     manifest = read_manifest(args.artifact)
+    problems = file_problems(args.artifact, manifest)  # a modified artifact says so, and exits 1
     if args.json:
-        print((Path(args.artifact) / MANIFEST_FILE).read_text(), end="")
+        data = json.loads((Path(args.artifact) / MANIFEST_FILE).read_text())
+        data["integrity"] = {"status": "modified" if problems else "intact", "problems": problems}
+        print(json.dumps(data, indent=2))
     else:
-        print(manifest_text(dataclasses.asdict(manifest)), end="")
-    return 0
+        print(
+            manifest_text({**dataclasses.asdict(manifest), "status": "modified" if problems else manifest.status}),
+            end="",
+        )
+        print("".join(f"modified: {problem}\n" for problem in problems), end="")
+    return 1 if problems else 0
 
 
 def _bench(args: argparse.Namespace) -> int:

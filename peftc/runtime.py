@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from peftc.artifact import Manifest, check_files, read_manifest
+from peftc.artifact.files import listed, records
 from peftc.backends import Backend, get_backend
 from peftc.errors import InputError, UnsupportedError
 from peftc.swap.runtime import SwappableRunner
@@ -139,7 +140,12 @@ def open_runner(
     runner = backend.load(directory, target)
     if "slots" not in target:
         return runner
-    files = {a["name"]: directory / a["slot_file"] for a in adapters if "slot_file" in a}
+    digests = records(target)
+    files = {
+        a["name"]: (listed(directory, target, a["slot_file"]), digests[a["slot_file"]])
+        for a in adapters
+        if "slot_file" in a
+    }
     return SwappableRunner(runner, target, files)
 
 

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from peftc.artifact.files import inside, records
 from peftc.errors import InputError
 from peftc.hashing import sha256_file
 
@@ -112,11 +113,28 @@ def file_record(path: Path, directory: Path) -> dict[str, Any]:
 
 
 def check_files(directory: str | Path, manifest: Manifest) -> None:
-    """Every file the manifest lists exists with the recorded sha256."""
-    directory = Path(directory)
-    for entry in manifest.target["files"]:
-        path = directory / entry["path"]
+    """Every file the manifest lists is a regular file inside the artifact with the recorded sha256.
+
+    Raises:
+        InputError: the first of :func:`file_problems`.
+    """
+    problems = file_problems(directory, manifest)
+    if problems:
+        raise InputError(problems[0])
+
+
+def file_problems(directory: str | Path, manifest: Manifest) -> list[str]:
+    """One line per listed file that is not as recorded: a path that is absolute, uses ``..`` or a
+    symbolic link; a missing file; a file whose sha256 differs (the artifact was modified)."""
+    problems = []
+    for relative, digest in records(manifest.target).items():
+        try:
+            path = inside(directory, relative)
+        except InputError as e:
+            problems.append(str(e))
+            continue
         if not path.is_file():
-            raise InputError(f"{path}: listed in the manifest but missing")
-        if sha256_file(path) != entry["sha256"]:
-            raise InputError(f"{path}: sha256 differs from the manifest; the artifact was modified")
+            problems.append(f"{path}: listed in the manifest but missing")
+        elif sha256_file(path) != digest:
+            problems.append(f"{path}: sha256 differs from the manifest; the artifact was modified")
+    return problems

@@ -8,6 +8,7 @@ each batch row's bank row as ``adapter_index``.
 
 from __future__ import annotations
 
+import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -15,7 +16,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from peftc.artifact.files import read_verified
 from peftc.errors import InputError, UnsupportedError
+from peftc.hashing import sha256_file
 
 T = TypeVar("T")
 Choice = str | Sequence[str | None] | None
@@ -76,10 +79,14 @@ def stack(
 
 
 class AdapterFiles:
-    """A swappable artifact's adapter files by name, each read at most once per reader, thread-safe."""
+    """A swappable artifact's adapter files by name, each read at most once per reader, thread-safe.
 
-    def __init__(self, files: Mapping[str, str | Path] | None = None) -> None:
-        self._files = {name: Path(path) for name, path in (files or {}).items()}
+    Each file is pinned to a sha256 (the manifest's, or the file's when it is registered) and checked
+    when it is read: the reader gets a private copy of exactly the bytes that were checked.
+    """
+
+    def __init__(self, files: Mapping[str, tuple[str | Path, str]] | None = None) -> None:
+        self._files = {name: (Path(path), digest) for name, (path, digest) in (files or {}).items()}
         self._cache: dict[tuple[str, str], Any] = {}
         self._lock = threading.RLock()
 
@@ -87,23 +94,29 @@ class AdapterFiles:
     def names(self) -> list[str]:
         return list(self._files)
 
-    def register(self, name: str, path: str | Path) -> None:
-        """Make the file at ``path`` adapter ``name`` (replacing what was read for that name)."""
+    def register(self, name: str, path: str | Path, sha256: str | None = None) -> None:
+        """Make the file at ``path`` adapter ``name`` (replacing what was read for that name), pinned to
+        ``sha256`` (default: the file's sha256 now)."""
         with self._lock:
-            self._files[name] = Path(path)
+            self._files[name] = (Path(path), sha256 or sha256_file(Path(path)))
             self._cache = {k: v for k, v in self._cache.items() if k[0] != name}
 
     def read(self, name: str, kind: str, reader: Callable[[Path], T]) -> T:
-        """``reader(path of name)``, cached per ``(name, kind)``.
+        """``reader(a private copy of name's file)``, checked against its sha256, cached per ``(name, kind)``.
 
         Raises:
-            InputError: no adapter of that name.
+            InputError: no adapter of that name, or its file changed since it was listed.
         """
         with self._lock:
             if (name, kind) not in self._cache:
-                path = self._files.get(name)
-                if path is None:
+                entry = self._files.get(name)
+                if entry is None:
                     known = ", ".join(repr(n) for n in self._files) or "none"
                     raise InputError(f"no adapter named {name!r} in this artifact (adapters: {known})")
-                self._cache[name, kind] = reader(path)
+                path, digest = entry
+                data = read_verified(path, digest)
+                with tempfile.TemporaryDirectory(prefix="peftc-adapter-") as private:
+                    copy = Path(private) / path.name
+                    copy.write_bytes(data)
+                    self._cache[name, kind] = reader(copy)
             return self._cache[name, kind]

@@ -34,10 +34,12 @@ class SwappableRunner:
     Args:
         inner: the target's runner of the artifact's model.
         target: the manifest's ``target`` record (``slots``, ``signature``).
-        files: adapter name → its adapter file.
+        files: adapter name → (its adapter file, the file's sha256 from the manifest).
     """
 
-    def __init__(self, inner: SlotRunner, target: Mapping[str, Any], files: Mapping[str, str | Path]) -> None:
+    def __init__(
+        self, inner: SlotRunner, target: Mapping[str, Any], files: Mapping[str, tuple[str | Path, str]]
+    ) -> None:
         table = SlotTable.from_json(target["slots"])
         signature = InputSignature.from_json(target["signature"])
         self.inner = inner
@@ -57,9 +59,10 @@ class SwappableRunner:
     def adapters(self) -> list[str]:
         return self.files.names
 
-    def register(self, name: str, path: str | Path) -> None:
-        """Make the adapter file at ``path`` adapter ``name`` (replacing what was read for that name)."""
-        self.files.register(name, path)
+    def register(self, name: str, path: str | Path, sha256: str | None = None) -> None:
+        """Make the adapter file at ``path`` adapter ``name`` (replacing what was read for that name),
+        pinned to ``sha256`` (default: the file's sha256 now)."""
+        self.files.register(name, path, sha256)
         with self._lock:
             self._banks.clear()
 

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from peftc import ir
+from peftc.artifact.files import listed
 from peftc.backends.base import Availability, Capabilities, Lowered, LowerRequest, check_feeds
 from peftc.errors import BackendUnavailable, InputError
 from peftc.loaders.inputs import InputSignature
@@ -171,7 +172,7 @@ class AotiBackend:
         return AotiQuantizer(self, program, signature, directory, precision)
 
     def load(self, directory: Path, target: Mapping[str, Any]) -> AotiRunner:
-        return AotiRunner(Path(directory) / target.get("package", PACKAGE_FILE), target)
+        return AotiRunner(listed(directory, target, target.get("package", PACKAGE_FILE)), target)
 
 
 def decompositions() -> dict[Any, Any]:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from peftc import ir
+from peftc.artifact.files import listed
 from peftc.backends.base import Availability, Capabilities, Lowered, LowerRequest
 from peftc.errors import first_line
 from peftc.loaders.inputs import InputSignature
@@ -121,7 +122,7 @@ class OnnxBackend:
         """An onnxruntime runner (a :class:`~peftc.backends.base.SlotRunner`)."""
         from peftc.backends.ort import OrtRunner
 
-        return OrtRunner(directory / MODEL_FILE)
+        return OrtRunner(listed(directory, target, MODEL_FILE))
 
     def quantizer(self, lowered: Lowered, directory: Path, precision: str, scratch: Path) -> Any:
         """``peftc/backends/onnx/quantize.py`` (a :class:`~peftc.backends.base.QuantizingBackend`)."""

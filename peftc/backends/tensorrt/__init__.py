@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from peftc.artifact.files import listed
 from peftc.backends.base import Availability, Capabilities, Lowered, LowerRequest
 from peftc.backends.tensorrt import engine as trt_engine
 from peftc.backends.tensorrt import install as trt_install
@@ -174,8 +175,8 @@ class TensorRTRunner:
         info = self.target["tensorrt"]
         settings = TensorRTSettings.from_options({k: v for k, v in info["settings"].items() if k != "profiles"})
         self.engine = trt_engine.TrtRunner(
-            (self.directory / info["engine"]).read_bytes(),
-            onnx_path=self.directory / info["onnx"],
+            listed(self.directory, self.target, info["engine"]).read_bytes(),
+            onnx_path=listed(self.directory, self.target, info["onnx"]),
             stripped=settings.strip_weights,
             settings=settings,
             module=info["module"],
@@ -203,7 +204,7 @@ class TensorRTRunner:
         info = self.target["tensorrt"]
         if not info.get("refit_base"):
             raise InputError(f"{self.directory}: built without --refit; recompile with --refit to swap adapters")
-        base = load_file(str(self.directory / info["refit_base"]))
+        base = load_file(str(listed(self.directory, self.target, info["refit_base"])))
         weights = refit_weights(self.refit_map, base, adapters)
         precision = {"fp16": "float16", "bf16": "bfloat16"}.get(info["settings"]["precision"])
         self.engine.refit(
@@ -220,7 +221,7 @@ class TensorRTRunner:
 
         signature = InputSignature.from_json(self.target["signature"])
         inputs = {k: v.numpy() for k, v in signature.example(signature.cases(1)[0], seed=0).items()}
-        expected = onnx_with_weights(self.directory / ONNX_FILE, weights, inputs)
+        expected = onnx_with_weights(listed(self.directory, self.target, ONNX_FILE), weights, inputs)
         results = compare(expected, self.run(inputs), output_dtypes(self.target["outputs"]))
         bad = [r for r in results if not r.ok]
         if bad:
