@@ -164,7 +164,9 @@ def test_listed_files_must_be_plain_paths_inside_the_artifact(tmp_path, built, p
 
 def test_files_the_runner_reads_must_be_listed(tmp_path, built):
     art = _copy(built["plain"], tmp_path / "art")
-    _edit_manifest(art, lambda d: d["target"].update(files=[f for f in d["target"]["files"] if f["path"] != "model.onnx"]))
+    _edit_manifest(
+        art, lambda d: d["target"].update(files=[f for f in d["target"]["files"] if f["path"] != "model.onnx"])
+    )
     with pytest.raises(InputError, match=r"names 'model.onnx' but does not list it in target.files"):
         peftc.load(art)
     swap = _copy(built["swap"], tmp_path / "swap")
