@@ -190,3 +190,32 @@ def test_inspect_reports_a_modified_artifact(tmp_path, capsys, built):
     code, out, _ = _cli(capsys, "inspect", art, "--json")
     integrity = json.loads(out)["integrity"]
     assert code == 1 and integrity["status"] == "modified" and "model.onnx" in integrity["problems"][0]
+
+
+# -- Hub ids from the local cache (no network) --------------------------------------------------
+
+
+def _cache(root: Path, repo_id: str, source: Path) -> None:
+    """The layout huggingface_hub writes: models--org--name/{refs/main, snapshots/<commit>/…}."""
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(source, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_hub_ids_resolve_from_the_local_cache_only(tmp_path, capsys, monkeypatch, built):
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    _cache(cache, "acme/tiny-bert", built["model_dir"])
+    _cache(cache, "acme/tiny_lora", built["a"])
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    art = peftc.compile("acme/tiny-bert", "acme/tiny_lora", out=tmp_path / "out")
+    assert art.manifest.adapters[0]["name"] == "tiny_lora"
+    inputs = models.text_inputs(1, 5)
+    assert_outputs_close(peftc.load(art.path)(**inputs), models.peft_outputs(built["model"], built["a"], inputs))
+    code, _, err = _cli(capsys, "compile", "acme/missing", "--adapter", built["a"], "-o", tmp_path / "x")
+    assert code == 2 and "model 'acme/missing': not a path here and not in the local Hugging Face cache" in err
+    assert not (tmp_path / "x").exists()

@@ -38,7 +38,8 @@ def test_compile_inspect_verify(capsys, tmp_path, bert_dir, bert_adapter):
     for section in ("adapter", "pass", "tol abs / rel", "rebuild: peftc compile"):
         assert section in stdout
     code, stdout, _ = run(capsys, "inspect", out, "--json")
-    assert code == 0 and stdout == (out / "manifest.json").read_text()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert code == 0 and json.loads(stdout) == {**manifest, "integrity": {"status": "intact", "problems": []}}
 
     code, stdout, err = run(capsys, "verify", out, "--json")
     assert code == 0, err

@@ -34,6 +34,7 @@ import torch
 from peftc import ir
 from peftc.errors import InputError, UnsupportedError, first_line
 from peftc.hashing import sha256_file
+from peftc.loaders.hub import cached, is_hub_id
 from peftc.loaders.inputs import InputSignature, from_program, from_timm, from_transformers, parse_inputs
 
 
@@ -104,7 +105,7 @@ def load_model(
     text = str(spec)
     if text.startswith(TIMM_PREFIX):
         return _finish(_load_timm(text, allow_pickle, workdir), override)
-    path = Path(text)
+    path = cached(text, "model") if is_hub_id(text) else Path(text)
     if path.is_dir():
         return _finish(_load_huggingface(path, allow_pickle), override)
     if path.is_file() and path.suffix == ".pt2":

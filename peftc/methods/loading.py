@@ -21,6 +21,7 @@ import torch
 
 from peftc.errors import InputError, first_line
 from peftc.ir.modules import ModuleTable
+from peftc.loaders.hub import cached, is_hub_id
 from peftc.methods import registry
 from peftc.methods.base import Adapter, AdapterSource, ParseOptions
 
@@ -48,6 +49,9 @@ def read_adapter(
     Raises:
         InputError: naming the missing, unreadable or malformed file.
     """
+    if is_hub_id(str(path)):
+        name = name or str(path).rsplit("/", 1)[1]
+        path = cached(str(path), "adapter")
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: adapter path does not exist")
