@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from peftc import cli_info
 from peftc.errors import PeftcError, VerificationError
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int8-static", "int8-weight", "int4")
@@ -239,6 +240,7 @@ def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="peftc", description="Compile PEFT-adapted models into verified artifacts.")
     root.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = root.add_subparsers(dest="command", required=True)
+    cli_info.register(root, sub)
 
     c = sub.add_parser("compile", help="compile a model with adapters into an artifact directory")
     c.add_argument(

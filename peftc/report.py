@@ -60,7 +60,7 @@ def manifest_text(m: Mapping[str, Any]) -> str:
         *_precision_parts(m["target"].get("precision")),
         verification_table(m["verification"]),
         *(f"not run: {item['what']}: {item['reason']}" for item in m["not_run"]),
-        *(f"warning: {warning}" for warning in m["warnings"]),
+        *(f"warning: {warning}" for warning in _warnings(m)),
         "timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in m["timings"].items()),
     ]
     if m.get("command"):
@@ -98,8 +98,16 @@ def _adapter_parts(m: Mapping[str, Any]) -> list[str]:
         parts.append(table(["adapter", "method", "sites", "ranks", "replaced tensors", "weights sha256"], [row]))
         set_fields = {k: v for k, v in adapter["config_honoured"].items() if v not in (None, [], {}, False, "none")}
         parts.append("  config: " + ", ".join(f"{k}={v}" for k, v in set_fields.items()))
+        if adapter.get("base_model"):
+            parts.append(f"  trained on: {adapter['base_model']} (base_model_name_or_path)")
         parts += [f"  unused key {key['key']}: {key['reason']}" for key in adapter.get("unused_keys", [])]
     return parts
+
+
+def _warnings(m: Mapping[str, Any]) -> list[str]:
+    """The compile's warnings, then those of adapters added later (``peftc add-adapter``)."""
+    added = [w for a in m["adapters"] if a.get("added") for w in a.get("warnings", [])]
+    return list(dict.fromkeys([*m["warnings"], *added]))
 
 
 def _pipeline_parts(pipeline: Sequence[Mapping[str, Any]]) -> list[str]:

@@ -120,6 +120,8 @@ class Backend(Protocol):
 
     name: str
     capabilities: Capabilities
+    requires: str
+    """What it needs to build and run here, in words (``peftc targets``; ``available`` checks it)."""
 
     def available(self) -> Availability: ...
 

@@ -21,7 +21,7 @@ import torch
 
 from peftc import ir
 from peftc.errors import UnsupportedError
-from peftc.loaders import LoadedModel, load_model
+from peftc.loaders import LoadedModel, identity, load_model
 from peftc.logs import quiet_imports
 from peftc.methods.base import Adapter, ParseOptions
 from peftc.methods.loading import read_adapter
@@ -137,7 +137,7 @@ def build(
     with stages("adapters", "match adapters to the model"):
         table = ir.module_table(traces[0][1])
         options = ParseOptions(base_residual=sources.base_residual, tied_embeddings=loaded.tied_embeddings)
-        adapters = _unique_names([parse_adapter(source, table, options) for source in read])
+        adapters = identity.checked(_unique_names([parse_adapter(s, table, options) for s in read]), loaded, stages.say)
     worlds = []
     for name, (module, base) in zip(names, traces, strict=True):
         if not stack:  # alternatives (swappable): each adapter gets its own reference program when verified

@@ -179,4 +179,4 @@ def _rank_masks(source: AdapterSource, adapted: set[str]) -> dict[str, list[bool
     return masks
 
 
-METHOD = Method("adalora", ("ADALORA",), parse, ops=(ADALORA_WEIGHT,))
+METHOD = Method("adalora", ("ADALORA",), parse, ops=(ADALORA_WEIGHT,), fields=FIELDS)

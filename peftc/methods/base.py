@@ -135,6 +135,7 @@ class Adapter:
             "config_file": str(self.source.config_path.resolve()),
             "weights_file": str(self.source.weights_path.resolve()),
             "sha256": dict(self.source.sha256),
+            "base_model": self.source.config.get("base_model_name_or_path"),
             "config_honoured": _jsonable(self.honoured),
             "config_ignored": dict(self.ignored),
             "sites": [

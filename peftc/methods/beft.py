@@ -60,4 +60,4 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
     return common.adapter(source, "beft", sites, grouped, honoured, ignored)
 
 
-METHOD = Method("beft", ("BEFT",), parse, ops=(BEFT_BIAS,))
+METHOD = Method("beft", ("BEFT",), parse, ops=(BEFT_BIAS,), fields=FIELDS)

@@ -226,4 +226,4 @@ def _check_conv(source: AdapterSource, module: ModuleInfo, shape: tuple[int, ...
         )
 
 
-METHOD = Method("boft", ("BOFT",), parse, ops=(BOFT_WEIGHT,))
+METHOD = Method("boft", ("BOFT",), parse, ops=(BOFT_WEIGHT,), fields=FIELDS)

@@ -102,4 +102,4 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
     return common.adapter(source, "ia3", sites, grouped, honoured, ignored, warnings)
 
 
-METHOD = Method("ia3", ("IA3",), parse, ops=(IA3_WEIGHT,))
+METHOD = Method("ia3", ("IA3",), parse, ops=(IA3_WEIGHT,), fields=FIELDS)

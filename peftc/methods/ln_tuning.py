@@ -45,4 +45,4 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
     return common.adapter(source, "ln_tuning", (), grouped, honoured, ignored, replacements=replacements)
 
 
-METHOD = Method("ln_tuning", ("LN_TUNING",), parse)
+METHOD = Method("ln_tuning", ("LN_TUNING",), parse, fields=FIELDS)

@@ -105,4 +105,4 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
     )
 
 
-METHOD = Method("loha", ("LOHA",), parse, ops=(LOHA_WEIGHT,))
+METHOD = Method("loha", ("LOHA",), parse, ops=(LOHA_WEIGHT,), fields=FIELDS)

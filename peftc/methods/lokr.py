@@ -158,4 +158,4 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
     )
 
 
-METHOD = Method("lokr", ("LOKR",), parse, ops=(LOKR_WEIGHT,))
+METHOD = Method("lokr", ("LOKR",), parse, ops=(LOKR_WEIGHT,), fields=FIELDS)

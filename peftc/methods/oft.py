@@ -374,4 +374,4 @@ def _older_than(version: object, minimum: tuple[int, int]) -> bool:
     return (major, minor) < minimum
 
 
-METHOD = Method("oft", ("OFT",), parse, ops=(OFT_WEIGHT,))
+METHOD = Method("oft", ("OFT",), parse, ops=(OFT_WEIGHT,), fields=FIELDS)

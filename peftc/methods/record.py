@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
     from peftc.ir.modules import ModuleTable
     from peftc.methods.base import Adapter, AdapterSource, ParseOptions
+    from peftc.methods.common import Fields
     from peftc.ops import SiteOp
     from peftc.passes.base import Pass
 
@@ -43,3 +44,6 @@ class Method:
     """Passes run when sites stay unmerged: weight-only work moved to compile time."""
     recognise: Recognise | None = None
     """Reads a weights file that comes without a config (an official checkpoint format)."""
+    fields: Fields | None = dataclasses.field(default=None, compare=False)
+    """The config fields its parser honours, ignores and refuses (what ``peftc methods`` lists; not part
+    of the record's hash: the registry's tables are cached by record)."""

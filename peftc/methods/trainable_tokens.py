@@ -120,4 +120,4 @@ def sites(
     return sites
 
 
-METHOD = Method("trainable_tokens", ("TRAINABLE_TOKENS",), parse, ops=(TOKENS_WEIGHT,))
+METHOD = Method("trainable_tokens", ("TRAINABLE_TOKENS",), parse, ops=(TOKENS_WEIGHT,), fields=FIELDS)

@@ -195,4 +195,4 @@ def _redrawn(seed: int, r: int, d_in_max: int, d_out_max: int) -> dict[str, Adap
     return out
 
 
-METHOD = Method("vera", ("VERA",), parse, ops=(VERA_WEIGHT,))
+METHOD = Method("vera", ("VERA",), parse, ops=(VERA_WEIGHT,), fields=FIELDS)

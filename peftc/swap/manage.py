@@ -25,7 +25,7 @@ from peftc.backends import get_backend
 from peftc.driver.build import adapted, in_precision
 from peftc.driver.sources import load_base
 from peftc.errors import InputError
-from peftc.loaders import LoadedModel
+from peftc.loaders import LoadedModel, identity
 from peftc.loaders.inputs import InputSignature
 from peftc.methods.base import Adapter, ParseOptions
 from peftc.methods.loading import read_adapter
@@ -78,6 +78,7 @@ def add_adapter(
         ir.module_table(loaded.program) if loaded.program is not None else ir.module_table_from_module(loaded.module)
     )
     parsed = parse_adapter(source, modules, ParseOptions(tied_embeddings=loaded.tied_embeddings))
+    parsed = identity.checked([parsed], loaded, say)[0]
     check_fits(table, parsed)
     backend = get_backend(manifest.target["name"])
     relative = relative_path(backend, parsed.name)

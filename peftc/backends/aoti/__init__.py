@@ -28,6 +28,9 @@ another call's slots.
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+import sys
 import tempfile
 import threading
 from collections.abc import Mapping
@@ -47,6 +50,11 @@ from peftc.methods import registry
 PACKAGE_FILE = "model.pt2"
 DEVICES = ("cpu", "cuda")
 OPTIONS = frozenset({"device"})
+
+
+def cpp_compiler() -> str:
+    """The C++ compiler Inductor runs for CPU code: ``$CXX``, else its platform default."""
+    return os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
 
 
 class AotiBackend:
@@ -74,6 +82,9 @@ class AotiBackend:
         self.capabilities = Capabilities(
             dynamic_shapes=True, adapter_swap=True, device=self.device, precisions=precisions, precision_hint=hint
         )
+        self.requires = f"torch with Inductor and a C++ compiler ({cpp_compiler()})" + (
+            ", and a CUDA GPU torch can use" if self.device == "cuda" else ""
+        )
 
     adapter_suffix = ".safetensors"
 
@@ -88,6 +99,10 @@ class AotiBackend:
             return Availability(False, f"--device cuda: torch {torch.__version__} sees no CUDA device here")
         if self.device == "cpu" and importlib.util.find_spec("torch._inductor") is None:
             return Availability(False, "torch was built without Inductor")
+        if shutil.which(compiler := cpp_compiler()) is None:
+            return Availability(
+                False, f"no C++ compiler: AOTInductor builds packages with {compiler!r} (install it, or set CXX)"
+            )
         return Availability(True)
 
     def versions(self) -> dict[str, str]:

@@ -48,6 +48,7 @@ class OnnxBackend:
         precision_hint="onnxruntime's CPU kernels have no bf16; --target aoti computes in bf16",
     )  # fmt: skip
     adapter_suffix = ".onnx_adapter"
+    requires = "the Python packages onnx, onnxscript and onnxruntime (installed with peftc)"
 
     def available(self) -> Availability:
         missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]

@@ -60,6 +60,7 @@ class TensorRTBackend:
         device="cuda",
         precisions={"fp32": "program", "fp16": "option", "bf16": "option"},
     )
+    requires = f"tensorrt or tensorrt_rtx ({trt_install.INSTALL_HINT}), and an NVIDIA GPU it builds engines for"
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         unknown = sorted(set(options or {}) - OPTIONS)

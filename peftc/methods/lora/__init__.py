@@ -22,6 +22,7 @@ METHOD = Method(
     parse.parse,
     ops=(LORA_LINEAR, LORA_WEIGHT, LORA_BIAS, LORA_EXPERTS, DORA_WEIGHT, DORA_FACTORED_WEIGHT),
     unmerged_passes=(FactorDoraPass,),
+    fields=parse.FIELDS,
 )
 
 __all__ = ["METHOD"]

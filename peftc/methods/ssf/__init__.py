@@ -11,6 +11,14 @@ from peftc.methods.ssf import parse
 from peftc.methods.ssf.fold import FoldSsfPass
 from peftc.methods.ssf.ops import SSF
 
-METHOD = Method("ssf", ("SSF",), parse.parse, ops=(SSF,), merged_passes=(FoldSsfPass,), recognise=parse.implied_config)
+METHOD = Method(
+    "ssf",
+    ("SSF",),
+    parse.parse,
+    ops=(SSF,),
+    merged_passes=(FoldSsfPass,),
+    recognise=parse.implied_config,
+    fields=parse.FIELDS,
+)
 
 __all__ = ["METHOD"]

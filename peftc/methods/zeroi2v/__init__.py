@@ -12,7 +12,12 @@ from peftc.methods.zeroi2v.fold import FoldLinearAdaptersPass
 from peftc.methods.zeroi2v.ops import LINEAR_ADAPTER, TEMPORAL_SHIFT
 
 METHOD = Method(
-    "zeroi2v", ("ZEROI2V",), parse.parse, ops=(LINEAR_ADAPTER, TEMPORAL_SHIFT), merged_passes=(FoldLinearAdaptersPass,)
+    "zeroi2v",
+    ("ZEROI2V",),
+    parse.parse,
+    ops=(LINEAR_ADAPTER, TEMPORAL_SHIFT),
+    merged_passes=(FoldLinearAdaptersPass,),
+    fields=parse.FIELDS,
 )
 
 __all__ = ["METHOD"]
