@@ -59,7 +59,7 @@ def compile(
         merge: fold adapters into the base weights; ``False`` keeps them as separate ops.
         inputs: ``name:dims:dtype`` input descriptions overriding the derived ones.
         configs: ``adapter_config.json`` files for adapters given as bare weight files, by position.
-        force: replace an existing ``out``.
+        force: replace an existing ``out`` if it is a peftc artifact or an empty directory (nothing else).
         keep_failed: write the artifact, marked failed, even if verification fails.
         dump_ir: write the canonical graph after every pass into this directory.
         allow_pickle: accept pickled weight files (loaded with ``weights_only=True``).

@@ -15,8 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from peftc import cli_info
+from peftc import clean, cli_info
 from peftc.errors import PeftcError, VerificationError
+from peftc.interrupts import sigterm_as_interrupt
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int8-static", "int8-weight", "int4")
 """``--precision``'s choices: ``peftc.precision.PRECISIONS``, named here so the CLI starts without torch."""
@@ -30,7 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.debug:
         _quiet_dependencies()
     try:
-        return args.func(args)
+        with sigterm_as_interrupt():
+            return args.func(args)
     except PeftcError as e:
         print(f"peftc: error: {e}", file=sys.stderr)
         if isinstance(e, VerificationError) and e.table:
@@ -38,8 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         return e.exit_code
-    except KeyboardInterrupt:
-        print("peftc: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"peftc: interrupted{' (SIGTERM)' if 'SIGTERM' in e.args else ''}", file=sys.stderr)
         return 130
     except Exception as e:
         print(f"peftc: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
@@ -281,7 +283,7 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         help="input description name:dims:dtype[:low..high], e.g. input_ids:batch,seq:int64 (repeatable)",
     )
-    c.add_argument("--force", action="store_true", help="replace an existing output directory")
+    c.add_argument("--force", action="store_true", help="replace a peftc artifact or an empty directory at -o")
     c.add_argument(
         "--keep-failed", action="store_true", help="write the artifact, marked failed, even if verification fails"
     )
@@ -383,6 +385,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--no-oracle", action="store_true", help="skip the comparison against Hugging Face PEFT")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     v.set_defaults(func=_verify)
+    clean.register(sub)
     return root
 
 

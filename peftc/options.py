@@ -101,6 +101,15 @@ class CompileOptions:
             return self.configs[index]
         return self.configs[0] if self.configs else None
 
+    def input_paths(self) -> list[Path]:
+        """The local files and directories the compile reads: the model (a directory, a ``.pt2`` or
+        ``.py`` file, timm weights), the adapters, their configs and the calibration file."""
+        paths = [*self.adapters, *self.configs, *([self.calibration] if self.calibration else [])]
+        if isinstance(self.model, (str, os.PathLike)):
+            text = str(self.model)
+            paths += [text, text.rpartition("@")[2] if text.startswith("timm:") else text.rpartition(":")[0]]
+        return [Path(p) for p in paths if p and os.path.lexists(p)]
+
     def target_json(self) -> dict[str, Any]:
         """The target options that were given, JSON-ready: ``{"precision": "fp16", "profile": [...]}``."""
         out: dict[str, Any] = {}

@@ -1,56 +1,142 @@
-"""Writing an artifact directory atomically.
+"""Writing an artifact directory atomically, replacing only what the user allowed.
 
-Files are written into a temporary directory beside the destination and the directory is renamed
-into place only when :meth:`ArtifactWriter.commit` runs, after verification. A failed or interrupted
-compile leaves nothing at the destination, and an existing destination is replaced only with
-``force`` (and only at commit).
+Files are written into a marked temporary directory beside the destination
+(``.NAME.peftc-XXXXXXXX/artifact``, ``peftc.artifact.temp``), which becomes the destination only
+when :meth:`ArtifactWriter.commit` runs, after verification. What is at the destination is checked
+twice, when the compile starts and again at commit (a directory may appear in between):
+
+* nothing: the directory is moved there, and the move fails if something appeared meanwhile;
+* something, without ``force``: refused, and left untouched;
+* with ``force``: replaced only if it is a peftc artifact (a directory with a peftc ``manifest.json``)
+  or an empty directory, and not the model's or an adapter's own files; old and new trade places in
+  one step (``peftc.artifact.rename.exchange``), so the destination always holds one of them.
+
+A failed, interrupted or killed compile leaves at most its temporary directory, which the next
+compile to the same destination (or ``peftc clean``) removes.
 """
 
 from __future__ import annotations
 
-import contextlib
+import json
 import os
-import shutil
-import tempfile
+import stat
+from collections.abc import Sequence
 from pathlib import Path
 
+from peftc.artifact import rename
 from peftc.artifact.manifest import MANIFEST_FILE, Manifest
+from peftc.artifact.temp import TempDir, remove_stale, stale_beside
 from peftc.errors import InputError
+
+_MANIFEST_BYTES = 64 << 20
+"""A ``manifest.json`` larger than this is not read when deciding whether a directory is an artifact."""
 
 
 class ArtifactWriter:
-    """A temporary directory that becomes ``out`` on commit."""
+    """A temporary directory that becomes ``out`` on commit.
 
-    def __init__(self, out: str | Path, *, force: bool = False) -> None:
+    Args:
+        out: the destination directory.
+        force: allow replacing a peftc artifact or an empty directory at ``out``.
+        inputs: files and directories the compile reads (model, adapters…), which ``out`` must not be,
+            contain, or lie inside of when it may be replaced.
+    """
+
+    def __init__(self, out: str | os.PathLike[str], *, force: bool = False, inputs: Sequence[Path] = ()) -> None:
         self.out = Path(out)
-        if self.out.exists() and not force:
-            raise InputError(f"{self.out}: already exists; pass --force to replace it")
-        if self.out.exists() and not self.out.is_dir():
-            raise InputError(f"{self.out}: exists and is not a directory")
-        parent = self.out.absolute().parent
+        self.force = force
+        self.inputs = tuple(Path(p) for p in inputs)
+        self._target = Path(os.path.abspath(self.out))
+        self._check_place()
+        if os.path.lexists(self._target):
+            if not force:
+                raise InputError(f"{self.out}: already exists; pass --force to replace it")
+            self._check_replaceable()
+        elif force:
+            self._check_inputs()
+        parent = self._target.parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.peftc-", dir=parent))
+            remove_stale(stale_beside(self._target))
+            self._dir = TempDir(parent, self._target.name)
+            self.tmp = self._dir.path / "artifact"
+            self.tmp.mkdir()
         except OSError as e:
             raise InputError(f"{self.out}: cannot write to {parent} ({e.strerror or e})") from e
         self.committed = False
 
     def commit(self, manifest: Manifest) -> Path:
-        """Write the manifest and move the directory into place."""
+        """Write the manifest and move the directory into place (see the module docstring).
+
+        Raises:
+            InputError: something that may not be replaced is at ``out`` now; it is left untouched.
+        """
         (self.tmp / MANIFEST_FILE).write_text(manifest.to_json())
-        self.tmp.chmod(0o755)
-        if self.out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.tmp.parent))
-            os.replace(self.out, trash / "old")
-            os.replace(self.tmp, self.out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.out)
-        self.committed = True
-        return self.out
+        if not os.path.lexists(self._target):
+            try:
+                rename.rename_noreplace(self.tmp, self._target)
+            except FileExistsError:
+                pass  # it appeared just now: decided below like any other
+            else:
+                return self._done()
+        if not self.force:
+            raise InputError(f"{self.out}: appeared while compiling; left untouched (pass --force to replace it)")
+        self._check_replaceable()
+        rename.exchange(self.tmp, self._target, self._dir.path / "old")
+        return self._done()
 
     def abort(self) -> None:
-        """Remove the temporary directory (no-op after commit)."""
-        if not self.committed:
-            with contextlib.suppress(OSError):
-                shutil.rmtree(self.tmp)
+        """Remove the temporary directory (after commit: the replaced artifact it holds)."""
+        self._dir.remove()
+
+    def _done(self) -> Path:
+        self.committed = True
+        self._dir.remove()
+        return self.out
+
+    def _check_place(self) -> None:
+        target = Path(os.path.realpath(self._target))
+        cwd = Path(os.path.realpath(Path.cwd()))
+        if not self._target.name or target == cwd or target in cwd.parents:
+            raise InputError(f"{self.out}: is the current directory or above it; give a new directory as -o")
+
+    def _check_replaceable(self) -> None:
+        """``out`` exists: it is a peftc artifact or an empty directory, and no input of the compile."""
+        try:
+            mode = self._target.lstat().st_mode
+        except OSError as e:
+            raise InputError(f"{self.out}: cannot read it ({e.strerror or e})") from e
+        if stat.S_ISLNK(mode):
+            raise InputError(f"{self.out}: is a symbolic link; give the directory itself as -o")
+        if not stat.S_ISDIR(mode):
+            raise InputError(f"{self.out}: exists and is not a directory")
+        self._check_inputs()
+        if not _is_artifact(self._target) and any(self._target.iterdir()):
+            raise InputError(
+                f"{self.out}: not a peftc artifact and not empty; --force replaces only those (remove it yourself)"
+            )
+
+    def _check_inputs(self) -> None:
+        target = Path(os.path.realpath(self._target))
+        for given in self.inputs:
+            source = Path(os.path.realpath(given))
+            if target == source or target in source.parents or (source.is_dir() and source in target.parents):
+                raise InputError(f"{self.out}: is, holds or lies inside the compile's input {given}; choose another -o")
+
+
+def _is_artifact(directory: Path) -> bool:
+    """``directory`` holds a readable peftc ``manifest.json`` (of any schema version or status)."""
+    path = directory / MANIFEST_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        text = f.read(_MANIFEST_BYTES + 1)
+    try:
+        data = json.loads(text) if len(text) <= _MANIFEST_BYTES else None
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and "peftc_version" in data and "schema_version" in data

@@ -26,7 +26,7 @@ from peftc.verification import Report
 def compile_artifact(options: CompileOptions, progress: Progress | None = None) -> Artifact:
     """Compile, verify and write the artifact ``options`` describe (``peftc.compile`` documents it)."""
     stages = Stages(progress)
-    writer = ArtifactWriter(options.out, force=options.force)
+    writer = ArtifactWriter(options.out, force=options.force, inputs=options.input_paths())
     try:
         backend = get_backend(options.target, options.target_options)
         mode = mode_for(options)

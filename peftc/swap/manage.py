@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import os
+import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,7 @@ from peftc.methods.base import Adapter, ParseOptions
 from peftc.methods.loading import read_adapter
 from peftc.methods.registry import parse_adapter
 from peftc.runtime import load
-from peftc.swap.files import relative_path, slot_values
+from peftc.swap.files import ADAPTER_DIR, relative_path, slot_values
 from peftc.swap.slots import check_fits
 from peftc.swap.table import SlotTable
 from peftc.swap.verify import verify_artifact
@@ -39,6 +41,8 @@ from peftc.verification import OraclePlan, Report, Tolerance, output_dtypes, pro
 from peftc.verification.oracles import weights_oracle
 
 Progress = Callable[[str], None]
+TEMP_MARK = ".peftc-tmp"
+"""In the name of every temporary file a change writes into the artifact (removed by the next change)."""
 
 
 def add_adapter(
@@ -63,8 +67,21 @@ def add_adapter(
             slots (the message names the module, rank or shape); the artifact is unchanged.
         VerificationError: the artifact with the adapter disagrees with its oracles; unchanged too.
     """
-    say = progress or (lambda message: None)
     directory = Path(out)
+    with _changing(directory):
+        return _add(directory, adapter, name, config, model, allow_pickle, oracle, progress or (lambda message: None))
+
+
+def _add(
+    directory: Path,
+    adapter: str | os.PathLike[str],
+    name: str | None,
+    config: str | os.PathLike[str] | None,
+    model: Any,
+    allow_pickle: bool,
+    oracle: bool,
+    say: Progress,
+) -> Manifest:
     manifest = _swappable(directory)
     table = SlotTable.from_json(manifest.target["slots"])
     source = read_adapter(adapter, name=name, config=config, allow_pickle=allow_pickle)
@@ -83,7 +100,9 @@ def add_adapter(
     backend = get_backend(manifest.target["name"])
     relative = relative_path(backend, parsed.name)
     final = directory / relative
-    tmp = final.with_name(f".{parsed.name}.peftc-tmp{backend.adapter_suffix}")
+    if relative in {f["path"] for f in manifest.target["files"]}:
+        raise InputError(f"{final}: another adapter's file is there; pass another --name")
+    tmp = final.with_name(f".{parsed.name}{TEMP_MARK}{backend.adapter_suffix}")
     try:
         backend.write_adapter(tmp, slot_values(table, parsed))
         say(f"verify: artifact with {parsed.name!r} vs eager PyTorch" + (" and PEFT" if oracle else ""))
@@ -105,7 +124,7 @@ def add_adapter(
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if final.exists() and relative not in {f["path"] for f in read_manifest(directory).target["files"]}:
+        if os.path.lexists(final) and relative not in {f["path"] for f in read_manifest(directory).target["files"]}:
             final.unlink()
         raise
 
@@ -117,6 +136,11 @@ def remove_adapter(out: str | os.PathLike[str], name: str) -> Manifest:
         InputError: not a swappable artifact, or no adapter of that name.
     """
     directory = Path(out)
+    with _changing(directory):
+        return _remove(directory, name)
+
+
+def _remove(directory: Path, name: str) -> Manifest:
     manifest = _swappable(directory)
     entry = next((a for a in manifest.adapters if a["name"] == name), None)
     if entry is None:
@@ -149,10 +173,41 @@ def _swappable(directory: Path) -> Manifest:
     return manifest
 
 
-def _commit(directory: Path, manifest: Manifest) -> None:
-    """Replace ``manifest.json`` atomically (write a temporary file, then rename it over)."""
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=directory)
+@contextlib.contextmanager
+def _changing(directory: Path) -> Iterator[None]:
+    """Hold the artifact's lock while it changes, first removing the temporary files of a killed change.
+
+    Raises:
+        InputError: not a directory, or another add-adapter/remove-adapter is changing it.
+    """
     try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        raise InputError(f"{directory}: not an artifact directory ({e.strerror or e})") from e
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            raise InputError(
+                f"{directory}: another peftc add-adapter/remove-adapter is changing it; retry after"
+            ) from e
+        read_manifest(directory)  # a peftc artifact: only then are its temporary files removed
+        for folder in (directory, directory / ADAPTER_DIR):
+            for path in folder.glob(f".*{TEMP_MARK}*"):
+                if path.is_file() and not path.is_symlink():
+                    path.unlink()
+        yield
+    finally:
+        os.close(fd)
+
+
+def _commit(directory: Path, manifest: Manifest) -> None:
+    """Replace ``manifest.json`` atomically (write a temporary file, then rename it over), keeping
+    the permission bits of the one it replaces."""
+    mode = stat.S_IMODE((directory / MANIFEST_FILE).stat().st_mode)
+    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_FILE}{TEMP_MARK}-", dir=directory)
+    try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "w") as f:
             f.write(manifest.to_json())
         os.replace(tmp, directory / MANIFEST_FILE)
