@@ -63,6 +63,9 @@ class InputCheck:
             signature = InputSignature.from_json(target["signature"])
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise InputError(f"{where}: target.signature is missing or malformed ({type(e).__name__}: {e})") from e
+        for spec in signature.inputs:
+            if spec.dtype not in _NUMPY or not all(isinstance(d, (int, str)) for d in spec.shape):
+                raise InputError(f"{where}: target.signature: input {spec.name!r} has a malformed dtype or shape")
         ranges = _pairs(target.get("index_ranges", {}), f"{where}: target.index_ranges")
         profiles = {}
         if engine and isinstance(target.get("tensorrt"), dict):

@@ -193,6 +193,10 @@ def test_a_tensorrt_profile_bounds_shapes_only_for_its_engine():
     ("change", "message"),
     [
         ({"signature": None}, "m: target.signature is missing or malformed"),
+        (
+            {"signature": {"inputs": [{"name": "x", "shape": [2], "dtype": "int8"}], "dims": {}}},
+            "m: target.signature: input 'x' has a malformed dtype or shape",
+        ),
         ({"index_ranges": {"x": [5, 1]}}, r"m: target.index_ranges: 'x' should be \[low, high\]"),
         ({"index_ranges": []}, "m: target.index_ranges: expected an object"),
     ],
