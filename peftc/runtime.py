@@ -9,10 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from peftc.artifact import Manifest, check_files, read_manifest
+from peftc.artifact import MANIFEST_FILE, Manifest, check_files, read_manifest
 from peftc.artifact.files import listed, records
 from peftc.backends import Backend, get_backend
-from peftc.errors import InputError, UnsupportedError
+from peftc.errors import InputError, UnsupportedError, first_line
+from peftc.feeds import InputCheck
 from peftc.swap.runtime import SwappableRunner
 
 _DEFAULT = object()
@@ -32,7 +33,7 @@ class Runner:
     beyond that default, so concurrent calls with different ``adapter=`` are safe.
     """
 
-    def __init__(self, path: Path, manifest: Manifest, backend_runner: Any) -> None:
+    def __init__(self, path: Path, manifest: Manifest, backend_runner: Any, runtime: str | None = None) -> None:
         self.path = path
         self.manifest = manifest
         self.backend_runner = backend_runner
@@ -40,6 +41,10 @@ class Runner:
         self.output_names: list[str] = list(backend_runner.output_names)
         self._swappable = "slots" in manifest.target
         self._default: str | None = manifest.target.get("default_adapter")
+        own = runtime is None or runtime == manifest.target.get("name")
+        self._check = InputCheck.from_target(
+            manifest.target, self.input_names, engine=own, where=str(path / MANIFEST_FILE)
+        )
 
     @property
     def adapters(self) -> list[str]:
@@ -71,13 +76,15 @@ class Runner:
         return name
 
     def __call__(self, adapter: Any = _DEFAULT, **inputs: Any) -> dict[str, Any]:
-        as_torch = False
-        feeds: dict[str, np.ndarray] = {}
-        for name, value in inputs.items():
-            if hasattr(value, "detach") and hasattr(value, "numpy"):
-                as_torch = True
-                value = value.detach().cpu().numpy()
-            feeds[name] = np.asarray(value)
+        """Check ``inputs`` against the artifact's signature (``peftc/feeds.py``) and ``adapter`` against
+        its adapters and the batch, then run.
+
+        Raises:
+            InputError: an input or adapter choice that does not fit, naming it (before anything runs).
+            UnsupportedError: ``adapter=`` given to an artifact that is not swappable.
+        """
+        as_torch = any(hasattr(v, "detach") and hasattr(v, "numpy") for v in inputs.values())
+        feeds, sizes = self._check({name: _numpy(name, value) for name, value in inputs.items()})
         if adapter is _DEFAULT:
             outputs = (
                 self.backend_runner.run(feeds, adapter=self._default)
@@ -85,14 +92,29 @@ class Runner:
                 else self.backend_runner.run(feeds)
             )
         else:
-            for name in adapter if isinstance(adapter, (list, tuple)) else [adapter]:
-                self._check_adapter(name)
-            outputs = self.backend_runner.run(feeds, adapter=adapter)
+            outputs = self.backend_runner.run(feeds, adapter=self._check_choice(adapter, feeds, sizes))
         if as_torch:
             import torch
 
             return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in outputs.items()}
         return outputs
+
+    def _check_choice(self, adapter: Any, feeds: Mapping[str, np.ndarray], sizes: Mapping[str, int]) -> Any:
+        """``adapter=`` of a call, checked: a known name, None, or a list of those, one per batch row."""
+        if not self._swappable:
+            self._check_adapter(None)  # refuses: the adapters are compiled in
+        if not isinstance(adapter, (list, tuple)):
+            if adapter is not None and not isinstance(adapter, str):
+                raise InputError(f"adapter={adapter!r}: expected an adapter name, None, or a list of those per row")
+            return self._check_adapter(adapter)
+        batch = self._check.batch(feeds, sizes)
+        if len(adapter) != batch:
+            raise InputError(f"adapter= lists {len(adapter)} names for a batch of {batch} rows; give one per row")
+        for name in adapter:
+            if name is not None and not isinstance(name, str):
+                raise InputError(f"adapter= lists {name!r}: expected adapter names or None")
+            self._check_adapter(name)
+        return list(adapter)
 
     def __repr__(self) -> str:
         return f"Runner({str(self.path)!r}, target={self.manifest.target['name']!r}, inputs={self.input_names})"
@@ -124,7 +146,8 @@ def load(path: str | os.PathLike[str], *, allow_failed: bool = False, runtime: s
         if runtime not in allowed:
             raise InputError(f"{path}: a {name!r} artifact cannot be run with {runtime!r} (it can with {allowed})")
         name = runtime
-    return Runner(path, manifest, open_runner(get_backend(name), path, manifest.target, manifest.adapters))
+    runner = open_runner(get_backend(name), path, manifest.target, manifest.adapters)
+    return Runner(path, manifest, runner, runtime=name)
 
 
 def open_runner(
@@ -147,6 +170,21 @@ def open_runner(
         if "slot_file" in a
     }
     return SwappableRunner(runner, target, files)
+
+
+def _numpy(name: str, value: Any) -> np.ndarray:
+    """Input ``name`` as a numpy array: a torch tensor (bf16 widened to fp32, which numpy lacks) or array-like.
+
+    Raises:
+        InputError: ``value`` is not a rectangular array.
+    """
+    if hasattr(value, "detach") and hasattr(value, "numpy"):
+        value = value.detach().cpu()
+        return (value.float() if str(value.dtype) == "torch.bfloat16" else value).numpy()
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError) as e:
+        raise InputError(f"input {name!r}: not an array ({first_line(e)})") from e
 
 
 def describe(path: str | os.PathLike[str]) -> Mapping[str, Any]:

@@ -10,6 +10,7 @@ different slots are safe.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from peftc.backends.base import check_feeds
+from peftc.errors import InputError, UnsupportedError, first_line
 
 _ORT_TYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -44,17 +46,32 @@ class OrtRunner:
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, feeds: Mapping[str, np.ndarray], slots: Any = None) -> dict[str, np.ndarray]:
-        """Run on ``feeds``; ``slots``: a :meth:`load_slots` adapter, or slot tensors → arrays."""
+        """Run on ``feeds``; ``slots``: a :meth:`load_slots` adapter, or slot tensors → arrays.
+
+        onnxruntime logs nothing (its errors go to stderr otherwise) and its errors are re-raised as
+        peftc's, on one line.
+
+        Raises:
+            InputError: onnxruntime refused the inputs (``INVALID_ARGUMENT``).
+            UnsupportedError: onnxruntime failed otherwise.
+        """
+        import onnxruntime as ort
+
         prepared = self._prepare(feeds)
-        options = None
+        options = ort.RunOptions()
+        options.log_severity_level = 4  # fatal only: failures are raised, not printed
         if isinstance(slots, Mapping):
             prepared.update(slots)
         elif slots is not None:
-            import onnxruntime as ort
-
-            options = ort.RunOptions()
             options.add_active_adapter(slots)
-        return dict(zip(self.output_names, self.session.run(None, prepared, options), strict=True))
+        try:
+            outputs = self.session.run(None, prepared, options)
+        except Exception as e:
+            message = re.sub(r"^\[ONNXRuntimeError\] : \d+ : [A-Z_]+ : ", "", first_line(e))
+            if type(e).__name__ == "InvalidArgument":
+                raise InputError(f"onnxruntime refused the inputs: {message}") from e
+            raise UnsupportedError(f"onnxruntime failed to run the model: {message}") from e
+        return dict(zip(self.output_names, outputs, strict=True))
 
     def load_slots(self, path: Path) -> Any:
         """An onnxruntime adapter file as a ``LoraAdapter`` (read into onnxruntime's buffers once)."""

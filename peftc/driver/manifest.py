@@ -27,17 +27,26 @@ from peftc.verification import Report
 
 
 def target_record(
-    options: CompileOptions, optimized: Optimized, lowering: Lowering, directory: Path, precision: Mapping[str, Any]
+    options: CompileOptions,
+    optimized: Optimized,
+    lowering: Lowering,
+    directory: Path,
+    precision: Mapping[str, Any],
+    base: ir.Program | None = None,
 ) -> dict[str, Any]:
-    """The ``target`` section: files with sha256, inputs, outputs, signature, precision, the machine it
-    was built and verified on (``peftc.machine.cpu``), and the target's facts."""
+    """The ``target`` section: files with sha256, inputs, outputs, signature, the values each integer
+    input may take (``index_ranges``: the rows of the embedding it indexes in ``base``, the traced base
+    model; ``peftc/feeds.py`` checks them), precision, the machine it was built and verified on
+    (``peftc.machine.cpu``), and the target's facts."""
     lowered = lowering.lowered
+    ranges = ir.index_ranges(base) if base is not None else {}
     return {
         "name": options.target,
         "files": [file_record(directory / f, directory) for f in lowering.files],
         "inputs": list(lowered.inputs),
         "outputs": list(lowered.outputs),
         "signature": optimized.signature.to_json(),
+        "index_ranges": {name: list(bounds) for name, bounds in sorted(ranges.items())},
         "verified_with": lowered.verify_with or options.target,
         "precision": dict(precision),
         "machine": machine.cpu(),

@@ -45,7 +45,7 @@ def compile_artifact(options: CompileOptions, progress: Progress | None = None) 
                 lowering, precision = quantizing.run(
                     backend, lowering, built, writer.tmp, precision, options, stages.say
                 )
-        target = manifests.target_record(options, optimized, lowering, writer.tmp, precision)
+        target = manifests.target_record(options, optimized, lowering, writer.tmp, precision, built.fp32.base)
         compiled = manifests.Compiled(options, built, optimized, lowering, target)
         verify_with = lowering.lowered.verify_with
         verifier = get_backend(verify_with) if verify_with else backend

@@ -77,6 +77,24 @@ def user_input_names(program: Program) -> list[str]:
     return list(program.graph_signature.user_inputs)
 
 
+def index_ranges(program: Program) -> dict[str, tuple[int, int]]:
+    """User inputs read as ``aten.embedding`` indices → ``[0, rows)`` of the smallest such embedding:
+    the values the model can look up (the vocabulary of ``input_ids``)."""
+    inputs = set(user_input_names(program))
+    ranges: dict[str, tuple[int, int]] = {}
+    for node in program.graph.nodes:
+        if node.target is not torch.ops.aten.embedding.default or len(node.args) < 2:
+            continue
+        weight, indices = node.args[0], node.args[1]
+        rows = getattr(weight, "meta", {}).get("val")
+        if not (isinstance(indices, fx.Node) and indices.name in inputs and rows is not None and rows.dim() == 2):
+            continue
+        high = rows.shape[0]
+        if isinstance(high, int):
+            ranges[indices.name] = (0, min(high, ranges.get(indices.name, (0, high))[1]))
+    return ranges
+
+
 def state_tensor(program: Program, node: fx.Node) -> torch.Tensor | None:
     """The tensor behind a parameter/buffer/constant placeholder, else None."""
     spec = _spec_by_name(program.graph_signature.input_specs).get(node.name)

@@ -47,16 +47,19 @@ def single(adapter: Choice) -> str | None:
     """The one adapter of a call to an artifact without a bank (a per-row list must name one).
 
     Raises:
+        InputError: an empty list.
         UnsupportedError: the rows name different adapters.
     """
     if adapter is None or isinstance(adapter, str):
         return adapter
+    if not adapter:
+        raise InputError("adapter= is an empty list; give one adapter (or None) per batch row")
     if len(set(adapter)) > 1:
         raise UnsupportedError(
             "this artifact has no adapter bank: one adapter per call (compile with --multi-adapter N to mix "
             "adapters in one batch)"
         )
-    return next(iter(adapter), None)
+    return adapter[0]
 
 
 def stack(
