@@ -41,8 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         return e.exit_code
     except KeyboardInterrupt as e:
-        print(f"peftc: interrupted{' (SIGTERM)' if 'SIGTERM' in e.args else ''}", file=sys.stderr)
-        return 130
+        sigterm = "SIGTERM" in e.args
+        print(f"peftc: interrupted{' (SIGTERM)' if sigterm else ''}", file=sys.stderr)
+        return 143 if sigterm else 130  # 128 + the signal's number, as shells report it
     except Exception as e:
         print(f"peftc: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
         if args.debug:
