@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +17,8 @@ from typing import TYPE_CHECKING
 from peftc import clean, cli_info
 from peftc.errors import PeftcError, VerificationError
 from peftc.interrupts import sigterm_as_interrupt
+from peftc.logs import hidden_warnings
+from peftc.progress import Bar, Lines
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int8-static", "int8-weight", "int4")
 """``--precision``'s choices: ``peftc.precision.PRECISIONS``, named here so the CLI starts without torch."""
@@ -30,9 +31,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if not args.debug:
         _quiet_dependencies()
+    args.progress = Bar() if sys.stderr.isatty() else Lines()  # a live bar on a terminal, lines in logs
     try:
-        with sigterm_as_interrupt():
-            return args.func(args)
+        with sigterm_as_interrupt(), hidden_warnings(not args.debug) as hidden:
+            code = args.func(args)
+        if hidden.count:
+            print(f"peftc: note: {hidden.summary()}", file=sys.stderr)
+        return code
     except PeftcError as e:
         print(f"peftc: error: {e}", file=sys.stderr)
         if isinstance(e, VerificationError) and e.table:
@@ -49,6 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         return 3
+    finally:
+        args.progress.close()
 
 
 def compile_options(args: argparse.Namespace) -> CompileOptions:
@@ -86,7 +93,7 @@ def _compile(args: argparse.Namespace) -> int:
     from peftc.report import manifest_text
 
     options = compile_options(args)
-    artifact = compile_artifact(options, _progress())
+    artifact = compile_artifact(options, args.progress)
     if args.json:
         print(artifact.manifest.to_json(), end="")
     else:
@@ -109,7 +116,7 @@ def _add_adapter(args: argparse.Namespace) -> int:
         model=args.model,
         allow_pickle=args.allow_pickle,
         oracle=not args.no_oracle,
-        progress=_progress(),
+        progress=args.progress,
     )
     entry = manifest.adapters[-1]
     if args.json:
@@ -182,7 +189,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.reps < 1:
         raise InputError(f"--reps {args.reps}: give a positive count")
     result = bench.bench(
-        [Path(p) for p in args.artifacts], batches=batches, sizes=sizes, reps=args.reps, progress=_progress()
+        [Path(p) for p in args.artifacts], batches=batches, sizes=sizes, reps=args.reps, progress=args.progress
     )
     if args.plot:
         bench.plot(result, Path(args.plot))
@@ -194,7 +201,7 @@ def _verify(args: argparse.Namespace) -> int:
     from peftc.driver.pipeline import reverify
     from peftc.report import verification_table
 
-    report = reverify(args.artifact, model=args.model, oracle=not args.no_oracle, progress=_progress())
+    report = reverify(args.artifact, model=args.model, oracle=not args.no_oracle, progress=args.progress)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
@@ -207,24 +214,12 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress():
-    start = time.perf_counter()
-
-    def say(message: str) -> None:
-        print(f"[peftc {time.perf_counter() - start:6.1f}s] {message}", file=sys.stderr, flush=True)
-
-    return say
-
-
 def _quiet_dependencies() -> None:
     """Silence progress bars and deprecation chatter from torch/transformers/peft (not errors)."""
     import logging
-    import warnings
 
     from peftc.logs import NOISY
 
-    for category in (FutureWarning, DeprecationWarning, UserWarning):
-        warnings.filterwarnings("ignore", category=category)
     # torch.onnx logs one warning per torchvision op it cannot register when torchvision is absent.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     for name in NOISY:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
+from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 NOISY = ("torchao", "torch.utils._pytree")
 """torchao (imported by transformers and peft too, where installed) warns at import for each CUDA
@@ -28,3 +31,70 @@ def quiet(*names: str) -> Iterator[None]:
 def quiet_imports() -> contextlib.AbstractContextManager[None]:
     """The :data:`NOISY` loggers quiet for the duration."""
     return quiet(*NOISY)
+
+
+class Hidden:
+    """Warnings from dependencies kept off the terminal during a command, counted by package."""
+
+    def __init__(self) -> None:
+        self.sources: Counter[str] = Counter()
+
+    @property
+    def count(self) -> int:
+        return sum(self.sources.values())
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{name} {n}" for name, n in self.sources.most_common())
+        return f"hid {self.count} warning(s) from dependencies ({parts}); --debug shows them"
+
+
+class _Counting(logging.Handler):
+    def __init__(self, hidden: Hidden) -> None:
+        super().__init__(logging.WARNING)
+        self.hidden = hidden
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not record.name.startswith("peftc"):
+            self.hidden.sources[record.name.split(".")[0]] += 1
+
+
+@contextlib.contextmanager
+def hidden_warnings(enabled: bool = True) -> Iterator[Hidden]:
+    """Within the block, Python warnings (once per place, as Python's default shows them) and
+    third-party log records at WARNING or above are counted instead of printed; ``enabled=False``
+    leaves them alone (``--debug``)."""
+    hidden = Hidden()
+    if not enabled:
+        yield hidden
+        return
+    handler = _Counting(hidden)
+    # The root logger, and libraries' own loggers that print themselves (torch's), go to the counter.
+    own = [
+        logger
+        for name, logger in logging.root.manager.loggerDict.items()
+        if isinstance(logger, logging.Logger)
+        and not logger.propagate
+        and logger.handlers
+        and not name.startswith("peftc")
+    ]
+    saved = [(logger, logger.handlers) for logger in [logging.getLogger(), *own]]
+    for logger, _ in saved:
+        logger.handlers = [handler]
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            yield hidden
+    finally:
+        for logger, handlers in saved:
+            logger.handlers = handlers
+    for item in caught:
+        hidden.sources[_package(item.filename)] += 1
+
+
+def _package(filename: str) -> str:
+    """The top-level package a warning came from (``torch``, ``transformers``…), from its file."""
+    parts = Path(filename).parts
+    for marker in ("site-packages", "dist-packages"):
+        if marker in parts and parts.index(marker) + 1 < len(parts):
+            return Path(parts[parts.index(marker) + 1]).stem
+    return Path(filename).stem

@@ -30,6 +30,7 @@ from peftc.options import PathLike
 from peftc.passes import pipelines
 from peftc.passes.base import PassContext, PassManager, PassRecord
 from peftc.precision import FLOATS
+from peftc.progress import reporting
 
 Progress = Callable[[str], None]
 
@@ -47,7 +48,8 @@ class Stages:
         self.say(message)
         start = time.perf_counter()
         try:
-            yield
+            with reporting(self.say):  # counted work inside the stage reaches the progress bar
+                yield
         finally:
             self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
 

@@ -42,6 +42,7 @@ from peftc.driver.modes import Lowering
 from peftc.errors import InputError, UnsupportedError, VerificationError
 from peftc.loaders.inputs import DTYPES, InputSignature
 from peftc.options import CompileOptions
+from peftc.progress import advance
 from peftc.verification import program_oracle
 from peftc.verification.compare import relative_error
 
@@ -162,8 +163,9 @@ def quantize(
         return _error(expected, [run(feed) for feed in calib.feeds])
 
     alone = {}
+    progress(f"quantize: {precision}, error of each of {len(layers)} layers quantized alone")
     for index, layer in enumerate(layers):
-        progress(f"quantize: {precision} sensitivity {index + 1}/{len(layers)}: {layer.module or layer.name}")
+        advance(index, len(layers))
         alone[layer.name] = measure(only=[layer.name])
     order = sorted(layers, key=lambda layer: -alone[layer.name])
     progress(f"quantize: {precision}, {len(layers)} layers, budget {budget:.3g}")

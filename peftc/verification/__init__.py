@@ -15,6 +15,7 @@ import torch
 
 from peftc.errors import VerificationError
 from peftc.loaders.inputs import InputSignature
+from peftc.progress import advance
 from peftc.verification.compare import TOLERANCES, OutputError, Tolerance, compare, tolerance_for
 from peftc.verification.oracles import NotRun, Oracle, OraclePlan, peft_oracle, program_oracle, to_numpy
 
@@ -125,7 +126,9 @@ def verify(
     """
     results = []
     effect: dict[str, float] = {}
-    for index, sizes in enumerate(signature.cases(cases)):
+    shapes = list(signature.cases(cases))
+    for index, sizes in enumerate(shapes):
+        advance(index, len(shapes))
         inputs = signature.example(sizes, seed=seed + index)
         actual = artifact(inputs)
         reference = None
@@ -141,6 +144,7 @@ def verify(
                     scale = float(np.abs(ref).max()) or 1.0
                     change = float(np.abs(ref - value).max()) / scale
                     effect[name] = max(effect.get(name, 0.0), change)
+    advance(len(shapes), len(shapes))
     return Report(tuple(results), effect, tuple(not_run))
 
 

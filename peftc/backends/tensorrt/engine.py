@@ -28,6 +28,7 @@ from peftc.backends.tensorrt.install import (  # re-exported: callers use engine
     import_trt,
 )
 from peftc.errors import BackendUnavailable, InputError, UnsupportedError
+from peftc.progress import advance
 
 log = logging.getLogger(__name__)
 
@@ -192,9 +193,13 @@ def _monitor(trt: Any, progress: Progress) -> Any:
 
         def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
             if parent_phase is None:
+                self.phase = (phase_name, num_steps)
                 progress(f"tensorrt: {phase_name} ({num_steps} steps)")
 
         def step_complete(self, phase_name: str, step: int) -> bool:
+            name, steps = getattr(self, "phase", (None, 0))
+            if phase_name == name:
+                advance(step + 1, steps)
             return True
 
         def phase_finish(self, phase_name: str) -> None:
