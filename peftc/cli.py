@@ -146,7 +146,8 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.json:
         print((Path(args.artifact) / MANIFEST_FILE).read_text(), end="")
     else:
-        print(manifest_text(dataclasses.asdict(manifest)), end="")
+        # The manifest's own objects (not copies), so a missing field is reported with its path.
+        print(manifest_text({f.name: getattr(manifest, f.name) for f in dataclasses.fields(manifest)}), end="")
     return 0
 
 
