@@ -148,7 +148,11 @@ def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str]
         if length > min(HEADER_LIMIT, size - 8):
             raise InputError(f"{path}: not a valid safetensors file (header of {length} bytes in a {size}-byte file)")
         header = _read_exactly(f, length, path)
-        entries = _check_header(path, parse_json(header, f"{path}: header", depth=3), size - 8 - length)
+        try:
+            described = parse_json(header, "header", depth=3)
+        except InputError as e:
+            raise InputError(f"{path}: not a valid safetensors file ({e})") from e
+        entries = _check_header(path, described, size - 8 - length)
         digest = hashlib.sha256(head)
         digest.update(header)
         tensors = {}
