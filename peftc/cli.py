@@ -161,10 +161,9 @@ def _inspect(args: argparse.Namespace) -> int:
         data["integrity"] = {"status": "modified" if problems else "intact", "problems": problems}
         print(json.dumps(data, indent=2))
     else:
-        print(
-            manifest_text({**dataclasses.asdict(manifest), "status": "modified" if problems else manifest.status}),
-            end="",
-        )
+        # The manifest's own objects (not copies), so a missing field is reported with its path.
+        fields = {f.name: getattr(manifest, f.name) for f in dataclasses.fields(manifest)}
+        print(manifest_text({**fields, "status": "modified" if problems else manifest.status}), end="")
         print("".join(f"modified: {problem}\n" for problem in problems), end="")
     return 1 if problems else 0
 

@@ -22,6 +22,8 @@ from peftc.precision import PRECISIONS, QUANTIZED
 PathLike = str | os.PathLike[str]
 CALIBRATION_SAMPLES = 64
 """Generated calibration batches of an integer precision (``peftc/driver/quantize.py`` says why 64)."""
+MAX_MULTI_ADAPTER = 1024
+"""Most adapters one call of a ``--swappable`` artifact can mix (``--multi-adapter``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +88,11 @@ class CompileOptions:
             raise InputError("--max-rank and --multi-adapter apply to --swappable artifacts only")
         if self.multi_adapter < 0 or (self.max_rank is not None and self.max_rank < 1):
             raise InputError("--multi-adapter must be >= 0 and --max-rank >= 1")
+        if self.multi_adapter > MAX_MULTI_ADAPTER:
+            raise InputError(
+                f"--multi-adapter {self.multi_adapter}: at most {MAX_MULTI_ADAPTER} (the bank holds a copy of "
+                "every slot per adapter)"
+            )
         if self.configs and len(self.configs) not in (1, len(self.adapters)):
             raise InputError(
                 f"{len(self.configs)} --config files for {len(self.adapters)} adapters; give one per adapter, in order"

@@ -17,9 +17,14 @@ from typing import Any
 from peftc.artifact.files import inside, records
 from peftc.errors import InputError
 from peftc.hashing import sha256_file
+from peftc.reading import read_json
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+MANIFEST_LIMIT = 64 << 20
+"""Largest manifest read (bytes)."""
+MANIFEST_DEPTH = 64
+"""Deepest JSON nesting read in a manifest."""
 
 
 @dataclasses.dataclass
@@ -63,7 +68,7 @@ class Manifest:
             expected = _JSON_TYPES[field.name]
             if not isinstance(value, expected):
                 raise InputError(f"{where}: field {field.name!r} should be {_type_names(expected)}")
-            kwargs[field.name] = value
+            kwargs[field.name] = _fields(value, where, field.name)
         if kwargs["status"] not in ("ok", "failed"):
             raise InputError(f"{where}: status {kwargs['status']!r} is not 'ok' or 'failed'")
         files = kwargs["target"].get("files")
@@ -78,6 +83,29 @@ _JSON_TYPES: dict[str, Any] = {
     "pipeline": list, "target": dict, "verification": dict, "not_run": list, "timings": dict,
     "warnings": list,
 }  # fmt: skip
+
+
+class Fields(dict):
+    """A JSON object of a manifest: reading a field it lacks is an :class:`InputError` naming the file and
+    the field's path (an edited manifest, or one from another peftc), not a ``KeyError``."""
+
+    where = MANIFEST_FILE
+    path = ""
+
+    def __missing__(self, key: Any) -> Any:
+        field = f"{self.path}.{key}" if self.path else str(key)
+        raise InputError(f"{self.where}: missing field {field!r}; the manifest was edited or written by another peftc")
+
+
+def _fields(value: Any, where: str, path: str) -> Any:
+    """``value`` with every JSON object in it a :class:`Fields` that knows its path."""
+    if isinstance(value, list):
+        return [_fields(item, where, f"{path}[{index}]") for index, item in enumerate(value)]
+    if not isinstance(value, dict):
+        return value
+    fields = Fields((key, _fields(item, where, f"{path}.{key}")) for key, item in value.items())
+    fields.where, fields.path = where, path
+    return fields
 
 
 def _type_names(expected: Any) -> str:
@@ -100,10 +128,7 @@ def read_manifest(directory: str | Path) -> Manifest:
         raise InputError(f"{directory}: not an artifact directory")
     if not path.is_file():
         raise InputError(f"{path}: missing; {directory} is not a peftc artifact")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+    data, _ = read_json(path, limit=MANIFEST_LIMIT, depth=MANIFEST_DEPTH)
     return Manifest.from_dict(data, str(path))
 
 

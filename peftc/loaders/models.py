@@ -23,6 +23,7 @@ import dataclasses
 import difflib
 import importlib
 import importlib.util
+import io
 import json
 import os
 import sys
@@ -31,7 +32,7 @@ from typing import Any
 
 import torch
 
-from peftc import ir
+from peftc import ir, reading
 from peftc.errors import InputError, UnsupportedError, first_line
 from peftc.hashing import sha256_file
 from peftc.loaders.hub import cached, is_hub_id
@@ -108,7 +109,7 @@ def load_model(
     path = cached(text, "model") if is_hub_id(text) else Path(text)
     if path.is_dir():
         return _finish(_load_huggingface(path, allow_pickle), override)
-    if path.is_file() and path.suffix == ".pt2":
+    if path.suffix == ".pt2" and path.exists() and reading.check_regular(path) >= 0:
         program = ir.load_program(path, allow_pickle=allow_pickle)
         files = {path.name: sha256_file(path)}
         return LoadedModel(text, "exported", None, program, override or from_program(program), files)
@@ -138,11 +139,13 @@ def _finish(model: LoadedModel, override: InputSignature | None) -> LoadedModel:
 
 def _load_huggingface(path: Path, allow_pickle: bool) -> LoadedModel:
     config_file = path / "config.json"
-    if not config_file.is_file():
+    if not config_file.exists():
         raise InputError(f"{path}: not a Hugging Face model directory (no config.json)")
     import transformers
 
     weights = sorted(path.glob("*.safetensors"))
+    for file in [config_file, *weights]:  # transformers would block on a FIFO, or read /dev/zero forever
+        reading.check_regular(file, reading.JSON_LIMIT * 16 if file == config_file else None, "model config")
     if not weights:
         pickled = sorted(path.glob("pytorch_model*.bin"))
         if not pickled:
@@ -250,7 +253,7 @@ def _load_timm(text: str, allow_pickle: bool, workdir: str | None) -> LoadedMode
     file = Path(weights)
     if not file.is_absolute() and not file.exists() and workdir:
         file = Path(workdir) / file
-    if not file.is_file():
+    if not file.exists():
         raise InputError(f"model {text!r}: weights file {file} does not exist")
     tensors = _read_state_dict(file, allow_pickle)
     try:
@@ -279,19 +282,14 @@ def _load_timm(text: str, allow_pickle: bool, workdir: str | None) -> LoadedMode
 
 def _read_state_dict(file: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(file))
-        except Exception as e:
-            raise InputError(f"{file}: not a valid safetensors file ({first_line(e)})") from e
+        return reading.read_safetensors(file)[0]
     if not allow_pickle:
         raise InputError(
             f"{file}: pickled weights are refused because unpickling can run arbitrary code; save the state dict "
             "with safetensors.torch.save_file, or pass --allow-pickle to load it with torch.load(weights_only=True)"
         )
     try:
-        loaded = torch.load(str(file), map_location="cpu", weights_only=True)
+        loaded = torch.load(io.BytesIO(reading.read_bytes(file)), map_location="cpu", weights_only=True)
     except Exception as e:
         raise InputError(f"{file}: cannot load with weights_only=True ({first_line(e)})") from e
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):

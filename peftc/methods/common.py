@@ -87,6 +87,14 @@ def check_number(source: AdapterSource, *names: str) -> None:
             raise InputError(f"{source.config_path}: {name}={value!r} is not a number")
 
 
+def check_rank(source: AdapterSource, module: str, r: Any) -> int:
+    """The rank ``r`` (from ``r`` or ``rank_pattern``) of ``module``, refused unless a positive integer
+    (a rank of 0 adapts nothing, and PEFT's scale ``alpha / r`` divides by it)."""
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or r != int(r) or r < 1:
+        raise InputError(f"{source.config_path}: r={r!r} for module {module!r} (r or rank_pattern); give a rank >= 1")
+    return int(r)
+
+
 @dataclasses.dataclass
 class Grouped:
     """The tensors of an adapter file, sorted by what they are."""

@@ -12,13 +12,13 @@ say what it is: an official SSF checkpoint (``ssf_scale_N`` keys; ``Method.recog
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from peftc import reading
 from peftc.errors import InputError, first_line
 from peftc.ir.modules import ModuleTable
 from peftc.loaders.hub import cached, is_hub_id
@@ -42,7 +42,8 @@ def read_adapter(
     Args:
         path: a PEFT adapter directory, or a weights file (``.safetensors``; ``.bin`` with
             ``allow_pickle``).
-        name: the adapter's name in the program; defaults to the directory (or file) name.
+        name: the adapter's name in the program (:data:`NAME_RULE`; refused otherwise); defaults to the
+            directory (or file) name with other characters replaced by ``_``, cut to 64 characters.
         config: an ``adapter_config.json`` to use instead of the one in the directory / beside the file.
         allow_pickle: accept a pickled weights file, loaded with ``weights_only=True``.
 
@@ -68,27 +69,23 @@ def read_adapter(
         weights = path
         config_path = Path(config) if config else path.parent / CONFIG_NAME
         default_name = path.stem if path.stem != "adapter_model" else path.resolve().parent.name
-    own_config = config is None and not config_path.is_file()
+    chosen = adapter_name(name) if name is not None else _default_name(default_name)
+    own_config = config is None and not config_path.exists()
     if not path.is_dir() and (own_config or (config is not None and config_path.resolve() == weights.resolve())):
-        return _self_described(path, weights, name or default_name, allow_pickle)
-    if not config_path.is_file():
+        return _self_described(path, weights, chosen, allow_pickle)
+    if not config_path.exists():
         hint = "" if path.is_dir() else " (a bare weights file needs --config adapter_config.json)"
         raise InputError(f"{config_path}: missing adapter config{hint}")
 
-    raw = _read_bytes(config_path)
-    try:
-        cfg = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{config_path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+    cfg, raw = reading.read_json(config_path)
     if not isinstance(cfg, dict):
         raise InputError(f"{config_path}: expected a JSON object, got {type(cfg).__name__}")
     if "peft_type" not in cfg:
         raise InputError(f"{config_path}: no 'peft_type' field; is this a PEFT adapter config?")
 
-    weights_bytes = _read_bytes(weights)
-    tensors = _load_tensors(weights, weights_bytes, allow_pickle)
+    tensors, digest = _load_tensors(weights, allow_pickle)
     return AdapterSource(
-        name=_identifier(name or default_name),
+        name=chosen,
         path=path,
         config_path=config_path,
         weights_path=weights,
@@ -96,7 +93,7 @@ def read_adapter(
         tensors=tensors,
         sha256={
             "config": hashlib.sha256(raw).hexdigest(),
-            "weights": hashlib.sha256(weights_bytes).hexdigest(),
+            "weights": digest,
         },
     )
 
@@ -108,17 +105,15 @@ def _self_described(path: Path, weights: Path, name: str, allow_pickle: bool) ->
     The file stands for its config too (``config_path`` is the weights file), so a rebuild from the
     manifest reads it the same way.
     """
-    data = _read_bytes(weights)
-    tensors = _load_tensors(weights, data, allow_pickle)
+    tensors, digest = _load_tensors(weights, allow_pickle)
     cfg = registry.recognise(tensors)
     if cfg is None:
         raise InputError(
             f"{weights.parent / CONFIG_NAME}: missing adapter config (a bare weights file needs --config "
             "adapter_config.json, unless it is an official SSF checkpoint with ssf_scale_N keys)"
         )
-    digest = hashlib.sha256(data).hexdigest()
     return AdapterSource(
-        name=_identifier(name),
+        name=name,
         path=path,
         config_path=weights,
         weights_path=weights,
@@ -128,18 +123,13 @@ def _self_described(path: Path, weights: Path, name: str, allow_pickle: bool) ->
     )
 
 
-def _load_tensors(path: Path, data: bytes, allow_pickle: bool) -> dict[str, torch.Tensor]:
+def _load_tensors(path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], str]:
+    """``(tensors, sha256 of the bytes they were read from)``, each tensor non-empty and finite."""
     if path.suffix == ".safetensors":
-        from safetensors.torch import load
-
-        try:
-            tensors = load(data)
-        except Exception as e:
-            raise InputError(f"{path}: not a valid safetensors file ({first_line(e)})") from e
+        tensors, digest = reading.read_safetensors(path)
         if not tensors:
             raise InputError(f"{path}: the safetensors file holds no tensors")
-        return tensors
-    if path.suffix in (".bin", ".pt", ".pth"):
+    elif path.suffix in (".bin", ".pt", ".pth"):
         if not allow_pickle:
             raise InputError(
                 f"{path}: pickled weights are refused because unpickling can run arbitrary code; "
@@ -148,26 +138,48 @@ def _load_tensors(path: Path, data: bytes, allow_pickle: bool) -> dict[str, torc
             )
         import io
 
+        data = reading.read_bytes(path)
         try:
             loaded: Any = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as e:
             raise InputError(f"{path}: cannot load with weights_only=True ({first_line(e)})") from e
         if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
             raise InputError(f"{path}: expected a dict of tensors")
-        return dict(loaded)
-    raise InputError(f"{path}: unknown adapter weights format {path.suffix!r} (expected .safetensors)")
+        tensors, digest = dict(loaded), hashlib.sha256(data).hexdigest()
+    else:
+        raise InputError(f"{path}: unknown adapter weights format {path.suffix!r} (expected .safetensors)")
+    empty = next((k for k, t in tensors.items() if t.numel() == 0), None)
+    if empty is not None:
+        raise InputError(f"{path.name}:{empty}: zero-size tensor (shape {list(tensors[empty].shape)})")
+    reading.check_finite(tensors, path.name)
+    return tensors, digest
 
 
-def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror})") from e
+NAME_RULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+"""Adapter names: 1 to 64 ASCII letters, digits and ``_``, not starting with a digit (they name
+tensors in the program and files in the artifact)."""
 
 
-def _identifier(name: str) -> str:
-    ident = re.sub(r"\W", "_", name).strip("_") or "adapter"
-    return ident if not ident[0].isdigit() else f"a_{ident}"
+def adapter_name(name: str) -> str:
+    """``name`` if it is a valid adapter name (:data:`NAME_RULE`).
+
+    Raises:
+        InputError: naming the rule.
+    """
+    if not isinstance(name, str) or NAME_RULE.fullmatch(name) is None:
+        shown = repr(name) if len(str(name)) <= 80 else f"{str(name)[:60]!r}… ({len(name)} characters)"
+        raise InputError(
+            f"adapter name {shown} is not allowed: use 1 to 64 ASCII letters, digits and '_', "
+            "not starting with a digit (--name)"
+        )
+    return name
+
+
+def _default_name(stem: str) -> str:
+    """The name of an adapter given without one: its directory or file name, other characters replaced
+    by ``_``, cut to 64 characters."""
+    ident = re.sub(r"[^A-Za-z0-9_]", "_", stem).strip("_") or "adapter"
+    return (ident if not ident[0].isdigit() else f"a_{ident}")[:64]
 
 
 def load_adapter(

@@ -67,6 +67,13 @@ def plan(adapters: Sequence[Adapter], max_rank: int | None, bank: int = 0) -> Sl
     rank = max(ranks) if max_rank is None else int(max_rank)
     if rank < max(ranks):
         raise InputError(f"--max-rank {rank} is below the rank {max(ranks)} of a given adapter")
+    # A rank above min(d_in, d_out) cannot change what a slot computes; beyond that, memory only.
+    useful = max(max(ranks), *(min(slot.d_in, slot.d_out) for slot in found.values()))
+    if rank > useful:
+        raise InputError(
+            f"--max-rank {rank} is above {useful}, the largest rank that changes what a slot computes "
+            "(min(d_in, d_out) of the widest slotted layer, or the largest given adapter rank)"
+        )
     return SlotTable(rank, dtypes.pop(), tuple(found[m] for m in sorted(found)), bank)
 
 

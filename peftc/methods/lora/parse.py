@@ -203,8 +203,10 @@ def _role_of(params: Mapping[str, list[str]]) -> common.RoleFn:
 # sites
 
 
-def _rank_alpha(cfg: Mapping[str, Any], key: str) -> tuple[int, float, float]:
-    r = int(peft_config.pattern_value(cfg.get("rank_pattern"), key, cfg.get("r", 8)))
+def _rank_alpha(source: AdapterSource, key: str) -> tuple[int, float, float]:
+    cfg = source.config
+    r = peft_config.pattern_value(cfg.get("rank_pattern"), key, cfg.get("r", 8))
+    r = common.check_rank(source, key, r)
     alpha = peft_config.pattern_value(cfg.get("alpha_pattern"), key, cfg.get("lora_alpha", 8))
     return r, alpha, lora_scale(r, alpha, bool(cfg.get("use_rslora", False)))
 
@@ -226,7 +228,7 @@ def _module_sites(
             f"fan_in_fan_out={cfg.get('fan_in_fan_out', False)} but {path!r} is a {module.class_name}; "
             f"using fan_in_fan_out={layout == 'linear_t'} as PEFT does"
         )
-    r, alpha, scale = _rank_alpha(cfg, path)
+    r, alpha, scale = _rank_alpha(source, path)
     info = {"module_type": module.class_name, "r": r, "alpha": alpha}
     _check_shapes(source, module, tensors, modules, layout, r)
     a, b = tensors["lora_A"], tensors["lora_B"]
@@ -354,7 +356,7 @@ def _parameter_sites(
     owner, _, local = key.rpartition(".")
     common.require_roles(source, key, tensors, ["lora_A", "lora_B"])
     shape = modules.state_shapes[modules[owner].params[local]]
-    r, alpha, scale = _rank_alpha(source.config, key)
+    r, alpha, scale = _rank_alpha(source, key)
     a, b = tensors["lora_A"], tensors["lora_B"]
     info = {"module_type": f"parameter {local}", "r": r, "alpha": alpha}
     if len(shape) == 2:
