@@ -209,11 +209,11 @@ def test_hub_ids_resolve_from_the_local_cache_only(tmp_path, capsys, monkeypatch
 
     cache = tmp_path / "hub"
     _cache(cache, "acme/tiny-bert", built["model_dir"])
-    _cache(cache, "acme/tiny_lora", built["a"])
+    _cache(cache, "acme/tiny-lora.v2", built["a"])
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    art = peftc.compile("acme/tiny-bert", "acme/tiny_lora", out=tmp_path / "out")
-    assert art.manifest.adapters[0]["name"] == "tiny_lora"
+    art = peftc.compile("acme/tiny-bert", "acme/tiny-lora.v2", out=tmp_path / "out")
+    assert art.manifest.adapters[0]["name"] == "tiny_lora_v2"
     inputs = models.text_inputs(1, 5)
     assert_outputs_close(peftc.load(art.path)(**inputs), models.peft_outputs(built["model"], built["a"], inputs))
     code, _, err = _cli(capsys, "compile", "acme/missing", "--adapter", built["a"], "-o", tmp_path / "x")

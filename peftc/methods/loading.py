@@ -50,8 +50,9 @@ def read_adapter(
     Raises:
         InputError: naming the missing, unreadable or malformed file.
     """
+    hub_name = None
     if is_hub_id(str(path)):
-        name = name or str(path).rsplit("/", 1)[1]
+        hub_name = str(path).rsplit("/", 1)[1]  # the snapshot directory is named after a commit
         path = cached(str(path), "adapter")
     path = Path(path)
     if not path.exists():
@@ -69,7 +70,7 @@ def read_adapter(
         weights = path
         config_path = Path(config) if config else path.parent / CONFIG_NAME
         default_name = path.stem if path.stem != "adapter_model" else path.resolve().parent.name
-    chosen = adapter_name(name) if name is not None else _default_name(default_name)
+    chosen = adapter_name(name) if name is not None else _default_name(hub_name or default_name)
     own_config = config is None and not config_path.exists()
     if not path.is_dir() and (own_config or (config is not None and config_path.resolve() == weights.resolve())):
         return _self_described(path, weights, chosen, allow_pickle)
