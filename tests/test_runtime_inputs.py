@@ -258,3 +258,23 @@ def test_concurrent_calls_with_random_adapters_never_mix_them_up(swappable):
 
 def _error(got, want):
     return float(np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max())
+
+
+def test_token_type_ids_are_an_input_that_defaults_to_zeros(merged, bert_adapter, monkeypatch):
+    """A BERT-like model takes the tokenizer's ``token_type_ids``; left out, they are 0, as in
+    transformers. Both agree with PEFT, and the segments really change the output."""
+    runner = peftc.load(merged)
+    assert runner.input_names == ["input_ids", "attention_mask", "token_type_ids"]
+    inputs = models.text_inputs(2, 7)
+    segments = torch.ones_like(inputs["input_ids"])
+    plain = runner(**inputs)
+    assert_close = np.testing.assert_allclose
+    expected = models.peft_outputs(models.tiny_bert(), bert_adapter, inputs)
+    assert_close(plain["last_hidden_state"], expected["last_hidden_state"], rtol=1e-5, atol=1e-5)
+    given = runner(**inputs, token_type_ids=segments)
+    expected = models.peft_outputs(models.tiny_bert(), bert_adapter, {**inputs, "token_type_ids": segments})
+    assert_close(given["last_hidden_state"], expected["last_hidden_state"], rtol=1e-5, atol=1e-5)
+    assert float(np.abs(given["last_hidden_state"] - plain["last_hidden_state"]).max()) > 0.1
+    _never_run(runner, monkeypatch)
+    with pytest.raises(InputError, match=r"'token_type_ids'.*\[0, 2\)"):
+        runner(**inputs, token_type_ids=segments * 2)

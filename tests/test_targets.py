@@ -86,7 +86,7 @@ def test_runner_contract(target, artifacts, gpu_artifacts, adapters):
     manifest = artifact.manifest
     assert manifest.status == "ok" and manifest.verification["passed"]
     runner = peftc.load(artifact.path)
-    assert runner.input_names == ["input_ids", "attention_mask"]
+    assert runner.input_names == ["input_ids", "attention_mask", "token_type_ids"]
     assert [o["name"] for o in manifest.target["outputs"]] == ["last_hidden_state", "pooler_output"]
     reference = peftc.load(artifacts["onnx"].path)
     for batch, seq in [(1, 7), (3, 20)]:

@@ -72,6 +72,10 @@ def calibration(path: Path | None, samples: int, signature: InputSignature, seed
         ]
         return Calibration(feeds, {"source": "generated", "batches": samples, "seed": seed + SEED})
     arrays = _read(path)
+    for spec in signature.inputs:  # an input with a default (token_type_ids) may be left out, as in a call
+        like = next((arrays[s.name] for s in signature.inputs if s.shape == spec.shape and s.name in arrays), None)
+        if spec.name not in arrays and spec.default is not None and like is not None:
+            arrays[spec.name] = np.full(like.shape, spec.default, dtype=np.int64)
     names = signature.names
     missing, extra = [n for n in names if n not in arrays], [n for n in arrays if n not in names]
     if missing or extra:

@@ -1,7 +1,8 @@
 """Model input signatures: names, shapes with named dynamic dims, dtypes, and seeded example values.
 
 A signature is derived from the model kind (text: ``input_ids``/``attention_mask`` with dims
-``batch`` and ``seq``; vision: ``pixel_values`` with dim ``batch``) or given by the user as
+``batch`` and ``seq``, and ``token_type_ids`` (default 0) where the model has several segment types;
+vision: ``pixel_values`` with dim ``batch``) or given by the user as
 ``--input name:dims:dtype[:low..high]``, e.g. ``input_ids:batch,seq=1..512:int64:0..30522`` or
 ``pixel_values:batch,3,224,224:float32``. A dim is an integer (static) or a name (dynamic, shared by
 every input that uses the same name), optionally with a range ``name=min..max``.
@@ -52,6 +53,9 @@ class TensorInput:
     ``mask`` (ones, with the tail of the last row zeroed when batch > 1)."""
     low: int = 0
     high: int = 2
+    default: int | None = None
+    """A call may leave the input out; the runner then fills it with this value (``token_type_ids``:
+    0, as transformers does)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,6 +202,9 @@ def from_transformers(model: Any) -> InputSignature | None:
         inputs = [TensorInput("input_ids", ("batch", "seq"), "int64", "index", 0, vocab)]
         if "attention_mask" in params:
             inputs.append(TensorInput("attention_mask", ("batch", "seq"), "int64", "mask"))
+        types = getattr(config, "type_vocab_size", None) or 0
+        if "token_type_ids" in params and types > 1:  # BERT-like segments; a call may leave them out
+            inputs.append(TensorInput("token_type_ids", ("batch", "seq"), "int64", "index", 0, types, default=0))
         return InputSignature(tuple(inputs), dims)
     if main == "pixel_values":
         size = getattr(config, "image_size", 224)

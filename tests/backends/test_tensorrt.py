@@ -206,7 +206,7 @@ def test_compiled_artifacts_record_the_parse_and_not_run(trt_artifacts):
         info = manifest.target["tensorrt"]
         assert manifest.status == "ok" and manifest.verification["passed"]
         assert info["module"] == TRT_MODULE and manifest.versions[TRT_MODULE] == info["version"]
-        assert [i["name"] for i in info["parse"]["inputs"]] == ["input_ids", "attention_mask"]
+        assert [i["name"] for i in info["parse"]["inputs"]] == ["input_ids", "attention_mask", "token_type_ids"]
         assert [(o["name"], o["dtype"]) for o in info["parse"]["outputs"]] == [
             ("last_hidden_state", "float32"),
             ("pooler_output", "float32"),
