@@ -50,7 +50,8 @@ class TensorInput:
     dtype: str
     kind: str = "float"
     """How example values are drawn: ``float`` (normal), ``index`` (uniform ints in [low, high)),
-    ``mask`` (ones, with the tail of the last row zeroed when batch > 1)."""
+    ``mask`` (ones, with the tail of the last row zeroed when batch > 1), ``segments`` (0: one sentence,
+    in even rows; a sentence pair in odd rows: 0 for the first half, 1 after)."""
     low: int = 0
     high: int = 2
     default: int | None = None
@@ -100,6 +101,10 @@ class InputSignature:
                 value = torch.ones(shape, dtype=dtype)
                 if len(shape) >= 2 and shape[0] > 1 and shape[-1] > 1:
                     value[-1, shape[-1] // 2 + 1 :] = 0
+            elif spec.kind == "segments":
+                value = torch.zeros(shape, dtype=dtype)
+                if len(shape) == 2:
+                    value[1::2, shape[-1] // 2 :] = min(1, spec.high - 1)
             elif spec.kind == "index" or not dtype.is_floating_point:
                 value = torch.randint(spec.low, spec.high, shape, generator=generator, dtype=torch.int64).to(dtype)
             else:
@@ -204,7 +209,7 @@ def from_transformers(model: Any) -> InputSignature | None:
             inputs.append(TensorInput("attention_mask", ("batch", "seq"), "int64", "mask"))
         types = getattr(config, "type_vocab_size", None) or 0
         if "token_type_ids" in params and types > 1:  # BERT-like segments; a call may leave them out
-            inputs.append(TensorInput("token_type_ids", ("batch", "seq"), "int64", "index", 0, types, default=0))
+            inputs.append(TensorInput("token_type_ids", ("batch", "seq"), "int64", "segments", 0, types, default=0))
         return InputSignature(tuple(inputs), dims)
     if main == "pixel_values":
         size = getattr(config, "image_size", 224)

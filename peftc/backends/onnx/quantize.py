@@ -61,7 +61,9 @@ class OnnxQuantizer:
         trial = self._scratch / "trial"
         trial.mkdir(exist_ok=True)
         quantize(self._src, trial / self._path.name, self._precision, keep, calibration, self._cache, only)
-        return self._backend.load(trial, {}).run
+        from peftc.backends.ort import OrtRunner  # a scratch model of this compile, not an artifact
+
+        return OrtRunner(trial / self._path.name).run
 
     def write(self, keep: Collection[str], calibration: Feeds) -> Lowered:
         quantize(self._src, self._path, self._precision, keep, calibration, self._cache)
