@@ -62,8 +62,11 @@ def edited_adapter(src: Path, dst: Path | None = None, *, config=None, tensors=N
 
 
 def export(model: torch.nn.Module, signature: InputSignature | None = None) -> ir.Program:
-    """Trace a model the way ``peftc.compile`` does."""
-    signature = signature or from_transformers(model)
+    """Trace a model the way ``peftc.compile`` does; inputs a call may leave out (BERT's
+    ``token_type_ids``) are left out, so the program takes what ``models.text_inputs`` gives."""
+    if signature is None:
+        derived = from_transformers(model)
+        signature = InputSignature(tuple(i for i in derived.inputs if i.default is None), derived.dims)
     example = signature.example(signature.trace_sizes())
     return ir.trace(model, example, signature.dynamic_shapes())
 

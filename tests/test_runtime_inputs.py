@@ -80,7 +80,7 @@ def _set(array, index, value):
 
 BAD_INPUTS = {
     "missing": (_with(attention_mask=None), r"missing \['attention_mask'\]"),
-    "unexpected": (_with(token_type_ids=np.zeros((2, 8), np.int64)), r"unexpected \['token_type_ids'\]"),
+    "unexpected": (_with(position_ids=np.zeros((2, 8), np.int64)), r"unexpected \['position_ids'\]"),
     "float ids": (
         _with(input_ids=lambda i: i["input_ids"] + 0.7),
         "'input_ids': float64 values, but the input is int64",
@@ -133,14 +133,16 @@ def test_safe_conversions_give_the_same_outputs(merged):
 
 
 def test_the_vocabulary_is_recorded_from_the_embedding(merged, swappable):
-    assert peftc.load(merged).manifest.target["index_ranges"] == {"input_ids": [0, VOCAB]}
+    ranges = {"input_ids": [0, VOCAB], "token_type_ids": [0, 2]}  # the vocabulary and the segment types
+    assert peftc.load(merged).manifest.target["index_ranges"] == ranges
     # the swappable artifact adapts the word embeddings: its range still comes from the base model's
-    assert peftc.load(swappable[2]).manifest.target["index_ranges"] == {"input_ids": [0, VOCAB]}
+    assert peftc.load(swappable[2]).manifest.target["index_ranges"] == ranges
 
 
 def test_onnxruntime_failures_are_one_line_peftc_errors_and_silent(merged, capfd):
     ort_runner = peftc.load(merged).backend_runner  # below the checks: onnxruntime sees id 1000
     inputs = _with(input_ids=lambda i: _set(i["input_ids"], (0, 0), 1000))
+    inputs["token_type_ids"] = np.zeros_like(inputs["input_ids"])  # the target's runner takes every input
     capfd.readouterr()
     with pytest.raises(InputError, match="onnxruntime refused the inputs: .*indices element out of data bounds"):
         ort_runner.run(inputs)

@@ -31,7 +31,7 @@ def model_spec(manifest: Manifest, model: Any = None) -> Any:
     """
     if model is not None:
         return model
-    spec = manifest.model.get("spec")
+    spec = manifest.model["spec"]  # a missing field is reported with its path
     if not isinstance(spec, str) or not spec:
         raise InputError(f"{MANIFEST_FILE}: model.spec must be a non-empty string")
     if spec.startswith("<"):

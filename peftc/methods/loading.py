@@ -84,7 +84,9 @@ def read_adapter(
     if "peft_type" not in cfg:
         raise InputError(f"{config_path}: no 'peft_type' field; is this a PEFT adapter config?")
 
-    tensors, digest = _load_tensors(weights, allow_pickle)
+    # AdaLoRA prunes a module's rank to 0 and saves its factors with zero rows: the one format where
+    # zero-size tensors mean something (that module adds nothing).
+    tensors, digest = _load_tensors(weights, allow_pickle, empty=cfg.get("peft_type") == "ADALORA")
     return AdapterSource(
         name=chosen,
         path=path,
@@ -124,8 +126,9 @@ def _self_described(path: Path, weights: Path, name: str, allow_pickle: bool) ->
     )
 
 
-def _load_tensors(path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], str]:
-    """``(tensors, sha256 of the bytes they were read from)``, each tensor non-empty and finite."""
+def _load_tensors(path: Path, allow_pickle: bool, empty: bool = False) -> tuple[dict[str, torch.Tensor], str]:
+    """``(tensors, sha256 of the bytes they were read from)``, each tensor finite and, unless ``empty``
+    allows it, non-empty."""
     if path.suffix == ".safetensors":
         tensors, digest = reading.read_safetensors(path)
         if not tensors:
@@ -149,9 +152,9 @@ def _load_tensors(path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tenso
         tensors, digest = dict(loaded), hashlib.sha256(data).hexdigest()
     else:
         raise InputError(f"{path}: unknown adapter weights format {path.suffix!r} (expected .safetensors)")
-    empty = next((k for k, t in tensors.items() if t.numel() == 0), None)
-    if empty is not None:
-        raise InputError(f"{path.name}:{empty}: zero-size tensor (shape {list(tensors[empty].shape)})")
+    zero = None if empty else next((k for k, t in tensors.items() if t.numel() == 0), None)
+    if zero is not None:
+        raise InputError(f"{path.name}:{zero}: zero-size tensor (shape {list(tensors[zero].shape)})")
     reading.check_finite(tensors, path.name)
     return tensors, digest
 

@@ -73,6 +73,7 @@ def test_profiles_derived_from_dynamic_dims_and_overridden():
     assert [(p.name, p.min, p.opt, p.max) for p in shapes] == [
         ("input_ids", (1, 2), (1, 16), (32, 48)),
         ("attention_mask", (1, 2), (1, 16), (32, 48)),
+        ("token_type_ids", (1, 2), (1, 16), (32, 48)),
     ]
 
 
@@ -266,6 +267,7 @@ def test_refit_weights_give_the_new_adapter_in_onnxruntime(trt_artifacts, adapte
     refit_map = RefitMap.from_json(artifact.manifest.target["tensorrt"]["refit_map"])
     base = load_file(str(artifact.path / BASE_FILE))
     inputs = models.text_inputs(2, 11)
+    inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])  # the raw ONNX takes every input
     feeds = {k: v.numpy() for k, v in inputs.items()}
     weights_b = refit_weights(refit_map, base, _adapter_tensors(adapters["b"]))
     got = onnx_with_weights(artifact.path / "model.onnx", weights_b, feeds)
