@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import warnings
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 NOISY = ("torchao", "torch.utils._pytree")
 """torchao (imported by transformers and peft too, where installed) warns at import for each CUDA
@@ -80,21 +82,39 @@ def hidden_warnings(enabled: bool = True) -> Iterator[Hidden]:
     saved = [(logger, logger.handlers) for logger in [logging.getLogger(), *own]]
     for logger, _ in saved:
         logger.handlers = [handler]
+
+    def count(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        hidden.sources[_source(filename)] += 1
+
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings():
             warnings.simplefilter("default")
+            warnings.showwarning = count
             yield hidden
     finally:
         for logger, handlers in saved:
             logger.handlers = handlers
-    for item in caught:
-        hidden.sources[_package(item.filename)] += 1
 
 
-def _package(filename: str) -> str:
-    """The top-level package a warning came from (``torch``, ``transformers``…), from its file."""
+def _source(filename: str) -> str:
+    """The package a warning came from: its file's, or, when a ``stacklevel`` points into the standard
+    library (torch warns through ``copyreg``), that of the innermost installed package on the stack."""
+    package = _package(filename)
+    frame = sys._getframe(2)
+    while (package is None or package in _ON_BEHALF) and frame is not None:
+        package = _package(frame.f_code.co_filename)
+        frame = frame.f_back
+    return package or Path(filename).stem
+
+
+_ON_BEHALF = frozenset({"typing_extensions", "deprecated"})
+"""Packages whose warnings speak for their caller (``@deprecated`` wrappers)."""
+
+
+def _package(filename: str) -> str | None:
+    """The top-level installed package (``torch``, ``transformers``…) ``filename`` belongs to."""
     parts = Path(filename).parts
     for marker in ("site-packages", "dist-packages"):
         if marker in parts and parts.index(marker) + 1 < len(parts):
             return Path(parts[parts.index(marker) + 1]).stem
-    return Path(filename).stem
+    return None

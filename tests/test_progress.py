@@ -75,3 +75,17 @@ def test_the_cli_summarises_hidden_warnings_in_one_note(capsys, tmp_path, bert_d
     assert code == 0 and "some deprecation" not in err
     notes = [line for line in err.splitlines() if line.startswith("peftc: note: hid ")]
     assert len(notes) == 1 and "transformers_like 1" in notes[0] and notes[0].endswith("; --debug shows them")
+
+
+def test_a_warning_is_counted_for_the_package_that_raised_it():
+    """A ``stacklevel`` that points into the standard library (torch warns through ``copyreg``) and a
+    ``@deprecated`` wrapper (typing_extensions) are looked through, to the package that called them."""
+    site = "/venv/lib/python3.11/site-packages"
+    space: dict = {}
+    exec(compile("import warnings\ndef warn():\n    warnings.warn('old', FutureWarning, stacklevel=2)\n",
+                 f"{site}/typing_extensions.py", "exec"), space)  # fmt: skip
+    exec(compile("def reduce():\n    warn()\n", "/usr/lib/python3.11/copyreg.py", "exec"), space)
+    exec(compile("def load():\n    reduce()\n", f"{site}/torch/utils/_pytree.py", "exec"), space)
+    with hidden_warnings() as hidden:
+        space["load"]()
+    assert dict(hidden.sources) == {"torch": 1}
