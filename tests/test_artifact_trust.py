@@ -219,3 +219,25 @@ def test_hub_ids_resolve_from_the_local_cache_only(tmp_path, capsys, monkeypatch
     code, _, err = _cli(capsys, "compile", "acme/missing", "--adapter", built["a"], "-o", tmp_path / "x")
     assert code == 2 and "model 'acme/missing': not a path here and not in the local Hugging Face cache" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_timm_spec_is_taken_only_with_its_recorded_safetensors_weights(tmp_path):
+    """timm's code is the installed library's; the weights file the spec names is data, checked first."""
+    from types import SimpleNamespace
+
+    from peftc.driver.sources import model_spec
+    from peftc.hashing import sha256_file
+
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"weights")
+    spec = "timm:vit_tiny_patch16_224@w.safetensors"
+    manifest = SimpleNamespace(
+        model={"spec": spec, "files": {"w.safetensors": sha256_file(weights)}}, workdir=str(tmp_path)
+    )
+    assert model_spec(manifest) == spec
+    weights.write_bytes(b"other weights")
+    with pytest.raises(InputError, match=r"w.safetensors: missing or changed since the artifact was built"):
+        model_spec(manifest)
+    manifest.model["spec"] = "timm:vit_tiny_patch16_224@w.pth"
+    with pytest.raises(InputError, match="needs pickled weights; pass the model yourself"):
+        model_spec(manifest)

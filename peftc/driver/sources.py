@@ -41,6 +41,8 @@ def model_spec(manifest: Manifest, model: Any = None) -> Any:
         weights = parse_timm_spec(spec)[2] or ""
         if not weights.endswith(".safetensors"):
             raise InputError(f"{MANIFEST_FILE}: model {spec!r} needs pickled weights; {yourself}")
+        file = Path(weights) if Path(weights).is_absolute() else Path(manifest.workdir) / weights
+        _check_model_files(manifest, file)  # timm's code is the installed library's; its weights are data
         return spec
     path = Path(spec) if Path(spec).is_absolute() else Path(manifest.workdir) / spec
     if (path.is_dir() and (path / "config.json").is_file()) or (path.is_file() and path.suffix == ".pt2"):
