@@ -84,12 +84,15 @@ def hidden_warnings(enabled: bool = True) -> Iterator[Hidden]:
         logger.handlers = [handler]
 
     def count(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-        hidden.sources[_source(filename)] += 1
+        if category.__module__.startswith("peftc"):  # peftc's own warnings are for the user: shown
+            show(message, category, filename, lineno, file, line)
+        else:
+            hidden.sources[_source(filename)] += 1
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
-            warnings.showwarning = count
+            show, warnings.showwarning = warnings.showwarning, count
             yield hidden
     finally:
         for logger, handlers in saved:
