@@ -150,16 +150,15 @@ def _target_options(args: argparse.Namespace) -> dict[str, object]:
 def _inspect(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from peftc.artifact import MANIFEST_FILE, read_manifest
+    from peftc.artifact import read_manifest
     from peftc.artifact.manifest import file_problems
     from peftc.report import manifest_text
 
     manifest = read_manifest(args.artifact)
     problems = file_problems(args.artifact, manifest)  # a modified artifact says so, and exits 1
     if args.json:
-        data = json.loads((Path(args.artifact) / MANIFEST_FILE).read_text())
-        data["integrity"] = {"status": "modified" if problems else "intact", "problems": problems}
-        print(json.dumps(data, indent=2))
+        integrity = {"status": "modified" if problems else "intact", "problems": problems}
+        print(json.dumps({**dataclasses.asdict(manifest), "integrity": integrity}, indent=2))
     else:
         # The manifest's own objects (not copies), so a missing field is reported with its path.
         fields = {f.name: getattr(manifest, f.name) for f in dataclasses.fields(manifest)}

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from peftc.errors import InputError
-from peftc.loaders.inputs import DimSpec, InputSignature, TensorInput
+from peftc.loaders.inputs import DimSpec, InputSignature, TensorInput, with_defaults
 
 _NUMPY = {
     "float32": np.float32, "float16": np.float16, "bfloat16": np.float32,  # the target casts bf16 itself
@@ -84,7 +84,7 @@ class InputCheck:
         Raises:
             InputError: naming the input and the rule it breaks.
         """
-        feeds = self._defaults(feeds)
+        feeds = with_defaults(list(self.specs.values()), feeds)
         missing = [n for n in self.names if n not in feeds]
         extra = [n for n in feeds if n not in self.names]
         if missing or extra:
@@ -103,26 +103,6 @@ class InputCheck:
                 _check_values(name, array, self.ranges[name])
             arrays[name] = array
         return arrays, {dim: size for dim, (size, _) in sizes.items()}
-
-    def _defaults(self, feeds: Mapping[str, Any]) -> Mapping[str, Any]:
-        """``feeds`` with each left-out input that has a default filled, shaped like the given inputs."""
-        absent = [s for n, s in self.specs.items() if n not in feeds and s.default is not None]
-        if not absent:
-            return feeds
-        sizes: dict[str, int] = {}
-        for name, value in feeds.items():
-            spec = self.specs.get(name)
-            shape = np.shape(value)
-            if spec is not None and len(shape) == len(spec.shape):
-                for size, dim in zip(shape, spec.shape, strict=True):
-                    sizes.setdefault(str(dim), int(size))
-        filled = dict(feeds)
-        for spec in absent:
-            if any(isinstance(d, str) and d not in sizes for d in spec.shape):
-                continue  # nothing to take its shape from: reported as missing
-            shape = tuple(d if isinstance(d, int) else sizes[d] for d in spec.shape)
-            filled[spec.name] = np.full(shape, spec.default, dtype=_NUMPY[spec.dtype])
-        return filled
 
     def batch(self, arrays: Mapping[str, np.ndarray], sizes: Mapping[str, int]) -> int | None:
         """The batch size of a checked call: its ``batch`` dim, else the first dim of its first input."""

@@ -17,6 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from peftc.errors import InputError
+from peftc.reading import read_bytes
 
 
 def inside(directory: str | Path, relative: Any) -> Path:
@@ -67,12 +68,7 @@ def read_verified(path: Path, sha256: str) -> bytes:
     Raises:
         InputError: missing, not a regular file, or different from what the manifest recorded.
     """
-    try:
-        if not stat.S_ISREG(path.lstat().st_mode):
-            raise InputError(f"{path}: not a regular file")
-        data = path.read_bytes()
-    except OSError as e:
-        raise InputError(f"{path}: cannot be read ({e.strerror or e})") from e
+    data = read_bytes(path)
     if hashlib.sha256(data).hexdigest() != sha256:
         raise InputError(
             f"{path}: sha256 differs from the manifest; the file was modified after the artifact was built"

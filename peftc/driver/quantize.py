@@ -40,7 +40,7 @@ from peftc.backends.base import Backend, Lowered, Quantizer, QuantizingBackend
 from peftc.driver.build import Built
 from peftc.driver.modes import Lowering
 from peftc.errors import InputError, UnsupportedError, VerificationError
-from peftc.loaders.inputs import DTYPES, InputSignature
+from peftc.loaders.inputs import DTYPES, InputSignature, with_defaults
 from peftc.options import CompileOptions
 from peftc.progress import advance
 from peftc.verification import program_oracle
@@ -71,11 +71,7 @@ def calibration(path: Path | None, samples: int, signature: InputSignature, seed
             for i in range(samples)
         ]
         return Calibration(feeds, {"source": "generated", "batches": samples, "seed": seed + SEED})
-    arrays = _read(path)
-    for spec in signature.inputs:  # an input with a default (token_type_ids) may be left out, as in a call
-        like = next((arrays[s.name] for s in signature.inputs if s.shape == spec.shape and s.name in arrays), None)
-        if spec.name not in arrays and spec.default is not None and like is not None:
-            arrays[spec.name] = np.full(like.shape, spec.default, dtype=np.int64)
+    arrays = dict(with_defaults(signature.inputs, _read(path)))  # token_type_ids may be left out, as in a call
     names = signature.names
     missing, extra = [n for n in names if n not in arrays], [n for n in arrays if n not in names]
     if missing or extra:

@@ -19,6 +19,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from peftc.errors import InputError
@@ -141,6 +142,26 @@ class InputSignature:
     def from_json(cls, data: Mapping[str, Any]) -> InputSignature:
         inputs = tuple(TensorInput(**(dict(i) | {"shape": tuple(i["shape"])})) for i in data["inputs"])
         return cls(inputs, {k: DimSpec(**v) for k, v in data["dims"].items()})
+
+
+def with_defaults(specs: Sequence[TensorInput], arrays: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``arrays`` (input name → array) with each input of ``specs`` that has a default and is left out
+    filled with it, shaped by the named dims of the inputs given; one whose dims no given input has
+    stays left out (the caller reports it missing)."""
+    absent = [s for s in specs if s.name not in arrays and s.default is not None]
+    if not absent:
+        return arrays
+    sizes: dict[str | int, int] = {}
+    for spec in specs:
+        shape = np.shape(arrays[spec.name]) if spec.name in arrays else ()
+        if len(shape) == len(spec.shape):
+            for size, dim in zip(shape, spec.shape, strict=True):
+                sizes.setdefault(dim, int(size))
+    filled = dict(arrays)
+    for spec in absent:
+        if all(isinstance(d, int) or d in sizes for d in spec.shape):
+            filled[spec.name] = np.full([d if isinstance(d, int) else sizes[d] for d in spec.shape], spec.default)
+    return filled
 
 
 _RANGE = re.compile(r"^(?P<name>[A-Za-z_]\w*)(=(?P<min>\d+)\.\.(?P<max>\d+)?)?$")

@@ -97,11 +97,11 @@ class AdapterFiles:
     def names(self) -> list[str]:
         return list(self._files)
 
-    def register(self, name: str, path: str | Path, sha256: str | None = None) -> None:
+    def register(self, name: str, path: str | Path) -> None:
         """Make the file at ``path`` adapter ``name`` (replacing what was read for that name), pinned to
-        ``sha256`` (default: the file's sha256 now)."""
+        the file's sha256 now."""
         with self._lock:
-            self._files[name] = (Path(path), sha256 or sha256_file(Path(path)))
+            self._files[name] = (Path(path), sha256_file(Path(path)))
             self._cache = {k: v for k, v in self._cache.items() if k[0] != name}
 
     def read(self, name: str, kind: str, reader: Callable[[Path], T]) -> T:

@@ -59,10 +59,10 @@ class SwappableRunner:
     def adapters(self) -> list[str]:
         return self.files.names
 
-    def register(self, name: str, path: str | Path, sha256: str | None = None) -> None:
+    def register(self, name: str, path: str | Path) -> None:
         """Make the adapter file at ``path`` adapter ``name`` (replacing what was read for that name),
-        pinned to ``sha256`` (default: the file's sha256 now)."""
-        self.files.register(name, path, sha256)
+        pinned to the file's sha256 now."""
+        self.files.register(name, path)
         with self._lock:
             self._banks.clear()
 
