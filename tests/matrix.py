@@ -255,6 +255,22 @@ def _vera(family: Family) -> Any:
     return VeraConfig(r=16, target_modules=targets, fan_in_fan_out=family.linear_type == "Conv1D", d_initial=1.0)
 
 
+# Issue 19, tuners batch 1 (MiSS, HRA, SHiRA, FourierFT, C3A, WaveFT).
+LINEAR_ONLY = "PEFT adapts only nn.Linear with this method, not transformers' Conv1D"
+
+
+def _miss(family: Family) -> Any:
+    from peft import MissConfig
+
+    if family.linear_type != "Linear":
+        return LINEAR_ONLY
+    # One MiSS form per family: balance with a padded last chunk (32 % 5, 6 % 4 inputs), the tiled
+    # "bat" form, and "mini" (mini_r divides every d_out).
+    forms = {"llama": {"r": 4, "init_weights": "bat"}, "vit": {"r": 4, "init_weights": "mini", "mini_r": 8}}
+    form = forms.get(family.name, {"r": 5 if family.name == "bert" else 4})
+    return MissConfig(target_modules=list(family.linear), **form)
+
+
 METHODS = (
     Method("lora", "LoRA (Linear, Conv1D, Conv1d/2d)", _lora, "bert"),
     Method("lora-embedding", "LoRA on Embedding", _lora_embedding, "gpt2"),
@@ -269,6 +285,8 @@ METHODS = (
     Method("loha", "LoHa (Linear, Conv1d/2d)", _loha, "vit"),
     Method("lokr", "LoKr (Linear, Conv1d/2d)", _lokr, "convnet"),
     Method("vera", "VeRA (Linear, Conv1D)", _vera, "gpt2"),
+    # Issue 19, tuners batch 1.
+    Method("miss", "MiSS (Linear; balance, mini, bat)", _miss, "convnet"),
 )
 
 

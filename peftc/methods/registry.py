@@ -25,6 +25,7 @@ from peftc.methods import (
     loha,
     lokr,
     lora,
+    miss,
     oft,
     ssf,
     trainable_tokens,
@@ -52,6 +53,8 @@ METHODS: list[Method] = [
     vera.METHOD,
     ssf.METHOD,
     zeroi2v.METHOD,
+    # Issue 19, tuners batch 1 (MiSS, HRA, SHiRA, FourierFT, C3A, WaveFT).
+    miss.METHOD,
     SLOTS,
 ]
 """In the order their extra passes run. ``SLOTS`` is not an adapter format: swappable artifacts' ops."""
