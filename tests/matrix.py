@@ -271,6 +271,15 @@ def _miss(family: Family) -> Any:
     return MissConfig(target_modules=list(family.linear), **form)
 
 
+def _hra(family: Family) -> Any:
+    from peft import HRAConfig
+
+    if family.linear_type != "Linear":
+        return "PEFT's HRA adapts nn.Linear and nn.Conv2d, not transformers' Conv1D"
+    # Gram–Schmidt on LLaMA; the plain product of reflections elsewhere (with the k×k convolutions).
+    return HRAConfig(r=4, target_modules=[*family.linear, *family.conv], apply_GS=family.name == "llama")
+
+
 METHODS = (
     Method("lora", "LoRA (Linear, Conv1D, Conv1d/2d)", _lora, "bert"),
     Method("lora-embedding", "LoRA on Embedding", _lora_embedding, "gpt2"),
@@ -287,6 +296,7 @@ METHODS = (
     Method("vera", "VeRA (Linear, Conv1D)", _vera, "gpt2"),
     # Issue 19, tuners batch 1.
     Method("miss", "MiSS (Linear; balance, mini, bat)", _miss, "convnet"),
+    Method("hra", "HRA (Linear, Conv2d)", _hra, "convnet"),
 )
 
 

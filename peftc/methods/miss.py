@@ -103,12 +103,11 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
         roles={"miss_block": "miss_block"},
         types=per_module.LINEAR_TYPES,
     )
-    cfg = {k: FIELDS.defaults[k] if v is None and k in FIELDS.defaults else v for k, v in read.honoured.items()}
-    form = cfg["init_weights"]
+    form = per_module.setting(read, FIELDS, "init_weights")
     if form not in (True, False, "bat", "mini"):
         raise InputError(f"{source.config_path}: init_weights={form!r}; expected true, false, 'bat' or 'mini'")
-    r = per_module.positive_int(source, "r", cfg["r"])
-    mini_r = per_module.positive_int(source, "mini_r", cfg["mini_r"])
+    r = per_module.positive_int(source, "r", per_module.setting(read, FIELDS, "r"))
+    mini_r = per_module.positive_int(source, "mini_r", per_module.setting(read, FIELDS, "mini_r"))
     sites = []
     for target in read.targets:
         d_out, d_in = target.shape

@@ -107,3 +107,9 @@ def positive_int(source: AdapterSource, name: str, value: Any, *, minimum: int =
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < minimum:
         raise InputError(f"{source.config_path}: {name}={value!r}; expected an integer >= {minimum}")
     return int(value)
+
+
+def setting(read: Read, fields: common.Fields, name: str) -> Any:
+    """An honoured field's value, PEFT's default where the config leaves it out or writes null."""
+    value = read.honoured.get(name)
+    return fields.defaults.get(name) if value is None else value

@@ -20,6 +20,7 @@ from peftc.methods import (
     adalora,
     beft,
     boft,
+    hra,
     ia3,
     ln_tuning,
     loha,
@@ -55,6 +56,7 @@ METHODS: list[Method] = [
     zeroi2v.METHOD,
     # Issue 19, tuners batch 1 (MiSS, HRA, SHiRA, FourierFT, C3A, WaveFT).
     miss.METHOD,
+    hra.METHOD,
     SLOTS,
 ]
 """In the order their extra passes run. ``SLOTS`` is not an adapter format: swappable artifacts' ops."""
