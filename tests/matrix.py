@@ -280,6 +280,15 @@ def _hra(family: Family) -> Any:
     return HRAConfig(r=4, target_modules=[*family.linear, *family.conv], apply_GS=family.name == "llama")
 
 
+def _shira(family: Family) -> Any:
+    from peft import ShiraConfig
+
+    if family.linear_type != "Linear":
+        return LINEAR_ONLY
+    # r=2: the conv net's 6→4 head holds at most r·(6 + 4) ≤ 24 entries.
+    return ShiraConfig(r=2, target_modules=list(family.linear), random_seed=7)
+
+
 METHODS = (
     Method("lora", "LoRA (Linear, Conv1D, Conv1d/2d)", _lora, "bert"),
     Method("lora-embedding", "LoRA on Embedding", _lora_embedding, "gpt2"),
@@ -297,6 +306,8 @@ METHODS = (
     # Issue 19, tuners batch 1.
     Method("miss", "MiSS (Linear; balance, mini, bat)", _miss, "convnet"),
     Method("hra", "HRA (Linear, Conv2d)", _hra, "convnet"),
+    # noise=1: only r·(d_in + d_out) of each weight's entries are trained, each from zero.
+    Method("shira", "SHiRA (Linear)", _shira, "convnet", noise=1.0),
 )
 
 

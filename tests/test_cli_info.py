@@ -27,6 +27,7 @@ PEFT_FORMATS = {
     # Issue 19, tuners batch 1.
     "MISS",
     "HRA",
+    "SHIRA",
 }
 """The PEFT methods the README says peftc reads ("What is supported", "Adapter formats")."""
 OWN_FORMATS = {"SSF", "ZEROI2V"}

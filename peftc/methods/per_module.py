@@ -65,11 +65,12 @@ def read_targets(
     roles: Mapping[str, str],
     types: Iterable[str],
     bias_field: str | None = "bias",
+    optional: Iterable[str] = (),
 ) -> Read:
     """The targeted modules of a method whose every tensor is ``<module>.<suffix>``.
 
     Args:
-        roles: key suffix → role; each targeted module must have every role.
+        roles: key suffix → role; each targeted module must have every role but the ``optional`` ones.
         types: the module classes the method adapts (as PEFT dispatches them).
         bias_field: the config field naming trained biases (``none``, ``all`` or ``<method>_only``,
             as PEFT accepts), or None where the method has none.
@@ -92,7 +93,7 @@ def read_targets(
     targets = []
     for path, tensors in sorted(grouped.modules.items()):
         module = modules[path]
-        common.require_roles(source, path, tensors, roles.values())
+        common.require_roles(source, path, tensors, [r for r in roles.values() if r not in optional])
         shape = tuple(modules.state_shapes[module.params["weight"]])
         targets.append(Target(module, found[path], shape, tensors))
     return Read(tuple(targets), grouped, honoured, ignored)

@@ -28,6 +28,7 @@ from peftc.methods import (
     lora,
     miss,
     oft,
+    shira,
     ssf,
     trainable_tokens,
     vera,
@@ -57,6 +58,7 @@ METHODS: list[Method] = [
     # Issue 19, tuners batch 1 (MiSS, HRA, SHiRA, FourierFT, C3A, WaveFT).
     miss.METHOD,
     hra.METHOD,
+    shira.METHOD,
     SLOTS,
 ]
 """In the order their extra passes run. ``SLOTS`` is not an adapter format: swappable artifacts' ops."""
