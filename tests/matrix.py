@@ -289,6 +289,16 @@ def _shira(family: Family) -> Any:
     return ShiraConfig(r=2, target_modules=list(family.linear), random_seed=7)
 
 
+def _fourierft(family: Family) -> Any:
+    from peft import FourierFTConfig
+
+    n = 16 if family.name == "convnet" else 48  # the conv net's head has 6·4 weights
+    conv1d = family.linear_type == "Conv1D"
+    return FourierFTConfig(
+        n_frequency=n, scaling=8.0, target_modules=list(family.linear), random_loc_seed=11, fan_in_fan_out=conv1d
+    )
+
+
 METHODS = (
     Method("lora", "LoRA (Linear, Conv1D, Conv1d/2d)", _lora, "bert"),
     Method("lora-embedding", "LoRA on Embedding", _lora_embedding, "gpt2"),
@@ -308,6 +318,7 @@ METHODS = (
     Method("hra", "HRA (Linear, Conv2d)", _hra, "convnet"),
     # noise=1: only r·(d_in + d_out) of each weight's entries are trained, each from zero.
     Method("shira", "SHiRA (Linear)", _shira, "convnet", noise=1.0),
+    Method("fourierft", "FourierFT (Linear, Conv1D)", _fourierft, "convnet"),
 )
 
 

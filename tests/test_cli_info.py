@@ -28,6 +28,7 @@ PEFT_FORMATS = {
     "MISS",
     "HRA",
     "SHIRA",
+    "FOURIERFT",
 }
 """The PEFT methods the README says peftc reads ("What is supported", "Adapter formats")."""
 OWN_FORMATS = {"SSF", "ZEROI2V"}

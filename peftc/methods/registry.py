@@ -20,6 +20,7 @@ from peftc.methods import (
     adalora,
     beft,
     boft,
+    fourierft,
     hra,
     ia3,
     ln_tuning,
@@ -59,6 +60,7 @@ METHODS: list[Method] = [
     miss.METHOD,
     hra.METHOD,
     shira.METHOD,
+    fourierft.METHOD,
     SLOTS,
 ]
 """In the order their extra passes run. ``SLOTS`` is not an adapter format: swappable artifacts' ops."""
