@@ -299,6 +299,15 @@ def _fourierft(family: Family) -> Any:
     )
 
 
+def _c3a(family: Family) -> Any:
+    from peft import C3AConfig
+
+    if family.linear_type != "Linear":
+        return LINEAR_ONLY
+    # The block size divides every adapted dimension (the conv net's head is 6→4).
+    return C3AConfig(block_size=2 if family.name == "convnet" else 8, target_modules=list(family.linear))
+
+
 METHODS = (
     Method("lora", "LoRA (Linear, Conv1D, Conv1d/2d)", _lora, "bert"),
     Method("lora-embedding", "LoRA on Embedding", _lora_embedding, "gpt2"),
@@ -319,6 +328,7 @@ METHODS = (
     # noise=1: only r·(d_in + d_out) of each weight's entries are trained, each from zero.
     Method("shira", "SHiRA (Linear)", _shira, "convnet", noise=1.0),
     Method("fourierft", "FourierFT (Linear, Conv1D)", _fourierft, "convnet"),
+    Method("c3a", "C3A (Linear)", _c3a, "convnet"),
 )
 
 

@@ -29,6 +29,7 @@ PEFT_FORMATS = {
     "HRA",
     "SHIRA",
     "FOURIERFT",
+    "C3A",
 }
 """The PEFT methods the README says peftc reads ("What is supported", "Adapter formats")."""
 OWN_FORMATS = {"SSF", "ZEROI2V"}

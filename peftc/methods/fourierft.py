@@ -30,7 +30,6 @@ training run only under a torch that draws the same numbers, which PEFT assumes 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -162,11 +161,11 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
 
 
 def n_frequency(cfg: Mapping[str, Any], path: str) -> Any:
-    """``n_frequency`` for the module at ``path``, by PEFT's ``n_frequency_pattern`` rule (module docstring)."""
-    pattern = cfg.get("n_frequency_pattern") or {}
-    key = next((k for k in pattern if re.match(rf".*\.{k}$", path)), path)
+    """``n_frequency`` for the module at ``path`` (``n_frequency_pattern`` by PEFT's rule)."""
     default = cfg.get("n_frequency")
-    return pattern.get(key, FIELDS.defaults["n_frequency"] if default is None else default)
+    return per_module.suffix_pattern(
+        cfg.get("n_frequency_pattern"), path, FIELDS.defaults["n_frequency"] if default is None else default
+    )
 
 
 METHOD = Method("fourierft", ("FOURIERFT",), parse, ops=(FOURIERFT_WEIGHT,), fields=FIELDS)

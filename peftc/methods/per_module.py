@@ -11,6 +11,7 @@ needs — and leaves the method to check shapes and build the site.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -114,3 +115,13 @@ def setting(read: Read, fields: common.Fields, name: str) -> Any:
     """An honoured field's value, PEFT's default where the config leaves it out or writes null."""
     value = read.honoured.get(name)
     return fields.defaults.get(name) if value is None else value
+
+
+def suffix_pattern(pattern: Mapping[str, Any] | None, path: str, default: Any) -> Any:
+    """A per-module value from FourierFT's ``n_frequency_pattern`` / C3A's ``block_size_pattern``, by
+    PEFT's rule for them: the first key ``k`` with ``re.match(rf".*\\.{k}$", path)``, else the key equal
+    to ``path``, else ``default``. (LoRA's ``rank_pattern`` rule differs: it also matches a key equal to
+    the whole path first and groups the key's alternatives.)"""
+    pattern = pattern or {}
+    key = next((k for k in pattern if re.match(rf".*\.{k}$", path)), path)
+    return pattern.get(key, default)

@@ -20,6 +20,7 @@ from peftc.methods import (
     adalora,
     beft,
     boft,
+    c3a,
     fourierft,
     hra,
     ia3,
@@ -61,6 +62,7 @@ METHODS: list[Method] = [
     hra.METHOD,
     shira.METHOD,
     fourierft.METHOD,
+    c3a.METHOD,
     SLOTS,
 ]
 """In the order their extra passes run. ``SLOTS`` is not an adapter format: swappable artifacts' ops."""
