@@ -308,6 +308,20 @@ def _c3a(family: Family) -> Any:
     return C3AConfig(block_size=2 if family.name == "convnet" else 8, target_modules=list(family.linear))
 
 
+def _waveft(family: Family) -> Any:
+    from peft import WaveFTConfig
+
+    # A different wavelet per family (longer filters pad and crop more); the conv net's head has 24 weights.
+    wavelet = {"llama": "db2", "gpt2": "db3", "vit": "sym2"}.get(family.name, "db1")
+    return WaveFTConfig(
+        n_frequency=16 if family.name == "convnet" else 48,
+        scaling=2.0,
+        wavelet_family=wavelet,
+        target_modules=list(family.linear),
+        fan_in_fan_out=family.linear_type == "Conv1D",
+    )
+
+
 METHODS = (
     Method("lora", "LoRA (Linear, Conv1D, Conv1d/2d)", _lora, "bert"),
     Method("lora-embedding", "LoRA on Embedding", _lora_embedding, "gpt2"),
@@ -329,6 +343,7 @@ METHODS = (
     Method("shira", "SHiRA (Linear)", _shira, "convnet", noise=1.0),
     Method("fourierft", "FourierFT (Linear, Conv1D)", _fourierft, "convnet"),
     Method("c3a", "C3A (Linear)", _c3a, "convnet"),
+    Method("waveft", "WaveFT (Linear, Conv1D; Daubechies db1–db10)", _waveft, "convnet"),
 )
 
 

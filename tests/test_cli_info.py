@@ -30,6 +30,7 @@ PEFT_FORMATS = {
     "SHIRA",
     "FOURIERFT",
     "C3A",
+    "WAVEFT",
 }
 """The PEFT methods the README says peftc reads ("What is supported", "Adapter formats")."""
 OWN_FORMATS = {"SSF", "ZEROI2V"}

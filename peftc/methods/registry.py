@@ -34,6 +34,7 @@ from peftc.methods import (
     ssf,
     trainable_tokens,
     vera,
+    waveft,
     zeroi2v,
 )
 from peftc.methods.base import Adapter, AdapterSource, ParseOptions, Site
@@ -63,6 +64,7 @@ METHODS: list[Method] = [
     shira.METHOD,
     fourierft.METHOD,
     c3a.METHOD,
+    waveft.METHOD,
     SLOTS,
 ]
 """In the order their extra passes run. ``SLOTS`` is not an adapter format: swappable artifacts' ops."""
