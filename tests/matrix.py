@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import matrix_tuners1 as tuners1
 import models
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -255,73 +256,6 @@ def _vera(family: Family) -> Any:
     return VeraConfig(r=16, target_modules=targets, fan_in_fan_out=family.linear_type == "Conv1D", d_initial=1.0)
 
 
-# Issue 19, tuners batch 1 (MiSS, HRA, SHiRA, FourierFT, C3A, WaveFT).
-LINEAR_ONLY = "PEFT adapts only nn.Linear with this method, not transformers' Conv1D"
-
-
-def _miss(family: Family) -> Any:
-    from peft import MissConfig
-
-    if family.linear_type != "Linear":
-        return LINEAR_ONLY
-    # One MiSS form per family: balance with a padded last chunk (32 % 5, 6 % 4 inputs), the tiled
-    # "bat" form, and "mini" (mini_r divides every d_out).
-    forms = {"llama": {"r": 4, "init_weights": "bat"}, "vit": {"r": 4, "init_weights": "mini", "mini_r": 8}}
-    form = forms.get(family.name, {"r": 5 if family.name == "bert" else 4})
-    return MissConfig(target_modules=list(family.linear), **form)
-
-
-def _hra(family: Family) -> Any:
-    from peft import HRAConfig
-
-    if family.linear_type != "Linear":
-        return "PEFT's HRA adapts nn.Linear and nn.Conv2d, not transformers' Conv1D"
-    # Gram–Schmidt on LLaMA; the plain product of reflections elsewhere (with the k×k convolutions).
-    return HRAConfig(r=4, target_modules=[*family.linear, *family.conv], apply_GS=family.name == "llama")
-
-
-def _shira(family: Family) -> Any:
-    from peft import ShiraConfig
-
-    if family.linear_type != "Linear":
-        return LINEAR_ONLY
-    # r=2: the conv net's 6→4 head holds at most r·(6 + 4) ≤ 24 entries.
-    return ShiraConfig(r=2, target_modules=list(family.linear), random_seed=7)
-
-
-def _fourierft(family: Family) -> Any:
-    from peft import FourierFTConfig
-
-    n = 16 if family.name == "convnet" else 48  # the conv net's head has 6·4 weights
-    conv1d = family.linear_type == "Conv1D"
-    return FourierFTConfig(
-        n_frequency=n, scaling=8.0, target_modules=list(family.linear), random_loc_seed=11, fan_in_fan_out=conv1d
-    )
-
-
-def _c3a(family: Family) -> Any:
-    from peft import C3AConfig
-
-    if family.linear_type != "Linear":
-        return LINEAR_ONLY
-    # The block size divides every adapted dimension (the conv net's head is 6→4).
-    return C3AConfig(block_size=2 if family.name == "convnet" else 8, target_modules=list(family.linear))
-
-
-def _waveft(family: Family) -> Any:
-    from peft import WaveFTConfig
-
-    # A different wavelet per family (longer filters pad and crop more); the conv net's head has 24 weights.
-    wavelet = {"llama": "db2", "gpt2": "db3", "vit": "sym2"}.get(family.name, "db1")
-    return WaveFTConfig(
-        n_frequency=16 if family.name == "convnet" else 48,
-        scaling=2.0,
-        wavelet_family=wavelet,
-        target_modules=list(family.linear),
-        fan_in_fan_out=family.linear_type == "Conv1D",
-    )
-
-
 METHODS = (
     Method("lora", "LoRA (Linear, Conv1D, Conv1d/2d)", _lora, "bert"),
     Method("lora-embedding", "LoRA on Embedding", _lora_embedding, "gpt2"),
@@ -337,13 +271,13 @@ METHODS = (
     Method("lokr", "LoKr (Linear, Conv1d/2d)", _lokr, "convnet"),
     Method("vera", "VeRA (Linear, Conv1D)", _vera, "gpt2"),
     # Issue 19, tuners batch 1.
-    Method("miss", "MiSS (Linear; balance, mini, bat)", _miss, "convnet"),
-    Method("hra", "HRA (Linear, Conv2d)", _hra, "convnet"),
+    Method("miss", "MiSS (Linear; balance, mini, bat)", tuners1.miss, "convnet"),
+    Method("hra", "HRA (Linear, Conv2d)", tuners1.hra, "convnet"),
     # noise=1: only r·(d_in + d_out) of each weight's entries are trained, each from zero.
-    Method("shira", "SHiRA (Linear)", _shira, "convnet", noise=1.0),
-    Method("fourierft", "FourierFT (Linear, Conv1D)", _fourierft, "convnet"),
-    Method("c3a", "C3A (Linear)", _c3a, "convnet"),
-    Method("waveft", "WaveFT (Linear, Conv1D; Daubechies db1–db10)", _waveft, "convnet"),
+    Method("shira", "SHiRA (Linear)", tuners1.shira, "convnet", noise=1.0),
+    Method("fourierft", "FourierFT (Linear, Conv1D)", tuners1.fourierft, "convnet"),
+    Method("c3a", "C3A (Linear)", tuners1.c3a, "convnet"),
+    Method("waveft", "WaveFT (Linear, Conv1D; Daubechies db1–db10)", tuners1.waveft, "convnet"),
 )
 
 

@@ -119,21 +119,22 @@ PEFT_FAMILIES = {
 """The wavelet families PEFT 0.21 has filters for, with the Daubechies order peftc derives them from (0: none)."""
 
 
-def filter_bank(source: AdapterSource, family: str) -> torch.Tensor:
-    """``[2, L]``: the reconstruction low- and high-pass filters of ``family`` (PyWavelets' convention).
+def filter_bank(family: str, where: object = "adapter_config.json") -> torch.Tensor:
+    """``[2, L]``: the reconstruction low- and high-pass filters of ``family`` (PyWavelets' convention);
+    ``where`` (the config file) starts the error messages.
 
     Raises:
         UnsupportedError: a family PEFT has no filters for, or one peftc does not derive.
     """
     if family not in PEFT_FAMILIES:
         raise UnsupportedError(
-            f"{source.config_path}: wavelet_family={family!r}: PEFT 0.21 has no filters for it (its forward fails); "
+            f"{where}: wavelet_family={family!r}: PEFT 0.21 has no filters for it (its forward fails); "
             "it has db1-db10, sym2-sym10 and coif1-coif5"
         )
     order = PEFT_FAMILIES[family]
     if not order:
         raise UnsupportedError(
-            f"{source.config_path}: wavelet_family={family!r}: peftc derives the Daubechies filters db1-db10 (and "
+            f"{where}: wavelet_family={family!r}: peftc derives the Daubechies filters db1-db10 (and "
             "sym2/sym3, which equal db2/db3), not the other symlets or the coiflets"
         )
     lo = daubechies(order)
@@ -196,7 +197,7 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
     use_idwt = bool(setting["use_idwt"])
     filters = None
     if use_idwt:
-        bank = filter_bank(source, str(setting["wavelet_family"]))
+        bank = filter_bank(str(setting["wavelet_family"]), source.config_path)
         filters = AdapterTensor(f"{setting['wavelet_family']} reconstruction filters", bank, shared=True)
     sizes = {t.path: common.io_dims(modules, t.module, t.layout)[::-1] for t in read.targets}
     counts = _frequencies(source, read, sizes, int(setting["n_frequency"]))

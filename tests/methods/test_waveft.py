@@ -64,7 +64,7 @@ def test_derived_filters_are_peft_filters(family):
 
     wavelet = Wavelet(family)
     expected = torch.tensor([wavelet.rec_lo, wavelet.rec_hi], dtype=torch.float32)
-    assert torch.allclose(waveft_ops.filter_bank(None, family), expected, rtol=0, atol=1e-7)
+    assert torch.allclose(waveft_ops.filter_bank(family), expected, rtol=0, atol=1e-7)
 
 
 @pytest.mark.parametrize(
@@ -85,7 +85,7 @@ def test_op_matches_peft_forward_and_merge(config):
                 param.mul_(30)  # PEFT's random init is N(0, 0.01²): too small to change outputs visibly
     merged = copy.deepcopy(peft_model).merge_and_unload()
     family = config.get("wavelet_family", "db1")
-    filters = waveft_ops.filter_bank(None, family) if config.get("use_idwt", True) else None
+    filters = waveft_ops.filter_bank(family) if config.get("use_idwt", True) else None
     for name in TARGETS:
         layer = peft_model.base_model.model.get_submodule(name)
         base = layer.get_base_layer()
