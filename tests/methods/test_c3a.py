@@ -11,11 +11,11 @@ import models
 import pytest
 import torch
 from conftest import adapt, assert_outputs_close, eager, edited_adapter, export
+from peft_check import assert_caught, check_against_peft
 from torch import nn
 
-import peftc
 from peftc import ir
-from peftc.errors import InputError, UnsupportedError, VerificationError
+from peftc.errors import InputError, UnsupportedError
 from peftc.loaders.inputs import parse_inputs
 from peftc.methods import c3a as c3a_ops
 from peftc.methods.c3a import C3A_WEIGHT
@@ -149,14 +149,13 @@ def test_convolution_is_refused(tmp_path):
 # verification catches a broken formula
 
 
-def test_mutation_convolution_instead_of_correlation_fails_verification(tmp_path, adapter, monkeypatch):
+def test_mutation_convolution_instead_of_correlation_fails_verification(adapter, monkeypatch):
     """Reading kernel element ``(t − j) mod b`` (a circular convolution) instead of ``(j − t)`` must not pass."""
+    assert check_against_peft(layers(), adapter, INPUTS).passed
     real = c3a_ops.delta_weight
 
     def convolved(kernel, d_in):
         return real(kernel.flip(-1).roll(1, -1), d_in)
 
     monkeypatch.setattr(c3a_ops, "delta_weight", convolved)
-    with pytest.raises(VerificationError, match="verification failed: output .* vs peft"):
-        peftc.compile(layers(), adapter, out=tmp_path / "out", inputs=INPUTS)
-    assert not (tmp_path / "out").exists()
+    assert_caught(check_against_peft(layers(), adapter, INPUTS))
