@@ -24,6 +24,8 @@ PEFT_FORMATS = {
     "LN_TUNING",
     "TRAINABLE_TOKENS",
     "BEFT",
+    # Issue 19, batch tuners2.
+    "RANDLORA",
 }
 """The PEFT methods the README says peftc reads ("What is supported", "Adapter formats")."""
 OWN_FORMATS = {"SSF", "ZEROI2V"}

@@ -26,6 +26,7 @@ from peftc.methods import (
     lokr,
     lora,
     oft,
+    randlora,
     ssf,
     trainable_tokens,
     vera,
@@ -52,6 +53,8 @@ METHODS: list[Method] = [
     vera.METHOD,
     ssf.METHOD,
     zeroi2v.METHOD,
+    # Issue 19, batch tuners2: RandLoRA, VBLoRA, UniLoRA, PVeRA, TinyLoRA, Lily.
+    randlora.METHOD,
     SLOTS,
 ]
 """In the order their extra passes run. ``SLOTS`` is not an adapter format: swappable artifacts' ops."""

@@ -1,0 +1,29 @@
+"""Coverage-matrix configs (``tests/matrix.py``) for issue 19's second batch of PEFT types: RandLoRA,
+VBLoRA, UniLoRA, PVeRA, TinyLoRA and Lily. Each function returns a PEFT config for a family, or the
+reason the method does not apply to it."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matrix import Family
+
+
+def linear_targets(family: Family) -> Any:
+    """The family's linear targets, as a regex that leaves out its convolutions where it has any (a
+    suffix such as the ViT's "proj" also names its patch embedding): for linear-only methods."""
+    convs = "|".join(re.escape(c) for c in (*family.conv, *family.conv1d))
+    if not convs:
+        return list(family.linear)
+    return rf"(?!(?:.*\.)?(?:{convs})$)(?:.*\.)?(?:{'|'.join(map(re.escape, family.linear))})"
+
+
+def randlora(family: Family) -> Any:
+    from peft import RandLoraConfig
+
+    # r=5 on 32/64-wide layers: 7 or 13 bases, so how PEFT pairs the (r, bases) axes of its two
+    # flattenings matters.
+    fan_in_fan_out = family.linear_type == "Conv1D"
+    return RandLoraConfig(r=5, randlora_alpha=10, target_modules=linear_targets(family), fan_in_fan_out=fan_in_fan_out)
