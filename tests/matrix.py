@@ -272,6 +272,7 @@ METHODS = (
     Method("vera", "VeRA (Linear, Conv1D)", _vera, "gpt2"),
     # Issue 19, batch tuners2.
     Method("randlora", "RandLoRA (Linear, Conv1D)", tuners2.randlora, "llama"),
+    Method("vblora", "VB-LoRA (Linear, Conv1D)", tuners2.vblora, "bert", noise=1.0),
 )
 
 

@@ -27,3 +27,19 @@ def randlora(family: Family) -> Any:
     # flattenings matters.
     fan_in_fan_out = family.linear_type == "Conv1D"
     return RandLoraConfig(r=5, randlora_alpha=10, target_modules=linear_targets(family), fan_in_fan_out=fan_in_fan_out)
+
+
+def vblora(family: Family) -> Any:
+    from peft import VBLoRAConfig
+
+    # vector_length must divide every adapted size: 8 does on the transformers, 2 on the conv net's 6→4 head.
+    length = 2 if family.name == "convnet" else 8
+    fan_in_fan_out = family.linear_type == "Conv1D"
+    return VBLoRAConfig(
+        r=4,
+        num_vectors=16,
+        vector_length=length,
+        topk=2,
+        target_modules=linear_targets(family),
+        fan_in_fan_out=fan_in_fan_out,
+    )

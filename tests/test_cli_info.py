@@ -26,6 +26,7 @@ PEFT_FORMATS = {
     "BEFT",
     # Issue 19, batch tuners2.
     "RANDLORA",
+    "VBLORA",
 }
 """The PEFT methods the README says peftc reads ("What is supported", "Adapter formats")."""
 OWN_FORMATS = {"SSF", "ZEROI2V"}

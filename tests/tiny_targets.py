@@ -20,43 +20,51 @@ from peftc.methods.loading import load_adapter
 from peftc.passes import PassContext, PassManager, pipelines
 from peftc.verification import Report, peft_oracle, program_oracle, verify
 
-INPUTS = ["x:batch,6:float32"]
+SIZES = (6, 20, 12, 5)
+"""Features in and out of ``up``, ``mid`` and ``down`` (a method may need other sizes: pass ``sizes``)."""
 TARGETS = ["up", "mid", "down"]
 
 
+def inputs(sizes: tuple[int, ...] = SIZES) -> list[str]:
+    return [f"x:batch,{sizes[0]}:float32"]
+
+
+INPUTS = inputs()
+
+
 class Mixed(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, sizes: tuple[int, ...] = SIZES) -> None:
         super().__init__()
-        self.up = nn.Linear(6, 20)
-        self.mid = Conv1D(12, 20)
-        self.down = nn.Linear(12, 5)
+        self.up = nn.Linear(sizes[0], sizes[1])
+        self.mid = Conv1D(sizes[2], sizes[1])
+        self.down = nn.Linear(sizes[2], sizes[3])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(torch.tanh(self.mid(torch.tanh(self.up(x)))))
 
 
-def mixed() -> nn.Module:
+def mixed(sizes: tuple[int, ...] = SIZES) -> nn.Module:
     torch.manual_seed(0)
-    return Mixed().eval().requires_grad_(False)
+    return Mixed(sizes).eval().requires_grad_(False)
 
 
-def program() -> ir.Program:
-    return export(mixed(), parse_inputs(INPUTS))
+def program(sizes: tuple[int, ...] = SIZES) -> ir.Program:
+    return export(mixed(sizes), parse_inputs(inputs(sizes)))
 
 
-def parse(path: Path) -> Adapter:
-    return load_adapter(path, ir.module_table(program()))
+def parse(path: Path, sizes: tuple[int, ...] = SIZES) -> Adapter:
+    return load_adapter(path, ir.module_table(program(sizes)))
 
 
-def verify_against_peft(path: Path, *, merge: bool) -> Report:
+def verify_against_peft(path: Path, *, merge: bool, sizes: tuple[int, ...] = SIZES) -> Report:
     """The compiled program (merged or not) checked against PEFT's eager model, as ``peftc.compile`` does."""
-    base = program()
+    base = program(sizes)
     adapter = load_adapter(path, ir.module_table(base))
     reference, _ = PassManager(pipelines.adapt([adapter])).run(base, PassContext())
     final, _ = PassManager(pipelines.optimize(merge=merge)).run(reference, PassContext())
-    peft, why = peft_oracle(mixed(), [adapter])
+    peft, why = peft_oracle(mixed(sizes), [adapter])
     assert peft is not None, why
-    return verify(program_oracle(final), parse_inputs(INPUTS), {"peft": peft}, base=program_oracle(base))
+    return verify(program_oracle(final), parse_inputs(inputs(sizes)), {"peft": peft}, base=program_oracle(base))
 
 
 def rel(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -29,6 +29,7 @@ from peftc.methods import (
     randlora,
     ssf,
     trainable_tokens,
+    vblora,
     vera,
     zeroi2v,
 )
@@ -55,6 +56,7 @@ METHODS: list[Method] = [
     zeroi2v.METHOD,
     # Issue 19, batch tuners2: RandLoRA, VBLoRA, UniLoRA, PVeRA, TinyLoRA, Lily.
     randlora.METHOD,
+    vblora.METHOD,
     SLOTS,
 ]
 """In the order their extra passes run. ``SLOTS`` is not an adapter format: swappable artifacts' ops."""
