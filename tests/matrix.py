@@ -273,6 +273,7 @@ METHODS = (
     # Issue 19, batch tuners2.
     Method("randlora", "RandLoRA (Linear, Conv1D)", tuners2.randlora, "llama"),
     Method("vblora", "VB-LoRA (Linear, Conv1D)", tuners2.vblora, "bert", noise=1.0),
+    Method("unilora", "UniLoRA (Linear, Conv1D)", tuners2.unilora, "gpt2", noise=3.0),
 )
 
 

@@ -43,3 +43,11 @@ def vblora(family: Family) -> Any:
         target_modules=linear_targets(family),
         fan_in_fan_out=fan_in_fan_out,
     )
+
+
+def unilora(family: Family) -> Any:
+    from peft import UniLoraConfig
+
+    # The default save_indices=false: peftc deals the indices again in PEFT's module order.
+    fan_in_fan_out = family.linear_type == "Conv1D"
+    return UniLoraConfig(r=4, theta_d_length=64, target_modules=linear_targets(family), fan_in_fan_out=fan_in_fan_out)

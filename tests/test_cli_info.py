@@ -27,6 +27,7 @@ PEFT_FORMATS = {
     # Issue 19, batch tuners2.
     "RANDLORA",
     "VBLORA",
+    "UNILORA",
 }
 """The PEFT methods the README says peftc reads ("What is supported", "Adapter formats")."""
 OWN_FORMATS = {"SSF", "ZEROI2V"}

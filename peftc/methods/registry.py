@@ -29,6 +29,7 @@ from peftc.methods import (
     randlora,
     ssf,
     trainable_tokens,
+    unilora,
     vblora,
     vera,
     zeroi2v,
@@ -57,6 +58,7 @@ METHODS: list[Method] = [
     # Issue 19, batch tuners2: RandLoRA, VBLoRA, UniLoRA, PVeRA, TinyLoRA, Lily.
     randlora.METHOD,
     vblora.METHOD,
+    unilora.METHOD,
     SLOTS,
 ]
 """In the order their extra passes run. ``SLOTS`` is not an adapter format: swappable artifacts' ops."""
@@ -110,8 +112,9 @@ def parse_adapter(source: AdapterSource, modules: ModuleTable, options: ParseOpt
 
 def _computing(adapter: Adapter, modules: ModuleTable) -> Adapter:
     """``adapter`` with every float site tensor in the dtype it computes in (``peftc.precision``, as PEFT
-    loads it), after refusing integer tensors from the file and replacements of another kind than
-    the parameter they replace (integer for float or the reverse).
+    loads it) and every index tensor in int64, after refusing integer tensors from the file (other than
+    indices), float indices, and replacements of another kind than the parameter they replace
+    (integer for float or the reverse).
 
     Raises:
         InputError: naming the key of such a tensor.
@@ -124,7 +127,13 @@ def _computing(adapter: Adapter, modules: ModuleTable) -> Adapter:
         base = modules.tensors[name].dtype if name in modules.tensors else None
         tensors = {}
         for role, entry in site.tensors.items():
-            if entry is not None and not entry.tensor.is_floating_point():
+            if entry is not None and entry.index:
+                if entry.tensor.is_floating_point() or entry.tensor.dtype == torch.bool:
+                    raise InputError(
+                        f"{source.describe(entry.key)}: dtype {name_of(entry.tensor.dtype)}; indices are integers"
+                    )
+                entry = dataclasses.replace(entry, tensor=entry.tensor.to(torch.int64))
+            elif entry is not None and not entry.tensor.is_floating_point():
                 if entry.key in source.tensors:
                     raise InputError(
                         f"{source.describe(entry.key)}: dtype {name_of(entry.tensor.dtype)}; adapter tensors are "
