@@ -274,6 +274,7 @@ METHODS = (
     Method("randlora", "RandLoRA (Linear, Conv1D)", tuners2.randlora, "llama"),
     Method("vblora", "VB-LoRA (Linear, Conv1D)", tuners2.vblora, "bert", noise=1.0),
     Method("unilora", "UniLoRA (Linear, Conv1D)", tuners2.unilora, "gpt2", noise=3.0),
+    Method("pvera", "PVeRA (Linear, Conv1D; mean at inference)", tuners2.pvera, "vit"),
 )
 
 

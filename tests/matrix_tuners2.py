@@ -51,3 +51,11 @@ def unilora(family: Family) -> Any:
     # The default save_indices=false: peftc deals the indices again in PEFT's module order.
     fan_in_fan_out = family.linear_type == "Conv1D"
     return UniLoraConfig(r=4, theta_d_length=64, target_modules=linear_targets(family), fan_in_fan_out=fan_in_fan_out)
+
+
+def pvera(family: Family) -> Any:
+    from peft import PveraConfig
+
+    # d_initial=1: λ_d starts at 1 rather than 0.1, so the perturbed adapter visibly changes outputs.
+    fan_in_fan_out = family.linear_type == "Conv1D"
+    return PveraConfig(r=8, target_modules=linear_targets(family), fan_in_fan_out=fan_in_fan_out, d_initial=1.0)

@@ -28,6 +28,7 @@ PEFT_FORMATS = {
     "RANDLORA",
     "VBLORA",
     "UNILORA",
+    "PVERA",
 }
 """The PEFT methods the README says peftc reads ("What is supported", "Adapter formats")."""
 OWN_FORMATS = {"SSF", "ZEROI2V"}

@@ -26,6 +26,7 @@ from peftc.methods import (
     lokr,
     lora,
     oft,
+    pvera,
     randlora,
     ssf,
     trainable_tokens,
@@ -59,6 +60,7 @@ METHODS: list[Method] = [
     randlora.METHOD,
     vblora.METHOD,
     unilora.METHOD,
+    pvera.METHOD,
     SLOTS,
 ]
 """In the order their extra passes run. ``SLOTS`` is not an adapter format: swappable artifacts' ops."""
