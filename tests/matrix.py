@@ -275,6 +275,7 @@ METHODS = (
     Method("vblora", "VB-LoRA (Linear, Conv1D)", tuners2.vblora, "bert", noise=1.0),
     Method("unilora", "UniLoRA (Linear, Conv1D)", tuners2.unilora, "gpt2", noise=3.0),
     Method("pvera", "PVeRA (Linear, Conv1D; mean at inference)", tuners2.pvera, "vit"),
+    Method("tinylora", "TinyLoRA (Linear, Conv1D, Embedding)", tuners2.tinylora, "llama"),
 )
 
 

@@ -59,3 +59,14 @@ def pvera(family: Family) -> Any:
     # d_initial=1: λ_d starts at 1 rather than 0.1, so the perturbed adapter visibly changes outputs.
     fan_in_fan_out = family.linear_type == "Conv1D"
     return PveraConfig(r=8, target_modules=linear_targets(family), fan_in_fan_out=fan_in_fan_out, d_initial=1.0)
+
+
+def tinylora(family: Family) -> Any:
+    from peft import TinyLoraConfig
+
+    # Linear layers and the token embedding; weight_tying=0.5 ties neighbouring targets' v in pairs.
+    targets = linear_targets(family)
+    if family.embedding:
+        targets = [*targets, family.embedding]  # the families with an embedding have no convolution (a list)
+    fan_in_fan_out = family.linear_type == "Conv1D"
+    return TinyLoraConfig(r=2, u=4, weight_tying=0.5, target_modules=targets, fan_in_fan_out=fan_in_fan_out)

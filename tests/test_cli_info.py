@@ -29,6 +29,7 @@ PEFT_FORMATS = {
     "VBLORA",
     "UNILORA",
     "PVERA",
+    "TINYLORA",
 }
 """The PEFT methods the README says peftc reads ("What is supported", "Adapter formats")."""
 OWN_FORMATS = {"SSF", "ZEROI2V"}

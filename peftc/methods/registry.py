@@ -29,6 +29,7 @@ from peftc.methods import (
     pvera,
     randlora,
     ssf,
+    tinylora,
     trainable_tokens,
     unilora,
     vblora,
@@ -61,6 +62,7 @@ METHODS: list[Method] = [
     vblora.METHOD,
     unilora.METHOD,
     pvera.METHOD,
+    tinylora.METHOD,
     SLOTS,
 ]
 """In the order their extra passes run. ``SLOTS`` is not an adapter format: swappable artifacts' ops."""
