@@ -21,6 +21,7 @@ from peftc.methods import (
     beft,
     boft,
     ia3,
+    lily,
     ln_tuning,
     loha,
     lokr,
@@ -67,6 +68,12 @@ METHODS: list[Method] = [
 ]
 """In the order their extra passes run. ``SLOTS`` is not an adapter format: swappable artifacts' ops."""
 
+REFUSED_TYPES: dict[str, str] = {
+    # Issue 19, batch tuners2.
+    "LILY": lily.REFUSAL,
+}
+"""PEFT types peftc knows and refuses, with the reason (no parser reads them)."""
+
 
 def site_ops() -> dict[str, SiteOp]:
     """Every site op by name."""
@@ -103,9 +110,12 @@ def parse_adapter(source: AdapterSource, modules: ModuleTable, options: ParseOpt
     """Interpret ``source`` with the parser of its ``peft_type``.
 
     Raises:
-        UnsupportedError: no method reads that ``peft_type`` (the message lists those that are read).
+        UnsupportedError: a ``peft_type`` peftc refuses (with the reason), or one no method reads (the
+            message lists those that are read).
     """
     peft_type = str(source.config.get("peft_type"))
+    if peft_type in REFUSED_TYPES:
+        raise UnsupportedError(f"{source.config_path}: peft_type {peft_type!r} is refused: {REFUSED_TYPES[peft_type]}")
     method = parsers().get(peft_type)
     if method is None or method.parse is None:
         raise UnsupportedError(
