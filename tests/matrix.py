@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import matrix_tuners1 as tuners1
+import matrix_tuners2 as tuners2
 import models
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -278,6 +279,12 @@ METHODS = (
     Method("fourierft", "FourierFT (Linear, Conv1D)", tuners1.fourierft, "convnet"),
     Method("c3a", "C3A (Linear)", tuners1.c3a, "convnet"),
     Method("waveft", "WaveFT (Linear, Conv1D; Daubechies db1–db10)", tuners1.waveft, "convnet"),
+    # Issue 19, batch tuners2.
+    Method("randlora", "RandLoRA (Linear, Conv1D)", tuners2.randlora, "llama"),
+    Method("vblora", "VB-LoRA (Linear, Conv1D)", tuners2.vblora, "bert", noise=1.0),
+    Method("unilora", "UniLoRA (Linear, Conv1D)", tuners2.unilora, "gpt2", noise=3.0),
+    Method("pvera", "PVeRA (Linear, Conv1D; mean at inference)", tuners2.pvera, "vit"),
+    Method("tinylora", "TinyLoRA (Linear, Conv1D, Embedding)", tuners2.tinylora, "llama"),
 )
 
 

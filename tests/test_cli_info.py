@@ -31,6 +31,12 @@ PEFT_FORMATS = {
     "FOURIERFT",
     "C3A",
     "WAVEFT",
+    # Issue 19, batch tuners2.
+    "RANDLORA",
+    "VBLORA",
+    "UNILORA",
+    "PVERA",
+    "TINYLORA",
 }
 """The PEFT methods the README says peftc reads ("What is supported", "Adapter formats")."""
 OWN_FORMATS = {"SSF", "ZEROI2V"}

@@ -57,6 +57,9 @@ class AdapterTensor:
     shared: bool = False
     """One tensor of the whole adapter that every site reads (VeRA's projections): inserted once, as
     ``<role>.<adapter>``, rather than once per module."""
+    index: bool = False
+    """An integer tensor of positions into another adapter tensor (UniLoRA's indices into its shared
+    vector): kept as int64, never cast to the compute dtype."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,15 +24,21 @@ from peftc.methods import (
     fourierft,
     hra,
     ia3,
+    lily,
     ln_tuning,
     loha,
     lokr,
     lora,
     miss,
     oft,
+    pvera,
+    randlora,
     shira,
     ssf,
+    tinylora,
     trainable_tokens,
+    unilora,
+    vblora,
     vera,
     waveft,
     zeroi2v,
@@ -65,9 +71,21 @@ METHODS: list[Method] = [
     fourierft.METHOD,
     c3a.METHOD,
     waveft.METHOD,
+    # Issue 19, batch tuners2: RandLoRA, VBLoRA, UniLoRA, PVeRA, TinyLoRA, Lily.
+    randlora.METHOD,
+    vblora.METHOD,
+    unilora.METHOD,
+    pvera.METHOD,
+    tinylora.METHOD,
     SLOTS,
 ]
 """In the order their extra passes run. ``SLOTS`` is not an adapter format: swappable artifacts' ops."""
+
+REFUSED_TYPES: dict[str, str] = {
+    # Issue 19, batch tuners2.
+    "LILY": lily.REFUSAL,
+}
+"""PEFT types peftc knows and refuses, with the reason (no parser reads them)."""
 
 
 def site_ops() -> dict[str, SiteOp]:
@@ -105,9 +123,12 @@ def parse_adapter(source: AdapterSource, modules: ModuleTable, options: ParseOpt
     """Interpret ``source`` with the parser of its ``peft_type``.
 
     Raises:
-        UnsupportedError: no method reads that ``peft_type`` (the message lists those that are read).
+        UnsupportedError: a ``peft_type`` peftc refuses (with the reason), or one no method reads (the
+            message lists those that are read).
     """
     peft_type = str(source.config.get("peft_type"))
+    if peft_type in REFUSED_TYPES:
+        raise UnsupportedError(f"{source.config_path}: peft_type {peft_type!r} is refused: {REFUSED_TYPES[peft_type]}")
     method = parsers().get(peft_type)
     if method is None or method.parse is None:
         raise UnsupportedError(
@@ -118,8 +139,9 @@ def parse_adapter(source: AdapterSource, modules: ModuleTable, options: ParseOpt
 
 def _computing(adapter: Adapter, modules: ModuleTable) -> Adapter:
     """``adapter`` with every float site tensor in the dtype it computes in (``peftc.precision``, as PEFT
-    loads it), after refusing integer tensors from the file and replacements of another kind than
-    the parameter they replace (integer for float or the reverse).
+    loads it) and every index tensor in int64, after refusing integer tensors from the file (other than
+    indices), float indices, and replacements of another kind than the parameter they replace
+    (integer for float or the reverse).
 
     Raises:
         InputError: naming the key of such a tensor.
@@ -132,7 +154,13 @@ def _computing(adapter: Adapter, modules: ModuleTable) -> Adapter:
         base = modules.tensors[name].dtype if name in modules.tensors else None
         tensors = {}
         for role, entry in site.tensors.items():
-            if entry is not None and not entry.tensor.is_floating_point():
+            if entry is not None and entry.index:
+                if entry.tensor.is_floating_point() or entry.tensor.dtype == torch.bool:
+                    raise InputError(
+                        f"{source.describe(entry.key)}: dtype {name_of(entry.tensor.dtype)}; indices are integers"
+                    )
+                entry = dataclasses.replace(entry, tensor=entry.tensor.to(torch.int64))
+            elif entry is not None and not entry.tensor.is_floating_point():
                 if entry.key in source.tensors:
                     raise InputError(
                         f"{source.describe(entry.key)}: dtype {name_of(entry.tensor.dtype)}; adapter tensors are "

@@ -1,0 +1,72 @@
+"""Coverage-matrix configs (``tests/matrix.py``) for issue 19's second batch of PEFT types: RandLoRA,
+VBLoRA, UniLoRA, PVeRA, TinyLoRA and Lily. Each function returns a PEFT config for a family, or the
+reason the method does not apply to it."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matrix import Family
+
+
+def linear_targets(family: Family) -> Any:
+    """The family's linear targets, as a regex that leaves out its convolutions where it has any (a
+    suffix such as the ViT's "proj" also names its patch embedding): for linear-only methods."""
+    convs = "|".join(re.escape(c) for c in (*family.conv, *family.conv1d))
+    if not convs:
+        return list(family.linear)
+    return rf"(?!(?:.*\.)?(?:{convs})$)(?:.*\.)?(?:{'|'.join(map(re.escape, family.linear))})"
+
+
+def randlora(family: Family) -> Any:
+    from peft import RandLoraConfig
+
+    # r=5 on 32/64-wide layers: 7 or 13 bases, so how PEFT pairs the (r, bases) axes of its two
+    # flattenings matters.
+    fan_in_fan_out = family.linear_type == "Conv1D"
+    return RandLoraConfig(r=5, randlora_alpha=10, target_modules=linear_targets(family), fan_in_fan_out=fan_in_fan_out)
+
+
+def vblora(family: Family) -> Any:
+    from peft import VBLoRAConfig
+
+    # vector_length must divide every adapted size: 8 does on the transformers, 2 on the conv net's 6→4 head.
+    length = 2 if family.name == "convnet" else 8
+    fan_in_fan_out = family.linear_type == "Conv1D"
+    return VBLoRAConfig(
+        r=4,
+        num_vectors=16,
+        vector_length=length,
+        topk=2,
+        target_modules=linear_targets(family),
+        fan_in_fan_out=fan_in_fan_out,
+    )
+
+
+def unilora(family: Family) -> Any:
+    from peft import UniLoraConfig
+
+    # The default save_indices=false: peftc deals the indices again in PEFT's module order.
+    fan_in_fan_out = family.linear_type == "Conv1D"
+    return UniLoraConfig(r=4, theta_d_length=64, target_modules=linear_targets(family), fan_in_fan_out=fan_in_fan_out)
+
+
+def pvera(family: Family) -> Any:
+    from peft import PveraConfig
+
+    # d_initial=1: λ_d starts at 1 rather than 0.1, so the perturbed adapter visibly changes outputs.
+    fan_in_fan_out = family.linear_type == "Conv1D"
+    return PveraConfig(r=8, target_modules=linear_targets(family), fan_in_fan_out=fan_in_fan_out, d_initial=1.0)
+
+
+def tinylora(family: Family) -> Any:
+    from peft import TinyLoraConfig
+
+    # Linear layers and the token embedding; weight_tying=0.5 ties neighbouring targets' v in pairs.
+    targets = linear_targets(family)
+    if family.embedding:
+        targets = [*targets, family.embedding]  # the families with an embedding have no convolution (a list)
+    fan_in_fan_out = family.linear_type == "Conv1D"
+    return TinyLoraConfig(r=2, u=4, weight_tying=0.5, target_modules=targets, fan_in_fan_out=fan_in_fan_out)
