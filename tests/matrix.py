@@ -255,6 +255,21 @@ def _vera(family: Family) -> Any:
     return VeraConfig(r=16, target_modules=targets, fan_in_fan_out=family.linear_type == "Conv1D", d_initial=1.0)
 
 
+# issue 19, batch 4 (OSF, PSOFT, HiRA, AdaMSS, DEFT)
+
+
+def _nn_linear_only(family: Family, title: str) -> str | None:
+    """Why a method that adapts ``nn.Linear`` only does not apply to ``family``, or None."""
+    return f"PEFT's {title} adapts nn.Linear only, not transformers' Conv1D" if family.linear_type != "Linear" else None
+
+
+def _osf(family: Family) -> Any:
+    from peft import OSFConfig
+
+    # effective_rank 0.5: half of each weight's singular directions are trained (a fraction, as PEFT reads it).
+    return _nn_linear_only(family, "OSF") or OSFConfig(target_modules=list(family.linear), effective_rank=0.5)
+
+
 METHODS = (
     Method("lora", "LoRA (Linear, Conv1D, Conv1d/2d)", _lora, "bert"),
     Method("lora-embedding", "LoRA on Embedding", _lora_embedding, "gpt2"),
@@ -269,6 +284,8 @@ METHODS = (
     Method("loha", "LoHa (Linear, Conv1d/2d)", _loha, "vit"),
     Method("lokr", "LoKr (Linear, Conv1d/2d)", _lokr, "convnet"),
     Method("vera", "VeRA (Linear, Conv1D)", _vera, "gpt2"),
+    # issue 19, batch 4
+    Method("osf", "OSF (Linear)", _osf, "convnet", noise=0.6),
 )
 
 

@@ -26,6 +26,7 @@ from peftc.methods import (
     lokr,
     lora,
     oft,
+    osf,
     ssf,
     trainable_tokens,
     vera,
@@ -52,6 +53,8 @@ METHODS: list[Method] = [
     vera.METHOD,
     ssf.METHOD,
     zeroi2v.METHOD,
+    # issue 19, batch 4 (OSF, PSOFT, HiRA, AdaMSS, DEFT)
+    osf.METHOD,
     SLOTS,
 ]
 """In the order their extra passes run. ``SLOTS`` is not an adapter format: swappable artifacts' ops."""
