@@ -270,6 +270,19 @@ def _osf(family: Family) -> Any:
     return _nn_linear_only(family, "OSF") or OSFConfig(target_modules=list(family.linear), effective_rank=0.5)
 
 
+def _psoft(family: Family) -> Any:
+    from peft import PsoftConfig
+
+    # Each family takes another form of R and of the frozen factors.
+    form = {
+        "bert": {},  # exact Cayley, psoft_init, full SVD
+        "llama": {"use_cayley_neumann": True, "cayley_neumann_eps": 0.9, "ab_svd_init": "pissa_init"},
+        "vit": {"psoft_orth": False, "psoft_mag_a": False},
+        "convnet": {"psoft_svd": "lowrank", "random_seed": 3, "psoft_alpha": 8},
+    }.get(family.name, {})
+    return _nn_linear_only(family, "PSOFT") or PsoftConfig(target_modules=list(family.linear), r=4, **form)
+
+
 METHODS = (
     Method("lora", "LoRA (Linear, Conv1D, Conv1d/2d)", _lora, "bert"),
     Method("lora-embedding", "LoRA on Embedding", _lora_embedding, "gpt2"),
@@ -286,6 +299,7 @@ METHODS = (
     Method("vera", "VeRA (Linear, Conv1D)", _vera, "gpt2"),
     # issue 19, batch 4
     Method("osf", "OSF (Linear)", _osf, "convnet", noise=0.6),
+    Method("psoft", "PSOFT (Linear)", _psoft, "convnet"),
 )
 
 

@@ -97,3 +97,33 @@ def verification_passes(path: Path) -> bool:
     assert oracle is not None, why
     reference = program_oracle(adapt(program(), path))
     return verify(reference, parse_inputs(INPUTS), {"peft": oracle}).passed
+
+
+class ConvThenLinear(nn.Module):
+    """A 1×1 ``nn.Conv1d`` (``conv``, 2 → 4 channels) then an ``nn.Linear`` (``lin``, 3 → 3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 4, 1)
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(self.conv(x))
+
+
+def conv_table() -> ModuleTable:
+    """The modules of :class:`ConvThenLinear` (input ``[batch, 2, 3]``)."""
+    torch.manual_seed(0)
+    return ir.module_table(export(ConvThenLinear().eval(), parse_inputs(["x:batch,2,3:float32"])))
+
+
+def hand_written(path: Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """An adapter directory written by hand (for inputs PEFT would not save)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True)
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    save_file(tensors, path / "adapter_model.safetensors")
+    return path

@@ -27,6 +27,7 @@ from peftc.methods import (
     lora,
     oft,
     osf,
+    psoft,
     ssf,
     trainable_tokens,
     vera,
@@ -55,6 +56,7 @@ METHODS: list[Method] = [
     zeroi2v.METHOD,
     # issue 19, batch 4 (OSF, PSOFT, HiRA, AdaMSS, DEFT)
     osf.METHOD,
+    psoft.METHOD,
     SLOTS,
 ]
 """In the order their extra passes run. ``SLOTS`` is not an adapter format: swappable artifacts' ops."""

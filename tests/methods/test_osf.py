@@ -4,13 +4,11 @@ rank rules, the parser end to end against PEFT, refusals, and a mutation verific
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
 import tuner_checks as tc
 from conftest import edited_adapter, export
-from safetensors.torch import save_file
 from torch import nn
 
 import peftc.methods.osf as osf
@@ -106,37 +104,22 @@ class Tied(nn.Module):
         return self.lin(x)
 
 
-def _hand_written(tmp_path, config, tensors):
-    tmp_path.mkdir()
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "OSF", **config}))
-    save_file(tensors, tmp_path / "adapter_model.safetensors")
-    return tmp_path
-
-
 def test_tied_singular_values_at_the_split_are_refused(tmp_path):
     tensors = {f"base_model.model.lin.osf_svd_params.{n}": torch.ones(s) for n, s in
                (("U_low", (4, 2)), ("S_low", (2,)), ("V_low", (2, 4)))}  # fmt: skip
-    path = _hand_written(tmp_path / "a", {"target_modules": ["lin"], "effective_rank": 2}, tensors)
+    path = tc.hand_written(
+        tmp_path / "a", {"peft_type": "OSF", "target_modules": ["lin"], "effective_rank": 2}, tensors
+    )
     table = ir.module_table(export(Tied().eval(), parse_inputs(["x:batch,4:float32"])))
     with pytest.raises(UnsupportedError, match=r"OSF on 'lin': singular values 2 and 3 of the base weight are equal"):
         load_adapter(path, table)
 
 
 def test_targeted_layers_peft_does_not_adapt_are_left_alone_with_a_warning(tmp_path):
-    class Mixed(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv1d(2, 4, 1)
-            self.lin = nn.Linear(3, 3)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.lin(self.conv(x))
-
     tensors = {f"base_model.model.lin.osf_svd_params.{n}": torch.ones(s) for n, s in
                (("U_low", (3, 2)), ("S_low", (2,)), ("V_low", (2, 3)))}  # fmt: skip
-    path = _hand_written(tmp_path / "a", {"target_modules": ["lin", "conv"], "effective_rank": 1}, tensors)
-    table = ir.module_table(export(Mixed().eval(), parse_inputs(["x:batch,2,3:float32"])))
-    parsed = load_adapter(path, table)
+    config = {"peft_type": "OSF", "target_modules": ["lin", "conv"], "effective_rank": 1}
+    parsed = load_adapter(tc.hand_written(tmp_path / "a", config, tensors), tc.conv_table())
     assert [s.module for s in parsed.sites] == ["lin"]
     assert any("'conv' (Conv1d) is targeted, but PEFT's OSF adapts nn.Linear only" in w for w in parsed.warnings)
 
