@@ -283,6 +283,14 @@ def _psoft(family: Family) -> Any:
     return _nn_linear_only(family, "PSOFT") or PsoftConfig(target_modules=list(family.linear), r=4, **form)
 
 
+def _hira(family: Family) -> Any:
+    from peft import HiraConfig
+
+    # Every layer kind PEFT's HiRA adapts: linear (or Conv1D), convolutions, the token embedding.
+    targets = [*family.linear, *family.conv, *family.conv1d, *([family.embedding] if family.embedding else [])]
+    return HiraConfig(target_modules=targets, r=4, fan_in_fan_out=family.linear_type == "Conv1D")
+
+
 METHODS = (
     Method("lora", "LoRA (Linear, Conv1D, Conv1d/2d)", _lora, "bert"),
     Method("lora-embedding", "LoRA on Embedding", _lora_embedding, "gpt2"),
@@ -300,6 +308,7 @@ METHODS = (
     # issue 19, batch 4
     Method("osf", "OSF (Linear)", _osf, "convnet", noise=0.6),
     Method("psoft", "PSOFT (Linear)", _psoft, "convnet"),
+    Method("hira", "HiRA (Linear, Conv1D, Conv1d/2d, Embedding)", _hira, "convnet"),
 )
 
 

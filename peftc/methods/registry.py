@@ -20,6 +20,7 @@ from peftc.methods import (
     adalora,
     beft,
     boft,
+    hira,
     ia3,
     ln_tuning,
     loha,
@@ -57,6 +58,7 @@ METHODS: list[Method] = [
     # issue 19, batch 4 (OSF, PSOFT, HiRA, AdaMSS, DEFT)
     osf.METHOD,
     psoft.METHOD,
+    hira.METHOD,
     SLOTS,
 ]
 """In the order their extra passes run. ``SLOTS`` is not an adapter format: swappable artifacts' ops."""
