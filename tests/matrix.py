@@ -291,6 +291,14 @@ def _hira(family: Family) -> Any:
     return HiraConfig(target_modules=targets, r=4, fan_in_fan_out=family.linear_type == "Conv1D")
 
 
+def _adamss(family: Family) -> Any:
+    from peft import AdamssConfig
+
+    return _nn_linear_only(family, "AdaMSS") or AdamssConfig(
+        target_modules=list(family.linear), r=8, num_subspaces=3, subspace_rank=2, init_weights=None
+    )
+
+
 METHODS = (
     Method("lora", "LoRA (Linear, Conv1D, Conv1d/2d)", _lora, "bert"),
     Method("lora-embedding", "LoRA on Embedding", _lora_embedding, "gpt2"),
@@ -309,6 +317,7 @@ METHODS = (
     Method("osf", "OSF (Linear)", _osf, "convnet", noise=0.6),
     Method("psoft", "PSOFT (Linear)", _psoft, "convnet"),
     Method("hira", "HiRA (Linear, Conv1D, Conv1d/2d, Embedding)", _hira, "convnet"),
+    Method("adamss", "AdaMSS (Linear)", _adamss, "convnet"),
 )
 
 

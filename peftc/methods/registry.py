@@ -18,6 +18,7 @@ from peftc.errors import InputError, UnsupportedError, one_of
 from peftc.ir.modules import ModuleTable
 from peftc.methods import (
     adalora,
+    adamss,
     beft,
     boft,
     hira,
@@ -59,6 +60,7 @@ METHODS: list[Method] = [
     osf.METHOD,
     psoft.METHOD,
     hira.METHOD,
+    adamss.METHOD,
     SLOTS,
 ]
 """In the order their extra passes run. ``SLOTS`` is not an adapter format: swappable artifacts' ops."""
