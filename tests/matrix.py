@@ -299,6 +299,20 @@ def _adamss(family: Family) -> Any:
     )
 
 
+def _deft(family: Family) -> Any:
+    from peft import DeftConfig
+
+    # Each family takes another form: relu or QR projector, with or without alpha, PaRa.
+    form = {
+        "llama": {"decomposition_method": "qr", "alpha": 8},
+        "gpt2": {"alpha": 2},
+        "vit": {"para": True},
+        "convnet": {"decomposition_method": "qr"},
+    }.get(family.name, {})
+    targets = list(family.linear)
+    return DeftConfig(target_modules=targets, r=4, fan_in_fan_out=family.linear_type == "Conv1D", **form)
+
+
 METHODS = (
     Method("lora", "LoRA (Linear, Conv1D, Conv1d/2d)", _lora, "bert"),
     Method("lora-embedding", "LoRA on Embedding", _lora_embedding, "gpt2"),
@@ -318,6 +332,7 @@ METHODS = (
     Method("psoft", "PSOFT (Linear)", _psoft, "convnet"),
     Method("hira", "HiRA (Linear, Conv1D, Conv1d/2d, Embedding)", _hira, "convnet"),
     Method("adamss", "AdaMSS (Linear)", _adamss, "convnet"),
+    Method("deft", "DEFT (Linear, Conv1D)", _deft, "convnet"),
 )
 
 

@@ -21,6 +21,7 @@ from peftc.methods import (
     adamss,
     beft,
     boft,
+    deft,
     hira,
     ia3,
     ln_tuning,
@@ -61,6 +62,7 @@ METHODS: list[Method] = [
     psoft.METHOD,
     hira.METHOD,
     adamss.METHOD,
+    deft.METHOD,
     SLOTS,
 ]
 """In the order their extra passes run. ``SLOTS`` is not an adapter format: swappable artifacts' ops."""
