@@ -123,6 +123,9 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
     settings = {k: FIELDS.defaults[k] if honoured[k] is None else honoured[k] for k in FIELDS.defaults}
     if source.config.get("target_modules") is None:
         raise InputError(f"{source.config_path}: AdaMSS config has no target_modules")
+    for field in ("r", "num_subspaces"):
+        if isinstance(settings[field], bool) or not isinstance(settings[field], int) or settings[field] < 1:
+            raise InputError(f"{source.config_path}: {field}={settings[field]!r}; give an integer >= 1")
     grouped = common.group_keys(source, modules, _role_of, bias_field=None)
     common.layouts(source, grouped, modules, "AdaMSS", TYPES)
     sites = []

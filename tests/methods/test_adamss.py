@@ -66,9 +66,10 @@ def test_compiled_program_matches_peft(adapter):
          r"down\.adamss_newB: shape \[6, 16\] .* expected \[r=6, 17\] for 'down'"),
         (None, {"base_model.model.down.adamss_A.1": None}, InputError, r"module 'down' has no A1"),
         ({"num_subspaces": 2}, None, InputError, r"has 2 subspaces .* so PEFT would not load"),
+        ({"num_subspaces": 0}, None, InputError, r"num_subspaces=0; give an integer >= 1"),
         ({"exclude_modules": ["up"]}, None, UnsupportedError, r"fields peftc does not know .*exclude_modules"),
     ],
-    ids=["cluster-size", "extra-subspace", "projection-shape", "missing", "subspace-count", "unknown-field"],
+    ids=["cluster-size", "extra-subspace", "projection-shape", "missing", "subspace-count", "no-subspaces", "unknown-field"],
 )  # fmt: skip
 def test_refusals_name_the_cause(tmp_path, adapter, config, tensors, error, match):
     with pytest.raises(error, match=match):

@@ -60,6 +60,13 @@ def adapter(tmp_path_factory):
     return models.make_adapter(attention(), tmp_path_factory.mktemp("mha") / "a", _config())
 
 
+def test_the_module_table_gives_the_never_called_out_proj_parameters_to_the_attention():
+    table = ir.module_table(_program())
+    assert "attn.out_proj" not in table
+    assert table["attn"].params["out_proj.weight"] == "attn.out_proj.weight"
+    assert table["attn"].params["in_proj_weight"] == "attn.in_proj_weight"
+
+
 def test_both_projections_get_a_weight_site_with_the_attention_modules_rank(adapter):
     parsed = load_adapter(adapter, ir.module_table(_program()))
     found = {(s.module, s.param): (s.op, s.scalars["scale"]) for s in parsed.sites if s.module == "attn"}

@@ -107,7 +107,8 @@ def sites(
         "runs it (huggingface/peft pull request 3774 proposes applying it once)"
     )
     for param, prefix, times in (("in_proj_weight", "", 1), ("out_proj.weight", "out_", OUT_PROJ_APPLICATIONS)):
-        d_out, d_in = modules.state_shapes[module.params[param]]
+        # A table built without tracing lists out_proj as a module of its own.
+        d_out, d_in = modules.state_shapes[module.params.get(param, f"{path}.{param}")]
         a, b = tensors[f"{prefix}lora_A"], tensors[f"{prefix}lora_B"]
         base = f"(base {param} [{d_out}, {d_in}])"
         common.expect_shape(source, a, (r, d_in), f"[r={r}, d_in={d_in}] {base}")
