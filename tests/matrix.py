@@ -258,16 +258,19 @@ def _vera(family: Family) -> Any:
 # issue 19, batch 4 (OSF, PSOFT, HiRA, AdaMSS, DEFT)
 
 
-def _nn_linear_only(family: Family, title: str) -> str | None:
+LINEAR_ONLY_REASON = "PEFT's OSF, PSOFT and AdaMSS adapt nn.Linear only, not transformers' Conv1D"
+
+
+def _nn_linear_only(family: Family) -> str | None:
     """Why a method that adapts ``nn.Linear`` only does not apply to ``family``, or None."""
-    return f"PEFT's {title} adapts nn.Linear only, not transformers' Conv1D" if family.linear_type != "Linear" else None
+    return LINEAR_ONLY_REASON if family.linear_type != "Linear" else None
 
 
 def _osf(family: Family) -> Any:
     from peft import OSFConfig
 
     # effective_rank 0.5: half of each weight's singular directions are trained (a fraction, as PEFT reads it).
-    return _nn_linear_only(family, "OSF") or OSFConfig(target_modules=list(family.linear), effective_rank=0.5)
+    return _nn_linear_only(family) or OSFConfig(target_modules=list(family.linear), effective_rank=0.5)
 
 
 def _psoft(family: Family) -> Any:
@@ -280,7 +283,7 @@ def _psoft(family: Family) -> Any:
         "vit": {"psoft_orth": False, "psoft_mag_a": False},
         "convnet": {"psoft_svd": "lowrank", "random_seed": 3, "psoft_alpha": 8},
     }.get(family.name, {})
-    return _nn_linear_only(family, "PSOFT") or PsoftConfig(target_modules=list(family.linear), r=4, **form)
+    return _nn_linear_only(family) or PsoftConfig(target_modules=list(family.linear), r=4, **form)
 
 
 def _hira(family: Family) -> Any:
@@ -294,7 +297,7 @@ def _hira(family: Family) -> Any:
 def _adamss(family: Family) -> Any:
     from peft import AdamssConfig
 
-    return _nn_linear_only(family, "AdaMSS") or AdamssConfig(
+    return _nn_linear_only(family) or AdamssConfig(
         target_modules=list(family.linear), r=8, num_subspaces=3, subspace_rank=2, init_weights=None
     )
 
