@@ -153,7 +153,12 @@ def _site(source: AdapterSource, modules: ModuleTable, path: str, tensors: Mappi
     common.expect_shape(source, tensors["osf_S"], (low,), f"[{low}] {what}")
     common.expect_shape(source, tensors["osf_V"], (low, d_in), f"[{low}, {d_in}] {what}")
     initial = _initial_factors(source, path, modules.tensors[fqn], k)
-    info = {"module_type": modules[path].class_name, "effective_rank": k, "trained_rank": low}
+    info = {
+        "module_type": modules[path].class_name,
+        "effective_rank": k,
+        "trained_rank": low,
+        "rebuilt_from_weight": True,
+    }
     return Site(path, OSF_WEIGHT.name, {**tensors, **initial}, {}, info, "weight")
 
 

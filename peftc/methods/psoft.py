@@ -226,7 +226,8 @@ def _site(
         "neumann_eps": float(eps) if neumann and eps is not None else 0.0,
         "scale": float(settings["psoft_alpha"]) / r,
     }
-    info = {"module_type": modules[path].class_name, "r": r, "ab_svd_init": settings["ab_svd_init"]}
+    info = {"module_type": modules[path].class_name, "r": r, "ab_svd_init": settings["ab_svd_init"],
+            "rebuilt_from_weight": True}  # fmt: skip
     return Site(path, PSOFT_WEIGHT.name, site_tensors, scalars, info, "weight")
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import copy
 
+import models
 import pytest
 import torch
 import tuner_checks as tc
-from conftest import edited_adapter, export
+from conftest import adapt, assert_outputs_close, eager, edited_adapter, export
 from torch import nn
 
 import peftc.methods.osf as osf
@@ -129,3 +130,15 @@ def test_mutation_initial_part_not_subtracted_fails_verification(adapter, monkey
     real = osf.delta_weight
     monkeypatch.setattr(osf, "delta_weight", lambda u, s, v, u0, s0, v0: real(u, s, v, u0, s0 * 0, v0))
     assert not tc.verification_passes(adapter)
+
+
+def test_stacked_first_matches_peft_and_after_another_adapter_is_refused(tmp_path, adapter):
+    from peft import HiraConfig
+
+    hira = tc.make(tmp_path / "hira", HiraConfig(target_modules=["mid"], r=2))
+    signature = parse_inputs(tc.INPUTS)
+    inputs = signature.example({"batch": 3}, seed=3)
+    program = adapt(tc.program(), adapter, hira)  # OSF's factors come from the weight it was loaded on
+    assert_outputs_close(eager(program, inputs), models.peft_outputs(tc.stack(), [adapter, hira], inputs))
+    with pytest.raises(UnsupportedError, match=r"rebuilds frozen factors of 'mid' from its weight, .* put 'a' first"):
+        adapt(tc.program(), hira, adapter)
