@@ -100,3 +100,28 @@ def test_mutation_rotation_transposed_fails_verification(adapter, monkeypatch):
     real = psoft.rotation
     monkeypatch.setattr(psoft, "rotation", lambda *args: real(*args).T)
     assert not tc.verification_passes(adapter)
+
+
+def test_cayley_neumann_form_with_projection_exports_to_onnx(tmp_path):
+    """The matrix's ONNX cell lowers the exact Cayley form; this lowers the series with its projection."""
+    import onnxruntime as ort
+    from torch import nn
+
+    class Adapted(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            g = torch.Generator().manual_seed(0)
+            shapes = ((5, 7), (4, 7), (5, 4), (6,), (4,), (4,))  # W, A, B, q, a, b (r=4)
+            self.tensors = nn.ParameterList([nn.Parameter(torch.randn(s, generator=g)) for s in shapes])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            w, a, b, q, va, vb = self.tensors
+            return x @ torch.ops.peftc.psoft_weight(w, a, b, q, va, vb, True, True, 5, 0.5, 2.0).T
+
+    module = Adapted().eval()
+    x = torch.randn(3, 7)
+    torch.onnx.export(module, (x,), dynamo=True, optimize=False, verbose=False).save(str(tmp_path / "m.onnx"))
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        assert tc.rel(torch.from_numpy(got), module(x)) < 1e-6
