@@ -257,6 +257,67 @@ def _vera(family: Family) -> Any:
     return VeraConfig(r=16, target_modules=targets, fan_in_fan_out=family.linear_type == "Conv1D", d_initial=1.0)
 
 
+# issue 19, batch 4 (OSF, PSOFT, HiRA, AdaMSS, DEFT)
+
+
+LINEAR_ONLY_REASON = "PEFT's OSF, PSOFT and AdaMSS adapt nn.Linear only, not transformers' Conv1D"
+
+
+def _nn_linear_only(family: Family) -> str | None:
+    """Why a method that adapts ``nn.Linear`` only does not apply to ``family``, or None."""
+    return LINEAR_ONLY_REASON if family.linear_type != "Linear" else None
+
+
+def _osf(family: Family) -> Any:
+    from peft import OSFConfig
+
+    # effective_rank 0.5: half of each weight's singular directions are trained (a fraction, as PEFT reads it).
+    return _nn_linear_only(family) or OSFConfig(target_modules=list(family.linear), effective_rank=0.5)
+
+
+def _psoft(family: Family) -> Any:
+    from peft import PsoftConfig
+
+    # Each family takes another form of R and of the frozen factors.
+    form = {
+        "bert": {},  # exact Cayley, psoft_init, full SVD
+        "llama": {"use_cayley_neumann": True, "cayley_neumann_eps": 0.9, "ab_svd_init": "pissa_init"},
+        "vit": {"psoft_orth": False, "psoft_mag_a": False},
+        "convnet": {"psoft_svd": "lowrank", "random_seed": 3, "psoft_alpha": 8},
+    }.get(family.name, {})
+    return _nn_linear_only(family) or PsoftConfig(target_modules=list(family.linear), r=4, **form)
+
+
+def _hira(family: Family) -> Any:
+    from peft import HiraConfig
+
+    # Every layer kind PEFT's HiRA adapts: linear (or Conv1D), convolutions, the token embedding.
+    targets = [*family.linear, *family.conv, *family.conv1d, *([family.embedding] if family.embedding else [])]
+    return HiraConfig(target_modules=targets, r=4, fan_in_fan_out=family.linear_type == "Conv1D")
+
+
+def _adamss(family: Family) -> Any:
+    from peft import AdamssConfig
+
+    return _nn_linear_only(family) or AdamssConfig(
+        target_modules=list(family.linear), r=8, num_subspaces=3, subspace_rank=2, init_weights=None
+    )
+
+
+def _deft(family: Family) -> Any:
+    from peft import DeftConfig
+
+    # Each family takes another form: relu or QR projector, with or without alpha, PaRa.
+    form = {
+        "llama": {"decomposition_method": "qr", "alpha": 8},
+        "gpt2": {"alpha": 2},
+        "vit": {"para": True},
+        "convnet": {"decomposition_method": "qr"},
+    }.get(family.name, {})
+    targets = list(family.linear)
+    return DeftConfig(target_modules=targets, r=4, fan_in_fan_out=family.linear_type == "Conv1D", **form)
+
+
 METHODS = (
     Method("lora", "LoRA (Linear, Conv1D, Conv1d/2d)", _lora, "bert"),
     Method("lora-embedding", "LoRA on Embedding", _lora_embedding, "gpt2"),
@@ -285,6 +346,12 @@ METHODS = (
     Method("unilora", "UniLoRA (Linear, Conv1D)", tuners2.unilora, "gpt2", noise=3.0),
     Method("pvera", "PVeRA (Linear, Conv1D; mean at inference)", tuners2.pvera, "vit"),
     Method("tinylora", "TinyLoRA (Linear, Conv1D, Embedding)", tuners2.tinylora, "llama"),
+    # issue 19, batch 4
+    Method("osf", "OSF (Linear)", _osf, "convnet", noise=0.6),
+    Method("psoft", "PSOFT (Linear)", _psoft, "convnet"),
+    Method("hira", "HiRA (Linear, Conv1D, Conv1d/2d, Embedding)", _hira, "convnet"),
+    Method("adamss", "AdaMSS (Linear)", _adamss, "convnet"),
+    Method("deft", "DEFT (Linear, Conv1D)", _deft, "convnet"),
 )
 
 

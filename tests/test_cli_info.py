@@ -39,6 +39,7 @@ PEFT_FORMATS = {
     "TINYLORA",
 }
 """The PEFT methods the README says peftc reads ("What is supported", "Adapter formats")."""
+PEFT_FORMATS |= {"OSF", "PSOFT", "HIRA", "ADAMSS", "DEFT"}  # issue 19, batch 4
 OWN_FORMATS = {"SSF", "ZEROI2V"}
 """The formats the README says peftc reads although PEFT does not implement them."""
 

@@ -109,8 +109,26 @@ def module_table(program: Program) -> ModuleTable:
             tensor = tensors.get(spec.target)
             if tensor is not None:
                 shapes[spec.target] = tuple(tensor.shape)
+    _lend_unexecuted(params, set(types))
     modules = {path: ModuleInfo(path, types[path], params.get(path, {}), tuple(calls.get(path, ()))) for path in types}
     return ModuleTable(modules, shapes, {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)})
+
+
+def _lend_unexecuted(params: dict[str, dict[str, str]], executing: set[str]) -> None:
+    """Give the parameters of a submodule that never executes itself to its nearest executing ancestor,
+    under their dotted local name: ``nn.MultiheadAttention`` reads ``out_proj.weight`` inside its own
+    call (``out_proj`` is never called), so the parameter is ``attn``'s ``"out_proj.weight"``."""
+    for owner, own in list(params.items()):
+        if owner in executing:
+            continue
+        ancestor = owner
+        while "." in ancestor:
+            ancestor = ancestor.rpartition(".")[0]
+            if ancestor in executing:
+                lent = params.setdefault(ancestor, {})
+                for local, fqn in own.items():
+                    lent.setdefault(f"{owner[len(ancestor) + 1 :]}.{local}", fqn)
+                break
 
 
 def module_table_from_module(module: torch.nn.Module) -> ModuleTable:

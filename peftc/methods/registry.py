@@ -18,10 +18,13 @@ from peftc.errors import InputError, UnsupportedError, one_of
 from peftc.ir.modules import ModuleTable
 from peftc.methods import (
     adalora,
+    adamss,
     beft,
     boft,
     c3a,
+    deft,
     fourierft,
+    hira,
     hra,
     ia3,
     lily,
@@ -31,6 +34,8 @@ from peftc.methods import (
     lora,
     miss,
     oft,
+    osf,
+    psoft,
     pvera,
     randlora,
     shira,
@@ -77,6 +82,12 @@ METHODS: list[Method] = [
     unilora.METHOD,
     pvera.METHOD,
     tinylora.METHOD,
+    # issue 19, batch 4 (OSF, PSOFT, HiRA, AdaMSS, DEFT)
+    osf.METHOD,
+    psoft.METHOD,
+    hira.METHOD,
+    adamss.METHOD,
+    deft.METHOD,
     SLOTS,
 ]
 """In the order their extra passes run. ``SLOTS`` is not an adapter format: swappable artifacts' ops."""

@@ -6,6 +6,7 @@ Every tensor key maps to exactly one thing, or the parse fails naming it:
   a ``peftc::lora_linear`` call site for ``nn.Linear`` and GPT-2 ``Conv1D``; a ``lora_weight`` weight
   site for ``nn.Conv1d/2d/3d``; with ``use_dora``, a ``dora_weight`` site plus ``<m>.lora_magnitude_vector``;
 * ``<m>.lora_embedding_A`` / ``lora_embedding_B`` → a weight site on an ``nn.Embedding``;
+* ``nn.MultiheadAttention`` → weight sites on both of its projections (``mha.py``);
 * ``<m>[.base_layer…].lora_A.weight`` for ``target_parameters`` → a weight site on a raw parameter;
   several targeted parameters of one module nest, the first registered one innermost;
 * ``<m>.token_adapter.trainable_tokens_delta`` → replaced embedding rows (``trainable_token_indices``),
@@ -27,7 +28,7 @@ from peftc.errors import InputError, UnsupportedError
 from peftc.ir.modules import ModuleInfo, ModuleTable, conv_attributes
 from peftc.methods import common, peft_config, trainable_tokens
 from peftc.methods.base import Adapter, AdapterSource, AdapterTensor, ParseOptions, Site
-from peftc.methods.lora import residual
+from peftc.methods.lora import mha, residual
 from peftc.methods.lora.dora import DORA_WEIGHT
 from peftc.methods.lora.ops import LORA_BIAS, LORA_EXPERTS, LORA_LINEAR, LORA_WEIGHT, lora_scale
 
@@ -117,6 +118,7 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
         raise InputError(f"{source.config_path}: LoRA config has neither target_modules nor target_parameters")
 
     grouped = common.group_keys(source, modules, _role_of(params))
+    mha.fold_out_proj(source, grouped, modules)
     tokens = _token_modules(source, grouped, modules)
     site_modules = {p: t for p, t in grouped.modules.items() if p not in tokens and not p.startswith(_PARAM_MARK)}
     wanted = targeted(cfg, modules) if targets is not None else set()
@@ -218,6 +220,8 @@ def _module_sites(
     modules: ModuleTable,
     warnings: list[str],
 ) -> list[Site]:
+    if mha.is_attention(module):
+        return mha.sites(source, module, tensors, modules, _rank_alpha, warnings)
     cfg = source.config
     path = module.path
     layout = common.layout(source, module, "LoRA", CALL_TYPES + WEIGHT_TYPES)
