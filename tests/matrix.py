@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import matrix_batch3 as batch3
 import models
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -269,6 +270,8 @@ METHODS = (
     Method("loha", "LoHa (Linear, Conv1d/2d)", _loha, "vit"),
     Method("lokr", "LoKr (Linear, Conv1d/2d)", _lokr, "convnet"),
     Method("vera", "VeRA (Linear, Conv1D)", _vera, "gpt2"),
+    # Issue 19, batch 3 (tuners3).
+    Method("delora", "DeLoRA (Linear)", batch3.delora, "llama"),
 )
 
 

@@ -20,6 +20,7 @@ from peftc.methods import (
     adalora,
     beft,
     boft,
+    delora,
     ia3,
     ln_tuning,
     loha,
@@ -52,6 +53,8 @@ METHODS: list[Method] = [
     vera.METHOD,
     ssf.METHOD,
     zeroi2v.METHOD,
+    # Issue 19, batch 3 (tuners3): DeLoRA, RoAd, GraLoRA, GLoRA, PEANuT, Super-Tuning, FRoD.
+    delora.METHOD,
     SLOTS,
 ]
 """In the order their extra passes run. ``SLOTS`` is not an adapter format: swappable artifacts' ops."""

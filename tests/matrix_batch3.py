@@ -1,0 +1,31 @@
+"""PEFT configs of the issue-19 batch-3 methods (DeLoRA, RoAd, GraLoRA, GLoRA, PEANuT, Super-Tuning,
+FRoD) for each ``tests/matrix.py`` family, or the reason one does not apply.
+
+Each function takes a ``matrix.Family`` and returns a PEFT config or a reason string, as the config
+functions in ``tests/matrix.py`` do; they live here to keep that file short.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+
+def _linear_only(title: str) -> str:
+    return f"PEFT's {title} adapts nn.Linear only, not transformers' Conv1D"
+
+
+def linear_targets(family: Any) -> Any:
+    """The family's linear targets; a regex where a suffix such as the ViT's "proj" also names a convolution."""
+    convs = "|".join(re.escape(c) for c in (*family.conv, *family.conv1d))
+    if not convs:
+        return list(family.linear)
+    return rf"(?!(?:.*\.)?(?:{convs})$)(?:.*\.)?(?:{'|'.join(map(re.escape, family.linear))})"
+
+
+def delora(family: Any) -> Any:
+    from peft import DeloraConfig
+
+    if family.linear_type != "Linear":
+        return _linear_only("DeLoRA")
+    return DeloraConfig(r=4, delora_lambda=3, target_modules=linear_targets(family))
