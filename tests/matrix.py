@@ -272,6 +272,7 @@ METHODS = (
     Method("vera", "VeRA (Linear, Conv1D)", _vera, "gpt2"),
     # Issue 19, batch 3 (tuners3).
     Method("delora", "DeLoRA (Linear)", batch3.delora, "llama"),
+    Method("road", "RoAd (Linear; `road_1`, `road_2`, `road_4`)", batch3.road, "bert"),
 )
 
 

@@ -29,3 +29,15 @@ def delora(family: Any) -> Any:
     if family.linear_type != "Linear":
         return _linear_only("DeLoRA")
     return DeloraConfig(r=4, delora_lambda=3, target_modules=linear_targets(family))
+
+
+ROAD_VARIANTS = {"bert": "road_1", "llama": "road_2", "vit": "road_4", "convnet": "road_2"}
+"""Every RoAd variant on some family; group_size=4 divides every family's linear outputs."""
+
+
+def road(family: Any) -> Any:
+    from peft import RoadConfig
+
+    if family.linear_type != "Linear":
+        return _linear_only("RoAd")
+    return RoadConfig(variant=ROAD_VARIANTS[family.name], group_size=4, target_modules=linear_targets(family))

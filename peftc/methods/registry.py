@@ -27,6 +27,7 @@ from peftc.methods import (
     lokr,
     lora,
     oft,
+    road,
     ssf,
     trainable_tokens,
     vera,
@@ -55,6 +56,7 @@ METHODS: list[Method] = [
     zeroi2v.METHOD,
     # Issue 19, batch 3 (tuners3): DeLoRA, RoAd, GraLoRA, GLoRA, PEANuT, Super-Tuning, FRoD.
     delora.METHOD,
+    road.METHOD,
     SLOTS,
 ]
 """In the order their extra passes run. ``SLOTS`` is not an adapter format: swappable artifacts' ops."""
