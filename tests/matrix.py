@@ -273,6 +273,7 @@ METHODS = (
     # Issue 19, batch 3 (tuners3).
     Method("delora", "DeLoRA (Linear)", batch3.delora, "llama"),
     Method("road", "RoAd (Linear; `road_1`, `road_2`, `road_4`)", batch3.road, "bert"),
+    Method("gralora", "GraLoRA (Linear, Conv1D; `hybrid_r`)", batch3.gralora, "gpt2"),
 )
 
 

@@ -41,3 +41,15 @@ def road(family: Any) -> Any:
     if family.linear_type != "Linear":
         return _linear_only("RoAd")
     return RoadConfig(variant=ROAD_VARIANTS[family.name], group_size=4, target_modules=linear_targets(family))
+
+
+def gralora(family: Any) -> Any:
+    from peft import GraloraConfig
+
+    # Plain on BERT and the conv net; with the hybrid LoRA term on LLaMA and GPT-2; four blocks on the ViT.
+    k, r = (4, 8) if family.name == "vit" else (2, 4)
+    hybrid = 2 if family.name in ("llama", "gpt2") else 0
+    return GraloraConfig(
+        r=r, gralora_k=k, hybrid_r=hybrid, alpha=2 * r, target_modules=linear_targets(family),
+        fan_in_fan_out=family.linear_type == "Conv1D",
+    )  # fmt: skip

@@ -21,6 +21,7 @@ from peftc.methods import (
     beft,
     boft,
     delora,
+    gralora,
     ia3,
     ln_tuning,
     loha,
@@ -57,6 +58,7 @@ METHODS: list[Method] = [
     # Issue 19, batch 3 (tuners3): DeLoRA, RoAd, GraLoRA, GLoRA, PEANuT, Super-Tuning, FRoD.
     delora.METHOD,
     road.METHOD,
+    gralora.METHOD,
     SLOTS,
 ]
 """In the order their extra passes run. ``SLOTS`` is not an adapter format: swappable artifacts' ops."""
