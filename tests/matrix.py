@@ -274,6 +274,7 @@ METHODS = (
     Method("delora", "DeLoRA (Linear)", batch3.delora, "llama"),
     Method("road", "RoAd (Linear; `road_1`, `road_2`, `road_4`)", batch3.road, "bert"),
     Method("gralora", "GraLoRA (Linear, Conv1D; `hybrid_r`)", batch3.gralora, "gpt2"),
+    Method("glora", "GLoRA (Linear; every path form)", batch3.glora, "bert"),
 )
 
 

@@ -53,3 +53,22 @@ def gralora(family: Any) -> Any:
         r=r, gralora_k=k, hybrid_r=hybrid, alpha=2 * r, target_modules=linear_targets(family),
         fan_in_fan_out=family.linear_type == "Conv1D",
     )  # fmt: skip
+
+
+GLORA_FORMS = {
+    "bert": ("lora", "lora", "constant"),
+    "llama": ("constant", "none", "none"),  # no biases: C, D, E are never read
+    "vit": ("vector", "vector", "vector"),
+    "convnet": ("none", "lora", "vector"),  # only the bias changes
+}
+"""Every GLoRA path form (config_A_B, config_C, config_D_E) on some family."""
+
+
+def glora(family: Any) -> Any:
+    from peft import GloraConfig
+
+    if family.linear_type != "Linear":
+        return "PEFT's GLoRA adapts plain nn.Linear only, not transformers' Conv1D"
+    a_b, c, d_e = GLORA_FORMS[family.name]
+    targets = linear_targets(family)
+    return GloraConfig(r=4, config_A_B=a_b, config_C=c, config_D_E=d_e, target_modules=targets)

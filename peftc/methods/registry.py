@@ -21,6 +21,7 @@ from peftc.methods import (
     beft,
     boft,
     delora,
+    glora,
     gralora,
     ia3,
     ln_tuning,
@@ -59,6 +60,7 @@ METHODS: list[Method] = [
     delora.METHOD,
     road.METHOD,
     gralora.METHOD,
+    glora.METHOD,
     SLOTS,
 ]
 """In the order their extra passes run. ``SLOTS`` is not an adapter format: swappable artifacts' ops."""
