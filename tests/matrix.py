@@ -275,6 +275,7 @@ METHODS = (
     Method("road", "RoAd (Linear; `road_1`, `road_2`, `road_4`)", batch3.road, "bert"),
     Method("gralora", "GraLoRA (Linear, Conv1D; `hybrid_r`)", batch3.gralora, "gpt2"),
     Method("glora", "GLoRA (Linear; every path form)", batch3.glora, "bert"),
+    Method("peanut", "PEANuT (Linear; `depth`, `act_fn`)", batch3.peanut, "vit"),
 )
 
 

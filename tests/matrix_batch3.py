@@ -72,3 +72,16 @@ def glora(family: Any) -> Any:
     a_b, c, d_e = GLORA_FORMS[family.name]
     targets = linear_targets(family)
     return GloraConfig(r=4, config_A_B=a_b, config_C=c, config_D_E=d_e, target_modules=targets)
+
+
+PEANUT_SETTINGS = {"bert": (0, "relu"), "llama": (1, "silu"), "vit": (2, "gelu"), "convnet": (1, "tanh")}
+"""Depth 0, 1 and 2 and four activations across the families."""
+
+
+def peanut(family: Any) -> Any:
+    from peft import PeanutConfig
+
+    if family.linear_type != "Linear":
+        return _linear_only("PEANuT")
+    depth, act_fn = PEANUT_SETTINGS[family.name]
+    return PeanutConfig(r=4, depth=depth, act_fn=act_fn, scaling=0.5, target_modules=linear_targets(family))

@@ -54,7 +54,7 @@ def parse(
     peft_type: str,
     title: str,
     fields: common.Fields,
-    roles: Mapping[str, str],
+    roles: Mapping[str, str] | common.RoleFn,
     types: Iterable[str],
     build: SiteBuilder,
     bias_field: str | None = "bias",
@@ -64,7 +64,7 @@ def parse(
     """One adapter: ``build``'s sites for every targeted module (see the module docstring).
 
     Args:
-        roles: key suffix → tensor role.
+        roles: key suffix → tensor role, or a function from a key to ``(module, role)``.
         types: the module class names the method adapts.
         bias_field: the config field naming trained biases (None: the method has none).
         bias_modes: its accepted values (checked when ``bias_field`` is set).
@@ -83,7 +83,8 @@ def parse(
         raise InputError(
             f"{source.config_path}: {bias_field}={cfg[bias_field]!r}; expected one of {', '.join(map(repr, bias_modes))}"
         )
-    grouped = common.group_keys(source, modules, common.suffix_roles(roles), bias_field=bias_field)
+    role_of = common.suffix_roles(roles) if isinstance(roles, Mapping) else roles
+    grouped = common.group_keys(source, modules, role_of, bias_field=bias_field)
     common.check_modules(source, grouped, modules, common.targeted_modules(cfg, modules))
     sites: list[Site] = []
     warnings: list[str] = []

@@ -29,6 +29,7 @@ from peftc.methods import (
     lokr,
     lora,
     oft,
+    peanut,
     road,
     ssf,
     trainable_tokens,
@@ -61,6 +62,7 @@ METHODS: list[Method] = [
     road.METHOD,
     gralora.METHOD,
     glora.METHOD,
+    peanut.METHOD,
     SLOTS,
 ]
 """In the order their extra passes run. ``SLOTS`` is not an adapter format: swappable artifacts' ops."""
