@@ -85,3 +85,16 @@ def peanut(family: Any) -> Any:
         return _linear_only("PEANuT")
     depth, act_fn = PEANUT_SETTINGS[family.name]
     return PeanutConfig(r=4, depth=depth, act_fn=act_fn, scaling=0.5, target_modules=linear_targets(family))
+
+
+SUPERTUNING_SETTINGS = {"bert": (True, None), "llama": (False, 2), "vit": (True, 2), "convnet": (False, 2)}
+"""(select_top, r): both ends of the magnitude order, with and without the LoRA ("Supra") term."""
+
+
+def supertuning(family: Any) -> Any:
+    from peft import SupertuningConfig
+
+    if family.linear_type != "Linear":
+        return _linear_only("Super-Tuning")
+    top, r = SUPERTUNING_SETTINGS[family.name]
+    return SupertuningConfig(sparsity=0.5, select_top=top, r=r, target_modules=linear_targets(family))

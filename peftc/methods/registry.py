@@ -32,6 +32,7 @@ from peftc.methods import (
     peanut,
     road,
     ssf,
+    supertuning,
     trainable_tokens,
     vera,
     zeroi2v,
@@ -63,6 +64,7 @@ METHODS: list[Method] = [
     gralora.METHOD,
     glora.METHOD,
     peanut.METHOD,
+    supertuning.METHOD,
     SLOTS,
 ]
 """In the order their extra passes run. ``SLOTS`` is not an adapter format: swappable artifacts' ops."""
