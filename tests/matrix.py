@@ -276,7 +276,7 @@ METHODS = (
     Method("gralora", "GraLoRA (Linear, Conv1D; `hybrid_r`)", batch3.gralora, "gpt2"),
     Method("glora", "GLoRA (Linear; every path form)", batch3.glora, "bert"),
     Method("peanut", "PEANuT (Linear; `depth`, `act_fn`)", batch3.peanut, "vit"),
-    Method("supertuning", "Super-Tuning (Linear; with `r`)", batch3.supertuning, "llama", noise=1.0),
+    Method("supertuning", "Super-Tuning (Linear; with `r`)", batch3.supertuning, "llama"),
 )
 
 
