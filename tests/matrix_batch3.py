@@ -98,3 +98,12 @@ def supertuning(family: Any) -> Any:
         return _linear_only("Super-Tuning")
     top, r = SUPERTUNING_SETTINGS[family.name]
     return SupertuningConfig(sparsity=0.5, select_top=top, r=r, target_modules=linear_targets(family))
+
+
+def frod(family: Any) -> Any:
+    from peft import FrodConfig
+
+    return FrodConfig(
+        sparse_rate=0.05, target_modules=linear_targets(family), fan_in_fan_out=family.linear_type == "Conv1D",
+        progressbar=False,
+    )  # fmt: skip

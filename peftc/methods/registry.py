@@ -21,6 +21,7 @@ from peftc.methods import (
     beft,
     boft,
     delora,
+    frod,
     glora,
     gralora,
     ia3,
@@ -65,6 +66,7 @@ METHODS: list[Method] = [
     glora.METHOD,
     peanut.METHOD,
     supertuning.METHOD,
+    frod.METHOD,
     SLOTS,
 ]
 """In the order their extra passes run. ``SLOTS`` is not an adapter format: swappable artifacts' ops."""

@@ -152,6 +152,8 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
         site_tensors["supertuning_indices"] = indices
         scale = value["lora_alpha"] / r if r is not None else 0.0
         info = {"module_type": module.info.class_name, "entries": k, "r": r}
+        if not saved:
+            info["base_weight_derived"] = "Super-Tuning's positions are chosen from the base weight when it is loaded"
         return [Site(module.path, SUPERTUNING_WEIGHT.name, site_tensors, {"scale": scale}, info, "weight")]
 
     adapter = per_module.parse(

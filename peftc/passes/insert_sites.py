@@ -150,8 +150,18 @@ class InsertSitesPass(PassBase):
 
 def _check_residuals(adapters: tuple[Adapter, ...], index: int) -> None:
     """A residual base (PiSSA/OLoRA) is rebuilt from the original weight, so nothing may adapt that
-    weight before the adapter that needs it."""
+    weight before the adapter that needs it; nor before a site whose tensors the parser derived from
+    the base weight (``Site.info["base_weight_derived"]``: PEFT would derive them from the weight the
+    earlier adapters leave)."""
     adapter = adapters[index]
+    for site in adapter.sites:
+        why = site.info.get("base_weight_derived")
+        earlier = next((a for a in adapters[:index] if any(s.module == site.module for s in a.sites)), None)
+        if why and earlier is not None:
+            raise UnsupportedError(
+                f"adapter {adapter.name!r} on {site.module!r}: {why}, but {earlier.name!r} adapts that module before "
+                f"it; put {adapter.name!r} first"
+            )
     for replacement in adapter.replacements:
         if "residual base" not in replacement.reason:
             continue

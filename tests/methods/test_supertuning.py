@@ -11,7 +11,7 @@ import models
 import pytest
 import torch
 from batch3_checks import peft_layers, rel, verify_against_peft
-from conftest import edited_adapter, export
+from conftest import adapt, edited_adapter, export
 from safetensors.torch import load_file
 from torch import nn
 
@@ -95,6 +95,17 @@ def test_saved_positions_peft_ignores_are_recorded_unused(tmp_path):
     (path / "adapter_config.json").write_text(json.dumps({**config, "save_precomputed_indices": False}))
     parsed = load_adapter(path, ir.module_table(export(mlp(), parse_inputs(INPUTS))))
     assert {k for k, _ in parsed.unused} == {f"base_model.model.{m}.supertuning_indices" for m in ("up", "down")}
+
+
+@pytest.mark.filterwarnings("ignore:save_precomputed_indices=False")
+def test_chosen_positions_after_an_earlier_adapter_are_refused(tmp_path):
+    """Positions chosen from the base weight: PEFT would choose them from the weight a stacked LoRA leaves."""
+    lora = models.make_lora(mlp(), tmp_path / "lora", target_modules=["down"])
+    chosen = models.make_adapter(mlp(), tmp_path / "chosen", _config(save_precomputed_indices=False))
+    program = export(mlp(), parse_inputs(INPUTS))
+    with pytest.raises(UnsupportedError, match=r"'chosen' on 'down': Super-Tuning's positions are chosen .* 'lora'"):
+        adapt(program, lora, chosen)
+    adapt(program, chosen, lora)  # the other order is PEFT's too: positions from the base weight
 
 
 # --------------------------------------------------------------------------------------------
