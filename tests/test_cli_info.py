@@ -24,6 +24,14 @@ PEFT_FORMATS = {
     "LN_TUNING",
     "TRAINABLE_TOKENS",
     "BEFT",
+    # Issue 19, batch 3 (tuners3).
+    "DELORA",
+    "ROAD",
+    "GRALORA",
+    "GLORA",
+    "PEANUT",
+    "SUPERTUNING",
+    "FROD",
 }
 """The PEFT methods the README says peftc reads ("What is supported", "Adapter formats")."""
 OWN_FORMATS = {"SSF", "ZEROI2V"}
