@@ -7,7 +7,8 @@ An adapter site takes one of three forms:
   tensors by role, the adapter's scalars. Used where the adapter must stay a separate computation at
   run time (LoRA's two thin matmuls, swappable and mixed-adapter batches).
 * **weight site** — replaces one *parameter* of an adapted module by an effective value computed
-  from it: ``W' = op(W, *adapter tensors, *scalars)``. The module's own computation (linear, conv,
+  from it: ``W' = op(W, *adapter tensors, *scalars)`` (``op(W, *base, …)`` where the transform also
+  reads other parameters of the module, ``SiteOp.base_params``). The module's own computation (linear, conv,
   embedding, or whatever reads a raw parameter) is left untouched and reads ``W'``. Every mergeable
   method is such a transform, which is what makes merging generic: folding a weight site *is* the
   merge, and stacking adapters is composing their transforms.
@@ -66,7 +67,10 @@ class SiteOp:
     scalars: tuple[str, ...]
     """Scalar argument names, in argument order."""
     base_params: tuple[str, ...] = ()
-    """Call sites only: local names of the module's tensors passed after ``x``."""
+    """Call sites: local names of the module's tensors passed after ``x``. Weight sites: other
+    parameters of the same module passed after the parameter, as the site's adapter finds them
+    (after earlier adapters, before this adapter's own sites on them; ``None`` where the module has
+    none), for a transform that reads them (GLoRA's bias reads the weight)."""
     user_inputs: tuple[str, ...] = ()
     """Call sites only: program inputs passed last (created by the insertion pass if missing)."""
     body: Callable[..., torch.Tensor] | None = None
@@ -83,7 +87,7 @@ class SiteOp:
 
     @property
     def operands_start(self) -> int:
-        """Call sites: where the adapter operands start in the op's arguments (after ``x`` and the base)."""
+        """Where the adapter operands start in the op's arguments (after ``x`` or the parameter, and the base)."""
         return 1 + len(self.base_params)
 
     def weight_sites(

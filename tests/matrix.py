@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import matrix_batch3 as batch3
 import matrix_tuners1 as tuners1
 import matrix_tuners2 as tuners2
 import models
@@ -352,6 +353,14 @@ METHODS = (
     Method("hira", "HiRA (Linear, Conv1D, Conv1d/2d, Embedding)", _hira, "convnet"),
     Method("adamss", "AdaMSS (Linear)", _adamss, "convnet"),
     Method("deft", "DEFT (Linear, Conv1D)", _deft, "convnet"),
+    # Issue 19, batch 3 (tuners3).
+    Method("delora", "DeLoRA (Linear)", batch3.delora, "llama"),
+    Method("road", "RoAd (Linear; `road_1`, `road_2`, `road_4`)", batch3.road, "bert"),
+    Method("gralora", "GraLoRA (Linear, Conv1D; `hybrid_r`)", batch3.gralora, "gpt2"),
+    Method("glora", "GLoRA (Linear; every path form)", batch3.glora, "bert"),
+    Method("peanut", "PEANuT (Linear; `depth`, `act_fn`)", batch3.peanut, "vit"),
+    Method("supertuning", "Super-Tuning (Linear; with `r`)", batch3.supertuning, "llama"),
+    Method("frod", "FRoD (Linear, Conv1D; `save_projection`)", batch3.frod, "gpt2"),
 )
 
 

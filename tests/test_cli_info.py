@@ -37,6 +37,14 @@ PEFT_FORMATS = {
     "UNILORA",
     "PVERA",
     "TINYLORA",
+    # Issue 19, batch 3 (tuners3).
+    "DELORA",
+    "ROAD",
+    "GRALORA",
+    "GLORA",
+    "PEANUT",
+    "SUPERTUNING",
+    "FROD",
 }
 """The PEFT methods the README says peftc reads ("What is supported", "Adapter formats")."""
 PEFT_FORMATS |= {"OSF", "PSOFT", "HIRA", "ADAMSS", "DEFT"}  # issue 19, batch 4

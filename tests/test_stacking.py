@@ -93,3 +93,21 @@ def test_a_residual_base_adapter_must_come_first(tmp_path, bert_adapter):
     ):
         peftc.compile(model, [bert_adapter, tmp_path / "pissa"], out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_stacked_weight_sites_keep_a_module_input_read_from_the_program_input(tmp_path):
+    """Two adapters on a layer that reads the program's input directly: the second weight site
+    rewires only the weight, not the input (a user input holds no stored tensor, unlike a tied name)."""
+    import torch
+    from conftest import adapt, eager, export
+
+    from peftc.loaders.inputs import parse_inputs
+
+    model = models.mlp()
+    first = models.make_lora(model, tmp_path / "first", target_modules=["lin0"])
+    second = models.make_lora(model, tmp_path / "second", target_modules=["lin0"], seed=3)
+    signature = parse_inputs(list(models.MLP_INPUTS))
+    stacked = adapt(export(model, signature), first, second)
+    inputs = signature.example({"batch": 3}, seed=0)
+    expected = models.peft_outputs(model, [first, second], inputs)
+    assert_outputs_close({k: torch.as_tensor(v) for k, v in eager(stacked, inputs).items()}, expected)

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import torch
 
-from peftc.errors import InputError, UnsupportedError, one_of
+from peftc.errors import InputError, UnsupportedError
 from peftc.ir.modules import ModuleTable
 from peftc.methods import (
     adalora,
@@ -23,7 +23,11 @@ from peftc.methods import (
     boft,
     c3a,
     deft,
+    delora,
     fourierft,
+    frod,
+    glora,
+    gralora,
     hira,
     hra,
     ia3,
@@ -35,11 +39,14 @@ from peftc.methods import (
     miss,
     oft,
     osf,
+    peanut,
     psoft,
     pvera,
     randlora,
+    road,
     shira,
     ssf,
+    supertuning,
     tinylora,
     trainable_tokens,
     unilora,
@@ -88,6 +95,14 @@ METHODS: list[Method] = [
     hira.METHOD,
     adamss.METHOD,
     deft.METHOD,
+    # Issue 19, batch 3 (tuners3): DeLoRA, RoAd, GraLoRA, GLoRA, PEANuT, Super-Tuning, FRoD.
+    delora.METHOD,
+    road.METHOD,
+    gralora.METHOD,
+    glora.METHOD,
+    peanut.METHOD,
+    supertuning.METHOD,
+    frod.METHOD,
     SLOTS,
 ]
 """In the order their extra passes run. ``SLOTS`` is not an adapter format: swappable artifacts' ops."""
@@ -143,7 +158,8 @@ def parse_adapter(source: AdapterSource, modules: ModuleTable, options: ParseOpt
     method = parsers().get(peft_type)
     if method is None or method.parse is None:
         raise UnsupportedError(
-            f"{source.config_path}: peft_type {peft_type!r} is not supported; supported: {one_of(sorted(parsers()))}"
+            f"{source.config_path}: peft_type {peft_type!r} is not supported; supported: "
+            + ", ".join(repr(name) for name in sorted(parsers()))
         )
     return _computing(method.parse(source, modules, options or ParseOptions()), modules)
 

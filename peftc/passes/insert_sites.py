@@ -5,7 +5,8 @@ For each site of each adapter (``peftc/ops.py`` describes the forms):
 * **call site**: each call of the module (one tensor in, one tensor out) becomes one
   ``peftc::<op>(x, *base tensors, *adapter tensors, *scalars)`` node and the call's nodes are erased;
 * **weight site**: inside each call of the module, the readers of the parameter get
-  ``peftc::<op>(W, *adapter tensors, *scalars)`` instead of ``W``. Readers outside the module (a tied
+  ``peftc::<op>(W, *base, *adapter tensors, *scalars)`` instead of ``W`` (``base``: the other
+  parameters of the module the op reads, ``SiteOp.base_params``, as they are at that point). Readers outside the module (a tied
   weight) keep ``W``. A second adapter on the same parameter transforms the first one's output.
 * **activation site**: at each call of the module, ``peftc::<op>(y, *adapter tensors, *scalars)`` is
   put on the call's output ``y`` (every reader outside the module reads it instead) or on its input
@@ -168,8 +169,18 @@ def _check_rebuilt(adapters: tuple[Adapter, ...], index: int) -> None:
 
 def _check_residuals(adapters: tuple[Adapter, ...], index: int) -> None:
     """A residual base (PiSSA/OLoRA) is rebuilt from the original weight, so nothing may adapt that
-    weight before the adapter that needs it."""
+    weight before the adapter that needs it; nor before a site whose tensors the parser derived from
+    the base weight (``Site.info["base_weight_derived"]``: PEFT would derive them from the weight the
+    earlier adapters leave)."""
     adapter = adapters[index]
+    for site in adapter.sites:
+        why = site.info.get("base_weight_derived")
+        earlier = next((a for a in adapters[:index] if any(s.module == site.module for s in a.sites)), None)
+        if why and earlier is not None:
+            raise UnsupportedError(
+                f"adapter {adapter.name!r} on {site.module!r}: {why}, but {earlier.name!r} adapts that module before "
+                f"it; put {adapter.name!r} first"
+            )
     for replacement in adapter.replacements:
         if "residual base" not in replacement.reason:
             continue
@@ -260,7 +271,12 @@ def _insert_weight_site(editor: ir.ProgramEditor, table: ModuleTable, adapter: A
         nodes = {n.name: n for n in editor.graph.nodes}
         region = [nodes[n.name] for n in call.nodes]
         operand, readers = _operand(editor, module, site.param, region, adapter)
-        node = editor.call(op.overload, (operand, *tensors, *scalars), like=readers[0])
+        # Other parameters the transform reads, as they are before this site (see SiteOp.base_params).
+        base = [
+            _operand(editor, module, local, region, adapter)[0] if local in module.params else None
+            for local in op.base_params
+        ]
+        node = editor.call(op.overload, (operand, *base, *tensors, *scalars), like=readers[0])
         ir.meta.peftc_meta(node).update(
             adapter=adapter.name, module=site.module, site=site.op, param=module.params[site.param]
         )
@@ -357,8 +373,14 @@ def _operand(
 
 
 def _stale(own: fx.Node, editor: ir.ProgramEditor) -> set[fx.Node]:
-    """Other placeholders holding the same tensor (tied names export routed the call through)."""
+    """Other placeholders holding the same tensor (tied names export routed the call through).
+
+    None for a node that holds no stored tensor (a weight site an earlier adapter stacked): user
+    inputs hold none either, and must not be taken for it.
+    """
     tensor = editor.tensor(own)
+    if tensor is None:
+        return set()
     return {n for n in editor.graph.nodes if n.op == "placeholder" and n is not own and editor.tensor(n) is tensor}
 
 

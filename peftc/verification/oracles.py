@@ -178,7 +178,8 @@ def weights_oracle(module: torch.nn.Module, adapters: Sequence[Adapter]) -> Orac
                     op = ops[form.op]
                     fqn = f"{form.module}.{form.param}"
                     tensors = [form.tensors[r].tensor if form.tensors.get(r) else None for r in op.tensor_roles]
-                    state[fqn] = op.overload(state[fqn], *tensors, *(form.scalars[k] for k in op.scalars))
+                    base = [state.get(f"{form.module}.{p}") for p in op.base_params]
+                    state[fqn] = op.overload(state[fqn], *base, *tensors, *(form.scalars[k] for k in op.scalars))
 
     def run(inputs: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
         with torch.no_grad(), warnings.catch_warnings():

@@ -287,7 +287,7 @@ def _merged_chains(reference: ir.Program) -> list[tuple[fx.Node, list[RefitSite]
 
 def _site(node: fx.Node, op: SiteOp) -> tuple[RefitSite | None, str | None]:
     info = node.meta.get(ir.meta.PEFTC, {})
-    start = op.operands_start if op.form == "call" else 1
+    start = op.operands_start
     count = len(op.tensor_roles)
     tensor_args, scalars = node.args[start : start + count], node.args[start + count :]
     if op.form == "call" and "bias" in op.weight_form(*tensor_args, *scalars):

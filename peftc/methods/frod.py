@@ -1,0 +1,219 @@
+"""FRoD (PEFT ``FROD``): its weight form and peftc's parser.
+
+FRoD writes a linear layer's weight (``[d_out, d_in]``; GPT-2's ``Conv1D`` transposed) as::
+
+    W' = U · (S + diag(λ)) · Vᵀ
+
+with ``V`` ``[d_in, d_in]`` a basis shared by the modules of one *category* (the last two path
+segments, e.g. ``self_query``), ``S`` a sparse ``[d_in, d_in]`` matrix of trained values ``s`` at
+fixed off-diagonal positions (repeated positions add up, as PEFT's coalesced COO tensor does),
+``λ`` ``[d_in]`` trained, and ``U`` fixed when PEFT loads the adapter, from the base weight::
+
+    B = W V⁻ᵀ (float64),   λ₀ = ‖columns of B‖,   U = B / λ₀  (columns with λ₀ ≤ 1e-12 are zero)
+
+so that ``W' = W`` at initialisation. PEFT's merge replaces ``W`` by exactly this ``W'``, and its
+unmerged forward computes ``x V (Sᵀ + diag(λ)) Uᵀ`` (+ bias), the same function (checked against
+PEFT's layers in the tests). peftc computes ``U`` the same way at parse time (float64, then fp32 as
+PEFT keeps it), from the file's ``V``: PEFT uses the ``V`` it rebuilds from the base weights when it
+creates the layer, equal to the saved one on the base the adapter was trained on. ``U`` depends on
+the base weight, so a FRoD adapter may not follow another adapter of the same module in a stack
+(refused by ``insert-sites``: PEFT would derive ``U`` from the merged weight). ``W'`` is formed in
+fp32 and has ``W``'s dtype.
+
+**Adapter files.** Per category ``c``: ``base_model.frod_V.c`` ``[d_in, d_in]``,
+``base_model.frod_s_indices.c`` ``[2, nnz]`` (integer; read as int64, recorded as ``<key> as
+int64``) and ``base_model.frod_s_size.c`` ``[2]`` (``[d_in, d_in]``; checked, then recorded unused), saved
+with ``save_projection`` (without them PEFT rebuilds the projections from a decomposition of every
+targeted weight, which peftc refuses). Per target (``nn.Linear`` or ``Conv1D``, as in PEFT):
+``<m>.frod_lambda_l`` ``[d_in]`` and ``<m>.frod_lambda_s_values`` ``[nnz]``. Trained biases
+(``bias``) and ``modules_to_save`` tensors are full replacements. Each target becomes one
+``frod_weight`` site on its weight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from peftc.errors import InputError, UnsupportedError
+from peftc.ir.modules import ModuleTable
+from peftc.methods import common, module_sites
+from peftc.methods.base import Adapter, AdapterSource, AdapterTensor, ParseOptions, Site
+from peftc.methods.record import Method
+from peftc.ops import SiteOp, composite_op
+
+FROD_WEIGHT = SiteOp(
+    name="frod_weight",
+    form="weight",
+    tensor_roles=("frod_U", "frod_V", "frod_s_indices", "frod_lambda_s_values", "frod_lambda_l"),
+    scalars=("layout",),
+)
+PROJECTIONS = ("frod_V", "frod_s_indices", "frod_s_size")
+BASE_DERIVED = "FRoD's U is derived from the base weight when the adapter is loaded"
+"""``Site.info`` note that makes ``insert-sites`` refuse an earlier adapter on the same module."""
+
+
+def sparse(indices: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tensor:
+    """The dense ``[size, size]`` fp32 matrix with ``values`` added at ``indices`` ``[2, nnz]``."""
+    dense = torch.zeros(size, size, dtype=torch.float32)
+    return dense.index_put((indices[0].to(torch.int64), indices[1].to(torch.int64)), values.to(torch.float32), True)
+
+
+@composite_op(
+    "frod_weight(Tensor weight, Tensor frod_u, Tensor frod_v, Tensor s_indices, Tensor s_values, Tensor lambda_l, "
+    "str layout) -> Tensor"
+)
+def frod_weight(
+    weight: torch.Tensor,
+    frod_u: torch.Tensor,
+    frod_v: torch.Tensor,
+    s_indices: torch.Tensor,
+    s_values: torch.Tensor,
+    lambda_l: torch.Tensor,
+    layout: str,
+) -> torch.Tensor:
+    """``U (S + diag λ) Vᵀ`` in ``weight``'s layout and dtype (``weight`` itself is replaced, not read)."""
+    core = sparse(s_indices, s_values, frod_v.shape[0]) + torch.diag(lambda_l.to(torch.float32))
+    adapted = frod_u.to(torch.float32) @ core @ frod_v.to(torch.float32).T
+    return (adapted.T if layout == "linear_t" else adapted).to(weight.dtype)
+
+
+def basis_factor(weight: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """PEFT's ``U`` for a base ``weight`` ``[d_out, d_in]`` and basis ``v`` (float64, returned as fp32)."""
+    w, v = weight.detach().to(torch.float64), v.detach().to(torch.float64)
+    try:
+        b = torch.linalg.solve(v, w.T).T
+    except RuntimeError:  # a singular basis: PEFT's fallback
+        b = w @ torch.linalg.pinv(v, rtol=1e-6).T
+    norms = torch.linalg.norm(b, dim=0)
+    u = torch.zeros_like(b)
+    kept = norms > 1e-12
+    u[:, kept] = b[:, kept] / norms[kept]
+    return u.float()
+
+
+def category(path: str) -> str:
+    """The projection-sharing category PEFT gives a module path (its last two segments, mostly)."""
+    parts = path.split(".")
+    if len(parts) == 1:
+        return parts[0]
+    if parts[-2].isdigit():
+        return parts[-1]
+    name = f"{parts[-2]}_{parts[-1]}"
+    return "attention_output" if name == "output_dense" and len(parts) >= 3 and parts[-3] == "attention" else name
+
+
+FIELDS = common.Fields(
+    honoured=(
+        "save_projection",
+        "fan_in_fan_out",
+        "target_modules",
+        "layers_to_transform",
+        "layers_pattern",
+        "bias",
+        "modules_to_save",
+    ),
+    ignored={
+        "projection_prng_key": "draws the sparse positions only when the projections are rebuilt (they are in the file)",
+        "sparse_rate": "sizes the sparse positions only when the projections are rebuilt (they are in the file)",
+        "regularization_alpha": "used only when the projections are rebuilt (they are in the file)",
+        "frod_dropout": "dropout is the identity at inference",
+        "init_weights": "initialisation only (the trained values are in the file)",
+        "progressbar": "display only",
+        "runtime_offload_base_weight": "device placement only",
+    },
+    defaults={"save_projection": True, "bias": "none"},
+)
+ROLES = {"frod_lambda_l": "frod_lambda_l", "frod_lambda_s_values": "frod_lambda_s_values"}
+
+
+def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) -> Adapter:
+    """Interpret a FRoD adapter against the base model's modules.
+
+    Raises:
+        InputError: a projection missing or shaped unlike PEFT's for its category, sparse positions
+            that are not integers or fall outside ``V``, a key for no targeted module, a target
+            without its trained vectors, a shape that does not fit the module (naming key and shapes),
+            or a base weight the program does not hold.
+        UnsupportedError: ``save_projection=false`` (peftc does not rebuild PEFT's decomposition), a
+            config field peftc does not know, or a target that is neither ``nn.Linear`` nor ``Conv1D``.
+    """
+    cfg = source.config
+    if not cfg.get("save_projection", True):
+        raise UnsupportedError(
+            f"{source.config_path}: save_projection=false: PEFT rebuilds FRoD's bases from an SVD/QR/eigh decomposition "
+            "of every targeted weight when it loads the adapter, which peftc does not reproduce; save the adapter with "
+            "save_projection=true"
+        )
+    prefixes = tuple(f"base_model.{p}." for p in PROJECTIONS)
+    saved = {k: v for k, v in source.tensors.items() if k.startswith(prefixes)}
+    rest = dataclasses.replace(source, tensors={k: v for k, v in source.tensors.items() if k not in saved})
+    fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
+    used: set[str] = set()
+
+    def build(module: module_sites.Module, warnings: list[str]) -> list[Site]:
+        d_in = module.d_in
+        v, s_indices = _projections(source, saved, category(module.path), d_in, used)
+        nnz = s_indices.tensor.shape[1]
+        shapes = {"frod_lambda_l": (d_in,), "frod_lambda_s_values": (nnz,)}
+        module_sites.require(source, module, shapes, f"category {category(module.path)!r} with {nnz} sparse entries")
+        weight = modules.tensors.get(module.info.params["weight"])
+        if weight is None:
+            raise InputError(
+                f"{source.config_path}: FRoD's U for {module.path!r} needs the base weight, which is not held"
+            )
+        if fan_in_fan_out != (module.layout == "linear_t"):
+            warnings.append(
+                f"fan_in_fan_out={fan_in_fan_out} but {module.path!r} is a {module.info.class_name}; "
+                f"using fan_in_fan_out={module.layout == 'linear_t'} as PEFT does"
+            )
+        w = weight.T if module.layout == "linear_t" else weight
+        u = AdapterTensor(f"U of {module.path} from the base weight and {v.key}", basis_factor(w, v.tensor))
+        tensors = {"frod_U": u, "frod_V": v, "frod_s_indices": s_indices, **module.tensors}
+        info = {"module_type": module.info.class_name, "category": category(module.path), "sparse_entries": nnz}
+        info["base_weight_derived"] = BASE_DERIVED
+        return [Site(module.path, FROD_WEIGHT.name, tensors, {"layout": module.layout}, info, "weight")]
+
+    adapter = module_sites.parse(
+        rest,
+        modules,
+        peft_type="FROD",
+        title="FRoD",
+        fields=FIELDS,
+        roles=ROLES,
+        types=("Linear", "NonDynamicallyQuantizableLinear", "Conv1D"),
+        build=build,
+        bias_modes=("none", "all", "frod_only"),
+    )
+    why = "a projection of a category no targeted module belongs to; PEFT does not use it"
+    unused = [(k, why) for k in sorted(saved) if k not in used]
+    size = "the sparse matrix's size, implied by V (checked against it)"
+    unused += [(k, size) for k in sorted(used) if k.startswith("base_model.frod_s_size.")]
+    return dataclasses.replace(adapter, source=source, unused=(*adapter.unused, *unused))
+
+
+def _projections(
+    source: AdapterSource, saved: dict[str, torch.Tensor], name: str, d_in: int, used: set[str]
+) -> tuple[AdapterTensor, AdapterTensor]:
+    """The category's basis ``V`` and sparse positions (as int64), checked against its modules' inputs."""
+    keys = {p: f"base_model.{p}.{name}" for p in PROJECTIONS}
+    for key in keys.values():
+        if key not in saved:
+            raise InputError(f"{source.weights_path}: save_projection=true but the file has no {key}")
+    used.update(keys.values())
+    v = AdapterTensor(keys["frod_V"], saved[keys["frod_V"]])  # per category: not one tensor of the whole adapter
+    common.expect_shape(source, v, (d_in, d_in), f"[{d_in}, {d_in}] (the inputs of category {name!r})")
+    size = saved[keys["frod_s_size"]]
+    if size.tolist() != [d_in, d_in]:
+        raise InputError(f"{source.describe(keys['frod_s_size'])}: {size.tolist()}; expected [{d_in}, {d_in}]")
+    indices = saved[keys["frod_s_indices"]]
+    where = source.describe(keys["frod_s_indices"])
+    if indices.is_floating_point() or indices.dim() != 2 or indices.shape[0] != 2:
+        raise InputError(f"{where}: shape {list(indices.shape)} {indices.dtype}; expected integer positions [2, nnz]")
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= d_in):
+        raise InputError(f"{where}: positions outside [0, {d_in})")
+    return v, AdapterTensor(f"{keys['frod_s_indices']} as int64", indices.to(torch.int64))
+
+
+METHOD = Method("frod", ("FROD",), parse, ops=(FROD_WEIGHT,), fields=FIELDS)
