@@ -160,7 +160,7 @@ def _sites(
     left, mid = _stacked(source, path, tensors, rows, rank, d_out)
     site_tensors = {"adamss_L": left, "adamss_M": mid, "adamss_newB": tensors["newB"]}
     info = {"module_type": module.class_name, "r": rank, "subspaces": count, "rows": [len(r) for r in rows],
-            "rebuilt_from_weight": True}  # fmt: skip
+            "base_weight_derived": "AdaMSS's subspaces are rebuilt from the base weight when it is loaded"}  # fmt: skip
     sites = [Site(path, ADAMSS_WEIGHT.name, site_tensors, {}, info, "weight")]
     if bias is not None:
         sites.append(Site(path, ADAMSS_BIAS.name, site_tensors, {}, info, "bias"))

@@ -157,7 +157,7 @@ def _site(source: AdapterSource, modules: ModuleTable, path: str, tensors: Mappi
         "module_type": modules[path].class_name,
         "effective_rank": k,
         "trained_rank": low,
-        "rebuilt_from_weight": True,
+        "base_weight_derived": "OSF's frozen factors are rebuilt from the base weight when it is loaded",
     }
     return Site(path, OSF_WEIGHT.name, {**tensors, **initial}, {}, info, "weight")
 

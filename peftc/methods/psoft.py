@@ -227,7 +227,7 @@ def _site(
         "scale": float(settings["psoft_alpha"]) / r,
     }
     info = {"module_type": modules[path].class_name, "r": r, "ab_svd_init": settings["ab_svd_init"],
-            "rebuilt_from_weight": True}  # fmt: skip
+            "base_weight_derived": "PSOFT's frozen factors are rebuilt from the base weight when it is loaded"}  # fmt: skip
     return Site(path, PSOFT_WEIGHT.name, site_tensors, scalars, info, "weight")
 
 

@@ -72,7 +72,6 @@ class InsertSitesPass(PassBase):
         notes: list[Diagnostic] = []
         for index, adapter in enumerate(adapters):
             _check_residuals(adapters, index)
-            _check_rebuilt(adapters, index)
             for site in adapter.sites:
                 # An activation site transforms what flows in or out, never a parameter.
                 touched = set() if _is_activation(site) else {site.param} if site.param else {"weight", "bias"}
@@ -149,22 +148,11 @@ class InsertSitesPass(PassBase):
             raise AssertionError(f"no site node for {sorted(missing)[0]}")
 
 
-def _check_rebuilt(adapters: tuple[Adapter, ...], index: int) -> None:
-    """Frozen factors rebuilt from the base weight (OSF, PSOFT, AdaMSS: ``info["rebuilt_from_weight"]``)
-    are rebuilt from the original weight, so nothing may adapt that weight before the adapter."""
-    adapter = adapters[index]
-    for site in adapter.sites:
-        if not site.info.get("rebuilt_from_weight"):
-            continue
-        for earlier in adapters[:index]:
-            if any(s.module == site.module for s in earlier.sites) or any(
-                r.param.rpartition(".")[0] == site.module for r in earlier.replacements
-            ):
-                raise UnsupportedError(
-                    f"adapter {adapter.name!r} rebuilds frozen factors of {site.module!r} from its weight, as PEFT "
-                    f"does when it loads the adapter, but {earlier.name!r} adapts that weight before it; put "
-                    f"{adapter.name!r} first"
-                )
+def _adapts(adapter: Adapter, module: str) -> bool:
+    """Whether ``adapter`` has a site on ``module`` or replaces one of its parameters."""
+    return any(s.module == module for s in adapter.sites) or any(
+        r.param.rpartition(".")[0] == module for r in adapter.replacements
+    )
 
 
 def _check_residuals(adapters: tuple[Adapter, ...], index: int) -> None:
@@ -175,7 +163,7 @@ def _check_residuals(adapters: tuple[Adapter, ...], index: int) -> None:
     adapter = adapters[index]
     for site in adapter.sites:
         why = site.info.get("base_weight_derived")
-        earlier = next((a for a in adapters[:index] if any(s.module == site.module for s in a.sites)), None)
+        earlier = next((a for a in adapters[:index] if _adapts(a, site.module)), None)
         if why and earlier is not None:
             raise UnsupportedError(
                 f"adapter {adapter.name!r} on {site.module!r}: {why}, but {earlier.name!r} adapts that module before "
