@@ -35,7 +35,7 @@ from peftc.ir.modules import ModuleTable
 from peftc.methods import common
 from peftc.methods.base import Adapter, AdapterSource, AdapterTensor, ParseOptions, Site
 from peftc.methods.record import Method
-from peftc.ops import SiteOp, composite_op
+from peftc.ops import SiteOp, as_out_in, composite_op, from_out_in
 
 VERA_WEIGHT = SiteOp(
     name="vera_weight",
@@ -71,10 +71,10 @@ def vera_weight(
     layout: str,
 ) -> torch.Tensor:
     """``W + ΔW`` for a ``linear`` ``[d_out, d_in]`` or ``linear_t`` ``[d_in, d_out]`` weight (fp32 math)."""
-    transposed = layout == "linear_t"
-    d_out, d_in = (weight.shape[1], weight.shape[0]) if transposed else (weight.shape[0], weight.shape[1])
+    matrix = as_out_in(weight, layout).to(torch.float32)
+    d_out, d_in = matrix.shape
     delta = delta_weight(vera_a, vera_b, lambda_b, lambda_d, d_out, d_in)
-    return (weight.to(torch.float32) + (delta.T if transposed else delta)).to(weight.dtype)
+    return from_out_in(matrix + delta, weight, layout).to(weight.dtype)
 
 
 FIELDS = common.Fields(
