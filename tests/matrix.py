@@ -271,11 +271,11 @@ METHODS = (
     Method("lokr", "LoKr (Linear, Conv1d/2d)", _lokr, "convnet"),
     Method("vera", "VeRA (Linear, Conv1D)", _vera, "gpt2"),
     # Issue 19, batch tuners2.
-    Method("randlora", "RandLoRA (Linear, Conv1D)", tuners2.randlora, "llama"),
-    Method("vblora", "VB-LoRA (Linear, Conv1D)", tuners2.vblora, "bert", noise=1.0),
-    Method("unilora", "UniLoRA (Linear, Conv1D)", tuners2.unilora, "gpt2", noise=3.0),
-    Method("pvera", "PVeRA (Linear, Conv1D; mean at inference)", tuners2.pvera, "vit"),
-    Method("tinylora", "TinyLoRA (Linear, Conv1D, Embedding)", tuners2.tinylora, "llama"),
+    Method("randlora", "RandLoRA (Linear, Conv1D)", tuners2.randlora, "convnet"),
+    Method("vblora", "VB-LoRA (Linear, Conv1D)", tuners2.vblora, "convnet", noise=1.0),
+    Method("unilora", "UniLoRA (Linear, Conv1D)", tuners2.unilora, "convnet", noise=3.0),
+    Method("pvera", "PVeRA (Linear, Conv1D; mean at inference)", tuners2.pvera, "convnet"),
+    Method("tinylora", "TinyLoRA (Linear, Conv1D, Embedding)", tuners2.tinylora, "convnet"),
 )
 
 
