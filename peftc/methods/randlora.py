@@ -131,7 +131,7 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
         raise InputError(f"{source.config_path}: RandLoRA config has no target_modules")
     if cfg.get("bias", "none") not in ("none", "all", "randlora_only"):
         raise InputError(f"{source.config_path}: bias={cfg['bias']!r}; expected 'none', 'all' or 'randlora_only'")
-    r = common.check_rank(source, "(all)", cfg.get("r", 32))
+    r = common.positive_int(source, "r", 32)
     scale = float(cfg.get("randlora_alpha", 640)) / r
 
     saved = {key: source.tensors[key] for key in SHARED if key in source.tensors}

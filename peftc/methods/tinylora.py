@@ -115,8 +115,8 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
     common.check_number(source, "r", "u", "weight_tying", "projection_seed")
     if cfg.get("bias", "none") not in ("none", "all", "tinylora_only"):
         raise InputError(f"{source.config_path}: bias={cfg['bias']!r}; expected 'none', 'all' or 'tinylora_only'")
-    r = common.check_rank(source, "(all)", cfg.get("r", 2))
-    u = common.check_rank(source, "(all, u)", cfg.get("u", 64))
+    r = common.positive_int(source, "r", 2)
+    u = common.positive_int(source, "u", 64)
     tying = float(cfg.get("weight_tying", 0.0))
     if not 0.0 <= tying <= 1.0:
         raise InputError(f"{source.config_path}: weight_tying={tying}; it must lie in [0, 1]")
@@ -159,7 +159,7 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
     if not cfg.get("save_projection", True):
         why = "save_projection=false: PEFT draws P again and ignores a saved one"
         unused += [(t["P"].key, why) for t in grouped.modules.values() if "P" in t]
-    read = {v.tensors["tinylora_v"].key for v in sites}
+    read = {site.tensors["tinylora_v"].key for site in sites}
     unused += [(k, "a v group no target reads (PEFT does not load it either)") for k in sorted(set(vectors) - read)]
     return common.adapter(source, "tinylora", sites, grouped, honoured, ignored, warnings, unused=unused)
 
