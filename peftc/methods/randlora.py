@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -211,7 +213,7 @@ def _copies(
     return unused
 
 
-def _redrawn(cfg: dict, shapes: dict[str, tuple[int, ...]]) -> dict[str, AdapterTensor]:
+def _redrawn(cfg: Mapping[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, AdapterTensor]:
     """The bases PEFT draws from ``projection_prng_key`` (``RandLoraModel._init_randlora_A_randlora_B*``)."""
     seed = int(cfg.get("projection_prng_key", 0))
     generator = torch.Generator(device="cpu").manual_seed(seed)

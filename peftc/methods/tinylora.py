@@ -31,7 +31,8 @@ with ``max_norm`` (their lookup renormalises the merged rows, which PEFT's forwa
 from __future__ import annotations
 
 import dataclasses
-import warnings as py_warnings
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -179,12 +180,10 @@ def _vector(source: AdapterSource, vectors: dict[str, torch.Tensor], group: str,
     return tensor
 
 
-def _redrawn(cfg: dict, index: int, u: int, rank: int, path: str) -> AdapterTensor:
+def _redrawn(cfg: Mapping[str, Any], index: int, u: int, rank: int, path: str) -> AdapterTensor:
     seed = int(cfg.get("projection_seed", 42)) + index
     generator = torch.Generator().manual_seed(seed)
-    with py_warnings.catch_warnings():
-        py_warnings.simplefilter("ignore")
-        p = torch.normal(mean=0.0, std=1.0 / (rank**0.5), size=(u, rank, rank), generator=generator)
+    p = torch.normal(mean=0.0, std=1.0 / (rank**0.5), size=(u, rank, rank), generator=generator)
     return AdapterTensor(f"tinylora_P of {path!r} drawn from seed {seed}", p)
 
 
