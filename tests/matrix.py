@@ -261,7 +261,7 @@ def _vera(family: Family) -> Any:
 # issue 19, batch 4 (OSF, PSOFT, HiRA, AdaMSS, DEFT)
 
 
-LINEAR_ONLY_REASON = "PEFT's OSF, PSOFT and AdaMSS adapt nn.Linear only, not transformers' Conv1D"
+LINEAR_ONLY_REASON = tuners1.LINEAR_ONLY
 
 
 def _nn_linear_only(family: Family) -> str | None:
@@ -342,11 +342,11 @@ METHODS = (
     Method("c3a", "C3A (Linear)", tuners1.c3a, "convnet"),
     Method("waveft", "WaveFT (Linear, Conv1D; Daubechies db1–db10)", tuners1.waveft, "convnet"),
     # Issue 19, batch tuners2.
-    Method("randlora", "RandLoRA (Linear, Conv1D)", tuners2.randlora, "llama"),
-    Method("vblora", "VB-LoRA (Linear, Conv1D)", tuners2.vblora, "bert", noise=1.0),
-    Method("unilora", "UniLoRA (Linear, Conv1D)", tuners2.unilora, "gpt2", noise=3.0),
-    Method("pvera", "PVeRA (Linear, Conv1D; mean at inference)", tuners2.pvera, "vit"),
-    Method("tinylora", "TinyLoRA (Linear, Conv1D, Embedding)", tuners2.tinylora, "llama"),
+    Method("randlora", "RandLoRA (Linear, Conv1D)", tuners2.randlora, "convnet"),
+    Method("vblora", "VB-LoRA (Linear, Conv1D)", tuners2.vblora, "convnet", noise=1.0),
+    Method("unilora", "UniLoRA (Linear, Conv1D)", tuners2.unilora, "convnet", noise=3.0),
+    Method("pvera", "PVeRA (Linear, Conv1D; mean at inference)", tuners2.pvera, "convnet"),
+    Method("tinylora", "TinyLoRA (Linear, Conv1D, Embedding)", tuners2.tinylora, "convnet"),
     # issue 19, batch 4
     Method("osf", "OSF (Linear)", _osf, "convnet", noise=0.6),
     Method("psoft", "PSOFT (Linear)", _psoft, "convnet"),

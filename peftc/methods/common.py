@@ -318,3 +318,16 @@ def nearest(path: str, names: Iterable[str]) -> str:
     """``"; did you mean 'x'?"`` for the closest of ``names`` (module paths), or ``""``."""
     close = difflib.get_close_matches(path, list(names), n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def positive_int(source: AdapterSource, name: str, default: int) -> int:
+    """The config field ``name`` (``default`` when absent), refused unless a positive integer (a rank,
+    a vector length, a count: zero or a fraction has no meaning, and PEFT would fail on it).
+
+    Raises:
+        InputError: naming the file and the field.
+    """
+    value = source.config.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+        raise InputError(f"{source.config_path}: {name}={value!r}; give an integer >= 1")
+    return int(value)

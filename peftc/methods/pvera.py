@@ -120,7 +120,7 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
     common.check_number(source, "r", "projection_prng_key")
     if cfg.get("bias", "none") not in ("none", "all", "pvera_only"):
         raise InputError(f"{source.config_path}: bias={cfg['bias']!r}; expected 'none', 'all' or 'pvera_only'")
-    r = common.check_rank(source, "(all)", cfg.get("r", 256))
+    r = common.positive_int(source, "r", 256)
 
     saved = {key: source.tensors[key] for key in PROJECTIONS if key in source.tensors}
     rest = dataclasses.replace(source, tensors={k: v for k, v in source.tensors.items() if k not in saved})

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -131,7 +133,7 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
         raise InputError(f"{source.config_path}: RandLoRA config has no target_modules")
     if cfg.get("bias", "none") not in ("none", "all", "randlora_only"):
         raise InputError(f"{source.config_path}: bias={cfg['bias']!r}; expected 'none', 'all' or 'randlora_only'")
-    r = common.check_rank(source, "(all)", cfg.get("r", 32))
+    r = common.positive_int(source, "r", 32)
     scale = float(cfg.get("randlora_alpha", 640)) / r
 
     saved = {key: source.tensors[key] for key in SHARED if key in source.tensors}
@@ -211,7 +213,7 @@ def _copies(
     return unused
 
 
-def _redrawn(cfg: dict, shapes: dict[str, tuple[int, ...]]) -> dict[str, AdapterTensor]:
+def _redrawn(cfg: Mapping[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, AdapterTensor]:
     """The bases PEFT draws from ``projection_prng_key`` (``RandLoraModel._init_randlora_A_randlora_B*``)."""
     seed = int(cfg.get("projection_prng_key", 0))
     generator = torch.Generator(device="cpu").manual_seed(seed)

@@ -31,7 +31,8 @@ with ``max_norm`` (their lookup renormalises the merged rows, which PEFT's forwa
 from __future__ import annotations
 
 import dataclasses
-import warnings as py_warnings
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -115,8 +116,8 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
     common.check_number(source, "r", "u", "weight_tying", "projection_seed")
     if cfg.get("bias", "none") not in ("none", "all", "tinylora_only"):
         raise InputError(f"{source.config_path}: bias={cfg['bias']!r}; expected 'none', 'all' or 'tinylora_only'")
-    r = common.check_rank(source, "(all)", cfg.get("r", 2))
-    u = common.check_rank(source, "(all, u)", cfg.get("u", 64))
+    r = common.positive_int(source, "r", 2)
+    u = common.positive_int(source, "u", 64)
     tying = float(cfg.get("weight_tying", 0.0))
     if not 0.0 <= tying <= 1.0:
         raise InputError(f"{source.config_path}: weight_tying={tying}; it must lie in [0, 1]")
@@ -159,7 +160,7 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
     if not cfg.get("save_projection", True):
         why = "save_projection=false: PEFT draws P again and ignores a saved one"
         unused += [(t["P"].key, why) for t in grouped.modules.values() if "P" in t]
-    read = {v.tensors["tinylora_v"].key for v in sites}
+    read = {site.tensors["tinylora_v"].key for site in sites}
     unused += [(k, "a v group no target reads (PEFT does not load it either)") for k in sorted(set(vectors) - read)]
     return common.adapter(source, "tinylora", sites, grouped, honoured, ignored, warnings, unused=unused)
 
@@ -179,12 +180,10 @@ def _vector(source: AdapterSource, vectors: dict[str, torch.Tensor], group: str,
     return tensor
 
 
-def _redrawn(cfg: dict, index: int, u: int, rank: int, path: str) -> AdapterTensor:
+def _redrawn(cfg: Mapping[str, Any], index: int, u: int, rank: int, path: str) -> AdapterTensor:
     seed = int(cfg.get("projection_seed", 42)) + index
     generator = torch.Generator().manual_seed(seed)
-    with py_warnings.catch_warnings():
-        py_warnings.simplefilter("ignore")
-        p = torch.normal(mean=0.0, std=1.0 / (rank**0.5), size=(u, rank, rank), generator=generator)
+    p = torch.normal(mean=0.0, std=1.0 / (rank**0.5), size=(u, rank, rank), generator=generator)
     return AdapterTensor(f"tinylora_P of {path!r} drawn from seed {seed}", p)
 
 

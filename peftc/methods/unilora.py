@@ -119,8 +119,8 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
     common.check_number(source, "r", "theta_d_length", "proj_seed")
     if cfg.get("bias", "none") not in ("none", "all", "unilora_only"):
         raise InputError(f"{source.config_path}: bias={cfg['bias']!r}; expected 'none', 'all' or 'unilora_only'")
-    r = common.check_rank(source, "(all)", cfg.get("r", 4))
-    length = int(cfg.get("theta_d_length", 256))
+    r = common.positive_int(source, "r", 4)
+    length = common.positive_int(source, "theta_d_length", 256)
     if THETA not in source.tensors:
         raise InputError(f"{source.weights_path}: no {THETA} (the trained vector)")
     theta = AdapterTensor(THETA, source.tensors[THETA], shared=True)

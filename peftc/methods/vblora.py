@@ -123,12 +123,13 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
     common.check_number(source, "r", "num_vectors", "vector_length", "topk")
     if cfg.get("bias", "none") not in ("none", "all", "vblora_only"):
         raise InputError(f"{source.config_path}: bias={cfg['bias']!r}; expected 'none', 'all' or 'vblora_only'")
-    r = common.check_rank(source, "(all)", cfg.get("r", 4))
-    count, length, topk = (int(cfg.get(k, FIELDS.defaults[k])) for k in ("num_vectors", "vector_length", "topk"))
-    if not 1 <= topk <= count or length < 1:
+    r = common.positive_int(source, "r", 4)
+    count, length, topk = (
+        common.positive_int(source, k, FIELDS.defaults[k]) for k in ("num_vectors", "vector_length", "topk")
+    )
+    if topk > count:
         raise InputError(
-            f"{source.config_path}: topk={topk}, num_vectors={count}, vector_length={length}; "
-            "need 1 <= topk <= num_vectors and vector_length >= 1"
+            f"{source.config_path}: topk={topk} but num_vectors={count}; topk picks among the bank's vectors"
         )
     if BANK not in source.tensors:
         raise InputError(f"{source.weights_path}: no {BANK} (the shared vector bank)")

@@ -112,7 +112,7 @@ def table():
             r"up\.randlora_A: differs from base_model\.randlora_A, the shared basis it copies",
         ),
         ({"bias": "lora_only"}, None, InputError, r"bias='lora_only'; expected 'none', 'all' or 'randlora_only'"),
-        ({"r": 0}, None, InputError, r"r=0 .*give a rank >= 1"),
+        ({"r": 0}, None, InputError, r"r=0; give an integer >= 1"),
         ({"exclude_modules": ["up"]}, None, UnsupportedError, r"fields peftc does not know .*exclude_modules"),
     ],
     ids=[

@@ -95,10 +95,11 @@ def adapter(tmp_path_factory):
         (None, {"base_model.tinylora_v.1": None}, InputError, r"no base_model\.tinylora_v\.1, the v of group 1 that 'down' reads"),
         (None, {"base_model.tinylora_v.0": torch.ones(4)}, InputError, r"tinylora_v\.0: shape \[4\] .* expected \[u=3\]"),
         ({"weight_tying": 1.5}, None, InputError, r"weight_tying=1\.5; it must lie in \[0, 1\]"),
+        ({"u": 0}, None, InputError, r"u=0; give an integer >= 1"),
         ({"bias": "lora_only"}, None, InputError, r"bias='lora_only'; expected 'none', 'all' or 'tinylora_only'"),
         ({"exclude_modules": ["up"]}, None, UnsupportedError, r"fields peftc does not know .*exclude_modules"),
     ],
-    ids=["A-shape", "B-shape", "P-shape", "v-missing", "v-shape", "tying", "bias", "unknown-field"],
+    ids=["A-shape", "B-shape", "P-shape", "v-missing", "v-shape", "tying", "u", "bias", "unknown-field"],
 )  # fmt: skip
 def test_refusals_name_the_cause(tmp_path, adapter, config, tensors, error, match):
     with pytest.raises(error, match=match):

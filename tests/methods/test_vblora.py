@@ -80,7 +80,7 @@ def adapters(tmp_path_factory):
             InputError,
             r"mid\.vblora_logits_B: shape \[4, 2, 6\] .* expected \[2, 2, 6\] for 'mid'",
         ),
-        ("logits", {"topk": 7}, None, InputError, r"topk=7, num_vectors=6, .*need 1 <= topk <= num_vectors"),
+        ("logits", {"topk": 7}, None, InputError, r"topk=7 but num_vectors=6; topk picks among the bank's vectors"),
         (
             "logits",
             {"bias": "lora_only"},
