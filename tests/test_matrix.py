@@ -91,3 +91,14 @@ def test_method_compiles_to_a_verified_onnx_artifact(tmp_path, method):
 
 def test_readme_table_is_generated_from_the_matrix():
     assert matrix.readme_section(matrix.README.read_text()) == matrix.render()
+
+
+def test_every_peft_method_peftc_reads_has_a_matrix_row():
+    """``peftc methods`` lists no PEFT format the matrix does not verify (SSF and ZeroI2V have no PEFT oracle)."""
+    from peft import PeftType
+
+    from peftc.methods.registry import METHODS
+
+    peft_types = {t.value for t in PeftType}
+    read = {m.name for m in METHODS if set(m.peft_types) & peft_types}
+    assert read - {m.name for m in matrix.METHODS} == set()
