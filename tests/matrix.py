@@ -277,7 +277,7 @@ METHODS = (
     Method("glora", "GLoRA (Linear; every path form)", batch3.glora, "bert"),
     Method("peanut", "PEANuT (Linear; `depth`, `act_fn`)", batch3.peanut, "vit"),
     Method("supertuning", "Super-Tuning (Linear; with `r`)", batch3.supertuning, "llama"),
-    Method("frod", "FRoD (Linear, Conv1D; `save_projection`)", batch3.frod, "gpt2"),
+    Method("frod", "FRoD (Linear, Conv1D; projections saved or rebuilt)", batch3.frod, "gpt2"),
 )
 
 
