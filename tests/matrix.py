@@ -354,13 +354,13 @@ METHODS = (
     Method("adamss", "AdaMSS (Linear)", _adamss, "convnet"),
     Method("deft", "DEFT (Linear, Conv1D)", _deft, "convnet"),
     # Issue 19, batch 3 (tuners3).
-    Method("delora", "DeLoRA (Linear)", batch3.delora, "llama"),
-    Method("road", "RoAd (Linear; `road_1`, `road_2`, `road_4`)", batch3.road, "bert"),
+    Method("delora", "DeLoRA (Linear)", batch3.delora, "convnet"),
+    Method("road", "RoAd (Linear; `road_1`, `road_2`, `road_4`)", batch3.road, "convnet"),
     Method("gralora", "GraLoRA (Linear, Conv1D; `hybrid_r`)", batch3.gralora, "gpt2"),
-    Method("glora", "GLoRA (Linear; every path form)", batch3.glora, "bert"),
-    Method("peanut", "PEANuT (Linear; `depth`, `act_fn`)", batch3.peanut, "vit"),
-    Method("supertuning", "Super-Tuning (Linear; with `r`)", batch3.supertuning, "llama"),
-    Method("frod", "FRoD (Linear, Conv1D; `save_projection`)", batch3.frod, "gpt2"),
+    Method("glora", "GLoRA (Linear; every path form)", batch3.glora, "convnet"),
+    Method("peanut", "PEANuT (Linear; `depth`, `act_fn`)", batch3.peanut, "convnet"),
+    Method("supertuning", "Super-Tuning (Linear; with `r`)", batch3.supertuning, "convnet"),
+    Method("frod", "FRoD (Linear, Conv1D; projections saved or rebuilt)", batch3.frod, "convnet"),
 )
 
 

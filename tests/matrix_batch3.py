@@ -101,7 +101,8 @@ def supertuning(family: Any) -> Any:
 def frod(family: Any) -> Any:
     from peft import FrodConfig
 
+    # Projections rebuilt from the base weights on BERT and LLaMA (two layers per category), saved elsewhere.
     return FrodConfig(
         sparse_rate=0.05, target_modules=linear_targets(family), fan_in_fan_out=family.linear_type == "Conv1D",
-        progressbar=False,
+        progressbar=False, save_projection=family.name not in ("bert", "llama"), projection_prng_key=3,
     )  # fmt: skip

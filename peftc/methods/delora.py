@@ -86,8 +86,7 @@ FIELDS = common.Fields(
     defaults={"r": 8, "bias": "none"},
 )
 TYPES = ("Linear", "NonDynamicallyQuantizableLinear")
-ROLES = {"delora_A": "delora_A", "delora_B": "delora_B", "delora_lambda": "delora_lambda"}
-ROLES |= {"delora_w_norm": "delora_w_norm"}
+ROLES = {role: role for role in DELORA_WEIGHT.tensor_roles}
 
 
 def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) -> Adapter:

@@ -23,8 +23,9 @@ fp32 and has ``W``'s dtype.
 **Adapter files.** Per category ``c``: ``base_model.frod_V.c`` ``[d_in, d_in]``,
 ``base_model.frod_s_indices.c`` ``[2, nnz]`` (integer; read as int64, recorded as ``<key> as
 int64``) and ``base_model.frod_s_size.c`` ``[2]`` (``[d_in, d_in]``; checked, then recorded unused), saved
-with ``save_projection`` (without them PEFT rebuilds the projections from a decomposition of every
-targeted weight, which peftc refuses). Per target (``nn.Linear`` or ``Conv1D``, as in PEFT):
+with ``save_projection``; without them PEFT rebuilds them when it loads the adapter, from a
+decomposition of every targeted base weight and ``projection_prng_key``, and so does peftc, the same
+way (``peftc/methods/frod_rebuild.py``), with a warning. Per target (``nn.Linear`` or ``Conv1D``, as in PEFT):
 ``<m>.frod_lambda_l`` ``[d_in]`` and ``<m>.frod_lambda_s_values`` ``[nnz]``. Trained biases
 (``bias``) and ``modules_to_save`` tensors are full replacements. Each target becomes one
 ``frod_weight`` site on its weight.
@@ -36,9 +37,9 @@ import dataclasses
 
 import torch
 
-from peftc.errors import InputError, UnsupportedError
+from peftc.errors import InputError
 from peftc.ir.modules import ModuleTable
-from peftc.methods import common, module_sites
+from peftc.methods import common, frod_rebuild, module_sites
 from peftc.methods.base import Adapter, AdapterSource, AdapterTensor, ParseOptions, Site
 from peftc.methods.record import Method
 from peftc.ops import SiteOp, composite_op
@@ -50,6 +51,7 @@ FROD_WEIGHT = SiteOp(
     scalars=("layout",),
 )
 PROJECTIONS = ("frod_V", "frod_s_indices", "frod_s_size")
+FROD_TYPES = ("Linear", "NonDynamicallyQuantizableLinear", "Conv1D")
 BASE_DERIVED = "FRoD's U is derived from the base weight when the adapter is loaded"
 """``Site.info`` note that makes ``insert-sites`` refuse an earlier adapter on the same module."""
 
@@ -107,6 +109,9 @@ def category(path: str) -> str:
 FIELDS = common.Fields(
     honoured=(
         "save_projection",
+        "projection_prng_key",
+        "sparse_rate",
+        "regularization_alpha",
         "fan_in_fan_out",
         "target_modules",
         "layers_to_transform",
@@ -115,9 +120,6 @@ FIELDS = common.Fields(
         "modules_to_save",
     ),
     ignored={
-        "projection_prng_key": "draws the sparse positions only when the projections are rebuilt (they are in the file)",
-        "sparse_rate": "sizes the sparse positions only when the projections are rebuilt (they are in the file)",
-        "regularization_alpha": "used only when the projections are rebuilt (they are in the file)",
         "frod_dropout": "dropout is the identity at inference",
         "init_weights": "initialisation only (the trained values are in the file)",
         "progressbar": "display only",
@@ -136,25 +138,26 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
             that are not integers or fall outside ``V``, a key for no targeted module, a target
             without its trained vectors, a shape that does not fit the module (naming key and shapes),
             or a base weight the program does not hold.
-        UnsupportedError: ``save_projection=false`` (peftc does not rebuild PEFT's decomposition), a
-            config field peftc does not know, or a target that is neither ``nn.Linear`` nor ``Conv1D``.
+        UnsupportedError: a config field peftc does not know, or a target that is neither
+            ``nn.Linear`` nor ``Conv1D``.
     """
     cfg = source.config
-    if not cfg.get("save_projection", True):
-        raise UnsupportedError(
-            f"{source.config_path}: save_projection=false: PEFT rebuilds FRoD's bases from an SVD/QR/eigh decomposition "
-            "of every targeted weight when it loads the adapter, which peftc does not reproduce; save the adapter with "
-            "save_projection=true"
-        )
+    common.check_number(source, "projection_prng_key", "sparse_rate", "regularization_alpha")
     prefixes = tuple(f"base_model.{p}." for p in PROJECTIONS)
     saved = {k: v for k, v in source.tensors.items() if k.startswith(prefixes)}
     rest = dataclasses.replace(source, tensors={k: v for k, v in source.tensors.items() if k not in saved})
     fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
     used: set[str] = set()
+    rebuilt = None if cfg.get("save_projection", True) else _rebuilt(source, modules)
 
     def build(module: module_sites.Module, warnings: list[str]) -> list[Site]:
         d_in = module.d_in
-        v, s_indices = _projections(source, saved, category(module.path), d_in, used)
+        if rebuilt is None:
+            v, s_indices = _projections(source, saved, category(module.path), d_in, used)
+        else:
+            v, s_indices = rebuilt[category(module.path)]
+            if REBUILT not in warnings:
+                warnings.append(REBUILT)
         nnz = s_indices.tensor.shape[1]
         shapes = {"frod_lambda_l": (d_in,), "frod_lambda_s_values": (nnz,)}
         module_sites.require(source, module, shapes, f"category {category(module.path)!r} with {nnz} sparse entries")
@@ -182,15 +185,46 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
         title="FRoD",
         fields=FIELDS,
         roles=ROLES,
-        types=("Linear", "NonDynamicallyQuantizableLinear", "Conv1D"),
+        types=FROD_TYPES,
         build=build,
         bias_modes=("none", "all", "frod_only"),
     )
     why = "a projection of a category no targeted module belongs to; PEFT does not use it"
+    if rebuilt is not None:
+        why = "save_projection=false: PEFT ignores saved projections and rebuilds them"
     unused = [(k, why) for k in sorted(saved) if k not in used]
     size = "the sparse matrix's size, implied by V (checked against it)"
     unused += [(k, size) for k in sorted(used) if k.startswith("base_model.frod_s_size.")]
     return dataclasses.replace(adapter, source=source, unused=(*adapter.unused, *unused))
+
+
+REBUILT = (
+    f"save_projection=false: FRoD's bases and sparse positions rebuilt from the base weights and projection_prng_key "
+    f"with torch {torch.__version__}'s decompositions and CPU generator, as PEFT does when it loads the adapter; this "
+    "matches the training run only if its torch computed the same numbers (save_projection=true avoids the doubt)"
+)
+
+
+def _rebuilt(source: AdapterSource, modules: ModuleTable) -> dict[str, tuple[AdapterTensor, AdapterTensor]]:
+    """Every category's ``(V, positions)`` rebuilt as PEFT does (``peftc/methods/frod_rebuild.py``)."""
+    cfg = source.config
+    targets = [p for p in modules if p in common.targeted_modules(cfg, modules)]
+    targets = [p for p in targets if modules[p].class_name in FROD_TYPES and "weight" in modules[p].params]
+    missing = next((p for p in targets if modules[p].params["weight"] not in modules.tensors), None)
+    if missing is not None:
+        raise InputError(
+            f"{source.config_path}: rebuilding FRoD's bases needs the base weight of {missing!r}, not held"
+        )
+    seed = int(cfg.get("projection_prng_key") or 0)
+    rate = 0.01 if cfg.get("sparse_rate") is None else float(cfg["sparse_rate"])
+    alpha = 1e-3 if cfg.get("regularization_alpha") is None else float(cfg["regularization_alpha"])
+    categories = {p: category(p) for p in targets}
+    out = {}
+    for name, (v, indices) in frod_rebuild.rebuild(modules, targets, categories, seed, rate, alpha).items():
+        how = f"rebuilt from the base weights (category {name!r})"
+        drawn = f"drawn from projection_prng_key={seed} (category {name!r})"
+        out[name] = (AdapterTensor(f"frod_V {how}", v), AdapterTensor(f"frod_s_indices {drawn}", indices))
+    return out
 
 
 def _projections(

@@ -1,6 +1,6 @@
 """FRoD: the site op and U against PEFT's own layers (nn.Linear and Conv1D), the parser against
-PEFT's files, refusals (save_projection=false, a stack that changes the base weight first), and a
-mutation that verification must catch."""
+PEFT's files (projections saved, or rebuilt as PEFT rebuilds them), refusals (a stack that changes
+the base weight first), and a mutation that verification must catch."""
 
 from __future__ import annotations
 
@@ -85,6 +85,21 @@ def test_every_key_is_used(tmp_path):
     assert any("fan_in_fan_out=True but 'up' is a Linear" in w for w in parsed.warnings)
 
 
+@pytest.mark.filterwarnings("ignore:Specified to not load FRoD projection")
+def test_projections_rebuilt_without_save_projection_match_peft(tmp_path):
+    """save_projection=false: V (QR/eigh for 'up', SVD for 'mid') and positions as PEFT rebuilds them."""
+    from peft import PeftModel
+
+    path = models.make_adapter(mixed(), tmp_path / "a", _config(save_projection=False, projection_prng_key=5))
+    parsed = load_adapter(path, ir.module_table(export(mixed(), parse_inputs(INPUTS))))
+    assert any("rebuilt from the base weights" in w for w in parsed.warnings)
+    frod = PeftModel.from_pretrained(mixed(), str(path)).base_model
+    for site in parsed.sites:
+        assert torch.equal(site.tensors["frod_V"].tensor, frod.frod_V[site.module]["default"]), site.module
+        assert torch.equal(site.tensors["frod_s_indices"].tensor, frod.frod_s_indices[site.module]["default"])
+    assert verify_against_peft(mixed(), path, INPUTS, merge=False).passed
+
+
 # --------------------------------------------------------------------------------------------
 # refusals
 
@@ -102,7 +117,6 @@ def table():
 @pytest.mark.parametrize(
     ("config", "tensors", "error", "match"),
     [
-        ({"save_projection": False}, None, UnsupportedError, r"save_projection=false: PEFT rebuilds FRoD's bases"),
         (
             None,
             {"base_model.frod_V.up": None},
@@ -131,7 +145,7 @@ def table():
         ({"bias": "lora_only"}, None, InputError, r"bias='lora_only'; expected one of 'none', 'all', 'frod_only'"),
         ({"exclude_modules": ["up"]}, None, UnsupportedError, r"fields peftc does not know .*exclude_modules"),
     ],
-    ids=["rebuild", "V-missing", "V-shape", "positions", "size", "values", "bias", "unknown-field"],
+    ids=["V-missing", "V-shape", "positions", "size", "values", "bias", "unknown-field"],
 )
 def test_refusals_name_the_cause(tmp_path, adapter, table, config, tensors, error, match):
     with pytest.raises(error, match=match):
