@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from peftc import clean, cli_info
+from peftc.combine import cli as combine_cli
 from peftc.errors import PeftcError, VerificationError
 from peftc.interrupts import sigterm_as_interrupt
 from peftc.logs import hidden_warnings
@@ -380,6 +381,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     v.set_defaults(func=_verify)
     clean.register(sub)
+    combine_cli.register(sub)
     return root
 
 

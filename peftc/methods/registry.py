@@ -20,6 +20,7 @@ from peftc.methods import (
     adalora,
     beft,
     boft,
+    delta,
     ia3,
     ln_tuning,
     loha,
@@ -52,6 +53,7 @@ METHODS: list[Method] = [
     vera.METHOD,
     ssf.METHOD,
     zeroi2v.METHOD,
+    delta.METHOD,
     SLOTS,
 ]
 """In the order their extra passes run. ``SLOTS`` is not an adapter format: swappable artifacts' ops."""
