@@ -86,6 +86,7 @@ def compile_options(args: argparse.Namespace) -> CompileOptions:
         max_error=args.max_error,
         calibration=args.calibration,
         calibration_samples=args.calibration_samples,
+        combine=args.combine,
     )
 
 
@@ -336,6 +337,7 @@ def parser() -> argparse.ArgumentParser:
         metavar="N",
         help="without --calibration, generate N seeded input batches from the input signature (default 64)",
     )
+    combine_cli.add_compile_flag(c)
     c.add_argument("--json", action="store_true", help="print the manifest as JSON")
     c.set_defaults(func=_compile)
 

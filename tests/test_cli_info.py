@@ -26,7 +26,7 @@ PEFT_FORMATS = {
     "BEFT",
 }
 """The PEFT methods the README says peftc reads ("What is supported", "Adapter formats")."""
-OWN_FORMATS = {"SSF", "ZEROI2V"}
+OWN_FORMATS = {"SSF", "ZEROI2V", "PEFTC_DELTA"}
 """The formats the README says peftc reads although PEFT does not implement them."""
 
 
