@@ -36,7 +36,7 @@ from collections.abc import Sequence
 import torch
 
 from peftc.combine import pcb, sparsify
-from peftc.combine.options import CombineOptions
+from peftc.combine.options import SPARSE, CombineOptions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +74,7 @@ def combine_tensor(taus: Sequence[torch.Tensor], options: CombineOptions, key: s
         for w, tau in zip(weights, trimmed, strict=True):
             merged = merged + w * tau
     stats = TensorStats(
-        trimmed=_trimmed_fraction(taus, trimmed),
+        trimmed=_trimmed_fraction(taus, trimmed) if method in (*SPARSE, "pcb") else 0.0,
         conflicts=conflicts,
         norm=float(merged.norm()),
         input_norms=tuple(float(t.norm()) for t in taus),
@@ -133,7 +133,7 @@ def _consensus(
 def _trimmed_fraction(taus: Sequence[torch.Tensor], trimmed: Sequence[torch.Tensor]) -> float:
     fractions = []
     for tau, kept in zip(taus, trimmed, strict=True):
-        nonzero = int((tau != 0).sum())
+        nonzero = int(torch.count_nonzero(tau))
         if nonzero:
-            fractions.append(int(((tau != 0) & (kept == 0)).sum()) / nonzero)
+            fractions.append(1.0 - int(torch.count_nonzero(kept)) / nonzero)
     return sum(fractions) / len(fractions) if fractions else 0.0

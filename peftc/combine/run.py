@@ -142,7 +142,7 @@ def _write_low_rank(tv: TaskVectors, options: CombineOptions, directory: Path, b
         owner = key.rpartition(".")[0]
         layout = tv.layout(key)
         taus = tv.deltas(key)
-        norms = tuple(float(t.norm()) for t in taus)
+        norms = _norms(taus)
         if layout is None:  # the bias of a linear module: the exact weighted sum
             delta = sum(w * t for w, t in zip(weights, taus, strict=True)) * options.scale
             output.add_bias(owner, delta)
@@ -173,28 +173,32 @@ def _write_deltas(tv: TaskVectors, options: CombineOptions, output: DeltaOutput)
     rows: list[Row] = []
     weights = options.weights or ()
 
-    def emit(key: str, tau: torch.Tensor, stats: merge.TensorStats | None = None) -> None:
+    def emit(key: str, tau: torch.Tensor, norms: tuple[float, ...], stats: merge.TensorStats | None = None) -> None:
         tau = tau * options.scale
         output.add(key, tau)
-        norms = stats.input_norms if stats else tuple(float(tv.delta(i, key).norm()) for i in range(len(weights)))
-        rows.append(
-            Row(key, stats.trimmed if stats else 0.0, stats.conflicts if stats else 0, float(tau.norm()), norms)
-        )
+        trimmed, conflicts = (stats.trimmed, stats.conflicts) if stats else (0.0, 0)
+        rows.append(Row(key, trimmed, conflicts, float(tau.norm()), norms))
 
     if options.method == "lines":
         sequential.lines(tv, weights, options.alpha, options.beta, emit)
     elif options.method == "opcm":
-        merged = sequential.opcm(tv, weights, options.order or (), 0.5 if options.alpha is None else options.alpha)
+        alpha = 0.5 if options.alpha is None else options.alpha
+        merged, norms = sequential.opcm(tv, weights, options.order or (), alpha)
         for key in tv.keys:
-            emit(key, merged.pop(key))
+            emit(key, merged.pop(key), norms[key])
     elif options.method in LOW_RANK:  # cat/svd of tensors LoRA cannot hold: the exact sum
         for key in tv.keys:
-            emit(key, sum(w * t for w, t in zip(weights, tv.deltas(key), strict=True)))
+            taus = tv.deltas(key)
+            emit(key, sum(w * t for w, t in zip(weights, taus, strict=True)), _norms(taus))
     else:
         for key in tv.keys:
             tau, stats = merge.combine_tensor(tv.deltas(key), options, key)
-            emit(key, tau, stats)
+            emit(key, tau, stats.input_norms, stats)
     return rows
+
+
+def _norms(taus: Sequence[torch.Tensor]) -> tuple[float, ...]:
+    return tuple(float(t.norm()) for t in taus)
 
 
 def _timed(report: CombineReport, seconds: float) -> CombineReport:

@@ -8,7 +8,7 @@ stay near the base. With one block, ``λ = α + β``.
 
 **OPCM** merges the adapters one at a time in the given order. With ``τ_m`` the merged update and
 ``λ`` its scale (``τ_m = τ_{o_0}``, ``λ = 1`` first), each next task vector ``τ`` is, for the weight of
-a linear module, projected off ``τ_m``'s principal subspace: ``τ_m = U S Vᵀ`` (full SVD), ``r`` the
+a linear module, projected off ``τ_m``'s principal subspace: ``τ_m = U S Vᵀ``, ``r`` the
 first index where ``cumsum(S)/ΣS > α``, ``P = Uᵀ τ V`` with its diagonal and top-left ``r×r`` block
 zeroed, ``τ̃ = U P Vᵀ`` (other tensors: ``τ̃ = τ``; where ``τ_m`` is zero there is no subspace and
 ``τ̃ = τ``). Then ``ν = λ τ_m + τ̃`` over the whole model, ``λ ← ‖ν‖ / mean_i ‖τ_i‖`` (the norms of the
@@ -28,7 +28,8 @@ import torch
 from peftc.combine.deltas import TaskVectors, layer_index
 from peftc.ops import as_out_in, from_out_in
 
-Emit = Callable[[str, torch.Tensor], None]
+Emit = Callable[[str, torch.Tensor, tuple[float, ...]], None]
+"""Receives each tensor's merged task vector and the norms of the inputs' task vectors there."""
 
 
 def block_count(tv: TaskVectors) -> int:
@@ -46,7 +47,7 @@ def lines_scale(key: str, blocks: int, alpha: float, beta: float) -> float:
 
 
 def lines(tv: TaskVectors, weights: Sequence[float], alpha: float | None, beta: float | None, emit: Emit) -> None:
-    """LiNeS over every tensor, in order; ``emit(key, τ)`` receives each scaled merged task vector."""
+    """LiNeS over every tensor, in order; ``emit`` receives each scaled merged task vector."""
     if alpha is None:
         summed = merged = 0.0
         for key in tv.keys:
@@ -59,31 +60,46 @@ def lines(tv: TaskVectors, weights: Sequence[float], alpha: float | None, beta: 
     for key in tv.keys:
         taus = tv.deltas(key)
         merged_tau = sum(w * t for w, t in zip(weights, taus, strict=True))
-        emit(key, merged_tau * lines_scale(key, blocks, alpha, beta))
+        emit(key, merged_tau * lines_scale(key, blocks, alpha, beta), tuple(float(t.norm()) for t in taus))
 
 
 def project(merged: torch.Tensor, tau: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``τ`` projected off the principal subspace of ``merged`` (both ``[d_out, d_in]``)."""
+    """``τ`` projected off the principal subspace of ``merged`` (both ``[d_out, d_in]``).
+
+    The reference takes the full SVD and zeroes entries of ``P = Uᵀ τ V``; every zeroed entry lies in
+    the leading ``k×k`` block (``k = min(d_out, d_in)``), so ``τ̃ = τ − U_k Z V_kᵀ`` with ``Z`` those
+    entries is the same matrix from the thin SVD, without the ``d×d`` factors.
+    """
     if not bool(merged.any()):
         return tau
-    u, s, vh = torch.linalg.svd(merged, full_matrices=True)
+    u, s, vh = torch.linalg.svd(merged, full_matrices=False)
     split = int((s.cumsum(0) / s.sum() > alpha).to(torch.int64).argmax())
     p = u.T @ tau @ vh.T
-    p.diagonal().zero_()
-    p[:split, :split] = 0
-    return u @ p @ vh
+    zeroed = torch.diag_embed(p.diagonal())
+    zeroed[:split, :split] = p[:split, :split]
+    return tau - u @ zeroed @ vh
 
 
-def opcm(tv: TaskVectors, weights: Sequence[float], order: Sequence[int], alpha: float) -> dict[str, torch.Tensor]:
-    """The OPCM merge of the adapters in ``order``: ``{key: τ_m}``."""
+def opcm(
+    tv: TaskVectors, weights: Sequence[float], order: Sequence[int], alpha: float
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[float, ...]]]:
+    """The OPCM merge of the adapters in ``order``: ``{key: τ_m}``, and per key the inputs' ``‖τ_i‖``
+    (in adapter order)."""
     layouts = {key: tv.layout(key) for key in tv.keys}
-    first = order[0]
-    merged = {key: weights[first] * tv.delta(first, key) for key in tv.keys}
-    norms = [_norm(merged.values())]
+    inputs = {key: [0.0] * len(weights) for key in tv.keys}
+    merged: dict[str, torch.Tensor] = {}
+    norms: list[float] = []
     scale = 1.0
-    for index in order[1:]:
-        taus = {key: weights[index] * tv.delta(index, key) for key in tv.keys}
+    for step, index in enumerate(order):
+        taus = {}
+        for key in tv.keys:
+            tau = tv.delta(index, key)
+            inputs[key][index] = float(tau.norm())
+            taus[key] = weights[index] * tau
         norms.append(_norm(taus.values()))
+        if not step:
+            merged = taus
+            continue
         for key, tau in taus.items():
             layout = layouts[key]
             if layout is not None:
@@ -94,7 +110,7 @@ def opcm(tv: TaskVectors, weights: Sequence[float], order: Sequence[int], alpha:
         total = _norm(merged.values())
         scale = total / average if average > 0 else 1.0
         merged = {key: value / scale for key, value in merged.items()} if total > 0 else merged
-    return merged
+    return merged, {key: tuple(values) for key, values in inputs.items()}
 
 
 def _norm(tensors) -> float:

@@ -102,3 +102,17 @@ def test_single_adapter_weight_one_is_the_adapter_where_peft_is_not(make_pair, t
     key = sorted(expected)[0]
     error = float((peft_result[key] - expected[key]).norm() / expected[key].norm())
     assert error > 0.1, f"PEFT reproduces the {variant} adapter now (error {error}); update the README note"
+
+
+def test_cat_keeps_conv1d_layout_and_lora_bias(tmp_path):
+    """GPT-2's Conv1D (``fan_in_fan_out``) and ``lora_bias``: the LoRA written reads back as Σ w_i ΔW_i."""
+    import models
+
+    model = models.tiny_gpt2()
+    kwargs = {"target_modules": ["c_attn", "c_proj"], "fan_in_fan_out": True, "lora_bias": True}
+    adapters = [models.make_lora(model, tmp_path / f"g{i}", seed=i, **kwargs) for i in range(2)]
+    report, out = _combined(model, adapters, CombineOptions("cat", weights=(1.0, -0.5)), tmp_path / "cat")
+    assert report.format == "lora" and any(k.endswith(".bias") for k in _read_back(model, out))
+    first, second = (peft_deltas(model, a) for a in adapters)
+    expected = {k: first[k] - 0.5 * second[k] for k in first}
+    assert_deltas_equal(_read_back(model, out), expected)
