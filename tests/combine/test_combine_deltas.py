@@ -5,6 +5,7 @@ the adapter exactly and the test records PEFT's error."""
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 
 import pytest
@@ -116,3 +117,39 @@ def test_cat_keeps_conv1d_layout_and_lora_bias(tmp_path):
     first, second = (peft_deltas(model, a) for a in adapters)
     expected = {k: first[k] - 0.5 * second[k] for k in first}
     assert_deltas_equal(_read_back(model, out), expected)
+
+
+def test_an_activation_transform_has_no_delta_and_is_refused(make_pair):
+    import dataclasses
+
+    from peftc.combine.deltas import TaskVectors
+    from peftc.errors import UnsupportedError
+    from peftc.methods.base import Site
+
+    model, (a, _) = make_pair("bert", "lora")
+    tv = task_vectors(model, [a])
+    shifted = dataclasses.replace(tv.adapters[0], sites=(Site("encoder.layer.0.output", "ssf", {}, {}),))
+    with pytest.raises(UnsupportedError, match=r"on 'encoder.layer.0.output' is an activation transform \(ssf\)"):
+        TaskVectors(tv.modules, [shifted])
+
+
+@pytest.mark.parametrize(
+    ("key", "shape", "version", "error", "message"),
+    [
+        ("encoder.layer.0.attention.self.qery.weight", (32, 32), 1, "InputError", "the base has no tensor"),
+        ("encoder.layer.0.attention.self.query.weight", (32, 31), 1, "InputError", "shape [32, 31], but the base"),
+        ("encoder.layer.0.attention.self.query.weight", (32, 32), 2, "UnsupportedError", "format_version 2"),
+    ],
+)
+def test_bad_delta_adapter_is_refused(make_pair, tmp_path, key, shape, version, error, message):
+    import json
+
+    from safetensors.torch import save_file
+
+    from peftc import errors
+
+    model, _ = make_pair("bert", "lora")
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "PEFTC_DELTA", "format_version": version}))
+    save_file({key: torch.ones(shape)}, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(getattr(errors, error), match=re.escape(message)):
+        task_vectors(model, [tmp_path])
