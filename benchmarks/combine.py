@@ -22,6 +22,10 @@ What it measures, per (count, method), in this process with the model already lo
   all but cat/svd, so it is faster there but not ΔW-exact (peft#3004).
 
 The goal: 8 adapters combined in ≤ 5 s with each method.
+
+Threads: one by default. On the shared 2-vCPU machine under load, two OpenMP threads made one
+1536×384 SVD ~30× slower than one thread (spinning threads competing with other processes); on an idle
+machine ``--threads 2`` is the fair setting.
 """
 
 from __future__ import annotations
@@ -154,11 +158,12 @@ def main() -> None:
     parser.add_argument("--counts", default="2,8,32")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, see the docstring)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     counts = [int(c) for c in args.counts.split(",")]
     methods = args.methods.split(",")
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     model = minilm()
     rows = []
     with tempfile.TemporaryDirectory(prefix="peftc-combine-bench-") as tmp:

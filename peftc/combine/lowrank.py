@@ -7,7 +7,8 @@
   which is ``min(m, n)`` for a full-rank update: still exact up to fp32 rounding, only larger.
 * ``svd`` sums ``ΔW = Σ w_i ΔW_i`` exactly and keeps its top ``k`` singular triplets: ``B = U_k S_k``,
   ``A = V_kᵀ`` (PEFT's split); the relative truncation error ``‖ΔW − B·A‖_F / ‖ΔW‖_F`` is reported per
-  tensor, and is 0 up to rounding when ``k`` reaches the rank of the sum.
+  tensor, and is 0 up to rounding when ``k`` reaches the rank of the sum. When the concatenated factors
+  are thinner than the matrix, the SVD is taken through them (:func:`svd_of_factors`), not of ``ΔW``.
 
 Both work in the ``[d_out, d_in]`` orientation (``peftc.ops.as_out_in``); a bias delta is a sum.
 """
@@ -46,6 +47,21 @@ def cat(tv: TaskVectors, key: str, weights: Sequence[float], layout: str) -> tup
         bs.append(b)
         as_.append(a * w)
     return torch.cat(bs, dim=1), torch.cat(as_, dim=0)
+
+
+def svd_of_factors(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """:func:`svd` of ``ΔW = B·A`` given as factors ([d_out, R], [R, d_in]): QR of each side and the SVD of
+    the ``R×R`` core ``R_B R_Aᵀ`` give the same singular triplets without forming ``ΔW`` (O((m+n)R²)
+    instead of O(mn·min(m, n))); the error is ``√(Σ_{i>k} σ_i²) / √(Σ σ_i²)``."""
+    qb, rb = torch.linalg.qr(b.to(torch.float64))
+    qa, ra = torch.linalg.qr(a.to(torch.float64).T)
+    u, s, vh = torch.linalg.svd(rb @ ra.T)
+    k = min(rank, s.numel())
+    total = float(s.pow(2).sum())
+    error = (float(s[k:].pow(2).sum()) / total) ** 0.5 if total > 0 else 0.0
+    b_k = ((qb @ u[:, :k]) * s[:k]).to(torch.float32)
+    a_k = (vh[:k] @ qa.T).to(torch.float32)
+    return b_k.contiguous(), a_k.contiguous(), error
 
 
 def svd(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -48,8 +48,8 @@ class CombineOptions:
     weights: tuple[float, ...] | None = None
     """One weight per adapter (default 1 each); a negative weight negates that task vector."""
     density: float | None = None
-    """Fraction of each task vector's entries kept by the sparsifying methods (default 0.2 for ties and
-    magnitude-prune as in the TIES paper, 0.5 for DARE and breadcrumbs); PCB: fraction of entries kept."""
+    """Fraction of each task vector's entries kept by the trimming methods (default 0.2 for ties and
+    magnitude-prune as in the TIES paper, 0.5 for DARE and breadcrumbs, 0.1 for PCB as its reference)."""
     seed: int = 0
     """Seed of DARE's random masks (each tensor's mask is drawn from the seed, the tensor and the adapter)."""
     convention: str = "paper"

@@ -154,12 +154,23 @@ def _write_low_rank(tv: TaskVectors, options: CombineOptions, directory: Path, b
         else:
             if rank is None:
                 raise_no_rank()
-            summed = sum(w * t for w, t in zip(weights, taus, strict=True)) * options.scale
-            b, a, error = lowrank.svd(summed if layout == "linear" else summed.T, rank)
+            b, a, error = _svd(tv, key, weights, layout, rank, taus)
+            a = a * options.scale
         output.add_weight(owner, b, a, layout)
         rows.append(Row(key, 0.0, 0, float((b @ a).norm()), norms, int(a.shape[0]), error))
     output.write(directory, base_model)
     return rows
+
+
+def _svd(tv: TaskVectors, key: str, weights, layout: str, rank: int, taus) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """svd of ``Σ w_i ΔW_i`` on one linear weight: through the concatenated factors when thinner."""
+    factored = all(tv.factors(i, key) is not None for i in range(len(weights)) if key in tv.changes[i])
+    if factored:
+        b, a = lowrank.cat(tv, key, weights, layout)
+        if b.shape[1] < min(b.shape[0], a.shape[1]):
+            return lowrank.svd_of_factors(b, a, rank)
+    summed = sum(w * t for w, t in zip(weights, taus, strict=True))
+    return lowrank.svd(summed if layout == "linear" else summed.T, rank)
 
 
 def raise_no_rank() -> None:

@@ -2,7 +2,7 @@
 outliers (breadcrumbs). Each returns the trimmed tensor; the caller counts what was dropped.
 
 * ``magnitude``: keep the ``k = int(density·n)`` entries of largest ``|τ|`` (PEFT and mergekit: the
-  same rule, ties broken by ``torch.topk``).
+  same rule; equal magnitudes at the cut are kept in index order).
 * ``random`` (DARE): keep each entry with probability ``density`` (``m ~ Bernoulli(density)``), then
   rescale: by ``1/density`` (the DARE paper and PEFT: the expectation is kept) or so that the L1 norm
   of the tensor is kept (mergekit's ``rescale``). The mask is drawn from a generator seeded by
@@ -19,15 +19,29 @@ import zlib
 import torch
 
 
+def largest(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
+    """A flat mask of the ``k`` largest of ``magnitudes`` (flat): every entry above the k-th largest
+    value, then entries equal to it in index order (``kthvalue`` rather than a sort or ``topk``: one
+    selection, several times faster on a large tensor)."""
+    n = magnitudes.numel()
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros(n, dtype=torch.bool)
+    threshold = torch.kthvalue(magnitudes, n - k + 1).values
+    mask = magnitudes > threshold
+    need = k - int(mask.sum())
+    if need > 0:
+        mask[torch.nonzero(magnitudes == threshold).flatten()[:need]] = True
+    return mask
+
+
 def magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
     """``τ`` with all but its ``int(density·n)`` largest-magnitude entries zeroed."""
     k = int(density * tau.numel())
     if k >= tau.numel():
         return tau.clone()
-    mask = torch.zeros(tau.numel(), dtype=torch.bool)
-    if k > 0:
-        mask[torch.topk(tau.abs().reshape(-1), k).indices] = True
-    return tau * mask.reshape(tau.shape)
+    return tau * largest(tau.abs().reshape(-1), k).reshape(tau.shape)
 
 
 def generator(seed: int, key: str, index: int) -> torch.Generator:
@@ -53,7 +67,6 @@ def breadcrumbs(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor
     """``τ`` keeping the ``int(density·n)`` entries ranked just below the ``int(gamma·n)`` largest."""
     n = tau.numel()
     top, keep = int(gamma * n), int(density * n)
-    order = torch.argsort(tau.abs().reshape(-1), descending=True, stable=True)
-    mask = torch.zeros(n, dtype=torch.bool)
-    mask[order[top : top + keep]] = True
+    flat = tau.abs().reshape(-1)
+    mask = largest(flat, top + keep) & ~largest(flat, top)  # nested: ties break by index in both
     return tau * mask.reshape(tau.shape)
