@@ -46,9 +46,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from examples.minilm import model as minilm  # noqa: E402
-from peftc.combine.options import METHODS, CombineOptions  # noqa: E402
-from peftc.combine.run import task_vectors, write  # noqa: E402
+from examples.minilm import model as minilm
+from peftc.combine.options import METHODS, CombineOptions
+from peftc.combine.run import task_vectors, write
 
 PEFT_NAMES = {
     "cat": "cat",
