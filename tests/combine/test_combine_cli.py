@@ -73,6 +73,8 @@ def test_compile_combine_records_the_combination(capsys, tmp_path, bert_dir, mak
     )
     code, _, err = run(capsys, "verify", art)
     assert code == 0, err
+    code, text, _ = run(capsys, "inspect", art)
+    assert f"  combined: {spec} (delta) from " in text
 
 
 def _other_base(a, tmp_path):
