@@ -29,12 +29,22 @@ def _minmax(x: torch.Tensor) -> torch.Tensor:
     return (x - low) / (high - low).clamp(min=1e-12)
 
 
-def _clip_rows(x: torch.Tensor, low_ratio: float, high_ratio: float) -> torch.Tensor:
-    """Each row clamped to its sorted values at positions ``int(d·low)`` and ``int(d·(1 − high)) − 1``
-    (order statistics by ``kthvalue``: the reference's full sort, without sorting)."""
+def _order_statistic(x: torch.Tensor, index: int) -> torch.Tensor:
+    """Each row's value at sorted position ``index`` (0-based), as a column: a small ``topk`` near
+    either end, else ``kthvalue`` — the reference's full sort, without sorting."""
     d = x.shape[1]
-    low = torch.kthvalue(x, int(d * low_ratio) + 1, dim=1, keepdim=True).values
-    high = torch.kthvalue(x, int(d * (1 - high_ratio)), dim=1, keepdim=True).values
+    if index < 64:
+        return torch.topk(x, index + 1, dim=1, largest=False).values[:, -1:]
+    if d - 1 - index < 64:
+        return torch.topk(x, d - index, dim=1).values[:, -1:]
+    return torch.kthvalue(x, index + 1, dim=1, keepdim=True).values
+
+
+def _clip_rows(x: torch.Tensor, low_ratio: float, high_ratio: float) -> torch.Tensor:
+    """Each row clamped to its sorted values at positions ``int(d·low)`` and ``int(d·(1 − high)) − 1``."""
+    d = x.shape[1]
+    low = _order_statistic(x, int(d * low_ratio))
+    high = _order_statistic(x, int(d * (1 - high_ratio)) - 1)
     return torch.clamp(x, low, high)
 
 
