@@ -43,6 +43,7 @@ def compile(
     max_error: float | None = None,
     calibration: PathLike | None = None,
     calibration_samples: int = 64,
+    combine: str | None = None,
     progress: Progress | None = None,
 ) -> Artifact:
     """Compile ``model`` with ``adapters`` into a verified artifact directory ``out``.
@@ -82,6 +83,8 @@ def compile(
         calibration: a ``.safetensors`` or ``.npz`` file of model inputs (batch first) for an integer
             precision: ``int8-static``'s activation ranges, and the inputs layer errors are measured on.
         calibration_samples: without ``calibration``, how many seeded input batches to generate.
+        combine: ``METHOD[:key=value,…]``: combine ``adapters`` into one adapter first (``peftc.combine``;
+            written into the artifact as ``combined/``, the combination recorded in the manifest).
         progress: called with a line of text as each stage starts.
 
     Raises:

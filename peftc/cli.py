@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from peftc import clean, cli_info
+from peftc.combine import cli as combine_cli
 from peftc.errors import PeftcError, VerificationError
 from peftc.interrupts import sigterm_as_interrupt
 from peftc.logs import hidden_warnings
@@ -85,6 +86,7 @@ def compile_options(args: argparse.Namespace) -> CompileOptions:
         max_error=args.max_error,
         calibration=args.calibration,
         calibration_samples=args.calibration_samples,
+        combine=args.combine,
     )
 
 
@@ -335,6 +337,7 @@ def parser() -> argparse.ArgumentParser:
         metavar="N",
         help="without --calibration, generate N seeded input batches from the input signature (default 64)",
     )
+    combine_cli.add_compile_flag(c)
     c.add_argument("--json", action="store_true", help="print the manifest as JSON")
     c.set_defaults(func=_compile)
 
@@ -380,6 +383,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     v.set_defaults(func=_verify)
     clean.register(sub)
+    combine_cli.register(sub)
     return root
 
 

@@ -52,6 +52,8 @@ class CompileOptions:
     max_error: float | None = None
     calibration: Path | None = None
     calibration_samples: int = CALIBRATION_SAMPLES
+    combine: str | None = None
+    """``METHOD[:k=v,…]``: combine the adapters into one first (``peftc.combine``)."""
 
     def __post_init__(self) -> None:
         adapters = [self.adapters] if isinstance(self.adapters, (str, os.PathLike)) else list(self.adapters)
@@ -84,6 +86,14 @@ class CompileOptions:
             )
         if not self.adapters:
             raise InputError("no adapter given")
+        if self.combine is not None:
+            from peftc.combine.options import parse_spec
+
+            parse_spec(self.combine).checked_for(len(self.adapters))  # refuses bad specs before any work
+            if self.swappable:
+                raise InputError(
+                    "--combine makes one adapter of the --adapter arguments; --swappable keeps alternatives"
+                )
         if (self.max_rank is not None or self.multi_adapter) and not self.swappable:
             raise InputError("--max-rank and --multi-adapter apply to --swappable artifacts only")
         if self.multi_adapter < 0 or (self.max_rank is not None and self.max_rank < 1):
@@ -145,6 +155,7 @@ class CompileOptions:
             "--base-residual": self.base_residual,
         }
         command += [flag for flag, given in flags.items() if given]
+        command += ["--combine", self.combine] if self.combine else []
         command += ["--precision", self.precision] if self.precision else []
         command += ["--max-error", repr(self.max_error)] if self.max_error is not None else []
         command += ["--calibration", str(self.calibration)] if self.calibration else []

@@ -101,6 +101,10 @@ def _adapter_parts(m: Mapping[str, Any]) -> list[str]:
         if adapter.get("base_model"):
             parts.append(f"  trained on: {adapter['base_model']} (base_model_name_or_path)")
         parts += [f"  unused key {key['key']}: {key['reason']}" for key in adapter.get("unused_keys", [])]
+    combine = m.get("options", {}).get("combine")
+    if combine:  # peftc compile --combine: what the adapter was made from
+        inputs = ", ".join(f"{i['name']} ({i['sha256']['weights'][:16]})" for i in combine["inputs"])
+        parts.append(f"  combined: {combine['spec']} ({combine['format']}) from {inputs}")
     return parts
 
 

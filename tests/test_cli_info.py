@@ -48,7 +48,7 @@ PEFT_FORMATS = {
 }
 """The PEFT methods the README says peftc reads ("What is supported", "Adapter formats")."""
 PEFT_FORMATS |= {"OSF", "PSOFT", "HIRA", "ADAMSS", "DEFT"}  # issue 19, batch 4
-OWN_FORMATS = {"SSF", "ZEROI2V"}
+OWN_FORMATS = {"SSF", "ZEROI2V", "PEFTC_DELTA"}
 """The formats the README says peftc reads although PEFT does not implement them."""
 
 

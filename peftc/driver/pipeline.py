@@ -11,6 +11,7 @@ from typing import Any
 
 from peftc.artifact import Artifact, ArtifactWriter, Manifest, read_manifest
 from peftc.backends import get_backend
+from peftc.driver import combined as combining
 from peftc.driver import manifest as manifests
 from peftc.driver import precision as precisions
 from peftc.driver import quantize as quantizing
@@ -32,7 +33,11 @@ def compile_artifact(options: CompileOptions, progress: Progress | None = None) 
         mode = mode_for(options)
         mode.check(backend)
         choose = partial(precisions.choose, options.precision, backend)
-        built = build(_sources(options), stages, stack=mode.stacks, dump_ir=options.dump_ir, precision=choose)
+        sources, combination = _sources(options), None
+        if options.combine:
+            with stages("combine", f"combine: {options.combine}"):
+                sources, combination = combining.combine_into(options, sources, writer.tmp, stages.say)
+        built = build(sources, stages, stack=mode.stacks, dump_ir=options.dump_ir, precision=choose)
         if backend.capabilities.precisions[built.precision] == "option" and built.precision != "fp32":
             backend = get_backend(options.target, {**options.target_options, "precision": built.precision})
         precision = precisions.record(built, backend, options.precision, options.max_error)
@@ -56,6 +61,8 @@ def compile_artifact(options: CompileOptions, progress: Progress | None = None) 
                 runner, built, target, precisions.plans(built, options.oracle, precision), options.seed
             )
         manifest = compiled.manifest(report, stages.timings, backend)
+        if combination is not None:
+            manifest = combining.recorded(manifest, combination, writer.tmp, options.out)
         if not report.passed:
             if options.keep_failed:
                 writer.commit(manifest)

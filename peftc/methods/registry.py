@@ -24,6 +24,7 @@ from peftc.methods import (
     c3a,
     deft,
     delora,
+    delta,
     fourierft,
     frod,
     glora,
@@ -103,6 +104,7 @@ METHODS: list[Method] = [
     peanut.METHOD,
     supertuning.METHOD,
     frod.METHOD,
+    delta.METHOD,
     SLOTS,
 ]
 """In the order their extra passes run. ``SLOTS`` is not an adapter format: swappable artifacts' ops."""
