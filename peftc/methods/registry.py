@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 
 from peftc.errors import InputError, UnsupportedError, one_of
 from peftc.ir.modules import ModuleTable
+from peftc.loaders.inputs import InputSignature
 from peftc.methods import (
     adalora,
     beft,
@@ -26,13 +27,14 @@ from peftc.methods import (
     lokr,
     lora,
     oft,
+    prompt,
     ssf,
     trainable_tokens,
     vera,
     zeroi2v,
 )
 from peftc.methods.base import Adapter, AdapterSource, ParseOptions, Site
-from peftc.methods.record import Method
+from peftc.methods.record import Inserted, Method
 from peftc.ops import SiteOp
 from peftc.passes.base import Pass
 from peftc.precision import adapter_dtype, name_of
@@ -52,6 +54,7 @@ METHODS: list[Method] = [
     vera.METHOD,
     ssf.METHOD,
     zeroi2v.METHOD,
+    *prompt.METHODS,
     SLOTS,
 ]
 """In the order their extra passes run. ``SLOTS`` is not an adapter format: swappable artifacts' ops."""
@@ -86,6 +89,34 @@ def _tables(methods: tuple[Method, ...]) -> tuple[dict[str, SiteOp], dict[str, M
     ops = {op.name: op for method in methods for op in method.ops}
     by_type = {peft_type: method for method in methods for peft_type in method.peft_types}
     return ops, by_type
+
+
+def insertion(
+    sources: Sequence[AdapterSource], module: torch.nn.Module | None, signature: InputSignature | None
+) -> Inserted | None:
+    """How the adapters among ``sources`` that are inserted before tracing (``Method.insert``: prompt
+    learning) wrap the base ``module``; None when there are none.
+
+    Raises:
+        UnsupportedError: such an adapter with others (it changes the inputs every other adapter's
+            program is traced with), or with an exported program for a base (nothing to wrap).
+    """
+    inserted = [(s, m) for s in sources if (m := parsers().get(str(s.config.get("peft_type")))) and m.insert]
+    if not inserted:
+        return None
+    source, method = inserted[0]
+    peft_type = source.config.get("peft_type")
+    if len(sources) > 1:
+        raise UnsupportedError(
+            f"{source.config_path}: a {peft_type} adapter changes the model's inputs; it cannot be stacked with "
+            "other adapters (compile it alone)"
+        )
+    if module is None or signature is None:
+        raise UnsupportedError(
+            f"{source.config_path}: a {peft_type} adapter wraps the base model before it is traced; the base is "
+            "an exported program (give the nn.Module)"
+        )
+    return method.insert(source, module, signature)
 
 
 def parse_adapter(source: AdapterSource, modules: ModuleTable, options: ParseOptions | None = None) -> Adapter:
