@@ -24,6 +24,10 @@ PEFT_FORMATS = {
     "LN_TUNING",
     "TRAINABLE_TOKENS",
     "BEFT",
+    "PROMPT_TUNING",
+    "P_TUNING",
+    "MULTITASK_PROMPT_TUNING",
+    "CPT",
 }
 """The PEFT methods the README says peftc reads ("What is supported", "Adapter formats")."""
 OWN_FORMATS = {"SSF", "ZEROI2V"}
