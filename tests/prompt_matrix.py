@@ -98,11 +98,20 @@ def _cpt(family: Family) -> Any:
     return CPTConfig(task_type="CAUSAL_LM", cpt_token_ids=[3, 1, 4], cpt_mask=[1, 1, 1], cpt_tokens_type_mask=[1, 2, 3])
 
 
+def _prefix(family: Family) -> Any:
+    from peft import PrefixTuningConfig
+
+    if family.task not in ("FEATURE_EXTRACTION", "CAUSAL_LM"):
+        return "prefix tuning is inserted for FEATURE_EXTRACTION and CAUSAL_LM (PEFT runs a classifier's head itself)"
+    return PrefixTuningConfig(task_type=family.task, num_virtual_tokens=3)
+
+
 METHODS = (
     Method("prompt_tuning", "Prompt tuning (`PROMPT_TUNING`)", _prompt_tuning, "bert-cls"),
     Method("p_tuning", "P-tuning (`P_TUNING`; MLP, LSTM)", _p_tuning, None),
     Method("multitask_prompt_tuning", "Multitask prompt tuning (`MULTITASK_PROMPT_TUNING`)", _multitask, "bert-cls"),
     Method("cpt", "CPT (`CPT`)", _cpt, None),
+    Method("prefix_tuning", "Prefix tuning (`PREFIX_TUNING`)", _prefix, "gpt2"),
 )
 
 

@@ -28,6 +28,7 @@ PEFT_FORMATS = {
     "P_TUNING",
     "MULTITASK_PROMPT_TUNING",
     "CPT",
+    "PREFIX_TUNING",
 }
 """The PEFT methods the README says peftc reads ("What is supported", "Adapter formats")."""
 OWN_FORMATS = {"SSF", "ZEROI2V"}

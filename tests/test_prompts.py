@@ -223,3 +223,34 @@ def test_verification_catches_a_broken_prompt(monkeypatch):
     for broken in (lambda p: -p, lambda p: p.flip(1)):
         monkeypatch.setattr(wrapper.Prompted, "prompts", lambda self, *a, broken=broken: broken(real(self, *a)))
         assert not verify(run(wrapped), inserted.signature, oracle, cases=1).passed
+
+
+def test_refuses_prefix_tuning_for_a_classifier(tmp_path):
+    source = _source(tmp_path, "prefix_tuning", "gpt2", config={"task_type": "SEQ_CLS"})
+    with pytest.raises(UnsupportedError, match="PREFIX_TUNING with task_type='SEQ_CLS': not a task type peftc inserts"):
+        _insert(source, "gpt2")
+
+
+def test_refuses_prefix_tuning_on_a_model_peft_gives_another_cache(tmp_path):
+    import types
+
+    other = torch.nn.Module()
+    other.config = types.SimpleNamespace(model_type="bloom")
+    with pytest.raises(UnsupportedError, match="prefix tuning on 'bloom': PEFT builds another cache"):
+        registry.insertion([_source(tmp_path, "prefix_tuning", "gpt2")], other, from_transformers(_model("gpt2")))
+
+
+def test_refuses_a_prefix_for_other_layers(tmp_path):
+    source = _source(
+        tmp_path, "prefix_tuning", "gpt2", config={"num_layers": 1}, tensors={"prompt_embeddings": torch.randn(3, 64)}
+    )
+    with pytest.raises(
+        UnsupportedError, match="num_layers=1, token_dim=32 .* do not fit the model's 2 layers of width 32"
+    ):
+        _insert(source, "gpt2")
+
+
+def test_refuses_prefix_rows_of_the_wrong_width(tmp_path):
+    source = _source(tmp_path, "prefix_tuning", "gpt2", tensors={"prompt_embeddings": torch.randn(3, 100)})
+    with pytest.raises(InputError, match=r"prompt_embeddings: shape \[3, 100\].*2·num_layers·token_dim=128"):
+        _insert(source, "gpt2")

@@ -1,5 +1,6 @@
 """Prompt learning (PEFT ``PROMPT_TUNING``, ``P_TUNING``, ``MULTITASK_PROMPT_TUNING``, ``CPT``):
-virtual-token embeddings prepended to the input, inserted rather than merged.
+virtual-token embeddings prepended to the input, inserted rather than merged; and prefix tuning
+(``PREFIX_TUNING``, ``prefix.py``): trained key/value rows at the head of every attention layer.
 
 These methods change the model's input wiring, not its modules, so they have no sites: the record's
 ``insert`` wraps the base module before it is traced (``wrapper.py``: the math, the inputs and the
@@ -12,6 +13,7 @@ virtual positions included. Such an adapter is compiled alone: not in a stack, n
 from __future__ import annotations
 
 from peftc.methods.common import Fields
+from peftc.methods.prompt import prefix
 from peftc.methods.prompt.parse import insert, parser
 from peftc.methods.record import Method
 
@@ -68,13 +70,17 @@ CPT = Fields(
     },
 )
 
-METHODS = tuple(
-    Method(name, (peft_type,), parser(name, fields), fields=fields, insert=insert)
-    for name, peft_type, fields in (
-        ("prompt_tuning", "PROMPT_TUNING", PROMPT_TUNING),
-        ("p_tuning", "P_TUNING", P_TUNING),
-        ("multitask_prompt_tuning", "MULTITASK_PROMPT_TUNING", MULTITASK),
-        ("cpt", "CPT", CPT),
-    )
+METHODS = (
+    *(
+        Method(name, (peft_type,), parser(name, fields), fields=fields, insert=insert)
+        for name, peft_type, fields in (
+            ("prompt_tuning", "PROMPT_TUNING", PROMPT_TUNING),
+            ("p_tuning", "P_TUNING", P_TUNING),
+            ("multitask_prompt_tuning", "MULTITASK_PROMPT_TUNING", MULTITASK),
+            ("cpt", "CPT", CPT),
+        )
+    ),
+    prefix.METHOD,
 )
-"""One record per ``peft_type`` (each lists its own config fields), all inserted alike."""
+"""One record per ``peft_type`` (each lists its own config fields): the prompt methods, inserted
+alike, then prefix tuning (``prefix.py``)."""

@@ -18,7 +18,7 @@ classification head for ``SEQ_CLS``): full replacements.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -63,8 +63,11 @@ class Prompt:
         return int(self.prompt.tensor.shape[0])
 
 
-def read(source: AdapterSource) -> Prompt:
+def read(source: AdapterSource, tasks: Mapping[str, bool] = TOKEN_TYPES, width: int | None = None) -> Prompt:
     """The prompt, the task tensors and the copies of ``source``, checked against its config.
+
+    ``tasks``: the task types the method is inserted for; ``width``: the prompt's row width where the
+    config fixes it otherwise (prefix tuning's ``2·num_layers·token_dim``; default ``token_dim``).
 
     Raises:
         UnsupportedError: a task type PEFT does not prompt, or prompts otherwise (see the module
@@ -73,15 +76,15 @@ def read(source: AdapterSource) -> Prompt:
     """
     cfg, where, peft_type = source.config, source.config_path, source.config.get("peft_type")
     task = cfg.get("task_type")
-    if task not in TOKEN_TYPES:
+    if task not in tasks:
         why = (
             "PEFT's plain PeftModel ignores the prompt without a task type"
             if task is None
             else "encoder-decoder prompts (the decoder's too) are not supported"
             if task == "SEQ_2_SEQ_LM"
-            else "not a task type PEFT prompts"
+            else "not a task type peftc inserts it for"
         )
-        raise UnsupportedError(f"{where}: {peft_type} with task_type={task!r}: {why}; use one of {sorted(TOKEN_TYPES)}")
+        raise UnsupportedError(f"{where}: {peft_type} with task_type={task!r}: {why}; use one of {sorted(tasks)}")
     if cfg.get("num_transformer_submodules") not in (None, 1):
         raise UnsupportedError(
             f"{where}: num_transformer_submodules={cfg['num_transformer_submodules']!r}: one prompt per model is supported"
@@ -92,8 +95,9 @@ def read(source: AdapterSource) -> Prompt:
     if PROMPT not in source.tensors:
         raise InputError(f"{source.weights_path}: no {PROMPT!r} tensor (keys: {sorted(source.tensors)[:5]})")
     prompt = AdapterTensor(PROMPT, source.tensors[PROMPT])
-    width = cfg.get("token_dim") or prompt.tensor.shape[-1]
-    common.expect_shape(source, prompt, (count, width), f"[num_virtual_tokens={count}, token_dim={width}]")
+    what = "2·num_layers·token_dim" if width else "token_dim"
+    width = width or cfg.get("token_dim") or prompt.tensor.shape[-1]
+    common.expect_shape(source, prompt, (count, width), f"[num_virtual_tokens={count}, {what}={width}]")
     tasks = _tasks(source, count, width, task) if peft_type == "MULTITASK_PROMPT_TUNING" else None
     known = {PROMPT, *(TASK_KEYS if tasks else ())}
     other = sorted(k for k in source.tensors if k not in known and not k.startswith(SAVED))
@@ -160,8 +164,8 @@ def insert(source: AdapterSource, module: torch.nn.Module, base: InputSignature)
     return Inserted(wrap, signature)
 
 
-def parser(method: str, fields: common.Fields) -> Any:
-    """The parse function of one prompt-learning ``Method`` record."""
+def parser(method: str, fields: common.Fields, reader: Callable[[AdapterSource], Prompt] = read) -> Any:
+    """The parse function of one prompt-learning ``Method`` record (``reader``: its :func:`read`)."""
 
     def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) -> Adapter:
         """The adapter, found in the program its wrapper was traced in: no sites; ``modules_to_save``
@@ -175,7 +179,7 @@ def parser(method: str, fields: common.Fields) -> Any:
         peft_type = str(source.config.get("peft_type"))
         honoured, ignored = common.classify_fields(source, peft_type, fields)
         ignored.pop("task_type", None)  # it selects the wiring here (PEFT's model class)
-        spec = read(source)
+        spec = reader(source)
         traced = modules.tensors.get(PROMPT)
         if traced is None or not torch.equal(traced.float(), spec.prompt.tensor.float()):
             raise UnsupportedError(
@@ -183,9 +187,7 @@ def parser(method: str, fields: common.Fields) -> Any:
                 "it alone); it cannot be added to a program traced without it"
             )
         replacements = [_copy(source, key, modules) for key in spec.saved]
-        honoured["inserted"] = (
-            f"{spec.count} virtual tokens prepended to the input embeddings; outputs keep their positions first"
-        )
+        honoured["inserted"] = f"{spec.count} virtual tokens ({method})"
         return Adapter(source.name, method, source, (), tuple(replacements), (), honoured, ignored)
 
     return parse
