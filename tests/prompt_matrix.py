@@ -106,12 +106,21 @@ def _prefix(family: Family) -> Any:
     return PrefixTuningConfig(task_type=family.task, num_virtual_tokens=3)
 
 
+def _adaption(family: Family) -> Any:
+    from peft import AdaptionPromptConfig
+
+    if family.name.startswith("bert"):
+        return "PEFT's adaption prompt adapts LLaMA, Mistral and GPT-2 attention"
+    return AdaptionPromptConfig(task_type=family.task, adapter_len=4, adapter_layers=1)
+
+
 METHODS = (
     Method("prompt_tuning", "Prompt tuning (`PROMPT_TUNING`)", _prompt_tuning, "bert-cls"),
     Method("p_tuning", "P-tuning (`P_TUNING`; MLP, LSTM)", _p_tuning, None),
     Method("multitask_prompt_tuning", "Multitask prompt tuning (`MULTITASK_PROMPT_TUNING`)", _multitask, "bert-cls"),
     Method("cpt", "CPT (`CPT`)", _cpt, None),
     Method("prefix_tuning", "Prefix tuning (`PREFIX_TUNING`)", _prefix, "gpt2"),
+    Method("adaption_prompt", "Adaption prompt (`ADAPTION_PROMPT`, LLaMA-Adapter)", _adaption, "llama"),
 )
 
 

@@ -62,8 +62,9 @@ def test_cell_matches_peft(method, family):
     report = verify(oracles["reference"], signature, {"peft": oracles["peft"]})
     worst = {(c.oracle, o.name): o.max_rel for c in report.cases for o in c.outputs}
     assert report.passed, worst
-    # The prompt changes the real tokens' outputs (per-position outputs keep the virtual ones first).
-    count = int(read_adapter(path).tensors["prompt_embeddings"].shape[0])
+    # The adapter changes the real tokens' outputs (prompts' per-position outputs keep the virtual ones first).
+    prompt = read_adapter(path).tensors.get("prompt_embeddings")  # none for the adaption prompt
+    count = int(prompt.shape[0]) if prompt is not None else 0
     inputs = signature.example(signature.cases(1)[0], seed=3)
     base_inputs = {k: v for k, v in inputs.items() if k != wrapper.TASK_IDS}
     with torch.no_grad():
@@ -254,3 +255,78 @@ def test_refuses_prefix_rows_of_the_wrong_width(tmp_path):
     source = _source(tmp_path, "prefix_tuning", "gpt2", tensors={"prompt_embeddings": torch.randn(3, 100)})
     with pytest.raises(InputError, match=r"prompt_embeddings: shape \[3, 100\].*2·num_layers·token_dim=128"):
         _insert(source, "gpt2")
+
+
+def _renamed(tensors, old: str, new: str):
+    return {k.replace(old, new): v for k, v in tensors.items()}
+
+
+def test_refuses_an_adaption_prompt_on_a_model_peft_does_not_adapt(tmp_path):
+    with pytest.raises(UnsupportedError, match="ADAPTION_PROMPT on model type 'bert'; PEFT adapts"):
+        registry.insertion(
+            [_source(tmp_path, "adaption_prompt", "llama")], _model("bert"), from_transformers(_model("bert"))
+        )
+
+
+def test_refuses_an_adaption_prompt_on_other_layers_than_peft_picks(tmp_path):
+    source = _source(tmp_path, "adaption_prompt", "llama", tensors=lambda t: _renamed(t, "layers.1.", "layers.0."))
+    with pytest.raises(UnsupportedError, match=r"adapted layers \['layers.0.self_attn'\]; PEFT adapts the last 1"):
+        _insert(source, "llama")
+
+
+def test_refuses_an_adaption_prompt_key_of_another_kind(tmp_path):
+    source = _source(
+        tmp_path, "adaption_prompt", "llama", tensors=lambda t: _renamed(t, "adaption_gate", "adapter_gate")
+    )
+    with pytest.raises(InputError, match=r"adapter_gate: not an ADAPTION_PROMPT tensor"):
+        _insert(source, "llama")
+
+
+def test_refuses_an_adaption_gate_that_is_not_one_number(tmp_path):
+    key = "base_model.model.layers.1.self_attn.adaption_gate"
+    source = _source(tmp_path, "adaption_prompt", "llama", tensors={key: torch.ones(2)})
+    with pytest.raises(InputError, match=r"adaption_gate: shape \[2\] does not match .*\[1\]"):
+        _insert(source, "llama")
+
+
+def test_refuses_adding_an_adaption_prompt_to_a_program_traced_without_it(tmp_path):
+    from conftest import export
+
+    from peftc import ir
+    from peftc.loaders.inputs import parse_inputs
+
+    table = ir.module_table(export(models.mlp(), parse_inputs(models.MLP_INPUTS)))
+    with pytest.raises(UnsupportedError, match="ADAPTION_PROMPT adapter is inserted when peftc traces the model"):
+        registry.parse_adapter(_source(tmp_path, "adaption_prompt", "llama"), table)
+
+
+def test_verification_catches_a_broken_adaption_prompt(monkeypatch):
+    """The check against PEFT fails when the adapted attention swaps the prompt's keys and values."""
+    import copy
+
+    from peft import PeftModel
+
+    from peftc.methods.prompt import adaption
+
+    path, module = _adapter("adaption_prompt", "llama"), _model("llama")
+    inserted = _insert(read_adapter(path), "llama")
+    wrapped = inserted.wrap(module)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(module), str(path)).eval()
+
+    def run(model):
+        def call(inputs):
+            with torch.no_grad():
+                return to_numpy(model(**inputs))
+
+        return call
+
+    oracle = {"peft": run(peft_model)}
+    assert verify(run(wrapped), inserted.signature, oracle, cases=1).passed
+    real = adaption.Adapted._llama
+
+    def swapped(self, *args):
+        query, key, value = real(self, *args)
+        return query, value, key
+
+    monkeypatch.setattr(adaption.Adapted, "_llama", swapped)
+    assert not verify(run(wrapped), inserted.signature, oracle, cases=1).passed

@@ -1,6 +1,7 @@
 """Prompt learning (PEFT ``PROMPT_TUNING``, ``P_TUNING``, ``MULTITASK_PROMPT_TUNING``, ``CPT``):
 virtual-token embeddings prepended to the input, inserted rather than merged; and prefix tuning
-(``PREFIX_TUNING``, ``prefix.py``): trained key/value rows at the head of every attention layer.
+(``PREFIX_TUNING``, ``prefix.py``): trained key/value rows at the head of every attention layer; and
+adaption prompt (``ADAPTION_PROMPT``, ``adaption.py``): a gated prompt attended to by the top layers.
 
 These methods change the model's input wiring, not its modules, so they have no sites: the record's
 ``insert`` wraps the base module before it is traced (``wrapper.py``: the math, the inputs and the
@@ -13,7 +14,7 @@ virtual positions included. Such an adapter is compiled alone: not in a stack, n
 from __future__ import annotations
 
 from peftc.methods.common import Fields
-from peftc.methods.prompt import prefix
+from peftc.methods.prompt import adaption, prefix
 from peftc.methods.prompt.parse import insert, parser
 from peftc.methods.record import Method
 
@@ -81,6 +82,7 @@ METHODS = (
         )
     ),
     prefix.METHOD,
+    adaption.METHOD,
 )
 """One record per ``peft_type`` (each lists its own config fields): the prompt methods, inserted
-alike, then prefix tuning (``prefix.py``)."""
+alike, then prefix tuning (``prefix.py``) and adaption prompt (``adaption.py``)."""
