@@ -66,20 +66,19 @@ class Method:
 def _prompt_tuning(family: Family) -> Any:
     from peft import PromptTuningConfig
 
+    if family.name == "llama-lm":
+        return "not a separate cell: the cells of CPT and multitask prompt tuning run this wiring on the LM"
     return PromptTuningConfig(task_type=family.task, num_virtual_tokens=5)
 
 
 def _p_tuning(family: Family) -> Any:
     from peft import PromptEncoderConfig
 
-    # The file holds the encoder's output, so the traced program is prompt tuning's: two cells check the
-    # saved rows of both encoders (LSTM, MLP) against PEFT, and prompt tuning's cells the other families.
-    kinds = {"bert-cls": "LSTM", "gpt2": "MLP"}
-    if family.name not in kinds:
+    # The file holds the encoder's output (LSTM here; the MLP alike), so the traced program is prompt
+    # tuning's: one cell checks the saved rows against PEFT, and prompt tuning's cells the families.
+    if family.name != "bert-cls":
         return "not a separate cell: P-tuning's program is prompt tuning's (the file holds the encoder's output)"
-    return PromptEncoderConfig(
-        task_type=family.task, num_virtual_tokens=4, encoder_reparameterization_type=kinds[family.name]
-    )
+    return PromptEncoderConfig(task_type=family.task, num_virtual_tokens=4, encoder_reparameterization_type="LSTM")
 
 
 def _multitask(family: Family) -> Any:
@@ -111,12 +110,14 @@ def _adaption(family: Family) -> Any:
 
     if family.name.startswith("bert"):
         return "PEFT's adaption prompt adapts LLaMA, Mistral and GPT-2 attention"
+    if family.name == "llama-lm":
+        return "not a separate cell: the LLaMA cell adapts the same attention modules"
     return AdaptionPromptConfig(task_type=family.task, adapter_len=4, adapter_layers=1)
 
 
 METHODS = (
     Method("prompt_tuning", "Prompt tuning (`PROMPT_TUNING`)", _prompt_tuning, "bert-cls"),
-    Method("p_tuning", "P-tuning (`P_TUNING`; MLP, LSTM)", _p_tuning, None),
+    Method("p_tuning", "P-tuning (`P_TUNING`)", _p_tuning, None),
     Method("multitask_prompt_tuning", "Multitask prompt tuning (`MULTITASK_PROMPT_TUNING`)", _multitask, "bert-cls"),
     Method("cpt", "CPT (`CPT`)", _cpt, None),
     Method("prefix_tuning", "Prefix tuning (`PREFIX_TUNING`)", _prefix, "gpt2"),
