@@ -24,12 +24,12 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 BEGIN, END = "<!-- prompts:begin -->", "<!-- prompts:end -->"
 
 
-def tiny_llama_lm(seed: int = 0) -> Any:
-    """The tiny LLaMA with its language-model head (``CAUSAL_LM``)."""
+def tiny_gpt2_lm(seed: int = 0) -> Any:
+    """The tiny GPT-2 with its language-model head (``CAUSAL_LM``; the head is tied to ``wte``)."""
     import transformers
 
-    config = models.tiny_llama(seed).config
-    return models._seeded(lambda: transformers.LlamaForCausalLM(config), seed)
+    config = models.tiny_gpt2(seed).config
+    return models._seeded(lambda: transformers.GPT2LMHeadModel(config), seed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +47,7 @@ FAMILIES = (
     Family("bert-cls", "tiny BERT classifier (`SEQ_CLS`)", lambda: models.tiny_bert(head=True), "SEQ_CLS"),
     Family("llama", "tiny LLaMA (`FEATURE_EXTRACTION`)", models.tiny_llama, "FEATURE_EXTRACTION"),
     Family("gpt2", "tiny GPT-2 (`FEATURE_EXTRACTION`)", models.tiny_gpt2, "FEATURE_EXTRACTION"),
-    Family("llama-lm", "tiny LLaMA LM (`CAUSAL_LM`)", tiny_llama_lm, "CAUSAL_LM"),
+    Family("gpt2-lm", "tiny GPT-2 LM (`CAUSAL_LM`)", tiny_gpt2_lm, "CAUSAL_LM"),
 )
 
 
@@ -66,7 +66,7 @@ class Method:
 def _prompt_tuning(family: Family) -> Any:
     from peft import PromptTuningConfig
 
-    if family.name == "llama-lm":
+    if family.name == "gpt2-lm":
         return "not a separate cell: the cells of CPT and multitask prompt tuning run this wiring on the LM"
     return PromptTuningConfig(task_type=family.task, num_virtual_tokens=5)
 
@@ -110,8 +110,8 @@ def _adaption(family: Family) -> Any:
 
     if family.name.startswith("bert"):
         return "PEFT's adaption prompt adapts LLaMA, Mistral and GPT-2 attention"
-    if family.name == "llama-lm":
-        return "not a separate cell: the LLaMA cell adapts the same attention modules"
+    if family.name == "gpt2-lm":
+        return "not a separate cell: the GPT-2 cell adapts the same attention modules"
     return AdaptionPromptConfig(task_type=family.task, adapter_len=4, adapter_layers=1)
 
 

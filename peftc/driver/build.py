@@ -140,8 +140,8 @@ def build(
     if inserted is not None:
         if not stack:
             raise UnsupportedError(
-                f"--swappable: adapter {read[0].name!r} ({read[0].config.get('peft_type')}) changes the model's inputs, "
-                "not its modules, so it has no slots; compile it without --swappable"
+                f"--swappable: adapter {read[0].name!r} ({read[0].config.get('peft_type')}) is inserted by wrapping "
+                "the base model, so it has no slots; compile it without --swappable"
             )
         loaded = dataclasses.replace(loaded, signature=inserted.signature)
     chosen, traced = precision(loaded) if precision else ("fp32", False)

@@ -98,8 +98,8 @@ def insertion(
     learning) wrap the base ``module``; None when there are none.
 
     Raises:
-        UnsupportedError: such an adapter with others (it changes the inputs every other adapter's
-            program is traced with), or with an exported program for a base (nothing to wrap).
+        UnsupportedError: such an adapter with others (it changes the program every other adapter's
+            sites would be inserted into), or with an exported program for a base (nothing to wrap).
     """
     inserted = [(s, m) for s in sources if (m := parsers().get(str(s.config.get("peft_type")))) and m.insert]
     if not inserted:
@@ -108,8 +108,8 @@ def insertion(
     peft_type = source.config.get("peft_type")
     if len(sources) > 1:
         raise UnsupportedError(
-            f"{source.config_path}: a {peft_type} adapter changes the model's inputs; it cannot be stacked with "
-            "other adapters (compile it alone)"
+            f"{source.config_path}: a {peft_type} adapter is inserted by wrapping the base model before it is "
+            "traced; it cannot be stacked with other adapters (compile it alone)"
         )
     if module is None or signature is None:
         raise UnsupportedError(
