@@ -59,8 +59,9 @@ class Method:
     title: str
     config: Callable[[Family], Any]
     onnx_family: str | None
-    """The family whose cell also compiles to ONNX; None where the program is prompt tuning's (only the
-    saved prompt differs), whose ONNX cell stands for it."""
+    """The family whose cell also compiles to ONNX; None where the program is another method's (only the
+    saved tensor differs), whose ONNX cell stands for it (:attr:`same_as`)."""
+    same_as: str = "prompt tuning"
 
 
 def _prompt_tuning(family: Family) -> Any:
@@ -105,6 +106,14 @@ def _prefix(family: Family) -> Any:
     return PrefixTuningConfig(task_type=family.task, num_virtual_tokens=3)
 
 
+def _cartridge(family: Family) -> Any:
+    from peft import CartridgeConfig
+
+    if family.name != "gpt2":
+        return "not a separate cell: a cartridge runs as prefix tuning (the file holds the whole prefix)"
+    return CartridgeConfig(task_type=family.task, num_virtual_tokens=4, num_frozen_tokens=1)
+
+
 def _adaption(family: Family) -> Any:
     from peft import AdaptionPromptConfig
 
@@ -121,6 +130,7 @@ METHODS = (
     Method("multitask_prompt_tuning", "Multitask prompt tuning (`MULTITASK_PROMPT_TUNING`)", _multitask, "bert-cls"),
     Method("cpt", "CPT (`CPT`)", _cpt, None),
     Method("prefix_tuning", "Prefix tuning (`PREFIX_TUNING`)", _prefix, "gpt2"),
+    Method("cartridge", "Cartridge (`CARTRIDGE`)", _cartridge, None, "prefix tuning"),
     Method("adaption_prompt", "Adaption prompt (`ADAPTION_PROMPT`, LLaMA-Adapter)", _adaption, "llama"),
 )
 
@@ -145,7 +155,7 @@ def render() -> str:
                 row.append(f"—{_superscript(reasons.index(config) + 1)}")
             else:
                 row.append("✓")
-        onnx = next((f.title for f in FAMILIES if f.name == method.onnx_family), "as prompt tuning")
+        onnx = next((f.title for f in FAMILIES if f.name == method.onnx_family), f"as {method.same_as}")
         row.append(onnx)
         rows.append(row)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

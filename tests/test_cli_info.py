@@ -29,6 +29,7 @@ PEFT_FORMATS = {
     "MULTITASK_PROMPT_TUNING",
     "CPT",
     "PREFIX_TUNING",
+    "CARTRIDGE",
     "ADAPTION_PROMPT",
 }
 """The PEFT methods the README says peftc reads ("What is supported", "Adapter formats")."""

@@ -82,6 +82,7 @@ METHODS = (
         )
     ),
     prefix.METHOD,
+    prefix.CARTRIDGE,
     adaption.METHOD,
 )
 """One record per ``peft_type`` (each lists its own config fields): the prompt methods, inserted

@@ -1,4 +1,5 @@
-"""Prefix tuning (PEFT ``PREFIX_TUNING``): trained key/value rows at the head of every attention layer.
+"""Prefix tuning (PEFT ``PREFIX_TUNING``, and ``CARTRIDGE``, which PEFT runs the same way): trained
+key/value rows at the head of every attention layer.
 
 PEFT (``PeftModel.get_prompt`` and ``PeftModelFor<task>.forward``, ``peft/peft_model.py``) runs it as::
 
@@ -133,6 +134,18 @@ FIELDS = common.Fields(
         "init_weights": "initialisation only (the trained prefix is in the file)",
     },
 )
+CARTRIDGE_FIELDS = common.Fields(
+    honoured=FIELDS.honoured,
+    ignored={"num_frozen_tokens": "which rows were trained; the file holds every row of the prefix"},
+)
 METHOD = Method(
     "prefix_tuning", ("PREFIX_TUNING",), parse.parser("prefix_tuning", FIELDS, read), fields=FIELDS, insert=insert
 )
+CARTRIDGE = Method(
+    "cartridge",
+    ("CARTRIDGE",),
+    parse.parser("cartridge", CARTRIDGE_FIELDS, read),
+    fields=CARTRIDGE_FIELDS,
+    insert=insert,
+)
+"""PEFT's ``CARTRIDGE``: a prefix trained as a key/value cache (some rows frozen), run as prefix tuning."""
