@@ -90,6 +90,8 @@ def test_method_compiles_to_a_verified_onnx_artifact(tmp_path, method):
     expected = [n for n in names if n != "token_type_ids" or task in ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")]
     signature = InputSignature.from_json(artifact.manifest.target["signature"])
     assert signature.names == expected + ([wrapper.TASK_IDS] if method == "multitask_prompt_tuning" else [])
+    if method == "multitask_prompt_tuning":  # the runner refuses task ids outside [0, num_tasks)
+        assert artifact.manifest.target["index_ranges"][wrapper.TASK_IDS] == [0, 3]
     runner = peftc.load(artifact.path)
     inputs = signature.example({**signature.cases(1)[0], "batch": 5}, seed=11)
     assert_outputs_close(runner(**inputs), models.peft_outputs(module, path, inputs))

@@ -69,9 +69,15 @@ class Prompted(torch.nn.Module):
         prompt = self.prompt_embeddings.unsqueeze(0).expand(batch, -1, -1)
         if not self.tasks:
             return prompt
-        cols = torch.index_select(self.prefix_task_cols, 0, task_ids)
-        rows = torch.index_select(self.prefix_task_rows, 0, task_ids)
+        # Rows picked as embedding lookups (PEFT: index_select, the same values), so the artifact records
+        # task_ids' range [0, num_tasks) as it does the vocabulary's and refuses ids outside it.
+        cols = self._rows(self.prefix_task_cols, task_ids)
+        rows = self._rows(self.prefix_task_rows, task_ids)
         return prompt * torch.matmul(cols, rows)
+
+    @staticmethod
+    def _rows(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.embedding(ids, table.flatten(1)).view(ids.shape[0], *table.shape[1:])
 
     def forward(
         self,
