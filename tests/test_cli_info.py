@@ -45,6 +45,13 @@ PEFT_FORMATS = {
     "PEANUT",
     "SUPERTUNING",
     "FROD",
+    "PROMPT_TUNING",
+    "P_TUNING",
+    "MULTITASK_PROMPT_TUNING",
+    "CPT",
+    "PREFIX_TUNING",
+    "CARTRIDGE",
+    "ADAPTION_PROMPT",
 }
 """The PEFT methods the README says peftc reads ("What is supported", "Adapter formats")."""
 PEFT_FORMATS |= {"OSF", "PSOFT", "HIRA", "ADAMSS", "DEFT"}  # issue 19, batch 4

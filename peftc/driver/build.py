@@ -25,7 +25,7 @@ from peftc.loaders import LoadedModel, identity, load_model
 from peftc.logs import quiet_imports
 from peftc.methods.base import Adapter, ParseOptions
 from peftc.methods.loading import read_adapter
-from peftc.methods.registry import parse_adapter
+from peftc.methods.registry import insertion, parse_adapter
 from peftc.options import PathLike
 from peftc.passes import pipelines
 from peftc.passes.base import PassContext, PassManager, PassRecord
@@ -83,8 +83,12 @@ class World:
     module: torch.nn.Module | None
     """The base module in this precision (None for an exported program)."""
     base: ir.Program
+    """The program adapters' sites are inserted into: the base module traced, or the wrapper an
+    inserted adapter (prompt learning) put around it."""
     reference: ir.Program | None
     records: tuple[PassRecord, ...]
+    inserted: bool = False
+    """``base`` is the base module inside an inserted adapter's wrapper (``Method.insert``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,10 +136,18 @@ def build(
         loaded = load_model(
             model, inputs=list(sources.inputs), allow_pickle=sources.allow_pickle, workdir=sources.workdir
         )
+    inserted = insertion(read, loaded.module, loaded.signature)
+    if inserted is not None:
+        if not stack:
+            raise UnsupportedError(
+                f"--swappable: adapter {read[0].name!r} ({read[0].config.get('peft_type')}) is inserted by wrapping "
+                "the base model, so it has no slots; compile it without --swappable"
+            )
+        loaded = dataclasses.replace(loaded, signature=inserted.signature)
     chosen, traced = precision(loaded) if precision else ("fp32", False)
     names = ["fp32", chosen] if traced else ["fp32"]
     with stages("trace", "trace: torch.export" + (f" (fp32 and {chosen})" if traced else "")):
-        traces = [_trace(loaded, name) for name in names]
+        traces = [_trace(loaded, name, inserted.wrap if inserted else None) for name in names]
     with stages("adapters", "match adapters to the model"):
         table = ir.module_table(traces[0][1])
         options = ParseOptions(base_residual=sources.base_residual, tied_embeddings=loaded.tied_embeddings)
@@ -147,12 +159,15 @@ def build(
             continue
         with stages("adapt", "adapt: insert adapter sites" + (f" ({name})" if traced else "")):
             reference, records = PassManager(pipelines.adapt(adapters)).run(base, stages.context(dump_ir))
-        worlds.append(World(name, module, base, reference, tuple(records)))
+        worlds.append(World(name, module, base, reference, tuple(records), inserted is not None))
     return Built(loaded, adapters, tuple(worlds), chosen)
 
 
-def _trace(loaded: LoadedModel, precision: str) -> tuple[torch.nn.Module | None, ir.Program]:
-    """The base module in ``precision`` (a copy unless it already is) and its program."""
+def _trace(
+    loaded: LoadedModel, precision: str, wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+) -> tuple[torch.nn.Module | None, ir.Program]:
+    """The base module in ``precision`` (a copy unless it already is) and its program: of the module
+    itself, or of ``wrap`` around it (an inserted adapter's wrapper)."""
     if loaded.program is not None:
         if loaded.precision != precision:
             raise UnsupportedError(
@@ -162,7 +177,12 @@ def _trace(loaded: LoadedModel, precision: str) -> tuple[torch.nn.Module | None,
         return None, loaded.program
     module = in_precision(loaded.module, precision)
     signature = loaded.signature.in_dtype(FLOATS[precision])
-    return module, ir.trace(module, signature.example(signature.trace_sizes()), signature.dynamic_shapes())
+    example, dims = signature.example(signature.trace_sizes()), signature.dynamic_shapes()
+    if wrap is None:
+        return module, ir.trace(module, example, dims)
+    # A prompt makes the model's sequence n + seq; torch cannot prove some stride guards on such sums
+    # (min(8·(seq+n), 16·(seq+n)) in LLaMA's attention), so they are kept as runtime asserts.
+    return module, ir.trace(wrap(module), example, dims, runtime_asserts=True)
 
 
 def in_precision(module: torch.nn.Module, precision: str) -> torch.nn.Module:

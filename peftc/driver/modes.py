@@ -26,7 +26,7 @@ from peftc.passes import pipelines
 from peftc.passes.base import Pass, PassContext, PassManager, PassRecord
 from peftc.passes.take_state import TakeStatePass
 from peftc.precision import FLOATS
-from peftc.verification import OraclePlan, Report, output_dtypes, program_oracle, verify
+from peftc.verification import Oracle, OraclePlan, Report, module_oracle, output_dtypes, program_oracle, verify
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,12 +115,19 @@ class _Stack:
             lambda inputs: runner.run({k: v.numpy() for k, v in inputs.items()}),
             built.loaded.signature.in_dtype(torch.float32),
             oracles,
-            base=program_oracle(built.fp32.base),
+            base=base_oracle(built),
             dtypes=output_dtypes(target["outputs"]),
             seed=seed,
             not_run=not_run,
             tolerances=tolerances,
         )
+
+
+def base_oracle(built: Built) -> Oracle:
+    """The base model without adapters in fp32, for the adapters' effect: the traced base, or the
+    untraced module where an inserted adapter's wrapper was traced around it."""
+    world = built.fp32
+    return module_oracle(world.module) if world.inserted and world.module is not None else program_oracle(world.base)
 
 
 def signature(built: Built) -> InputSignature:

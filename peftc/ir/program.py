@@ -44,15 +44,27 @@ def trace(
     module: torch.nn.Module,
     example: Mapping[str, torch.Tensor],
     dynamic_shapes: Mapping[str, Mapping[int, Any]],
+    *,
+    runtime_asserts: bool = False,
 ) -> Program:
     """Export ``module(**example)`` with the given dynamic dims (a ``torch.export.Dim`` per axis).
+
+    ``runtime_asserts``: guards on the dynamic dims that torch cannot prove become assertions in the
+    program (``prefer_deferred_runtime_asserts_over_guards``) instead of failing the export.
 
     Raises:
         UnsupportedError: torch.export cannot trace the module; the message keeps torch's first line.
     """
     try:
         with torch.no_grad():
-            return torch.export.export(module, (), dict(example), dynamic_shapes=dict(dynamic_shapes), strict=False)
+            return torch.export.export(
+                module,
+                (),
+                dict(example),
+                dynamic_shapes=dict(dynamic_shapes),
+                strict=False,
+                prefer_deferred_runtime_asserts_over_guards=runtime_asserts,
+            )
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UnsupportedError(f"torch.export could not trace {type(module).__name__}: {first}") from e

@@ -2,7 +2,8 @@
 
 A :class:`Method` names the ``peft_type`` values its parser reads, its site ops (each carrying its
 eager body, ONNX translation and weight form, ``peftc/ops.py``) and the passes it adds to a build
-mode. ``peftc/methods/registry.py`` lists every record; the tables the passes and backends use
+mode. A method that changes the model's inputs rather than its modules (prompt learning) instead
+names how it is *inserted*: a wrapper around the base module, traced in its place (:class:`Inserted`). ``peftc/methods/registry.py`` lists every record; the tables the passes and backends use
 (site ops by name, parsers by ``peft_type``, translations) are derived from that list.
 """
 
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
     import torch
 
     from peftc.ir.modules import ModuleTable
+    from peftc.loaders.inputs import InputSignature
     from peftc.methods.base import Adapter, AdapterSource, ParseOptions
     from peftc.methods.common import Fields
     from peftc.ops import SiteOp
@@ -25,6 +27,21 @@ Parser = Callable[["AdapterSource", "ModuleTable", "ParseOptions"], "Adapter"]
 """Interprets an adapter read from disk against the base model's modules."""
 Recognise = Callable[[Mapping[str, "torch.Tensor"]], "dict[str, Any] | None"]
 """The config implied by the key names of a weights file given without one, or None."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Inserted:
+    """How an adapter that changes the model's inputs enters the program: the base module is traced
+    inside :attr:`wrap`, which takes the inputs :attr:`signature` describes."""
+
+    wrap: Callable[[torch.nn.Module], torch.nn.Module]
+    """The module traced in place of the base, given the base in the precision being traced."""
+    signature: InputSignature
+    """The wrapped module's inputs (the base's, less those the method ignores, plus its own)."""
+
+
+Insert = Callable[["AdapterSource", "torch.nn.Module", "InputSignature"], Inserted]
+"""Builds :class:`Inserted` from an adapter read from disk and the untraced base module and its inputs."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,3 +64,6 @@ class Method:
     fields: Fields | None = dataclasses.field(default=None, compare=False)
     """The config fields its parser honours, ignores and refuses (what ``peftc methods`` lists; not part
     of the record's hash: the registry's tables are cached by record)."""
+    insert: Insert | None = None
+    """Methods inserted before tracing (prompt learning): the parser then finds the adapter's tensors
+    in the traced program and returns no sites."""

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 
 from peftc.errors import InputError, UnsupportedError
 from peftc.ir.modules import ModuleTable
+from peftc.loaders.inputs import InputSignature
 from peftc.methods import (
     adalora,
     adamss,
@@ -41,6 +42,7 @@ from peftc.methods import (
     oft,
     osf,
     peanut,
+    prompt,
     psoft,
     pvera,
     randlora,
@@ -57,7 +59,7 @@ from peftc.methods import (
     zeroi2v,
 )
 from peftc.methods.base import Adapter, AdapterSource, ParseOptions, Site
-from peftc.methods.record import Method
+from peftc.methods.record import Inserted, Method
 from peftc.ops import SiteOp
 from peftc.passes.base import Pass
 from peftc.precision import adapter_dtype, name_of
@@ -105,6 +107,7 @@ METHODS: list[Method] = [
     supertuning.METHOD,
     frod.METHOD,
     delta.METHOD,
+    *prompt.METHODS,
     SLOTS,
 ]
 """In the order their extra passes run. ``SLOTS`` is not an adapter format: swappable artifacts' ops."""
@@ -145,6 +148,34 @@ def _tables(methods: tuple[Method, ...]) -> tuple[dict[str, SiteOp], dict[str, M
     ops = {op.name: op for method in methods for op in method.ops}
     by_type = {peft_type: method for method in methods for peft_type in method.peft_types}
     return ops, by_type
+
+
+def insertion(
+    sources: Sequence[AdapterSource], module: torch.nn.Module | None, signature: InputSignature | None
+) -> Inserted | None:
+    """How the adapters among ``sources`` that are inserted before tracing (``Method.insert``: prompt
+    learning) wrap the base ``module``; None when there are none.
+
+    Raises:
+        UnsupportedError: such an adapter with others (it changes the program every other adapter's
+            sites would be inserted into), or with an exported program for a base (nothing to wrap).
+    """
+    inserted = [(s, m) for s in sources if (m := parsers().get(str(s.config.get("peft_type")))) and m.insert]
+    if not inserted:
+        return None
+    source, method = inserted[0]
+    peft_type = source.config.get("peft_type")
+    if len(sources) > 1:
+        raise UnsupportedError(
+            f"{source.config_path}: a {peft_type} adapter is inserted by wrapping the base model before it is "
+            "traced; it cannot be stacked with other adapters (compile it alone)"
+        )
+    if module is None or signature is None:
+        raise UnsupportedError(
+            f"{source.config_path}: a {peft_type} adapter wraps the base model before it is traced; the base is "
+            "an exported program (give the nn.Module)"
+        )
+    return method.insert(source, module, signature)
 
 
 def parse_adapter(source: AdapterSource, modules: ModuleTable, options: ParseOptions | None = None) -> Adapter:

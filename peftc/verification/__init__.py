@@ -17,7 +17,7 @@ from peftc.errors import VerificationError
 from peftc.loaders.inputs import InputSignature
 from peftc.progress import advance
 from peftc.verification.compare import TOLERANCES, OutputError, Tolerance, compare, tolerance_for
-from peftc.verification.oracles import NotRun, Oracle, OraclePlan, peft_oracle, program_oracle, to_numpy
+from peftc.verification.oracles import NotRun, Oracle, OraclePlan, module_oracle, peft_oracle, program_oracle, to_numpy
 
 ArtifactFn = Callable[[Mapping[str, torch.Tensor]], Mapping[str, np.ndarray]]
 
@@ -157,6 +157,7 @@ __all__ = [
     "Report",
     "Tolerance",
     "compare",
+    "module_oracle",
     "output_dtypes",
     "peft_oracle",
     "program_oracle",

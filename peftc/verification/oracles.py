@@ -6,6 +6,7 @@
   built from the adapter files peftc read (stacked adapters: PEFT merges each into the base before
   loading the next). It shares no code with peftc: it is the independent check
   that peftc parsed the adapter as PEFT does.
+* ``module_oracle``: the untraced base module (what an inserted adapter, a prompt, changes).
 * ``weights_oracle``: the untraced module with the adapters applied to its parameters by peftc's ops.
 
 :class:`OraclePlan` decides which of them a verification runs, and records why any did not: every
@@ -100,6 +101,18 @@ def program_oracle(program: ir.Program) -> Oracle:
     def run(inputs: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
         with torch.no_grad():
             return to_numpy(module(**_cast_floats(inputs, dtypes)))
+
+    return run
+
+
+def module_oracle(module: torch.nn.Module) -> Oracle:
+    """Eager execution of the untraced ``module`` (float inputs cast to its parameters' dtype)."""
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+
+    def run(inputs: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return to_numpy(module(**_cast_floats(inputs, dict.fromkeys(inputs, dtype))))
 
     return run
 
