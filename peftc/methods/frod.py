@@ -38,7 +38,7 @@ import torch
 
 from peftc.errors import InputError, UnsupportedError
 from peftc.ir.modules import ModuleTable
-from peftc.methods import common, module_sites
+from peftc.methods import common, per_module
 from peftc.methods.base import Adapter, AdapterSource, AdapterTensor, ParseOptions, Site
 from peftc.methods.record import Method
 from peftc.ops import SiteOp, composite_op
@@ -152,12 +152,12 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
     fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
     used: set[str] = set()
 
-    def build(module: module_sites.Module, warnings: list[str]) -> list[Site]:
+    def build(module: per_module.Module, warnings: list[str]) -> list[Site]:
         d_in = module.d_in
         v, s_indices = _projections(source, saved, category(module.path), d_in, used)
         nnz = s_indices.tensor.shape[1]
         shapes = {"frod_lambda_l": (d_in,), "frod_lambda_s_values": (nnz,)}
-        module_sites.require(source, module, shapes, f"category {category(module.path)!r} with {nnz} sparse entries")
+        per_module.require(source, module, shapes, f"category {category(module.path)!r} with {nnz} sparse entries")
         weight = modules.tensors.get(module.info.params["weight"])
         if weight is None:
             raise InputError(
@@ -175,7 +175,7 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
         info["base_weight_derived"] = BASE_DERIVED
         return [Site(module.path, FROD_WEIGHT.name, tensors, {"layout": module.layout}, info, "weight")]
 
-    adapter = module_sites.parse(
+    adapter = per_module.parse(
         rest,
         modules,
         peft_type="FROD",

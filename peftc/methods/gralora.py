@@ -31,7 +31,7 @@ import torch
 
 from peftc.errors import InputError
 from peftc.ir.modules import ModuleTable
-from peftc.methods import common, module_sites
+from peftc.methods import common, per_module
 from peftc.methods.base import Adapter, AdapterSource, ParseOptions, Site
 from peftc.methods.record import Method
 from peftc.ops import SiteOp, composite_op
@@ -130,7 +130,7 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
     r, hybrid, k, alpha = _settings(source)
     fan_in_fan_out = bool(source.config.get("fan_in_fan_out", False))
 
-    def build(module: module_sites.Module, warnings: list[str]) -> list[Site]:
+    def build(module: per_module.Module, warnings: list[str]) -> list[Site]:
         d_in, d_out = module.d_in, module.d_out
         if d_in % k or d_out % k:
             raise InputError(
@@ -143,7 +143,7 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
         extra = next((t for role, t in module.tensors.items() if role not in shapes), None)
         if extra is not None:
             raise InputError(f"{source.describe(extra.key)}: hybrid_r=0, so PEFT creates no hybrid factors")
-        module_sites.require(source, module, shapes, f"r={r}, gralora_k={k}, hybrid_r={hybrid}")
+        per_module.require(source, module, shapes, f"r={r}, gralora_k={k}, hybrid_r={hybrid}")
         if fan_in_fan_out != (module.layout == "linear_t"):
             warnings.append(
                 f"fan_in_fan_out={fan_in_fan_out} but {module.path!r} is a {module.info.class_name}; "
@@ -154,7 +154,7 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
         info = {"module_type": module.info.class_name, "r": r, "gralora_k": k, "hybrid_r": hybrid}
         return [Site(module.path, GRALORA_WEIGHT.name, tensors, scalars, info, "weight")]
 
-    return module_sites.parse(
+    return per_module.parse(
         source,
         modules,
         peft_type="GRALORA",
