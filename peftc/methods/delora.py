@@ -85,7 +85,7 @@ FIELDS = common.Fields(
     },
     defaults={"r": 8, "bias": "none"},
 )
-TYPES = ("Linear", "NonDynamicallyQuantizableLinear")
+TYPES = per_module.LINEAR_TYPES
 ROLES = {"delora_A": "delora_A", "delora_B": "delora_B", "delora_lambda": "delora_lambda"}
 ROLES |= {"delora_w_norm": "delora_w_norm"}
 

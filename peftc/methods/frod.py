@@ -41,7 +41,7 @@ from peftc.ir.modules import ModuleTable
 from peftc.methods import common, per_module
 from peftc.methods.base import Adapter, AdapterSource, AdapterTensor, ParseOptions, Site
 from peftc.methods.record import Method
-from peftc.ops import SiteOp, composite_op
+from peftc.ops import SiteOp, as_out_in, composite_op, from_out_in
 
 FROD_WEIGHT = SiteOp(
     name="frod_weight",
@@ -76,7 +76,7 @@ def frod_weight(
     """``U (S + diag λ) Vᵀ`` in ``weight``'s layout and dtype (``weight`` itself is replaced, not read)."""
     core = sparse(s_indices, s_values, frod_v.shape[0]) + torch.diag(lambda_l.to(torch.float32))
     adapted = frod_u.to(torch.float32) @ core @ frod_v.to(torch.float32).T
-    return (adapted.T if layout == "linear_t" else adapted).to(weight.dtype)
+    return from_out_in(adapted, weight, layout).to(weight.dtype)
 
 
 def basis_factor(weight: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -163,12 +163,8 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
             raise InputError(
                 f"{source.config_path}: FRoD's U for {module.path!r} needs the base weight, which is not held"
             )
-        if fan_in_fan_out != (module.layout == "linear_t"):
-            warnings.append(
-                f"fan_in_fan_out={fan_in_fan_out} but {module.path!r} is a {module.info.class_name}; "
-                f"using fan_in_fan_out={module.layout == 'linear_t'} as PEFT does"
-            )
-        w = weight.T if module.layout == "linear_t" else weight
+        per_module.note_fan_in_fan_out(fan_in_fan_out, module, warnings)
+        w = as_out_in(weight, module.layout)
         u = AdapterTensor(f"U of {module.path} from the base weight and {v.key}", basis_factor(w, v.tensor))
         tensors = {"frod_U": u, "frod_V": v, "frod_s_indices": s_indices, **module.tensors}
         info = {"module_type": module.info.class_name, "category": category(module.path), "sparse_entries": nnz}
@@ -182,7 +178,7 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
         title="FRoD",
         fields=FIELDS,
         roles=ROLES,
-        types=("Linear", "NonDynamicallyQuantizableLinear", "Conv1D"),
+        types=(*per_module.LINEAR_TYPES, "Conv1D"),
         build=build,
         bias_modes=("none", "all", "frod_only"),
     )

@@ -80,7 +80,7 @@ FIELDS = common.Fields(
     ignored={"init_weights": "initialisation only (the trained vectors are in the file)"},
     defaults={"r": 8, "apply_GS": False, "bias": "none"},
 )
-TYPES = ("Linear", "NonDynamicallyQuantizableLinear", "Conv2d")
+TYPES = (*per_module.LINEAR_TYPES, "Conv2d")
 
 
 def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) -> Adapter:

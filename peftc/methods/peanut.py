@@ -182,7 +182,7 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
         title="PEANuT",
         fields=FIELDS,
         roles=_role,
-        types=("Linear", "NonDynamicallyQuantizableLinear"),
+        types=per_module.LINEAR_TYPES,
         build=build,
         bias_field=None,
     )

@@ -168,6 +168,17 @@ def parse(
     return common.adapter(source, peft_type.lower(), sites, read.grouped, honoured, read.ignored, warnings)
 
 
+def note_fan_in_fan_out(value: Any, module: Module, warnings: list[str]) -> None:
+    """PEFT's warning where the config's ``fan_in_fan_out`` disagrees with the module's layout (PEFT
+    uses the layout's: true exactly for GPT-2's ``Conv1D``), appended to ``warnings``."""
+    actual = module.layout == "linear_t"
+    if bool(value) != actual:
+        warnings.append(
+            f"fan_in_fan_out={value} but {module.path!r} is a {module.info.class_name}; "
+            f"using fan_in_fan_out={actual} as PEFT does"
+        )
+
+
 def require(source: AdapterSource, module: Module, shapes: Mapping[str, tuple[int, ...]], why: str) -> None:
     """Every role in ``shapes`` is present with exactly that shape (``why`` explains the shapes)."""
     common.require_roles(source, module.path, module.tensors, shapes)

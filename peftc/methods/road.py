@@ -77,7 +77,7 @@ FIELDS = common.Fields(
     ignored={"init_weights": "initialisation only (the trained angles and scales are in the file)"},
     defaults={"variant": "road_1", "group_size": 64},
 )
-TYPES = ("Linear", "NonDynamicallyQuantizableLinear")
+TYPES = per_module.LINEAR_TYPES
 
 
 def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) -> Adapter:

@@ -163,7 +163,7 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
         title="Super-Tuning",
         fields=FIELDS,
         roles=ROLES,
-        types=("Linear", "NonDynamicallyQuantizableLinear"),
+        types=per_module.LINEAR_TYPES,
         build=build,
         bias_field=None,
     )

@@ -200,7 +200,7 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
     if use_idwt:
         bank = filter_bank(str(setting["wavelet_family"]), source.config_path)
         filters = AdapterTensor(f"{setting['wavelet_family']} reconstruction filters", bank, shared=True)
-    sizes = {t.path: common.io_dims(modules, t.info, t.layout)[::-1] for t in read.targets}
+    sizes = {t.path: (t.d_out, t.d_in) for t in read.targets}
     counts = _frequencies(source, read, sizes, int(setting["n_frequency"]))
     sites = []
     for target in read.targets:
