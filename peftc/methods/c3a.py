@@ -80,6 +80,7 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
         fields=FIELDS,
         roles={"c3a_kernel": "c3a_kernel"},
         types=per_module.LINEAR_TYPES,
+        required=("c3a_kernel",),
     )
     default = per_module.setting(read, FIELDS, "block_size")
     sites = []
@@ -95,7 +96,7 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
         expected = (d_out // size, d_in // size, size)
         kernel = target.tensors["c3a_kernel"]
         common.expect_shape(source, kernel, expected, f"{list(expected)} for {target.describe()}, block_size={size}")
-        info = {"module_type": target.module.class_name, "block_size": size}
+        info = {"module_type": target.info.class_name, "block_size": size}
         sites.append(Site(target.path, C3A_WEIGHT.name, {"c3a_kernel": kernel}, {}, info, "weight"))
     return common.adapter(source, "c3a", sites, read.grouped, read.honoured, read.ignored)
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from peftc.ir.modules import ModuleTable
-from peftc.methods import common, module_sites, peft_config
+from peftc.methods import common, peft_config, per_module
 from peftc.methods.base import Adapter, AdapterSource, ParseOptions, Site
 from peftc.methods.record import Method
 from peftc.ops import SiteOp, composite_op
@@ -85,7 +85,7 @@ FIELDS = common.Fields(
     },
     defaults={"r": 8, "bias": "none"},
 )
-TYPES = ("Linear", "NonDynamicallyQuantizableLinear")
+TYPES = per_module.LINEAR_TYPES
 ROLES = {role: role for role in DELORA_WEIGHT.tensor_roles}
 
 
@@ -101,16 +101,16 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
     cfg = source.config
     common.check_number(source, "r")
 
-    def build(module: module_sites.Module, warnings: list[str]) -> list[Site]:
+    def build(module: per_module.Module, warnings: list[str]) -> list[Site]:
         r = peft_config.pattern_value(cfg.get("rank_pattern"), module.path, cfg.get("r", 8))
         r = common.check_rank(source, module.path, r)
         d_in, d_out = module.d_in, module.d_out
         shapes = {"delora_A": (r, d_in), "delora_B": (d_out, r), "delora_lambda": (1,), "delora_w_norm": (d_in,)}
-        module_sites.require(source, module, shapes, f"r={r}")
+        per_module.require(source, module, shapes, f"r={r}")
         info = {"module_type": module.info.class_name, "r": r}
         return [Site(module.path, DELORA_WEIGHT.name, dict(module.tensors), {"r": r}, info, "weight")]
 
-    return module_sites.parse(
+    return per_module.parse(
         source,
         modules,
         peft_type="DELORA",

@@ -125,6 +125,7 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
         fields=FIELDS,
         roles={"fourierft_spectrum": "spectrum"},
         types=TYPES,
+        required=("spectrum",),
     )
     common.check_number(source, "scaling")
     cfg = source.config
@@ -137,7 +138,7 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
     scaling = float(per_module.setting(read, FIELDS, "scaling"))
     sites, warnings = [], []
     for target in read.targets:
-        d_out, d_in = common.io_dims(modules, target.module, target.layout)[::-1]
+        d_out, d_in = target.d_out, target.d_in
         n = per_module.positive_int(source, f"n_frequency for {target.path!r}", n_frequency(cfg, target.path))
         if n > d_out * d_in:
             raise InputError(
@@ -146,14 +147,10 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
             )
         spectrum = target.tensors["spectrum"]
         common.expect_shape(source, spectrum, (n,), f"[n_frequency={n}] for {target.describe()}")
-        if bool(cfg.get("fan_in_fan_out", False)) != (target.layout == "linear_t"):
-            warnings.append(
-                f"fan_in_fan_out={cfg.get('fan_in_fan_out', False)} but {target.path!r} is a "
-                f"{target.module.class_name}; using fan_in_fan_out={target.layout == 'linear_t'} as PEFT does"
-            )
+        per_module.note_fan_in_fan_out(cfg.get("fan_in_fan_out", False), target, warnings)
         drawn = frequencies(seed, n, d_out, d_in)
         indices = AdapterTensor(f"frequencies of {target.path} redrawn from random_loc_seed={seed}", drawn)
-        info = {"module_type": target.module.class_name, "n_frequency": n, "scaling": scaling}
+        info = {"module_type": target.info.class_name, "n_frequency": n, "scaling": scaling}
         tensors = {"fourierft_indices": indices, "fourierft_spectrum": spectrum}
         scalars = {"scaling": scaling, "layout": target.layout}
         sites.append(Site(target.path, FOURIERFT_WEIGHT.name, tensors, scalars, info, "weight"))

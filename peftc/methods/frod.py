@@ -39,10 +39,10 @@ import torch
 
 from peftc.errors import InputError
 from peftc.ir.modules import ModuleTable
-from peftc.methods import common, frod_rebuild, module_sites
+from peftc.methods import common, frod_rebuild, per_module
 from peftc.methods.base import Adapter, AdapterSource, AdapterTensor, ParseOptions, Site
 from peftc.methods.record import Method
-from peftc.ops import SiteOp, composite_op
+from peftc.ops import SiteOp, as_out_in, composite_op, from_out_in
 
 FROD_WEIGHT = SiteOp(
     name="frod_weight",
@@ -51,7 +51,7 @@ FROD_WEIGHT = SiteOp(
     scalars=("layout",),
 )
 PROJECTIONS = ("frod_V", "frod_s_indices", "frod_s_size")
-FROD_TYPES = ("Linear", "NonDynamicallyQuantizableLinear", "Conv1D")
+FROD_TYPES = (*per_module.LINEAR_TYPES, "Conv1D")
 BASE_DERIVED = "FRoD's U is derived from the base weight when the adapter is loaded"
 """``Site.info`` note that makes ``insert-sites`` refuse an earlier adapter on the same module."""
 
@@ -78,7 +78,7 @@ def frod_weight(
     """``U (S + diag λ) Vᵀ`` in ``weight``'s layout and dtype (``weight`` itself is replaced, not read)."""
     core = sparse(s_indices, s_values, frod_v.shape[0]) + torch.diag(lambda_l.to(torch.float32))
     adapted = frod_u.to(torch.float32) @ core @ frod_v.to(torch.float32).T
-    return (adapted.T if layout == "linear_t" else adapted).to(weight.dtype)
+    return from_out_in(adapted, weight, layout).to(weight.dtype)
 
 
 def basis_factor(weight: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -150,7 +150,7 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
     used: set[str] = set()
     rebuilt = None if cfg.get("save_projection", True) else _rebuilt(source, modules)
 
-    def build(module: module_sites.Module, warnings: list[str]) -> list[Site]:
+    def build(module: per_module.Module, warnings: list[str]) -> list[Site]:
         d_in = module.d_in
         if rebuilt is None:
             v, s_indices = _projections(source, saved, category(module.path), d_in, used)
@@ -160,25 +160,21 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
                 warnings.append(REBUILT)
         nnz = s_indices.tensor.shape[1]
         shapes = {"frod_lambda_l": (d_in,), "frod_lambda_s_values": (nnz,)}
-        module_sites.require(source, module, shapes, f"category {category(module.path)!r} with {nnz} sparse entries")
+        per_module.require(source, module, shapes, f"category {category(module.path)!r} with {nnz} sparse entries")
         weight = modules.tensors.get(module.info.params["weight"])
         if weight is None:
             raise InputError(
                 f"{source.config_path}: FRoD's U for {module.path!r} needs the base weight, which is not held"
             )
-        if fan_in_fan_out != (module.layout == "linear_t"):
-            warnings.append(
-                f"fan_in_fan_out={fan_in_fan_out} but {module.path!r} is a {module.info.class_name}; "
-                f"using fan_in_fan_out={module.layout == 'linear_t'} as PEFT does"
-            )
-        w = weight.T if module.layout == "linear_t" else weight
+        per_module.note_fan_in_fan_out(fan_in_fan_out, module, warnings)
+        w = as_out_in(weight, module.layout)
         u = AdapterTensor(f"U of {module.path} from the base weight and {v.key}", basis_factor(w, v.tensor))
         tensors = {"frod_U": u, "frod_V": v, "frod_s_indices": s_indices, **module.tensors}
         info = {"module_type": module.info.class_name, "category": category(module.path), "sparse_entries": nnz}
         info["base_weight_derived"] = BASE_DERIVED
         return [Site(module.path, FROD_WEIGHT.name, tensors, {"layout": module.layout}, info, "weight")]
 
-    adapter = module_sites.parse(
+    adapter = per_module.parse(
         rest,
         modules,
         peft_type="FROD",

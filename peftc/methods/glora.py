@@ -33,7 +33,7 @@ import torch
 
 from peftc.errors import InputError
 from peftc.ir.modules import ModuleTable
-from peftc.methods import common, module_sites
+from peftc.methods import common, per_module
 from peftc.methods.base import Adapter, AdapterSource, ParseOptions, Site
 from peftc.methods.record import Method
 from peftc.ops import SiteOp, composite_op
@@ -123,7 +123,7 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
     r = common.check_rank(source, "every target", cfg.get("r", 8))
     unused: list[tuple[str, str]] = []
 
-    def build(module: module_sites.Module, warnings: list[str]) -> list[Site]:
+    def build(module: per_module.Module, warnings: list[str]) -> list[Site]:
         has_bias = "bias" in module.info.params
         form = dict.fromkeys("AB", settings["config_A_B"]) | {"C": settings["config_C"]}
         form |= dict.fromkeys("DE", settings["config_D_E"])
@@ -155,7 +155,7 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
         bias = {role: tensors.get(role) for role in GLORA_BIAS.tensor_roles}
         return [Site(module.path, GLORA_BIAS.name, bias, {}, info, "bias"), *sites]  # bias first: it reads W
 
-    adapter = module_sites.parse(
+    adapter = per_module.parse(
         source,
         modules,
         peft_type="GLORA",

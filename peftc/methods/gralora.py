@@ -31,10 +31,10 @@ import torch
 
 from peftc.errors import InputError
 from peftc.ir.modules import ModuleTable
-from peftc.methods import common, module_sites
+from peftc.methods import common, per_module
 from peftc.methods.base import Adapter, AdapterSource, ParseOptions, Site
 from peftc.methods.record import Method
-from peftc.ops import SiteOp, composite_op
+from peftc.ops import SiteOp, composite_op, from_out_in
 
 GRALORA_WEIGHT = SiteOp(
     name="gralora_weight",
@@ -73,7 +73,7 @@ def gralora_weight(
 ) -> torch.Tensor:
     """``W + s·ΔW`` for a ``linear`` ``[d_out, d_in]`` or ``linear_t`` ``[d_in, d_out]`` weight (fp32 math)."""
     delta = delta_weight(gralora_a, gralora_b, gralora_a_general, gralora_b_general) * scale
-    return (weight.to(torch.float32) + (delta.T if layout == "linear_t" else delta)).to(weight.dtype)
+    return (weight.to(torch.float32) + from_out_in(delta, weight, layout)).to(weight.dtype)
 
 
 FIELDS = common.Fields(
@@ -95,7 +95,7 @@ FIELDS = common.Fields(
     },
     defaults={"r": 32, "hybrid_r": 0, "alpha": 64, "gralora_k": 2, "bias": "none"},
 )
-TYPES = ("Linear", "NonDynamicallyQuantizableLinear", "Conv1D")
+TYPES = (*per_module.LINEAR_TYPES, "Conv1D")
 ROLES = {"gralora_A": "gralora_A", "gralora_B": "gralora_B"}
 ROLES |= {"gralora_A_general.weight": "gralora_A_general", "gralora_B_general.weight": "gralora_B_general"}
 
@@ -130,7 +130,7 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
     r, hybrid, k, alpha = _settings(source)
     fan_in_fan_out = bool(source.config.get("fan_in_fan_out", False))
 
-    def build(module: module_sites.Module, warnings: list[str]) -> list[Site]:
+    def build(module: per_module.Module, warnings: list[str]) -> list[Site]:
         d_in, d_out = module.d_in, module.d_out
         if d_in % k or d_out % k:
             raise InputError(
@@ -143,18 +143,14 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
         extra = next((t for role, t in module.tensors.items() if role not in shapes), None)
         if extra is not None:
             raise InputError(f"{source.describe(extra.key)}: hybrid_r=0, so PEFT creates no hybrid factors")
-        module_sites.require(source, module, shapes, f"r={r}, gralora_k={k}, hybrid_r={hybrid}")
-        if fan_in_fan_out != (module.layout == "linear_t"):
-            warnings.append(
-                f"fan_in_fan_out={fan_in_fan_out} but {module.path!r} is a {module.info.class_name}; "
-                f"using fan_in_fan_out={module.layout == 'linear_t'} as PEFT does"
-            )
+        per_module.require(source, module, shapes, f"r={r}, gralora_k={k}, hybrid_r={hybrid}")
+        per_module.note_fan_in_fan_out(fan_in_fan_out, module, warnings)
         tensors = {role: module.tensors.get(role) for role in GRALORA_WEIGHT.tensor_roles}
         scalars = {"scale": alpha / (r + hybrid), "layout": module.layout}
         info = {"module_type": module.info.class_name, "r": r, "gralora_k": k, "hybrid_r": hybrid}
         return [Site(module.path, GRALORA_WEIGHT.name, tensors, scalars, info, "weight")]
 
-    return module_sites.parse(
+    return per_module.parse(
         source,
         modules,
         peft_type="GRALORA",

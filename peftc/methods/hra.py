@@ -80,7 +80,7 @@ FIELDS = common.Fields(
     ignored={"init_weights": "initialisation only (the trained vectors are in the file)"},
     defaults={"r": 8, "apply_GS": False, "bias": "none"},
 )
-TYPES = ("Linear", "NonDynamicallyQuantizableLinear", "Conv2d")
+TYPES = (*per_module.LINEAR_TYPES, "Conv2d")
 
 
 def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) -> Adapter:
@@ -100,6 +100,7 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
         fields=FIELDS,
         roles={"hra_u": "hra_u"},
         types=TYPES,
+        required=("hra_u",),
     )
     r = per_module.positive_int(source, "r", per_module.setting(read, FIELDS, "r"))
     apply_gs = bool(read.honoured["apply_GS"])
@@ -112,14 +113,14 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
             inputs *= size
         u = target.tensors["hra_u"]
         common.expect_shape(source, u, (inputs, r), f"[{inputs}, r={r}] for {target.describe()}")
-        info = {"module_type": target.module.class_name, "r": r, "apply_GS": apply_gs}
+        info = {"module_type": target.info.class_name, "r": r, "apply_GS": apply_gs}
         scalars = {"apply_gs": apply_gs, "layout": target.layout}
         sites.append(Site(target.path, HRA_WEIGHT.name, {"hra_u": u}, scalars, info, "weight"))
     return common.adapter(source, "hra", sites, read.grouped, read.honoured, read.ignored)
 
 
-def _check_conv(source: AdapterSource, target: per_module.Target) -> None:
-    attrs = conv_attributes(target.module) or {}
+def _check_conv(source: AdapterSource, target: per_module.Module) -> None:
+    attrs = conv_attributes(target.info) or {}
     where = f"{source.config_path.name}: HRA on Conv2d {target.path!r}"
     disagree = "PEFT's unmerged forward and its merged weight compute different things"
     kernel = target.shape[2:]

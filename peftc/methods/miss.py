@@ -102,6 +102,7 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
         fields=FIELDS,
         roles={"miss_block": "miss_block"},
         types=per_module.LINEAR_TYPES,
+        required=("miss_block",),
     )
     form = per_module.setting(read, FIELDS, "init_weights")
     if form not in (True, False, "bat", "mini"):
@@ -122,7 +123,7 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
         block = target.tensors["miss_block"]
         what = f"{list(expected)} for {target.describe()}, r={r}, init_weights={form!r}"
         common.expect_shape(source, block, expected, what)
-        info = {"module_type": target.module.class_name, "r": r, "form": _form_name(form)}
+        info = {"module_type": target.info.class_name, "r": r, "form": _form_name(form)}
         sites.append(Site(target.path, MISS_WEIGHT.name, {"miss_block": block}, {"bat": form == "bat"}, info, "weight"))
     return common.adapter(source, "miss", sites, read.grouped, read.honoured, read.ignored)
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from peftc.errors import InputError, UnsupportedError
 from peftc.ir.modules import ModuleTable
-from peftc.methods import common, module_sites
+from peftc.methods import common, per_module
 from peftc.methods.base import Adapter, AdapterSource, AdapterTensor, ParseOptions, Site
 from peftc.methods.record import Method
 from peftc.ops import SiteOp, composite_op
@@ -159,13 +159,13 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
         )
     depth = int(depth)
 
-    def build(module: module_sites.Module, warnings: list[str]) -> list[Site]:
+    def build(module: per_module.Module, warnings: list[str]) -> list[Site]:
         layers = [f"peanut_{s}.{k}" for s in ("encoders", "decoders") for k in range(depth)]
         shapes = {"peanut_A": (r, module.d_out), "peanut_B": (module.d_out, r)} | dict.fromkeys(layers, (r, r))
         extra = next((t for role, t in module.tensors.items() if role not in shapes), None)
         if extra is not None:
             raise InputError(f"{source.describe(extra.key)}: depth={depth}, so PEFT creates no such layer")
-        module_sites.require(source, module, shapes, f"r={r}, depth={depth}")
+        per_module.require(source, module, shapes, f"r={r}, depth={depth}")
         tensors = {"peanut_A": module.tensors["peanut_A"], "peanut_B": module.tensors["peanut_B"]}
         for stack in ("encoders", "decoders"):
             parts = [module.tensors[f"peanut_{stack}.{k}"] for k in range(depth)]
@@ -175,14 +175,14 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
         scalars = {"scaling": scaling, "act_fn": act_fn}
         return [Site(module.path, PEANUT_WEIGHT.name, tensors, scalars, info, "weight")]
 
-    return module_sites.parse(
+    return per_module.parse(
         source,
         modules,
         peft_type="PEANUT",
         title="PEANuT",
         fields=FIELDS,
         roles=_role,
-        types=("Linear", "NonDynamicallyQuantizableLinear"),
+        types=per_module.LINEAR_TYPES,
         build=build,
         bias_field=None,
     )

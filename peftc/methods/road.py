@@ -35,7 +35,7 @@ import torch
 
 from peftc.errors import InputError
 from peftc.ir.modules import ModuleTable
-from peftc.methods import common, module_sites
+from peftc.methods import common, per_module
 from peftc.methods.base import Adapter, AdapterSource, ParseOptions, Site
 from peftc.methods.record import Method
 from peftc.ops import SiteOp, composite_op
@@ -77,7 +77,7 @@ FIELDS = common.Fields(
     ignored={"init_weights": "initialisation only (the trained angles and scales are in the file)"},
     defaults={"variant": "road_1", "group_size": 64},
 )
-TYPES = ("Linear", "NonDynamicallyQuantizableLinear")
+TYPES = per_module.LINEAR_TYPES
 
 
 def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) -> Adapter:
@@ -100,20 +100,20 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
         raise InputError(f"{source.config_path}: group_size={group_size!r}; it must be a positive even number")
     group_size = int(group_size)
 
-    def build(module: module_sites.Module, warnings: list[str]) -> list[Site]:
+    def build(module: per_module.Module, warnings: list[str]) -> list[Site]:
         if module.d_out % group_size:
             raise InputError(
                 f"{source.config_path}: group_size={group_size} does not divide the {module.d_out} outputs of "
                 f"{module.describe()} (PEFT refuses it too)"
             )
         size = int(module.d_out * VARIANTS[variant])
-        module_sites.require(source, module, {"road_theta": (size,), "road_alpha": (size,)}, f"variant={variant}")
+        per_module.require(source, module, {"road_theta": (size,), "road_alpha": (size,)}, f"variant={variant}")
         scalars = {"variant": variant, "group_size": group_size}
         info = {"module_type": module.info.class_name, "variant": variant, "group_size": group_size}
         params = ["weight", *(["bias"] if "bias" in module.info.params else [])]
         return [Site(module.path, ROAD_WEIGHT.name, dict(module.tensors), scalars, info, p) for p in params]
 
-    return module_sites.parse(
+    return per_module.parse(
         source,
         modules,
         peft_type="ROAD",

@@ -33,7 +33,7 @@ import torch
 
 from peftc.errors import InputError
 from peftc.ir.modules import ModuleTable
-from peftc.methods import common, module_sites
+from peftc.methods import common, per_module
 from peftc.methods.base import Adapter, AdapterSource, AdapterTensor, ParseOptions, Site
 from peftc.methods.record import Method
 from peftc.ops import SiteOp, composite_op
@@ -117,7 +117,7 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
     unused: list[tuple[str, str]] = []
     warned: list[str] = []
 
-    def build(module: module_sites.Module, warnings: list[str]) -> list[Site]:
+    def build(module: per_module.Module, warnings: list[str]) -> list[Site]:
         numel = module.d_in * module.d_out
         k = int(numel * (1 - value["sparsity"]))
         if k < 1:
@@ -137,7 +137,7 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
         extra = next((t for role, t in tensors.items() if role not in shapes), None)
         if extra is not None:
             raise InputError(f"{source.describe(extra.key)}: r is unset, so PEFT creates no LoRA factors")
-        module_sites.require(source, dataclasses.replace(module, tensors=tensors), shapes, f"k={k}")
+        per_module.require(source, dataclasses.replace(module, tensors=tensors), shapes, f"k={k}")
         indices = _indices(source, tensors["supertuning_indices"], numel) if saved else None
         if indices is None:
             indices = _chosen(source, modules, module, k, bool(value["select_top"]))
@@ -156,14 +156,14 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
             info["base_weight_derived"] = "Super-Tuning's positions are chosen from the base weight when it is loaded"
         return [Site(module.path, SUPERTUNING_WEIGHT.name, site_tensors, {"scale": scale}, info, "weight")]
 
-    adapter = module_sites.parse(
+    adapter = per_module.parse(
         source,
         modules,
         peft_type="SUPERTUNING",
         title="Super-Tuning",
         fields=FIELDS,
         roles=ROLES,
-        types=("Linear", "NonDynamicallyQuantizableLinear"),
+        types=per_module.LINEAR_TYPES,
         build=build,
         bias_field=None,
     )
@@ -180,9 +180,7 @@ def _indices(source: AdapterSource, saved: AdapterTensor, numel: int) -> Adapter
     return AdapterTensor(f"{saved.key} as int64", tensor.to(torch.int64))
 
 
-def _chosen(
-    source: AdapterSource, modules: ModuleTable, module: module_sites.Module, k: int, top: bool
-) -> AdapterTensor:
+def _chosen(source: AdapterSource, modules: ModuleTable, module: per_module.Module, k: int, top: bool) -> AdapterTensor:
     """The ``k`` positions PEFT chooses from the base weight (largest or smallest ``|W|``)."""
     weight = modules.tensors.get(module.info.params["weight"])
     if weight is None:

@@ -190,6 +190,7 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
         fields=FIELDS,
         roles={"waveft_spectrum": "spectrum"},
         types=TYPES,
+        required=("spectrum",),
     )
     common.check_number(source, "scaling", "n_frequency")
     setting = {name: per_module.setting(read, FIELDS, name) for name in FIELDS.defaults}
@@ -199,7 +200,7 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
     if use_idwt:
         bank = filter_bank(str(setting["wavelet_family"]), source.config_path)
         filters = AdapterTensor(f"{setting['wavelet_family']} reconstruction filters", bank, shared=True)
-    sizes = {t.path: common.io_dims(modules, t.module, t.layout)[::-1] for t in read.targets}
+    sizes = {t.path: (t.d_out, t.d_in) for t in read.targets}
     counts = _frequencies(source, read, sizes, int(setting["n_frequency"]))
     sites = []
     for target in read.targets:
@@ -214,7 +215,7 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
         common.expect_shape(source, spectrum, (n,), f"[n_frequency={n}] for {target.describe()}")
         drawn = frequencies(seed, n, d_out, d_in)
         indices = AdapterTensor(f"positions of {target.path} redrawn from random_loc_seed={seed}", drawn)
-        info = {"module_type": target.module.class_name, "n_frequency": n, "wavelet": setting["wavelet_family"]}
+        info = {"module_type": target.info.class_name, "n_frequency": n, "wavelet": setting["wavelet_family"]}
         tensors = {"waveft_indices": indices, "waveft_spectrum": spectrum, "waveft_filters": filters}
         scalars = {"scaling": float(setting["scaling"]), "layout": target.layout}
         sites.append(Site(target.path, WAVEFT_WEIGHT.name, tensors, scalars, info, "weight"))
