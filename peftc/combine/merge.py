@@ -111,16 +111,14 @@ def _consensus(
     divisor = torch.zeros_like(trimmed[0])
     conflicts = torch.zeros(trimmed[0].shape, dtype=torch.bool)
     for w, tau in zip(weights, trimmed, strict=True):
-        voted = tau.sign() if convention == "peft" else (w * tau).sign()
+        voted = tau.sign()
+        if convention != "peft" and w <= 0:  # the sign of w·τ
+            voted.mul_(-1.0 if w < 0 else 0.0)
         agree = voted == sign
-        conflicts |= (voted != 0) & ~agree
-        merged = merged + w * tau * agree
-        if convention == "peft":
-            divisor = divisor + agree.to(merged.dtype)
-        elif convention == "paper":
-            divisor = divisor + abs(w) * agree
-        else:
-            divisor = divisor + w * agree
+        conflicts.logical_or_(voted.ne(0).logical_and_(agree.logical_not()))
+        merged.add_(torch.where(agree, tau, 0.0), alpha=w)
+        share = 1.0 if convention == "peft" else abs(w) if convention == "paper" else w
+        divisor.add_(agree.to(merged.dtype), alpha=share)
     if convention == "peft":
         merged = merged / divisor.clamp(min=1.0)
     elif convention == "paper":

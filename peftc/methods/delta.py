@@ -4,8 +4,8 @@ is not low-rank (a trimmed, sign-elected or rescaled sum of task vectors).
 **Format.** A directory like a PEFT adapter's:
 
 * ``adapter_config.json``: ``{"peft_type": "PEFTC_DELTA", "format_version": 1, "dtype": "float32",
-  "base_model_name_or_path": …, "combine": {…}}`` (``combine`` records the method, its parameters,
-  the seed and each input adapter's sha256; informational);
+  "base_model_name_or_path": …}`` (``peftc combine`` writes how it was made — method, parameters, seed,
+  each input adapter's sha256 — beside it in ``combine.json``);
 * ``adapter_model.safetensors``: one fp32 tensor per changed base tensor, named by the base's
   state-dict key (``encoder.layer.0.attention.self.query.weight``), shaped like it: ``ΔW``.
 
