@@ -31,6 +31,7 @@ from peftc.ir.modules import ModuleTable
 from peftc.loaders.inputs import InputSignature
 from peftc.methods import common
 from peftc.methods.base import Adapter, AdapterSource, AdapterTensor, ParseOptions
+from peftc.methods.prompt.parse import cfg_int
 from peftc.methods.record import Inserted, Method
 
 KINDS = {"llama": "self_attn", "mistral": "self_attn", "gpt2": "attn"}
@@ -106,8 +107,8 @@ def read(source: AdapterSource) -> dict[str, dict[str, AdapterTensor]]:
         InputError: a key that is neither, a path without both, or a misshapen tensor.
     """
     cfg = source.config
-    length = common_int(source, "adapter_len")
-    common_int(source, "adapter_layers")
+    length = cfg_int(source, "adapter_len", None)
+    cfg_int(source, "adapter_layers", None)
     found: dict[str, dict[str, AdapterTensor]] = {}
     for key, tensor in source.tensors.items():
         path, _, role = key.removeprefix(PREFIX).rpartition(".")
@@ -126,13 +127,6 @@ def read(source: AdapterSource) -> dict[str, dict[str, AdapterTensor]]:
     if len(found) != cfg.get("adapter_layers"):
         raise InputError(f"{source.weights_path}: {len(found)} adapted layers; the config says {cfg['adapter_layers']}")
     return found
-
-
-def common_int(source: AdapterSource, name: str) -> int:
-    value = source.config.get(name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InputError(f"{source.config_path}: {name}={value!r}; give a positive integer")
-    return value
 
 
 def insert(source: AdapterSource, module: torch.nn.Module, base: InputSignature) -> Inserted:

@@ -125,8 +125,13 @@ def _tasks(source: AdapterSource, count: int, width: int, task: str) -> tuple[Ad
     return cols, rows
 
 
-def cfg_int(source: AdapterSource, name: str) -> int:
-    value = source.config.get(name, 1)
+def cfg_int(source: AdapterSource, name: str, default: int | None = 1) -> int:
+    """The config field ``name`` (``default`` when absent, as PEFT's config defaults it).
+
+    Raises:
+        InputError: it is not a positive integer.
+    """
+    value = source.config.get(name, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InputError(f"{source.config_path}: {name}={value!r}; give a positive integer")
     return value

@@ -71,8 +71,8 @@ class Prefixed(torch.nn.Module):
 
 def read(source: AdapterSource) -> parse.Prompt:
     """:func:`parse.read` for a prefix: rows of ``2·num_layers·token_dim``."""
-    layers, width = parse.cfg_int(source, "num_layers"), parse.cfg_int(source, "token_dim")
-    parse.cfg_int(source, "num_attention_heads")
+    layers, width = parse.cfg_int(source, "num_layers", None), parse.cfg_int(source, "token_dim", None)
+    parse.cfg_int(source, "num_attention_heads", None)
     return parse.read(source, TASKS, 2 * layers * width)
 
 
