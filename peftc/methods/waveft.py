@@ -202,9 +202,14 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
         filters = AdapterTensor(f"{setting['wavelet_family']} reconstruction filters", bank, shared=True)
     sizes = {t.path: (t.d_out, t.d_in) for t in read.targets}
     counts = _frequencies(source, read, sizes, int(setting["n_frequency"]))
-    sites = []
+    sites, warnings = [], []
     for target in read.targets:
         d_out, d_in = sizes[target.path]
+        if bool(source.config.get("fan_in_fan_out", False)) != (target.layout == "linear_t"):
+            warnings.append(
+                f"fan_in_fan_out={source.config.get('fan_in_fan_out', False)} but {target.path!r} is a "
+                f"{target.module.class_name}; using fan_in_fan_out={target.layout == 'linear_t'} as PEFT does"
+            )
         n = per_module.positive_int(source, f"n_frequency for {target.path!r}", counts[target.path])
         if n > d_out * d_in:
             raise InputError(
@@ -219,7 +224,7 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
         tensors = {"waveft_indices": indices, "waveft_spectrum": spectrum, "waveft_filters": filters}
         scalars = {"scaling": float(setting["scaling"]), "layout": target.layout}
         sites.append(Site(target.path, WAVEFT_WEIGHT.name, tensors, scalars, info, "weight"))
-    return common.adapter(source, "waveft", sites, read.grouped, read.honoured, read.ignored)
+    return common.adapter(source, "waveft", sites, read.grouped, read.honoured, read.ignored, warnings)
 
 
 def _frequencies(

@@ -113,6 +113,11 @@ def test_proportional_and_patterned_frequencies_match_peft_end_to_end(tmp_path):
         path = models.make_adapter(mixed(), tmp_path / case, config)
         parsed = load_adapter(path, ir.module_table(program))
         assert {s.module: s.info["n_frequency"] for s in parsed.sites} == counts[case]
+        assert {s.module: s.scalars["layout"] for s in parsed.sites} == {
+            "up": "linear",
+            "mid": "linear_t",
+            "down": "linear",
+        }
         reference = adapt(program, path)
         inputs = parse_inputs(INPUTS).example({"batch": 3}, seed=3)
         expected = models.peft_outputs(mixed(), path, inputs)
