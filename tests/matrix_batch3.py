@@ -10,9 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-
-def _linear_only(title: str) -> str:
-    return f"PEFT's {title} adapts nn.Linear only, not transformers' Conv1D"
+LINEAR_ONLY = "PEFT's DeLoRA, RoAd, GLoRA, PEANuT and Super-Tuning adapt nn.Linear only, not transformers' Conv1D"
 
 
 def linear_targets(family: Any) -> Any:
@@ -27,7 +25,7 @@ def delora(family: Any) -> Any:
     from peft import DeloraConfig
 
     if family.linear_type != "Linear":
-        return _linear_only("DeLoRA")
+        return LINEAR_ONLY
     return DeloraConfig(r=4, delora_lambda=3, target_modules=linear_targets(family))
 
 
@@ -39,7 +37,7 @@ def road(family: Any) -> Any:
     from peft import RoadConfig
 
     if family.linear_type != "Linear":
-        return _linear_only("RoAd")
+        return LINEAR_ONLY
     return RoadConfig(variant=ROAD_VARIANTS[family.name], group_size=4, target_modules=linear_targets(family))
 
 
@@ -68,7 +66,7 @@ def glora(family: Any) -> Any:
     from peft import GloraConfig
 
     if family.linear_type != "Linear":
-        return "PEFT's GLoRA adapts plain nn.Linear only, not transformers' Conv1D"
+        return LINEAR_ONLY
     a_b, c, d_e = GLORA_FORMS[family.name]
     targets = linear_targets(family)
     return GloraConfig(r=4, config_A_B=a_b, config_C=c, config_D_E=d_e, target_modules=targets)
@@ -82,7 +80,7 @@ def peanut(family: Any) -> Any:
     from peft import PeanutConfig
 
     if family.linear_type != "Linear":
-        return _linear_only("PEANuT")
+        return LINEAR_ONLY
     depth, act_fn = PEANUT_SETTINGS[family.name]
     return PeanutConfig(r=4, depth=depth, act_fn=act_fn, scaling=0.5, target_modules=linear_targets(family))
 
@@ -95,7 +93,7 @@ def supertuning(family: Any) -> Any:
     from peft import SupertuningConfig
 
     if family.linear_type != "Linear":
-        return _linear_only("Super-Tuning")
+        return LINEAR_ONLY
     top, r = SUPERTUNING_SETTINGS[family.name]
     return SupertuningConfig(sparsity=0.5, select_top=top, r=r, target_modules=linear_targets(family))
 
