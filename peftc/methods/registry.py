@@ -42,6 +42,7 @@ from peftc.methods import (
     oft,
     osf,
     peanut,
+    poly,
     prompt,
     psoft,
     pvera,
@@ -108,6 +109,8 @@ METHODS: list[Method] = [
     frod.METHOD,
     delta.METHOD,
     *prompt.METHODS,
+    # Issue 19, routed: Poly (router in the program, task_ids input).
+    poly.METHOD,
     SLOTS,
 ]
 """In the order their extra passes run. ``SLOTS`` is not an adapter format: swappable artifacts' ops."""
