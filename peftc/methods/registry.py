@@ -47,6 +47,7 @@ from peftc.methods import (
     psoft,
     pvera,
     randlora,
+    refused,
     road,
     shira,
     ssf,
@@ -118,6 +119,9 @@ METHODS: list[Method] = [
 REFUSED_TYPES: dict[str, str] = {
     # Issue 19, batch tuners2.
     "LILY": lily.REFUSAL,
+    # Issue 19, routed.
+    "XLORA": refused.XLORA,
+    "SHADOW": refused.SHADOW,
 }
 """PEFT types peftc knows and refuses, with the reason (no parser reads them)."""
 
