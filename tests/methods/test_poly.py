@@ -2,7 +2,8 @@
 
 PEFT builds and saves each adapter with every trained tensor perturbed (``models.make_adapter``); the
 program peftc traces must match PEFT's eager ``PeftModelFor<task>`` within the fp32 bound on tiny BERT
-(``SEQ_CLS``, with its ``modules_to_save`` head) and tiny LLaMA (``CAUSAL_LM``), a sign-flipped update must fail verification, and
+(``SEQ_CLS``, with its ``modules_to_save`` head) and tiny LLaMA (``CAUSAL_LM``), the ONNX artifact
+must match PEFT on a batch of mixed tasks, a sign-flipped update must fail verification, and
 each refusal has its own test.
 """
 
@@ -19,12 +20,13 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import edited_adapter
+from conftest import assert_outputs_close, edited_adapter
 
+import peftc
 from peftc.driver.build import Sources, Stages, build
 from peftc.errors import InputError, UnsupportedError
 from peftc.ir.modules import module_table_from_module
-from peftc.loaders.inputs import from_transformers
+from peftc.loaders.inputs import InputSignature, from_transformers
 from peftc.methods import poly, registry
 from peftc.methods.loading import read_adapter
 from peftc.verification import OraclePlan, program_oracle, verify
@@ -87,6 +89,22 @@ def test_bert_matches_peft_with_its_head_copied():
     assert report.passed, {(c.oracle, o.name): o.max_rel for c in report.cases for o in c.outputs}
     (adapter,) = built.adapters
     assert [r.param for r in adapter.replacements] == ["base_model.classifier.bias", "base_model.classifier.weight"]
+
+
+def test_onnx_artifact_matches_peft_on_mixed_tasks(tmp_path):
+    module, path = _model("bert"), _adapter("bert")
+    artifact = peftc.compile(module, path, out=tmp_path / "out")
+    verification = artifact.manifest.verification
+    assert verification["passed"] and {c["oracle"] for c in verification["cases"]} == {"reference", "peft"}
+    signature = InputSignature.from_json(artifact.manifest.target["signature"])
+    assert signature.names == [i.name for i in from_transformers(module).inputs] + ["task_ids"]
+    assert artifact.manifest.target["index_ranges"]["task_ids"] == [0, 3]  # the runner refuses others
+    inputs = signature.example({**signature.cases(1)[0], "batch": 3}, seed=11)
+    inputs["task_ids"] = torch.tensor([2, 0, 1])
+    runner = peftc.load(artifact.path)
+    assert_outputs_close(runner(**inputs), models.peft_outputs(module, path, inputs))
+    with pytest.raises(InputError, match=r"input 'task_ids': value 3 at \[1\] is outside \[0, 3\)"):
+        runner(**{**inputs, "task_ids": torch.tensor([2, 3, 1])})
 
 
 def test_verification_catches_a_sign_flipped_update(monkeypatch):
