@@ -158,3 +158,12 @@ def test_refuses_a_program_traced_without_the_router():
     table = module_table_from_module(models.tiny_bert(head=True))
     with pytest.raises(UnsupportedError, match="POLY adapter is inserted when peftc traces the model"):
         registry.parse_adapter(read_adapter(_adapter("bert")), table)
+
+
+def test_refuses_a_stack():
+    source = read_adapter(_adapter("bert"))
+    module = _model("bert")
+    with pytest.raises(
+        UnsupportedError, match=r"a POLY adapter is inserted by wrapping the base model .* \(compile it alone\)"
+    ):
+        registry.insertion([source, source], module, from_transformers(module))
