@@ -154,8 +154,10 @@ def read(source: AdapterSource) -> tuple[tuple[Module, ...], tuple[str, ...]]:
         modules.append(Module(path, (a, b, logits)))
     known = {t.key for m in modules for t in m.tensors}
     other = sorted(k for k in source.tensors if k not in known and ".poly_" in k)
-    if other or not modules:
-        raise InputError(f"{source.describe(other[0]) if other else source.weights_path}: no Poly module tensors")
+    if other:
+        raise InputError(f"{source.describe(other[0])}: not a Poly tensor ({', '.join(ROLES)})")
+    if not modules:
+        raise InputError(f"{source.weights_path}: no Poly tensors ({', '.join(ROLES)}) of any module")
     saved = tuple(sorted(k for k in source.tensors if k not in known))
     return tuple(modules), saved
 

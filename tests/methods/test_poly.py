@@ -167,3 +167,21 @@ def test_refuses_a_stack():
         UnsupportedError, match=r"a POLY adapter is inserted by wrapping the base model .* \(compile it alone\)"
     ):
         registry.insertion([source, source], module, from_transformers(module))
+
+
+def test_refuses_a_key_that_is_not_a_poly_tensor(tmp_path):
+    key = "base_model.model.bert.encoder.layer.0.attention.self.query.poly_lora_C"
+    with pytest.raises(InputError, match=re.escape(f"{key}: not a Poly tensor (poly_lora_A, ")):
+        _insert(_source(tmp_path, tensors={key: torch.ones(2)}))
+
+
+def test_refuses_a_head_copy_the_model_lacks(tmp_path):
+    key = "base_model.model.classifier.extra"
+    with pytest.raises(InputError, match=re.escape(f"{key}: not a Poly tensor or a modules_to_save copy")):
+        registry.parse_adapter(_source(tmp_path, tensors={key: torch.ones(2)}), _traced_table())
+
+
+def _traced_table():
+    """The module table of the wrapper the BERT adapter is traced in (built from the module, untraced)."""
+    inserted = _insert(read_adapter(_adapter("bert")))
+    return module_table_from_module(inserted.wrap(_model("bert")))
