@@ -55,6 +55,7 @@ PEFT_FORMATS = {
 }
 """The PEFT methods the README says peftc reads ("What is supported", "Adapter formats")."""
 PEFT_FORMATS |= {"OSF", "PSOFT", "HIRA", "ADAMSS", "DEFT"}  # issue 19, batch 4
+PEFT_FORMATS |= {"POLY"}  # issue 19, routed (XLORA and SHADOW are refused)
 OWN_FORMATS = {"SSF", "ZEROI2V", "PEFTC_DELTA"}
 """The formats the README says peftc reads although PEFT does not implement them."""
 

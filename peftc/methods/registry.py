@@ -42,10 +42,12 @@ from peftc.methods import (
     oft,
     osf,
     peanut,
+    poly,
     prompt,
     psoft,
     pvera,
     randlora,
+    refused,
     road,
     shira,
     ssf,
@@ -108,6 +110,8 @@ METHODS: list[Method] = [
     frod.METHOD,
     delta.METHOD,
     *prompt.METHODS,
+    # Issue 19, routed: Poly (router in the program, task_ids input).
+    poly.METHOD,
     SLOTS,
 ]
 """In the order their extra passes run. ``SLOTS`` is not an adapter format: swappable artifacts' ops."""
@@ -115,6 +119,9 @@ METHODS: list[Method] = [
 REFUSED_TYPES: dict[str, str] = {
     # Issue 19, batch tuners2.
     "LILY": lily.REFUSAL,
+    # Issue 19, routed.
+    "XLORA": refused.XLORA,
+    "SHADOW": refused.SHADOW,
 }
 """PEFT types peftc knows and refuses, with the reason (no parser reads them)."""
 

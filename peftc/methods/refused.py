@@ -1,0 +1,35 @@
+"""Routed PEFT types peftc refuses (X-LoRA, ShadowPEFT), with the reasons read from PEFT's source.
+
+**X-LoRA** (``peft/tuners/xlora/model.py``): every forward runs the model twice. A pre-forward hook
+first runs it with the LoRA experts disabled, feeds that pass's hidden states to a trained classifier
+that outputs a scaling per token, layer and expert, then runs the real pass with those scalings
+injected into every LoRA layer. The mix is a function of each token's activations (no weight form),
+and the experts are other adapter directories named in the config's ``adapters`` field. Lowering it
+means tracing both passes and the classifier into one program and reading several adapters as one;
+peftc does neither yet, so the type is refused.
+
+**ShadowPEFT** (``peft/tuners/shadow/``): a second, trainable transformer backbone (the *shadow*
+model, built from the base's architecture) runs beside the base; at each wrapped decoder block its
+state is injected into the block's input and updated from the block's output, passed between blocks
+as a carrier object instead of a tensor. The adaptation is an input-dependent trajectory through the
+layers, not a change of any module's weights (PEFT's own merge refuses), and it wraps whole decoder
+blocks, not the modules peftc's sites adapt; peftc refuses it.
+"""
+
+from __future__ import annotations
+
+XLORA = (
+    "X-LoRA runs the model twice per forward (a scaling pass with its LoRA experts disabled, whose hidden "
+    "states feed a trained classifier, then the real pass with per-token, per-layer expert scalings) and reads "
+    "its experts from other adapter directories (the config's 'adapters'); the mix depends on each token's "
+    "activations, so there is no weight form, and peftc does not trace the two passes into one program"
+)
+"""Why ``peft_type: "XLORA"`` is refused."""
+
+SHADOW = (
+    "ShadowPEFT runs a second trainable transformer backbone beside the base and threads its state through "
+    "every wrapped decoder block (injected into the block's input, updated from its output); the adaptation "
+    "is an input-dependent trajectory, not a weight change (PEFT's own merge refuses it), and it wraps whole "
+    "decoder blocks rather than the modules peftc adapts"
+)
+"""Why ``peft_type: "SHADOW"`` is refused."""
