@@ -19,9 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import matrix_batch3 as batch3
-import matrix_tuners1 as tuners1
-import matrix_tuners2 as tuners2
+import matrix_lowrank as lowrank
+import matrix_projections as projections
+import matrix_transforms as transforms
 import models
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -258,10 +258,10 @@ def _vera(family: Family) -> Any:
     return VeraConfig(r=16, target_modules=targets, fan_in_fan_out=family.linear_type == "Conv1D", d_initial=1.0)
 
 
-# issue 19, batch 4 (OSF, PSOFT, HiRA, AdaMSS, DEFT)
+# Methods whose frozen factors are rebuilt from the base weight, or that multiply it.
 
 
-LINEAR_ONLY_REASON = tuners1.LINEAR_ONLY
+LINEAR_ONLY_REASON = transforms.LINEAR_ONLY
 
 
 def _nn_linear_only(family: Family) -> str | None:
@@ -333,34 +333,30 @@ METHODS = (
     Method("loha", "LoHa (Linear, Conv1d/2d)", _loha, "vit"),
     Method("lokr", "LoKr (Linear, Conv1d/2d)", _lokr, "convnet"),
     Method("vera", "VeRA (Linear, Conv1D)", _vera, "gpt2"),
-    # Issue 19, tuners batch 1.
-    Method("miss", "MiSS (Linear; balance, mini, bat)", tuners1.miss, "convnet"),
-    Method("hra", "HRA (Linear, Conv2d)", tuners1.hra, "convnet"),
+    Method("miss", "MiSS (Linear; balance, mini, bat)", transforms.miss, "convnet"),
+    Method("hra", "HRA (Linear, Conv2d)", transforms.hra, "convnet"),
     # noise=1: only r·(d_in + d_out) of each weight's entries are trained, each from zero.
-    Method("shira", "SHiRA (Linear)", tuners1.shira, "convnet", noise=1.0),
-    Method("fourierft", "FourierFT (Linear, Conv1D)", tuners1.fourierft, "convnet"),
-    Method("c3a", "C3A (Linear)", tuners1.c3a, "convnet"),
-    Method("waveft", "WaveFT (Linear, Conv1D; Daubechies db1–db10)", tuners1.waveft, "convnet"),
-    # Issue 19, batch tuners2.
-    Method("randlora", "RandLoRA (Linear, Conv1D)", tuners2.randlora, "convnet"),
-    Method("vblora", "VB-LoRA (Linear, Conv1D)", tuners2.vblora, "convnet", noise=1.0),
-    Method("unilora", "UniLoRA (Linear, Conv1D)", tuners2.unilora, "convnet", noise=3.0),
-    Method("pvera", "PVeRA (Linear, Conv1D; mean at inference)", tuners2.pvera, "convnet"),
-    Method("tinylora", "TinyLoRA (Linear, Conv1D, Embedding)", tuners2.tinylora, "convnet"),
-    # issue 19, batch 4
+    Method("shira", "SHiRA (Linear)", transforms.shira, "convnet", noise=1.0),
+    Method("fourierft", "FourierFT (Linear, Conv1D)", transforms.fourierft, "convnet"),
+    Method("c3a", "C3A (Linear)", transforms.c3a, "convnet"),
+    Method("waveft", "WaveFT (Linear, Conv1D; Daubechies db1–db10)", transforms.waveft, "convnet"),
+    Method("randlora", "RandLoRA (Linear, Conv1D)", projections.randlora, "convnet"),
+    Method("vblora", "VB-LoRA (Linear, Conv1D)", projections.vblora, "convnet", noise=1.0),
+    Method("unilora", "UniLoRA (Linear, Conv1D)", projections.unilora, "convnet", noise=3.0),
+    Method("pvera", "PVeRA (Linear, Conv1D; mean at inference)", projections.pvera, "convnet"),
+    Method("tinylora", "TinyLoRA (Linear, Conv1D, Embedding)", projections.tinylora, "convnet"),
     Method("osf", "OSF (Linear)", _osf, "convnet", noise=0.6),
     Method("psoft", "PSOFT (Linear)", _psoft, "convnet"),
     Method("hira", "HiRA (Linear, Conv1D, Conv1d/2d, Embedding)", _hira, "convnet"),
     Method("adamss", "AdaMSS (Linear)", _adamss, "convnet"),
     Method("deft", "DEFT (Linear, Conv1D)", _deft, "convnet"),
-    # Issue 19, batch 3 (tuners3).
-    Method("delora", "DeLoRA (Linear)", batch3.delora, "convnet"),
-    Method("road", "RoAd (Linear; `road_1`, `road_2`, `road_4`)", batch3.road, "convnet"),
-    Method("gralora", "GraLoRA (Linear, Conv1D; `hybrid_r`)", batch3.gralora, "gpt2"),
-    Method("glora", "GLoRA (Linear; every path form)", batch3.glora, "convnet"),
-    Method("peanut", "PEANuT (Linear; `depth`, `act_fn`)", batch3.peanut, "convnet"),
-    Method("supertuning", "Super-Tuning (Linear; with `r`)", batch3.supertuning, "convnet"),
-    Method("frod", "FRoD (Linear, Conv1D; projections saved or rebuilt)", batch3.frod, "convnet"),
+    Method("delora", "DeLoRA (Linear)", lowrank.delora, "convnet"),
+    Method("road", "RoAd (Linear; `road_1`, `road_2`, `road_4`)", lowrank.road, "convnet"),
+    Method("gralora", "GraLoRA (Linear, Conv1D; `hybrid_r`)", lowrank.gralora, "gpt2"),
+    Method("glora", "GLoRA (Linear; every path form)", lowrank.glora, "convnet"),
+    Method("peanut", "PEANuT (Linear; `depth`, `act_fn`)", lowrank.peanut, "convnet"),
+    Method("supertuning", "Super-Tuning (Linear; with `r`)", lowrank.supertuning, "convnet"),
+    Method("frod", "FRoD (Linear, Conv1D; projections saved or rebuilt)", lowrank.frod, "convnet"),
 )
 
 

@@ -24,20 +24,17 @@ PEFT_FORMATS = {
     "LN_TUNING",
     "TRAINABLE_TOKENS",
     "BEFT",
-    # Issue 19, tuners batch 1.
     "MISS",
     "HRA",
     "SHIRA",
     "FOURIERFT",
     "C3A",
     "WAVEFT",
-    # Issue 19, batch tuners2.
     "RANDLORA",
     "VBLORA",
     "UNILORA",
     "PVERA",
     "TINYLORA",
-    # Issue 19, batch 3 (tuners3).
     "DELORA",
     "ROAD",
     "GRALORA",
@@ -54,8 +51,8 @@ PEFT_FORMATS = {
     "ADAPTION_PROMPT",
 }
 """The PEFT methods the README says peftc reads ("What is supported", "Adapter formats")."""
-PEFT_FORMATS |= {"OSF", "PSOFT", "HIRA", "ADAMSS", "DEFT"}  # issue 19, batch 4
-PEFT_FORMATS |= {"POLY"}  # issue 19, routed (XLORA and SHADOW are refused)
+PEFT_FORMATS |= {"OSF", "PSOFT", "HIRA", "ADAMSS", "DEFT"}
+PEFT_FORMATS |= {"POLY"}  # XLORA and SHADOW are refused
 OWN_FORMATS = {"SSF", "ZEROI2V", "PEFTC_DELTA"}
 """The formats the README says peftc reads although PEFT does not implement them."""
 

@@ -1,5 +1,5 @@
 """A three-layer model whose targets differ in size and layout, for the focused tests of methods that
-adapt linear layers (issue 19, batch tuners2): ``nn.Linear`` 6→20, GPT-2 ``Conv1D`` 20→12 (weight
+adapt linear layers : ``nn.Linear`` 6→20, GPT-2 ``Conv1D`` 20→12 (weight
 ``[d_in, d_out]``) and ``nn.Linear`` 12→5, so shared tensors sized for the largest target are sliced
 differently by each. Tracing it takes a fraction of a second; the helpers parse an adapter against it
 and verify a compiled program against PEFT without building an artifact."""

@@ -1,4 +1,17 @@
-"""Routed PEFT types peftc refuses (X-LoRA, ShadowPEFT), with the reasons read from PEFT's source.
+"""PEFT types peftc refuses as a whole (Lily, X-LoRA, ShadowPEFT), with the reasons read from PEFT's source.
+
+**Lily** (``peft/tuners/lily/``): Lily gives each group of ``stride_A`` layers a shared down-projection ``A`` ``[r, d_in]`` and each
+target type ``num_B`` shared up-projections ``B_e`` ``[r, d_out]``, mixed by a router ``G``
+``[num_B, r]``. PEFT's forward, for a batch of inputs ``x_t`` (every token of every sequence)::
+
+    h_t = A x_t        p = mean_t softmax(G h_t)        y_t = W x_t + b + s · h_tᵀ Σ_e p_e B_e
+
+The mixing weights ``p`` are averaged over *all* tokens of the batch, so the update applied to one
+input depends on every other input in the batch (``tests/methods/test_lily.py`` measures it on PEFT's
+own model: one sample's output moves by more than 10⁻⁴ of its scale between running it alone and in
+a batch of four, ten times the fp32 bound). There is no weight form — PEFT's own ``merge()`` raises ``NotImplementedError`` — and a
+compiled model that reproduced the forward would give results that change with batch composition,
+padding included. peftc refuses the type.
 
 **X-LoRA** (``peft/tuners/xlora/model.py``): every forward runs the model twice. A pre-forward hook
 first runs it with the LoRA experts disabled, feeds that pass's hidden states to a trained classifier
@@ -17,6 +30,14 @@ blocks, not the modules peftc's sites adapt; peftc refuses it.
 """
 
 from __future__ import annotations
+
+LILY = (
+    "Lily mixes its shared B adapters with router weights averaged over every token of the whole batch, so "
+    "one input's output depends on the other inputs it is batched with (padding included); it has no weight "
+    "form (PEFT's own merge raises NotImplementedError), and peftc compiles only adapters whose effect is a "
+    "fixed function of each input"
+)
+"""Why ``peft_type: "LILY"`` is refused."""
 
 XLORA = (
     "X-LoRA runs the model twice per forward (a scaling pass with its LoRA experts disabled, whose hidden "

@@ -33,7 +33,6 @@ from peftc.methods import (
     hira,
     hra,
     ia3,
-    lily,
     ln_tuning,
     loha,
     lokr,
@@ -81,26 +80,26 @@ METHODS: list[Method] = [
     vera.METHOD,
     ssf.METHOD,
     zeroi2v.METHOD,
-    # Issue 19, tuners batch 1 (MiSS, HRA, SHiRA, FourierFT, C3A, WaveFT).
+    # One weight transform per module: block, reflection, sparse and spectral updates.
     miss.METHOD,
     hra.METHOD,
     shira.METHOD,
     fourierft.METHOD,
     c3a.METHOD,
     waveft.METHOD,
-    # Issue 19, batch tuners2: RandLoRA, VBLoRA, UniLoRA, PVeRA, TinyLoRA, Lily.
+    # Updates built from shared or seeded projections, drawn again as PEFT draws them.
     randlora.METHOD,
     vblora.METHOD,
     unilora.METHOD,
     pvera.METHOD,
     tinylora.METHOD,
-    # issue 19, batch 4 (OSF, PSOFT, HiRA, AdaMSS, DEFT)
+    # Updates whose frozen factors are rebuilt from the base weight, or that multiply it.
     osf.METHOD,
     psoft.METHOD,
     hira.METHOD,
     adamss.METHOD,
     deft.METHOD,
-    # Issue 19, batch 3 (tuners3): DeLoRA, RoAd, GraLoRA, GLoRA, PEANuT, Super-Tuning, FRoD.
+    # Normalised, rotated, block-wise and generalised low-rank updates.
     delora.METHOD,
     road.METHOD,
     gralora.METHOD,
@@ -110,16 +109,14 @@ METHODS: list[Method] = [
     frod.METHOD,
     delta.METHOD,
     *prompt.METHODS,
-    # Issue 19, routed: Poly (router in the program, task_ids input).
+    # Inserted before tracing: routed mixtures (task_ids input).
     poly.METHOD,
     SLOTS,
 ]
 """In the order their extra passes run. ``SLOTS`` is not an adapter format: swappable artifacts' ops."""
 
 REFUSED_TYPES: dict[str, str] = {
-    # Issue 19, batch tuners2.
-    "LILY": lily.REFUSAL,
-    # Issue 19, routed.
+    "LILY": refused.LILY,
     "XLORA": refused.XLORA,
     "SHADOW": refused.SHADOW,
 }

@@ -10,8 +10,8 @@ from pathlib import Path
 import models
 import pytest
 import torch
-from batch3_checks import peft_layers, rel, verify_against_peft
 from conftest import adapt, assert_outputs_close, eager, edited_adapter, export
+from layer_checks import peft_layers, rel, verify_against_peft
 from safetensors.torch import load_file, save_file
 from torch import nn
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import models
 import pytest
 import torch
-from batch3_checks import peft_layers, rel, verify_against_peft
 from conftest import edited_adapter, export
+from layer_checks import peft_layers, rel, verify_against_peft
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D

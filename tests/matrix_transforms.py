@@ -1,5 +1,5 @@
-"""Coverage-matrix configurations of issue 19's first batch of tuners: MiSS, HRA, SHiRA, FourierFT,
-C3A and WaveFT (``tests/matrix.py`` lists them in ``METHODS``).
+"""Coverage-matrix configurations of the one-transform-per-module PEFT types: MiSS, HRA, SHiRA,
+FourierFT, C3A and WaveFT (``tests/matrix.py`` lists them in ``METHODS``).
 
 Each function returns the PEFT config of its method on a :class:`matrix.Family`, or the reason the
 method does not apply to it.

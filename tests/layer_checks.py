@@ -1,4 +1,4 @@
-"""Checks the issue-19 batch-3 method tests share (DeLoRA, RoAd, GraLoRA, GLoRA, PEANuT, Super-Tuning,
+"""Checks some method tests share (DeLoRA, RoAd, GraLoRA, GLoRA, PEANuT, Super-Tuning,
 FRoD): PEFT's merged and unmerged models of a layer, and verification of a small model against PEFT
 without a whole compile (the focused tests stay cheap; ``tests/test_matrix.py`` compiles)."""
 

@@ -1,4 +1,4 @@
-"""PEFT configs of the issue-19 batch-3 methods (DeLoRA, RoAd, GraLoRA, GLoRA, PEANuT, Super-Tuning,
+"""PEFT configs of the normalised, rotated and generalised low-rank methods (DeLoRA, RoAd, GraLoRA, GLoRA, PEANuT, Super-Tuning,
 FRoD) for each ``tests/matrix.py`` family, or the reason one does not apply.
 
 Each function takes a ``matrix.Family`` and returns a PEFT config or a reason string, as the config
@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from matrix_tuners1 import LINEAR_ONLY
+from matrix_transforms import LINEAR_ONLY
 
 
 def linear_targets(family: Any) -> Any:

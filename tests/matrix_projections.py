@@ -1,5 +1,5 @@
-"""Coverage-matrix configs (``tests/matrix.py``) for issue 19's second batch of PEFT types: RandLoRA,
-VBLoRA, UniLoRA, PVeRA, TinyLoRA and Lily. Each function returns a PEFT config for a family, or the
+"""Coverage-matrix configs (``tests/matrix.py``) for the PEFT types built from shared or
+seeded projections: RandLoRA, VBLoRA, UniLoRA, PVeRA, TinyLoRA. Each function returns a PEFT config for a family, or the
 reason the method does not apply to it."""
 
 from __future__ import annotations
