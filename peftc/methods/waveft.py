@@ -205,11 +205,7 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
     sites, warnings = [], []
     for target in read.targets:
         d_out, d_in = sizes[target.path]
-        if bool(source.config.get("fan_in_fan_out", False)) != (target.layout == "linear_t"):
-            warnings.append(
-                f"fan_in_fan_out={source.config.get('fan_in_fan_out', False)} but {target.path!r} is a "
-                f"{target.module.class_name}; using fan_in_fan_out={target.layout == 'linear_t'} as PEFT does"
-            )
+        per_module.note_fan_in_fan_out(source.config.get("fan_in_fan_out", False), target, warnings)
         n = per_module.positive_int(source, f"n_frequency for {target.path!r}", counts[target.path])
         if n > d_out * d_in:
             raise InputError(

@@ -116,7 +116,7 @@ def table(bert_table):
         ({"loftq_config": {"loftq_bits": 4}}, UnsupportedError, "with loftq_config.*modified base \\(loftq\\)"),
         ({"layer_replication": [[0, 1]]}, UnsupportedError, "layer_replication"),
         ({"brand_new_option": 3}, UnsupportedError, "brand_new_option=3"),
-        ({"peft_type": "POLY"}, UnsupportedError, "peft_type 'POLY' is not supported"),
+        ({"peft_type": "BONE"}, UnsupportedError, "peft_type 'BONE' is not supported"),
         ({"lora_bias": True}, InputError, "lora_bias=true but module"),
         ({"r": 2}, InputError, r"shape \[4, 32\] does not match the base model: expected \[r=2"),
         (
