@@ -26,15 +26,20 @@ _ORT_TYPES = {
 }  # fmt: skip
 
 
+# Threads of a session opened without ``threads``: 0 is onnxruntime's default (one per physical core).
+# A process that runs beside others on the same cores (a test worker) sets it to 1.
+DEFAULT_THREADS = 0
+
+
 class OrtRunner:
     """An onnxruntime session over one ``.onnx`` file. ``run`` is safe to call from several threads."""
 
-    def __init__(self, path: str | Path, *, threads: int = 0) -> None:
+    def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads
+        options.intra_op_num_threads = DEFAULT_THREADS if threads is None else threads
         options.log_severity_level = 3
         # onnxruntime's SkipLayerNormalization CPU kernel is slower than the Add and LayerNormalization
         # it fuses (peftc/backends/onnx: _split_skip_norms); keep them apart.
