@@ -123,3 +123,13 @@ def test_awq_bad_input(change, config, error, match) -> None:
     with pytest.raises(error, match=match) as raised:
         awq.dequantize(tensors, {"quant_method": "awq", "bits": 4, "group_size": GS, **config}, "L")
     assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_gptq_symmetric_checkpoint(version: int) -> None:
+    """``sym: true`` stores the mid-range zero (8, written as 7 in v1) and decodes with the same formula."""
+    q, _, scales, group = _case(4, act_order=False)
+    zeros = torch.full_like(scales, 8, dtype=torch.int64)
+    tensors = qp.gptq(q, zeros, scales, group, 4, version, g_idx=False)
+    decoded = gptq.dequantize(tensors, {**_config(4, version), "sym": True}, "L")
+    assert torch.equal(decoded, qp.truth(q, zeros, scales, group))

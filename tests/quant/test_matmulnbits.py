@@ -31,12 +31,12 @@ def _gptq_config(version: int) -> dict:
     return {"quant_method": "gptq", "bits": 4, "group_size": GS, "checkpoint_format": ["gptq", "gptq_v2"][version - 1]}
 
 
-def _run(blocks: matmulnbits.Blocks) -> torch.Tensor:
+def _run(blocks: matmulnbits.Blocks, a: torch.Tensor = A) -> torch.Tensor:
     made, initializers = matmulnbits.node(blocks, "A", "Y", "proj")
     graph = helper.make_graph(
         [made],
         "g",
-        [helper.make_tensor_value_info("A", TensorProto.FLOAT, list(A.shape))],
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, list(a.shape))],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
         initializers,
     )
@@ -44,13 +44,13 @@ def _run(blocks: matmulnbits.Blocks) -> torch.Tensor:
         graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
     )
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return torch.from_numpy(session.run(None, {"A": A.numpy()})[0])
+    return torch.from_numpy(session.run(None, {"A": a.numpy()})[0])
 
 
-def _assert_fp32_close(got: torch.Tensor, weight: torch.Tensor) -> None:
+def _assert_fp32_close(got: torch.Tensor, weight: torch.Tensor, a: torch.Tensor = A) -> None:
     """Within fp32 accumulation rounding: |err| ≤ K·2⁻²³·(|A|·|W|ᵀ) per element (plus a tiny floor)."""
-    exact = A.double() @ weight.double().t()
-    bound = IN * 2.0**-23 * (A.double().abs() @ weight.double().abs().t()) + 1e-30
+    exact = a.double() @ weight.double().t()
+    bound = a.shape[1] * 2.0**-23 * (a.double().abs() @ weight.double().abs().t()) + 1e-30
     assert bool(((got.double() - exact).abs() <= bound).all()), float((got.double() - exact).abs().max())
 
 
@@ -75,15 +75,17 @@ def test_awq_repacked_runs_in_onnxruntime() -> None:
     _assert_fp32_close(_run(blocks), weight)
 
 
-@pytest.mark.parametrize(("bits", "symmetric"), [(4, False), (4, True), (8, False), (2, False)])
-def test_block_quantization_runs_in_onnxruntime(bits: int, symmetric: bool) -> None:
-    weight = torch.randn(OUT, IN + 16, generator=torch.Generator().manual_seed(2))[:, :IN]
+@pytest.mark.parametrize(("bits", "symmetric", "k"), [(4, False, 64), (4, True, 64), (8, False, 80), (2, False, 64)])
+def test_block_quantization_runs_in_onnxruntime(bits: int, symmetric: bool, k: int) -> None:
+    """Round-to-nearest within half a step; K = 80 leaves a partial last block (padded)."""
+    weight = torch.randn(OUT, k, generator=torch.Generator().manual_seed(2))
     blocks = matmulnbits.quantize(weight, bits, 32, symmetric)
     deq = matmulnbits.dequantize(blocks)
-    step = blocks.scales.repeat_interleave(32, 1)[:, :IN]
+    step = blocks.scales.repeat_interleave(32, 1)[:, :k]
     assert bool(((deq - weight).abs() <= step / 2 + 1e-6).all())
     assert (blocks.zero_points is None) == symmetric
-    _assert_fp32_close(_run(blocks), deq)
+    a = torch.randn(3, k, generator=torch.Generator().manual_seed(6))
+    _assert_fp32_close(_run(blocks, a), deq, a)
 
 
 def test_low_nibble_first_is_what_onnxruntime_reads(monkeypatch: pytest.MonkeyPatch) -> None:
