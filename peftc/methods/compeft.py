@@ -128,6 +128,8 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
         if role == "scale":
             continue
         base = modules.tensors[name]
+        if not base.is_floating_point():
+            raise UnsupportedError(f"{source.describe(key)}: the base tensor {name!r} is not floating point")
         signs = _signs(source, key, tuple(base.shape))
         scale = _scale(source, other)
         path, local = owners[name]
