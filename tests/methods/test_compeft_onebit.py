@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import models
 import numpy as np
@@ -122,7 +123,7 @@ def test_int8_signs_decode_like_packed(bert_table, adapters) -> None:
     assert [s.module for s in packed.sites] == [s.module for s in plain.sites] and len(packed.sites) == 3
     for a, b in zip(packed.sites, plain.sites, strict=True):
         assert torch.equal(a.tensors["signs"].tensor, b.tensors["signs"].tensor) and a.scalars == b.scalars
-        assert a.info["nonzero"] == round(0.3 * a.tensors["signs"].tensor.numel() + 0.49)
+        assert a.info["nonzero"] == math.ceil(0.3 * a.tensors["signs"].tensor.numel())
 
 
 def test_mutation_swapped_ternary_code_is_caught(monkeypatch, bert_program, adapters) -> None:
@@ -133,6 +134,16 @@ def test_mutation_swapped_ternary_code_is_caught(monkeypatch, bert_program, adap
     monkeypatch.setattr(compeft, "unpack_ternary", lambda packed, count: real(packed, count).abs())
     with pytest.raises(AssertionError, match="relative error"):
         assert_outputs_close(eager(adapt(bert_program, adapters["compeft"]), INPUTS), expected)
+
+
+def test_mutation_high_bit_first_is_caught(monkeypatch, bert_program, adapters) -> None:
+    """A 1-bit decoder reading each byte's bits high bit first disagrees with the test's decode."""
+    expected = _outputs(_onebit_reference(adapters["onebit"]))
+    real = onebit.unpack_signs
+    flipped = lambda packed, count: real(packed, packed.shape[1] * 8).reshape(packed.shape[0], -1, 8).flip(-1)  # noqa: E731
+    monkeypatch.setattr(onebit, "unpack_signs", lambda packed, count: flipped(packed, count).flatten(1)[:, :count])
+    with pytest.raises(AssertionError, match="relative error"):
+        assert_outputs_close(eager(adapt(bert_program, adapters["onebit"]), INPUTS), expected)
 
 
 def _edit(tensors):
