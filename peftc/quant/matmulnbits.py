@@ -187,6 +187,20 @@ def node(blocks: Blocks, a: str, y: str, name: str) -> tuple[Any, list[Any]]:
     return made, initializers
 
 
+def dequantize_linear(codes: torch.Tensor, scales: torch.Tensor, block_size: int, name: str) -> tuple[Any, list[Any]]:
+    """The opset-21 ``DequantizeLinear`` node ``name`` giving ``Wᵀ [K, N]`` (fp32) from :func:`symmetric`'s
+    signed ``codes [N, K]`` and ``scales [N, k_blocks]``: int4 blocks along K (``axis=0``), no zero point,
+    low nibble first — what TensorRT's int4 weight-only path parses. Feed its output to ``MatMul(A, ·)``.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    n, k = codes.shape
+    data = helper.make_tensor(f"{name}.q", TensorProto.INT4, [k, n], codes.t().flatten().tolist())
+    scale = numpy_helper.from_array(scales.t().contiguous().to(torch.float32).numpy(), f"{name}.scales")
+    made = helper.make_node("DequantizeLinear", [data.name, scale.name], [name], axis=0, block_size=block_size)
+    return made, [data, scale]
+
+
 def _check_layout(bits: int, block_size: int, key: str) -> None:
     if bits not in BITS:
         raise UnsupportedError(f"{key}: {bits}-bit codes; onnxruntime's MatMulNBits CPU kernel runs 2, 4 and 8 bits")

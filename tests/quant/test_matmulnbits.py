@@ -4,7 +4,6 @@ against ``A · Wᵀ`` with the decoded fp32 weight; TensorRT's symmetric int4 th
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import quant_packing as qp
@@ -123,16 +122,14 @@ def test_tensorrt_symmetric_int4_through_dequantize_linear() -> None:
     weight = gptq.dequantize(qp.gptq(q, zeros, scales, group, 4, 2, g_idx=False), _gptq_config(2), "L")
     codes, sym_scales = matmulnbits.symmetric(weight, GS)
     assert int(codes.min()) >= -7 and int(codes.max()) <= 7
-    x = helper.make_tensor("W_q", TensorProto.INT4, [IN, OUT], codes.t().flatten().tolist())
-    s = onnx.numpy_helper.from_array(sym_scales.t().contiguous().numpy(), "W_s")
-    dq = helper.make_node("DequantizeLinear", ["W_q", "W_s"], ["W_t"], axis=0, block_size=GS)
+    dq, initializers = matmulnbits.dequantize_linear(codes, sym_scales, GS, "W_t")
     mm = helper.make_node("MatMul", ["A", "W_t"], ["Y"])
     graph = helper.make_graph(
         [dq, mm],
         "g",
         [helper.make_tensor_value_info("A", TensorProto.FLOAT, list(A.shape))],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
-        [x, s],
+        initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     options = ort.SessionOptions()
