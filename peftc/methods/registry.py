@@ -23,6 +23,7 @@ from peftc.methods import (
     beft,
     boft,
     c3a,
+    compeft,
     deft,
     delora,
     delta,
@@ -39,6 +40,7 @@ from peftc.methods import (
     lora,
     miss,
     oft,
+    onebit,
     osf,
     peanut,
     poly,
@@ -108,6 +110,9 @@ METHODS: list[Method] = [
     supertuning.METHOD,
     frod.METHOD,
     delta.METHOD,
+    # Quantized adapter storage (peftc's own formats): ternary task vectors, 1-bit low-rank factors.
+    compeft.METHOD,
+    onebit.METHOD,
     *prompt.METHODS,
     # Inserted before tracing: routed mixtures (task_ids input).
     poly.METHOD,
