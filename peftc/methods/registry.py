@@ -22,6 +22,7 @@ from peftc.methods import (
     adamss,
     beft,
     boft,
+    bottleneck,
     c3a,
     deft,
     delora,
@@ -109,8 +110,9 @@ METHODS: list[Method] = [
     frod.METHOD,
     delta.METHOD,
     *prompt.METHODS,
-    # Inserted before tracing: routed mixtures (task_ids input).
+    # Inserted before tracing: routed mixtures (task_ids input), bottleneck adapters.
     poly.METHOD,
+    bottleneck.METHOD,
     SLOTS,
 ]
 """In the order their extra passes run. ``SLOTS`` is not an adapter format: swappable artifacts' ops."""
