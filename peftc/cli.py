@@ -77,6 +77,7 @@ def compile_options(args: argparse.Namespace) -> CompileOptions:
         dump_ir=args.dump_ir,
         allow_pickle=args.allow_pickle,
         base_residual=args.base_residual,
+        task_id=args.task_id,
         swappable=args.swappable,
         max_rank=args.max_rank,
         multi_adapter=args.multi_adapter,
@@ -293,6 +294,9 @@ def parser() -> argparse.ArgumentParser:
         "--base-residual",
         action="store_true",
         help="MODEL is the residual base a PiSSA/OLoRA/CorDA/LoRA-GA/LoftQ adapter was trained on (use it as is)",
+    )
+    c.add_argument(
+        "--task-id", type=int, metavar="K", help="merge a Poly adapter's routed mix for task K (no task_ids input)"
     )
     c.add_argument(
         "--swappable",

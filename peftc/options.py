@@ -43,6 +43,7 @@ class CompileOptions:
     dump_ir: Path | None = None
     allow_pickle: bool = False
     base_residual: bool = False
+    task_id: int | None = None
     swappable: bool = False
     max_rank: int | None = None
     multi_adapter: int = 0
@@ -77,6 +78,9 @@ class CompileOptions:
             raise InputError(f"--max-error {self.max_error!r}: give a positive error relative to the output scale")
         if (self.calibration or self.calibration_samples != CALIBRATION_SAMPLES) and self.precision not in QUANTIZED:
             raise InputError(f"--calibration and --calibration-samples apply to --precision {', '.join(QUANTIZED)}")
+        if self.task_id is not None and (isinstance(self.task_id, bool) or not isinstance(self.task_id, int)
+                                         or self.task_id < 0):  # fmt: skip
+            raise InputError(f"--task-id {self.task_id!r}: give a task index >= 0")
         if self.calibration_samples < 1:
             raise InputError(f"--calibration-samples {self.calibration_samples}: give at least 1")
         if self.precision in QUANTIZED and self.swappable:
@@ -155,6 +159,7 @@ class CompileOptions:
             "--base-residual": self.base_residual,
         }
         command += [flag for flag, given in flags.items() if given]
+        command += ["--task-id", str(self.task_id)] if self.task_id is not None else []
         command += ["--combine", self.combine] if self.combine else []
         command += ["--precision", self.precision] if self.precision else []
         command += ["--max-error", repr(self.max_error)] if self.max_error is not None else []

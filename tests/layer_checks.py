@@ -1,6 +1,7 @@
 """Checks some method tests share (DeLoRA, RoAd, GraLoRA, GLoRA, PEANuT, Super-Tuning,
 FRoD): PEFT's merged and unmerged models of a layer, and verification of a small model against PEFT
-without a whole compile (the focused tests stay cheap; ``tests/test_matrix.py`` compiles)."""
+without a whole compile (the focused tests stay cheap; ``tests/test_matrix.py`` compiles).
+``tiny_targets`` and ``tuner_checks`` reuse :func:`rel` and :func:`verify_against_peft` from here."""
 
 from __future__ import annotations
 

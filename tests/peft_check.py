@@ -15,10 +15,13 @@ from peftc.methods.loading import load_adapter
 from peftc.verification import Report, peft_oracle, program_oracle, verify
 
 
-def check_against_peft(model: torch.nn.Module, adapter: Path, inputs: list[str]) -> Report:
-    """``model`` with ``adapter`` inserted by peftc (the reference program) against PEFT's own model."""
+def check_against_peft(
+    model: torch.nn.Module, adapter: Path, inputs: list[str], program: ir.Program | None = None
+) -> Report:
+    """``model`` with ``adapter`` inserted by peftc (the reference program) against PEFT's own model
+    (``program``: ``model`` already traced with ``inputs``, to trace it once for many adapters)."""
     signature = parse_inputs(inputs)
-    program = export(model, signature)
+    program = program if program is not None else export(model, signature)
     reference = adapt(program, adapter)
     peft, why = peft_oracle(model, [load_adapter(adapter, ir.module_table(program))])
     assert peft is not None, why

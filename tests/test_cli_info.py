@@ -53,7 +53,7 @@ PEFT_FORMATS = {
 """The PEFT methods the README says peftc reads ("What is supported", "Adapter formats")."""
 PEFT_FORMATS |= {"OSF", "PSOFT", "HIRA", "ADAMSS", "DEFT"}
 PEFT_FORMATS |= {"POLY"}  # XLORA and SHADOW are refused
-OWN_FORMATS = {"SSF", "ZEROI2V", "PEFTC_DELTA", "PEFTC_COMPEFT", "PEFTC_ONEBIT"}
+OWN_FORMATS = {"SSF", "ZEROI2V", "PEFTC_DELTA", "PEFTC_COMPEFT", "PEFTC_ONEBIT", "PEFTC_BOTTLENECK"}
 """The formats the README says peftc reads although PEFT does not implement them."""
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import layer_checks
 import torch
 from conftest import export
+from layer_checks import rel  # noqa: F401  (tiny.rel, one definition for every helper module)
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -17,8 +19,7 @@ from peftc import ir
 from peftc.loaders.inputs import parse_inputs
 from peftc.methods.base import Adapter
 from peftc.methods.loading import load_adapter
-from peftc.passes import PassContext, PassManager, pipelines
-from peftc.verification import Report, peft_oracle, program_oracle, verify
+from peftc.verification import Report
 
 SIZES = (6, 20, 12, 5)
 """Features in and out of ``up``, ``mid`` and ``down`` (a method may need other sizes: pass ``sizes``)."""
@@ -58,15 +59,4 @@ def parse(path: Path, sizes: tuple[int, ...] = SIZES) -> Adapter:
 
 def verify_against_peft(path: Path, *, merge: bool, sizes: tuple[int, ...] = SIZES) -> Report:
     """The compiled program (merged or not) checked against PEFT's eager model, as ``peftc.compile`` does."""
-    base = program(sizes)
-    adapter = load_adapter(path, ir.module_table(base))
-    reference, _ = PassManager(pipelines.adapt([adapter])).run(base, PassContext())
-    final, _ = PassManager(pipelines.optimize(merge=merge)).run(reference, PassContext())
-    peft, why = peft_oracle(mixed(sizes), [adapter])
-    assert peft is not None, why
-    return verify(program_oracle(final), parse_inputs(inputs(sizes)), {"peft": peft}, base=program_oracle(base))
-
-
-def rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual − expected| relative to max |expected|."""
-    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
+    return layer_checks.verify_against_peft(mixed(sizes), path, inputs(sizes), merge=merge)

@@ -14,6 +14,8 @@ from pathlib import Path
 import models
 import torch
 from conftest import adapt, assert_outputs_close, eager, export
+from layer_checks import rel
+from peft_check import check_against_peft as check_peft
 from torch import nn
 
 from peftc import ir
@@ -22,7 +24,6 @@ from peftc.loaders.inputs import parse_inputs
 from peftc.methods.base import Adapter
 from peftc.methods.loading import load_adapter
 from peftc.passes import PassContext, PassManager, pipelines
-from peftc.verification import peft_oracle, program_oracle, verify
 
 INPUTS = ["x:batch,12:float32"]
 TARGETS = ["up", "mid", "down"]
@@ -58,11 +59,6 @@ def table() -> ModuleTable:
     return ir.module_table(program())
 
 
-def rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max|actual − expected| / max|expected|."""
-    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
-
-
 def make(tmp_path: Path, config, noise: float = 0.3) -> Path:
     """An adapter for the MLP, saved by PEFT with its trained tensors perturbed."""
     return models.make_adapter(stack(), tmp_path, config, noise=noise)
@@ -92,11 +88,7 @@ def check_against_peft(path: Path) -> Adapter:
 
 def verification_passes(path: Path) -> bool:
     """Whether the adapted program passes verification against PEFT's eager model."""
-    adapter = load_adapter(path, table())
-    oracle, why = peft_oracle(stack(), [adapter])
-    assert oracle is not None, why
-    reference = program_oracle(adapt(program(), path))
-    return verify(reference, parse_inputs(INPUTS), {"peft": oracle}).passed
+    return check_peft(stack(), path, INPUTS, program()).passed
 
 
 class ConvThenLinear(nn.Module):

@@ -69,6 +69,8 @@ class Sources:
     inputs: tuple[str, ...] = ()
     allow_pickle: bool = False
     base_residual: bool = False
+    task_id: int | None = None
+    """The task a Poly adapter is merged for (``--task-id``); None keeps its router and ``task_ids`` input."""
     names: tuple[str, ...] | None = None
     """The adapters' names (default: their directory or file names)."""
     workdir: str | None = None
@@ -136,7 +138,7 @@ def build(
         loaded = load_model(
             model, inputs=list(sources.inputs), allow_pickle=sources.allow_pickle, workdir=sources.workdir
         )
-    inserted = insertion(read, loaded.module, loaded.signature)
+    inserted = insertion(read, loaded.module, loaded.signature, sources.task_id)
     if inserted is not None:
         if not stack:
             raise UnsupportedError(
@@ -150,7 +152,9 @@ def build(
         traces = [_trace(loaded, name, inserted.wrap if inserted else None) for name in names]
     with stages("adapters", "match adapters to the model"):
         table = ir.module_table(traces[0][1])
-        options = ParseOptions(base_residual=sources.base_residual, tied_embeddings=loaded.tied_embeddings)
+        options = ParseOptions(
+            base_residual=sources.base_residual, task_id=sources.task_id, tied_embeddings=loaded.tied_embeddings
+        )
         adapters = identity.checked(_unique_names([parse_adapter(s, table, options) for s in read]), loaded, stages.say)
     worlds = []
     for name, (module, base) in zip(names, traces, strict=True):

@@ -89,6 +89,7 @@ class Compiled:
                 "oracle": options.oracle,
                 "inputs": list(options.inputs),
                 "base_residual": options.base_residual,
+                "task_id": options.task_id,
                 "precision": options.precision,
                 "max_error": options.max_error,
                 **optimized.options,

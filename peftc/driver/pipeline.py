@@ -113,4 +113,5 @@ def _sources(options: CompileOptions) -> Sources:
         inputs=options.inputs,
         allow_pickle=options.allow_pickle,
         base_residual=options.base_residual,
+        task_id=options.task_id,
     )

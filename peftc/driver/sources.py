@@ -111,6 +111,7 @@ def recorded(manifest: Manifest, model: Any = None) -> Sources:
         configs=tuple(a["config_file"] for a in manifest.adapters),
         inputs=tuple(manifest.options.get("inputs", [])),
         base_residual=manifest.options.get("base_residual", False),
+        task_id=manifest.options.get("task_id"),
         names=tuple(a["name"] for a in manifest.adapters),
         workdir=workdir(manifest, model),
     )

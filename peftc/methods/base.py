@@ -42,6 +42,8 @@ class ParseOptions:
 
     base_residual: bool = False
     """The base model is the residual base a PiSSA/OLoRA/CorDA/LoRA-GA/LoftQ adapter was trained on."""
+    task_id: int | None = None
+    """The task a routed adapter (Poly) is compiled for: its mix is then fixed and merged (``--task-id``)."""
     tied_embeddings: bool | None = None
     """Whether the model declares its output layer tied to the input embedding (transformers
     ``tie_word_embeddings``); None when unknown (an exported program). PEFT carries trainable token
@@ -118,6 +120,9 @@ class Adapter:
     oracle_config: Mapping[str, Any] | None = None
     """The config PEFT's oracle should load instead of the file's, where they must differ (a residual
     base given with ``--base-residual`` must not be rebuilt again by PEFT's initialisation)."""
+    oracle_inputs: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    """Inputs PEFT's model needs that the compiled program fixes, each given to it as that value per
+    batch row (``task_ids`` of a Poly adapter compiled for one task)."""
 
     def all_warnings(self) -> list[str]:
         """The parser's warnings plus one per config field peftc does not know (unset, so harmless)."""

@@ -16,6 +16,10 @@ input multitask prompt tuning takes (``peftc/methods/prompt/wrapper.py``). Like 
 adapter is *inserted*: the base is traced inside :class:`Routed`, which adds each module's update to
 its output, so there are no sites to merge (the update differs per row of the batch).
 
+Given a fixed task (``--task-id K``, :attr:`ParseOptions.task_id`) the mix is a constant: each module
+becomes a ``poly_task_weight`` weight site ``W' = W + (A_K B_K)ᵀ / r``, merged like any weight form,
+and the program has neither router nor ``task_ids`` input (PEFT's oracle is given ``task_ids = K``).
+
 PEFT passes ``task_ids`` on only for ``task_type`` ``SEQ_CLS`` and ``CAUSAL_LM`` (``PeftModelFor…``);
 its plain ``PeftModel`` drops them and the router fails. Other task types are refused, as are
 ``poly_type`` values other than ``"poly"`` (PEFT has no other router) and targets that are not
@@ -33,9 +37,10 @@ from peftc.errors import InputError, UnsupportedError
 from peftc.ir.modules import ModuleTable
 from peftc.loaders.inputs import InputSignature, TensorInput
 from peftc.methods import common
-from peftc.methods.base import Adapter, AdapterSource, AdapterTensor, ParseOptions, Replacement
+from peftc.methods.base import Adapter, AdapterSource, AdapterTensor, ParseOptions, Replacement, Site
 from peftc.methods.prompt.wrapper import INPUTS, TASK_IDS
 from peftc.methods.record import Inserted, Method
+from peftc.ops import SiteOp, composite_op
 
 PREFIX = "base_model.model."
 ROLES = ("poly_lora_A", "poly_lora_B", "poly_router.module_logits")
@@ -50,6 +55,35 @@ FIELDS = common.Fields(
         "exclude_modules": "the saved tensors name the adapted modules",
     },
 )
+
+
+POLY_TASK_WEIGHT = SiteOp(
+    name="poly_task_weight",
+    form="weight",
+    tensor_roles=("poly_lora_A", "poly_lora_B", "module_logits"),
+    scalars=("task",),
+)
+
+
+def mix_weights(logits: torch.Tensor, splits: int, skills: int) -> torch.Tensor:
+    """The router's skill weights ``[…, q, s]`` for logits rows ``[…, q·s]``: sigmoid, normalised over skills."""
+    gates = torch.sigmoid(logits).view(*logits.shape[:-1], splits, skills)
+    return gates / (gates.sum(dim=-1, keepdim=True) + EPS)
+
+
+@composite_op(
+    "poly_task_weight(Tensor weight, Tensor poly_lora_a, Tensor poly_lora_b, Tensor module_logits, int task) -> Tensor"
+)
+def poly_task_weight(
+    weight: torch.Tensor, poly_lora_a: torch.Tensor, poly_lora_b: torch.Tensor, module_logits: torch.Tensor, task: int
+) -> torch.Tensor:
+    """``W + (A_K B_K)ᵀ / r`` for task ``K`` and an ``nn.Linear`` weight ``[d_out, d_in]`` (fp32 math, cast
+    back to ``W``'s dtype)."""
+    splits, skills, d_in, r = poly_lora_a.shape
+    w = mix_weights(module_logits[task].to(torch.float32), splits, skills)
+    a = torch.einsum("qs,qsdr->qdr", w, poly_lora_a.to(torch.float32)).reshape(splits * d_in, r)
+    b = torch.einsum("qs,qsrd->qrd", w, poly_lora_b.to(torch.float32)).transpose(0, 1).reshape(r, -1)
+    return (weight.to(torch.float32) + (a @ b).T / r).to(weight.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,9 +109,7 @@ class Skills(torch.nn.Module):
         artifact records ``task_ids``' range and refuses ids outside it)."""
         splits, skills, d_in, r = self.poly_lora_A.shape
         batch = task_ids.shape[0]
-        logits = torch.nn.functional.embedding(task_ids, self.module_logits)
-        gates = torch.sigmoid(logits).view(batch, splits, skills)
-        weights = gates / (gates.sum(dim=-1, keepdim=True) + EPS)
+        weights = mix_weights(torch.nn.functional.embedding(task_ids, self.module_logits), splits, skills)
         a = torch.einsum("bqs,qsdr->bqdr", weights, self.poly_lora_A).reshape(batch, splits * d_in, r)
         b = torch.einsum("bqs,qsrd->bqrd", weights, self.poly_lora_B).transpose(1, 2).reshape(batch, r, -1)
         flat = x.to(a.dtype).reshape(batch, -1, x.shape[-1])
@@ -205,14 +237,22 @@ def insert(source: AdapterSource, module: torch.nn.Module, base: InputSignature)
 
 def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) -> Adapter:
     """The adapter, found in the program :class:`Routed` was traced in: no sites; ``modules_to_save``
-    copies as replacements.
+    copies as replacements. With ``options.task_id``, the base's own program: a ``poly_task_weight``
+    site per module instead.
 
     Raises:
         UnsupportedError: the program was not traced with the adapter's wrapper, or a refused field.
-        InputError: see :func:`read`; a copy of a parameter the base lacks or of another shape.
+        InputError: see :func:`read`; a copy of a parameter the base lacks or of another shape; a task id
+            outside the router's ``[0, n_tasks)``.
     """
     honoured, ignored = common.classify_fields(source, "POLY", FIELDS)
     adapted, saved = read(source)
+    if options.task_id is not None:
+        sites = tuple(_task_site(source, m, modules, options.task_id) for m in adapted)
+        replacements = tuple(_copy(source, key, modules, "") for key in saved)
+        honoured["task_id"] = options.task_id
+        return Adapter(source.name, "poly", source, sites, replacements, (), honoured, ignored,
+                       oracle_inputs={TASK_IDS: options.task_id})  # fmt: skip
     first = adapted[0].tensors[0].tensor
     traced = modules.tensors.get("poly.0.poly_lora_A")
     if traced is None or traced.shape != first.shape or not torch.equal(traced.float(), first.float()):
@@ -220,13 +260,37 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
             f"{source.config_path}: a POLY adapter is inserted when peftc traces the model (compile with it alone); "
             "it cannot be added to a program traced without it"
         )
-    replacements = tuple(_copy(source, key, modules) for key in saved)
+    replacements = tuple(_copy(source, key, modules, "base_model.") for key in saved)
     honoured["inserted"] = f"{len(adapted)} routed modules, task_ids input"
     return Adapter(source.name, "poly", source, (), replacements, (), honoured, ignored)
 
 
-def _copy(source: AdapterSource, key: str, modules: ModuleTable) -> Replacement:
-    name = "base_model." + key.removeprefix(PREFIX)
+def _task_site(source: AdapterSource, module: Module, modules: ModuleTable, task: int) -> Site:
+    """The ``poly_task_weight`` site of ``module`` for task ``task`` (the router's row ``task``)."""
+    a, b, logits = module.tensors
+    if not 0 <= task < logits.tensor.shape[0]:
+        raise InputError(f"--task-id {task}: the router of {source.describe(logits.key)} has tasks [0, "
+                         f"{logits.tensor.shape[0]})")  # fmt: skip
+    info = modules.get(module.path)
+    if info is None:
+        raise InputError(f"{source.describe(a.key)}: the model has no module {module.path!r}")
+    shape = modules.state_shapes.get(info.params.get("weight", ""))
+    if info.class_name != "Linear" or shape is None or len(shape) != 2:
+        raise UnsupportedError(f"{source.config_path}: {module.path} is a {info.class_name}; PEFT's Poly adapts "
+                               "nn.Linear only")  # fmt: skip
+    q, s, d_in, _ = a.tensor.shape
+    if q * d_in != shape[1] or q * b.tensor.shape[3] != shape[0]:
+        raise InputError(
+            f"{source.describe(a.key)}: shapes {list(a.tensor.shape)}, {list(b.tensor.shape)} do not fit "
+            f"{module.path} {list(shape)}"
+        )
+    roles = dict(zip(POLY_TASK_WEIGHT.tensor_roles, module.tensors, strict=True))
+    info_ = {"module_type": info.class_name, "n_skills": s, "n_splits": q, "task": task}
+    return Site(module.path, POLY_TASK_WEIGHT.name, roles, {"task": task}, info_, "weight")
+
+
+def _copy(source: AdapterSource, key: str, modules: ModuleTable, prefix: str) -> Replacement:
+    name = prefix + key.removeprefix(PREFIX)
     expected = modules.state_shapes
     if not key.startswith(PREFIX) or name not in expected:
         raise InputError(f"{source.describe(key)}: not a Poly tensor or a modules_to_save copy of a model parameter")
@@ -235,4 +299,4 @@ def _copy(source: AdapterSource, key: str, modules: ModuleTable) -> Replacement:
     return Replacement(name, tensor, "modules_to_save copy", untie=True)
 
 
-METHOD = Method("poly", ("POLY",), parse, fields=FIELDS, insert=insert)
+METHOD = Method("poly", ("POLY",), parse, ops=(POLY_TASK_WEIGHT,), fields=FIELDS, insert=insert, fixed_task=True)

@@ -67,3 +67,6 @@ class Method:
     insert: Insert | None = None
     """Methods inserted before tracing (prompt learning): the parser then finds the adapter's tensors
     in the traced program and returns no sites."""
+    fixed_task: bool = False
+    """An inserted method whose mix depends only on a task id (Poly): given one (``--task-id``,
+    ``ParseOptions.task_id``) it is not inserted, and its parser returns weight sites for that task."""

@@ -22,6 +22,7 @@ from peftc.methods import (
     adamss,
     beft,
     boft,
+    bottleneck,
     c3a,
     compeft,
     deft,
@@ -114,8 +115,9 @@ METHODS: list[Method] = [
     compeft.METHOD,
     onebit.METHOD,
     *prompt.METHODS,
-    # Inserted before tracing: routed mixtures (task_ids input).
+    # Inserted before tracing: routed mixtures (task_ids input), bottleneck adapters.
     poly.METHOD,
+    bottleneck.METHOD,
     SLOTS,
 ]
 """In the order their extra passes run. ``SLOTS`` is not an adapter format: swappable artifacts' ops."""
@@ -160,16 +162,25 @@ def _tables(methods: tuple[Method, ...]) -> tuple[dict[str, SiteOp], dict[str, M
 
 
 def insertion(
-    sources: Sequence[AdapterSource], module: torch.nn.Module | None, signature: InputSignature | None
+    sources: Sequence[AdapterSource],
+    module: torch.nn.Module | None,
+    signature: InputSignature | None,
+    task_id: int | None = None,
 ) -> Inserted | None:
     """How the adapters among ``sources`` that are inserted before tracing (``Method.insert``: prompt
-    learning) wrap the base ``module``; None when there are none.
+    learning) wrap the base ``module``; None when there are none. With ``task_id``, methods routed by
+    task (``Method.fixed_task``) are merged for it instead of inserted.
 
     Raises:
         UnsupportedError: such an adapter with others (it changes the program every other adapter's
             sites would be inserted into), or with an exported program for a base (nothing to wrap).
+        InputError: ``task_id`` with no adapter routed by task.
     """
-    inserted = [(s, m) for s in sources if (m := parsers().get(str(s.config.get("peft_type")))) and m.insert]
+    methods = [(s, parsers().get(str(s.config.get("peft_type")))) for s in sources]
+    if task_id is not None and not any(m and m.fixed_task for _, m in methods):
+        raise InputError(f"--task-id {task_id}: no adapter is routed by task (POLY is)")
+    fixed = task_id is not None
+    inserted = [(s, m) for s, m in methods if m and m.insert and not (fixed and m.fixed_task)]
     if not inserted:
         return None
     source, method = inserted[0]

@@ -158,11 +158,15 @@ def peft_oracle(module: torch.nn.Module, adapters: Sequence[Adapter]) -> tuple[O
             return None, f"PEFT could not load the adapter ({type(e).__name__}: {str(e).splitlines()[0]})"
     model.eval()
     dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+    fixed = {name: value for adapter in adapters for name, value in adapter.oracle_inputs.items()}
 
     def run(inputs: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        batch = next(iter(inputs.values())).shape[0] if fixed else 0
+        given = _cast_floats(inputs, dict.fromkeys(inputs, dtype))
+        given.update({name: torch.full((batch,), value, dtype=torch.int64) for name, value in fixed.items()})
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return to_numpy(model(**_cast_floats(inputs, dict.fromkeys(inputs, dtype))))
+            return to_numpy(model(**given))
 
     return run, ""
 

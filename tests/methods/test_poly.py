@@ -4,7 +4,8 @@ PEFT builds and saves each adapter with every trained tensor perturbed (``models
 program peftc traces must match PEFT's eager ``PeftModelFor<task>`` within the fp32 bound on tiny BERT
 (``SEQ_CLS``, with its ``modules_to_save`` head) and tiny LLaMA (``CAUSAL_LM``), the ONNX artifact
 must match PEFT on a batch of mixed tasks, a sign-flipped update must fail verification, and
-each refusal has its own test.
+each refusal has its own test. With a task id (``--task-id``) the mix is merged into the weights: the
+merged program has no router and no ``task_ids`` input and matches PEFT given ``task_ids = K``.
 """
 
 from __future__ import annotations
@@ -23,13 +24,16 @@ import transformers
 from conftest import assert_outputs_close, edited_adapter
 
 import peftc
+from peftc import ir
 from peftc.driver.build import Sources, Stages, build
 from peftc.errors import InputError, UnsupportedError
 from peftc.ir.modules import module_table_from_module
 from peftc.loaders.inputs import InputSignature, from_transformers
 from peftc.methods import poly, registry
+from peftc.methods.base import ParseOptions
 from peftc.methods.loading import read_adapter
-from peftc.verification import OraclePlan, program_oracle, verify
+from peftc.passes import PassContext, PassManager, pipelines
+from peftc.verification import OraclePlan, peft_oracle, program_oracle, verify
 
 _WORK = Path(tempfile.mkdtemp(prefix="peftc-poly-"))
 
@@ -185,3 +189,65 @@ def _traced_table():
     """The module table of the wrapper the BERT adapter is traced in (built from the module, untraced)."""
     inserted = _insert(read_adapter(_adapter("bert")))
     return module_table_from_module(inserted.wrap(_model("bert")))
+
+
+@functools.cache
+def _task_built():
+    """The BERT adapter built for task 0 (the base is traced once for every task)."""
+    return build(Sources(model=_model("bert"), adapters=(_adapter("bert"),), task_id=0), Stages(), stack=True)
+
+
+@functools.cache
+def _task_merged(task: int):
+    """The BERT adapter compiled for ``task``: the merged program, its inputs, and PEFT with ``task_ids = task``."""
+    built = _task_built()
+    world = built.fp32
+    assert not world.inserted
+    adapter = registry.parse_adapter(
+        read_adapter(_adapter("bert")), ir.module_table(world.base), ParseOptions(task_id=task)
+    )
+    assert {s.op for s in adapter.sites} == {"poly_task_weight"}
+    merged, _ = PassManager([*pipelines.adapt([adapter]), *pipelines.optimize(merge=True)]).run(
+        world.base, PassContext()
+    )
+    peft, why = peft_oracle(_model("bert"), [adapter])
+    assert peft is not None, why
+    return merged, built.loaded.signature, peft
+
+
+@pytest.mark.parametrize("task", [0, 2])
+def test_a_fixed_task_merges_and_matches_peft(task):
+    merged, signature, peft = _task_merged(task)
+    assert "task_ids" not in signature.names
+    targets = [n.target for n in merged.graph.nodes if n.op == "call_function"]
+    assert not any("sigmoid" in str(t) or "poly" in str(t) for t in targets)  # no router, sites merged
+    assert not any("poly" in name for name in merged.state_dict)
+    report = verify(program_oracle(merged), signature, {"peft": peft})
+    assert report.passed, {(c.oracle, o.name): o.max_rel for c in report.cases for o in c.outputs}
+
+
+def test_the_two_tasks_merge_differently_and_verification_tells_them_apart():
+    (zero, signature, _), (two, _, peft_two) = _task_merged(0), _task_merged(2)
+    key = "bert.encoder.layer.0.attention.self.query.weight"
+    assert (zero.state_dict[key] - two.state_dict[key]).abs().max() > 1e-3 * zero.state_dict[key].abs().max()
+    assert not verify(program_oracle(zero), signature, {"peft": peft_two}).passed  # task 0 merged, PEFT on task 2
+
+
+def test_the_task_id_option_reaches_the_build_and_the_rebuild_command():
+    from peftc.driver.pipeline import _sources
+    from peftc.options import CompileOptions
+
+    options = CompileOptions(model="bert-dir", adapters=("poly",), out="out", task_id=2)
+    assert _sources(options).task_id == 2
+    assert options.command()[-2:] == ["--task-id", "2"]
+    with pytest.raises(InputError, match=re.escape("--task-id -1: give a task index >= 0")):
+        CompileOptions(model="bert-dir", adapters=("poly",), out="out", task_id=-1)
+
+
+def test_a_task_id_outside_the_router_or_without_poly_is_refused(bert_adapter):
+    table, options = ir.module_table(_task_built().fp32.base), ParseOptions(task_id=3)
+    with pytest.raises(InputError, match=re.escape("--task-id 3: the router of adapter_model.safetensors:")):
+        registry.parse_adapter(read_adapter(_adapter("bert")), table, options)
+    module = models.tiny_bert()
+    with pytest.raises(InputError, match=re.escape("--task-id 0: no adapter is routed by task (POLY is)")):
+        registry.insertion([read_adapter(bert_adapter)], module, from_transformers(module), task_id=0)
