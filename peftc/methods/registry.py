@@ -48,6 +48,7 @@ from peftc.methods import (
     randlora,
     refused,
     road,
+    s2ft,
     shira,
     ssf,
     supertuning,
@@ -108,6 +109,7 @@ METHODS: list[Method] = [
     supertuning.METHOD,
     frod.METHOD,
     delta.METHOD,
+    s2ft.METHOD,
     *prompt.METHODS,
     # Inserted before tracing: routed mixtures (task_ids input).
     poly.METHOD,

@@ -1,0 +1,1 @@
+"""Sparse adapters: recovering S²FT updates from fine-tuned checkpoints (``peftc extract``)."""
