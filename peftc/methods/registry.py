@@ -50,6 +50,7 @@ from peftc.methods import (
     road,
     s2ft,
     shira,
+    sparse,
     ssf,
     supertuning,
     tinylora,
@@ -110,6 +111,7 @@ METHODS: list[Method] = [
     frod.METHOD,
     delta.METHOD,
     s2ft.METHOD,
+    sparse.METHOD,
     *prompt.METHODS,
     # Inserted before tracing: routed mixtures (task_ids input).
     poly.METHOD,
