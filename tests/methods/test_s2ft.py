@@ -177,6 +177,13 @@ def _swap_q(t):
     t["layers.0.self_attn.q_proj.weight"] = torch.cat([q[16:], q[:16]])
 
 
+def _split_kv_group(t):
+    """Swap query heads 1 and 2 of layer 0, which read different KV heads (4 query heads over 2)."""
+    q = t["layers.0.self_attn.q_proj.weight"].clone()
+    q[8:16], q[16:24] = t["layers.0.self_attn.q_proj.weight"][16:24], t["layers.0.self_attn.q_proj.weight"][8:16]
+    t["layers.0.self_attn.q_proj.weight"] = q
+
+
 @pytest.mark.parametrize(
     ("edit", "match"),
     [
@@ -187,10 +194,19 @@ def _swap_q(t):
         (_noise(["layers.1.mlp.up_proj.weight"]), r"up_proj.weight: .* changes 64 of 64 rows \(density 1, limit 0.5\)"),
         (_noise(["layers.1.mlp.up_proj.weight"], 0.1, rows=4), r"rows .*\), row \d+ in only 0.\d+ of its entries"),
         (_swap_v_groups, r"v_proj.weight: .* row \d+ equals another base row exactly.* not function-preserving"),
+        (_split_kv_group, r"q_proj.weight: 2 of 2 row blocks of the fine-tuned matrix equal no base block"),
         (_swap_q, r"q rows follow KV groups \[\d, \d\], k rows \[\d, \d\]"),
         (_noise(["norm.weight"]), r"norm.weight: changed \(max \|Δ\| .*\); S²FT changes only v/o/up/down"),
     ],
-    ids=["noise-permuted-only", "dense-noise", "unstructured-noise", "wrong-permutation", "q-k-disagree", "norm"],
+    ids=[
+        "noise-permuted-only",
+        "dense-noise",
+        "unstructured-noise",
+        "wrong-permutation",
+        "head-moved-across-kv-groups",
+        "q-k-disagree",
+        "norm",
+    ],
 )
 def test_extract_refuses_what_is_not_an_s2ft_update(trained, tmp_path, edit, match):
     truth = trained[0]
