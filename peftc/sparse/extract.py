@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from peftc.errors import InputError, UnsupportedError
+from peftc.sparse import MAX_DENSITY, MIN_FILL
 
 ATTENTION = re.compile(r"^(.*)\.self_attn\.q_proj\.weight$")
 MLP = re.compile(r"^(.*)\.mlp\.gate_proj\.weight$")
@@ -39,9 +40,9 @@ MLP = re.compile(r"^(.*)\.mlp\.gate_proj\.weight$")
 class Limits:
     """When a difference still counts as an S²FT update."""
 
-    max_density: float = 0.5
+    max_density: float = MAX_DENSITY
     """Largest fraction of a matrix's rows (v, up) or columns (o, down) the update may change."""
-    min_fill: float = 0.5
+    min_fill: float = MIN_FILL
     """Smallest fraction of non-zero entries in each changed row/column (dense sub-blocks)."""
 
 

@@ -6,13 +6,15 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from peftc import reading
 from peftc.errors import InputError
-from peftc.methods import s2ft
-from peftc.sparse.extract import Extracted, Limits, extract
+from peftc.sparse import MAX_DENSITY, MIN_FILL
+
+if TYPE_CHECKING:
+    import torch
+
+    from peftc.sparse.extract import Extracted, Limits
 
 EXTRACT_FILE = "extract.json"
 
@@ -27,10 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("finetuned", help="the S²FT fine-tuned checkpoint (Hugging Face directory, dense, permuted)")
     e.add_argument("-o", "--out", required=True, help="adapter directory to create")
     e.add_argument(
-        "--max-density", type=float, default=Limits.max_density, help="largest fraction of rows/columns changed (0.5)"
+        "--max-density", type=float, default=MAX_DENSITY, help="largest fraction of rows/columns changed (0.5)"
     )
     e.add_argument(
-        "--min-fill", type=float, default=Limits.min_fill, help="smallest fraction of entries changed in them (0.5)"
+        "--min-fill", type=float, default=MIN_FILL, help="smallest fraction of entries changed in them (0.5)"
     )
     e.add_argument(
         "--allow-pickle", action="store_true", help="accept pytorch_model.bin (loaded with weights_only=True)"
@@ -46,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if not 0 < value <= 1:
             raise InputError(f"--{name.replace('_', '-')} {value}: give a fraction in (0, 1]")
+    from peftc.sparse.extract import Limits
+
     summary = extract_adapter(
         Path(args.base),
         Path(args.finetuned),
@@ -78,6 +82,10 @@ def extract_adapter(
             that is not an S²FT update (``peftc.sparse.extract.extract``).
     """
     from safetensors.torch import save_file
+
+    from peftc import reading
+    from peftc.methods import s2ft
+    from peftc.sparse.extract import Limits, extract
 
     limits = limits or Limits()
     config, _ = reading.read_json(_file(base, "config.json"))
