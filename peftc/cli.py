@@ -20,6 +20,7 @@ from peftc.errors import PeftcError, VerificationError
 from peftc.interrupts import sigterm_as_interrupt
 from peftc.logs import hidden_warnings
 from peftc.progress import Bar, Lines
+from peftc.sparse import extract_cli
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int8-static", "int8-weight", "int4")
 """``--precision``'s choices: ``peftc.precision.PRECISIONS``, named here so the CLI starts without torch."""
@@ -388,6 +389,7 @@ def parser() -> argparse.ArgumentParser:
     v.set_defaults(func=_verify)
     clean.register(sub)
     combine_cli.register(sub)
+    extract_cli.register(sub)
     return root
 
 

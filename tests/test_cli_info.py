@@ -53,7 +53,16 @@ PEFT_FORMATS = {
 """The PEFT methods the README says peftc reads ("What is supported", "Adapter formats")."""
 PEFT_FORMATS |= {"OSF", "PSOFT", "HIRA", "ADAMSS", "DEFT"}
 PEFT_FORMATS |= {"POLY"}  # XLORA and SHADOW are refused
-OWN_FORMATS = {"SSF", "ZEROI2V", "PEFTC_DELTA", "PEFTC_COMPEFT", "PEFTC_ONEBIT", "PEFTC_BOTTLENECK"}
+OWN_FORMATS = {
+    "SSF",
+    "ZEROI2V",
+    "PEFTC_DELTA",
+    "PEFTC_COMPEFT",
+    "PEFTC_ONEBIT",
+    "PEFTC_BOTTLENECK",
+    "PEFTC_S2FT",
+    "PEFTC_SPARSE",
+}
 """The formats the README says peftc reads although PEFT does not implement them."""
 
 

@@ -255,7 +255,7 @@ def _load_timm(text: str, allow_pickle: bool, workdir: str | None) -> LoadedMode
         file = Path(workdir) / file
     if not file.exists():
         raise InputError(f"model {text!r}: weights file {file} does not exist")
-    tensors = _read_state_dict(file, allow_pickle)
+    tensors = read_state_dict(file, allow_pickle)
     try:
         import timm
     except Exception as e:
@@ -280,7 +280,13 @@ def _load_timm(text: str, allow_pickle: bool, workdir: str | None) -> LoadedMode
     return loaded
 
 
-def _read_state_dict(file: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+def read_state_dict(file: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, or of a pickled state dict when ``allow_pickle`` (loaded with
+    ``weights_only=True``).
+
+    Raises:
+        InputError: a pickle without ``allow_pickle``, or a file that is not a state dict.
+    """
     if file.suffix == ".safetensors":
         return reading.read_safetensors(file)[0]
     if not allow_pickle:

@@ -51,7 +51,9 @@ from peftc.methods import (
     randlora,
     refused,
     road,
+    s2ft,
     shira,
+    sparse,
     ssf,
     supertuning,
     tinylora,
@@ -114,6 +116,9 @@ METHODS: list[Method] = [
     # Quantized adapter storage (peftc's own formats): ternary task vectors, 1-bit low-rank factors.
     compeft.METHOD,
     onebit.METHOD,
+    # Sparse updates (peftc's own formats): S²FT row/column blocks, sparse ΔW (scatter-add).
+    s2ft.METHOD,
+    sparse.METHOD,
     *prompt.METHODS,
     # Inserted before tracing: routed mixtures (task_ids input), bottleneck adapters.
     poly.METHOD,

@@ -205,7 +205,7 @@ def _merge_call_sites(editor: ir.ProgramEditor, sites: list[fx.Node], op: SiteOp
         raise AssertionError(f"{op.name} is not a mergeable call site of a linear module")
     x_weight_bias, operands = sites[0].args[: op.operands_start], sites[0].args[op.operands_start :]
     _x, weight, bias = x_weight_bias
-    fan_in_fan_out = dict(zip(op.scalars, operands[len(op.tensor_roles) :]))["fan_in_fan_out"]
+    fan_in_fan_out = dict(zip(op.scalars, operands[len(op.tensor_roles) :])).get("fan_in_fan_out", False)
     forms = op.weight_form(*operands)
     module = sites[0].meta.get(ir.meta.PEFTC, {}).get("module", _site_name(sites[0]))
 
