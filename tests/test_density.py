@@ -162,3 +162,14 @@ def test_bad_flags_are_one_line_exit_2(trained, capsys):
     assert code == 2 and err.count("\n") == 1 and "--density" in err
     with pytest.raises(InputError, match="--samples"):
         Request(trained["model"], samples=0)
+
+
+def test_passes_on_a_calibration_file_hold_out_every_fourth_batch(trained, capsys):
+    root = trained["root"]  # 16 rows: batch 0 (8 rows) calibrates, batch 1 is held out
+    code, out, _ = _run(capsys, root / "deft", "--density", "--calibration", root / "calib.npz",
+                        "--prune-dead-neurons", "--max-error", "1e-6")  # fmt: skip
+    assert code == 0
+    assert "on 1 held-out batches" in out and "prune-dead-neurons" in out
+    for line in out.splitlines():
+        if "prune-dead-neurons" in line and " kept " in line:
+            assert float(line.split()[-1]) <= 1e-6

@@ -4,7 +4,8 @@ activation density on calibration inputs, and run the exploitation passes that w
 Calibration inputs: ``--calibration FILE`` (``.safetensors`` or ``.npz``, one array per model input,
 batch first, read and checked as for ``peftc compile --calibration``) or ``--samples N`` seeded batches
 generated from the model's input signature. The exploitation passes measure their error on held-out
-inputs: with a file, every fourth batch of it (at least two batches are then needed); else
+inputs: with a file, every fourth batch of it from the second (batches 1, 5, 9…; at least two
+batches are then needed); else
 ``held_out`` more generated batches with other seeds.
 """
 
@@ -79,7 +80,7 @@ def analyze(request: Request) -> tuple[dict[str, Any], torch.nn.Module]:
         if len(feeds) < 2:
             raise InputError(f"--calibration {request.calibration}: the passes hold out every 4th batch of 8 rows; "
                              f"give at least 9 rows (got {calib.record.get('rows')})")  # fmt: skip
-        feeds, held = [f for i, f in enumerate(calib.feeds) if i % 4 != 3], calib.feeds[3::4]
+        feeds, held = [f for i, f in enumerate(calib.feeds) if i % 4 != 1], calib.feeds[1::4]
     counts = measure(model, blocks, feeds, request.threshold)
     layers = [c.record(request.threshold) for c in counts]
     cells = sum(layer["rows"] * layer["neurons"] for layer in layers)

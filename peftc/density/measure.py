@@ -63,12 +63,6 @@ class Counts:
             "frequency": [round(v, 6) for v in (self.nonzero.double() / self.rows).tolist()],
         }
 
-    @property
-    def dead(self) -> torch.Tensor:
-        """Indices of the neurons never non-zero."""
-        assert self.nonzero is not None
-        return (self.nonzero == 0).nonzero().flatten()
-
 
 @contextlib.contextmanager
 def hooked(model: torch.nn.Module, blocks: Sequence[Block], threshold: float) -> Iterator[list[Counts]]:
