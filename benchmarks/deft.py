@@ -25,6 +25,10 @@ output's scale (``relative_error``) against ``dense`` on the timed inputs. ``gai
 this sequence length, embeddings excluded) the removal takes out; ``gain / flops``: 1.0 is "latency
 gain proportional to the removed fraction".
 
+``--ort``: each path also exported by ``torch.onnx`` (dynamo, dynamic batch; the gather-GEMM's active
+set becomes ``NonZero`` + ``Gather``) and run by peftc's onnxruntime runner (``OrtRunner``, its session
+settings, ``--threads`` intra-op threads): rows ``ort_*``.
+
 ``--quick``: 2 layers, 2 repetitions, batch 1 and 8 × seq 64, f ∈ {0, 0.75}. Numbers on the shared
 development VM are noisy (other jobs' load): compare ratios measured side by side in one run.
 """
@@ -38,6 +42,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -86,17 +91,42 @@ def macs(model: torch.nn.Module, seq: int) -> float:
     return sum(m.in_features * m.out_features for m in layers) + 2 * seq * hidden * model.config.num_hidden_layers
 
 
-def timed(paths: dict[str, torch.nn.Module], feed: dict, reps: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {name: [] for name in paths}
+Path_ = Callable[[dict], np.ndarray]
+"""A timed path: the inputs → ``last_hidden_state``."""
+
+
+def eager(model: torch.nn.Module) -> Path_:
+    def run(feed: dict) -> np.ndarray:
+        with torch.no_grad():
+            return model(**feed).last_hidden_state.numpy()
+
+    return run
+
+
+def onnx(model: torch.nn.Module, file: Path, feed: dict, threads: int) -> Path_:
+    """``model`` exported by ``torch.onnx`` (dynamo, dynamic batch) and run by peftc's onnxruntime runner."""
+    from peftc.backends.ort import OrtRunner
+
+    batch = torch.export.Dim("batch")
     with torch.no_grad():
-        for model in paths.values():
-            model(**feed)  # warm-up
-        for _ in range(reps):
-            for name, model in paths.items():
-                start = time.perf_counter()
-                model(**feed)
-                times[name].append(time.perf_counter() - start)
-    return {name: sorted(t)[len(t) // 2] * 1e3 for name, t in times.items()}
+        torch.onnx.export(model, (), str(file), kwargs=feed, dynamo=True, verbose=False,
+                          dynamic_shapes={"input_ids": {0: batch}, "attention_mask": {0: batch}})  # fmt: skip
+    runner = OrtRunner(file, threads=threads)
+    return lambda feed: next(iter(runner.run({k: v.numpy() for k, v in feed.items()}).values()))
+
+
+def timed(paths: dict[str, Path_], feed: dict, reps: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median ms per path (interleaved repetitions) and each path's error against the first."""
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    outputs = {name: run(feed) for name, run in paths.items()}  # also the warm-up
+    for _ in range(reps):
+        for name, run in paths.items():
+            start = time.perf_counter()
+            run(feed)
+            times[name].append(time.perf_counter() - start)
+    want = {"y": next(iter(outputs.values()))}
+    errors = {name: relative_error(want, {"y": out}) for name, out in outputs.items()}
+    return {name: sorted(t)[len(t) // 2] * 1e3 for name, t in times.items()}, errors
 
 
 def calibration(path: Path, seq: int) -> Path:
@@ -112,7 +142,12 @@ def row(base: torch.nn.Module, fraction: float, calib: Path, args: argparse.Name
     request = Request(dense, calibration=calib, passes=("prune-dead-neurons",), max_error=1e-5)
     report, removal = analyze(request)
     sparse_report, _ = analyze(dataclasses.replace(request, passes=("sparse-mlp",)))
-    paths = {"dense": dense, "removal": removal, "gather": gathered(dense)}
+    paths = {"dense": eager(dense), "removal": eager(removal), "gather": eager(gathered(dense))}
+    if args.ort:
+        example = {"input_ids": torch.zeros(2, args.seq, dtype=torch.int64),
+                   "attention_mask": torch.ones(2, args.seq, dtype=torch.int64)}  # fmt: skip
+        for name, model in (("dense", dense), ("removal", removal), ("gather", gathered(dense))):
+            paths[f"ort_{name}"] = onnx(model, calib.parent / f"{name}-{fraction}.onnx", example, args.threads)
     removed = sum(r["removed"] for r in report["exploit"]["blocks"] if r["kept"])
     out = {
         "dead": fraction,
@@ -126,10 +161,7 @@ def row(base: torch.nn.Module, fraction: float, calib: Path, args: argparse.Name
         generator = torch.Generator().manual_seed(batch)
         feed = {"input_ids": torch.randint(0, 30522, (batch, args.seq), generator=generator),
                 "attention_mask": torch.ones(batch, args.seq, dtype=torch.int64)}  # fmt: skip
-        ms = timed(paths, feed, args.reps)
-        with torch.no_grad():
-            want = {"y": dense(**feed).last_hidden_state.numpy()}
-            errors = {n: relative_error(want, {"y": m(**feed).last_hidden_state.numpy()}) for n, m in paths.items()}
+        ms, errors = timed(paths, feed, args.reps)
         out["batches"][batch] = {"ms": ms, "error": errors}
     return out
 
@@ -147,6 +179,15 @@ def render(rows: list[dict]) -> str:
                 f"{batch:<2} {b['ms']['dense']:<9.1f} {b['ms']['removal']:<11.1f} {gain:<6.3f} {ratio:<11.2f} "
                 f"{b['ms']['gather']:<10.1f} {b['error']['removal']:<12.2g} {b['error']['gather']:.2g}"
             )
+    for r in rows:
+        for batch, b in r["batches"].items():
+            if "ort_dense" in b["ms"]:
+                ms, err = b["ms"], b["error"]
+                lines.append(
+                    f"ort f={r['dead']} b{batch}: dense {ms['ort_dense']:.1f} ms, removal {ms['ort_removal']:.1f} ms "
+                    f"(gain {1 - ms['ort_removal'] / ms['ort_dense']:.3f}), gather {ms['ort_gather']:.1f} ms; errors "
+                    f"{err['ort_dense']:.2g} / {err['ort_removal']:.2g} / {err['ort_gather']:.2g}"
+                )
     kept = ", ".join(f"f={r['dead']}: {r['sparse_mlp_kept']}" for r in rows)
     lines.append(f"sparse-mlp pass kept the gather-GEMM in (layers): {kept}")
     return "\n".join(lines)
@@ -160,6 +201,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--ort", action="store_true", help="also export each path to ONNX and time it in onnxruntime")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.quick:
