@@ -3,7 +3,8 @@
 DEFT (``methods.md`` §6.1, ``FORMATS.md`` §2) adds ``d = mean(a² / (a² + ε))`` over the MLP activations
 ``a`` to the task loss; ``d`` is a smooth count of the non-zero entries. Here the task loss is a
 distillation one (stay close to the untrained model's output, so the model still computes something
-non-trivial), trained for a few seeded CPU steps with Adam. ε = 1e-7 as in the DEFT code; Adam's
+non-trivial), trained for a few seeded CPU steps with Adam on one thread (chaotic enough that the
+thread count's summation order changes which neurons die). ε = 1e-7 as in the DEFT code; Adam's
 per-parameter normalisation makes its small gradients move the MLP's up projection within a few steps.
 """
 
@@ -37,6 +38,15 @@ def density_loss(acts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _train(model: torch.nn.Module, teacher: torch.nn.Module, params: list, steps: int, lr: float, seed: int) -> list:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same sums in the same order whatever the machine's thread count
+    try:
+        return _steps(model, teacher, params, steps, lr, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _steps(model: torch.nn.Module, teacher: torch.nn.Module, params: list, steps: int, lr: float, seed: int) -> list:
     acts: list[torch.Tensor] = []
     hooks = [
         m.register_forward_hook(lambda mod, args, out: acts.append(out))
@@ -65,7 +75,7 @@ def _train(model: torch.nn.Module, teacher: torch.nn.Module, params: list, steps
     return densities
 
 
-def deft_bert(steps: int = 10, lr: float = 3e-2, seed: int = 0) -> tuple[torch.nn.Module, list[float]]:
+def deft_bert(steps: int = 10, lr: float = 5e-2, seed: int = 0) -> tuple[torch.nn.Module, list[float]]:
     """``relu_bert`` trained with the density loss (dropout off); the model and the loss per step."""
     teacher = relu_bert(seed)
     model = copy.deepcopy(teacher)

@@ -129,7 +129,10 @@ def test_removing_a_live_neuron_fails_verification(trained, monkeypatch):
 
     monkeypatch.setattr(exploit, "dead_neurons", with_a_live_one)
     report, _ = analyze(Request(trained["model"], samples=4, held_out=2, passes=("prune-dead-neurons",)))
-    for record in report["exploit"]["blocks"]:
+    busiest = {layer["name"]: max(layer["frequency"]) for layer in report["layers"]}
+    checked = [r for r in report["exploit"]["blocks"] if busiest[r["name"]] > 0.5]  # active in most rows
+    assert checked
+    for record in checked:
         assert not record["kept"] and record["block_error"] > 1e-3 and record["error"] > 1e-5
 
 
