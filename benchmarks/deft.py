@@ -210,7 +210,10 @@ def main() -> None:
     base = relu_bert(args.layers)
     with tempfile.TemporaryDirectory() as tmp:
         calib = calibration(Path(tmp) / "calibration.npz", args.seq)
-        rows = [row(base, float(f), calib, args) for f in args.dead.split(",")]
+        rows = []
+        for fraction in args.dead.split(","):
+            rows.append(row(base, float(fraction), calib, args))
+            print(render(rows[-1:]), file=sys.stderr, flush=True)  # progress: each density as it is done
     print(json.dumps(rows, indent=1) if args.json else render(rows))
 
 
