@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from peftc import clean, cli_info
 from peftc.combine import cli as combine_cli
+from peftc.density import cli as density_cli
 from peftc.errors import PeftcError, VerificationError
 from peftc.interrupts import sigterm_as_interrupt
 from peftc.logs import hidden_warnings
@@ -390,6 +391,7 @@ def parser() -> argparse.ArgumentParser:
     clean.register(sub)
     combine_cli.register(sub)
     extract_cli.register(sub)
+    density_cli.register(sub)
     return root
 
 

@@ -1,0 +1,146 @@
+"""``peftc analyze MODEL --density``: load the model (with its adapters merged by PEFT), measure MLP
+activation density on calibration inputs, and run the exploitation passes that were asked for.
+
+Calibration inputs: ``--calibration FILE`` (``.safetensors`` or ``.npz``, one array per model input,
+batch first, read and checked as for ``peftc compile --calibration``) or ``--samples N`` seeded batches
+generated from the model's input signature. The exploitation passes measure their error on held-out
+inputs: with a file, every fourth batch of it from the second (batches 1, 5, 9…; at least two
+batches are then needed); else
+``held_out`` more generated batches with other seeds.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftc.density import exploit
+from peftc.density.blocks import find_blocks
+from peftc.density.measure import THRESHOLD, measure
+from peftc.errors import InputError, UnsupportedError
+
+HELD_OUT_SEED = 2000
+"""Generated held-out batch ``i`` uses seed ``seed + HELD_OUT_SEED + i`` (calibration: ``seed + 1000 + i``)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """What ``peftc analyze --density`` was asked for."""
+
+    model: Any
+    adapters: tuple[str, ...] = ()
+    calibration: Path | None = None
+    samples: int = 16
+    held_out: int = 4
+    seed: int = 0
+    threshold: float = THRESHOLD
+    passes: tuple[str, ...] = ()
+    max_error: float = 1e-5
+    inputs: tuple[str, ...] = ()
+    allow_pickle: bool = False
+
+    def __post_init__(self) -> None:
+        for flag, value in (("--samples", self.samples), ("--held-out", self.held_out)):
+            if value < 1:
+                raise InputError(f"{flag} {value}: give a positive count")
+        if not self.max_error >= 0:  # also refuses NaN
+            raise InputError(f"--max-error {self.max_error}: give a non-negative budget")
+        if not self.threshold >= 0:
+            raise InputError(f"--threshold {self.threshold}: give a non-negative activation value")
+        unknown = [p for p in self.passes if p not in exploit.PASSES]
+        if unknown:
+            raise InputError(f"unknown density pass(es) {unknown}; known: {list(exploit.PASSES)}")
+
+
+def analyze(request: Request) -> tuple[dict[str, Any], torch.nn.Module]:
+    """The density report (``--json``'s object) and the model, rewritten by the passes asked for."""
+    from peftc.driver.quantize import calibration as read_calibration
+    from peftc.loaders import load_model
+    from peftc.logs import quiet_imports
+
+    with quiet_imports():
+        loaded = load_model(request.model, inputs=list(request.inputs), allow_pickle=request.allow_pickle)
+    if loaded.module is None or loaded.signature is None:
+        raise UnsupportedError(f"{loaded.spec}: density is measured on an nn.Module in eager mode, not a .pt2 program")
+    model = with_adapters(loaded.module, request.adapters, request.allow_pickle)
+    if request.passes and model is loaded.module:  # the passes rewrite the model: never the caller's
+        model = copy.deepcopy(model)
+    blocks = find_blocks(model)
+    calib = read_calibration(request.calibration, request.samples, loaded.signature, request.seed)
+    feeds, held = calib.feeds, None
+    if request.calibration is not None and request.passes:
+        if len(feeds) < 2:
+            raise InputError(f"--calibration {request.calibration}: the passes hold out every 4th batch of 8 rows; "
+                             f"give at least 9 rows (got {calib.record.get('rows')})")  # fmt: skip
+        feeds, held = [f for i, f in enumerate(calib.feeds) if i % 4 != 1], calib.feeds[1::4]
+    counts = measure(model, blocks, feeds, request.threshold)
+    layers = [c.record(request.threshold) for c in counts]
+    cells = sum(layer["rows"] * layer["neurons"] for layer in layers)
+    report: dict[str, Any] = {
+        "model": str(loaded.spec),
+        "adapters": list(request.adapters),
+        "calibration": calib.record,
+        "threshold": request.threshold,
+        "density": sum(layer["density"] * layer["rows"] * layer["neurons"] for layer in layers) / cells,
+        "dead_neurons": sum(layer["dead_neurons"] for layer in layers),
+        "neurons": sum(layer["neurons"] for layer in layers),
+        "layers": layers,
+    }
+    if request.passes:
+        if held is None:
+            held = read_calibration(None, request.held_out, loaded.signature, request.seed + HELD_OUT_SEED - 1000).feeds
+        report["exploit"] = _exploit(model, blocks, counts, held, request)
+    return report, model
+
+
+def _exploit(model: torch.nn.Module, blocks: Sequence, counts: Sequence, held: Sequence, request: Request) -> dict:
+    search = exploit.Search(model, blocks, held, request.max_error)
+    records = []
+    for name in exploit.PASSES:  # in this order, whatever order the flags came in
+        if name in request.passes:
+            if name == "prune-dead-neurons":
+                records += exploit.prune_dead_neurons(search, counts)
+            elif name == "skip-blocks":
+                records += exploit.skip_blocks(search)
+            else:
+                records += exploit.sparse_mlp(search)
+    return {"max_error": request.max_error, "held_out_batches": len(held), "error": search.error,
+            "passes": list(request.passes), "blocks": records}  # fmt: skip
+
+
+def with_adapters(module: torch.nn.Module, adapters: Sequence[str], allow_pickle: bool) -> torch.nn.Module:
+    """A copy of ``module`` with ``adapters`` applied in order and merged by PEFT (``merge_and_unload``),
+    so every MLP is plain ``nn.Linear`` again; ``module`` itself without adapters."""
+    if not adapters:
+        return module
+    import peft
+    from safetensors.torch import save_file
+
+    from peftc.methods.loading import read_adapter
+
+    model = copy.deepcopy(module)
+    for path in adapters:
+        source = read_adapter(path, allow_pickle=allow_pickle)
+        with tempfile.TemporaryDirectory(prefix="peftc-density-") as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            (Path(tmp) / "adapter_config.json").write_text(json.dumps(dict(source.config)))
+            save_file(
+                {k: v.contiguous() for k, v in source.tensors.items()}, str(Path(tmp) / "adapter_model.safetensors")
+            )
+            try:
+                model = peft.PeftModel.from_pretrained(model, tmp).merge_and_unload()
+            except Exception as e:
+                raise UnsupportedError(
+                    f"{path}: PEFT could not load and merge this {source.config.get('peft_type')} adapter "
+                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); density is measured on "
+                    "the merged model"
+                ) from None
+    return model.eval()
