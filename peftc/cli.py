@@ -11,10 +11,9 @@ import json
 import sys
 import traceback
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from peftc import clean, cli_info
+from peftc import bench_cli, clean, cli_info
 from peftc.combine import cli as combine_cli
 from peftc.density import cli as density_cli
 from peftc.errors import PeftcError, VerificationError
@@ -170,34 +169,6 @@ def _inspect(args: argparse.Namespace) -> int:
         print(manifest_text({**fields, "status": "modified" if problems else manifest.status}), end="")
         print("".join(f"modified: {problem}\n" for problem in problems), end="")
     return 1 if problems else 0
-
-
-def _bench(args: argparse.Namespace) -> int:
-    from peftc import bench
-    from peftc.errors import InputError
-
-    def numbers(flag: str, texts: Sequence[str]) -> list[tuple[str, int]]:
-        out = []
-        for text in texts:
-            name, _, value = text.rpartition("=")
-            if not value.isdigit() or int(value) < 1:
-                raise InputError(f"{flag} {text!r}: give positive integers ({'DIM=N' if name else '1,8'})")
-            out.append((name, int(value)))
-        return out
-
-    batches = [n for _, n in numbers("--batch", [t for t in args.batch.split(",") if t.strip()])]
-    sizes = dict(numbers("--size", args.size))
-    if "" in sizes:
-        raise InputError("--size: give DIM=N with the dim's name (e.g. seq=128)")
-    if args.reps < 1:
-        raise InputError(f"--reps {args.reps}: give a positive count")
-    result = bench.bench(
-        [Path(p) for p in args.artifacts], batches=batches, sizes=sizes, reps=args.reps, progress=args.progress
-    )
-    if args.plot:
-        bench.plot(result, Path(args.plot))
-    print(json.dumps(result, indent=2) if args.json else bench.report(result), end="\n" if args.json else "")
-    return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -368,20 +339,6 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the manifest unchanged")
     i.set_defaults(func=_inspect)
 
-    b = sub.add_parser(
-        "bench", help="time artifacts against eager PyTorch and PEFT on this machine, with their errors and sizes"
-    )
-    b.add_argument("artifacts", nargs="+", metavar="OUT")
-    b.add_argument("--model", help="the base model, if not the one recorded in the first artifact's manifest")
-    b.add_argument("--batch", default="1,8", help="batch sizes to time, comma-separated (default 1,8)")
-    b.add_argument(
-        "--size", action="append", default=[], metavar="DIM=N", help="size of another dynamic dim, e.g. seq=128"
-    )
-    b.add_argument("--reps", type=int, default=10, help="interleaved repetitions per batch size (default 10)")
-    b.add_argument("--plot", metavar="FILE.png", help="also draw latency against error (needs matplotlib)")
-    b.add_argument("--json", action="store_true", help="print the result as JSON")
-    b.set_defaults(func=_bench)
-
     v = sub.add_parser("verify", help="re-run the numeric check of an artifact")
     v.add_argument("artifact")
     v.add_argument("--model", help="the base model, if not the one recorded in the manifest")
@@ -389,6 +346,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     v.set_defaults(func=_verify)
     clean.register(sub)
+    bench_cli.register(sub)
     combine_cli.register(sub)
     extract_cli.register(sub)
     density_cli.register(sub)
