@@ -91,6 +91,7 @@ class Compiled:
                 "base_residual": options.base_residual,
                 "precision": options.precision,
                 "max_error": options.max_error,
+                **({"task": built.loaded.task} if built.loaded.task else {}),
                 **optimized.options,
             },
             model=_describe_model(built),

@@ -40,6 +40,9 @@ class DimSpec:
     name: str
     min: int = 1
     max: int | None = None
+    sum_of: tuple[str, ...] = ()
+    """A dim whose size is the sum of these dims' (a generation step's ``total`` = ``past`` + ``seq``):
+    examples follow it, torch.export infers it (``Dim.AUTO``), and a call is checked against it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +84,9 @@ class InputSignature:
                 want = batch if dim.name == "batch" else seq if dim.name == "seq" else other + 2 * len(sizes)
                 low = dim.min if index else max(dim.min, 2)
                 sizes[dim.name] = min(max(want, low), dim.max or want)
+            for dim in self.dims.values():
+                if dim.sum_of:
+                    sizes[dim.name] = sum(sizes[part] for part in dim.sum_of)
             cases.append(sizes)
         return cases
 
@@ -116,7 +122,11 @@ class InputSignature:
     def dynamic_shapes(self) -> dict[str, dict[int, Any]]:
         """``torch.export`` dynamic-shape spec: one shared ``Dim`` per dim name."""
         dims = {
-            d.name: torch.export.Dim(d.name, min=d.min, max=d.max) if d.max else torch.export.Dim(d.name, min=d.min)
+            d.name: torch.export.Dim.AUTO
+            if d.sum_of
+            else torch.export.Dim(d.name, min=d.min, max=d.max)
+            if d.max
+            else torch.export.Dim(d.name, min=d.min)
             for d in self.dims.values()
         }
         return {
@@ -141,7 +151,8 @@ class InputSignature:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> InputSignature:
         inputs = tuple(TensorInput(**(dict(i) | {"shape": tuple(i["shape"])})) for i in data["inputs"])
-        return cls(inputs, {k: DimSpec(**v) for k, v in data["dims"].items()})
+        dims = {k: DimSpec(**(dict(v) | {"sum_of": tuple(v.get("sum_of", ()))})) for k, v in data["dims"].items()}
+        return cls(inputs, dims)
 
 
 def with_defaults(specs: Sequence[TensorInput], arrays: Mapping[str, Any]) -> Mapping[str, Any]:
