@@ -52,13 +52,30 @@ def _tokenizer(path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    """A LLaMA (GQA) LoRA compiled from the in-memory model with an explicit ``task``."""
+def llama_banks(tmp_path_factory):
+    """Two LLaMA (GQA) LoRAs in one ``--swappable --multi-adapter 2`` artifact, compiled from the in-memory
+    model with an explicit ``task``."""
     root = tmp_path_factory.mktemp("gen-llama")
     model = _llama()
-    adapter = models.make_lora(model, root / "lora", target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    peftc.compile(model, adapter, out=root / "out", task="text-generation")
-    return model, adapter, peftc.load(root / "out")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    first = models.make_lora(model, root / "first", target_modules=targets, seed=1)
+    second = models.make_lora(model, root / "second", target_modules=targets[:2], seed=2)
+    options = {
+        "task": "text-generation",
+        "swappable": True,
+        "multi_adapter": 2,
+        "oracle": False,
+    }  # the tests compare with PEFT
+    peftc.compile(model, [first, second], out=root / "out", **options)
+    return model, (first, second), peftc.load(root / "out")
+
+
+@pytest.fixture
+def llama(llama_banks):
+    """The LLaMA artifact with its first adapter as the default."""
+    model, adapters, runner = llama_banks
+    runner.set_adapter("first")
+    return model, adapters[0], runner
 
 
 @pytest.fixture(scope="module")
@@ -92,20 +109,36 @@ def _peft(model: torch.nn.Module, adapter: Path):
         return PeftModel.from_pretrained(copy.deepcopy(model), str(adapter)).eval()
 
 
+def _hf_generate(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's greedy ``generate`` (stopping at the config's eos token, padding with 0)."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+
+
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_greedy_is_token_identical_to_peft_generate(request, name):
     model, adapter, runner = request.getfixturevalue(name)
     ids, mask = _prompts()
-    got = runner.generate(ids, mask, max_new_tokens=NEW, pad_token_id=0)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        expected = _peft(model, adapter).generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0
-        )
-    assert got.shape == (3, 7 + NEW)
+    eos = model.generation_config.eos_token_id
+    got = runner.generate(ids, mask, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=0)
+    expected = _hf_generate(_peft(model, adapter), ids, mask)
+    assert got.shape[1] >= 7 + 16 and ((got[:, 7:] != 0).sum(1) >= NEW).any()  # no early stop for most rows
     assert torch.equal(got, expected)
-    plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=0)
-    assert not torch.equal(got, plain)  # the adapter changes what is generated
+    assert not torch.equal(got, _hf_generate(model, ids, mask))  # the adapter changes what is generated
+
+
+def test_one_batch_generates_with_an_adapter_per_row(llama_banks):
+    model, (first, second), runner = llama_banks
+    ids, mask = _prompts()
+    eos = model.generation_config.eos_token_id
+    got = runner.generate(
+        ids, mask, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=0, adapter=["second", None, "first"]
+    )
+    for row, oracle in enumerate([_peft(model, second), model, _peft(model, first)]):
+        expected = _hf_generate(oracle, ids, mask)  # the whole batch, so that row's numbers are computed alike
+        length = min(got.shape[1], expected.shape[1])  # each batch stops when all its rows ended
+        assert torch.equal(got[row, :length], expected[row, :length]), f"row {row}"
 
 
 def test_every_step_logits_match_peft_with_its_cache(llama):
