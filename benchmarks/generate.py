@@ -117,7 +117,7 @@ def main() -> None:
 
     model = _model(args.quick)
     params = sum(p.numel() for p in model.parameters())
-    repeats = 1 if args.quick else 3
+    repeats = 1 if args.quick else 2
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         adapter = _adapter(model, Path(tmp) / "lora")
