@@ -22,7 +22,7 @@ def register(sub: Any) -> None:
     g.add_argument("--top-p", type=float)
     g.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     g.add_argument("--adapter", help="adapter of a --swappable artifact")
-    g.add_argument("--json", action="store_true", help="print {prompt, text, tokens} per prompt as JSON")
+    g.add_argument("--json", action="store_true", help="print {prompt, text, tokens, full_text} per prompt as JSON")
     g.set_defaults(func=_generate)
 
 
@@ -53,14 +53,14 @@ def _generate(args: argparse.Namespace) -> int:
     )
     start = encoded["input_ids"].shape[1]
     rows = []
-    for prompt, row in zip(args.prompt, tokens, strict=True):
+    for prompt, row, mask in zip(args.prompt, tokens, encoded["attention_mask"], strict=True):
         new = [int(t) for t in row[start:]]
-        rows.append({"prompt": prompt, "text": tokenizer.decode(new, skip_special_tokens=True), "tokens": new})
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        for row in rows:
-            print(f"{row['prompt']}{row['text']}" if not row["prompt"].endswith(" ") else row["prompt"] + row["text"])
+        kept = [int(t) for t, m in zip(row, [*mask, *[1] * len(new)], strict=True) if m]  # padding left out
+        rows.append({
+            "prompt": prompt, "text": tokenizer.decode(new, skip_special_tokens=True), "tokens": new,
+            "full_text": tokenizer.decode(kept, skip_special_tokens=True),
+        })  # fmt: skip
+    print(json.dumps(rows, indent=2) if args.json else "\n".join(row["full_text"] for row in rows))
     return 0
 
 
