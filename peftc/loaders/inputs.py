@@ -9,7 +9,8 @@ every input that uses the same name), optionally with a range ``name=min..max``.
 
 Tracing uses dynamic dims of at least 2 and pairwise distinct, because torch.export specialises a
 dim whose example is 0 or 1 and may merge dims whose examples are equal. Verification uses several
-size assignments (:meth:`InputSignature.cases`), one of them with batch 1.
+size assignments (:meth:`InputSignature.cases`), one of them with batch 1 and every dim that may be
+0 (a generation step's ``past``: the prefill) at 0.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class InputSignature:
                 batch, seq, other = _CASE_SIZES[index % len(_CASE_SIZES)]
                 want = batch if dim.name == "batch" else seq if dim.name == "seq" else other + 2 * len(sizes)
                 low = dim.min if index else max(dim.min, 2)
+                want = 0 if index == 1 and dim.min == 0 else want  # a dim that may be empty is, once
                 sizes[dim.name] = min(max(want, low), dim.max or want)
             for dim in self.dims.values():
                 if dim.sum_of:
