@@ -220,6 +220,8 @@ def test_bad_inputs_are_refused_in_one_line(llama, bert_dir, bert_adapter, tmp_p
     code, _, err = run(capsys, *argv)
     lines = [line for line in err.splitlines() if not line.startswith("[peftc")]
     assert code == 2 and len(lines) == 1 and "text-generation" in lines[0] and "Traceback" not in err, err
+    code, _, err = run(capsys, "generate", runner.path, "--prompt", "w5")  # built from a module: no tokenizer
+    assert code == 2 and err.strip().endswith("no tokenizer files in the artifact (its model directory had none)")
 
 
 def test_artifact_carries_tokenizer_and_peftc_generate_uses_it(gpt2, capsys):
