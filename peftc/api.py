@@ -45,6 +45,7 @@ def compile(
     calibration: PathLike | None = None,
     calibration_samples: int = 64,
     combine: str | None = None,
+    task: str | None = None,
     progress: Progress | None = None,
 ) -> Artifact:
     """Compile ``model`` with ``adapters`` into a verified artifact directory ``out``.
@@ -88,6 +89,8 @@ def compile(
         calibration_samples: without ``calibration``, how many seeded input batches to generate.
         combine: ``METHOD[:key=value,…]``: combine ``adapters`` into one adapter first (``peftc.combine``;
             written into the artifact as ``combined/``, the combination recorded in the manifest).
+        task: ``text-generation``: one generation step with the KV cache as explicit tensors, for
+            ``runner.generate`` (README "Generation"); None: inferred from ``config.architectures``.
         progress: called with a line of text as each stage starts.
 
     Raises:

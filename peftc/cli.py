@@ -17,6 +17,7 @@ from peftc import bench_cli, clean, cli_info
 from peftc.combine import cli as combine_cli
 from peftc.density import cli as density_cli
 from peftc.errors import PeftcError, VerificationError
+from peftc.generation import cli as generation_cli
 from peftc.interrupts import sigterm_as_interrupt
 from peftc.logs import hidden_warnings
 from peftc.progress import Bar, Lines
@@ -89,6 +90,7 @@ def compile_options(args: argparse.Namespace) -> CompileOptions:
         calibration=args.calibration,
         calibration_samples=args.calibration_samples,
         combine=args.combine,
+        task=args.task,
     )
 
 
@@ -285,6 +287,7 @@ def parser() -> argparse.ArgumentParser:
         metavar="N",
         help="with --swappable: let one call mix up to N adapters, one per batch row",
     )
+    c.add_argument("--task", choices=["text-generation"], help="a causal LM's generation step, KV cache as tensors")
     c.add_argument("--no-oracle", action="store_true", help="skip the comparison against Hugging Face PEFT")
     c.add_argument("--seed", type=int, default=0, help="seed of the verification inputs")
     c.add_argument(
@@ -350,6 +353,7 @@ def parser() -> argparse.ArgumentParser:
     combine_cli.register(sub)
     extract_cli.register(sub)
     density_cli.register(sub)
+    generation_cli.register(sub)
     return root
 
 

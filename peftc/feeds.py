@@ -102,7 +102,18 @@ class InputCheck:
             if name in self.ranges and array.size:
                 _check_values(name, array, self.ranges[name])
             arrays[name] = array
+        self._check_sums(sizes)
         return arrays, {dim: size for dim, (size, _) in sizes.items()}
+
+    def _check_sums(self, sizes: Mapping[str, tuple[int, str]]) -> None:
+        """A dim that is the sum of others (``total`` = ``past`` + ``seq``) has that size."""
+        for dim in self.dims.values():
+            if dim.sum_of and dim.name in sizes and all(p in sizes for p in dim.sum_of):
+                want = sum(sizes[p][0] for p in dim.sum_of)
+                size, name = sizes[dim.name]
+                if size != want:
+                    parts = " + ".join(f"{p} ({sizes[p][0]}, from {sizes[p][1]!r})" for p in dim.sum_of)
+                    raise InputError(f"input {name!r}: {dim.name} is {size}, but {parts} = {want}")
 
     def batch(self, arrays: Mapping[str, np.ndarray], sizes: Mapping[str, int]) -> int | None:
         """The batch size of a checked call: its ``batch`` dim, else the first dim of its first input."""

@@ -55,6 +55,8 @@ class CompileOptions:
     calibration_samples: int = CALIBRATION_SAMPLES
     combine: str | None = None
     """``METHOD[:k=v,…]``: combine the adapters into one first (``peftc.combine``)."""
+    task: str | None = None
+    """``text-generation``: a generation step with explicit KV caches (None: from ``config.architectures``)."""
 
     def __post_init__(self) -> None:
         adapters = [self.adapters] if isinstance(self.adapters, (str, os.PathLike)) else list(self.adapters)
@@ -161,6 +163,7 @@ class CompileOptions:
         command += [flag for flag, given in flags.items() if given]
         command += ["--task-id", str(self.task_id)] if self.task_id is not None else []
         command += ["--combine", self.combine] if self.combine else []
+        command += ["--task", self.task] if self.task else []
         command += ["--precision", self.precision] if self.precision else []
         command += ["--max-error", repr(self.max_error)] if self.max_error is not None else []
         command += ["--calibration", str(self.calibration)] if self.calibration else []

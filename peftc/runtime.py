@@ -116,6 +116,23 @@ class Runner:
             self._check_adapter(name)
         return list(adapter)
 
+    def generate(self, input_ids: Any, attention_mask: Any = None, *, adapter: Any = _DEFAULT, **options: Any) -> Any:
+        """Token ids: the prompt ``input_ids`` ``[batch, length]`` (left-padded, ``attention_mask`` 0 on
+        padding) followed by the generated tokens, from a ``--task text-generation`` artifact.
+
+        ``options``: ``max_new_tokens`` (20), ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
+        ``eos_token_id``, ``pad_token_id``, ``seed`` (``peftc/generation/decode.py``); ``adapter=`` as for
+        a call, the same at every step.
+
+        Raises:
+            InputError: not a generation artifact, a prompt longer than the model's positions allow, or an
+                input or adapter that does not fit.
+        """
+        from peftc.generation.decode import generate
+
+        call = {} if adapter is _DEFAULT else {"adapter": adapter}
+        return generate(self, input_ids, attention_mask, call=call, **options)
+
     def __repr__(self) -> str:
         return f"Runner({str(self.path)!r}, target={self.manifest.target['name']!r}, inputs={self.input_names})"
 

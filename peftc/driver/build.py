@@ -75,6 +75,8 @@ class Sources:
     """The adapters' names (default: their directory or file names)."""
     workdir: str | None = None
     """Where ``pkg.module:factory`` modules are imported from (default: the working directory)."""
+    task: str | None = None
+    """``text-generation`` (None: inferred from the model's ``config.architectures``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +138,11 @@ def build(
     model = sources.model
     with stages("load", f"load model {model if isinstance(model, str) else type(model).__name__}"), quiet_imports():
         loaded = load_model(
-            model, inputs=list(sources.inputs), allow_pickle=sources.allow_pickle, workdir=sources.workdir
+            model,
+            inputs=list(sources.inputs),
+            allow_pickle=sources.allow_pickle,
+            workdir=sources.workdir,
+            task=sources.task,
         )
     inserted = insertion(read, loaded.module, loaded.signature, sources.task_id)
     if inserted is not None:

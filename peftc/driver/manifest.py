@@ -92,6 +92,7 @@ class Compiled:
                 "task_id": options.task_id,
                 "precision": options.precision,
                 "max_error": options.max_error,
+                **({"task": built.loaded.task} if built.loaded.task else {}),
                 **optimized.options,
             },
             model=_describe_model(built),

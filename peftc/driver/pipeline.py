@@ -6,7 +6,9 @@ each stage. Nothing reaches ``options.out`` before verification passes (``peftc.
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from peftc.artifact import Artifact, ArtifactWriter, Manifest, read_manifest
@@ -18,6 +20,7 @@ from peftc.driver import quantize as quantizing
 from peftc.driver.build import Progress, Sources, Stages, build
 from peftc.driver.modes import Merged, Mode, Unmerged
 from peftc.driver.sources import recorded
+from peftc.generation.files import copy_model_files
 from peftc.options import CompileOptions
 from peftc.runtime import load, open_runner
 from peftc.swap.mode import Swappable
@@ -50,6 +53,9 @@ def compile_artifact(options: CompileOptions, progress: Progress | None = None) 
                 lowering, precision = quantizing.run(
                     backend, lowering, built, writer.tmp, precision, options, stages.say
                 )
+        if built.loaded.task and built.loaded.kind == "huggingface":
+            copied = copy_model_files(Path(built.loaded.spec), writer.tmp, lowering.files)
+            lowering = dataclasses.replace(lowering, files=(*lowering.files, *copied))
         target = manifests.target_record(options, optimized, lowering, writer.tmp, precision, built.fp32.base)
         compiled = manifests.Compiled(options, built, optimized, lowering, target)
         verify_with = lowering.lowered.verify_with
@@ -114,4 +120,5 @@ def _sources(options: CompileOptions) -> Sources:
         allow_pickle=options.allow_pickle,
         base_residual=options.base_residual,
         task_id=options.task_id,
+        task=options.task,
     )

@@ -110,6 +110,7 @@ def recorded(manifest: Manifest, model: Any = None) -> Sources:
         adapters=tuple(a["path"] for a in manifest.adapters),
         configs=tuple(a["config_file"] for a in manifest.adapters),
         inputs=tuple(manifest.options.get("inputs", [])),
+        task=manifest.options.get("task"),
         base_residual=manifest.options.get("base_residual", False),
         task_id=manifest.options.get("task_id"),
         names=tuple(a["name"] for a in manifest.adapters),

@@ -9,7 +9,8 @@ every input that uses the same name), optionally with a range ``name=min..max``.
 
 Tracing uses dynamic dims of at least 2 and pairwise distinct, because torch.export specialises a
 dim whose example is 0 or 1 and may merge dims whose examples are equal. Verification uses several
-size assignments (:meth:`InputSignature.cases`), one of them with batch 1.
+size assignments (:meth:`InputSignature.cases`), one of them with batch 1 and every dim that may be
+0 (a generation step's ``past``: the prefill) at 0.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ class DimSpec:
     name: str
     min: int = 1
     max: int | None = None
+    sum_of: tuple[str, ...] = ()
+    """A dim whose size is the sum of these dims' (a generation step's ``total`` = ``past`` + ``seq``):
+    examples follow it, torch.export infers it (``Dim.AUTO``), and a call is checked against it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +84,11 @@ class InputSignature:
                 batch, seq, other = _CASE_SIZES[index % len(_CASE_SIZES)]
                 want = batch if dim.name == "batch" else seq if dim.name == "seq" else other + 2 * len(sizes)
                 low = dim.min if index else max(dim.min, 2)
+                want = 0 if index == 1 and dim.min == 0 else want  # a dim that may be empty is, once
                 sizes[dim.name] = min(max(want, low), dim.max or want)
+            for dim in self.dims.values():
+                if dim.sum_of:
+                    sizes[dim.name] = sum(sizes[part] for part in dim.sum_of)
             cases.append(sizes)
         return cases
 
@@ -116,7 +124,11 @@ class InputSignature:
     def dynamic_shapes(self) -> dict[str, dict[int, Any]]:
         """``torch.export`` dynamic-shape spec: one shared ``Dim`` per dim name."""
         dims = {
-            d.name: torch.export.Dim(d.name, min=d.min, max=d.max) if d.max else torch.export.Dim(d.name, min=d.min)
+            d.name: torch.export.Dim.AUTO
+            if d.sum_of
+            else torch.export.Dim(d.name, min=d.min, max=d.max)
+            if d.max
+            else torch.export.Dim(d.name, min=d.min)
             for d in self.dims.values()
         }
         return {
@@ -141,7 +153,8 @@ class InputSignature:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> InputSignature:
         inputs = tuple(TensorInput(**(dict(i) | {"shape": tuple(i["shape"])})) for i in data["inputs"])
-        return cls(inputs, {k: DimSpec(**v) for k, v in data["dims"].items()})
+        dims = {k: DimSpec(**(dict(v) | {"sum_of": tuple(v.get("sum_of", ()))})) for k, v in data["dims"].items()}
+        return cls(inputs, dims)
 
 
 def with_defaults(specs: Sequence[TensorInput], arrays: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -19,6 +19,7 @@ Every model is put in eval mode with gradients off. Hugging Face models get ``us
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import importlib
@@ -35,6 +36,7 @@ import torch
 from peftc import ir, reading
 from peftc.errors import InputError, UnsupportedError, first_line
 from peftc.hashing import sha256_file
+from peftc.loaders import causal
 from peftc.loaders.hub import cached, is_hub_id
 from peftc.loaders.inputs import InputSignature, from_program, from_timm, from_transformers, parse_inputs
 
@@ -51,6 +53,8 @@ class LoadedModel:
     signature: InputSignature | None
     files: dict[str, str] = dataclasses.field(default_factory=dict)
     """sha256 of the files the model was read from."""
+    task: str | None = None
+    """``text-generation``: one generation step with explicit KV caches (``peftc/loaders/causal.py``)."""
 
     @property
     def class_name(self) -> str:
@@ -84,7 +88,12 @@ TIMM_PREFIX = "timm:"
 
 
 def load_model(
-    spec: Any, *, inputs: list[str] | tuple[str, ...] = (), allow_pickle: bool = False, workdir: str | None = None
+    spec: Any,
+    *,
+    inputs: list[str] | tuple[str, ...] = (),
+    allow_pickle: bool = False,
+    workdir: str | None = None,
+    task: str | None = None,
 ) -> LoadedModel:
     """Load the base model named by ``spec`` (or wrap an ``nn.Module``/``ExportedProgram`` object).
 
@@ -94,40 +103,56 @@ def load_model(
         allow_pickle: let ``.pt2`` files and HF ``pytorch_model.bin`` weights be unpickled.
         workdir: the directory ``pkg.module:factory`` modules are imported from, besides ``sys.path``
             (default: the working directory, as ``python -m`` does).
+        task: ``text-generation`` (``peftc/loaders/causal.py``); None: inferred from the model's
+            ``config.architectures`` (a causal LM class → ``text-generation``) unless ``inputs`` are given.
 
     Raises:
         InputError: the spec names nothing loadable (the message says what was tried).
     """
     override = parse_inputs(inputs) if inputs else None
+    if task is not None and (override is not None or isinstance(spec, torch.export.ExportedProgram)):
+        raise InputError(f"--task {task} derives the inputs of a Hugging Face model; leave out --input")
+    return _load(spec, override, allow_pickle, workdir, task)
+
+
+def _load(
+    spec: Any, override: InputSignature | None, allow_pickle: bool, workdir: str | None, task: str | None
+) -> LoadedModel:
     if isinstance(spec, torch.export.ExportedProgram):
         return LoadedModel("<ExportedProgram>", "exported", None, spec, override or from_program(spec))
     if isinstance(spec, torch.nn.Module):
-        return _finish(LoadedModel(f"<{type(spec).__name__}>", "module", spec, None, None), override)
+        return _finish(LoadedModel(f"<{type(spec).__name__}>", "module", spec, None, None), override, task)
     text = str(spec)
     if text.startswith(TIMM_PREFIX):
-        return _finish(_load_timm(text, allow_pickle, workdir), override)
+        return _finish(_load_timm(text, allow_pickle, workdir), override, task)
     path = cached(text, "model") if is_hub_id(text) else Path(text)
     if path.is_dir():
-        return _finish(_load_huggingface(path, allow_pickle), override)
+        return _finish(_load_huggingface(path, allow_pickle), override, task)
     if path.suffix == ".pt2" and path.exists() and reading.check_regular(path) >= 0:
         program = ir.load_program(path, allow_pickle=allow_pickle)
         files = {path.name: sha256_file(path)}
         return LoadedModel(text, "exported", None, program, override or from_program(program), files)
     if ":" in text and not path.exists():
-        return _finish(_load_factory(text, workdir or os.getcwd()), override)
+        return _finish(_load_factory(text, workdir or os.getcwd()), override, task)
     raise InputError(
         f"cannot load model {text!r}: expected a Hugging Face model directory, a .pt2 file, pkg.module:factory, "
         "or timm:NAME@WEIGHTS"
     )
 
 
-def _finish(model: LoadedModel, override: InputSignature | None) -> LoadedModel:
+def _finish(model: LoadedModel, override: InputSignature | None, task: str | None = None) -> LoadedModel:
     module = model.module
     module.eval()
     for p in module.parameters():
         p.requires_grad_(False)
     if hasattr(getattr(module, "config", None), "use_cache"):
         module.config.use_cache = False
+    model.task = task or (None if override else causal.inferred_task(module))
+    if model.task:
+        if model.kind == "module":  # the caller's object keeps its own forward
+            model.module = module = copy.deepcopy(module)
+        model.signature = causal.attach(module, model.task)
+        return model
     model.signature = override or model.signature or from_transformers(module)
     if model.signature is None:
         raise InputError(

@@ -1,0 +1,169 @@
+"""Generation speed of a ``--task text-generation`` artifact against PEFT's own ``generate`` (issue 15).
+
+Run from the repository root::
+
+    python benchmarks/generate.py [--quick] [--json]
+
+A LLaMA-style model from a config (about 100M parameters; ``--quick``: about 6M) with a LoRA of rank
+16 on q/k/v/o (``init_lora_weights=False``) is compiled merged to ONNX (fp32, onnxruntime CPU). For
+prompts of 32 and 512 tokens and batches of 1 and 8 it generates 64 new tokens (greedy) three ways:
+
+* ``artifact``: ``runner.generate`` (prefill, then one decode step per token with the KV cache);
+* ``peft``: ``PeftModel.generate`` in fp32 eager PyTorch, with its own cache;
+* ``re-feed``: the same artifact run on the whole prefix at every token (no cache): what generating
+  cost before generation artifacts; timed over 8 tokens and reported per token.
+
+It also times one decode step (batch 1) after a prefix of 512 and of 32 tokens: with a dynamic past
+length a step attends over ``total`` keys only, so the ratio stays near 1 while the projections
+dominate. Timings are medians of repeats on a shared machine: noisy, compare ratios from one run.
+bf16 is not measured: onnxruntime's CPU kernels have no bf16 and an AOTInductor build of this size
+takes minutes on a shared CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+NEW = 64
+
+
+def _model(quick: bool) -> torch.nn.Module:
+    import transformers
+
+    size = (
+        {"hidden_size": 256, "num_hidden_layers": 4, "intermediate_size": 688, "vocab_size": 8000}
+        if quick
+        else {"hidden_size": 768, "num_hidden_layers": 8, "intermediate_size": 2048, "vocab_size": 32000}
+    )
+    config = transformers.LlamaConfig(
+        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024, **size
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _adapter(model: torch.nn.Module, path: Path) -> Path:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    config = LoraConfig(
+        r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False
+    )
+    get_peft_model(copy.deepcopy(model), config).save_pretrained(str(path))
+    return path
+
+
+def _timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _refeed(runner, ids: np.ndarray, tokens: int) -> float:
+    """Seconds per token generating ``tokens`` tokens by running the whole prefix each time."""
+    empty = {
+        n: np.zeros((ids.shape[0], *_kv(runner, n)), np.float32) for n in runner.input_names if n.startswith("past_")
+    }
+    start = time.perf_counter()
+    for _ in range(tokens):
+        mask = np.ones_like(ids)
+        out = runner(input_ids=ids, attention_mask=mask, position_ids=np.cumsum(mask, 1) - 1, **empty)
+        ids = np.concatenate([ids, out["logits"][:, -1].argmax(-1)[:, None]], axis=1)
+    return (time.perf_counter() - start) / tokens
+
+
+def _kv(runner, name: str) -> tuple[int, int, int]:
+    spec = next(s for s in runner.manifest.target["signature"]["inputs"] if s["name"] == name)
+    return spec["shape"][1], 0, spec["shape"][3]
+
+
+def _step(runner, prefix: int, repeats: int) -> float:
+    """Median seconds of one decode step (batch 1) after ``prefix`` cached tokens."""
+    pasts = {
+        n: np.random.default_rng(0).standard_normal((1, k, prefix, d)).astype(np.float32)
+        for n, (k, _, d) in ((n, _kv(runner, n)) for n in runner.input_names if n.startswith("past_"))
+    }
+    feeds = {"input_ids": np.array([[5]]), "attention_mask": np.ones((1, prefix + 1), np.int64)}
+    feeds["position_ids"] = np.array([[prefix]])
+    runner(**feeds, **pasts)
+    return _timed(lambda: runner(**feeds, **pasts), repeats)
+
+
+def main() -> None:
+    """Print the table (or ``--json``)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a 6M model, fewer repeats")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    from peft import PeftModel
+
+    import peftc
+
+    model = _model(args.quick)
+    params = sum(p.numel() for p in model.parameters())
+    repeats = 1 if args.quick else 2
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = _adapter(model, Path(tmp) / "lora")
+        start = time.perf_counter()
+        peftc.compile(model, adapter, out=Path(tmp) / "out", task="text-generation")
+        compile_s = time.perf_counter() - start
+        runner = peftc.load(Path(tmp) / "out")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peft_model = PeftModel.from_pretrained(copy.deepcopy(model), str(adapter)).eval()
+        for prompt in (32, 512):
+            for batch in (1, 8):
+                ids = np.random.default_rng(prompt + batch).integers(3, 1000, (batch, prompt))
+                art = _timed(lambda ids=ids: runner.generate(ids, max_new_tokens=NEW), repeats)
+                tensor = torch.from_numpy(ids)
+                with torch.no_grad():
+                    eager = _timed(
+                        lambda tensor=tensor: peft_model.generate(
+                            input_ids=tensor, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0
+                        ),
+                        repeats,
+                    )
+                refeed = _refeed(runner, ids, 8)
+                tokens = batch * NEW
+                rows.append({
+                    "prompt": prompt, "batch": batch, "artifact_tok_s": tokens / art, "peft_tok_s": tokens / eager,
+                    "refeed_tok_s": batch / refeed, "artifact_vs_peft": eager / art,
+                })  # fmt: skip
+        step32, step512 = _step(runner, 32, 20), _step(runner, 512, 20)
+    result = {
+        "parameters": params, "compile_s": compile_s, "rows": rows,
+        "step_s": {"prefix_32": step32, "prefix_512": step512, "ratio": step512 / step32},
+    }  # fmt: skip
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"LLaMA-style {params / 1e6:.0f}M parameters, LoRA r16 merged, onnx fp32; compile {compile_s:.0f} s")
+    print(f"{'prompt':>6} {'batch':>5} {'artifact tok/s':>15} {'PEFT tok/s':>11} {'re-feed tok/s':>14} {'vs PEFT':>8}")
+    for r in rows:
+        print(
+            f"{r['prompt']:>6} {r['batch']:>5} {r['artifact_tok_s']:>15.1f} {r['peft_tok_s']:>11.1f} "
+            f"{r['refeed_tok_s']:>14.1f} {r['artifact_vs_peft']:>7.2f}x"
+        )
+    print(f"decode step (batch 1): prefix 32 {step32 * 1e3:.2f} ms, prefix 512 {step512 * 1e3:.2f} ms, "
+          f"ratio {step512 / step32:.2f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Generation with ``--task text-generation`` artifacts: ``runner.generate`` and ``peftc generate``."""

@@ -1,0 +1,150 @@
+"""``runner.generate``: the token loop around a ``--task text-generation`` artifact.
+
+One prefill step runs the whole prompt with empty caches (``past`` = 0); each decode step feeds the
+last token, the mask grown by one column, its position and the previous step's ``present.*`` as
+``past_key_values_*``. Positions follow Hugging Face ``generate`` for left padding: the running count
+of unmasked tokens minus one (1 on padding). A row that produced ``eos_token_id`` is finished: it gets
+``pad_token_id`` from then on, and the loop stops when every row is finished.
+
+Greedy (``do_sample=False``) picks the arg-max of the last position's logits. Sampling divides them by
+``temperature``, keeps the ``top_k`` largest, then the smallest set whose probability reaches
+``top_p``, and draws from a ``torch.Generator`` seeded with ``seed``: the same seed gives the same
+tokens, but not the tokens Hugging Face's sampling draws (its random stream is another one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from peftc.errors import InputError
+from peftc.loaders.causal import key_name, value_name
+from peftc.loaders.inputs import InputSignature
+
+_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.float32}
+
+
+def generate(
+    runner: Any,
+    input_ids: Any,
+    attention_mask: Any = None,
+    *,
+    max_new_tokens: int = 20,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    seed: int | None = None,
+    call: Mapping[str, Any] | None = None,
+) -> Any:
+    """The prompt followed by up to ``max_new_tokens`` generated tokens per row (see the module docstring).
+
+    Args:
+        runner: a :class:`peftc.runtime.Runner` of a ``--task text-generation`` artifact.
+        call: extra keyword arguments of every step (``adapter=`` of a swappable artifact).
+
+    Raises:
+        InputError: not a generation artifact, or a prompt and length beyond the model's positions.
+    """
+    as_torch = isinstance(input_ids, torch.Tensor)
+    ids = _array(input_ids, "input_ids")
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise InputError(f"input_ids: shape {list(ids.shape)}, expected [batch, prompt length >= 1]")
+    mask = np.ones_like(ids) if attention_mask is None else _array(attention_mask, "attention_mask")
+    if mask.shape != ids.shape:
+        raise InputError(f"attention_mask: shape {list(mask.shape)}, input_ids' is {list(ids.shape)}")
+    layers, shapes, dtype, longest = _layout(runner)
+    if max_new_tokens < 1 or ids.shape[1] + max_new_tokens > longest:
+        raise InputError(
+            f"a prompt of {ids.shape[1]} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
+            f"{longest} positions (max_position_embeddings)"
+        )
+    if do_sample and not temperature > 0:
+        raise InputError(f"temperature={temperature}: give a positive temperature (or do_sample=False)")
+    generator = torch.Generator().manual_seed(0 if seed is None else seed)
+    batch = ids.shape[0]
+    pasts = {}
+    for index in range(layers):
+        for name in (key_name(index), value_name(index)):
+            pasts[name] = np.zeros((batch, shapes[index][0], 0, shapes[index][1]), dtype=dtype)
+    tokens, finished = ids, np.zeros(batch, dtype=bool)
+    step_ids, positions = ids, _positions(mask)
+    for _ in range(max_new_tokens):
+        out = runner(input_ids=step_ids, attention_mask=mask, position_ids=positions, **pasts, **(call or {}))
+        logits = torch.from_numpy(np.asarray(out["logits"])[:, -1, :].astype(np.float32))
+        chosen = _sample(logits, temperature, top_k, top_p, generator) if do_sample else logits.argmax(-1)
+        chosen = chosen.numpy().astype(np.int64)
+        if pad_token_id is not None:
+            chosen = np.where(finished, pad_token_id, chosen)
+        tokens = np.concatenate([tokens, chosen[:, None]], axis=1)
+        if eos_token_id is not None:
+            finished |= chosen == eos_token_id
+            if finished.all():
+                break
+        mask = np.concatenate([mask, np.ones((batch, 1), dtype=mask.dtype)], axis=1)
+        step_ids, positions = chosen[:, None], _positions(mask)[:, -1:]
+        pasts = _next_pasts(out, pasts)
+    return torch.from_numpy(tokens) if as_torch else tokens
+
+
+def _next_pasts(out: Mapping[str, Any], pasts: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The caches of the next step: this step's ``present.*`` outputs."""
+    return {name: np.asarray(out[_present(name)]) for name in pasts}
+
+
+def _present(name: str) -> str:
+    """The output that becomes input ``name`` at the next step: ``past_key_values_0_key`` ← ``present.0.key``."""
+    return "present" + name.removeprefix("past_key_values").replace("_", ".")
+
+
+def _array(value: Any, name: str) -> np.ndarray:
+    array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+    if not np.issubdtype(array.dtype, np.integer) and array.dtype != np.bool_:
+        raise InputError(f"{name}: dtype {array.dtype}, expected integers")
+    return array.astype(np.int64)
+
+
+def _positions(mask: np.ndarray) -> np.ndarray:
+    """Hugging Face ``generate``'s positions: running count of unmasked tokens - 1; 1 on padding."""
+    return np.where(mask == 0, 1, np.cumsum(mask, axis=1) - 1).astype(np.int64)
+
+
+def _layout(runner: Any) -> tuple[int, list[tuple[int, int]], Any, int]:
+    """Layers, ``(kv_heads, head_dim)`` per layer, the cache dtype and the longest sequence of ``runner``'s
+    artifact.
+
+    Raises:
+        InputError: the artifact does not take KV caches (not compiled with ``--task text-generation``).
+    """
+    manifest = runner.manifest
+    if key_name(0) not in runner.input_names:
+        raise InputError(
+            f"{runner.path}: not a generation artifact (its inputs are {runner.input_names}); "
+            "compile the causal LM with --task text-generation"
+        )
+    signature = InputSignature.from_json(manifest.target["signature"])
+    specs = {s.name: s for s in signature.inputs}
+    layers = sum(1 for name in specs if name.startswith("past_key_values_") and name.endswith("_key"))
+    shapes = [(int(specs[key_name(i)].shape[1]), int(specs[key_name(i)].shape[3])) for i in range(layers)]
+    return layers, shapes, _DTYPES[specs[key_name(0)].dtype], int(signature.dims["seq"].max)
+
+
+def _sample(
+    logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator
+) -> torch.Tensor:
+    """One token per row drawn from ``softmax(logits / temperature)`` restricted by ``top_k`` and ``top_p``."""
+    scores = logits / temperature
+    if top_k is not None and 0 < top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        ordered, order = torch.sort(scores, descending=True, dim=-1)
+        cumulative = ordered.softmax(-1).cumsum(-1)
+        drop = cumulative - ordered.softmax(-1) >= top_p  # keep up to and including the token reaching top_p
+        scores = scores.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
