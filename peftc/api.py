@@ -68,8 +68,7 @@ def compile(
         allow_pickle: accept pickled weight files (loaded with ``weights_only=True``).
         base_residual: ``model`` is the residual base a PiSSA/OLoRA/CorDA/LoRA-GA/LoftQ adapter was
             trained on (saved after its initialisation), so it is used as is.
-        task_id: merge a Poly adapter for this task (its router's row): no router and no ``task_ids``
-            input in the artifact (default: the router stays and the task is an input).
+        task_id: merge a Poly adapter for this task only (default: the router and a ``task_ids`` input).
         swappable: keep LoRA sites as fixed-shape slots and write each adapter as an adapter file, so
             adapters are added and switched without recompiling (``peftc/swap/``); the adapters are
             then alternatives, not a stack.
