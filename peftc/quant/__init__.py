@@ -1,0 +1,1 @@
+"""Readers of quantized weights (packed integers + scales) and their ONNX layouts."""
