@@ -2,27 +2,32 @@
 
 Run from the repository root::
 
-    python benchmarks/qlora.py [--quick] [--json]
+    python benchmarks/qlora.py [--quick] [--aoti] [--json]
 
 A LLaMA-style model made from a config (~98M parameters: hidden 768, 12 layers, vocab 8192; ``--quick``:
 hidden 256, 2 layers) is saved, loaded by transformers + bitsandbytes in NF4 with double quantization
 and saved again; PEFT makes a LoRA adapter (r=16, α=16, every linear of the decoder,
 ``init_lora_weights=False``) on it. For each ``--merge-policy`` peftc applies the adapter per site
-(``peftc/quant/policy.py``) and lowers the model to ONNX (NF4 layers as ``com.microsoft.MatMulBnb4``).
+(``peftc/quant/policy.py``) and lowers the model with peftc's ONNX backend (NF4 layers as
+``com.microsoft.MatMulBnb4``); ``--aoti`` adds ``auto`` through AOTInductor (a frozen CPU package:
+Inductor folds each dequantization into an fp32 constant at compile time).
 
-Reported per policy: the ONNX files' bytes and their ratio to an fp16 artifact of the same merged model
-(2 bytes per parameter) and, for the decoder's linear layers alone (what the policy decides), their bytes
-against fp16 (``lin×fp16``; bitsandbytes leaves embeddings, head and norms in float); onnxruntime latency at batch 1 and 8 (sequence 64, median of interleaved
-repetitions); the largest per-site error the policy adds (relative Frobenius, ``policy.py``); and the
-output error (max |Δlogits| / max |logits|) against the unmerged QLoRA model computed in fp32 (peftc's
-eager two-path model, which equals PEFT on the dequantized base). PEFT's eager QLoRA model
-(bitsandbytes CPU kernels) is timed and its own error reported the same way. The machine this runs on is
-shared and its numbers are noisy; ratios measured side by side are the ones to read.
+Reported per policy and target: the artifact files' bytes and their ratio to an fp16 artifact of the
+same merged model (2 bytes per parameter); for the decoder's linear layers alone (what the policy
+decides) their bytes against fp16 (``lin×fp16``: bitsandbytes leaves embeddings, head and norms in
+float, fp32 here); latency at batch 1 and 8 (sequence 64, median of interleaved repetitions); the
+largest per-site error the policy adds (relative Frobenius, ``policy.py``); and the output error
+(max |Δlogits| / max |logits|) against the unmerged QLoRA model in fp32 (peftc's eager two-path model,
+which equals PEFT on the dequantized base). PEFT's eager QLoRA model (bitsandbytes CPU kernels) is timed
+and its error reported the same way. The machine this runs on is shared and its numbers are noisy;
+ratios measured side by side are the ones to read.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import statistics
 import sys
@@ -90,6 +95,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small model and few repetitions")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--aoti", action="store_true", help="also compile auto's model with AOTInductor (minutes)")
     parser.add_argument("--max-error", type=float, default=1e-2, help="auto's per-site budget (default 1e-2)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -103,8 +109,11 @@ def main() -> None:
     with torch.no_grad():
         reference = qlora.build(model_dir, adapter, "two-path").module(input_ids=check).logits
     rows = [_peft_row(model_dir, adapter, batches, check, reference, reps)]
-    for name in POLICIES:
-        rows.append(_policy_row(name, model_dir, adapter, root, batches, check, reference, reps, args.max_error))
+    runs = [(name, "onnx") for name in POLICIES] + ([("auto", "aoti")] if args.aoti else [])
+    for name, target in runs:
+        rows.append(
+            _policy_row(name, target, model_dir, adapter, root, batches, check, reference, reps, args.max_error)
+        )
     fp16_bytes = 2 * count
     for row in rows:
         row["vs_fp16"] = row["bytes"] / fp16_bytes if row["bytes"] else None
@@ -124,25 +133,22 @@ def _peft_row(model_dir, adapter, batches, check, reference, reps) -> dict:
     return {"name": "PEFT eager QLoRA", "bytes": None, "site_error": None, "error": error, "ms": latency}
 
 
-def _policy_row(name, model_dir, adapter, root, batches, check, reference, reps, max_error) -> dict:
-    from peftc.backends.ort import OrtRunner
-
+def _policy_row(name, target, model_dir, adapter, root, batches, check, reference, reps, max_error) -> dict:
     built = qlora.build(model_dir, adapter, name, max_error)
-    directory = root / name
+    directory = root / f"{target}-{name}"
     directory.mkdir()
-    path = qlora.lower_onnx(built.module, {"input_ids": batches[8][:, :SEQ]}, directory / "model.onnx")
-    size = sum(f.stat().st_size for f in directory.iterdir())
-    runner = OrtRunner(path)
-    run = lambda ids: runner.run({"input_ids": ids.numpy()})  # noqa: E731
+    with contextlib.redirect_stdout(io.StringIO()):
+        artifact = qlora.lower(built.module, target, directory)
+    size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+    run = lambda ids: artifact({"input_ids": ids, "attention_mask": torch.ones_like(ids)})  # noqa: E731
     latency = timed(run, batches, reps)
-    out = torch.from_numpy(run(check)[runner.output_names[0]])
+    out = run(check)
     chosen = sorted({s.policy for s in built.sites})
     layers = [m for n, m in built.module.named_modules() if ".layers." in n and isinstance(m, LINEARS)]
     layer_bytes = sum(_bytes(m) for m in layers)
     layer_fp16 = 2 * sum(m.in_features * m.out_features for m in map(_base, layers))
-    site_error = max(s.error for s in built.sites)
-    return {"name": f"onnx {name}", "chosen": chosen, "bytes": size, "site_error": site_error, "ms": latency,
-            "error": qlora.relative_error(out, reference), "linears_vs_fp16": layer_bytes / layer_fp16}  # fmt: skip
+    return {"name": f"{target} {name}", "chosen": chosen, "bytes": size, "site_error": max(s.error for s in built.sites),
+            "ms": latency, "error": qlora.relative_error(out, reference), "linears_vs_fp16": layer_bytes / layer_fp16}  # fmt: skip
 
 
 def _base(module):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from peftc.errors import InputError
+from peftc.loaders.inputs import parse_inputs
 from peftc.quant import bnb, policy, qlora
 
 bitsandbytes = pytest.importorskip("bitsandbytes")
@@ -110,12 +111,12 @@ def test_onnx_runs_matmulbnb4_and_matches_eager(tmp_path):
     attention, mlp = nf4.model.layers[0].self_attn, int8.model.layers[0].mlp
     stack = torch.nn.Sequential(attention.q_proj, attention.o_proj, mlp.up_proj, mlp.down_proj)
     x = torch.randn(2, 5, 64)
-    path = qlora.lower_onnx(stack, {"input": x}, tmp_path / "model.onnx", dynamic=False)
-    kinds = [n.op_type for n in onnx.load(str(path)).graph.node]
+    run = qlora.lower(stack, "onnx", tmp_path, parse_inputs(["input:batch,seq,64:float32"]))
+    kinds = [n.op_type for n in onnx.load(str(tmp_path / "model.onnx")).graph.node]
     assert kinds.count("MatMulBnb4") == 2
     with torch.no_grad():
         expected = stack(x)
-    assert qlora.relative_error(qlora.onnx_logits(path, {"input": x}), expected) < EXACT
+    assert qlora.relative_error(run({"input": x}), expected) < EXACT
 
 
 def test_wrong_nibble_order_fails_verification(oracles, monkeypatch):

@@ -1,21 +1,21 @@
 """A QLoRA model end to end: a quantized base, a LoRA adapter put in by the merge policy, ONNX, checks.
 
 :func:`build` loads a quantized Hugging Face directory (``peftc/quant/loading.py``) and applies the
-adapter site by site (``peftc/quant/policy.py``); :func:`lower_onnx` exports the result with the
-quantized layers as ``com.microsoft.MatMulBnb4`` (NF4/FP4) or in-graph dequantization (int8), and
-:func:`errors` measures, separately, what the compile adds (the artifact against peftc's eager model)
-and what the policy and quantization add (peftc's eager model against an oracle).
+adapter site by site (``peftc/quant/policy.py``); :func:`lower` compiles the result with one of
+peftc's backends (ONNX: the quantized layers as ``com.microsoft.MatMulBnb4`` (NF4/FP4) or in-graph
+dequantization (int8); AOTInductor: dequantization decomposed into the graph).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from peftc.loaders.inputs import InputSignature
 from peftc.loaders.models import load_model
 from peftc.quant import policy
 
@@ -40,26 +40,37 @@ def build(model: str | Path, adapter: str | Path, merge_policy: str = "auto", ma
     return QLoRAModel(loaded.module.eval(), sites)
 
 
-def lower_onnx(module: torch.nn.Module, example: Mapping[str, torch.Tensor], path: Path, dynamic: bool = True) -> Path:
-    """``module`` exported to ONNX at ``path`` (quantized layers through their translations)."""
-    from peftc.backends.onnx import translations
+def lower(
+    module: torch.nn.Module, target: str, directory: Path, signature: InputSignature | None = None
+) -> Callable[[Mapping[str, torch.Tensor]], torch.Tensor]:
+    """``module`` traced and lowered by peftc's ``target`` backend into ``directory``; returns a function
+    from input tensors by name to the artifact's first output.
 
-    dims = {name: {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq")} for name in example} if dynamic else None
-    program = torch.export.export(module, (), dict(example), dynamic_shapes=dims)
-    onnx_program = torch.onnx.export(
-        program, (), kwargs=dict(example), dynamo=True, optimize=False, custom_translation_table=translations()
-    )
-    onnx_program.save(str(path))
-    return path
+    Args:
+        signature: the module's inputs (default: a Hugging Face model's, from its config).
 
+    ONNX: NF4/FP4 layers become ``com.microsoft.MatMulBnb4``, int8 layers dequantize in the graph.
+    AOTInductor (CPU): the ops decompose into their eager bodies; the package is frozen, so Inductor
+    folds each dequantization into a float constant at compile time and the matmuls run in fp32.
+    """
+    from peftc import ir
+    from peftc.artifact.manifest import file_record
+    from peftc.backends import get_backend
+    from peftc.backends.base import LowerRequest
+    from peftc.loaders.inputs import from_transformers
 
-def onnx_logits(path: Path, feeds: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """The first output of the ONNX model at ``path`` on onnxruntime's CPU provider."""
-    from peftc.backends.ort import OrtRunner
+    signature = signature or from_transformers(module)
+    program = ir.trace(module, signature.example(signature.trace_sizes()), signature.dynamic_shapes())
+    backend = get_backend(target)
+    lowered = backend.lower(LowerRequest(program, signature), directory, lambda message: None)
+    files = [file_record(directory / name, directory) for name in lowered.files]
+    runner = backend.load(directory, {**lowered.info, "files": files})
+    name = runner.output_names[0]
 
-    runner = OrtRunner(path)
-    outputs = runner.run({k: v.numpy() for k, v in feeds.items()})
-    return torch.from_numpy(np.asarray(outputs[runner.output_names[0]]))
+    def run(feeds: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(runner.run({k: v.numpy() for k, v in feeds.items()})[name]))
+
+    return run
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
