@@ -20,6 +20,7 @@ from peftc.errors import PeftcError, VerificationError
 from peftc.interrupts import sigterm_as_interrupt
 from peftc.logs import hidden_warnings
 from peftc.progress import Bar, Lines
+from peftc.quant import cli as qlora_cli
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int8-static", "int8-weight", "int4")
 """``--precision``'s choices: ``peftc.precision.PRECISIONS``, named here so the CLI starts without torch."""
@@ -156,6 +157,8 @@ def _inspect(args: argparse.Namespace) -> int:
     from peftc.artifact.manifest import file_problems
     from peftc.report import manifest_text
 
+    if qlora_cli.show(args.artifact):
+        return 0
     manifest = read_manifest(args.artifact)
     problems = file_problems(args.artifact, manifest)  # a modified artifact says so, and exits 1
     if args.json:
@@ -384,6 +387,7 @@ def parser() -> argparse.ArgumentParser:
     v.set_defaults(func=_verify)
     clean.register(sub)
     combine_cli.register(sub)
+    qlora_cli.register(sub)
     return root
 
 

@@ -129,3 +129,24 @@ def test_wrong_nibble_order_fails_verification(oracles, monkeypatch):
 def test_unknown_policy_is_refused():
     with pytest.raises(InputError, match="--merge-policy 'fast'"):
         qlora.build(bnb_checkpoints.root() / "nf4", bnb_checkpoints.adapter("nf4-dq"), "fast")
+
+
+def test_cli_compiles_checks_and_inspects(tmp_path, capsys, monkeypatch):
+    """The command's plumbing; the lowering itself is checked above (an ONNX export of the whole model
+    costs tens of seconds), so here it is the eager model written to a file."""
+    from peftc.cli import main
+
+    def lower(module, target, directory, signature=None):
+        (directory / "model.onnx").write_bytes(b"stand-in")
+        return lambda feeds: module(**feeds).logits
+
+    monkeypatch.setattr(qlora, "lower", lower)
+    out = tmp_path / "out"
+    args = ["qlora", str(bnb_checkpoints.root() / "int8"), "--adapter", str(bnb_checkpoints.adapter("int8"))]
+    assert main([*args, "-o", str(out), "--merge-policy", "auto", "--max-error", "0.01"]) == 0
+    assert "compile error (artifact vs peftc eager)" in capsys.readouterr().out
+    assert main(["inspect", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert shown.count("requant") == 3 and "model.layers.0.mlp.down_proj" in shown
+    assert main([*args, "-o", str(out)]) == 2  # exists, no --force
+    assert capsys.readouterr().err.strip().count("\n") == 0
