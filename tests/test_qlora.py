@@ -135,6 +135,9 @@ def test_cli_compiles_checks_and_inspects(tmp_path, capsys, monkeypatch):
     """The command's plumbing; the lowering itself is checked above (an ONNX export of the whole model
     costs tens of seconds), so here it is the eager model written to a file."""
     from peftc.cli import main
+    from peftc.quant import cli
+
+    assert cli.POLICIES == policy.POLICIES
 
     def lower(module, target, directory, signature=None):
         (directory / "model.onnx").write_bytes(b"stand-in")

@@ -20,12 +20,12 @@ from peftc.errors import InputError, VerificationError
 RECORD = "qlora.json"
 COMPILE_BUDGET = 1e-4
 """fp32 artifact against fp32 eager: the same products summed in another order (measured ≤ 1e-6)."""
+POLICIES = ("auto", "float", "requant", "two-path")
+"""``peftc.quant.policy.POLICIES``, spelled out so that building the parser imports no torch."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Declare the ``qlora`` command on the CLI's subparsers."""
-    from peftc.quant.policy import POLICIES
-
     q = sub.add_parser("qlora", help="compile a LoRA adapter on a bitsandbytes-quantized model, merged per site")
     q.add_argument("model", help="a Hugging Face directory whose config.json has a quantization_config")
     q.add_argument("--adapter", required=True, help="a PEFT LoRA adapter directory")
@@ -73,12 +73,12 @@ def run(args: argparse.Namespace) -> int:
 
 def show(directory: str | Path) -> bool:
     """Print the per-site table of a ``peftc qlora`` output; False when ``directory`` is not one."""
-    from peftc import reading
-    from peftc.quant.policy import SiteChoice, table
-
     path = Path(directory) / RECORD
     if not path.is_file():
         return False
+    from peftc import reading
+    from peftc.quant.policy import SiteChoice, table
+
     record = json.loads(reading.read_bytes(path))
     print(f"qlora artifact: {record['model']} + {record['adapter']} -> {record['target']}")
     print(table([SiteChoice(**row) for row in record["sites"]]))
