@@ -57,8 +57,6 @@ def load_quantized(path: Path, cls: Any, config: Any, quant: Mapping[str, Any]) 
         setattr(module.get_submodule(parent) if parent else module, child, replacement)
         for suffix in tensors:
             state.pop(f"{prefix}.{suffix}")
-        if target.bias is not None:
-            state.pop(f"{prefix}.bias", None)
     missing, unexpected = module.load_state_dict(state, strict=False)
     own = {f"{p}.{n}" for p in layers for n, _ in module.get_submodule(p).named_buffers()}
     missing = [k for k in missing if k not in own and not _tied(module, k)]
@@ -69,7 +67,9 @@ def load_quantized(path: Path, cls: Any, config: Any, quant: Mapping[str, Any]) 
 
 
 def _packed(fmt: str, tensors: Mapping[str, torch.Tensor], linear: nn.Linear, prefix: str) -> nn.Module:
-    bias = None if linear.bias is None else linear.bias.detach()
+    bias = tensors.get("bias")
+    if (bias is None) != (linear.bias is None) or (bias is not None and bias.shape != linear.bias.shape):
+        raise InputError(f"{prefix}.bias: {'missing' if bias is None else list(bias.shape)} for the model's layer")
     if fmt == "bnb-int8":
         return Int8Linear(tensors["weight"], tensors["SCB"], bias)
     state = bnb.quant_state(tensors, prefix)
@@ -78,6 +78,8 @@ def _packed(fmt: str, tensors: Mapping[str, torch.Tensor], linear: nn.Linear, pr
         raise InputError(
             f"{prefix}: quant_state shape {[rows, cols]}, the model's layer is {list(linear.weight.shape)}"
         )
+    if not torch.equal(tensors["weight.quant_map"], bnb.code_table(state["quant_type"])):
+        raise UnsupportedError(f"{prefix}.weight.quant_map: not bitsandbytes' {state['quant_type']} code table")
     absmax = tensors["weight.absmax"]
     if "weight.nested_absmax" in tensors:
         absmax = bnb.decode_nested(

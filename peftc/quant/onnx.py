@@ -3,8 +3,8 @@
 ``MatMulBnb4`` (domain ``com.microsoft``, onnxruntime CPU): attributes ``K`` (in), ``N`` (out),
 ``block_size``, ``quant_type`` (0 FP4, 1 NF4); inputs ``A`` (fp32/fp16), ``B`` the uint8 packing of the
 row-major ``[N, K]`` weight (high nibble first, exactly bitsandbytes' bytes), ``absmax`` one scale per
-block, in ``A``'s dtype. Its code tables are bitsandbytes' own, so a checkpoint whose ``quant_map``
-differs is dequantized in the graph instead.
+block, in ``A``'s dtype. Its code tables are bitsandbytes' own (the loader refuses a checkpoint whose
+``quant_map`` differs).
 """
 
 from __future__ import annotations
