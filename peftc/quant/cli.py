@@ -3,7 +3,9 @@
 Each adapted site takes ``--merge-policy`` (``auto``: the smallest artifact whose added error is within
 ``--max-error``, ``peftc/quant/policy.py``); the model is lowered by ``--target`` (``onnx``: NF4/FP4 as
 ``com.microsoft.MatMulBnb4``; ``aoti``: dequantization in the graph, folded at compile time) and the
-artifact is checked against peftc's eager model (the compile error, apart from the policy's error).
+artifact is checked against peftc's eager model (the compile error), and peftc's eager model is compared
+with PEFT's own QLoRA model where bitsandbytes is installed (the policy's error plus bitsandbytes' CPU
+kernel rounding), each reported on its own.
 ``OUT/qlora.json`` records per site the policy, the error it adds and its bytes; ``peftc inspect OUT``
 prints that table.
 """
@@ -33,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--target", choices=("onnx", "aoti"), default="onnx")
     q.add_argument("--merge-policy", choices=POLICIES, default="auto")
     q.add_argument("--max-error", type=float, help="auto's per-site error budget (default 1e-2)")
+    q.add_argument("--no-oracle", action="store_true", help="skip the comparison against PEFT's eager QLoRA model")
     q.add_argument("--force", action="store_true", help="replace OUT")
     q.set_defaults(func=run)
 
@@ -57,18 +60,41 @@ def run(args: argparse.Namespace) -> int:
     with torch.no_grad():
         expected = built.module(**feeds).logits
     compile_error = qlora.relative_error(artifact(feeds), expected)
+    oracle_error = None if args.no_oracle else _oracle_error(args.model, args.adapter, feeds, expected)
     record = {
         "model": str(args.model), "adapter": str(args.adapter), "target": args.target,
         "merge_policy": args.merge_policy, "max_error": args.max_error, "compile_error": compile_error,
+        "peft_qlora_error": oracle_error,
         "files": {f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()},
         "sites": [c.row() for c in built.sites],
     }  # fmt: skip
     (out / RECORD).write_text(json.dumps(record, indent=2))
     print(policy.table(built.sites))
     print(f"compile error (artifact vs peftc eager): {compile_error:.2g}")
+    if oracle_error is not None:
+        print(f"policy + bitsandbytes kernel error (peftc eager vs PEFT eager QLoRA): {oracle_error:.2g}")
     if compile_error > COMPILE_BUDGET:
         raise VerificationError(f"{out}: the artifact differs from the eager model by {compile_error:.2g}")
     return 0
+
+
+def _oracle_error(model: str, adapter: str, feeds, expected) -> float | None:
+    """peftc's eager model against PEFT's own QLoRA model on bitsandbytes' CPU kernels (None when
+    bitsandbytes or PEFT is not installed): the policy's error plus those kernels' rounding."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None or importlib.util.find_spec("peft") is None:
+        return None
+    import peft
+    import torch
+    import transformers
+
+    from peftc.quant.qlora import relative_error
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(model, device_map="cpu")
+    oracle = peft.PeftModel.from_pretrained(base, adapter).eval()
+    with torch.no_grad():
+        return relative_error(oracle(**feeds).logits, expected)
 
 
 def show(directory: str | Path) -> bool:
