@@ -156,3 +156,17 @@ def test_cli_compiles_checks_and_inspects(tmp_path, capsys, monkeypatch):
     assert shown.count("requant") == 3 and "model.layers.0.mlp.down_proj" in shown
     assert main([*args, "-o", str(out)]) == 2  # exists, no --force
     assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_compile_refuses_a_quantized_layer_naming_the_way():
+    import types
+    from pathlib import Path
+
+    from peftc.errors import UnsupportedError
+    from peftc.ir.modules import ModuleInfo
+    from peftc.methods.common import layout
+
+    module = ModuleInfo("model.layers.0.self_attn.q_proj", "peftc.quant.modules.Bnb4Linear", {}, ())
+    source = types.SimpleNamespace(config_path=Path("adapter_config.json"))
+    with pytest.raises(UnsupportedError, match=r"quantized layer 'model\.layers\.0\.self_attn\.q_proj'.*peftc qlora"):
+        layout(source, module, "LoRA", ["Linear"])
