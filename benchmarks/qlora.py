@@ -148,7 +148,7 @@ def _policy_row(name, target, model_dir, adapter, root, batches, check, referenc
     layer_bytes = sum(_bytes(m) for m in layers)
     layer_fp16 = 2 * sum(m.in_features * m.out_features for m in map(_base, layers))
     return {"name": f"{target} {name}", "chosen": chosen, "bytes": size, "site_error": max(s.error for s in built.sites),
-            "ms": latency, "error": qlora.relative_error(out, reference), "linears_vs_fp16": layer_bytes / layer_fp16}  # fmt: skip
+            "ms": latency, "error": qlora.relative_error(out, reference), "linears_vs_fp16": layer_bytes / layer_fp16 if target == "onnx" else None}  # fmt: skip
 
 
 def _base(module):
