@@ -32,6 +32,10 @@ MARKERS: dict[str, tuple[str, ...]] = {
 }
 """The suffix whose presence marks a layer as stored in each format."""
 
+METHODS: dict[str, str] = {"bnb-nf4": "bitsandbytes", "bnb-fp4": "bitsandbytes", "bnb-int8": "bitsandbytes"}
+"""The ``quant_method`` each format belongs to (formats that share a marker, such as GPTQ's and AWQ's
+``qweight``, are told apart by it)."""
+
 BNB_IGNORED = (
     "_load_in_4bit", "_load_in_8bit", "load_in_4bit", "load_in_8bit", "quant_method", "bnb_4bit_quant_type",
     "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype", "llm_int8_threshold", "llm_int8_skip_modules",
@@ -69,11 +73,15 @@ CHECKS: dict[str, Callable[[Mapping[str, Any]], None]] = {"bitsandbytes": _check
 """``quant_method`` → the check of its ``quantization_config`` (raises on what peftc does not read)."""
 
 
-def quantized_layers(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, dict[str, torch.Tensor]]]:
-    """``{prefix: (format, {suffix: tensor})}`` for every quantized layer of a checkpoint's tensors."""
+def quantized_layers(
+    state: Mapping[str, torch.Tensor], method: str | None = None
+) -> dict[str, tuple[str, dict[str, torch.Tensor]]]:
+    """``{prefix: (format, {suffix: tensor})}`` for every quantized layer of a checkpoint's tensors
+    (only formats of ``quant_method`` ``method`` when given)."""
     layers: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}
+    candidates = {f: m for f, m in MARKERS.items() if method is None or METHODS.get(f) == method}
     for name in state:
-        for fmt, markers in MARKERS.items():
+        for fmt, markers in candidates.items():
             for marker in markers:
                 if name.endswith("." + marker):
                     layers[name[: -len(marker) - 1]] = (fmt, {})

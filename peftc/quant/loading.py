@@ -39,14 +39,14 @@ def load_quantized(path: Path, cls: Any, config: Any, quant: Mapping[str, Any]) 
             an ``nn.Linear`` of the model.
         InputError: inconsistent packed tensors (naming the key), plain tensors that do not fit.
     """
-    formats.check_config(quant)
+    method = formats.check_config(quant)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     state: dict[str, torch.Tensor] = {}
     for file in sorted(path.glob("*.safetensors")):
         state.update(reading.read_safetensors(file)[0])
     module = cls._from_config(config, dtype=torch.float32)
-    layers = formats.quantized_layers(state)
+    layers = formats.quantized_layers(state, method)
     for prefix, (fmt, tensors) in layers.items():
         target = module.get_submodule(prefix) if _has(module, prefix) else None
         if not isinstance(target, nn.Linear):
@@ -72,6 +72,8 @@ def _packed(fmt: str, tensors: Mapping[str, torch.Tensor], linear: nn.Linear, pr
         raise InputError(f"{prefix}.bias: {'missing' if bias is None else list(bias.shape)} for the model's layer")
     if fmt == "bnb-int8":
         return Int8Linear(tensors["weight"], tensors["SCB"], bias)
+    if fmt not in ("bnb-nf4", "bnb-fp4"):
+        raise UnsupportedError(f"{prefix}: peftc decodes {fmt!r} layers but has no packed module for them yet")
     state = bnb.quant_state(tensors, prefix)
     rows, cols = state["shape"]
     if (rows, cols) != (linear.out_features, linear.in_features):
