@@ -21,6 +21,7 @@ from peftc.generation import cli as generation_cli
 from peftc.interrupts import sigterm_as_interrupt
 from peftc.logs import hidden_warnings
 from peftc.progress import Bar, Lines
+from peftc.quant import cli as qlora_cli
 from peftc.sparse import extract_cli
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int8-static", "int8-weight", "int4")
@@ -160,6 +161,8 @@ def _inspect(args: argparse.Namespace) -> int:
     from peftc.artifact.manifest import file_problems
     from peftc.report import manifest_text
 
+    if qlora_cli.show(args.artifact):
+        return 0
     manifest = read_manifest(args.artifact)
     problems = file_problems(args.artifact, manifest)  # a modified artifact says so, and exits 1
     if args.json:
@@ -354,6 +357,7 @@ def parser() -> argparse.ArgumentParser:
     extract_cli.register(sub)
     density_cli.register(sub)
     generation_cli.register(sub)
+    qlora_cli.register(sub)
     return root
 
 

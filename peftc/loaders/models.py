@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from peftc import ir, reading
-from peftc.errors import InputError, UnsupportedError, first_line
+from peftc.errors import InputError, PeftcError, UnsupportedError, first_line
 from peftc.hashing import sha256_file
 from peftc.loaders import causal
 from peftc.loaders.hub import cached, is_hub_id
@@ -189,8 +189,16 @@ def _load_huggingface(path: Path, allow_pickle: bool) -> LoadedModel:
     cls = getattr(transformers, architectures[0], None) if architectures else None
     if cls is None:
         cls = transformers.AutoModel
+    from peftc.quant.loading import load_quantized, quantization_config
+
+    quant = quantization_config(path) if weights else None
     try:
-        module = cls.from_pretrained(str(path), config=config, local_files_only=True, use_safetensors=bool(weights))
+        if quant is not None:
+            module = load_quantized(path, cls, config, quant)
+        else:
+            module = cls.from_pretrained(str(path), config=config, local_files_only=True, use_safetensors=bool(weights))
+    except PeftcError:
+        raise
     except Exception as e:
         raise InputError(f"{path}: cannot load {getattr(cls, '__name__', cls)}: {first_line(e)}") from e
     files = {f.name: sha256_file(f) for f in [config_file, *weights]}

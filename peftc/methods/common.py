@@ -293,6 +293,11 @@ LAYOUT_OF = {
 def layout(source: AdapterSource, module: ModuleInfo, method: str, supported: Iterable[str]) -> str:
     """The weight layout of ``module`` if ``method`` supports its type, else an UnsupportedError."""
     allowed = tuple(supported)
+    if module.class_name in ("Bnb4Linear", "Int8Linear"):  # peftc/quant/modules.py
+        raise UnsupportedError(
+            f"{source.config_path.name}: {method} on the quantized layer {module.path!r}; peftc compile does not "
+            "adapt quantized bases yet: compile a LoRA adapter on it with `peftc qlora`"
+        )
     if module.class_name not in allowed or module.class_name not in LAYOUT_OF:
         raise UnsupportedError(
             f"{source.config_path.name}: {method} on {module.class_name} (module {module.path!r}) is not supported; "

@@ -192,7 +192,9 @@ class AotiBackend:
 
 def decompositions() -> dict[Any, Any]:
     """Decomposition table for ``run_decompositions``: every call-site op → its eager body."""
-    return {op.overload: op.body for op in registry.site_ops().values() if op.form == "call"}
+    from peftc.quant.ops import OPS as QUANT_OPS
+
+    return {op.overload: op.body for op in [*registry.site_ops().values(), *QUANT_OPS] if op.form == "call"}
 
 
 class AotiRunner:

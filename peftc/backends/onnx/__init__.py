@@ -301,8 +301,10 @@ def _describe(value: Any) -> dict[str, Any]:
 def translations() -> dict[Any, Callable[..., Any]]:
     """``custom_translation_table`` for ``torch.onnx.export``: every call-site op's ONNX translation
     (``SiteOp.onnx``, ``module:function``), imported now."""
+    from peftc.quant.ops import OPS as QUANT_OPS
+
     table = {}
-    for op in registry.site_ops().values():
+    for op in [*registry.site_ops().values(), *QUANT_OPS]:
         if op.onnx:
             module, _, name = op.onnx.partition(":")
             table[op.overload] = getattr(importlib.import_module(module), name)

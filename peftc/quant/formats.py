@@ -1,0 +1,108 @@
+"""Which quantized-weight formats peftc reads, and how a checkpoint's layers are grouped by format.
+
+Every decoder has the same signature (:data:`Decoder`): the tensors of one layer keyed by their
+suffix after the layer's prefix (``"weight"``, ``"weight.absmax"``, ``"SCB"``…), the checkpoint's
+``quantization_config`` and the prefix (for error messages); it returns the fp32 weight
+``[out_features, in_features]`` and raises :class:`~peftc.errors.InputError` naming the key on any
+inconsistency. A format is one line of :data:`DECODERS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from peftc.errors import UnsupportedError, one_of
+from peftc.quant import bnb
+
+Decoder = Callable[[Mapping[str, torch.Tensor], Mapping[str, Any], str], torch.Tensor]
+
+DECODERS: dict[str, Decoder] = {
+    "bnb-nf4": bnb.dequantize_4bit,
+    "bnb-fp4": bnb.dequantize_4bit,
+    "bnb-int8": bnb.dequantize_int8,
+}
+
+MARKERS: dict[str, tuple[str, ...]] = {
+    "bnb-nf4": ("weight.quant_state.bitsandbytes__nf4",),
+    "bnb-fp4": ("weight.quant_state.bitsandbytes__fp4",),
+    "bnb-int8": ("SCB",),
+}
+"""The suffix whose presence marks a layer as stored in each format."""
+
+METHODS: dict[str, str] = {"bnb-nf4": "bitsandbytes", "bnb-fp4": "bitsandbytes", "bnb-int8": "bitsandbytes"}
+"""The ``quant_method`` each format belongs to (formats that share a marker, such as GPTQ's and AWQ's
+``qweight``, are told apart by it)."""
+
+BNB_IGNORED = (
+    "_load_in_4bit", "_load_in_8bit", "load_in_4bit", "load_in_8bit", "quant_method", "bnb_4bit_quant_type",
+    "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype", "llm_int8_threshold", "llm_int8_skip_modules",
+    "llm_int8_enable_fp32_cpu_offload", "llm_int8_has_fp16_weight", "bnb_4bit_quant_storage",
+)  # fmt: skip
+"""bitsandbytes options that either pick run-time kernels or are checked by the decoders."""
+
+
+def check_config(config: Mapping[str, Any]) -> str:
+    """The ``quant_method`` of a ``quantization_config``, refusing what peftc does not read.
+
+    Raises:
+        UnsupportedError: another ``quant_method``, or a bitsandbytes option that changes the stored numbers
+            in a way peftc does not decode (naming it).
+    """
+    method = config.get("quant_method")
+    if method not in CHECKS:
+        raise UnsupportedError(f"quantization_config.quant_method = {method!r}: peftc reads {one_of(sorted(CHECKS))}")
+    CHECKS[method](config)
+    return method
+
+
+def _check_bitsandbytes(config: Mapping[str, Any]) -> None:
+    storage = config.get("bnb_4bit_quant_storage", "uint8")
+    if storage != "uint8":
+        raise UnsupportedError(f"quantization_config.bnb_4bit_quant_storage = {storage!r} (peftc reads uint8)")
+    if config.get("llm_int8_has_fp16_weight"):
+        raise UnsupportedError("quantization_config.llm_int8_has_fp16_weight = true (the weights are not int8)")
+    unknown = sorted(set(config) - set(BNB_IGNORED))
+    if unknown:
+        raise UnsupportedError(f"quantization_config.{unknown[0]}: an option peftc does not read")
+
+
+CHECKS: dict[str, Callable[[Mapping[str, Any]], None]] = {"bitsandbytes": _check_bitsandbytes}
+"""``quant_method`` → the check of its ``quantization_config`` (raises on what peftc does not read)."""
+
+
+def quantized_layers(
+    state: Mapping[str, torch.Tensor], method: str | None = None
+) -> dict[str, tuple[str, dict[str, torch.Tensor]]]:
+    """``{prefix: (format, {suffix: tensor})}`` for every quantized layer of a checkpoint's tensors
+    (only formats of ``quant_method`` ``method`` when given)."""
+    layers: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}
+    candidates = {f: m for f, m in MARKERS.items() if method is None or METHODS.get(f) == method}
+    for name in state:
+        for fmt, markers in candidates.items():
+            for marker in markers:
+                if name.endswith("." + marker):
+                    layers[name[: -len(marker) - 1]] = (fmt, {})
+    for name, tensor in state.items():
+        prefix = _owner(name, layers)
+        if prefix is not None:
+            layers[prefix][1][name[len(prefix) + 1 :]] = tensor
+    return layers
+
+
+def _owner(name: str, layers: Mapping[str, Any]) -> str | None:
+    prefix = name
+    while "." in prefix:
+        prefix = prefix.rpartition(".")[0]
+        if prefix in layers:
+            return prefix
+    return None
+
+
+def dequantize(fmt: str, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any], key: str) -> torch.Tensor:
+    """The fp32 weight of layer ``key`` stored in format ``fmt`` (see :data:`DECODERS`)."""
+    if fmt not in DECODERS:
+        raise UnsupportedError(f"{key}: quantized format {fmt!r}; peftc reads {one_of(sorted(DECODERS))}")
+    return DECODERS[fmt](tensors, config, key)

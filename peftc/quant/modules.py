@@ -1,0 +1,90 @@
+"""``nn.Module`` forms of quantized linear layers, as a loaded quantized base holds them.
+
+:class:`Bnb4Linear` and :class:`Int8Linear` keep the checkpoint's packed tensors as buffers and call
+the ``peftc::`` ops of ``peftc/quant/ops.py``, so the exported program holds the packed weight and one
+dequant-matmul node per layer. :class:`TwoPathLinear` is the ``two-path`` merge policy: the quantized
+layer plus an unmerged LoRA branch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from peftc.quant import bnb
+from peftc.quant.ops import quant_type_number
+
+
+class Bnb4Linear(nn.Module):
+    """A bitsandbytes 4-bit linear layer (NF4/FP4): packed uint8 codes, fp32 absmax, the code table."""
+
+    def __init__(
+        self, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, quant_type: str,
+        shape: tuple[int, int], bias: torch.Tensor | None,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.out_features, self.in_features = shape
+        self.blocksize, self.quant_type = blocksize, quant_type
+        self.register_buffer("packed", packed.flatten().contiguous())
+        self.register_buffer("absmax", absmax.to(torch.float32).flatten().contiguous())
+        self.register_buffer("code", code.to(torch.float32).contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def dequantized(self) -> torch.Tensor:
+        """The fp32 weight ``[out, in]``."""
+        return bnb.decode_4bit(self.packed, self.absmax, self.code, self.blocksize, self.out_features, self.in_features)
+
+    def stored_bytes(self) -> int:
+        """Bytes of the packed weight and its scales (the bias excluded)."""
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.absmax))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``peftc::bnb4_linear``."""
+        return torch.ops.peftc.bnb4_linear(
+            x, self.packed, self.absmax, self.code, self.bias, self.blocksize, quant_type_number(self.quant_type),
+            self.out_features, self.in_features,
+        )  # fmt: skip
+
+
+class Int8Linear(nn.Module):
+    """An LLM.int8 linear layer: int8 ``weight`` [out, in] and fp32 row scales ``scb``."""
+
+    def __init__(self, weight: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight_int8", weight.contiguous())
+        self.register_buffer("scb", scb.to(torch.float32).contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def dequantized(self) -> torch.Tensor:
+        """The fp32 weight ``[out, in]``."""
+        return self.weight_int8 * self.scb.view(-1, 1) * bnb.INT8_SCALE
+
+    def stored_bytes(self) -> int:
+        """Bytes of the int8 weight and its scales."""
+        return self.weight_int8.numel() + self.scb.numel() * 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``peftc::int8_linear``."""
+        return torch.ops.peftc.int8_linear(x, self.weight_int8, self.scb, self.bias)
+
+
+class TwoPathLinear(nn.Module):
+    """The quantized base GEMM plus the unmerged LoRA branch ``s · (x Aᵀ) Bᵀ``."""
+
+    def __init__(self, base: nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> None:
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.Parameter(lora_a.to(torch.float32), requires_grad=False)
+        self.lora_B = nn.Parameter(lora_b.to(torch.float32), requires_grad=False)
+        self.scale = scale
+
+    def stored_bytes(self) -> int:
+        """The base's bytes plus the LoRA factors'."""
+        return self.base.stored_bytes() + (self.lora_A.numel() + self.lora_B.numel()) * 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Base output plus the LoRA branch (added in fp32)."""
+        h = nn.functional.linear(nn.functional.linear(x.to(torch.float32), self.lora_A), self.lora_B)
+        y = self.base(x)
+        return (y + h * self.scale).to(y.dtype)

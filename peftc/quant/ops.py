@@ -1,0 +1,79 @@
+"""The ``peftc::`` ops of quantized linear layers: the packed weight stays packed in the IR.
+
+* ``peftc::bnb4_linear(x, packed, absmax, code, bias, blocksize, quant_type, out_features, in_features)``
+  — a bitsandbytes 4-bit layer: ``x · dequant(packed)ᵀ + b`` (``absmax`` already fp32: a nested
+  absmax is decoded when the checkpoint is read). ONNX: ``com.microsoft.MatMulBnb4`` (onnxruntime's
+  CPU kernel; its ``B`` is bitsandbytes' own packing of the ``[N, K]`` weight, high nibble first).
+* ``peftc::int8_linear(x, weight, scb, bias)`` — an LLM.int8 layer: ``x · (CB · SCB / 127)ᵀ + b``.
+  ONNX: dequantized in the graph (Cast, Mul, MatMul).
+
+Both are opaque call ops whose eager bodies are the reference math of ``peftc/quant/bnb.py``;
+AOTInductor decomposes them into those bodies (dequantize-in-graph on CPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from peftc.ops import call_op
+from peftc.quant import bnb
+
+QUANT_TYPES = ("fp4", "nf4")
+"""``quant_type`` integers as MatMulBnb4 numbers them (0 FP4, 1 NF4)."""
+
+
+def bnb4_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    bias: torch.Tensor | None,
+    blocksize: int,
+    quant_type: int,
+    out_features: int,
+    in_features: int,
+) -> torch.Tensor:
+    """A linear layer on a bitsandbytes 4-bit weight (dequantized in fp32, multiplied in ``x``'s dtype)."""
+    weight = bnb.decode_4bit(packed, absmax, code, blocksize, out_features, in_features)
+    return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def _bnb4_fake(x, packed, absmax, code, bias, blocksize, quant_type, out_features, in_features):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A linear layer on an LLM.int8 weight (``CB · SCB / 127`` in fp32)."""
+    dense = weight * scb.view(-1, 1) * bnb.INT8_SCALE
+    return F.linear(x, dense.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def _int8_fake(x, weight, scb, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+BNB4_LINEAR = call_op(
+    "bnb4_linear",
+    bnb4_linear,
+    _bnb4_fake,
+    tensor_roles=("packed", "absmax", "code"),
+    scalars=("blocksize", "quant_type", "out_features", "in_features"),
+    base_params=("bias",),
+    onnx="peftc.quant.onnx:bnb4_linear",
+)
+INT8_LINEAR = call_op(
+    "int8_linear",
+    int8_linear,
+    _int8_fake,
+    tensor_roles=("weight", "scb"),
+    scalars=(),
+    base_params=("bias",),
+    onnx="peftc.quant.onnx:int8_linear",
+)
+OPS = (BNB4_LINEAR, INT8_LINEAR)
+
+
+def quant_type_number(name: str) -> int:
+    """MatMulBnb4's ``quant_type`` for ``"fp4"`` / ``"nf4"``."""
+    return QUANT_TYPES.index(name)

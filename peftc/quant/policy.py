@@ -1,0 +1,163 @@
+"""The merge policy of a LoRA adapter on a quantized base (QLoRA), chosen per adapted site.
+
+For a site with dequantized base ``W`` (fp32) and LoRA update ``ΔW = s·B·A``, the unmerged QLoRA model
+computes ``x (W + ΔW)ᵀ`` exactly (up to fp32 rounding). The policies:
+
+* ``float`` — merge in fp32 and keep ``W + ΔW`` as a float weight: exact, 4 bytes a weight (fp32 artifact);
+* ``requant`` — merge, then quantize ``W + ΔW`` back to the base's format (same blocksize and code
+  table for NF4/FP4, fresh row scales for int8): the base's size, one GEMM, and an error;
+* ``two-path`` — keep the quantized base GEMM and the LoRA branch unmerged: exact, the base's bytes plus
+  the factors', and a thin extra GEMM per call.
+
+The error a policy adds is measured per site as ``‖W' − (W + ΔW)‖_F / ‖W + ΔW‖_F``: the relative RMS
+error of the site's output for isotropic inputs, against the unmerged QLoRA site. ``auto`` takes, per
+site, the first of requant, two-path (smallest artifact first) whose error is within ``max_error``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftc import reading
+from peftc.errors import InputError, UnsupportedError
+from peftc.methods.lora.ops import delta_weight, lora_scale
+from peftc.quant import bnb
+from peftc.quant.modules import Bnb4Linear, Int8Linear, TwoPathLinear
+
+POLICIES = ("auto", "float", "requant", "two-path")
+AUTO_ORDER = ("requant", "two-path")
+DEFAULT_MAX_ERROR = 1e-2
+HONOURED = ("r", "lora_alpha", "target_modules", "use_rslora", "peft_type", "rank_pattern", "alpha_pattern")
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteChoice:
+    """What one adapted site became."""
+
+    module: str
+    policy: str
+    error: float
+    """Relative error the policy adds at this site (see the module docstring)."""
+    bytes: int
+    """Bytes the site's weights take in the artifact (bias excluded)."""
+    reason: str
+
+    def row(self) -> dict[str, Any]:
+        """JSON-ready record (the manifest's per-site table)."""
+        return dataclasses.asdict(self)
+
+
+def read_lora(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A PEFT LoRA adapter directory: its config and ``{module: (A, B)}`` tensors by module path."""
+    config = json.loads(reading.read_bytes(path / "adapter_config.json"))
+    if config.get("peft_type") != "LORA":
+        raise UnsupportedError(f"{path}: peft_type {config.get('peft_type')!r}; the QLoRA policies read LORA")
+    for option in ("use_dora", "lora_bias", "fan_in_fan_out"):
+        if config.get(option):
+            raise UnsupportedError(f"{path}/adapter_config.json: {option} = true with a quantized base")
+    tensors = reading.read_safetensors(path / "adapter_model.safetensors")[0]
+    return config, tensors
+
+
+def _factors(config: dict[str, Any], tensors: dict[str, torch.Tensor], module: str):
+    a = tensors.get(f"base_model.model.{module}.lora_A.weight")
+    b = tensors.get(f"base_model.model.{module}.lora_B.weight")
+    if a is None or b is None:
+        return None
+    short = module.rpartition(".")[2]
+    rank = (config.get("rank_pattern") or {}).get(short, config["r"])
+    alpha = (config.get("alpha_pattern") or {}).get(short, config["lora_alpha"])
+    return a.to(torch.float32), b.to(torch.float32), lora_scale(rank, alpha, bool(config.get("use_rslora")))
+
+
+def candidates(base: nn.Module, a: torch.Tensor, b: torch.Tensor, scale: float) -> dict[str, tuple[nn.Module, float]]:
+    """``{policy: (module, error added)}`` for one quantized site."""
+    dense = base.dequantized()
+    merged = dense + delta_weight(a, b, scale, "linear")
+    if isinstance(base, Bnb4Linear):
+        packed, absmax = bnb.quantize_4bit(merged, base.quant_type, base.blocksize)
+        requant: nn.Module = Bnb4Linear(
+            packed, absmax, base.code, base.blocksize, base.quant_type, tuple(merged.shape), base.bias
+        )
+    else:
+        scb = merged.abs().amax(dim=1).clamp(min=1e-12)
+        codes = torch.round(merged * (127.0 / scb).unsqueeze(1)).clamp(-127, 127).to(torch.int8)
+        requant = Int8Linear(codes, scb, base.bias)
+    float_linear = nn.Linear(merged.shape[1], merged.shape[0], bias=base.bias is not None)
+    float_linear.weight = nn.Parameter(merged, requires_grad=False)
+    if base.bias is not None:
+        float_linear.bias = nn.Parameter(base.bias.detach().clone(), requires_grad=False)
+    norm = float(torch.linalg.norm(merged)) or 1.0
+    return {
+        "requant": (requant, float(torch.linalg.norm(requant.dequantized() - merged)) / norm),
+        "two-path": (TwoPathLinear(base, a, b, scale), 0.0),
+        "float": (float_linear, 0.0),
+    }
+
+
+def apply(model: nn.Module, adapter: Path, policy: str = "auto", max_error: float | None = None) -> list[SiteChoice]:
+    """Put the LoRA adapter at ``adapter`` into the quantized ``model`` (in place), site by site.
+
+    Raises:
+        InputError: an unknown policy, adapter tensors for a module the model lacks.
+        UnsupportedError: an adapted module that is not a quantized or float linear layer.
+    """
+    if policy not in POLICIES:
+        raise InputError(f"--merge-policy {policy!r}: use one of {', '.join(POLICIES)}")
+    budget = DEFAULT_MAX_ERROR if max_error is None else max_error
+    config, tensors = read_lora(Path(adapter))
+    modules = sorted({k.removeprefix("base_model.model.").rpartition(".lora_")[0] for k in tensors if ".lora_" in k})
+    choices = []
+    for name in modules:
+        try:
+            base = model.get_submodule(name)
+        except AttributeError as e:
+            raise InputError(f"{adapter}: adapter tensors for {name!r}, which the model does not have") from e
+        factors = _factors(config, tensors, name)
+        if factors is None:
+            raise UnsupportedError(f"{adapter}: {name!r} has LoRA tensors other than lora_A/lora_B")
+        choice, module = _choose(name, base, *factors, policy, budget)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, module)
+        choices.append(choice)
+    return choices
+
+
+def _choose(name: str, base: nn.Module, a, b, scale, policy: str, budget: float) -> tuple[SiteChoice, nn.Module]:
+    if isinstance(base, nn.Linear):  # a float layer of a partly quantized model: an ordinary merge
+        merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
+        merged.load_state_dict(base.state_dict())
+        merged.weight.data += delta_weight(a, b, scale, "linear")
+        return SiteChoice(name, "float", 0.0, merged.weight.numel() * 4, "the base layer is not quantized"), merged
+    if not isinstance(base, (Bnb4Linear, Int8Linear)):
+        raise UnsupportedError(f"{name}: LoRA on a {type(base).__name__}; the QLoRA policies read quantized linears")
+    options = candidates(base, a, b, scale)
+    if policy != "auto":
+        module, error = options[policy]
+        return SiteChoice(name, policy, error, _bytes(module), "--merge-policy"), module
+    for candidate in AUTO_ORDER:
+        module, error = options[candidate]
+        if error <= budget:
+            why = f"error {error:.2g} <= {budget:g}" + ("" if candidate == "requant" else "; requant exceeds it")
+            return SiteChoice(name, candidate, error, _bytes(module), why), module
+    raise AssertionError("two-path adds no error")  # pragma: no cover
+
+
+def _bytes(module: nn.Module) -> int:
+    if isinstance(module, nn.Linear):
+        return module.weight.numel() * module.weight.element_size()
+    return module.stored_bytes()
+
+
+def table(choices: list[SiteChoice]) -> str:
+    """The per-site table ``peftc inspect`` prints."""
+    lines = [f"{'site':<40} {'policy':<9} {'error added':>11} {'bytes':>10}  why"]
+    for c in choices:
+        lines.append(f"{c.module:<40} {c.policy:<9} {c.error:>11.3g} {c.bytes:>10}  {c.reason}")
+    return "\n".join(lines)

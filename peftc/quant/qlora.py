@@ -1,0 +1,78 @@
+"""A QLoRA model end to end: a quantized base, a LoRA adapter put in by the merge policy, ONNX, checks.
+
+:func:`build` loads a quantized Hugging Face directory (``peftc/quant/loading.py``) and applies the
+adapter site by site (``peftc/quant/policy.py``); :func:`lower` compiles the result with one of
+peftc's backends (ONNX: the quantized layers as ``com.microsoft.MatMulBnb4`` (NF4/FP4) or in-graph
+dequantization (int8); AOTInductor: dequantization decomposed into the graph).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from peftc.loaders.inputs import InputSignature
+from peftc.loaders.models import load_model
+from peftc.quant import policy
+
+
+@dataclasses.dataclass
+class QLoRAModel:
+    """A quantized base with the adapter applied, and what each site became."""
+
+    module: torch.nn.Module
+    sites: list[policy.SiteChoice]
+
+    def weight_bytes(self) -> int:
+        """Bytes of every parameter and buffer (packed weights, scales, LoRA factors, float tensors)."""
+        tensors = {id(t): t for t in (*self.module.parameters(), *self.module.buffers())}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def build(model: str | Path, adapter: str | Path, merge_policy: str = "auto", max_error: float | None = None):
+    """The quantized model at ``model`` with the LoRA ``adapter`` applied by ``merge_policy``."""
+    loaded = load_model(str(model))
+    sites = policy.apply(loaded.module, Path(adapter), merge_policy, max_error)
+    return QLoRAModel(loaded.module.eval(), sites)
+
+
+def lower(
+    module: torch.nn.Module, target: str, directory: Path, signature: InputSignature | None = None
+) -> Callable[[Mapping[str, torch.Tensor]], torch.Tensor]:
+    """``module`` traced and lowered by peftc's ``target`` backend into ``directory``; returns a function
+    from input tensors by name to the artifact's first output.
+
+    Args:
+        signature: the module's inputs (default: a Hugging Face model's, from its config).
+
+    ONNX: NF4/FP4 layers become ``com.microsoft.MatMulBnb4``, int8 layers dequantize in the graph.
+    AOTInductor (CPU): the ops decompose into their eager bodies; the package is frozen, so Inductor
+    folds each dequantization into a float constant at compile time and the matmuls run in fp32.
+    """
+    from peftc import ir
+    from peftc.artifact.manifest import file_record
+    from peftc.backends import get_backend
+    from peftc.backends.base import LowerRequest
+    from peftc.loaders.inputs import from_transformers
+
+    signature = signature or from_transformers(module)
+    program = ir.trace(module, signature.example(signature.trace_sizes()), signature.dynamic_shapes())
+    backend = get_backend(target)
+    lowered = backend.lower(LowerRequest(program, signature), directory, lambda message: None)
+    files = [file_record(directory / name, directory) for name in lowered.files]
+    runner = backend.load(directory, {**lowered.info, "files": files})
+    name = runner.output_names[0]
+
+    def run(feeds: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(runner.run({k: v.numpy() for k, v in feeds.items()})[name]))
+
+    return run
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``max|actual − expected| / max|expected|``: the error relative to the output's scale."""
+    return float((actual.float() - expected.float()).abs().max() / expected.float().abs().max().clamp(min=1e-30))
