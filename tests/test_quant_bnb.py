@@ -56,7 +56,7 @@ def test_quantize_4bit_is_bitsandbytes_bit_for_bit(quant_type):
 
 
 def test_ir_keeps_the_packed_weight(checkpoints):
-    model = load_model(checkpoints / "nf4-dq")
+    model = load_model(checkpoints / "nf4-dq", task="none")
     program = torch.export.export(model.module, (), {"input_ids": torch.zeros(1, 4, dtype=torch.long)})
     sites = [n for n in program.graph.nodes if n.target is torch.ops.peftc.bnb4_linear.default]
     assert len(sites) == 7

@@ -31,6 +31,8 @@ from peftc.loaders.inputs import DimSpec, InputSignature, TensorInput
 
 TEXT_GENERATION = "text-generation"
 TASKS = (TEXT_GENERATION,)
+NO_TASK = "none"
+"""``load_model(task=NO_TASK)``: the model's own forward, even for a causal LM (no generation step)."""
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 

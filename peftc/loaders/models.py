@@ -103,14 +103,15 @@ def load_model(
         allow_pickle: let ``.pt2`` files and HF ``pytorch_model.bin`` weights be unpickled.
         workdir: the directory ``pkg.module:factory`` modules are imported from, besides ``sys.path``
             (default: the working directory, as ``python -m`` does).
-        task: ``text-generation`` (``peftc/loaders/causal.py``); None: inferred from the model's
-            ``config.architectures`` (a causal LM class → ``text-generation``) unless ``inputs`` are given.
+        task: ``text-generation`` (``peftc/loaders/causal.py``); ``none``: the model's own forward; None:
+            inferred from ``config.architectures`` (a causal LM class → ``text-generation``) unless
+            ``inputs`` are given.
 
     Raises:
         InputError: the spec names nothing loadable (the message says what was tried).
     """
     override = parse_inputs(inputs) if inputs else None
-    if task is not None and (override is not None or isinstance(spec, torch.export.ExportedProgram)):
+    if task not in (None, causal.NO_TASK) and (override is not None or isinstance(spec, torch.export.ExportedProgram)):
         raise InputError(f"--task {task} derives the inputs of a Hugging Face model; leave out --input")
     return _load(spec, override, allow_pickle, workdir, task)
 
@@ -147,7 +148,7 @@ def _finish(model: LoadedModel, override: InputSignature | None, task: str | Non
         p.requires_grad_(False)
     if hasattr(getattr(module, "config", None), "use_cache"):
         module.config.use_cache = False
-    model.task = task or (None if override else causal.inferred_task(module))
+    model.task = None if task == causal.NO_TASK else task or (None if override else causal.inferred_task(module))
     if model.task:
         if model.kind == "module":  # the caller's object keeps its own forward
             model.module = module = copy.deepcopy(module)

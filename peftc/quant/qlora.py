@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from peftc.loaders.causal import NO_TASK
 from peftc.loaders.inputs import InputSignature
 from peftc.loaders.models import load_model
 from peftc.quant import policy
@@ -35,7 +36,7 @@ class QLoRAModel:
 
 def build(model: str | Path, adapter: str | Path, merge_policy: str = "auto", max_error: float | None = None):
     """The quantized model at ``model`` with the LoRA ``adapter`` applied by ``merge_policy``."""
-    loaded = load_model(str(model))
+    loaded = load_model(str(model), task=NO_TASK)  # the whole-sequence forward: a generation step is not wired here
     sites = policy.apply(loaded.module, Path(adapter), merge_policy, max_error)
     return QLoRAModel(loaded.module.eval(), sites)
 
