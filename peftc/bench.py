@@ -32,6 +32,7 @@ from peftc.artifact import read_manifest
 from peftc.driver.build import Stages, build
 from peftc.driver.sources import recorded
 from peftc.errors import InputError, UnsupportedError
+from peftc.report import load_pyplot
 from peftc.runtime import load
 from peftc.verification import program_oracle
 from peftc.verification.compare import relative_error
@@ -223,13 +224,7 @@ def plot(result: Mapping[str, Any], path: Path) -> None:
     Raises:
         UnsupportedError: matplotlib is not installed.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from matplotlib import pyplot
-    except ImportError:
-        raise UnsupportedError("--plot needs matplotlib (pip install 'peftc[plot]')") from None
+    pyplot = load_pyplot()
     figure, axes = pyplot.subplots(figsize=(7, 4.5))
     floor = 1e-8
     for batch, marker in zip(result["inputs"]["batches"], "os^Dv<>", strict=False):

@@ -235,3 +235,21 @@ def _quote(text: str) -> str:
 def _ranks(adapter: Mapping[str, Any]) -> str:
     """The distinct LoRA ranks of an adapter's sites, ``"-"`` for a method without ranks."""
     return ",".join(map(str, sorted({s["r"] for s in adapter["sites"] if s.get("r") is not None}))) or "-"
+
+
+def load_pyplot() -> Any:
+    """matplotlib's ``pyplot`` on the non-interactive Agg backend (for ``--plot`` options).
+
+    Raises:
+        UnsupportedError: matplotlib is not installed.
+    """
+    from peftc.errors import UnsupportedError
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot
+    except ImportError:
+        raise UnsupportedError("--plot needs matplotlib (pip install 'peftc[plot]')") from None
+    return pyplot

@@ -9,7 +9,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from peftc.errors import InputError, UnsupportedError
+from peftc.errors import InputError
+from peftc.report import load_pyplot
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -118,13 +119,7 @@ def plot(report: Mapping[str, Any], directory: Path) -> list[Path]:
     Raises:
         UnsupportedError: matplotlib is not installed.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from matplotlib import pyplot
-    except ImportError:
-        raise UnsupportedError("--plot needs matplotlib (pip install 'peftc[plot]')") from None
+    pyplot = load_pyplot()
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for layer in report["layers"]:
