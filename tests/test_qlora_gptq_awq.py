@@ -127,3 +127,15 @@ def test_qweight_of_wrong_length_is_one_line_naming_the_key(tmp_path, capsys):
     assert main(["qlora", str(bad), "--adapter", str(root / "lora-gptq"), "-o", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and key in err
+
+
+def test_act_order_gptq_is_refused_by_the_onnx_lowering_naming_the_layer(two_path, tmp_path):
+    """MatMulNBits blocks are contiguous in K, act-order groups are not: one error naming ``g_idx``."""
+    from peftc.quant.modules import NBitsLinear
+
+    q = two_path["gptq"].module.model.layers[0].self_attn.o_proj
+    packed = {"qweight": q.qweight, "qzeros": q.qzeros, "scales": q.scales, "g_idx": q.g_idx.flip(0)}
+    layer = torch.nn.Sequential(NBitsLinear("gptq", 4, 1, 32, packed, (64, 64), None))
+    with pytest.raises(UnsupportedError, match=r"^0\.g_idx: act-order groups are not contiguous in K") as caught:
+        qlora.lower(layer, "onnx", tmp_path, parse_inputs(["input:batch,64:float32"]))
+    assert "\n" not in str(caught.value)

@@ -32,7 +32,7 @@ def unpack_columns(packed: torch.Tensor) -> torch.Tensor:
     nibbles = intpack.unpack_codes(packed, 4, 1)
     rows, count = nibbles.shape
     by_word = nibbles.reshape(rows, count // 8, 8)
-    return by_word[:, :, list(REVERSE)].reshape(rows, count)
+    return torch.stack([by_word[:, :, n] for n in REVERSE], dim=2).reshape(rows, count)  # no index tensor: traceable
 
 
 def dequantize(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any], key: str) -> torch.Tensor:

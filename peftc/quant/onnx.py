@@ -115,7 +115,7 @@ def repack_nbits(model: Any) -> int:
             continue
         x, *packed = node.inputs
         attrs = {n: node.attributes[n].value for n in _NBITS_ATTRS}
-        key = packed[0].name.removesuffix(".qweight")
+        key = packed[0].name.removesuffix("qweight").rstrip(".") or "the model"  # the layer's module path
         tensors = dict(zip(("qweight", "qzeros", "scales", "g_idx"), (_array(v) for v in packed), strict=True))
         fmt = FORMATS[attrs["fmt"]]
         config = {"quant_method": fmt, "bits": attrs["bits"], "group_size": attrs["group_size"]}
