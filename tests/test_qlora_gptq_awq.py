@@ -72,8 +72,8 @@ def test_requant_is_refused_and_auto_keeps_two_path(two_path):
 
 
 def test_ir_keeps_the_weights_packed_and_onnx_runs_matmulnbits(two_path, tmp_path):
-    """The GPTQ and AWQ layers (one with a LoRA branch each) in the IR and as onnxruntime runs them (a stack
-    of the model's own layers: the lowering of each op is what is checked)."""
+    """The GPTQ and AWQ layers (one with a LoRA branch each) in the IR, decomposed for AOTInductor, and as
+    onnxruntime runs them (a stack of the model's own layers: the lowering of each op is what is checked)."""
     import onnx
 
     from peftc import ir
@@ -87,6 +87,12 @@ def test_ir_keeps_the_weights_packed_and_onnx_runs_matmulnbits(two_path, tmp_pat
     assert targets.count("peftc.nbits_linear.default") == 4 and "aten.linear.default" in targets  # + LoRA
     buffers = dict(program.named_buffers())
     assert buffers["0.base.qweight"].dtype == torch.int32 and buffers["2.qzeros"].dtype == torch.int32
+    from peftc.backends.aoti import decompositions  # AOTInductor lowers the decomposed program
+
+    decomposed = program.run_decompositions(decompositions())
+    assert not any("peftc" in str(n.target) for n in decomposed.graph.nodes if n.op == "call_function")
+    with torch.no_grad():
+        assert qlora.relative_error(decomposed.module()(input=x), stack(x)) < EXACT
     run = qlora.lower(stack, "onnx", tmp_path, signature)
     graph = onnx.load(str(tmp_path / "model.onnx")).graph
     kinds = [n.op_type for n in graph.node]
