@@ -32,7 +32,7 @@ def unpack_columns(packed: torch.Tensor) -> torch.Tensor:
     nibbles = intpack.unpack_codes(packed, 4, 1)
     rows, count = nibbles.shape
     by_word = nibbles.reshape(rows, count // 8, 8)
-    return by_word[:, :, list(REVERSE)].reshape(rows, count)
+    return torch.stack([by_word[:, :, n] for n in REVERSE], dim=2).reshape(rows, count)  # no index tensor: traceable
 
 
 def dequantize(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any], key: str) -> torch.Tensor:
@@ -72,7 +72,12 @@ def dequantize(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any], k
     why = f"in_features {in_features}, group_size {size}, out_features {out_features}"
     intpack.expect_shape(scales, (groups, out_features), key, "scales", why)
     intpack.expect_shape(qzeros, (groups, words), key, "qzeros", why)
-    rows = torch.arange(in_features) // size
+    return decode(qweight, qzeros, scales, torch.arange(in_features) // size)
+
+
+def decode(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The formula alone, on tensors already checked by :func:`dequantize` (``rows``: the group of each
+    input row, ``i // group_size``; traceable by exporters): fp32 ``[out, in]``."""
     codes = unpack_columns(qweight)
     zeros = unpack_columns(qzeros)[rows]
     weight = scales.to(torch.float32)[rows] * (codes - zeros).to(torch.float32)

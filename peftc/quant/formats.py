@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from peftc.errors import UnsupportedError, one_of
-from peftc.quant import bnb
+from peftc.quant import awq, bnb, gptq
 
 Decoder = Callable[[Mapping[str, torch.Tensor], Mapping[str, Any], str], torch.Tensor]
 
@@ -23,16 +23,22 @@ DECODERS: dict[str, Decoder] = {
     "bnb-nf4": bnb.dequantize_4bit,
     "bnb-fp4": bnb.dequantize_4bit,
     "bnb-int8": bnb.dequantize_int8,
+    "gptq": gptq.dequantize,
+    "awq-gemm": awq.dequantize,
 }
 
 MARKERS: dict[str, tuple[str, ...]] = {
     "bnb-nf4": ("weight.quant_state.bitsandbytes__nf4",),
     "bnb-fp4": ("weight.quant_state.bitsandbytes__fp4",),
     "bnb-int8": ("SCB",),
+    "gptq": ("qweight",),
+    "awq-gemm": ("qweight",),
 }
 """The suffix whose presence marks a layer as stored in each format."""
 
-METHODS: dict[str, str] = {"bnb-nf4": "bitsandbytes", "bnb-fp4": "bitsandbytes", "bnb-int8": "bitsandbytes"}
+METHODS: dict[str, str] = {
+    "bnb-nf4": "bitsandbytes", "bnb-fp4": "bitsandbytes", "bnb-int8": "bitsandbytes", "gptq": "gptq", "awq-gemm": "awq",
+}  # fmt: skip
 """The ``quant_method`` each format belongs to (formats that share a marker, such as GPTQ's and AWQ's
 ``qweight``, are told apart by it)."""
 
@@ -69,7 +75,38 @@ def _check_bitsandbytes(config: Mapping[str, Any]) -> None:
         raise UnsupportedError(f"quantization_config.{unknown[0]}: an option peftc does not read")
 
 
-CHECKS: dict[str, Callable[[Mapping[str, Any]], None]] = {"bitsandbytes": _check_bitsandbytes}
+GPTQ_IGNORED = (
+    "quant_method", "bits", "group_size", "desc_act", "sym", "checkpoint_format", "format", *gptq.RUNTIME_ONLY,
+    "tokenizer", "dataset", "damp_percent", "act_group_aware", "true_sequential", "meta", "model_seqlen",
+    "block_name_to_quantize", "module_name_preceding_first_block", "batch_size", "pad_token_id",
+    "cache_block_outputs", "modules_in_block_to_quantize", "static_groups", "damp_auto_increment", "quantizer",
+    "lm_head", "pack_dtype",
+)  # fmt: skip
+"""GPTQ options the decoder checks, or that only steered calibration or pick run-time kernels (the layers
+are found by their ``qweight``, whichever modules were quantized)."""
+AWQ_IGNORED = ("quant_method", "bits", "group_size", "zero_point", "version", "backend", "modules_to_not_convert")
+"""AWQ options the decoder checks (``version`` GEMM only), or that pick kernels (``backend``)."""
+
+
+def _check_known(method: str, known: tuple[str, ...]) -> Callable[[Mapping[str, Any]], None]:
+    def check(config: Mapping[str, Any]) -> None:
+        unknown = sorted(set(config) - set(known))
+        if unknown:
+            raise UnsupportedError(f"quantization_config.{unknown[0]}: a {method} option peftc does not read")
+        if method == "gptq" and config.get("pack_dtype", "int32") != "int32":
+            raise UnsupportedError(f"quantization_config.pack_dtype = {config['pack_dtype']!r} (peftc reads int32)")
+        if method == "awq" and str(config.get("version", "gemm")).lower() != "gemm":
+            raise UnsupportedError(
+                f"quantization_config.version = {config.get('version')!r}: peftc reads AWQ GEMM checkpoints only"
+            )
+
+    return check
+
+
+CHECKS: dict[str, Callable[[Mapping[str, Any]], None]] = {
+    "bitsandbytes": _check_bitsandbytes, "gptq": _check_known("gptq", GPTQ_IGNORED),
+    "awq": _check_known("awq", AWQ_IGNORED),
+}  # fmt: skip
 """``quant_method`` → the check of its ``quantization_config`` (raises on what peftc does not read)."""
 
 

@@ -71,10 +71,18 @@ def dequantize(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any], k
         raise InputError(f"{key}.qzeros: out_features {out_features} does not fill whole {bits}-bit int32 words")
     intpack.expect_shape(qzeros, (groups, zero_words), key, "qzeros", why)
     g_idx = _groups(tensors, config, key, in_features, size, groups)
+    if config.get("sym", False):
+        _check_symmetric(intpack.unpack_codes(qzeros, bits, 1) + (1 if version == 1 else 0), bits, key, version)
+    return decode(qweight, qzeros, scales, g_idx, bits, version)
+
+
+def decode(
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, bits: int, version: int
+) -> torch.Tensor:
+    """The formula alone, on tensors already checked by :func:`dequantize` (no data-dependent control
+    flow, so exporters can trace it): fp32 ``[out, in]``."""
     codes = intpack.unpack_codes(qweight, bits, 0)
     zeros = intpack.unpack_codes(qzeros, bits, 1) + (1 if version == 1 else 0)
-    if config.get("sym", False):
-        _check_symmetric(zeros, bits, key, version)
     weight = scales.to(torch.float32)[g_idx] * (codes - zeros[g_idx]).to(torch.float32)
     return weight.t().contiguous()
 

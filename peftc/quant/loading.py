@@ -18,8 +18,8 @@ from torch import nn
 
 from peftc import reading
 from peftc.errors import InputError, UnsupportedError
-from peftc.quant import bnb, formats
-from peftc.quant.modules import Bnb4Linear, Int8Linear
+from peftc.quant import bnb, formats, gptq, intpack
+from peftc.quant.modules import Bnb4Linear, Int8Linear, NBitsLinear
 
 
 def quantization_config(path: Path) -> dict[str, Any] | None:
@@ -51,8 +51,10 @@ def load_quantized(path: Path, cls: Any, config: Any, quant: Mapping[str, Any]) 
         target = module.get_submodule(prefix) if _has(module, prefix) else None
         if not isinstance(target, nn.Linear):
             raise UnsupportedError(f"{prefix}: quantized tensors for a {type(target).__name__}, peftc reads nn.Linear")
+        if fmt in ("gptq", "awq-gemm"):
+            _check_qweight(fmt, tensors, target, prefix, quant)
         formats.dequantize(fmt, tensors, quant, prefix)  # checks every tensor once
-        replacement = _packed(fmt, tensors, target, prefix)
+        replacement = _packed(fmt, tensors, target, prefix, quant)
         parent, _, child = prefix.rpartition(".")
         setattr(module.get_submodule(parent) if parent else module, child, replacement)
         for suffix in tensors:
@@ -66,10 +68,14 @@ def load_quantized(path: Path, cls: Any, config: Any, quant: Mapping[str, Any]) 
     return module
 
 
-def _packed(fmt: str, tensors: Mapping[str, torch.Tensor], linear: nn.Linear, prefix: str) -> nn.Module:
+def _packed(
+    fmt: str, tensors: Mapping[str, torch.Tensor], linear: nn.Linear, prefix: str, quant: Mapping[str, Any]
+) -> nn.Module:
     bias = tensors.get("bias")
     if (bias is None) != (linear.bias is None) or (bias is not None and bias.shape != linear.bias.shape):
         raise InputError(f"{prefix}.bias: {'missing' if bias is None else list(bias.shape)} for the model's layer")
+    if fmt in ("gptq", "awq-gemm"):
+        return _nbits(fmt, tensors, linear, prefix, quant, bias)
     if fmt == "bnb-int8":
         return Int8Linear(tensors["weight"], tensors["SCB"], bias)
     if fmt not in ("bnb-nf4", "bnb-fp4"):
@@ -92,6 +98,40 @@ def _packed(fmt: str, tensors: Mapping[str, torch.Tensor], linear: nn.Linear, pr
         tensors["weight"], absmax, tensors["weight.quant_map"], state["blocksize"], state["quant_type"], (rows, cols),
         bias,
     )  # fmt: skip
+
+
+def _check_qweight(
+    fmt: str, tensors: Mapping[str, torch.Tensor], linear: nn.Linear, prefix: str, quant: Mapping[str, Any]
+) -> None:
+    """``qweight`` must hold the model's layer: GPTQ ``[in·bits/32, out]``, AWQ ``[in, out/8]``."""
+    qweight = tensors.get("qweight")
+    bits = quant.get("bits", 4) if fmt == "gptq" else 4
+    if not isinstance(bits, int) or bits not in gptq.BITS or qweight is None:
+        return  # the decoder names what is wrong
+    out, into = linear.out_features, linear.in_features
+    want = [into * bits // 32, out] if fmt == "gptq" else [into, out // 8]
+    if list(qweight.shape) != want:
+        raise InputError(
+            f"{prefix}.qweight: shape {list(qweight.shape)}, expected {want} for the model's {into} → {out} layer "
+            f"({bits}-bit {'GPTQ' if fmt == 'gptq' else 'AWQ'})"
+        )
+
+
+def _nbits(
+    fmt: str, tensors: Mapping[str, torch.Tensor], linear: nn.Linear, prefix: str, quant: Mapping[str, Any], bias
+) -> NBitsLinear:
+    """The packed GPTQ / AWQ layer (its tensors already checked by the decoder)."""
+    shape = (linear.out_features, linear.in_features)
+    dense = formats.dequantize(fmt, tensors, quant, prefix)
+    if tuple(dense.shape) != shape:
+        raise InputError(f"{prefix}.qweight: holds a {list(dense.shape)} weight, the model's layer is {list(shape)}")
+    size = intpack.group_size(quant, prefix, shape[1])
+    g_idx = tensors.get("g_idx")
+    g_idx = torch.arange(shape[1]) // size if g_idx is None else g_idx.to(torch.int64)
+    gptq_file = fmt == "gptq"
+    bits, version = (int(quant["bits"]), gptq.checkpoint_version(quant, prefix)) if gptq_file else (4, 2)
+    kept = {"qweight": tensors["qweight"], "qzeros": tensors["qzeros"], "scales": tensors["scales"], "g_idx": g_idx}
+    return NBitsLinear("gptq" if gptq_file else "awq", bits, version, size, kept, shape, bias)
 
 
 def _has(module: nn.Module, prefix: str) -> bool:

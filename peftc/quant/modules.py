@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from peftc.quant import bnb
-from peftc.quant.ops import quant_type_number
+from peftc.quant.ops import FORMATS, nbits_weight, quant_type_number
 
 
 class Bnb4Linear(nn.Module):
@@ -67,6 +67,42 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``peftc::int8_linear``."""
         return torch.ops.peftc.int8_linear(x, self.weight_int8, self.scb, self.bias)
+
+
+class NBitsLinear(nn.Module):
+    """A GPTQ or AWQ GEMM linear layer: the checkpoint's ``qweight``, ``qzeros``, ``scales`` as stored, and
+    ``g_idx`` (the group of every input row: GPTQ's own when stored, else ``i // group_size``)."""
+
+    def __init__(
+        self, fmt: str, bits: int, version: int, group_size: int, tensors: dict[str, torch.Tensor],
+        shape: tuple[int, int], bias: torch.Tensor | None,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.out_features, self.in_features = shape
+        self.fmt, self.bits, self.version, self.group_size = fmt, bits, version, group_size
+        for name in ("qweight", "qzeros", "scales", "g_idx"):
+            self.register_buffer(name, tensors[name].contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def _arguments(self) -> tuple:
+        return (
+            self.qweight, self.qzeros, self.scales, self.g_idx, self.bias, FORMATS.index(self.fmt), self.bits,
+            self.version, self.group_size, self.out_features, self.in_features,
+        )  # fmt: skip
+
+    def dequantized(self) -> torch.Tensor:
+        """The fp32 weight ``[out, in]``."""
+        return nbits_weight(
+            self.qweight, self.qzeros, self.scales, self.g_idx, FORMATS.index(self.fmt), self.bits, self.version
+        )
+
+    def stored_bytes(self) -> int:
+        """Bytes of the packed codes, zeros and scales (``g_idx`` and the bias excluded)."""
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.qzeros, self.scales))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``peftc::nbits_linear``."""
+        return torch.ops.peftc.nbits_linear(x, *self._arguments())
 
 
 class TwoPathLinear(nn.Module):

@@ -61,3 +61,102 @@ def int8_linear(x: Any, weight: Any, scb: Any, bias: Any) -> Any:
     )
     y = op.MatMul(x, cast(op.Transpose(dense, perm=[1, 0]), dense, x))
     return y if bias is None else op.Add(y, cast(bias, bias, x))
+
+
+PENDING = onnxscript.values.Opset("peftc.pending", 1)
+_NBITS_ATTRS = ("fmt", "bits", "version", "group_size", "N", "K")
+NBITS_PENDING = onnxscript.values.Op(
+    PENDING,
+    "NBitsLinear",
+    OpSchema(
+        "NBitsLinear", "peftc.pending", 1,
+        inputs=[OpSchema.FormalParameter(n, t) for n, t in
+                (("A", "T1"), ("qweight", "T2"), ("qzeros", "T2"), ("scales", "T3"), ("g_idx", "T4"))],
+        outputs=[OpSchema.FormalParameter("Y", "T1")],
+        type_constraints=[("T1", _FLOATS, ""), ("T2", ["tensor(int32)"], ""),
+                          ("T3", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
+                          ("T4", ["tensor(int64)", "tensor(int32)"], "")],
+        attributes=[OpSchema.Attribute(n, OpSchema.AttrType.INT, "") for n in _NBITS_ATTRS],
+    ),
+)  # fmt: skip
+"""A placeholder for ``peftc::nbits_linear`` while the model is exported: the translation cannot read the
+packed initializers (the exporter fills them in afterwards), so :func:`repack_nbits` replaces each one by
+``com.microsoft.MatMulNBits`` with the checkpoint's codes repacked (``peftc/quant/matmulnbits.py``)."""
+
+
+def nbits_linear(
+    x: Any, qweight: Any, qzeros: Any, scales: Any, g_idx: Any, bias: Any, fmt: int, bits: int, version: int,
+    group_size: int, out_features: int, in_features: int,
+) -> Any:  # fmt: skip
+    """``NBitsLinear(x, qweight, qzeros, scales, g_idx) + b`` (see :data:`NBITS_PENDING`)."""
+    y = NBITS_PENDING(
+        x, qweight, qzeros, scales, g_idx, fmt=fmt, bits=bits, version=version, group_size=group_size,
+        N=out_features, K=in_features,
+    )  # fmt: skip
+    return y if bias is None else op.Add(y, cast(bias, bias, x))
+
+
+def repack_nbits(model: Any) -> int:
+    """Replace every pending ``NBitsLinear`` of the exported ``model`` (onnx_ir) by ``com.microsoft.MatMulNBits``
+    on the codes repacked from its initializers; return how many.
+
+    Raises:
+        UnsupportedError: a layer MatMulNBits cannot hold code for code (GPTQ act-order, 3-bit codes, a group
+            size that is not a power of two ≥ 16), naming the initializer.
+    """
+    import onnx_ir
+
+    from peftc.quant import matmulnbits
+    from peftc.quant.ops import FORMATS
+
+    done = 0
+    for node in list(model.graph):
+        if node.domain != "peftc.pending":
+            continue
+        x, *packed = node.inputs
+        attrs = {n: node.attributes[n].value for n in _NBITS_ATTRS}
+        key = packed[0].name.removesuffix("qweight").rstrip(".") or "the model"  # the layer's module path
+        tensors = dict(zip(("qweight", "qzeros", "scales", "g_idx"), (_array(v) for v in packed), strict=True))
+        fmt = FORMATS[attrs["fmt"]]
+        config = {"quant_method": fmt, "bits": attrs["bits"], "group_size": attrs["group_size"]}
+        if fmt == "gptq":
+            config["checkpoint_format"] = "gptq" if attrs["version"] == 1 else "gptq_v2"
+            blocks = matmulnbits.from_gptq(tensors, config, key)
+        else:
+            del tensors["g_idx"]
+            blocks = matmulnbits.from_awq(tensors, config, key)
+        inputs = [x]
+        dtype = x.dtype.numpy() if x.dtype is not None else "float32"
+        for suffix, value in (("B", blocks.packed), ("scales", blocks.scales.numpy().astype(dtype)),
+                              ("zero_points", blocks.zero_points)):  # fmt: skip
+            if value is not None:
+                tensor = onnx_ir.tensor(
+                    value if not hasattr(value, "numpy") else value.numpy(), name=f"{key}.nbits.{suffix}"
+                )
+                initializer = onnx_ir.Value(name=tensor.name, const_value=tensor)
+                initializer.shape, initializer.dtype = tensor.shape, tensor.dtype
+                model.graph.register_initializer(initializer)
+                inputs.append(initializer)
+        attributes = [onnx_ir.AttrInt64(k, v) for k, v in blocks.attributes().items()]
+        made = onnx_ir.Node("com.microsoft", "MatMulNBits", inputs, attributes=attributes, name=node.name)
+        model.graph.insert_before(node, made)
+        onnx_ir.convenience.replace_all_uses_with(node.outputs[0], made.outputs[0], replace_graph_outputs=True)
+        made.outputs[0].name, made.outputs[0].shape, made.outputs[0].dtype = (
+            node.outputs[0].name, node.outputs[0].shape, node.outputs[0].dtype,
+        )  # fmt: skip
+        model.graph.remove(node, safe=True)
+        for value in packed:
+            if not value.uses():
+                model.graph.initializers.pop(value.name, None)
+        done += 1
+    if done:
+        model.opset_imports.setdefault("com.microsoft", 1)
+    return done
+
+
+def _array(value: Any) -> Any:
+    import torch
+
+    if value.const_value is None:
+        raise AssertionError(f"{value.name}: a packed GPTQ/AWQ tensor that is not an initializer")
+    return torch.from_numpy(value.const_value.numpy().copy())

@@ -6,6 +6,10 @@
   CPU kernel; its ``B`` is bitsandbytes' own packing of the ``[N, K]`` weight, high nibble first).
 * ``peftc::int8_linear(x, weight, scb, bias)`` — an LLM.int8 layer: ``x · (CB · SCB / 127)ᵀ + b``.
   ONNX: dequantized in the graph (Cast, Mul, MatMul).
+* ``peftc::nbits_linear(x, qweight, qzeros, scales, g_idx, bias, fmt, bits, version, group_size, out_features,
+  in_features)`` — a GPTQ (``fmt`` 0, ``version`` 1 or 2) or AWQ GEMM (``fmt`` 1) layer, tensors exactly as
+  the checkpoint stores them (``g_idx``: the group of every input row). ONNX: ``com.microsoft.MatMulNBits``,
+  repacked code for code when the model is exported (``peftc/quant/onnx.py``).
 
 Both are opaque call ops whose eager bodies are the reference math of ``peftc/quant/bnb.py``;
 AOTInductor decomposes them into those bodies (dequantize-in-graph on CPU).
@@ -17,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from peftc.ops import call_op
-from peftc.quant import bnb
+from peftc.quant import awq, bnb, gptq
 
 QUANT_TYPES = ("fp4", "nf4")
 """``quant_type`` integers as MatMulBnb4 numbers them (0 FP4, 1 NF4)."""
@@ -53,6 +57,40 @@ def _int8_fake(x, weight, scb, bias):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+FORMATS = ("gptq", "awq")
+"""``fmt`` integers of ``peftc::nbits_linear``."""
+
+
+def nbits_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bias: torch.Tensor | None,
+    fmt: int,
+    bits: int,
+    version: int,
+    group_size: int,
+    out_features: int,
+    in_features: int,
+) -> torch.Tensor:
+    """A linear layer on a GPTQ / AWQ weight: the decoders' formula in fp32, multiplied in ``x``'s dtype."""
+    weight = nbits_weight(qweight, qzeros, scales, g_idx, fmt, bits, version)
+    return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def nbits_weight(qweight, qzeros, scales, g_idx, fmt: int, bits: int, version: int) -> torch.Tensor:
+    """The fp32 weight ``[out, in]`` of ``peftc::nbits_linear``'s tensors (``fmt``: index in :data:`FORMATS`)."""
+    if FORMATS[fmt] == "gptq":
+        return gptq.decode(qweight, qzeros, scales, g_idx, bits, version)
+    return awq.decode(qweight, qzeros, scales, g_idx)
+
+
+def _nbits_fake(x, qweight, qzeros, scales, g_idx, bias, fmt, bits, version, group_size, out_features, in_features):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
 BNB4_LINEAR = call_op(
     "bnb4_linear",
     bnb4_linear,
@@ -71,7 +109,16 @@ INT8_LINEAR = call_op(
     base_params=("bias",),
     onnx="peftc.quant.onnx:int8_linear",
 )
-OPS = (BNB4_LINEAR, INT8_LINEAR)
+NBITS_LINEAR = call_op(
+    "nbits_linear",
+    nbits_linear,
+    _nbits_fake,
+    tensor_roles=("qweight", "qzeros", "scales", "g_idx"),
+    scalars=("fmt", "bits", "version", "group_size", "out_features", "in_features"),
+    base_params=("bias",),
+    onnx="peftc.quant.onnx:nbits_linear",
+)
+OPS = (BNB4_LINEAR, INT8_LINEAR, NBITS_LINEAR)
 
 
 def quant_type_number(name: str) -> int:

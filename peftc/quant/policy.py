@@ -9,6 +9,10 @@ computes ``x (W + ΔW)ᵀ`` exactly (up to fp32 rounding). The policies:
 * ``two-path`` — keep the quantized base GEMM and the LoRA branch unmerged: exact, the base's bytes plus
   the factors', and a thin extra GEMM per call.
 
+GPTQ and AWQ bases (:class:`~peftc.quant.modules.NBitsLinear`) have no ``requant``: their grids come from
+calibration (GPTQ's error feedback, AWQ's activation scales) that peftc cannot redo without data, so
+``--merge-policy requant`` is refused on them and ``auto`` keeps the LoRA branch unmerged (two-path).
+
 The error a policy adds is measured per site as ``‖W' − (W + ΔW)‖_F / ‖W + ΔW‖_F``: the relative RMS
 error of the site's output for isotropic inputs, against the unmerged QLoRA site. ``auto`` takes, per
 site, the first of requant, two-path (smallest artifact first) whose error is within ``max_error``.
@@ -28,7 +32,7 @@ from peftc import reading
 from peftc.errors import InputError, UnsupportedError
 from peftc.methods.lora.ops import delta_weight, lora_scale
 from peftc.quant import bnb
-from peftc.quant.modules import Bnb4Linear, Int8Linear, TwoPathLinear
+from peftc.quant.modules import Bnb4Linear, Int8Linear, NBitsLinear, TwoPathLinear
 
 POLICIES = ("auto", "float", "requant", "two-path")
 AUTO_ORDER = ("requant", "two-path")
@@ -80,12 +84,11 @@ def candidates(base: nn.Module, a: torch.Tensor, b: torch.Tensor, scale: float) 
     """``{policy: (module, error added)}`` for one quantized site."""
     dense = base.dequantized()
     merged = dense + delta_weight(a, b, scale, "linear")
+    requant: nn.Module | None = None
     if isinstance(base, Bnb4Linear):
         packed, absmax = bnb.quantize_4bit(merged, base.quant_type, base.blocksize)
-        requant: nn.Module = Bnb4Linear(
-            packed, absmax, base.code, base.blocksize, base.quant_type, tuple(merged.shape), base.bias
-        )
-    else:
+        requant = Bnb4Linear(packed, absmax, base.code, base.blocksize, base.quant_type, tuple(merged.shape), base.bias)
+    elif isinstance(base, Int8Linear):
         scb = merged.abs().amax(dim=1).clamp(min=1e-12)
         codes = torch.round(merged * (127.0 / scb).unsqueeze(1)).clamp(-127, 127).to(torch.int8)
         requant = Int8Linear(codes, scb, base.bias)
@@ -94,11 +97,10 @@ def candidates(base: nn.Module, a: torch.Tensor, b: torch.Tensor, scale: float) 
     if base.bias is not None:
         float_linear.bias = nn.Parameter(base.bias.detach().clone(), requires_grad=False)
     norm = float(torch.linalg.norm(merged)) or 1.0
-    return {
-        "requant": (requant, float(torch.linalg.norm(requant.dequantized() - merged)) / norm),
-        "two-path": (TwoPathLinear(base, a, b, scale), 0.0),
-        "float": (float_linear, 0.0),
-    }
+    found = {"two-path": (TwoPathLinear(base, a, b, scale), 0.0), "float": (float_linear, 0.0)}
+    if requant is not None:
+        found["requant"] = (requant, float(torch.linalg.norm(requant.dequantized() - merged)) / norm)
+    return found
 
 
 def apply(model: nn.Module, adapter: Path, policy: str = "auto", max_error: float | None = None) -> list[SiteChoice]:
@@ -135,18 +137,29 @@ def _choose(name: str, base: nn.Module, a, b, scale, policy: str, budget: float)
         merged.load_state_dict(base.state_dict())
         merged.weight.data += delta_weight(a, b, scale, "linear")
         return SiteChoice(name, "float", 0.0, merged.weight.numel() * 4, "the base layer is not quantized"), merged
-    if not isinstance(base, (Bnb4Linear, Int8Linear)):
+    if not isinstance(base, (Bnb4Linear, Int8Linear, NBitsLinear)):
         raise UnsupportedError(f"{name}: LoRA on a {type(base).__name__}; the QLoRA policies read quantized linears")
     options = candidates(base, a, b, scale)
+    if policy == "requant" and "requant" not in options:
+        raise UnsupportedError(
+            f"{name}: --merge-policy requant on a {base.fmt.upper()} base; its grid came from calibration peftc "
+            "cannot redo, use two-path (exact, the base stays packed) or float"
+        )
     if policy != "auto":
         module, error = options[policy]
         return SiteChoice(name, policy, error, _bytes(module), "--merge-policy"), module
-    for candidate in AUTO_ORDER:
+    for candidate in (c for c in AUTO_ORDER if c in options):
         module, error = options[candidate]
         if error <= budget:
-            why = f"error {error:.2g} <= {budget:g}" + ("" if candidate == "requant" else "; requant exceeds it")
+            why = f"error {error:.2g} <= {budget:g}" + _after_requant(candidate, options)
             return SiteChoice(name, candidate, error, _bytes(module), why), module
     raise AssertionError("two-path adds no error")  # pragma: no cover
+
+
+def _after_requant(candidate: str, options: dict) -> str:
+    if candidate == "requant":
+        return ""
+    return "; requant exceeds it" if "requant" in options else "; no requant for GPTQ/AWQ bases"
 
 
 def _bytes(module: nn.Module) -> int:

@@ -41,6 +41,15 @@ def build(model: str | Path, adapter: str | Path, merge_policy: str = "auto", ma
     return QLoRAModel(loaded.module.eval(), sites)
 
 
+def quant_method(model: str | Path) -> str | None:
+    """The ``quant_method`` of the model directory ``model`` (None: not quantized or not a directory)."""
+    from peftc.quant.loading import quantization_config
+
+    path = Path(model)
+    config = quantization_config(path) if (path / "config.json").is_file() else None
+    return None if config is None else config.get("quant_method")
+
+
 def lower(
     module: torch.nn.Module, target: str, directory: Path, signature: InputSignature | None = None
 ) -> Callable[[Mapping[str, torch.Tensor]], torch.Tensor]:

@@ -87,6 +87,9 @@ class OnnxBackend:
         _name_outputs(model, ir.output_names(program))
         _name_dims(model, signature)
         _make_overridable(model, overridable)
+        from peftc.quant.onnx import repack_nbits
+
+        repack_nbits(model)  # GPTQ / AWQ layers: com.microsoft.MatMulNBits on the repacked codes
         _fold_constant_nodes(model)
         initializer_bytes = sum(
             v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None
