@@ -21,9 +21,10 @@ def test_every_call_site_op_decomposes_to_aten(bert_program, bert_adapter):
     from peftc import ir
     from peftc.backends.aoti import decompositions as table
     from peftc.methods.registry import site_ops
+    from peftc.quant.ops import OPS as QUANT_OPS
 
-    calls = {op.overload for op in site_ops().values() if op.form == "call"}
-    assert calls == set(table())
+    calls = {op.overload for op in [*site_ops().values(), *QUANT_OPS] if op.form == "call"}
+    assert calls == set(table()) and {op.overload for op in QUANT_OPS} <= calls  # quantized layers' ops too
     reference = adapt(bert_program, bert_adapter)
     decomposed = reference.run_decompositions(table())
     assert not [n for n in ir.op_counts(decomposed) if n.startswith("peftc.")]

@@ -191,7 +191,7 @@ class AotiBackend:
 
 
 def decompositions() -> dict[Any, Any]:
-    """Decomposition table for ``run_decompositions``: every call-site op → its eager body."""
+    """Decomposition table for ``run_decompositions``: every call-site op and quantized-layer op → its eager body."""
     from peftc.quant.ops import OPS as QUANT_OPS
 
     return {op.overload: op.body for op in [*registry.site_ops().values(), *QUANT_OPS] if op.form == "call"}
