@@ -23,6 +23,16 @@ FORMATS = {
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
+def llama_config():
+    """The tiny LLaMA (GQA) the quantized-base tests store: one layer, hidden 64, 4 heads over 2 KV heads."""
+    import transformers
+
+    return transformers.LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, use_cache=False,
+    )  # fmt: skip
+
+
 @functools.cache
 def root() -> Path:
     """The session's directory: ``fp32/``, one directory per format and ``lora-<format>/``."""
@@ -30,10 +40,7 @@ def root() -> Path:
 
     warnings.filterwarnings("ignore")
     path = Path(tempfile.mkdtemp(prefix="peftc-bnb-"))
-    config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, use_cache=False,
-    )  # fmt: skip
+    config = llama_config()
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(path / "fp32")
     for name, options in FORMATS.items():

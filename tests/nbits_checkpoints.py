@@ -11,6 +11,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import bnb_checkpoints
 import quant_packing
 import torch
 
@@ -33,10 +34,7 @@ def root() -> Path:
 
     warnings.filterwarnings("ignore")
     path = Path(tempfile.mkdtemp(prefix="peftc-nbits-"))
-    config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, use_cache=False,
-    )  # fmt: skip
+    config = bnb_checkpoints.llama_config()
     for index, fmt in enumerate(CONFIGS):
         torch.manual_seed(index)
         model = transformers.LlamaForCausalLM(config)
