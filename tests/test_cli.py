@@ -8,22 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_run import error_line, run
 from safetensors.torch import load_file, save_file
 
 from peftc.cli import main
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def _error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if not line.startswith("[peftc")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def test_compile_inspect_verify(capsys, tmp_path, bert_dir, bert_adapter):
@@ -163,7 +151,7 @@ def test_bad_adapter_is_one_line_exit_2_nothing_written(capsys, tmp_path, bert_d
     out = tmp_path / "out"
     code, _, err = run(capsys, "compile", bert_dir, "--adapter", adapter, "-o", out)
     assert code == 2
-    line = _error_line(err)
+    line = error_line(err)
     assert line.startswith("peftc: error: ")
     assert __import__("re").search(message, line), line
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["adapter"]
@@ -189,7 +177,7 @@ def test_allow_pickle_loads_with_weights_only(capsys, tmp_path, bert_dir, bert_a
 )
 def test_bad_options(capsys, tmp_path, bert_dir, bert_adapter, argv, message):
     code, _, err = run(capsys, "compile", bert_dir, "--adapter", bert_adapter, "-o", tmp_path / "out", *argv)
-    assert code == 2 and message in _error_line(err)
+    assert code == 2 and message in error_line(err)
     assert not (tmp_path / "out").exists()
 
 
@@ -201,7 +189,7 @@ def test_swappable_compile_add_and_remove(capsys, tmp_path, bert_dir, bert_adapt
     assert code == 0, err
     other = models.make_lora(models.tiny_bert(), tmp_path / "other", target_modules=["key"])
     code, _, err = run(capsys, "add-adapter", out, "--adapter", other)
-    assert code == 2 and "module 'encoder.layer.0.attention.self.key' has no slot" in _error_line(err)
+    assert code == 2 and "module 'encoder.layer.0.attention.self.key' has no slot" in error_line(err)
     same = models.make_lora(models.tiny_bert(), tmp_path / "same", seed=3, target_modules=["query"], r=2)
     code, stdout, err = run(capsys, "add-adapter", out, "--adapter", same, "--name", "q2")
     assert code == 0 and "added adapter 'q2'" in stdout, err
@@ -210,12 +198,12 @@ def test_swappable_compile_add_and_remove(capsys, tmp_path, bert_dir, bert_adapt
     code, stdout, _ = run(capsys, "remove-adapter", out, "--name", "q2")
     assert code == 0 and "removed adapter 'q2'" in stdout
     code, _, err = run(capsys, "remove-adapter", out, "--name", "q2")
-    assert code == 2 and "no adapter named 'q2'" in _error_line(err)
+    assert code == 2 and "no adapter named 'q2'" in error_line(err)
 
 
 def test_missing_model(capsys, tmp_path, bert_adapter):
     code, _, err = run(capsys, "compile", tmp_path / "nope", "--adapter", bert_adapter, "-o", tmp_path / "out")
-    assert code == 2 and "cannot load model" in _error_line(err)
+    assert code == 2 and "cannot load model" in error_line(err)
 
 
 def test_existing_output_needs_force(capsys, tmp_path, bert_dir, bert_adapter):
@@ -223,10 +211,10 @@ def test_existing_output_needs_force(capsys, tmp_path, bert_dir, bert_adapter):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     code, _, err = run(capsys, "compile", bert_dir, "--adapter", bert_adapter, "-o", out)
-    assert code == 2 and "already exists; pass --force" in _error_line(err)
+    assert code == 2 and "already exists; pass --force" in error_line(err)
     assert (out / "keep.txt").read_text() == "mine"
     code, _, err = run(capsys, "compile", bert_dir, "--adapter", bert_adapter, "-o", out, "--force")
-    assert code == 2 and "not a peftc artifact and not empty" in _error_line(err)
+    assert code == 2 and "not a peftc artifact and not empty" in error_line(err)
     assert (out / "keep.txt").read_text() == "mine"
     (out / "keep.txt").unlink()  # an empty directory may be replaced
     assert run(capsys, "compile", bert_dir, "--adapter", bert_adapter, "-o", out, "--force")[0] == 0
@@ -237,7 +225,7 @@ def test_unwritable_output_dir(capsys, tmp_path, bert_dir, bert_adapter):
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a directory")
     code, _, err = run(capsys, "compile", bert_dir, "--adapter", bert_adapter, "-o", blocker / "out")
-    assert code == 2 and "cannot write to" in _error_line(err)
+    assert code == 2 and "cannot write to" in error_line(err)
 
 
 def test_verification_failure_exits_1_with_table(capsys, tmp_path, bert_dir, bert_adapter, monkeypatch):
@@ -260,4 +248,4 @@ def test_debug_shows_the_traceback(capsys, tmp_path, bert_adapter):
 
 def test_inspect_of_a_non_artifact(capsys, tmp_path):
     code, _, err = run(capsys, "inspect", tmp_path)
-    assert code == 2 and "manifest.json: missing" in _error_line(err)
+    assert code == 2 and "manifest.json: missing" in error_line(err)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import models
 import pytest
+from cli_run import run
 from conftest import EXAMPLE_ADAPTER, MINILM_SPEC, REPO, edited_adapter
 
 from peftc.cli import main
@@ -64,12 +65,6 @@ OWN_FORMATS = {
     "PEFTC_SPARSE",
 }
 """The formats the README says peftc reads although PEFT does not implement them."""
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_version_names_peftc_and_its_libraries(capsys):

@@ -11,7 +11,7 @@ import models
 import numpy as np
 import pytest
 import torch
-from test_cli import run
+from cli_run import run
 
 import peftc
 from peftc.errors import InputError, UnsupportedError

@@ -7,22 +7,8 @@ import hashlib
 import json
 
 import pytest
+from cli_run import error_line, run
 from combine_fixtures import make_pair_fixture  # noqa: F401  (the make_pair fixture)
-
-from peftc.cli import main
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def _error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if not line.startswith("[peftc")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def _sha(path) -> str:
@@ -112,7 +98,7 @@ def test_bad_input_is_one_line_exit_2(capsys, tmp_path, bert_dir, make_pair, ext
     argv = ["combine", bert_dir, *(x for p in adapters for x in ("--adapter", p)), *extra, "-o", tmp_path / "out"]
     code, _, err = run(capsys, *argv)
     assert code == 2
-    assert message in _error_line(err)
+    assert message in error_line(err)
     assert not (tmp_path / "out").exists()
 
 
@@ -121,4 +107,4 @@ def test_compile_refuses_a_bad_combine_spec(capsys, tmp_path, bert_dir, make_pai
     code, _, err = run(capsys, "compile", bert_dir, "--adapter", a, "--adapter", b, "--combine", "ties:density=2",
                        "-o", tmp_path / "art")  # fmt: skip
     assert code == 2
-    assert "--density 2.0: give a fraction in (0, 1]" in _error_line(err)
+    assert "--density 2.0: give a fraction in (0, 1]" in error_line(err)
