@@ -53,7 +53,7 @@ PEFT_FORMATS = {
 }
 """The PEFT methods the README says peftc reads ("What is supported", "Adapter formats")."""
 PEFT_FORMATS |= {"OSF", "PSOFT", "HIRA", "ADAMSS", "DEFT"}
-PEFT_FORMATS |= {"POLY"}  # XLORA and SHADOW are refused
+PEFT_FORMATS |= {"POLY", "XLORA"}  # SHADOW and LILY are refused
 OWN_FORMATS = {
     "SSF",
     "ZEROI2V",

@@ -25,7 +25,7 @@ from peftc.loaders import LoadedModel, identity, load_model
 from peftc.logs import quiet_imports
 from peftc.methods.base import Adapter, ParseOptions
 from peftc.methods.loading import read_adapter
-from peftc.methods.registry import insertion, parse_adapter
+from peftc.methods.registry import insertion, parse_adapter, refuse_unmergeable
 from peftc.options import PathLike
 from peftc.passes import pipelines
 from peftc.passes.base import PassContext, PassManager, PassRecord
@@ -77,6 +77,9 @@ class Sources:
     """Where ``pkg.module:factory`` modules are imported from (default: the working directory)."""
     task: str | None = None
     """``text-generation`` (None: inferred from the model's ``config.architectures``)."""
+    merge: bool = False
+    """A merged compile: adapters whose method cannot be merged (``Method.unmergeable``) are refused
+    before the model is loaded."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +138,8 @@ def build(
             )
             for index, path in enumerate(sources.adapters)
         ]
+    if sources.merge:
+        refuse_unmergeable(read)
     model = sources.model
     with stages("load", f"load model {model if isinstance(model, str) else type(model).__name__}"), quiet_imports():
         loaded = load_model(

@@ -1,4 +1,4 @@
-"""PEFT types peftc refuses as a whole (Lily, X-LoRA, ShadowPEFT), with the reasons read from PEFT's source.
+"""PEFT types peftc refuses as a whole (Lily, ShadowPEFT), with the reasons read from PEFT's source.
 
 **Lily** (``peft/tuners/lily/``): Lily gives each group of ``stride_A`` layers a shared down-projection ``A`` ``[r, d_in]`` and each
 target type ``num_B`` shared up-projections ``B_e`` ``[r, d_out]``, mixed by a router ``G``
@@ -12,14 +12,6 @@ own model: one sample's output moves by more than 10⁻⁴ of its scale between 
 a batch of four, ten times the fp32 bound). There is no weight form — PEFT's own ``merge()`` raises ``NotImplementedError`` — and a
 compiled model that reproduced the forward would give results that change with batch composition,
 padding included. peftc refuses the type.
-
-**X-LoRA** (``peft/tuners/xlora/model.py``): every forward runs the model twice. A pre-forward hook
-first runs it with the LoRA experts disabled, feeds that pass's hidden states to a trained classifier
-that outputs a scaling per token, layer and expert, then runs the real pass with those scalings
-injected into every LoRA layer. The mix is a function of each token's activations (no weight form),
-and the experts are other adapter directories named in the config's ``adapters`` field. Lowering it
-means tracing both passes and the classifier into one program and reading several adapters as one;
-peftc does neither yet, so the type is refused.
 
 **ShadowPEFT** (``peft/tuners/shadow/``): a second, trainable transformer backbone (the *shadow*
 model, built from the base's architecture) runs beside the base; at each wrapped decoder block its
@@ -38,14 +30,6 @@ LILY = (
     "fixed function of each input"
 )
 """Why ``peft_type: "LILY"`` is refused."""
-
-XLORA = (
-    "X-LoRA runs the model twice per forward (a scaling pass with its LoRA experts disabled, whose hidden "
-    "states feed a trained classifier, then the real pass with per-token, per-layer expert scalings) and reads "
-    "its experts from other adapter directories (the config's 'adapters'); the mix depends on each token's "
-    "activations, so there is no weight form, and peftc does not trace the two passes into one program"
-)
-"""Why ``peft_type: "XLORA"`` is refused."""
 
 SHADOW = (
     "ShadowPEFT runs a second trainable transformer backbone beside the base and threads its state through "

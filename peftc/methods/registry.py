@@ -62,6 +62,7 @@ from peftc.methods import (
     vblora,
     vera,
     waveft,
+    xlora,
     zeroi2v,
 )
 from peftc.methods.base import Adapter, AdapterSource, ParseOptions, Site
@@ -120,8 +121,9 @@ METHODS: list[Method] = [
     s2ft.METHOD,
     sparse.METHOD,
     *prompt.METHODS,
-    # Inserted before tracing: routed mixtures (task_ids input), bottleneck adapters.
+    # Inserted before tracing: routed mixtures (task_ids input; X-LoRA's two passes), bottleneck adapters.
     poly.METHOD,
+    xlora.METHOD,
     bottleneck.METHOD,
     SLOTS,
 ]
@@ -129,7 +131,6 @@ METHODS: list[Method] = [
 
 REFUSED_TYPES: dict[str, str] = {
     "LILY": refused.LILY,
-    "XLORA": refused.XLORA,
     "SHADOW": refused.SHADOW,
 }
 """PEFT types peftc knows and refuses, with the reason (no parser reads them)."""
@@ -164,6 +165,18 @@ def _tables(methods: tuple[Method, ...]) -> tuple[dict[str, SiteOp], dict[str, M
     ops = {op.name: op for method in methods for op in method.ops}
     by_type = {peft_type: method for method in methods for peft_type in method.peft_types}
     return ops, by_type
+
+
+def refuse_unmergeable(sources: Sequence[AdapterSource]) -> None:
+    """Refuse merging an adapter whose method cannot be merged (``Method.unmergeable``: X-LoRA).
+
+    Raises:
+        UnsupportedError: naming the adapter's config and the reason.
+    """
+    for source in sources:
+        method = parsers().get(str(source.config.get("peft_type")))
+        if method is not None and method.unmergeable:
+            raise UnsupportedError(f"{source.config_path}: {method.unmergeable}")
 
 
 def insertion(

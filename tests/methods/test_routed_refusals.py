@@ -1,5 +1,5 @@
-"""X-LoRA and ShadowPEFT are refused with their reasons (``peftc/methods/refused.py``); ShadowPEFT's
-reason is checked against PEFT itself: its model has no merge."""
+"""ShadowPEFT is refused with its reason (``peftc/methods/refused.py``), and the reason is checked against
+PEFT itself: its model has no merge."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from peftc.methods.loading import load_adapter
 @pytest.mark.parametrize(
     ("peft_type", "reason"),
     [
-        ("XLORA", "X-LoRA runs the model twice per forward .* no weight form"),
         ("SHADOW", "ShadowPEFT runs a second trainable transformer backbone .* not a weight change"),
     ],
 )
