@@ -4,6 +4,7 @@ reason the method does not apply to it."""
 
 from __future__ import annotations
 
+import os
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -12,15 +13,21 @@ if TYPE_CHECKING:
 
 
 BUDGET = (
-    "PEFT supports it; left out to keep the suite's time (the same layer types are verified on tiny LLaMA, "
-    "GPT-2 and the conv net's head)"
+    "PEFT supports it; left out to keep the suite's time: these 20 cells (5 methods × BERT, ViT × merged, "
+    "unmerged) all pass, but cost 106 s of test time on the 2-core VM (1.6–9 s a cell; the limit was 10 s "
+    "for all). The same layer types are verified on tiny LLaMA, GPT-2 and the conv net's head; "
+    "`PEFTC_MATRIX_ALL=1` runs them"
 )
-"""Why a family PEFT supports is not a cell for these methods: each method's cells, ONNX compile and
-focused tests must stay near 12 s of test time, and a transformer family costs about 3.5 s per method."""
+"""Why a family PEFT supports is not a cell for these methods (measured with ``PEFTC_MATRIX_ALL=1 pytest
+tests/test_matrix.py -k "cell and (bert or vit) and (randlora or vblora or unilora or pvera or tinylora)"
+--durations=25``, single process, on a shared, loaded VM: the numbers are noisy)."""
 
 
 def budget(family: Family) -> str | None:
-    """The reason a family is left out of these methods' cells, or None."""
+    """The reason a family is left out of these methods' cells, or None (every family with
+    ``PEFTC_MATRIX_ALL=1``)."""
+    if os.environ.get("PEFTC_MATRIX_ALL"):
+        return None
     return BUDGET if family.name in ("bert", "vit") else None
 
 

@@ -109,6 +109,8 @@ def test_every_peft_method_peftc_reads_has_a_matrix_row():
     assert all((Path(__file__).parent / "methods" / f"{test}.py").is_file() for test in FOCUSED.values())
 
 
-FOCUSED = {"poly": "test_poly"}
+FOCUSED = {"poly": "test_poly", "xlora": "test_xlora"}
 """Methods verified against PEFT by their own test file instead (Poly needs a ``task_ids`` input and
-adapts ``nn.Linear`` only, which only the BERT classifier family has)."""
+adapts ``nn.Linear`` only, which only the BERT classifier family has; X-LoRA needs several PEFT-made
+expert adapters and a classifier, and PEFT loads its experts only for models whose layers are under
+``model.``, the causal LMs: not one of the matrix's families)."""
