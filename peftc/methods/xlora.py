@@ -290,7 +290,9 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
         )
     layers = sum(1 for name in modules.tensors if name.startswith("xlora_experts.") and name.endswith(".lora_A"))
     honoured["inserted"] = f"{len(paths)} LoRA experts on {layers} modules, two passes (scaling pass, main pass)"
-    honoured["experts"] = {name: str(path) for name, path in paths.items()}
+    honoured["experts"] = {
+        name: {"path": str(path), "sha256": dict(_read_expert(name, path).sha256)} for name, path in paths.items()
+    }
     oracle = {**source.config, "adapters": {name: str(path) for name, path in paths.items()}}
     return Adapter(source.name, "xlora", source, (), (), (), honoured, ignored, oracle_config=oracle)
 

@@ -164,6 +164,8 @@ def test_the_traced_program_matches_peft():
     built = build(Sources(model=_model("llama"), adapters=(_adapter("llama-deep"),)), Stages(), stack=True)
     world = built.fp32
     assert world.inserted and [a.method for a in built.adapters] == ["xlora"] and not built.adapters[0].sites
+    experts = built.adapters[0].honoured["experts"]  # recorded in the manifest with their hashes
+    assert list(experts) == ["0", "1", "2"] and all(len(e["sha256"]["weights"]) == 64 for e in experts.values())
     oracles, missing = OraclePlan(world.module).oracles(program_oracle(world.reference), built.adapters)
     assert not missing and "peft" in oracles
     report = verify(oracles["reference"], built.loaded.signature, {"peft": oracles["peft"]})
@@ -239,8 +241,21 @@ def test_refuses_a_model_peft_cannot_load_the_experts_of(tmp_path):
         registry.insertion([read_adapter(tmp_path)], module, from_transformers(module))
 
 
-def test_cli_refuses_merging_in_one_line(capsys, tmp_path, bert_dir):
-    code, _, err = run(capsys, "compile", bert_dir, "--adapter", _adapter("llama-flat"), "-o", tmp_path / "out")
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("xlora-llama") / "hf"
+    _model("llama").save_pretrained(str(path))
+    return path
+
+
+def test_cli_refuses_merging_in_one_line(capsys, tmp_path, llama_dir):
+    code, _, err = run(capsys, "compile", llama_dir, "--adapter", _adapter("llama-flat"), "-o", tmp_path / "out")
     line = error_line(err)
     assert code == 2 and "X-LoRA cannot be merged: its expert gates are computed per token" in line
     assert line.endswith("compile with --no-merge (merge=False)") and not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_an_option_it_does_not_lower_in_one_line(capsys, tmp_path, llama_dir):
+    adapter = edited_adapter(_adapter("llama-flat"), tmp_path / "ties", config={"scaling_pass_value": 0.5})
+    code, _, err = run(capsys, "compile", llama_dir, "--adapter", adapter, "--no-merge", "-o", tmp_path / "out")
+    assert code == 2 and "top_k_lora=1 with scaling_pass_value=0.5: PEFT takes the top k" in error_line(err)
