@@ -144,6 +144,11 @@ def build(
             workdir=sources.workdir,
             task=sources.task,
         )
+    if not stack and loaded.task in seq2seq.TASKS:
+        raise UnsupportedError(
+            f"--swappable with --task {seq2seq.TEXT2TEXT}: not supported yet (the encoder program's trace holds "
+            "decoder sites that are dead code, whose slots ONNX drops); compile one adapter merged"
+        )
     inserted = insertion(read, loaded.module, loaded.signature, sources.task_id)
     if inserted is not None:
         if not stack:
