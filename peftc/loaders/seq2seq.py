@@ -69,6 +69,11 @@ def attach(module: torch.nn.Module, task: str) -> InputSignature:
             f"--task {TEXT2TEXT}: {name} is not an encoder-decoder model (text2text generation needs a "
             "Hugging Face …ForConditionalGeneration class with config.is_encoder_decoder)"
         )
+    if "input_ids" not in inspect.signature(module.get_encoder().forward).parameters:
+        raise UnsupportedError(
+            f"--task {TEXT2TEXT}: {name}'s encoder takes no input_ids (not a text encoder); describe its inputs "
+            "with --input to compile its plain forward"
+        )
     if getattr(config, "decoder_start_token_id", None) is None:
         raise UnsupportedError(f"--task {TEXT2TEXT}: {name}'s config gives no decoder_start_token_id")
     layers = _cache_layout(module)
