@@ -166,6 +166,7 @@ def test_one_artifact_lists_and_verifies_both_programs(t5):
         oracles = {case["oracle"] for case in manifest.verification["cases"]}
         assert manifest.status == "ok" and {"reference", "peft"} <= oracles
     assert runner.encoder.output_names[:2] == ["last_hidden_state", "present.0.encoder.key"]
+    assert str(runner.path / "encoder") in runner.encoder.manifest.command  # its rebuild command, not a temp path
     assert "past_key_values_1_encoder_value" in runner.input_names
 
 

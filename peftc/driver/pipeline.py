@@ -91,6 +91,11 @@ def _with_encoder(
         options, out=directory / seq2seq.ENCODER_DIR, task=seq2seq.ENCODER, force=False, keep_failed=False
     )
     encoder = compile_artifact(sub, progress)
+    command = list(encoder.manifest.command or [])
+    if "-o" in command:  # it rebuilds into the artifact's final place, not the temporary one
+        command[command.index("-o") + 1] = str(options.out / seq2seq.ENCODER_DIR)
+        manifest = dataclasses.replace(encoder.manifest, command=command)
+        (directory / seq2seq.ENCODER_DIR / MANIFEST_FILE).write_text(manifest.to_json())
     names = [f["path"] for f in encoder.manifest.target["files"]] + [MANIFEST_FILE]
     files = tuple(f"{seq2seq.ENCODER_DIR}/{name}" for name in names)
     start = int(built.loaded.module.config.decoder_start_token_id)
