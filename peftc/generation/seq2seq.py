@@ -44,12 +44,7 @@ def generate(
         InputError: bad prompt shapes, or more new tokens than the decoder's positions.
     """
     as_torch = isinstance(input_ids, torch.Tensor)
-    ids = decode._array(input_ids, "input_ids")
-    if ids.ndim != 2 or ids.shape[1] == 0:
-        raise InputError(f"input_ids: shape {list(ids.shape)}, expected [batch, prompt length >= 1]")
-    mask = np.ones_like(ids) if attention_mask is None else decode._array(attention_mask, "attention_mask")
-    if mask.shape != ids.shape:
-        raise InputError(f"attention_mask: shape {list(mask.shape)}, input_ids' is {list(ids.shape)}")
+    ids, mask = decode.prompt_arrays(input_ids, attention_mask)
     signature = InputSignature.from_json(runner.manifest.target["signature"])
     longest = int(signature.dims["seq"].max)
     if max_new_tokens < 1 or max_new_tokens + 1 > longest:
@@ -70,7 +65,7 @@ def generate(
     for _ in range(max_new_tokens):
         out = runner(input_ids=tokens[:, -1:], encoder_attention_mask=mask, **pasts, **(call or {}))
         logits = torch.from_numpy(np.asarray(out["logits"])[:, -1, :].astype(np.float32))
-        chosen = decode._sample(logits, temperature, top_k, top_p, generator) if do_sample else logits.argmax(-1)
+        chosen = decode.sample(logits, temperature, top_k, top_p, generator) if do_sample else logits.argmax(-1)
         chosen = chosen.numpy().astype(np.int64)
         if pad_token_id is not None:
             chosen = np.where(finished, pad_token_id, chosen)
