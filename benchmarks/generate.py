@@ -2,7 +2,9 @@
 
 Run from the repository root::
 
-    python benchmarks/generate.py [--quick] [--json]
+    python benchmarks/generate.py [--quick] [--json] [--seq2seq]
+
+(``--seq2seq``: an encoder-decoder T5 instead, ``benchmarks/generate_seq2seq.py``.)
 
 A LLaMA-style model from a config (about 100M parameters; ``--quick``: about 6M) with a LoRA of rank
 16 on q/k/v/o (``init_lora_weights=False``) is compiled merged to ONNX (fp32, onnxruntime CPU). For
@@ -110,7 +112,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a 6M model, fewer repeats")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--seq2seq", action="store_true", help="a T5 text2text-generation artifact instead")
     args = parser.parse_args()
+    if args.seq2seq:
+        import generate_seq2seq
+
+        return generate_seq2seq.run(args.quick, args.json, _timed)
     from peft import PeftModel
 
     import peftc

@@ -88,7 +88,7 @@ def compile(
         calibration_samples: without ``calibration``, how many seeded input batches to generate.
         combine: ``METHOD[:key=value,…]``: combine ``adapters`` into one adapter first (``peftc.combine``;
             written into the artifact as ``combined/``, the combination recorded in the manifest).
-        task: ``text-generation``: one generation step with the KV cache as explicit tensors, for
+        task: ``text-generation`` / ``text2text-generation``: programs with the KV cache as tensors for
             ``runner.generate`` (README "Generation"); None: inferred from ``config.architectures``.
         progress: called with a line of text as each stage starts.
 

@@ -290,7 +290,12 @@ def parser() -> argparse.ArgumentParser:
         metavar="N",
         help="with --swappable: let one call mix up to N adapters, one per batch row",
     )
-    c.add_argument("--task", choices=["text-generation"], help="a causal LM's generation step, KV cache as tensors")
+    c.add_argument(
+        "--task",
+        choices=["text-generation", "text2text-generation", "text2text-generation-encoder"],
+        help="a causal LM's generation step, or an encoder-decoder's encoder and decoder step (-encoder: the "
+        "encoder program alone, as in a text2text artifact's encoder/); KV cache as tensors",
+    )
     c.add_argument("--no-oracle", action="store_true", help="skip the comparison against Hugging Face PEFT")
     c.add_argument("--seed", type=int, default=0, help="seed of the verification inputs")
     c.add_argument(

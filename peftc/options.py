@@ -56,7 +56,8 @@ class CompileOptions:
     combine: str | None = None
     """``METHOD[:k=v,…]``: combine the adapters into one first (``peftc.combine``)."""
     task: str | None = None
-    """``text-generation``: a generation step with explicit KV caches (None: from ``config.architectures``)."""
+    """``text-generation``: a generation step with explicit KV caches; ``text2text-generation``: an
+    encoder program and a decoder step (None: from ``config.architectures``)."""
 
     def __post_init__(self) -> None:
         adapters = [self.adapters] if isinstance(self.adapters, (str, os.PathLike)) else list(self.adapters)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from peftc.artifact import MANIFEST_FILE, Manifest, check_files, read_manifest
-from peftc.artifact.files import listed, records
+from peftc.artifact.files import inside, listed, records
 from peftc.backends import Backend, get_backend
 from peftc.errors import InputError, UnsupportedError, first_line
 from peftc.feeds import InputCheck
@@ -40,6 +40,7 @@ class Runner:
         self.input_names: list[str] = list(backend_runner.input_names)
         self.output_names: list[str] = list(backend_runner.output_names)
         self._swappable = "slots" in manifest.target
+        self._runtime, self._encoder = runtime, None
         self._default: str | None = manifest.target.get("default_adapter")
         own = runtime is None or runtime == manifest.target.get("name")
         self._check = InputCheck.from_target(
@@ -118,7 +119,9 @@ class Runner:
 
     def generate(self, input_ids: Any, attention_mask: Any = None, *, adapter: Any = _DEFAULT, **options: Any) -> Any:
         """Token ids: the prompt ``input_ids`` ``[batch, length]`` (left-padded, ``attention_mask`` 0 on
-        padding) followed by the generated tokens, from a ``--task text-generation`` artifact.
+        padding) followed by the generated tokens, from a ``--task text-generation`` artifact; from a
+        ``--task text2text-generation`` artifact, the decoder's tokens (its start token first) for the
+        prompts (padded on either side; ``peftc/generation/seq2seq.py``).
 
         ``options``: ``max_new_tokens`` (20), ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
         ``eos_token_id``, ``pad_token_id``, ``seed`` (``peftc/generation/decode.py``); ``adapter=`` as for
@@ -128,10 +131,27 @@ class Runner:
             InputError: not a generation artifact, a prompt longer than the model's positions allow, or an
                 input or adapter that does not fit.
         """
-        from peftc.generation.decode import generate
+        from peftc.generation import decode, seq2seq
 
+        if adapter is _DEFAULT and self._swappable and "generation" in self.manifest.target:
+            adapter = self._default  # the encoder program's runner has its own default
         call = {} if adapter is _DEFAULT else {"adapter": adapter}
-        return generate(self, input_ids, attention_mask, call=call, **options)
+        run = seq2seq.generate if "generation" in self.manifest.target else decode.generate
+        return run(self, input_ids, attention_mask, call=call, **options)
+
+    @property
+    def encoder(self) -> Runner:
+        """The encoder program of a ``--task text2text-generation`` artifact (its ``encoder/`` directory).
+
+        Raises:
+            InputError: not such an artifact.
+        """
+        where = self.manifest.target.get("generation", {}).get("encoder")
+        if not isinstance(where, str):
+            raise InputError(f"{self.path}: not a text2text-generation artifact (it has no encoder program)")
+        if self._encoder is None:
+            self._encoder = load(inside(self.path, where), runtime=self._runtime)
+        return self._encoder
 
     def __repr__(self) -> str:
         return f"Runner({str(self.path)!r}, target={self.manifest.target['name']!r}, inputs={self.input_names})"

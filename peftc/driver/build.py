@@ -21,7 +21,7 @@ import torch
 
 from peftc import ir
 from peftc.errors import UnsupportedError
-from peftc.loaders import LoadedModel, identity, load_model
+from peftc.loaders import LoadedModel, identity, load_model, seq2seq
 from peftc.logs import quiet_imports
 from peftc.methods.base import Adapter, ParseOptions
 from peftc.methods.loading import read_adapter
@@ -149,6 +149,11 @@ def build(
             workdir=sources.workdir,
             task=sources.task,
         )
+    if not stack and loaded.task in seq2seq.TASKS:
+        raise UnsupportedError(
+            f"--swappable with --task {seq2seq.TEXT2TEXT}: not supported yet (the encoder program's trace holds "
+            "decoder sites that are dead code, whose slots ONNX drops); compile one adapter merged"
+        )
     inserted = insertion(read, loaded.module, loaded.signature, sources.task_id)
     if inserted is not None:
         if not stack:
@@ -166,7 +171,12 @@ def build(
         options = ParseOptions(
             base_residual=sources.base_residual, task_id=sources.task_id, tied_embeddings=loaded.tied_embeddings
         )
-        adapters = identity.checked(_unique_names([parse_adapter(s, table, options) for s in read]), loaded, stages.say)
+        split = [seq2seq.split_keys(s, table, loaded.module) if loaded.task in seq2seq.TASKS else (s, ()) for s in read]
+        parsed = [parse_adapter(s, table, options) for s, _ in split]
+        parsed = [
+            dataclasses.replace(a, unused=(*a.unused, *moved)) for a, (_, moved) in zip(parsed, split, strict=True)
+        ]
+        adapters = identity.checked(_unique_names(parsed), loaded, stages.say)
     worlds = []
     for name, (module, base) in zip(names, traces, strict=True):
         if not stack:  # alternatives (swappable): each adapter gets its own reference program when verified

@@ -11,16 +11,17 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from peftc.artifact import Artifact, ArtifactWriter, Manifest, read_manifest
+from peftc.artifact import MANIFEST_FILE, Artifact, ArtifactWriter, Manifest, read_manifest
 from peftc.backends import get_backend
 from peftc.driver import combined as combining
 from peftc.driver import manifest as manifests
 from peftc.driver import precision as precisions
 from peftc.driver import quantize as quantizing
 from peftc.driver.build import Progress, Sources, Stages, build
-from peftc.driver.modes import Merged, Mode, Unmerged
+from peftc.driver.modes import Lowering, Merged, Mode, Unmerged
 from peftc.driver.sources import recorded
 from peftc.generation.files import copy_model_files
+from peftc.loaders import seq2seq
 from peftc.options import CompileOptions
 from peftc.runtime import load, open_runner
 from peftc.swap.mode import Swappable
@@ -53,7 +54,9 @@ def compile_artifact(options: CompileOptions, progress: Progress | None = None) 
                 lowering, precision = quantizing.run(
                     backend, lowering, built, writer.tmp, precision, options, stages.say
                 )
-        if built.loaded.task and built.loaded.kind == "huggingface":
+        if built.loaded.task == seq2seq.TEXT2TEXT:
+            lowering = _with_encoder(options, lowering, built, writer.tmp, progress)
+        if built.loaded.task and built.loaded.task != seq2seq.ENCODER and built.loaded.kind == "huggingface":
             copied = copy_model_files(Path(built.loaded.spec), writer.tmp, lowering.files)
             lowering = dataclasses.replace(lowering, files=(*lowering.files, *copied))
         target = manifests.target_record(options, optimized, lowering, writer.tmp, precision, built.fp32.base)
@@ -77,6 +80,27 @@ def compile_artifact(options: CompileOptions, progress: Progress | None = None) 
         return Artifact(options.out, manifest)
     finally:
         writer.abort()
+
+
+def _with_encoder(
+    options: CompileOptions, lowering: Lowering, built: Any, directory: Path, progress: Progress | None
+) -> Any:
+    """Compile and verify the encoder program of a ``text2text-generation`` artifact into ``directory/encoder``
+    (an artifact of its own, ``peftc/loaders/seq2seq.py``); the decoder step's manifest lists its files."""
+    sub = dataclasses.replace(
+        options, out=directory / seq2seq.ENCODER_DIR, task=seq2seq.ENCODER, force=False, keep_failed=False
+    )
+    encoder = compile_artifact(sub, progress)
+    command = list(encoder.manifest.command or [])
+    if "-o" in command:  # it rebuilds into the artifact's final place, not the temporary one
+        command[command.index("-o") + 1] = str(options.out / seq2seq.ENCODER_DIR)
+        manifest = dataclasses.replace(encoder.manifest, command=command)
+        (directory / seq2seq.ENCODER_DIR / MANIFEST_FILE).write_text(manifest.to_json())
+    names = [f["path"] for f in encoder.manifest.target["files"]] + [MANIFEST_FILE]
+    files = tuple(f"{seq2seq.ENCODER_DIR}/{name}" for name in names)
+    start = int(built.loaded.module.config.decoder_start_token_id)
+    target = {**lowering.target, "generation": {"encoder": seq2seq.ENCODER_DIR, "decoder_start_token_id": start}}
+    return dataclasses.replace(lowering, files=(*lowering.files, *files), target=target)
 
 
 def reverify(

@@ -12,7 +12,7 @@ from peftc.errors import InputError, first_line
 
 def register(sub: Any) -> None:
     """Add the ``generate`` command to the subparsers ``sub``."""
-    g = sub.add_parser("generate", help="generate text with a --task text-generation artifact")
+    g = sub.add_parser("generate", help="generate text with a --task text-generation or text2text-generation artifact")
     g.add_argument("artifact")
     g.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable: one batch row each)")
     g.add_argument("--max-new-tokens", type=int, default=20)
@@ -51,11 +51,12 @@ def _generate(args: argparse.Namespace) -> int:
         pad_token_id=pad,
         **options,
     )
-    start = encoded["input_ids"].shape[1]
+    seq2seq = "generation" in runner.manifest.target  # decoder tokens: the start token, then new ones
+    start = 1 if seq2seq else encoded["input_ids"].shape[1]
     rows = []
     for prompt, row, mask in zip(args.prompt, tokens, encoded["attention_mask"], strict=True):
         new = [int(t) for t in row[start:]]
-        kept = [int(t) for t, m in zip(row, [*mask, *[1] * len(new)], strict=True) if m]  # padding left out
+        kept = new if seq2seq else [int(t) for t, m in zip(row, [*mask, *[1] * len(new)], strict=True) if m]
         rows.append({
             "prompt": prompt, "text": tokenizer.decode(new, skip_special_tokens=True), "tokens": new,
             "full_text": tokenizer.decode(kept, skip_special_tokens=True),

@@ -52,12 +52,7 @@ def generate(
         InputError: not a generation artifact, or a prompt and length beyond the model's positions.
     """
     as_torch = isinstance(input_ids, torch.Tensor)
-    ids = _array(input_ids, "input_ids")
-    if ids.ndim != 2 or ids.shape[1] == 0:
-        raise InputError(f"input_ids: shape {list(ids.shape)}, expected [batch, prompt length >= 1]")
-    mask = np.ones_like(ids) if attention_mask is None else _array(attention_mask, "attention_mask")
-    if mask.shape != ids.shape:
-        raise InputError(f"attention_mask: shape {list(mask.shape)}, input_ids' is {list(ids.shape)}")
+    ids, mask = prompt_arrays(input_ids, attention_mask)
     layers, shapes, dtype, longest = _layout(runner)
     if max_new_tokens < 1 or ids.shape[1] + max_new_tokens > longest:
         raise InputError(
@@ -77,7 +72,7 @@ def generate(
     for _ in range(max_new_tokens):
         out = runner(input_ids=step_ids, attention_mask=mask, position_ids=positions, **pasts, **(call or {}))
         logits = torch.from_numpy(np.asarray(out["logits"])[:, -1, :].astype(np.float32))
-        chosen = _sample(logits, temperature, top_k, top_p, generator) if do_sample else logits.argmax(-1)
+        chosen = sample(logits, temperature, top_k, top_p, generator) if do_sample else logits.argmax(-1)
         chosen = chosen.numpy().astype(np.int64)
         if pad_token_id is not None:
             chosen = np.where(finished, pad_token_id, chosen)
@@ -102,7 +97,27 @@ def _present(name: str) -> str:
     return "present" + name.removeprefix("past_key_values").replace("_", ".")
 
 
-def _array(value: Any, name: str) -> np.ndarray:
+def prompt_arrays(input_ids: Any, attention_mask: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The prompts' ids and mask as int64 ``[batch, length]`` arrays (a mask of ones when None).
+
+    Raises:
+        InputError: not integers, not 2-D, empty, or a mask of another shape.
+    """
+    ids = int_array(input_ids, "input_ids")
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise InputError(f"input_ids: shape {list(ids.shape)}, expected [batch, prompt length >= 1]")
+    mask = np.ones_like(ids) if attention_mask is None else int_array(attention_mask, "attention_mask")
+    if mask.shape != ids.shape:
+        raise InputError(f"attention_mask: shape {list(mask.shape)}, input_ids' is {list(ids.shape)}")
+    return ids, mask
+
+
+def int_array(value: Any, name: str) -> np.ndarray:
+    """``value`` (a tensor or array-like of integers) as an int64 numpy array.
+
+    Raises:
+        InputError: not integers (the message names the input ``name``).
+    """
     array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
     if not np.issubdtype(array.dtype, np.integer) and array.dtype != np.bool_:
         raise InputError(f"{name}: dtype {array.dtype}, expected integers")
@@ -134,7 +149,7 @@ def _layout(runner: Any) -> tuple[int, list[tuple[int, int]], Any, int]:
     return layers, shapes, _DTYPES[specs[key_name(0)].dtype], int(signature.dims["seq"].max)
 
 
-def _sample(
+def sample(
     logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator
 ) -> torch.Tensor:
     """One token per row drawn from ``softmax(logits / temperature)`` restricted by ``top_k`` and ``top_p``."""

@@ -47,9 +47,16 @@ def value_name(layer: int) -> str:
 
 
 def inferred_task(module: Any) -> str | None:
-    """``text-generation`` when ``module``'s ``config.architectures`` names a causal LM class, else None."""
-    architectures = getattr(getattr(module, "config", None), "architectures", None) or []
-    return TEXT_GENERATION if any(str(a).endswith(_CAUSAL_SUFFIXES) for a in architectures) else None
+    """``text-generation`` when ``module``'s ``config.architectures`` names a causal LM class,
+    ``text2text-generation`` for a ``…ForConditionalGeneration`` class with ``config.is_encoder_decoder``,
+    else None."""
+    config = getattr(module, "config", None)
+    architectures = [str(a) for a in getattr(config, "architectures", None) or []]
+    if getattr(config, "is_encoder_decoder", False) and any(
+        a.endswith("ForConditionalGeneration") for a in architectures
+    ):
+        return "text2text-generation"
+    return TEXT_GENERATION if any(a.endswith(_CAUSAL_SUFFIXES) for a in architectures) else None
 
 
 def attach(module: torch.nn.Module, task: str) -> InputSignature:
@@ -59,7 +66,7 @@ def attach(module: torch.nn.Module, task: str) -> InputSignature:
         UnsupportedError: an unknown task, or a model that is not a Hugging Face causal LM with a cache.
     """
     if task not in TASKS:
-        raise UnsupportedError(f"--task {task!r}: peftc compiles {', '.join(TASKS)}")
+        raise UnsupportedError(f"--task {task!r}: peftc compiles text-generation, text2text-generation")
     name = type(module).__name__
     can_generate = getattr(module, "can_generate", None)
     if not (callable(can_generate) and can_generate()) or not name.endswith(_CAUSAL_SUFFIXES):

@@ -36,7 +36,7 @@ import torch
 from peftc import ir, reading
 from peftc.errors import InputError, PeftcError, UnsupportedError, first_line
 from peftc.hashing import sha256_file
-from peftc.loaders import causal
+from peftc.loaders import causal, seq2seq
 from peftc.loaders.hub import cached, is_hub_id
 from peftc.loaders.inputs import InputSignature, from_program, from_timm, from_transformers, parse_inputs
 
@@ -152,7 +152,8 @@ def _finish(model: LoadedModel, override: InputSignature | None, task: str | Non
     if model.task:
         if model.kind == "module":  # the caller's object keeps its own forward
             model.module = module = copy.deepcopy(module)
-        model.signature = causal.attach(module, model.task)
+        attach = seq2seq.attach if model.task in seq2seq.TASKS else causal.attach
+        model.signature = attach(module, model.task)
         return model
     model.signature = override or model.signature or from_transformers(module)
     if model.signature is None:
