@@ -292,9 +292,10 @@ def parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "--task",
-        choices=["text-generation", "text2text-generation", "text2text-generation-encoder"],
+        choices=["text-generation", "text2text-generation", "text2text-generation-encoder", "none"],
         help="a causal LM's generation step, or an encoder-decoder's encoder and decoder step (-encoder: the "
-        "encoder program alone, as in a text2text artifact's encoder/); KV cache as tensors",
+        "encoder program alone, as in a text2text artifact's encoder/); KV cache as tensors; none: the model's "
+        "own forward (default: inferred from config.architectures)",
     )
     c.add_argument("--no-oracle", action="store_true", help="skip the comparison against Hugging Face PEFT")
     c.add_argument("--seed", type=int, default=0, help="seed of the verification inputs")

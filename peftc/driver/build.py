@@ -21,11 +21,11 @@ import torch
 
 from peftc import ir
 from peftc.errors import UnsupportedError
-from peftc.loaders import LoadedModel, identity, load_model, seq2seq
+from peftc.loaders import LoadedModel, causal, identity, load_model, seq2seq
 from peftc.logs import quiet_imports
 from peftc.methods.base import Adapter, ParseOptions
 from peftc.methods.loading import read_adapter
-from peftc.methods.registry import insertion, parse_adapter, refuse_unmergeable
+from peftc.methods.registry import insertion, parse_adapter, wraps_forward
 from peftc.options import PathLike
 from peftc.passes import pipelines
 from peftc.passes.base import PassContext, PassManager, PassRecord
@@ -77,9 +77,6 @@ class Sources:
     """Where ``pkg.module:factory`` modules are imported from (default: the working directory)."""
     task: str | None = None
     """``text-generation`` (None: inferred from the model's ``config.architectures``)."""
-    merge: bool = False
-    """A merged compile: adapters whose method cannot be merged (``Method.unmergeable``) are refused
-    before the model is loaded."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +121,18 @@ Precision = Callable[[LoadedModel], tuple[str, bool]]
 """The artifact's precision for a loaded model, and whether it is traced in it (else lowered from fp32)."""
 
 
+def _task(sources: Sources, read: list) -> str | None:
+    """The task the model is loaded for: an adapter inserted around the model's forward keeps that forward
+    (a task is then inferred as none), and refuses an explicit generation task in one line."""
+    wrapper = wraps_forward(read, sources.task_id)
+    if wrapper is None or sources.task in (None, causal.NO_TASK):
+        return causal.NO_TASK if wrapper else sources.task
+    raise UnsupportedError(
+        f"--task {sources.task}: a {wrapper} adapter is inserted around the model's own forward (full-sequence "
+        "outputs, no KV cache); compile it without --task"
+    )
+
+
 def build(
     sources: Sources, stages: Stages, *, stack: bool, dump_ir: Path | None = None, precision: Precision | None = None
 ) -> Built:
@@ -138,8 +147,7 @@ def build(
             )
             for index, path in enumerate(sources.adapters)
         ]
-    if sources.merge:
-        refuse_unmergeable(read)
+    task = _task(sources, read)
     model = sources.model
     with stages("load", f"load model {model if isinstance(model, str) else type(model).__name__}"), quiet_imports():
         loaded = load_model(
@@ -147,7 +155,7 @@ def build(
             inputs=list(sources.inputs),
             allow_pickle=sources.allow_pickle,
             workdir=sources.workdir,
-            task=sources.task,
+            task=task,
         )
     if not stack and loaded.task in seq2seq.TASKS:
         raise UnsupportedError(

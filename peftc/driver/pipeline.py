@@ -145,5 +145,4 @@ def _sources(options: CompileOptions) -> Sources:
         base_residual=options.base_residual,
         task_id=options.task_id,
         task=options.task,
-        merge=options.merge and not options.swappable,
     )

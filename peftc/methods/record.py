@@ -67,9 +67,6 @@ class Method:
     insert: Insert | None = None
     """Methods inserted before tracing (prompt learning): the parser then finds the adapter's tensors
     in the traced program and returns no sites."""
-    unmergeable: str = ""
-    """Why the method cannot be merged (X-LoRA: data-dependent gates); empty when it can. A merged
-    compile (the default) of such an adapter is refused with this reason."""
     fixed_task: bool = False
     """An inserted method whose mix depends only on a task id (Poly): given one (``--task-id``,
     ``ParseOptions.task_id``) it is not inserted, and its parser returns weight sites for that task."""

@@ -167,16 +167,17 @@ def _tables(methods: tuple[Method, ...]) -> tuple[dict[str, SiteOp], dict[str, M
     return ops, by_type
 
 
-def refuse_unmergeable(sources: Sequence[AdapterSource]) -> None:
-    """Refuse merging an adapter whose method cannot be merged (``Method.unmergeable``: X-LoRA).
+def _inserted(methods: list[tuple[AdapterSource, Method | None]], task_id: int | None) -> list:
+    fixed = task_id is not None
+    return [(s, m) for s, m in methods if m and m.insert and not (fixed and m.fixed_task)]
 
-    Raises:
-        UnsupportedError: naming the adapter's config and the reason.
-    """
-    for source in sources:
-        method = parsers().get(str(source.config.get("peft_type")))
-        if method is not None and method.unmergeable:
-            raise UnsupportedError(f"{source.config_path}: {method.unmergeable}")
+
+def wraps_forward(sources: Sequence[AdapterSource], task_id: int | None = None) -> str | None:
+    """The ``peft_type`` of the first adapter among ``sources`` that is inserted around the model's own
+    forward (prompt learning, Poly, X-LoRA, bottleneck), else None: such a model is compiled as its plain
+    forward, not as a generation step (``--task``)."""
+    inserted = _inserted([(s, parsers().get(str(s.config.get("peft_type")))) for s in sources], task_id)
+    return str(inserted[0][0].config.get("peft_type")) if inserted else None
 
 
 def insertion(
@@ -197,8 +198,7 @@ def insertion(
     methods = [(s, parsers().get(str(s.config.get("peft_type")))) for s in sources]
     if task_id is not None and not any(m and m.fixed_task for _, m in methods):
         raise InputError(f"--task-id {task_id}: no adapter is routed by task (POLY is)")
-    fixed = task_id is not None
-    inserted = [(s, m) for s, m in methods if m and m.insert and not (fixed and m.fixed_task)]
+    inserted = _inserted(methods, task_id)
     if not inserted:
         return None
     source, method = inserted[0]

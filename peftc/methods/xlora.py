@@ -18,8 +18,8 @@ the classifier, ``base_model.internal_xlora_classifier.layers.<i>.{weight,bias}`
 In the scaling pass the experts run too (PEFT's ``disable_adapter_layers`` does not reach the X-LoRA
 layers), gated by ``v`` (0 by default: they add nothing, and peftc skips them). The gates depend on
 each token's activations, so there is no weight form: the adapter is *inserted* — the base is traced
-inside :class:`~peftc.methods.xlora_model.TwoPass`, which runs it twice — and cannot be merged
-(``Method.unmergeable``). Experts are read with peftc's LoRA parser (data only: safetensors) and must
+inside :class:`~peftc.methods.xlora_model.TwoPass`, which runs it twice — as Poly's router is, in
+merged and unmerged compiles alike. Experts are read with peftc's LoRA parser (data only: safetensors) and must
 be plain LoRA on ``nn.Linear`` (PEFT's X-LoRA layers refuse DoRA; peftc also refuses lora_bias,
 modules_to_save and other module types, which it does not lower here).
 """
@@ -57,10 +57,6 @@ FIELDS = common.Fields(
         "scaling_pass_value": 0.0, "global_scaling_weight": 1.0,
     },
 )  # fmt: skip
-UNMERGEABLE = (
-    "X-LoRA cannot be merged: its expert gates are computed per token by a classifier from a first pass "
-    "over the input (data-dependent), so there is no weight form; compile with --no-merge (merge=False)"
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,4 +293,4 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
     return Adapter(source.name, "xlora", source, (), (), (), honoured, ignored, oracle_config=oracle)
 
 
-METHOD = Method("xlora", ("XLORA",), parse, fields=FIELDS, insert=insert, unmergeable=UNMERGEABLE)
+METHOD = Method("xlora", ("XLORA",), parse, fields=FIELDS, insert=insert)

@@ -163,6 +163,7 @@ def test_matches_peft_and_routes_per_token(name):
 def test_the_traced_program_matches_peft():
     built = build(Sources(model=_model("llama"), adapters=(_adapter("llama-deep"),)), Stages(), stack=True)
     world = built.fp32
+    assert built.loaded.task is None  # a causal LM, compiled as its own forward around the inserted wrapper
     assert world.inserted and [a.method for a in built.adapters] == ["xlora"] and not built.adapters[0].sites
     experts = built.adapters[0].honoured["experts"]  # recorded in the manifest with their hashes
     assert list(experts) == ["0", "1", "2"] and all(len(e["sha256"]["weights"]) == 64 for e in experts.values())
@@ -248,11 +249,16 @@ def llama_dir(tmp_path_factory) -> Path:
     return path
 
 
-def test_cli_refuses_merging_in_one_line(capsys, tmp_path, llama_dir):
-    code, _, err = run(capsys, "compile", llama_dir, "--adapter", _adapter("llama-flat"), "-o", tmp_path / "out")
+def test_cli_refuses_a_generation_task_in_one_line(capsys, tmp_path, llama_dir):
+    # The adapter wraps the model's own forward: a causal LM's task is not inferred for it (the default
+    # compile traces the plain forward), and asking for the generation step is refused before loading.
+    code, _, err = run(
+        capsys, "compile", llama_dir, "--adapter", _adapter("llama-flat"), "--task", "text-generation",
+        "-o", tmp_path / "out",
+    )  # fmt: skip
     line = error_line(err)
-    assert code == 2 and "X-LoRA cannot be merged: its expert gates are computed per token" in line
-    assert line.endswith("compile with --no-merge (merge=False)") and not (tmp_path / "out").exists()
+    assert code == 2 and "--task text-generation: a XLORA adapter is inserted around the model's own" in line
+    assert line.endswith("compile it without --task") and not (tmp_path / "out").exists()
 
 
 def test_cli_refuses_an_option_it_does_not_lower_in_one_line(capsys, tmp_path, llama_dir):
