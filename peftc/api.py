@@ -46,6 +46,7 @@ def compile(
     calibration_samples: int = 64,
     combine: str | None = None,
     task: str | None = None,
+    co_permute: bool = False,
     progress: Progress | None = None,
 ) -> Artifact:
     """Compile ``model`` with ``adapters`` into a verified artifact directory ``out``.
@@ -90,6 +91,9 @@ def compile(
             written into the artifact as ``combined/``, the combination recorded in the manifest).
         task: ``text-generation``: one generation step with the KV cache as explicit tensors, for
             ``runner.generate`` (README "Generation"); None: inferred from ``config.architectures``.
+        co_permute: with ``merge=False``, permute the base's heads and FFN channels once so every S²FT
+            adapter's selection is contiguous: its sites become slices instead of gathers
+            (``peftc/sparse/copermute.py``; the orders are in the manifest's ``options.co_permute``).
         progress: called with a line of text as each stage starts.
 
     Raises:

@@ -1,0 +1,123 @@
+"""co-permute: permute the base by a :class:`~peftc.sparse.copermute.Plan` and turn S²FT sites into slices.
+
+Every parameter the plan names (q/k/v rows and o columns of an attention block, with q/k/v biases;
+gate/up rows and down columns of an MLP block, with gate/up biases) becomes a new tensor in the new
+order, under the same key. Each ``s2ft_linear`` site then has its indices mapped to the new order; its
+block is reordered to match (a new parameter ``<module>.s2ft_slice_block.<adapter>``) and, where the
+indices form one range ``[start, start + k)`` — everything the plan permutes — the site becomes
+``s2ft_slice_linear`` (no gather, no scatter). A site whose indices stay scattered (a dimension the
+plan keeps: o rows, q columns…) stays a gather, with a diagnostic.
+
+The same pass on the base program alone (no sites) is the permuted base, which the ``co-permute``
+mode checks against the original before it runs the pass on the adapted program. A permuted
+parameter may only be read by ``aten.linear`` or an S²FT site: anything else (another adapter's site
+on that module, a tied weight) is refused, since it would read the new order without knowing it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from peftc import ir
+from peftc.errors import UnsupportedError
+from peftc.methods.s2ft import S2FT_LINEAR, S2FT_SLICE_LINEAR
+from peftc.passes.base import Diagnostic, PassBase, PassContext, PassResult
+from peftc.sparse.copermute import Plan, Selection, new_positions
+
+LINEAR = torch.ops.aten.linear.default
+
+
+@dataclasses.dataclass(frozen=True)
+class CoPermuteOptions:
+    """The blocks the plan permutes (the orders themselves are in the manifest's ``co_permute``)."""
+
+    attention: tuple[str, ...]
+    mlp: tuple[str, ...]
+
+
+def selections(program: ir.Program) -> list[Selection]:
+    """The indices of every ``s2ft_linear`` site of ``program``."""
+    editor = ir.ProgramEditor(program)
+    out = []
+    for node in _sites(editor.graph):
+        module = node.meta.get(ir.meta.PEFTC, {}).get("module", node.name)
+        indices = editor.tensor(node.args[3])
+        out.append(Selection(module, int(node.args[5]), tuple(int(i) for i in indices.tolist())))
+    return out
+
+
+def _sites(graph) -> list:
+    return [n for n in graph.nodes if n.op == "call_function" and n.target is S2FT_LINEAR.overload]
+
+
+class CoPermutePass(PassBase):
+    """Permute the base once; S²FT sites become slices (module docstring)."""
+
+    name = "co-permute"
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.options = CoPermuteOptions(tuple(plan.attention), tuple(plan.mlp))
+
+    def run(self, program: ir.Program, ctx: PassContext) -> PassResult:
+        editor = ir.ProgramEditor(program, self.name)
+        permuted = 0
+        for key, (dim, order) in self.plan.orders().items():
+            node = editor.node_for(key)
+            if node is None:
+                continue
+            _only_linear_reads(key, node)
+            editor.set_tensor(key, editor.tensor(node).index_select(dim, order))
+            permuted += 1
+        sliced, diagnostics = 0, []
+        for node in _sites(editor.graph):
+            done = self._slice(editor, node)
+            sliced += done
+            if not done:
+                module = node.meta.get(ir.meta.PEFTC, {}).get("module", node.name)
+                diagnostics.append(Diagnostic(module, "indices not one contiguous range: kept as a gather"))
+        if not permuted and not sliced:
+            return PassResult(program, False, {"permuted": 0, "sliced": 0}, tuple(diagnostics))
+        editor.remove_unused_state()
+        return PassResult(editor.finish(), True, {"permuted": permuted, "sliced": sliced}, tuple(diagnostics))
+
+    def _slice(self, editor: ir.ProgramEditor, node) -> bool:
+        """Map one site's indices to the new order; make it a slice where they are one range."""
+        x, weight, bias, indices_node, block_node, dim = node.args
+        info = dict(node.meta.get(ir.meta.PEFTC, {}))
+        indices, block = editor.tensor(indices_node), editor.tensor(block_node)
+        order = self.plan.order_for(info.get("module", ""), dim)
+        positions = indices if order is None else new_positions(order, indices)
+        sort = positions.argsort()
+        positions = positions[sort]
+        start, k = int(positions[0]), positions.numel()
+        if not torch.equal(positions, torch.arange(start, start + k)):
+            return False
+        fqn = editor.fqn(block_node).replace(".s2ft_block.", ".s2ft_slice_block.", 1)
+        source = block_node.meta.get(ir.meta.PEFTC, {}).get("source", editor.fqn(block_node))
+        new_block = editor.add_parameter(
+            fqn,
+            block.index_select(dim, sort).contiguous(),
+            adapter=info.get("adapter"),
+            source=f"{source} (reordered by co-permute)",
+            role="s2ft_block",
+        )
+        new = editor.call(S2FT_SLICE_LINEAR.overload, (x, weight, bias, new_block, start, dim), like=node)
+        ir.meta.peftc_meta(new).update(
+            {k: v for k, v in info.items() if k != "from_pass"}, site=S2FT_SLICE_LINEAR.name, start=start
+        )
+        editor.replace(node, new)
+        return True
+
+
+def _only_linear_reads(key: str, node) -> None:
+    for user in node.users:
+        as_weight_or_bias = node in user.args[1:3] and node not in (user.args[0], *user.args[3:])
+        if user.target in (LINEAR, S2FT_LINEAR.overload) and as_weight_or_bias:
+            continue
+        raise UnsupportedError(
+            f"--co-permute: {key} is read by {ir.target_name(user)} (another adapter's site on a co-permuted module, "
+            "or a shared weight); co-permutation handles S²FT sites only: compile without --co-permute"
+        )
