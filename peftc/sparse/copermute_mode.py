@@ -42,7 +42,7 @@ class CoPermuted(Unmerged):
     def optimize(self, built: Built, ctx: PassContext) -> Optimized:
         chosen = plan_for(built)
         check = check_base(built, chosen, ctx, self.seed)
-        passes = lambda: [CoPermutePass(chosen), *pipelines.unmerged()]  # noqa: E731
+        passes = lambda: pipelines.co_permuted(CoPermutePass(chosen))  # noqa: E731
         program, records = in_each_world(built, [w.reference for w in built.worlds], passes, ctx)
         options = {"stack": [a.name for a in built.adapters], "co_permute": {**chosen.to_json(), "base_check": check}}
         return Optimized(program, records, signature(built), options)

@@ -39,11 +39,10 @@ class CoPermuteOptions:
 
 def selections(program: ir.Program) -> list[Selection]:
     """The indices of every ``s2ft_linear`` site of ``program``."""
-    editor = ir.ProgramEditor(program)
     out = []
-    for node in _sites(editor.graph):
+    for node in _sites(program.graph):
         module = node.meta.get(ir.meta.PEFTC, {}).get("module", node.name)
-        indices = editor.tensor(node.args[3])
+        indices = ir.state_tensor(program, node.args[3])
         out.append(Selection(module, int(node.args[5]), tuple(int(i) for i in indices.tolist())))
     return out
 
