@@ -3,7 +3,8 @@
 Every parameter the plan names (q/k/v rows and o columns of an attention block, with q/k/v biases;
 gate/up rows and down columns of an MLP block, with gate/up biases) becomes a new tensor in the new
 order, under the same key. Each ``s2ft_linear`` site then has its indices mapped to the new order; its
-block is reordered to match (a new parameter ``<module>.s2ft_slice_block.<adapter>``) and, where the
+block is reordered to match (a new parameter ``<module>.s2ft_slice_block.<adapter>``; its other
+dimension too where the plan orders it: an ``o_proj`` rows site spans the heads) and, where the
 indices form one range ``[start, start + k)`` — everything the plan permutes — the site becomes
 ``s2ft_slice_linear`` (no gather, no scatter). A site whose indices stay scattered (a dimension the
 plan keeps: o rows, q columns…) stays a gather, with a diagnostic.
@@ -21,7 +22,7 @@ import dataclasses
 import torch
 
 from peftc import ir
-from peftc.errors import UnsupportedError
+from peftc.errors import PassError, UnsupportedError
 from peftc.methods.s2ft import S2FT_LINEAR, S2FT_SLICE_LINEAR
 from peftc.passes.base import Diagnostic, PassBase, PassContext, PassResult
 from peftc.sparse.copermute import Plan, Selection, new_positions
@@ -72,7 +73,7 @@ class CoPermutePass(PassBase):
             permuted += 1
         sliced, diagnostics = 0, []
         for node in _sites(editor.graph):
-            done = self._slice(editor, node)
+            done = self._rewrite(editor, node)
             sliced += done
             if not done:
                 module = node.meta.get(ir.meta.PEFTC, {}).get("module", node.name)
@@ -82,33 +83,49 @@ class CoPermutePass(PassBase):
         editor.remove_unused_state()
         return PassResult(editor.finish(), True, {"permuted": permuted, "sliced": sliced}, tuple(diagnostics))
 
-    def _slice(self, editor: ir.ProgramEditor, node) -> bool:
-        """Map one site's indices to the new order; make it a slice where they are one range."""
+    def _rewrite(self, editor: ir.ProgramEditor, node) -> bool:
+        """One site in the new order: indices mapped where the plan orders their dimension, the block's
+        other dimension reordered where the plan orders that one (o rows span the heads, q columns the
+        hidden state…); a slice where the indices form one range (True), else still a gather."""
         x, weight, bias, indices_node, block_node, dim = node.args
         info = dict(node.meta.get(ir.meta.PEFTC, {}))
+        module = info.get("module", "")
         indices, block = editor.tensor(indices_node), editor.tensor(block_node)
-        order = self.plan.order_for(info.get("module", ""), dim)
+        order, across = self.plan.order_for(module, dim), self.plan.order_for(module, 1 - dim)
         positions = indices if order is None else new_positions(order, indices)
         sort = positions.argsort()
-        positions = positions[sort]
+        positions, block = positions[sort], block.index_select(dim, sort)
+        block = block if across is None else block.index_select(1 - dim, across)
         start, k = int(positions[0]), positions.numel()
-        if not torch.equal(positions, torch.arange(start, start + k)):
+        sliced = torch.equal(positions, torch.arange(start, start + k))
+        if order is not None and not sliced:
+            raise PassError(f"{module}: the plan left its S²FT indices in {k} scattered places")
+        if order is None and across is None and not sliced:
             return False
-        fqn = editor.fqn(block_node).replace(".s2ft_block.", ".s2ft_slice_block.", 1)
-        source = block_node.meta.get(ir.meta.PEFTC, {}).get("source", editor.fqn(block_node))
-        new_block = editor.add_parameter(
-            fqn,
-            block.index_select(dim, sort).contiguous(),
+        new_block = self._added(editor, block_node, ".s2ft_slice_block.", block.contiguous(), info)
+        if sliced:
+            new = editor.call(S2FT_SLICE_LINEAR.overload, (x, weight, bias, new_block, start, dim), like=node)
+        else:
+            new_indices = self._added(editor, indices_node, ".s2ft_permuted_indices.", positions, info)
+            new = editor.call(S2FT_LINEAR.overload, (x, weight, bias, new_indices, new_block, dim), like=node)
+        ir.meta.peftc_meta(new).update({k: v for k, v in info.items() if k != "from_pass"})
+        ir.meta.peftc_meta(new).update(site=S2FT_SLICE_LINEAR.name if sliced else S2FT_LINEAR.name)
+        editor.replace(node, new)
+        return sliced
+
+    @staticmethod
+    def _added(editor: ir.ProgramEditor, like, infix: str, tensor: torch.Tensor, info) -> object:
+        """``tensor`` as a new parameter named after ``like``'s (its role replaced by ``infix``)."""
+        fqn = editor.fqn(like)
+        role = fqn.rsplit(".", 2)[-2]
+        source = like.meta.get(ir.meta.PEFTC, {}).get("source", fqn)
+        return editor.add_parameter(
+            fqn.replace(f".{role}.", infix, 1),
+            tensor,
             adapter=info.get("adapter"),
             source=f"{source} (reordered by co-permute)",
-            role="s2ft_block",
+            role=role,
         )
-        new = editor.call(S2FT_SLICE_LINEAR.overload, (x, weight, bias, new_block, start, dim), like=node)
-        ir.meta.peftc_meta(new).update(
-            {k: v for k, v in info.items() if k != "from_pass"}, site=S2FT_SLICE_LINEAR.name, start=start
-        )
-        editor.replace(node, new)
-        return True
 
 
 def _only_linear_reads(key: str, node) -> None:
