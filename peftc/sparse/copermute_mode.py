@@ -94,6 +94,7 @@ def check_base(built: Built, chosen: Plan, ctx: PassContext, seed: int = 0) -> d
         cases=BASE_CASES,
     )
     if not report.passed:
-        raise VerificationError(f"--co-permute: the permuted base differs from the original: {report.error()}")
+        error = report.error()
+        raise VerificationError(f"--co-permute: the permuted base differs from the original: {error}", error.table)
     worst = max(o.max_rel for c in report.cases for o in c.outputs)
     return {"cases": len(report.cases), "max_rel_error": worst, "seed": seed}
