@@ -1,5 +1,6 @@
-"""S²FT adapters on a ~100M LLaMA-style model: merged vs unmerged (gather/scatter + one GEMM) vs a LoRA
-of the same parameter count, all compiled to ONNX and run by onnxruntime.
+"""S²FT adapters on a ~100M LLaMA-style model: merged vs unmerged (gather/scatter + one GEMM) vs unmerged
+on a co-permuted base (slices + one GEMM, ``--co-permute``) vs a LoRA of the same parameter count, all
+compiled to ONNX and run by onnxruntime.
 
 Run from the repository root (never alongside another benchmark)::
 
@@ -11,11 +12,12 @@ S²FT adapter is seeded and in peftc's own format (``PEFTC_S2FT``), with the off
 ratios rounded to whole heads: per layer one KV head's ``v_proj`` rows (64 of 256), one query head's
 ``o_proj`` columns (64 of 768), 3 % of the FFN channels in ``up_proj`` rows and ``down_proj`` columns
 (61 of 2048). The LoRA (PEFT, seeded B) targets the same four modules with the rank whose parameter
-count is closest to the S²FT adapter's. Three compiles (``peftc.compile``, onnx, fp32, verified against
+count is closest to the S²FT adapter's. Four compiles (``peftc.compile``, onnx, fp32, verified against
 the reference program; PEFT's oracle off to keep the run short): S²FT merged, S²FT unmerged
-(``--no-merge``), LoRA unmerged. Latency: batch 1 and 8 × seq 128 (``--quick``: seq 64), the three
-artifacts interleaved rep by rep, median. Goal: unmerged gather ≤ 1.15× merged. The co-permuted slice
-(contiguous indices) is not built yet. Numbers from a shared 2-vCPU VM are noisy: rerun on an idle machine.
+(``--no-merge``), S²FT unmerged co-permuted (``--no-merge --co-permute``), LoRA unmerged. Latency:
+batch 1 and 8 × seq 128 (``--quick``: seq 64), the four artifacts interleaved rep by rep, median.
+Goals: unmerged gather ≤ 1.15× merged, co-permuted slice ≤ 1.05× merged. Numbers from a shared 2-vCPU
+VM are noisy: rerun on an idle machine.
 """
 
 from __future__ import annotations
@@ -137,12 +139,19 @@ def main() -> None:
         result["base_parameters"] = sum(p.numel() for p in model.parameters())
         result["s2ft_parameters"] = s2ft_adapter(model, root / "s2ft")
         result["lora_rank"] = lora_adapter(model, root / "lora", result["s2ft_parameters"])
-        builds = {"s2ft_merged": ("s2ft", True), "s2ft_unmerged": ("s2ft", False), "lora_unmerged": ("lora", False)}
+        builds = {
+            "s2ft_merged": ("s2ft", True, False),
+            "s2ft_unmerged": ("s2ft", False, False),
+            "s2ft_sliced": ("s2ft", False, True),
+            "lora_unmerged": ("lora", False, False),
+        }
         runners, result["compile_s"] = {}, {}
-        for name, (adapter, merge) in builds.items():
+        for name, (adapter, merge, sliced) in builds.items():
             print(f"compiling {name}", file=sys.stderr)
             start = time.perf_counter()
-            peftc.compile(str(root / "base"), [root / adapter], out=root / name, merge=merge, oracle=False)
+            peftc.compile(
+                str(root / "base"), [root / adapter], out=root / name, merge=merge, co_permute=sliced, oracle=False
+            )
             result["compile_s"][name] = round(time.perf_counter() - start, 1)
             runners[name] = load(root / name)
         generator = torch.Generator().manual_seed(3)

@@ -46,6 +46,7 @@ def compile(
     calibration_samples: int = 64,
     combine: str | None = None,
     task: str | None = None,
+    co_permute: bool = False,
     progress: Progress | None = None,
 ) -> Artifact:
     """Compile ``model`` with ``adapters`` into a verified artifact directory ``out``.
@@ -56,9 +57,8 @@ def compile(
         adapters: PEFT adapter directories or ``.safetensors`` files, in stacking order.
         out: the artifact directory to create.
         target: ``onnx``, ``aoti`` (AOTInductor package) or ``trt`` (TensorRT engine).
-        target_options: options of the target, as the CLI flags name them: ``device`` (aoti:
-            ``cpu``/``cuda``); ``profile`` (a list of ``dim:min,opt,max``), ``refit``,
-            ``strip_weights``, ``cache_dir`` (trt).
+        target_options: options of the target, as the CLI flags name them: ``device`` (aoti: ``cpu``/``cuda``);
+            ``profile`` (a list of ``dim:min,opt,max``), ``refit``, ``strip_weights``, ``cache_dir`` (trt).
         merge: fold adapters into the base weights; ``False`` keeps them as separate ops.
         inputs: ``name:dims:dtype`` input descriptions overriding the derived ones.
         configs: ``adapter_config.json`` files for adapters given as bare weight files, by position.
@@ -69,18 +69,17 @@ def compile(
         base_residual: ``model`` is the residual base a PiSSA/OLoRA/CorDA/LoRA-GA/LoftQ adapter was
             trained on (saved after its initialisation), so it is used as is.
         task_id: merge a Poly adapter for this task only (default: the router and a ``task_ids`` input).
-        swappable: keep LoRA sites as fixed-shape slots and write each adapter as an adapter file, so
-            adapters are added and switched without recompiling (``peftc/swap/``); the adapters are
-            then alternatives, not a stack.
+        swappable: keep LoRA sites as fixed-shape slots and write each adapter as an adapter file, so adapters
+            are added and switched without recompiling (``peftc/swap/``); the adapters are then alternatives.
         max_rank: slot rank for ``swappable`` (default: the largest given rank).
         multi_adapter: with ``swappable``, how many adapters one call can mix, one per batch row.
         oracle: also verify against Hugging Face PEFT when it is installed.
         seed: seed of the verification inputs.
-        precision: what the artifact computes in, ``fp32``, ``fp16`` or ``bf16`` (default: the base
-            checkpoint's dtype where the target runs it, else fp32, noted in the manifest), or an
-            integer precision, ``int8``, ``int8-static``, ``int8-weight`` or ``int4``, whose layers
-            are quantized as far as ``max_error`` allows (``peftc/driver/quantize.py``). A reduced
-            precision is verified against the fp32 oracles within ``max_error`` (``peftc/precision.py``).
+        precision: what the artifact computes in, ``fp32``, ``fp16`` or ``bf16`` (default: the base checkpoint's
+            dtype where the target runs it, else fp32, noted in the manifest), or an integer precision, ``int8``,
+            ``int8-static``, ``int8-weight`` or ``int4``, whose layers are quantized as far as ``max_error``
+            allows (``peftc/driver/quantize.py``). A reduced precision is verified against the fp32 oracles
+            within ``max_error`` (``peftc/precision.py``).
         max_error: the error budget of a reduced-precision artifact, relative to each output's scale
             (default: from the format's rounding and the model's depth, ``peftc.precision.budget``).
         calibration: a ``.safetensors`` or ``.npz`` file of model inputs (batch first) for an integer
@@ -90,6 +89,7 @@ def compile(
             written into the artifact as ``combined/``, the combination recorded in the manifest).
         task: ``text-generation`` / ``text2text-generation``: programs with the KV cache as tensors for
             ``runner.generate`` (README "Generation"); None: inferred from ``config.architectures``.
+        co_permute: with ``merge=False``, S²FT sites as slices of a base permuted once (``peftc/sparse/copermute.py``).
         progress: called with a line of text as each stage starts.
 
     Raises:

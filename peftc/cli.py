@@ -92,6 +92,7 @@ def compile_options(args: argparse.Namespace) -> CompileOptions:
         calibration_samples=args.calibration_samples,
         combine=args.combine,
         task=args.task,
+        co_permute=args.co_permute,
     )
 
 
@@ -252,6 +253,11 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--out", required=True, help="artifact directory to create")
     c.add_argument(
         "--no-merge", action="store_true", help="keep adapters as separate ops instead of merging them into the weights"
+    )
+    c.add_argument(
+        "--co-permute",
+        action="store_true",
+        help="with --no-merge: permute the base's heads/FFN channels once so S²FT sites are slices, not gathers",
     )
     c.add_argument(
         "--input",

@@ -58,6 +58,8 @@ class CompileOptions:
     task: str | None = None
     """``text-generation``: a generation step with explicit KV caches; ``text2text-generation``: an
     encoder program and a decoder step (None: from ``config.architectures``)."""
+    co_permute: bool = False
+    """``--no-merge`` S²FT sites as slices of a base permuted once (``peftc/sparse/copermute.py``)."""
 
     def __post_init__(self) -> None:
         adapters = [self.adapters] if isinstance(self.adapters, (str, os.PathLike)) else list(self.adapters)
@@ -101,6 +103,8 @@ class CompileOptions:
                 raise InputError(
                     "--combine makes one adapter of the --adapter arguments; --swappable keeps alternatives"
                 )
+        if self.co_permute and (self.merge or self.swappable):
+            raise InputError("--co-permute applies to --no-merge artifacts (merged S²FT sites have no gather left)")
         if (self.max_rank is not None or self.multi_adapter) and not self.swappable:
             raise InputError("--max-rank and --multi-adapter apply to --swappable artifacts only")
         if self.multi_adapter < 0 or (self.max_rank is not None and self.max_rank < 1):
@@ -160,6 +164,7 @@ class CompileOptions:
             "--no-merge": not self.merge,
             "--allow-pickle": self.allow_pickle,
             "--base-residual": self.base_residual,
+            "--co-permute": self.co_permute,
         }
         command += [flag for flag, given in flags.items() if given]
         command += ["--task-id", str(self.task_id)] if self.task_id is not None else []

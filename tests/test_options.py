@@ -16,7 +16,7 @@ from peftc.options import CompileOptions
 
 COMMAND = (
     "compile model_dir --adapter a --adapter b --config a.json --config b.json --input input_ids:batch,seq:int64 "
-    "--target trt -o out --force --no-merge --allow-pickle --base-residual --profile seq:1,16,64 "
+    "--target trt -o out --force --no-merge --co-permute --allow-pickle --base-residual --profile seq:1,16,64 "
     "--profile batch:1,2,4 --precision fp16 --refit --seed 3 --no-oracle --dump-ir ir --keep-failed"
 )
 
@@ -43,6 +43,7 @@ def test_cli_flags_become_the_same_options_as_the_python_call():
         out="out",
         force=True,
         merge=False,
+        co_permute=True,
         allow_pickle=True,
         base_residual=True,
         target_options={"profile": ["seq:1,16,64", "batch:1,2,4"], "precision": "fp16", "refit": True},
@@ -81,8 +82,9 @@ def test_the_rebuild_command_parses_back_to_the_same_artifact():
         ({"swappable": True, "multi_adapter": -1}, "--multi-adapter must be >= 0 and --max-rank >= 1"),
         ({"swappable": True, "max_rank": 0}, "--multi-adapter must be >= 0 and --max-rank >= 1"),
         ({"configs": ("x", "y")}, "2 --config files for 3 adapters; give one per adapter, in order"),
+        ({"co_permute": True}, "--co-permute applies to --no-merge artifacts"),
     ],
-    ids=["no-adapter", "max-rank", "multi-adapter", "negative-bank", "zero-rank", "configs"],
+    ids=["no-adapter", "max-rank", "multi-adapter", "negative-bank", "zero-rank", "configs", "co-permute-merged"],
 )
 def test_bad_options_are_refused_naming_the_flag(fields, message):
     with pytest.raises(InputError, match=message):

@@ -24,6 +24,7 @@ from peftc.generation.files import copy_model_files
 from peftc.loaders import seq2seq
 from peftc.options import CompileOptions
 from peftc.runtime import load, open_runner
+from peftc.sparse.copermute_mode import CoPermuted
 from peftc.swap.mode import Swappable
 from peftc.verification import Report
 
@@ -125,6 +126,8 @@ def mode_for(options: CompileOptions) -> Mode:
     """The build mode ``options`` ask for."""
     if options.swappable:
         return Swappable(options.max_rank, options.multi_adapter)
+    if options.co_permute:
+        return CoPermuted(seed=options.seed)
     return Merged() if options.merge else Unmerged()
 
 
@@ -132,6 +135,8 @@ def mode_from(manifest: Manifest) -> Mode:
     """The build mode an artifact was compiled in (as far as verifying it goes)."""
     if "slots" in manifest.target:
         return Swappable()
+    if "co_permute" in manifest.options:
+        return CoPermuted(seed=manifest.options.get("seed", 0))
     return Merged() if manifest.options.get("merge", True) else Unmerged()
 
 

@@ -19,8 +19,11 @@ module ``W`` ``[d_out, d_in]`` the update is one dense block at a set of indices
 
 Merged, a site is ``W[I, :] += S`` / ``W[:, I] += S`` (fp32 ``index_add``, cast back to ``W``'s
 dtype). Unmerged (``--no-merge``) it stays one ``s2ft_linear`` node: the base linear plus one small
-GEMM on the gathered input columns, or scattered into the selected output rows. Both ops are
-composite ``peftc::`` ops, so every target lowers them from their ATen bodies without its own code.
+GEMM on the gathered input columns, or scattered into the selected output rows. Where ``I`` is one
+contiguous range ``[s, s + k)`` (after ``--co-permute``, ``peftc/sparse/copermute.py``) the site is
+``s2ft_slice_linear``: the same GEMM on a slice of the input, or added to a slice of the output — no
+gather, no scatter. The ops are composite ``peftc::`` ops, so every target lowers them from their
+ATen bodies without its own code.
 """
 
 from __future__ import annotations
@@ -74,6 +77,25 @@ def s2ft_linear(
     return add_block(y.to(torch.float32), -1, s2ft_indices, x.to(torch.float32) @ block.T).to(y.dtype)
 
 
+@composite_op(
+    "s2ft_slice_linear(Tensor x, Tensor weight, Tensor? bias, Tensor s2ft_block, int start, int dim) -> Tensor"
+)
+def s2ft_slice_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, s2ft_block: torch.Tensor, start: int, dim: int
+) -> torch.Tensor:
+    """:func:`s2ft_linear` for the indices ``start … start + k - 1``: the block's GEMM on the input slice
+    (``dim`` 1), or added to that slice of the output rows (``dim`` 0, concatenated back); in fp32."""
+    y = torch.nn.functional.linear(x, weight, bias)
+    block = s2ft_block.to(torch.float32)
+    k = block.shape[dim]
+    if dim == COLUMNS:
+        return (y.to(torch.float32) + x.narrow(-1, start, k).to(torch.float32) @ block.T).to(y.dtype)
+    y32, end = y.to(torch.float32), start + k
+    middle = y32.narrow(-1, start, k) + x.to(torch.float32) @ block.T
+    before, after = y32.narrow(-1, 0, start), y32.narrow(-1, end, weight.shape[0] - end)
+    return torch.cat([p for p in (before, middle, after) if p.shape[-1]], dim=-1).to(y.dtype)
+
+
 def _weight_form(s2ft_indices, s2ft_block, dim):
     """One ``s2ft_linear`` call as its weight site: ``W' = W`` with the block added at the indices."""
     return {"weight": (S2FT_WEIGHT, (s2ft_indices, s2ft_block, dim))}
@@ -88,6 +110,16 @@ S2FT_LINEAR = SiteOp(
     body=s2ft_linear,
     weight_form=_weight_form,
 )
+
+S2FT_SLICE_LINEAR = SiteOp(
+    name="s2ft_slice_linear",
+    form="call",
+    tensor_roles=("s2ft_block",),
+    scalars=("start", "dim"),
+    base_params=("weight", "bias"),
+    body=s2ft_slice_linear,
+)
+"""Made only by ``co-permute`` (``peftc/sparse/copermute_pass.py``), never by a parser; not merged."""
 
 FIELDS = common.Fields(
     honoured=("format_version", "target_modules"),
@@ -188,4 +220,4 @@ def check_indices(where: str, indices: torch.Tensor, size: int) -> None:
         raise InputError(f"{where}: index {int(values[i])} at position {i} is {what} (indices are sorted and unique)")
 
 
-METHOD = Method("s2ft", (PEFT_TYPE,), parse, ops=(S2FT_WEIGHT, S2FT_LINEAR), fields=FIELDS)
+METHOD = Method("s2ft", (PEFT_TYPE,), parse, ops=(S2FT_WEIGHT, S2FT_LINEAR, S2FT_SLICE_LINEAR), fields=FIELDS)

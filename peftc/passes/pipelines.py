@@ -6,7 +6,7 @@ A compile runs two stages:
   every site op's eager body is the method's reference math, so verification compares artifacts
   against it.
 * ``optimize``: rewrite for deployment without changing the numbers beyond rounding. Each build mode
-  has its list: :func:`merged`, :func:`unmerged`, :func:`swappable`. Methods add their own passes to
+  has its list: :func:`merged`, :func:`unmerged`, :func:`co_permuted`, :func:`swappable`. Methods add their own passes to
   the first two (``Method.merged_passes`` / ``unmerged_passes``), in the order of
   ``peftc/methods/registry.py``.
 """
@@ -39,6 +39,12 @@ def merged() -> list[Pass]:
 def unmerged() -> list[Pass]:
     """Keep sites unmerged, with everything that depends only on weights (DoRA's norm) computed once, here."""
     return [*registry.passes("unmerged"), EliminateDeadCodePass()]
+
+
+def co_permuted(permute: Pass) -> list[Pass]:
+    """:func:`unmerged` after ``permute`` (``co-permute``, ``peftc/sparse/copermute_pass.py``, with its
+    plan): the base permuted once so S²FT sites are slices."""
+    return [permute, *unmerged()]
 
 
 def optimize(*, merge: bool) -> list[Pass]:
