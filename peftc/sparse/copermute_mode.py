@@ -58,8 +58,9 @@ def plan_for(built: Built) -> Plan:
     """
     if built.loaded.task == "text-generation":
         raise UnsupportedError(
-            "--co-permute with --task text-generation: the KV cache inputs and outputs carry K/V heads in the "
-            "base's order, which co-permutation changes; compile the generation step without --co-permute"
+            "--co-permute with --task text-generation (given, or inferred from config.architectures): the KV cache "
+            "inputs and outputs carry K/V heads in the base's order, which co-permutation changes; compile the "
+            "generation step without --co-permute, or the model's own forward with --task none"
         )
     config = getattr(built.loaded.module, "config", None)
     if config is None or not hasattr(config, "to_dict"):
