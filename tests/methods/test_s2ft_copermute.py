@@ -237,7 +237,10 @@ def test_cli_refuses_a_selection_that_is_not_whole_heads(setup, capsys):
 
 def test_generation_step_is_refused(setup):
     built = dataclasses.replace(setup.built, loaded=dataclasses.replace(setup.built.loaded, task="text-generation"))
-    with pytest.raises(UnsupportedError, match="--co-permute with --task text-generation: the KV cache"):
+    with pytest.raises(
+        UnsupportedError,
+        match="--co-permute with --task text-generation .given, or inferred from config.architectures.: the KV cache",
+    ):
         copermute_mode.plan_for(built)
 
 
