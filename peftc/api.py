@@ -38,6 +38,7 @@ def compile(
     swappable: bool = False,
     max_rank: int | None = None,
     multi_adapter: int = 0,
+    slot_capacity: int | None = None,
     oracle: bool = True,
     seed: int = 0,
     precision: str | None = None,
@@ -74,6 +75,8 @@ def compile(
             then alternatives, not a stack.
         max_rank: slot rank for ``swappable`` (default: the largest given rank).
         multi_adapter: with ``swappable``, how many adapters one call can mix, one per batch row.
+        slot_capacity: with ``swappable``, how many rows/columns every S²FT slot holds (default: per
+            module, the most a given adapter updates there).
         oracle: also verify against Hugging Face PEFT when it is installed.
         seed: seed of the verification inputs.
         precision: what the artifact computes in, ``fp32``, ``fp16`` or ``bf16`` (default: the base

@@ -84,6 +84,7 @@ def compile_options(args: argparse.Namespace) -> CompileOptions:
         swappable=args.swappable,
         max_rank=args.max_rank,
         multi_adapter=args.multi_adapter,
+        slot_capacity=args.slot_capacity,
         oracle=not args.no_oracle,
         seed=args.seed,
         precision=args.precision,
@@ -289,6 +290,9 @@ def parser() -> argparse.ArgumentParser:
         default=0,
         metavar="N",
         help="with --swappable: let one call mix up to N adapters, one per batch row",
+    )
+    c.add_argument(
+        "--slot-capacity", type=int, metavar="K", help="with --swappable: rows/columns every S²FT slot holds"
     )
     c.add_argument("--task", choices=["text-generation"], help="a causal LM's generation step, KV cache as tensors")
     c.add_argument("--no-oracle", action="store_true", help="skip the comparison against Hugging Face PEFT")

@@ -100,7 +100,7 @@ def reverify(
 def mode_for(options: CompileOptions) -> Mode:
     """The build mode ``options`` ask for."""
     if options.swappable:
-        return Swappable(options.max_rank, options.multi_adapter)
+        return Swappable(options.max_rank, options.multi_adapter, options.slot_capacity)
     return Merged() if options.merge else Unmerged()
 
 

@@ -41,6 +41,8 @@ class Swappable:
     """Slot rank; default: the largest rank of the given adapters."""
     bank: int = 0
     """``--multi-adapter N``: adapters one call can mix (the bank holds N + 1 slots with the base)."""
+    capacity: int | None = None
+    """``--slot-capacity K``: rows/columns every S²FT slot holds; default: per module, the most a given adapter updates."""
     stacks: ClassVar[bool] = False
     label: ClassVar[str] = "adapter slots"
 
@@ -51,10 +53,11 @@ class Swappable:
             )
 
     def optimize(self, built: Built, ctx: PassContext) -> Optimized:
-        table = slots.plan(built.adapters, self.max_rank, self.bank + 1 if self.bank else 0)
+        table = slots.plan(built.adapters, self.max_rank, self.bank + 1 if self.bank else 0, self.capacity)
         bases = [world.base for world in built.worlds]
         program, records = in_each_world(built, bases, lambda: pipelines.swappable(slots.slot_adapter(table)), ctx)
         options = {"swappable": True, "max_rank": table.rank, "multi_adapter": self.bank}
+        options |= {"slot_capacity": self.capacity} if self.capacity is not None else {}
         return Optimized(program, records, with_index(signature(built), table), options, table)
 
     def lower(
