@@ -1,7 +1,8 @@
-"""Swappable S²FT: fixed-capacity index + block slots hold any fitting S²FT adapter on one tiny GQA LLaMA
-(with a LoRA adapter beside them); each adapter matches the dense fine-tuned weights computed here,
-switches are bit-identical, mixed batches match row by row, padding adds exact zeros, add-adapter
-fits or refuses naming module and capacity, and no dense ΔW appears in the graph."""
+"""Swappable S²FT and sparse ΔW: fixed-capacity index + block / position + value slots hold any fitting
+S²FT, PEFTC_SPARSE or SHiRA adapter on one tiny GQA LLaMA (with a LoRA adapter beside them); each
+adapter matches the dense fine-tuned weights computed here (SHiRA and LoRA: PEFT), switches are
+bit-identical, mixed batches match row by row, padding adds exact zeros, add-adapter fits or refuses
+naming module and capacity, and no dense ΔW appears in the graph."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from safetensors.torch import save_file
 
 import peftc
 from peftc import ir
-from peftc.errors import InputError, VerificationError
+from peftc.errors import InputError, UnsupportedError, VerificationError
 from peftc.hashing import sha256_file
 from peftc.methods.base import ParseOptions
 from peftc.methods.loading import read_adapter
@@ -52,6 +53,18 @@ def _s2ft(model, path: Path, seed: int, ks: dict[str, int], scale: float = 0.2) 
     return path
 
 
+def _sparse(model, path: Path, seed: int, module: str, k: int, **config) -> Path:
+    """A seeded PEFTC_SPARSE adapter: ``k`` sorted random entries of ``module``'s weight."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = model.get_submodule(module).weight
+    positions = torch.randperm(weight.numel(), generator=generator)[:k].sort().values
+    path.mkdir()
+    tensors = {f"{module}.weight.sparse_indices": positions, f"{module}.weight.sparse_values": 0.3 * torch.randn(k)}
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "PEFTC_SPARSE", "format_version": 1, **config}))
+    return path
+
+
 def _dense(model, adapter: Path):
     """The fine-tuned model the adapter stands for: base weights with each block added entry by entry."""
     from safetensors.torch import load_file
@@ -61,6 +74,10 @@ def _dense(model, adapter: Path):
     with torch.no_grad():
         for key, indices in tensors.items():
             module, _, side = key.rpartition(".")
+            if side == "sparse_indices":  # row-major positions into the weight
+                flat, values = tuned.get_parameter(module).view(-1), tensors[f"{module}.sparse_values"]
+                for j, i in enumerate(indices.tolist()):
+                    flat[i] += values[j]
             if side not in ("s2ft_rows", "s2ft_columns"):
                 continue
             weight, block = tuned.get_submodule(module).weight, tensors[f"{module}.s2ft_block"]
@@ -89,16 +106,19 @@ def _base():
 
 @pytest.fixture(scope="module")
 def swappable(tmp_path_factory):
-    """Two S²FT adapters (different k per module) and a LoRA on q/k, bank of 3."""
+    """Two S²FT adapters (different k per module), a LoRA on q/k and a SHiRA on gate, bank of 4."""
+    from peft import ShiraConfig
+
     root = tmp_path_factory.mktemp("swap_s2ft")
     model = _base()
     adapters = {
         "a": _s2ft(model, root / "a", 1, {"self_attn.v_proj": 8, "self_attn.o_proj": 16, "mlp.up_proj": 6, "mlp.down_proj": 5}),
         "b": _s2ft(model, root / "b", 2, {"self_attn.v_proj": 4, "self_attn.o_proj": 8, "mlp.up_proj": 9, "mlp.down_proj": 3}),
         "lora": models.make_lora(model, root / "lora", seed=3, target_modules=["q_proj", "k_proj"]),
+        "shira": models.make_adapter(model, root / "shira", ShiraConfig(r=1, target_modules=["gate_proj"]), seed=4, noise=3.0),
     }  # fmt: skip
     # PEFT's oracle for the LoRA is left to the tests (they compare its rows with PEFT), to keep this short.
-    out = peftc.compile(model, list(adapters.values()), out=root / "out", swappable=True, multi_adapter=3, oracle=False)
+    out = peftc.compile(model, list(adapters.values()), out=root / "out", swappable=True, multi_adapter=4, oracle=False)
     out = out.path
     oracles = {"a": _dense(model, adapters["a"]), "b": _dense(model, adapters["b"])}
     return model, adapters, oracles, out
@@ -108,18 +128,18 @@ def _expected(swappable, name, inputs):
     model, adapters, oracles, _ = swappable
     if name is None:
         return _outputs(model, inputs)
-    if name == "lora":
-        return models.peft_outputs(model, adapters["lora"], inputs)
+    if name in ("lora", "shira"):
+        return models.peft_outputs(model, adapters[name], inputs)
     return _outputs(oracles[name], inputs)
 
 
 def test_every_adapter_matches_its_dense_fine_tune(swappable):
     model, _, _, out = swappable
     runner = peftc.load(out)
-    assert runner.manifest.verification["passed"] and runner.adapters == ["a", "b", "lora"]
+    assert runner.manifest.verification["passed"] and runner.adapters == ["a", "b", "lora", "shira"]
     inputs = models.text_inputs(2, 9)
     base = _outputs(model, inputs)["last_hidden_state"]
-    for name in ("a", "b", "lora", None):
+    for name in ("a", "b", "lora", "shira", None):
         expected = _expected(swappable, name, inputs)
         assert_outputs_close(runner(**inputs, adapter=name), expected)
         if name is not None:
@@ -132,7 +152,7 @@ def test_switching_back_is_bit_identical(swappable):
     inputs = {k: v.numpy() for k, v in models.text_inputs(3, 8).items()}
     fresh = peftc.load(out)(**inputs, adapter="a")
     runner = peftc.load(out)
-    for name in ("a", "b", "lora", None, "b"):
+    for name in ("a", "b", "lora", "shira", None, "b"):
         runner(**inputs, adapter=name)
     again = runner(**inputs, adapter="a")
     assert all(np.array_equal(fresh[k], again[k]) for k in fresh)
@@ -140,7 +160,7 @@ def test_switching_back_is_bit_identical(swappable):
 
 def test_mixed_batch_matches_each_row(swappable):
     runner = peftc.load(swappable[3])
-    choice = ["b", None, "a", "lora", "a", "b"]
+    choice = ["b", None, "a", "lora", "shira", "a", "b"]
     inputs = models.text_inputs(len(choice), 7)
     got = runner(**inputs, adapter=choice)
     for row, name in enumerate(choice):
@@ -157,15 +177,17 @@ def test_slots_and_graph_hold_no_dense_delta(swappable):
     table = peftc.load(out).manifest.target["slots"]
     by_module = {s["module"]: s for s in table["slots"]}
     assert by_module["layers.0.self_attn.v_proj"]["capacity"] == 8  # the larger k of a (8) and b (4)
-    assert by_module["layers.0.mlp.up_proj"]["tensors"]["S"]["shape"] == [4, 9, 32]
-    assert by_module["layers.0.mlp.down_proj"]["tensors"]["I"]["shape"] == [4, 5]
+    assert by_module["layers.0.mlp.up_proj"]["tensors"]["S"]["shape"] == [5, 9, 32]
+    assert by_module["layers.0.mlp.down_proj"]["tensors"]["I"]["shape"] == [5, 5]
+    gate = by_module["layers.0.mlp.gate_proj"]
+    assert gate["kind"] == "sparse" and gate["tensors"]["V"]["shape"] == [5, 96]  # SHiRA r=1: 1·(32 + 64)
     assert by_module["layers.0.self_attn.q_proj"]["kind"] == "linear"
     model = onnx_ir.load(str(out / "model.onnx"))
-    for name in SIDES:
+    for name in [*SIDES, "mlp.gate_proj"]:
         weight = model.graph.initializers[f"layers.0.{name}.weight"]
         assert {user.op_type for user, _ in weight.uses()} == {"Transpose"}
     sparse = [n for n in model.graph if n.op_type in ("ScatterElements", "GatherElements")]
-    assert sorted(n.op_type for n in sparse) == ["GatherElements"] * 2 + ["ScatterElements"] * 2
+    assert sorted(n.op_type for n in sparse) == ["GatherElements"] * 3 + ["ScatterElements"] * 3
     assert all(str(n.outputs[0].shape[0]) == "batch" for n in sparse)  # activations, never a weight
 
 
@@ -193,6 +215,17 @@ def test_padding_adds_exact_zeros_and_a_bad_pad_is_caught():
         shifted = torch.tensor([*[i + 1 for i in indices], 0, 0])
         for bad_i, bad_s in ((padded_i, nonzero_pad), (shifted, padded_s)):
             assert not torch.allclose(ops.s2ft_slot(x, weight, None, bad_i, bad_s, dim), expected, atol=1e-4, rtol=0)
+    positions, values = torch.tensor([3, 7, 7, 29]), torch.randn(4, generator=generator)  # a repeated entry adds twice
+    dense = weight.clone()
+    for p, v in zip(positions.tolist(), values.tolist(), strict=True):
+        dense[p // 5, p % 5] += v
+    expected = torch.nn.functional.linear(x, dense)
+    padded_i, padded_v = torch.cat([positions, torch.zeros(2, dtype=torch.int64)]), torch.cat([values, torch.zeros(2)])
+    assert torch.allclose(ops.sparse_slot(x, weight, None, padded_i, padded_v), expected, atol=1e-6, rtol=0)
+    bank = ops.sparse_slot_bank(x, weight, None, torch.stack([padded_i * 0, padded_i]), torch.stack([padded_v * 0, padded_v]), torch.tensor([1, 1]))  # fmt: skip
+    assert torch.allclose(bank, expected, atol=1e-6, rtol=0)
+    for bad_i, bad_v in ((padded_i, padded_v + 0.01), ((padded_i + 1) % weight.numel(), padded_v)):
+        assert not torch.allclose(ops.sparse_slot(x, weight, None, bad_i, bad_v), expected, atol=1e-4, rtol=0)
 
 
 def _hashes(directory: Path) -> dict[str, str]:
@@ -204,13 +237,18 @@ def copy_(swappable, tmp_path):
     return shutil.copytree(swappable[3], tmp_path / "artifact")
 
 
-def test_add_adapter_that_fits(swappable, copy_, tmp_path):
+def test_add_adapters_that_fit(swappable, copy_, tmp_path):
+    """An S²FT adapter on fewer rows/columns than the slots hold, and a PEFTC_SPARSE one in SHiRA's slot."""
     model = swappable[0]
     extra = _s2ft(model, tmp_path / "c", 5, {"self_attn.v_proj": 3, "mlp.down_proj": 5})
     entry = add_adapter(copy_, extra, model=model).adapters[-1]
     assert entry["name"] == "c" and entry["verification"]["passed"]
+    delta = _sparse(model, tmp_path / "d", 6, "layers.0.mlp.gate_proj", 40)
+    assert add_adapter(copy_, delta, model=model).adapters[-1]["verification"]["passed"]
     inputs = models.text_inputs(2, 6)
-    assert_outputs_close(peftc.load(copy_)(**inputs, adapter="c"), _outputs(_dense(model, extra), inputs))
+    runner = peftc.load(copy_)
+    for name, path in (("c", extra), ("d", delta)):
+        assert_outputs_close(runner(**inputs, adapter=name), _outputs(_dense(model, path), inputs))
 
 
 def test_add_adapter_with_a_nonzero_pad_fails_verification(swappable, copy_, tmp_path, monkeypatch):
@@ -238,10 +276,10 @@ def test_add_adapter_with_a_nonzero_pad_fails_verification(swappable, copy_, tmp
     ("ks", "match"),
     [
         ({"self_attn.v_proj": 12}, r"12 rows of 'layers.0.self_attn.v_proj', above its slot capacity 8"),
-        ({"mlp.gate_proj": 2}, r"module 'layers.0.mlp.gate_proj' has no slot in this artifact"),
+        ({"mlp.gate_proj": 2}, r"module 'layers.0.mlp.gate_proj' has a sparse slot .* updates its rows"),
         ({"self_attn.q_proj": 2}, r"'layers.0.self_attn.q_proj' has a linear slot .* updates its rows"),
     ],
-    ids=["capacity", "no-slot", "lora-slot"],
+    ids=["capacity", "sparse-slot", "lora-slot"],
 )
 def test_add_adapter_refusals_leave_the_artifact_unchanged(swappable, copy_, tmp_path, ks, match):
     before = _hashes(copy_)
@@ -257,12 +295,23 @@ def _parsed(model, path: Path):
 def test_plan_refusals(swappable, tmp_path):
     model, adapters, _, _ = swappable
     a = _parsed(model, adapters["a"])
-    with pytest.raises(InputError, match=r"--slot-capacity 6 is below the 16 columns adapter 'a' updates in 'layers.0.self_attn.o_proj'"):
+    with pytest.raises(
+        InputError,
+        match=r"--slot-capacity 6 is below the 16 columns adapter 'a' updates in 'layers.0.self_attn.o_proj'",
+    ):
         slots.plan([a], None, capacity=6)
     assert slots.plan([a], None, capacity=20).by_module()["layers.0.self_attn.v_proj"].capacity == 16  # all rows
     lora_v = models.make_lora(model, tmp_path / "lora_v", target_modules=["v_proj"])
-    with pytest.raises(InputError, match=r"'layers.0.self_attn.v_proj' is adapted by LoRA in one adapter and by S²FT"):
+    with pytest.raises(
+        InputError, match=r"'layers.0.self_attn.v_proj' is adapted by S²FT in one adapter and by LoRA in another"
+    ):
         slots.plan([a, _parsed(model, lora_v)], None)
+    masked = _sparse(model, tmp_path / "masked", 1, "layers.0.mlp.gate_proj", 4, keep_base_sparsity=True)
+    with pytest.raises(UnsupportedError, match=r"adapter 'masked': keep_base_sparsity masks the update by the base"):
+        slots.plan([_parsed(model, masked)], None)
+    norm = _sparse(model, tmp_path / "norm", 1, "layers.0.input_layernorm", 4)
+    with pytest.raises(UnsupportedError, match=r"layernorm.weight cannot be swapped; sparse slots hold updates of nn"):
+        slots.plan([_parsed(model, norm)], None)
 
 
 def test_cli_slot_capacity_refusals(capsys, swappable):

@@ -22,7 +22,7 @@ import torch
 from peftc.errors import InputError, UnsupportedError
 from peftc.methods import s2ft
 from peftc.methods.base import Adapter, AdapterSource, AdapterTensor, Site
-from peftc.swap import s2ft_slots
+from peftc.swap import s2ft_slots, sparse_slots
 from peftc.swap.ops import (
     LORA_EMBEDDING_SLOT,
     LORA_EMBEDDING_SLOT_BANK,
@@ -30,8 +30,10 @@ from peftc.swap.ops import (
     LORA_SLOT_BANK,
     S2FT_SLOT,
     S2FT_SLOT_BANK,
+    SPARSE_SLOT,
+    SPARSE_SLOT_BANK,
 )
-from peftc.swap.table import INDEX_PART, LORA_KINDS, SLOT_ADAPTER, Slot, SlotTable
+from peftc.swap.table import INDEX_PART, LORA_KINDS, SLOT_ADAPTER, SPARSE_KIND, Slot, SlotTable
 
 
 def _lora_parts(adapter: Adapter, site: Site) -> tuple[str, AdapterTensor, AdapterTensor, float]:
@@ -44,7 +46,7 @@ def _lora_parts(adapter: Adapter, site: Site) -> tuple[str, AdapterTensor, Adapt
     what += "" if site.op == "lora_linear" else f" on a {site.info.get('module_type', '?')})"
     raise UnsupportedError(
         f"adapter {adapter.name!r}: {what} on {site.module!r} cannot be swapped; swappable artifacts hold LoRA on "
-        "nn.Linear, GPT-2 Conv1D and nn.Embedding, and S²FT (compile without --swappable to merge or keep it unmerged)"
+        "nn.Linear, GPT-2 Conv1D and nn.Embedding, S²FT, and sparse ΔW on nn.Linear (compile without --swappable to merge or keep it unmerged)"
     )
 
 
@@ -52,6 +54,8 @@ def _slot_of(adapter: Adapter, site: Site) -> tuple[Slot, int, torch.dtype]:
     """The slot a site needs (an S²FT slot's capacity not chosen yet), its rank or ``k``, its dtype."""
     if s2ft_slots.is_s2ft(site):
         return s2ft_slots.slot_of(site)
+    if sparse_slots.is_sparse(site):
+        return sparse_slots.slot_of(adapter, site)
     kind, a, b, _ = _lora_parts(adapter, site)
     slot = Slot(
         site.module, kind, a.tensor.shape[1], b.tensor.shape[0], bool(site.scalars.get("fan_in_fan_out", False))
@@ -85,16 +89,26 @@ def plan(adapters: Sequence[Adapter], max_rank: int | None, bank: int = 0, capac
     if len(dtypes) > 1:
         raise InputError(f"adapters of different dtypes {sorted(dtypes)}: slots have one dtype; convert them first")
     for module, (k, owner) in sizes.items():
-        found[module] = s2ft_slots.with_capacity(found[module], k, owner, capacity)
+        kind = sparse_slots if found[module].kind == SPARSE_KIND else s2ft_slots
+        found[module] = kind.with_capacity(found[module], k, owner, capacity)
     rank = _rank(ranks, [s for s in found.values() if s.kind in LORA_KINDS], max_rank)
     return SlotTable(rank, dtypes.pop(), tuple(found[m] for m in sorted(found)), bank)
 
 
+_METHODS = {
+    "linear": "LoRA",
+    "embedding": "LoRA",
+    "s2ft_rows": "S²FT",
+    "s2ft_columns": "S²FT",
+    SPARSE_KIND: "a sparse ΔW",
+}
+
+
 def _disagree(held: Slot, wanted: Slot, adapter: Adapter) -> str:
-    if (held.kind in LORA_KINDS) != (wanted.kind in LORA_KINDS):
+    if _METHODS[held.kind] != _METHODS[wanted.kind]:
         return (
-            f"adapter {adapter.name!r}: module {wanted.module!r} is adapted by LoRA in one adapter and by S²FT in "
-            "another; a swappable artifact holds one kind of slot per module"
+            f"adapter {adapter.name!r}: module {wanted.module!r} is adapted by {_METHODS[held.kind]} in one adapter "
+            f"and by {_METHODS[wanted.kind]} in another; a swappable artifact holds one kind of slot per module"
         )
     return f"adapters disagree on the shape of module {wanted.module!r}: {held} vs {wanted}"
 
@@ -134,6 +148,9 @@ def check_fits(table: SlotTable, adapter: Adapter) -> None:
     for site in adapter.sites:
         if s2ft_slots.is_s2ft(site):
             s2ft_slots.check_fits(table, adapter, site, slots.get(site.module))
+            continue
+        if sparse_slots.is_sparse(site):
+            sparse_slots.check_fits(table, adapter, site, slots.get(site.module))
             continue
         kind, a, b, _ = _lora_parts(adapter, site)
         slot = slots.get(site.module)
@@ -180,6 +197,9 @@ def pack(table: SlotTable, adapter: Adapter | None) -> dict[str, torch.Tensor]:
         if s2ft_slots.is_s2ft(site):
             s2ft_slots.fill(values, site)
             continue
+        if sparse_slots.is_sparse(site):
+            sparse_slots.fill(values, adapter, site)
+            continue
         kind, a, b, scale = _lora_parts(adapter, site)
         rank = a.tensor.shape[0]
         if kind == "embedding":  # an embedding slot holds Aᵀ
@@ -195,6 +215,7 @@ _OPS = {
     "embedding": (LORA_EMBEDDING_SLOT, LORA_EMBEDDING_SLOT_BANK),
     "s2ft_rows": (S2FT_SLOT, S2FT_SLOT_BANK),
     "s2ft_columns": (S2FT_SLOT, S2FT_SLOT_BANK),
+    SPARSE_KIND: (SPARSE_SLOT, SPARSE_SLOT_BANK),
 }
 
 
@@ -214,6 +235,8 @@ def slot_adapter(table: SlotTable) -> Adapter:
             scalars = {}
         elif slot.kind in LORA_KINDS:
             scalars = {"fan_in_fan_out": slot.fan_in_fan_out}
+        elif slot.kind == SPARSE_KIND:
+            scalars = {}
         else:
             scalars = {"dim": s2ft.ROWS if slot.kind == "s2ft_rows" else s2ft.COLUMNS}
         sites.append(Site(slot.module, op.name, tensors, scalars, {"slot": True}))

@@ -18,6 +18,7 @@ SLOT_ADAPTER = "slots"
 """The name slot tensors carry in the program: ``<module>.slot_A.slots``."""
 LORA_KINDS = ("linear", "embedding")
 S2FT_KINDS = ("s2ft_rows", "s2ft_columns")
+SPARSE_KIND = "sparse"
 INDEX_PART = "I"
 """The part of an S²FT slot that holds indices (int64); every other part has the table's dtype."""
 
@@ -29,22 +30,28 @@ class Slot:
     module: str
     kind: str
     """LoRA: ``linear`` (nn.Linear / Conv1D call) or ``embedding``; S²FT: ``s2ft_rows`` (output rows
-    updated) or ``s2ft_columns`` (input columns updated)."""
+    updated) or ``s2ft_columns`` (input columns updated); ``sparse``: entries of an nn.Linear weight."""
     d_in: int
     """Input features; for an embedding, the vocabulary size."""
     d_out: int
     fan_in_fan_out: bool = False
     capacity: int = 0
-    """S²FT slots: how many rows/columns an adapter may update here (``K``); 0 for LoRA slots."""
+    """S²FT slots: how many rows/columns an adapter may update here (``K``); sparse slots: how many
+    entries; 0 for LoRA slots."""
 
     def parts(self) -> tuple[str, str]:
-        """The slot's tensors: ``A``/``B`` (LoRA) or ``I``/``S`` (S²FT indices and block)."""
+        """The slot's tensors: ``A``/``B`` (LoRA), ``I``/``S`` (S²FT indices and block) or ``I``/``V``
+        (sparse: row-major positions and values)."""
+        if self.kind == SPARSE_KIND:
+            return (INDEX_PART, "V")
         return ("A", "B") if self.kind in LORA_KINDS else (INDEX_PART, "S")
 
     def shapes(self, rank: int) -> dict[str, tuple[int, ...]]:
         """Slot tensor → shape: ``A`` ``[R, d_in]`` (an embedding's ``Aᵀ``: ``[num, R]``), ``B`` ``[d_out, R]``;
         S²FT: ``I`` ``[K]``, ``S`` ``[K, d_in]`` (rows) or ``[d_out, K]`` (columns)."""
         k = self.capacity
+        if self.kind == SPARSE_KIND:
+            return {INDEX_PART: (k,), "V": (k,)}
         if self.kind == "s2ft_rows":
             return {INDEX_PART: (k,), "S": (k, self.d_in)}
         if self.kind == "s2ft_columns":
@@ -138,6 +145,8 @@ class SlotTable:
 def _key_patterns(slot: Slot) -> dict[str, str]:
     if slot.kind in S2FT_KINDS:  # PEFTC_S2FT keys carry no prefix
         return {INDEX_PART: f"{slot.module}.{slot.kind}", "S": f"{slot.module}.s2ft_block"}
+    if slot.kind == SPARSE_KIND:  # PEFTC_SPARSE's (SHiRA: <prefix>.shira_indices / .shira_weight)
+        return {INDEX_PART: f"{slot.module}.weight.sparse_indices", "V": f"{slot.module}.weight.sparse_values"}
     prefix = f"base_model.model.{slot.module}"
     if slot.kind == "embedding":
         return {"A": f"{prefix}.lora_embedding_A", "B": f"{prefix}.lora_embedding_B"}
