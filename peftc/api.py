@@ -57,9 +57,8 @@ def compile(
         adapters: PEFT adapter directories or ``.safetensors`` files, in stacking order.
         out: the artifact directory to create.
         target: ``onnx``, ``aoti`` (AOTInductor package) or ``trt`` (TensorRT engine).
-        target_options: options of the target, as the CLI flags name them: ``device`` (aoti:
-            ``cpu``/``cuda``); ``profile`` (a list of ``dim:min,opt,max``), ``refit``,
-            ``strip_weights``, ``cache_dir`` (trt).
+        target_options: options of the target, as the CLI flags name them: ``device`` (aoti: ``cpu``/``cuda``);
+            ``profile`` (a list of ``dim:min,opt,max``), ``refit``, ``strip_weights``, ``cache_dir`` (trt).
         merge: fold adapters into the base weights; ``False`` keeps them as separate ops.
         inputs: ``name:dims:dtype`` input descriptions overriding the derived ones.
         configs: ``adapter_config.json`` files for adapters given as bare weight files, by position.
@@ -70,13 +69,11 @@ def compile(
         base_residual: ``model`` is the residual base a PiSSA/OLoRA/CorDA/LoRA-GA/LoftQ adapter was
             trained on (saved after its initialisation), so it is used as is.
         task_id: merge a Poly adapter for this task only (default: the router and a ``task_ids`` input).
-        swappable: keep LoRA sites as fixed-shape slots and write each adapter as an adapter file, so
-            adapters are added and switched without recompiling (``peftc/swap/``); the adapters are
-            then alternatives, not a stack.
+        swappable: keep LoRA, S²FT and sparse-ΔW sites as fixed-shape slots, each adapter an adapter file,
+            so adapters are added and switched without recompiling (``peftc/swap/``); alternatives, not a stack.
         max_rank: slot rank for ``swappable`` (default: the largest given rank).
         multi_adapter: with ``swappable``, how many adapters one call can mix, one per batch row.
-        slot_capacity: with ``swappable``, how many rows/columns every S²FT slot holds (default: per
-            module, the most a given adapter updates there).
+        slot_capacity: with ``swappable``, rows/columns (entries) per S²FT (sparse) slot; default: the most given.
         oracle: also verify against Hugging Face PEFT when it is installed.
         seed: seed of the verification inputs.
         precision: what the artifact computes in, ``fp32``, ``fp16`` or ``bf16`` (default: the base

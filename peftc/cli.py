@@ -280,7 +280,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--swappable",
         action="store_true",
-        help="keep LoRA sites as fixed-shape adapter slots, so adapters are added and switched without recompiling "
+        help="keep LoRA, S²FT and sparse-ΔW sites as fixed-shape adapter slots, so adapters are added and switched without recompiling "
         "(the --adapter arguments are then alternatives, not a stack)",
     )
     c.add_argument("--max-rank", type=int, help="slot rank of a --swappable artifact (default: the largest given rank)")
@@ -292,7 +292,10 @@ def parser() -> argparse.ArgumentParser:
         help="with --swappable: let one call mix up to N adapters, one per batch row",
     )
     c.add_argument(
-        "--slot-capacity", type=int, metavar="K", help="with --swappable: rows/columns every S²FT slot holds"
+        "--slot-capacity",
+        type=int,
+        metavar="K",
+        help="with --swappable: rows/columns (entries) per S²FT (sparse ΔW) slot",
     )
     c.add_argument("--task", choices=["text-generation"], help="a causal LM's generation step, KV cache as tensors")
     c.add_argument("--no-oracle", action="store_true", help="skip the comparison against Hugging Face PEFT")
