@@ -1,10 +1,11 @@
-"""The swappable build mode: compile once, then add, remove and switch LoRA adapters without recompiling.
+"""The swappable build mode: compile once, then add, remove and switch adapters without recompiling.
 
-``peftc compile … --swappable`` puts a zero *slot* on every LoRA site of the adapters it is given
-(``slots.py``, ``ops.py``), lowers the program with the slot tensors overridable (a ``SlotBackend``),
-and writes every given adapter as an adapter file (``files.py``). The zero slots are the base model;
-an adapter file fills them. ``--multi-adapter N`` stacks ``N`` slots (row 0 the base) into banks read
-per batch row through an ``adapter_index`` input. The adapters are alternatives, not a stack.
+``peftc compile … --swappable`` puts a zero *slot* on every LoRA, S²FT or sparse-ΔW site of the
+adapters it is given (``slots.py``, ``ops.py``), lowers the program with the slot tensors overridable
+(a ``SlotBackend``), and writes every given adapter as an adapter file (``files.py``). The zero
+slots are the base model; an adapter file fills them. ``--multi-adapter N`` stacks ``N`` slots (row 0
+the base) into banks read per batch row through an ``adapter_index`` input. The adapters are
+alternatives, not a stack.
 
 Verification (``verify.py``) covers the base against the eager base program and every adapter
 against its own eager reference program and PEFT; with a bank, mixed batches too.
