@@ -314,7 +314,10 @@ def test_plan_refusals(swappable, tmp_path):
         slots.plan([_parsed(model, norm)], None)
 
 
-def test_cli_slot_capacity_refusals(capsys, swappable):
+def test_cli_inspect_and_slot_capacity_refusals(capsys, swappable):
+    code, stdout, _ = run(capsys, "inspect", swappable[3])
+    slots_line = "4 S²FT slots of capacity 5-16, 1 sparse slots of capacity 96, 2 LoRA slots of rank 4 (float32)"
+    assert code == 0 and f"swappable: {slots_line}, a bank of 4 adapters per call" in stdout
     adapter = swappable[1]["a"]
     code, _, err = run(capsys, "compile", "x", "--adapter", adapter, "-o", "o", "--slot-capacity", "4")
     assert code == 2 and error_line(err).endswith("--slot-capacity applies to --swappable artifacts only")
