@@ -280,7 +280,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--swappable",
         action="store_true",
-        help="keep LoRA, S²FT and sparse-ΔW sites as fixed-shape adapter slots, so adapters are added and switched without recompiling "
+        help="keep LoRA, S²FT and sparse-ΔW sites as fixed-shape adapter slots, so adapters are added and switched "
+        "without recompiling "
         "(the --adapter arguments are then alternatives, not a stack)",
     )
     c.add_argument("--max-rank", type=int, help="slot rank of a --swappable artifact (default: the largest given rank)")

@@ -209,7 +209,8 @@ def test_padding_adds_exact_zeros_and_a_bad_pad_is_caught():
         pad = torch.zeros((2, 5) if dim == 0 else (6, 2))
         padded_s = torch.cat([block, pad], dim=dim)
         assert torch.allclose(ops.s2ft_slot(x, weight, None, padded_i, padded_s, dim), expected, atol=1e-6, rtol=0)
-        bank = ops.s2ft_slot_bank(x, weight, None, padded_i[None].repeat(2, 1), padded_s[None].repeat(2, 1, 1), dim, torch.tensor([1, 0]))  # fmt: skip
+        banks = (padded_i[None].repeat(2, 1), padded_s[None].repeat(2, 1, 1))
+        bank = ops.s2ft_slot_bank(x, weight, None, *banks, dim, torch.tensor([1, 0]))
         assert torch.allclose(bank, expected, atol=1e-6, rtol=0)
         nonzero_pad = torch.cat([block, pad + 0.01], dim=dim)
         shifted = torch.tensor([*[i + 1 for i in indices], 0, 0])
@@ -222,7 +223,8 @@ def test_padding_adds_exact_zeros_and_a_bad_pad_is_caught():
     expected = torch.nn.functional.linear(x, dense)
     padded_i, padded_v = torch.cat([positions, torch.zeros(2, dtype=torch.int64)]), torch.cat([values, torch.zeros(2)])
     assert torch.allclose(ops.sparse_slot(x, weight, None, padded_i, padded_v), expected, atol=1e-6, rtol=0)
-    bank = ops.sparse_slot_bank(x, weight, None, torch.stack([padded_i * 0, padded_i]), torch.stack([padded_v * 0, padded_v]), torch.tensor([1, 1]))  # fmt: skip
+    banks = (torch.stack([padded_i * 0, padded_i]), torch.stack([padded_v * 0, padded_v]))
+    bank = ops.sparse_slot_bank(x, weight, None, *banks, torch.tensor([1, 1]))
     assert torch.allclose(bank, expected, atol=1e-6, rtol=0)
     for bad_i, bad_v in ((padded_i, padded_v + 0.01), ((padded_i + 1) % weight.numel(), padded_v)):
         assert not torch.allclose(ops.sparse_slot(x, weight, None, bad_i, bad_v), expected, atol=1e-4, rtol=0)

@@ -43,7 +43,8 @@ class Swappable:
     bank: int = 0
     """``--multi-adapter N``: adapters one call can mix (the bank holds N + 1 slots with the base)."""
     capacity: int | None = None
-    """``--slot-capacity K``: rows/columns every S²FT slot holds; default: per module, the most a given adapter updates."""
+    """``--slot-capacity K``: rows/columns (entries) every S²FT (sparse) slot holds; default: per module,
+    the most a given adapter updates."""
     stacks: ClassVar[bool] = False
     label: ClassVar[str] = "adapter slots"
 

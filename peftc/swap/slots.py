@@ -1,4 +1,5 @@
-"""Slots for the LoRA and S²FT sites of a swappable compile's adapters, and packing an adapter into them.
+"""Slots for the LoRA, S²FT and sparse-ΔW sites of a swappable compile's adapters, and packing an adapter
+into them.
 
 A swappable compile turns the LoRA sites of the adapters it is given into *slots* (``ops.py``):
 fixed-shape tensors of rank ``R`` that hold any LoRA adapter of rank ``≤ R`` on a subset of those
@@ -6,8 +7,8 @@ modules. :func:`plan` makes the :class:`~peftc.swap.table.SlotTable` for the giv
 :func:`slot_adapter` the zero slots ``insert-sites`` puts on the base program.
 
 :func:`pack` turns a parsed adapter into slot values: ``A`` zero-padded to ``R`` rows and ``s·B``
-zero-padded to ``R`` columns, zeros for the slots it does not use; S²FT sites fill index + block slots (``s2ft_slots.py``).
-:func:`check_fits` refuses, with
+zero-padded to ``R`` columns, zeros for the slots it does not use; S²FT and sparse-ΔW sites fill
+index slots (``s2ft_slots.py``, ``sparse_slots.py``). :func:`check_fits` refuses, with
 the module and shapes named, an adapter that does not fit: another method, a module without a slot,
 a rank above ``R``, full-tensor replacements (which no slot can hold).
 """
@@ -46,12 +47,13 @@ def _lora_parts(adapter: Adapter, site: Site) -> tuple[str, AdapterTensor, Adapt
     what += "" if site.op == "lora_linear" else f" on a {site.info.get('module_type', '?')})"
     raise UnsupportedError(
         f"adapter {adapter.name!r}: {what} on {site.module!r} cannot be swapped; swappable artifacts hold LoRA on "
-        "nn.Linear, GPT-2 Conv1D and nn.Embedding, S²FT, and sparse ΔW on nn.Linear (compile without --swappable to merge or keep it unmerged)"
+        "nn.Linear, GPT-2 Conv1D and nn.Embedding, S²FT, and sparse ΔW on nn.Linear (compile without "
+        "--swappable to merge or keep it unmerged)"
     )
 
 
 def _slot_of(adapter: Adapter, site: Site) -> tuple[Slot, int, torch.dtype]:
-    """The slot a site needs (an S²FT slot's capacity not chosen yet), its rank or ``k``, its dtype."""
+    """The slot a site needs (an index slot's capacity not chosen yet), its rank or ``k``, its dtype."""
     if s2ft_slots.is_s2ft(site):
         return s2ft_slots.slot_of(site)
     if sparse_slots.is_sparse(site):
@@ -64,12 +66,13 @@ def _slot_of(adapter: Adapter, site: Site) -> tuple[Slot, int, torch.dtype]:
 
 
 def plan(adapters: Sequence[Adapter], max_rank: int | None, bank: int = 0, capacity: int | None = None) -> SlotTable:
-    """The slot table for the adapters a swappable compile is given (the union of their LoRA and S²FT sites).
+    """The slot table for the adapters a swappable compile is given (the union of their sites).
 
     Raises:
         UnsupportedError: an adapter no slot can hold (see :func:`check_fits`).
         InputError: ``max_rank`` below an adapter's rank, ``capacity`` below an S²FT adapter's rows or
-            columns, adapters of different dtypes, or two adapters adapting one module differently.
+            columns (a sparse one's entries), adapters of different dtypes, or two adapters adapting one
+            module differently.
     """
     found: dict[str, Slot] = {}
     ranks, sizes, dtypes = [], {}, set()
@@ -85,7 +88,7 @@ def plan(adapters: Sequence[Adapter], max_rank: int | None, bank: int = 0, capac
                 sizes[site.module] = (size, adapter.name)
             dtypes.add(str(dtype).removeprefix("torch."))
     if not found:
-        raise InputError("no LoRA or S²FT site to make swappable in the given adapters")
+        raise InputError("no LoRA, S²FT or sparse-ΔW site to make swappable in the given adapters")
     if len(dtypes) > 1:
         raise InputError(f"adapters of different dtypes {sorted(dtypes)}: slots have one dtype; convert them first")
     for module, (k, owner) in sizes.items():
@@ -182,7 +185,7 @@ def pack(table: SlotTable, adapter: Adapter | None) -> dict[str, torch.Tensor]:
     """Slot values for ``adapter`` (zeros everywhere for None: the base model), keyed ``module:part``.
 
     LoRA: ``B`` holds ``s·B`` (computed in fp32, cast to the slot dtype); unused rows/columns are zero.
-    S²FT: the indices and block in the first ``k`` entries; padding is index 0 with a zero block.
+    S²FT / sparse: the indices and block / values in the first ``k`` entries; padding is index 0 with zeros.
     """
     dtypes = {INDEX_PART: torch.int64}
     values = {}

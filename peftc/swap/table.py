@@ -1,9 +1,9 @@
 """The slot table of a swappable artifact: the contract between its compiled model and its adapter files.
 
-Which modules have slots, their kind and shapes, the rank (LoRA) or capacity (S²FT) and dtype, the bank size for mixed-adapter
-batches, and the names of the slot tensors in the compiled model. It is stored in the manifest
-(``target.slots``) and read back by the runtime and by ``peftc add-adapter``; it is plain data (no
-torch), so running an artifact does not need the compiler.
+Which modules have slots, their kind and shapes, the rank (LoRA) or capacities (S²FT, sparse ΔW) and
+dtype, the bank size for mixed-adapter batches, and the names of the slot tensors in the compiled
+model. It is stored in the manifest (``target.slots``) and read back by the runtime and by ``peftc
+add-adapter``; it is plain data (no torch), so running an artifact does not need the compiler.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ LORA_KINDS = ("linear", "embedding")
 S2FT_KINDS = ("s2ft_rows", "s2ft_columns")
 SPARSE_KIND = "sparse"
 INDEX_PART = "I"
-"""The part of an S²FT slot that holds indices (int64); every other part has the table's dtype."""
+"""The part of an S²FT or sparse slot that holds indices (int64); every other part has the table's dtype."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +48,7 @@ class Slot:
 
     def shapes(self, rank: int) -> dict[str, tuple[int, ...]]:
         """Slot tensor → shape: ``A`` ``[R, d_in]`` (an embedding's ``Aᵀ``: ``[num, R]``), ``B`` ``[d_out, R]``;
-        S²FT: ``I`` ``[K]``, ``S`` ``[K, d_in]`` (rows) or ``[d_out, K]`` (columns)."""
+        S²FT: ``I`` ``[K]``, ``S`` ``[K, d_in]`` (rows) or ``[d_out, K]`` (columns); sparse: ``I``, ``V`` ``[K]``."""
         k = self.capacity
         if self.kind == SPARSE_KIND:
             return {INDEX_PART: (k,), "V": (k,)}
