@@ -1,6 +1,6 @@
 """S²FT adapters on a ~100M LLaMA-style model: merged vs unmerged (gather/scatter + one GEMM) vs unmerged
-on a co-permuted base (slices + one GEMM, ``--co-permute``) vs a LoRA of the same parameter count, all
-compiled to ONNX and run by onnxruntime.
+on a co-permuted base (slices + one GEMM, ``--co-permute``) vs a LoRA of the same parameter count, and
+both in swappable slots, all compiled to ONNX and run by onnxruntime.
 
 Run from the repository root (never alongside another benchmark)::
 
@@ -12,17 +12,20 @@ S²FT adapter is seeded and in peftc's own format (``PEFTC_S2FT``), with the off
 ratios rounded to whole heads: per layer one KV head's ``v_proj`` rows (64 of 256), one query head's
 ``o_proj`` columns (64 of 768), 3 % of the FFN channels in ``up_proj`` rows and ``down_proj`` columns
 (61 of 2048). The LoRA (PEFT, seeded B) targets the same four modules with the rank whose parameter
-count is closest to the S²FT adapter's. Four compiles (``peftc.compile``, onnx, fp32, verified against
+count is closest to the S²FT adapter's. Six compiles (``peftc.compile``, onnx, fp32, verified against
 the reference program; PEFT's oracle off to keep the run short): S²FT merged, S²FT unmerged
-(``--no-merge``), S²FT unmerged co-permuted (``--no-merge --co-permute``), LoRA unmerged. Latency:
-batch 1 and 8 × seq 128 (``--quick``: seq 64), the four artifacts interleaved rep by rep, median.
-Goals: unmerged gather ≤ 1.15× merged, co-permuted slice ≤ 1.05× merged. Numbers from a shared 2-vCPU
-VM are noisy: rerun on an idle machine.
+(``--no-merge``), S²FT unmerged co-permuted (``--no-merge --co-permute``), LoRA unmerged, and two
+``--swappable`` ones: S²FT slots holding the adapter and a second seeded one (same ``k`` per module, so
+the slots are full: no padding), and LoRA slots holding the LoRA (slot rank: its rank), each called with
+``adapter=`` its first adapter. Latency: batch 1 and 8 × seq 128 (``--quick``: seq 64), the six artifacts
+interleaved rep by rep, median. Goals: unmerged gather ≤ 1.15× merged, co-permuted slice ≤ 1.05×
+merged. Numbers from a shared 2-vCPU VM are noisy: rerun on an idle machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -47,13 +50,13 @@ def base_model(layers: int):
     return transformers.LlamaModel(config).eval().requires_grad_(False)
 
 
-def s2ft_adapter(model, path: Path) -> int:
+def s2ft_adapter(model, path: Path, seed: int = 1) -> int:
     """Write a seeded S²FT adapter (see the module docstring); its parameter count."""
     from safetensors.torch import save_file
 
     cfg = model.config
     hd = cfg.hidden_size // cfg.num_attention_heads
-    generator = torch.Generator().manual_seed(1)
+    generator = torch.Generator().manual_seed(seed)
     channels = max(1, round(0.03 * cfg.intermediate_size))
     tensors, targets = {}, []
 
@@ -139,21 +142,24 @@ def main() -> None:
         result["base_parameters"] = sum(p.numel() for p in model.parameters())
         result["s2ft_parameters"] = s2ft_adapter(model, root / "s2ft")
         result["lora_rank"] = lora_adapter(model, root / "lora", result["s2ft_parameters"])
+        s2ft_adapter(model, root / "s2ft_b", seed=5)
         builds = {
-            "s2ft_merged": ("s2ft", True, False),
-            "s2ft_unmerged": ("s2ft", False, False),
-            "s2ft_sliced": ("s2ft", False, True),
-            "lora_unmerged": ("lora", False, False),
+            "s2ft_merged": (["s2ft"], {"merge": True}),
+            "s2ft_unmerged": (["s2ft"], {"merge": False}),
+            "s2ft_sliced": (["s2ft"], {"merge": False, "co_permute": True}),
+            "lora_unmerged": (["lora"], {"merge": False}),
+            "s2ft_slots": (["s2ft", "s2ft_b"], {"swappable": True}),
+            "lora_slots": (["lora"], {"swappable": True}),
         }
         runners, result["compile_s"] = {}, {}
-        for name, (adapter, merge, sliced) in builds.items():
+        for name, (adapters, options) in builds.items():
             print(f"compiling {name}", file=sys.stderr)
             start = time.perf_counter()
-            peftc.compile(
-                str(root / "base"), [root / adapter], out=root / name, merge=merge, co_permute=sliced, oracle=False
-            )
+            paths = [root / a for a in adapters]
+            peftc.compile(str(root / "base"), paths, out=root / name, oracle=False, **options)
             result["compile_s"][name] = round(time.perf_counter() - start, 1)
-            runners[name] = load(root / name)
+            runner = load(root / name)
+            runners[name] = functools.partial(runner, adapter=adapters[0]) if options.get("swappable") else runner
         generator = torch.Generator().manual_seed(3)
         for batch in (1, 8):
             ids = torch.randint(0, 32000, (batch, seq), generator=generator).numpy()

@@ -38,6 +38,7 @@ def compile(
     swappable: bool = False,
     max_rank: int | None = None,
     multi_adapter: int = 0,
+    slot_capacity: int | None = None,
     oracle: bool = True,
     seed: int = 0,
     precision: str | None = None,
@@ -69,10 +70,11 @@ def compile(
         base_residual: ``model`` is the residual base a PiSSA/OLoRA/CorDA/LoRA-GA/LoftQ adapter was
             trained on (saved after its initialisation), so it is used as is.
         task_id: merge a Poly adapter for this task only (default: the router and a ``task_ids`` input).
-        swappable: keep LoRA sites as fixed-shape slots and write each adapter as an adapter file, so adapters
-            are added and switched without recompiling (``peftc/swap/``); the adapters are then alternatives.
+        swappable: keep LoRA, S²FT and sparse-ΔW sites as fixed-shape slots, each adapter an adapter file,
+            so adapters are added and switched without recompiling (``peftc/swap/``); alternatives, not a stack.
         max_rank: slot rank for ``swappable`` (default: the largest given rank).
         multi_adapter: with ``swappable``, how many adapters one call can mix, one per batch row.
+        slot_capacity: with ``swappable``, rows/columns (entries) per S²FT (sparse) slot; default: the most given.
         oracle: also verify against Hugging Face PEFT when it is installed.
         seed: seed of the verification inputs.
         precision: what the artifact computes in, ``fp32``, ``fp16`` or ``bf16`` (default: the base checkpoint's

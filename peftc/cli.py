@@ -84,6 +84,7 @@ def compile_options(args: argparse.Namespace) -> CompileOptions:
         swappable=args.swappable,
         max_rank=args.max_rank,
         multi_adapter=args.multi_adapter,
+        slot_capacity=args.slot_capacity,
         oracle=not args.no_oracle,
         seed=args.seed,
         precision=args.precision,
@@ -285,7 +286,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--swappable",
         action="store_true",
-        help="keep LoRA sites as fixed-shape adapter slots, so adapters are added and switched without recompiling "
+        help="keep LoRA, S²FT and sparse-ΔW sites as fixed-shape adapter slots, so adapters are added and switched "
+        "without recompiling "
         "(the --adapter arguments are then alternatives, not a stack)",
     )
     c.add_argument("--max-rank", type=int, help="slot rank of a --swappable artifact (default: the largest given rank)")
@@ -295,6 +297,12 @@ def parser() -> argparse.ArgumentParser:
         default=0,
         metavar="N",
         help="with --swappable: let one call mix up to N adapters, one per batch row",
+    )
+    c.add_argument(
+        "--slot-capacity",
+        type=int,
+        metavar="K",
+        help="with --swappable: rows/columns (entries) per S²FT (sparse ΔW) slot",
     )
     c.add_argument(
         "--task",

@@ -47,6 +47,8 @@ class CompileOptions:
     swappable: bool = False
     max_rank: int | None = None
     multi_adapter: int = 0
+    slot_capacity: int | None = None
+    """``--slot-capacity``: rows/columns per S²FT slot of a ``--swappable`` artifact."""
     oracle: bool = True
     seed: int = 0
     precision: str | None = None
@@ -107,8 +109,12 @@ class CompileOptions:
             raise InputError("--co-permute applies to --no-merge artifacts (merged S²FT sites have no gather left)")
         if (self.max_rank is not None or self.multi_adapter) and not self.swappable:
             raise InputError("--max-rank and --multi-adapter apply to --swappable artifacts only")
+        if self.slot_capacity is not None and not self.swappable:
+            raise InputError("--slot-capacity applies to --swappable artifacts only")
         if self.multi_adapter < 0 or (self.max_rank is not None and self.max_rank < 1):
             raise InputError("--multi-adapter must be >= 0 and --max-rank >= 1")
+        if self.slot_capacity is not None and self.slot_capacity < 1:
+            raise InputError(f"--slot-capacity {self.slot_capacity}: give at least 1")
         if self.multi_adapter > MAX_MULTI_ADAPTER:
             raise InputError(
                 f"--multi-adapter {self.multi_adapter}: at most {MAX_MULTI_ADAPTER} (the bank holds a copy of "
@@ -185,8 +191,10 @@ class CompileOptions:
             else:
                 command += _repeated(flag, value if isinstance(value, list) else [value])
         if self.swappable:
-            command += ["--swappable", "--max-rank", str(self.max_rank if max_rank is None else max_rank)]
+            rank = self.max_rank if max_rank is None else max_rank
+            command += ["--swappable", *(["--max-rank", str(rank)] if rank else [])]  # 0: no LoRA slot
             command += ["--multi-adapter", str(self.multi_adapter)] if self.multi_adapter else []
+            command += ["--slot-capacity", str(self.slot_capacity)] if self.slot_capacity is not None else []
         return command
 
 

@@ -75,10 +75,7 @@ def _adapter_parts(m: Mapping[str, Any]) -> list[str]:
     if slots:
         bank = f", a bank of {slots['bank'] - 1} adapters per call" if slots.get("bank") else ""
         default = m["target"].get("default_adapter")
-        parts.append(
-            f"swappable: {len(slots['slots'])} LoRA slots of rank {slots['rank']} ({slots['dtype']}){bank}; "
-            f"default adapter {default!r}"
-        )
+        parts.append(f"swappable: {_slot_kinds(slots)} ({slots['dtype']}){bank}; default adapter {default!r}")
         verified = {True: "add-adapter", False: "compile"}
         rows = [
             [
@@ -230,6 +227,20 @@ def _quote(text: str) -> str:
     import shlex
 
     return shlex.quote(text)
+
+
+def _slot_kinds(slots: Mapping[str, Any]) -> str:
+    """``11 LoRA slots of rank 4, 4 S²FT slots of capacity 3-16``: each kind of slot, counted."""
+    kinds = {"linear": "LoRA", "embedding": "LoRA", "s2ft_rows": "S²FT", "s2ft_columns": "S²FT", "sparse": "sparse"}
+    found: dict[str, list[int]] = {}
+    for slot in slots["slots"]:
+        found.setdefault(kinds.get(slot["kind"], slot["kind"]), []).append(slot.get("capacity", 0))
+    parts = []
+    for kind, capacities in found.items():
+        low, high = min(capacities), max(capacities)
+        size = f"rank {slots['rank']}" if kind == "LoRA" else f"capacity {low}" + (f"-{high}" if high > low else "")
+        parts.append(f"{len(capacities)} {kind} slots of {size}")
+    return ", ".join(parts)
 
 
 def _ranks(adapter: Mapping[str, Any]) -> str:

@@ -125,7 +125,7 @@ def reverify(
 def mode_for(options: CompileOptions) -> Mode:
     """The build mode ``options`` ask for."""
     if options.swappable:
-        return Swappable(options.max_rank, options.multi_adapter)
+        return Swappable(options.max_rank, options.multi_adapter, options.slot_capacity)
     if options.co_permute:
         return CoPermuted(seed=options.seed)
     return Merged() if options.merge else Unmerged()

@@ -193,7 +193,7 @@ def _site(source: AdapterSource, modules: ModuleTable, path: str, tensors: dict[
             f"of {path!r} (weight [{d_out}, {d_in}]) need {list(expected)}"
         )
     roles = {"s2ft_indices": AdapterTensor(indices.key, indices.tensor, index=True), "s2ft_block": block}
-    info = {"module_type": module.class_name, "side": side.removeprefix("s2ft_"), "k": k}
+    info = {"module_type": module.class_name, "side": side.removeprefix("s2ft_"), "k": k, "weight": [d_out, d_in]}
     weight = Site(path, S2FT_WEIGHT.name, roles, {"dim": dim}, info, "weight")
     return Site(path, S2FT_LINEAR.name, roles, {"dim": dim}, info, weight_form=(weight,))
 

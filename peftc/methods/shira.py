@@ -102,7 +102,7 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
                 f"{torch.__version__}'s CPU generator, as PEFT does when it loads the adapter; this matches the "
                 "training run only if its torch drew the same numbers"
             )
-        info = {"module_type": target.info.class_name, "r": r, "entries": count}
+        info = {"module_type": target.info.class_name, "r": r, "entries": count, "weight": [d_out, d_in]}
         tensors = {"shira_indices": flat, "shira_weight": values}
         sites.append(Site(target.path, SHIRA_WEIGHT.name, tensors, {}, info, "weight"))
     return common.adapter(source, "shira", sites, read.grouped, read.honoured, read.ignored, warnings)

@@ -120,7 +120,12 @@ def _site(source, modules, param, owner, tensors, keep: bool) -> Site:
         )
     path, local = owner
     roles = {"sparse_indices": AdapterTensor(indices.key, indices.tensor, index=True), "sparse_values": values}
-    info = {"module_type": modules[path].class_name, "entries": int(indices.tensor.numel()), "of": base.numel()}
+    info = {
+        "module_type": modules[path].class_name,
+        "entries": int(indices.tensor.numel()),
+        "of": base.numel(),
+        "weight": list(base.shape),
+    }
     return Site(path, SPARSE_DELTA.name, roles, {"keep_base_sparsity": keep}, info, local)
 
 

@@ -1,9 +1,11 @@
-"""Swappable artifacts: one compile, many LoRA adapters, switched and mixed per batch row at run time.
+"""Swappable artifacts: one compile, many LoRA, S²FT or sparse-ΔW adapters, switched and mixed per batch
+row at run time.
 
 The whole feature lives here:
 
 * ``table.py``: the slot table, the contract between a compiled model and its adapter files;
-* ``slots.py``: planning slots for the given adapters, packing an adapter into them, refusals;
+* ``slots.py``: planning slots for the given adapters, packing an adapter into them, refusals
+  (``s2ft_slots.py`` / ``sparse_slots.py``: the index slots of S²FT and sparse-ΔW adapters);
 * ``ops.py`` / ``onnx.py``: the slot site ops and their ONNX translations;
 * ``mode.py``: the ``--swappable`` build mode; ``verify.py``: how such an artifact is verified;
 * ``files.py``: adapter files; ``banks.py``: per-row adapter banks and files read once;

@@ -1,10 +1,11 @@
-"""The swappable build mode: compile once, then add, remove and switch LoRA adapters without recompiling.
+"""The swappable build mode: compile once, then add, remove and switch adapters without recompiling.
 
-``peftc compile … --swappable`` puts a zero *slot* on every LoRA site of the adapters it is given
-(``slots.py``, ``ops.py``), lowers the program with the slot tensors overridable (a ``SlotBackend``),
-and writes every given adapter as an adapter file (``files.py``). The zero slots are the base model;
-an adapter file fills them. ``--multi-adapter N`` stacks ``N`` slots (row 0 the base) into banks read
-per batch row through an ``adapter_index`` input. The adapters are alternatives, not a stack.
+``peftc compile … --swappable`` puts a zero *slot* on every LoRA, S²FT or sparse-ΔW site of the
+adapters it is given (``slots.py``, ``ops.py``), lowers the program with the slot tensors overridable
+(a ``SlotBackend``), and writes every given adapter as an adapter file (``files.py``). The zero
+slots are the base model; an adapter file fills them. ``--multi-adapter N`` stacks ``N`` slots (row 0
+the base) into banks read per batch row through an ``adapter_index`` input. The adapters are
+alternatives, not a stack.
 
 Verification (``verify.py``) covers the base against the eager base program and every adapter
 against its own eager reference program and PEFT; with a bank, mixed batches too.
@@ -41,6 +42,9 @@ class Swappable:
     """Slot rank; default: the largest rank of the given adapters."""
     bank: int = 0
     """``--multi-adapter N``: adapters one call can mix (the bank holds N + 1 slots with the base)."""
+    capacity: int | None = None
+    """``--slot-capacity K``: rows/columns (entries) every S²FT (sparse) slot holds; default: per module,
+    the most a given adapter updates."""
     stacks: ClassVar[bool] = False
     label: ClassVar[str] = "adapter slots"
 
@@ -51,10 +55,11 @@ class Swappable:
             )
 
     def optimize(self, built: Built, ctx: PassContext) -> Optimized:
-        table = slots.plan(built.adapters, self.max_rank, self.bank + 1 if self.bank else 0)
+        table = slots.plan(built.adapters, self.max_rank, self.bank + 1 if self.bank else 0, self.capacity)
         bases = [world.base for world in built.worlds]
         program, records = in_each_world(built, bases, lambda: pipelines.swappable(slots.slot_adapter(table)), ctx)
         options = {"swappable": True, "max_rank": table.rank, "multi_adapter": self.bank}
+        options |= {"slot_capacity": self.capacity} if self.capacity is not None else {}
         return Optimized(program, records, with_index(signature(built), table), options, table)
 
     def lower(

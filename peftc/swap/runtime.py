@@ -46,8 +46,8 @@ class SwappableRunner:
         self.input_names = [n for n in inner.input_names if n != INDEX_INPUT]
         self.output_names = list(inner.output_names)
         self.files = banks.AdapterFiles(files)
-        dtype = np.dtype(table.dtype)
-        self._zeros = {name: np.zeros(shape, dtype=dtype) for name, shape in table.tensors().items()}
+        dtypes = table.dtypes()
+        self._zeros = {name: np.zeros(shape, dtype=np.dtype(dtypes[name])) for name, shape in table.tensors().items()}
         self._size = table.bank
         self._names = table.bank_inputs()
         batched = [i.name for i in signature.inputs if i.shape[:1] == ("batch",) and i.name != INDEX_INPUT]

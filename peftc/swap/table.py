@@ -1,9 +1,9 @@
 """The slot table of a swappable artifact: the contract between its compiled model and its adapter files.
 
-Which modules have slots, their kind and shapes, the rank and dtype, the bank size for mixed-adapter
-batches, and the names of the slot tensors in the compiled model. It is stored in the manifest
-(``target.slots``) and read back by the runtime and by ``peftc add-adapter``; it is plain data (no
-torch), so running an artifact does not need the compiler.
+Which modules have slots, their kind and shapes, the rank (LoRA) or capacities (S²FT, sparse ΔW) and
+dtype, the bank size for mixed-adapter batches, and the names of the slot tensors in the compiled
+model. It is stored in the manifest (``target.slots``) and read back by the runtime and by ``peftc
+add-adapter``; it is plain data (no torch), so running an artifact does not need the compiler.
 """
 
 from __future__ import annotations
@@ -16,6 +16,11 @@ INDEX_INPUT = "adapter_index"
 """The input of a bank artifact that says which bank row each batch row reads."""
 SLOT_ADAPTER = "slots"
 """The name slot tensors carry in the program: ``<module>.slot_A.slots``."""
+LORA_KINDS = ("linear", "embedding")
+S2FT_KINDS = ("s2ft_rows", "s2ft_columns")
+SPARSE_KIND = "sparse"
+INDEX_PART = "I"
+"""The part of an S²FT or sparse slot that holds indices (int64); every other part has the table's dtype."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,14 +29,33 @@ class Slot:
 
     module: str
     kind: str
-    """``linear`` (nn.Linear / Conv1D call) or ``embedding``."""
+    """LoRA: ``linear`` (nn.Linear / Conv1D call) or ``embedding``; S²FT: ``s2ft_rows`` (output rows
+    updated) or ``s2ft_columns`` (input columns updated); ``sparse``: entries of an nn.Linear weight."""
     d_in: int
     """Input features; for an embedding, the vocabulary size."""
     d_out: int
     fan_in_fan_out: bool = False
+    capacity: int = 0
+    """S²FT slots: how many rows/columns an adapter may update here (``K``); sparse slots: how many
+    entries; 0 for LoRA slots."""
+
+    def parts(self) -> tuple[str, str]:
+        """The slot's tensors: ``A``/``B`` (LoRA), ``I``/``S`` (S²FT indices and block) or ``I``/``V``
+        (sparse: row-major positions and values)."""
+        if self.kind == SPARSE_KIND:
+            return (INDEX_PART, "V")
+        return ("A", "B") if self.kind in LORA_KINDS else (INDEX_PART, "S")
 
     def shapes(self, rank: int) -> dict[str, tuple[int, ...]]:
-        """Slot tensor → shape: ``A`` ``[R, d_in]`` (an embedding's ``Aᵀ``: ``[num, R]``), ``B`` ``[d_out, R]``."""
+        """Slot tensor → shape: ``A`` ``[R, d_in]`` (an embedding's ``Aᵀ``: ``[num, R]``), ``B`` ``[d_out, R]``;
+        S²FT: ``I`` ``[K]``, ``S`` ``[K, d_in]`` (rows) or ``[d_out, K]`` (columns); sparse: ``I``, ``V`` ``[K]``."""
+        k = self.capacity
+        if self.kind == SPARSE_KIND:
+            return {INDEX_PART: (k,), "V": (k,)}
+        if self.kind == "s2ft_rows":
+            return {INDEX_PART: (k,), "S": (k, self.d_in)}
+        if self.kind == "s2ft_columns":
+            return {INDEX_PART: (k,), "S": (self.d_out, k)}
         a = (self.d_in, rank) if self.kind == "embedding" else (rank, self.d_in)
         return {"A": a, "B": (self.d_out, rank)}
 
@@ -62,7 +86,7 @@ class SlotTable:
         return {
             self.names.get(s.module, {}).get(part, self.fqn(s.module, part)): single.fqn(s.module, part)
             for s in self.slots
-            for part in ("A", "B")
+            for part in s.parts()
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -98,14 +122,31 @@ class SlotTable:
             for part, shape in self.shapes_of(s).items()
         }
 
+    def dtypes(self) -> dict[str, str]:
+        """Slot tensor name in the compiled model → its dtype (indices are int64)."""
+        return {
+            self.names.get(s.module, {}).get(part, self.fqn(s.module, part)): "int64"
+            if part == INDEX_PART
+            else self.dtype
+            for s in self.slots
+            for part in s.parts()
+        }
+
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> SlotTable:
-        slots = tuple(Slot(s["module"], s["kind"], s["d_in"], s["d_out"], s["fan_in_fan_out"]) for s in data["slots"])
+        slots = tuple(
+            Slot(s["module"], s["kind"], s["d_in"], s["d_out"], s["fan_in_fan_out"], int(s.get("capacity", 0)))
+            for s in data["slots"]
+        )
         names = {s["module"]: {part: t["name"] for part, t in s["tensors"].items()} for s in data["slots"]}
         return cls(int(data["rank"]), str(data["dtype"]), slots, int(data.get("bank", 0)), names)
 
 
 def _key_patterns(slot: Slot) -> dict[str, str]:
+    if slot.kind in S2FT_KINDS:  # PEFTC_S2FT keys carry no prefix
+        return {INDEX_PART: f"{slot.module}.{slot.kind}", "S": f"{slot.module}.s2ft_block"}
+    if slot.kind == SPARSE_KIND:  # PEFTC_SPARSE's (SHiRA: <prefix>.shira_indices / .shira_weight)
+        return {INDEX_PART: f"{slot.module}.weight.sparse_indices", "V": f"{slot.module}.weight.sparse_values"}
     prefix = f"base_model.model.{slot.module}"
     if slot.kind == "embedding":
         return {"A": f"{prefix}.lora_embedding_A", "B": f"{prefix}.lora_embedding_B"}
