@@ -58,8 +58,7 @@ def compile(
         adapters: PEFT adapter directories or ``.safetensors`` files, in stacking order.
         out: the artifact directory to create.
         target: ``onnx``, ``aoti`` (AOTInductor package) or ``trt`` (TensorRT engine).
-        target_options: options of the target, as the CLI flags name them: ``device`` (aoti: ``cpu``/``cuda``);
-            ``profile`` (a list of ``dim:min,opt,max``), ``refit``, ``strip_weights``, ``cache_dir`` (trt).
+        target_options: the target's CLI options: ``device`` (aoti); ``profile``, ``refit``, ``strip_weights``, … (trt).
         merge: fold adapters into the base weights; ``False`` keeps them as separate ops.
         inputs: ``name:dims:dtype`` input descriptions overriding the derived ones.
         configs: ``adapter_config.json`` files for adapters given as bare weight files, by position.
@@ -84,8 +83,7 @@ def compile(
             within ``max_error`` (``peftc/precision.py``).
         max_error: the error budget of a reduced-precision artifact, relative to each output's scale
             (default: from the format's rounding and the model's depth, ``peftc.precision.budget``).
-        calibration: a ``.safetensors`` or ``.npz`` file of model inputs (batch first) for an integer
-            precision: ``int8-static``'s activation ranges, and the inputs layer errors are measured on.
+        calibration: ``.safetensors``/``.npz`` model inputs (batch first): int8 ranges, layer errors measured on.
         calibration_samples: without ``calibration``, how many seeded input batches to generate.
         combine: ``METHOD[:key=value,…]``: combine ``adapters`` into one adapter first (``peftc.combine``;
             written into the artifact as ``combined/``, the combination recorded in the manifest).
