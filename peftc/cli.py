@@ -92,6 +92,7 @@ def compile_options(args: argparse.Namespace) -> CompileOptions:
         calibration_samples=args.calibration_samples,
         combine=args.combine,
         task=args.task,
+        merge_policy=args.merge_policy,
     )
 
 
@@ -161,8 +162,6 @@ def _inspect(args: argparse.Namespace) -> int:
     from peftc.artifact.manifest import file_problems
     from peftc.report import manifest_text
 
-    if qlora_cli.show(args.artifact):
-        return 0
     manifest = read_manifest(args.artifact)
     problems = file_problems(args.artifact, manifest)  # a modified artifact says so, and exits 1
     if args.json:
@@ -321,6 +320,7 @@ def parser() -> argparse.ArgumentParser:
         help="without --calibration, generate N seeded input batches from the input signature (default 64)",
     )
     combine_cli.add_compile_flag(c)
+    qlora_cli.add_compile_flags(c)
     c.add_argument("--json", action="store_true", help="print the manifest as JSON")
     c.set_defaults(func=_compile)
 

@@ -101,7 +101,7 @@ def mode_for(options: CompileOptions) -> Mode:
     """The build mode ``options`` ask for."""
     if options.swappable:
         return Swappable(options.max_rank, options.multi_adapter)
-    return Merged() if options.merge else Unmerged()
+    return Merged(options.merge_policy, options.max_error) if options.merge else Unmerged()
 
 
 def mode_from(manifest: Manifest) -> Mode:

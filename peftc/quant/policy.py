@@ -124,14 +124,20 @@ def apply(model: nn.Module, adapter: Path, policy: str = "auto", max_error: floa
         factors = _factors(config, tensors, name)
         if factors is None:
             raise UnsupportedError(f"{adapter}: {name!r} has LoRA tensors other than lora_A/lora_B")
-        choice, module = _choose(name, base, *factors, policy, budget)
+        choice, module = choose(name, base, *factors, policy, budget)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, module)
         choices.append(choice)
     return choices
 
 
-def _choose(name: str, base: nn.Module, a, b, scale, policy: str, budget: float) -> tuple[SiteChoice, nn.Module]:
+def choose(name: str, base: nn.Module, a, b, scale, policy: str, budget: float) -> tuple[SiteChoice, nn.Module]:
+    """What the site ``name`` (quantized layer ``base``, LoRA factors ``a``, ``b``, ``scale``) becomes under
+    ``policy`` (``auto``: the first of :data:`AUTO_ORDER` whose added error is within ``budget``).
+
+    Raises:
+        UnsupportedError: ``requant`` on a GPTQ/AWQ base, or a layer that is not a (quantized) linear.
+    """
     if isinstance(base, nn.Linear):  # a float layer of a partly quantized model: an ordinary merge
         merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
         merged.load_state_dict(base.state_dict())
