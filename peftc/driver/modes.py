@@ -23,10 +23,10 @@ from peftc.backends.base import Backend, Lowered, LowerRequest
 from peftc.driver.build import Built, Progress
 from peftc.loaders.inputs import InputSignature
 from peftc.passes import pipelines
-from peftc.quant import compiled as qlora
 from peftc.passes.base import Pass, PassContext, PassManager, PassRecord
 from peftc.passes.take_state import TakeStatePass
 from peftc.precision import FLOATS
+from peftc.quant import compiled as qlora
 from peftc.verification import Oracle, OraclePlan, Report, module_oracle, output_dtypes, program_oracle, verify
 
 

@@ -51,7 +51,9 @@ def tolerances(target: Mapping[str, Any], oracles: Mapping[str, Any]) -> dict[st
     added = sum(float(r["error"]) for r in rows)
     depth = int((target.get("precision") or {}).get("depth") or 1)
     formats = {r.get("format") for r in rows}
-    kernel = max(budget("bf16", depth) if formats & {"nf4", "fp4"} else 0.0, budget("int8", depth) if "int8" in formats else 0.0)
+    kernel = max(
+        budget("bf16", depth) if formats & {"nf4", "fp4"} else 0.0, budget("int8", depth) if "int8" in formats else 0.0
+    )
     out = {}
     for name in oracles:
         if name.startswith("peft"):
@@ -70,5 +72,3 @@ def table(rows: Sequence[Mapping[str, Any]]) -> str:
             f"{r['reason']}"
         )
     return "\n".join(lines)
-
-

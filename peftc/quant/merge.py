@@ -50,7 +50,6 @@ class MergeQuantizedPass(PassBase):
     def run(self, program: ir.Program, ctx: PassContext) -> PassResult:
         editor = ir.ProgramEditor(program, self.name)
         ops = {op.overload: op for op in OPS}
-        budget = policies.DEFAULT_MAX_ERROR if self.options.max_error is None else self.options.max_error
         chosen: dict[str, tuple[policies.SiteChoice, torch.nn.Module]] = {}
         self.sites = []
         with torch.no_grad():
@@ -60,7 +59,9 @@ class MergeQuantizedPass(PassBase):
                 module = node.meta.get(ir.meta.PEFTC, {}).get("module", node.name)
                 if module not in chosen:  # a module called several times is decided once
                     layer, (a, b, scale) = _layer(editor, node, ops[node.target])
-                    chosen[module] = policies.choose(module, layer, a, b, scale, self.options.policy, budget)
+                    chosen[module] = policies.choose(
+                        module, layer, a, b, scale, self.options.policy, self.options.max_error
+                    )
                     self.sites.append({**chosen[module][0].row(), "format": _format(layer)})
                 _rewrite(editor, node, ops[node.target], *chosen[module])
         counts = Counter(row["policy"] for row in self.sites)

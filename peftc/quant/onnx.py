@@ -189,4 +189,6 @@ def lora_nbits(
 ) -> Any:  # fmt: skip
     """``peftc::lora_nbits``: MatMulNBits (repacked after export) plus the LoRA branch."""
     y = nbits_linear(x, qweight, qzeros, scales, g_idx, bias, fmt, bits, version, group_size, out_features, in_features)
+    if getattr(y, "dtype", x.dtype) is None:  # the pending op's output: typed here, it is no graph output
+        y.dtype = x.dtype
     return _lora_branch(y, x, lora_a, lora_b, scale)

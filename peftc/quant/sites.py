@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from peftc.errors import InputError, UnsupportedError
-from peftc.ops import SiteOp, call_op
+from peftc.ops import call_op
 from peftc.quant import ops as quant_ops
 
 QUANTIZED_CLASSES = {"Bnb4Linear": "bnb4_linear", "Int8Linear": "int8_linear", "NBitsLinear": "nbits_linear"}
@@ -32,32 +32,32 @@ def _plus_lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tenso
 
 def lora_bnb4(
     x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, bias: torch.Tensor | None,
-    lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, blocksize: int, quant_type: int, out_features: int,
+    lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, blocksize: int, quant_type: int, out_features: int,
     in_features: int,
 ) -> torch.Tensor:  # fmt: skip
     """``bnb4_linear(x, …) + s·(x Aᵀ) Bᵀ``."""
     y = quant_ops.bnb4_linear(x, packed, absmax, code, bias, blocksize, quant_type, out_features, in_features)
-    return _plus_lora(y, x, lora_A, lora_B, scale)
+    return _plus_lora(y, x, lora_a, lora_b, scale)
 
 
 def lora_int8(
-    x: torch.Tensor, weight_int8: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
-    lora_B: torch.Tensor, scale: float,
+    x: torch.Tensor, weight_int8: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+    lora_b: torch.Tensor, scale: float,
 ) -> torch.Tensor:  # fmt: skip
     """``int8_linear(x, …) + s·(x Aᵀ) Bᵀ``."""
-    return _plus_lora(quant_ops.int8_linear(x, weight_int8, scb, bias), x, lora_A, lora_B, scale)
+    return _plus_lora(quant_ops.int8_linear(x, weight_int8, scb, bias), x, lora_a, lora_b, scale)
 
 
 def lora_nbits(
     x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
-    bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, fmt: int, bits: int,
+    bias: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, fmt: int, bits: int,
     version: int, group_size: int, out_features: int, in_features: int,
 ) -> torch.Tensor:  # fmt: skip
     """``nbits_linear(x, …) + s·(x Aᵀ) Bᵀ``."""
     y = quant_ops.nbits_linear(
         x, qweight, qzeros, scales, g_idx, bias, fmt, bits, version, group_size, out_features, in_features
     )
-    return _plus_lora(y, x, lora_A, lora_B, scale)
+    return _plus_lora(y, x, lora_a, lora_b, scale)
 
 
 LORA_BNB4 = call_op(
@@ -88,7 +88,11 @@ LORA_NBITS = call_op(
     onnx="peftc.quant.onnx:lora_nbits",
 )
 OPS = (LORA_BNB4, LORA_INT8, LORA_NBITS)
-BASE_OF = {LORA_BNB4.name: quant_ops.BNB4_LINEAR, LORA_INT8.name: quant_ops.INT8_LINEAR, LORA_NBITS.name: quant_ops.NBITS_LINEAR}
+BASE_OF = {
+    LORA_BNB4.name: quant_ops.BNB4_LINEAR,
+    LORA_INT8.name: quant_ops.INT8_LINEAR,
+    LORA_NBITS.name: quant_ops.NBITS_LINEAR,
+}
 """Each LoRA site op → the quantized op it wraps (the same base tensors and scalars, in order)."""
 _BY_BASE = {base.name: lora for lora, base in ((o, BASE_OF[o.name]) for o in OPS)}
 
