@@ -46,6 +46,7 @@ def compile(
     calibration_samples: int = 64,
     combine: str | None = None,
     task: str | None = None,
+    merge_policy: str = "auto",
     progress: Progress | None = None,
 ) -> Artifact:
     """Compile ``model`` with ``adapters`` into a verified artifact directory ``out``.
@@ -90,6 +91,9 @@ def compile(
             written into the artifact as ``combined/``, the combination recorded in the manifest).
         task: ``text-generation``: one generation step with the KV cache as explicit tensors, for
             ``runner.generate`` (README "Generation"); None: inferred from ``config.architectures``.
+        merge_policy: a LoRA on a quantized base (README "Quantized bases (QLoRA)"): per site ``float``,
+            ``requant``, ``two-path``, or ``auto`` (the smallest whose added error is within ``max_error``,
+            default 1e-2).
         progress: called with a line of text as each stage starts.
 
     Raises:

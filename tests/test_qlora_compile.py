@@ -159,6 +159,10 @@ def test_broken_requant_is_caught_by_the_reference(bases, monkeypatch):
 
 def test_refusals(bases, tmp_path, capsys):
     """Each refusal names the flag (and the site); the CLI prints one line and exits 2."""
+    from peftc import options
+    from peftc.quant import cli
+
+    assert cli.MERGE_POLICIES == options.MERGE_POLICIES == policy.POLICIES
     from peftc.cli import main
 
     with pytest.raises(InputError, match="--merge-policy 'fast'"):

@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from peftc.options import MERGE_POLICIES
+MERGE_POLICIES = ("auto", "float", "requant", "two-path")
+"""``peftc.quant.policy.POLICIES``, spelled out so that building the parser imports no torch."""
 
 
 def add_compile_flags(c: argparse.ArgumentParser) -> None:

@@ -15,9 +15,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from peftc.precision import budget
-from peftc.verification.compare import Tolerance
-
 FP32 = 1e-5
 """fp32 against fp32, the same products summed in another order (as ``compare.py``'s float32 bound)."""
 
@@ -43,8 +40,12 @@ def target_fields(rows: Sequence[Mapping[str, Any]] | None) -> dict[str, Any]:
     return {} if rows is None else {"quantized_sites": [dict(r) for r in rows]}
 
 
-def tolerances(target: Mapping[str, Any], oracles: Mapping[str, Any]) -> dict[str, Tolerance]:
-    """Oracle name → budget for an artifact with QLoRA sites (see the module docstring); empty otherwise."""
+def tolerances(target: Mapping[str, Any], oracles: Mapping[str, Any]) -> dict[str, Any]:
+    """Oracle name → :class:`~peftc.verification.compare.Tolerance` for an artifact with QLoRA sites (see the
+    module docstring); empty otherwise."""
+    from peftc.precision import budget
+    from peftc.verification.compare import Tolerance
+
     rows = target.get("quantized_sites")
     if not rows:
         return {}
