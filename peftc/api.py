@@ -47,6 +47,7 @@ def compile(
     combine: str | None = None,
     task: str | None = None,
     merge_policy: str = "auto",
+    quantize_embeddings: str = "none",
     progress: Progress | None = None,
 ) -> Artifact:
     """Compile ``model`` with ``adapters`` into a verified artifact directory ``out``.
@@ -94,6 +95,8 @@ def compile(
         merge_policy: a LoRA on a quantized base (README "Quantized bases (QLoRA)"): per site ``float``,
             ``requant``, ``two-path``, or ``auto`` (the smallest whose added error is within ``max_error``,
             default 1e-2).
+        quantize_embeddings: a quantized base's float embedding and LM-head tables: ``none`` (default),
+            ``int8`` (per-row int8) or ``int4`` (the head NF4, the embedding int8).
         progress: called with a line of text as each stage starts.
 
     Raises:

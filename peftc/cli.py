@@ -93,6 +93,7 @@ def compile_options(args: argparse.Namespace) -> CompileOptions:
         combine=args.combine,
         task=args.task,
         merge_policy=args.merge_policy,
+        quantize_embeddings=args.quantize_embeddings,
     )
 
 

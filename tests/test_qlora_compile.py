@@ -81,20 +81,22 @@ def test_each_policy_through_the_driver(bases, fmt):
     base_op = "peftc.bnb4_linear.default" if fmt == "nf4-dq" else "peftc.int8_linear.default"
     site_op = f"peftc.lora_{'bnb4' if fmt == 'nf4-dq' else 'int8'}.default"
     assert targets(built.world.reference).count(site_op) == 3  # the reference: unmerged QLoRA sites
-    two_path, out = optimize(built, Merged("two-path"))
+    two_path, out = optimize(built, Merged(merge_policy="two-path"))
     assert targets(two_path.program).count(site_op) == 3 and targets(two_path.program).count(base_op) == 4
     assert qlora.relative_error(out, exact) < EXACT
     assert optimize(built, Unmerged())[0].state == two_path.state  # --no-merge keeps them two-path
-    merged, out = optimize(built, Merged("float"))
+    merged, out = optimize(built, Merged(merge_policy="float"))
     assert targets(merged.program) == [base_op] * 4 and qlora.relative_error(out, exact) < EXACT
     assert [r["policy"] for r in merged.state] == ["float"] * 3
-    requant, out = optimize(built, Merged("requant"))
+    requant, out = optimize(built, Merged(merge_policy="requant"))
     assert targets(requant.program) == [base_op] * 7
     errors = [r["error"] for r in requant.state]
     assert all(e > 0 for e in errors) and 1e-4 < qlora.relative_error(out, exact) < sum(errors)
     assert requant.state[0]["bytes"] < two_path.state[0]["bytes"] < merged.state[0]["bytes"]
     # Against PEFT's own QLoRA model on bitsandbytes' kernels: the exact policy on NF4, requant on int8.
-    checked, mode = (two_path, Merged("two-path")) if fmt == "nf4-dq" else (requant, Merged("requant"))
+    checked, mode = (
+        (two_path, Merged(merge_policy="two-path")) if fmt == "nf4-dq" else (requant, Merged(merge_policy="requant"))
+    )
     report = verify(built, mode, checked)
     assert report.passed and {c.oracle for c in report.cases} == {"reference", "peft"}
 
@@ -104,7 +106,7 @@ def test_requant_writes_bitsandbytes_requantization(bases):
     F = pytest.importorskip("bitsandbytes").functional
     for fmt in ("nf4-dq", "int8"):
         built, _, reference = bases[fmt]
-        state = optimize(built, Merged("requant"))[0].program.state_dict
+        state = optimize(built, Merged(merge_policy="requant"))[0].program.state_dict
         lora = reference.get_submodule("model.layers.0.self_attn.q_proj")
         merged = (lora.base_layer.weight + lora.get_delta_weight("default")).detach().float()
         if fmt == "int8":
@@ -117,10 +119,12 @@ def test_requant_writes_bitsandbytes_requantization(bases):
 
 
 def test_auto_chooses_per_site_and_the_table_shows_it(bases):
-    nf4 = optimize(bases["nf4-dq"][0], Merged("auto", 1e-2))[0].state
+    nf4 = optimize(bases["nf4-dq"][0], Merged(merge_policy="auto", max_error=1e-2))[0].state
     assert [r["policy"] for r in nf4] == ["two-path"] * 3 and "requant exceeds it" in nf4[0]["reason"]
-    assert [r["policy"] for r in optimize(bases["nf4-dq"][0], Merged("auto", 0.5))[0].state] == ["requant"] * 3
-    int8 = optimize(bases["int8"][0], Merged("auto"))[0].state
+    assert [r["policy"] for r in optimize(bases["nf4-dq"][0], Merged(merge_policy="auto", max_error=0.5))[0].state] == [
+        "requant"
+    ] * 3
+    int8 = optimize(bases["int8"][0], Merged(merge_policy="auto"))[0].state
     assert [r["policy"] for r in int8] == ["requant"] * 3 and all(r["error"] <= 1e-2 for r in int8)
     text = qlora_table(int8)
     assert "model.layers.0.mlp.down_proj" in text and text.count("requant") == 3 and "int8" in text
@@ -132,11 +136,43 @@ def qlora_table(rows):
     return table(rows)
 
 
+def test_quantized_embeddings_are_recorded_like_sites(bases, tmp_path):
+    """``--quantize-embeddings``: the tables stored int8 (head NF4 for int4), each error in the site table and
+    within it of the exact model; the int8 gather as onnxruntime runs it."""
+    import onnx
+
+    from peftc.loaders.inputs import parse_inputs
+
+    built, exact, _ = bases["nf4-dq"]
+    for scheme, head in (("int8", "peftc.int8_linear.default"), ("int4", "peftc.bnb4_linear.default")):
+        optimized, out = optimize(built, Merged(merge_policy="two-path", embeddings=scheme))
+        found = targets(optimized.program)
+        assert found.count("peftc.int8_embedding.default") == 1 and found[-1] == head
+        tables = [r for r in optimized.state if r["policy"] == "quantized"]
+        assert [r["module"] for r in tables] == ["model.embed_tokens.weight", "lm_head.weight"]
+        assert all(0 < r["error"] < 0.1 for r in tables) and tables[1]["format"] == (
+            "nf4" if scheme == "int4" else "int8"
+        )
+        assert 1e-5 < qlora.relative_error(out, exact) < 3 * sum(r["error"] for r in tables)  # compiled.RMS_TO_MAX
+        assert "model.embed_tokens.weight" not in optimized.program.state_dict
+    codes = torch.randint(-127, 128, (64, 8), dtype=torch.int8)
+    scales = torch.rand(64) + 0.5
+
+    class Table(torch.nn.Module):
+        def forward(self, ids):
+            return torch.ops.peftc.int8_embedding(ids, codes, scales)
+
+    ids = torch.randint(0, 64, (2, 5))
+    run = qlora.lower(Table(), "onnx", tmp_path, parse_inputs(["ids:batch,seq:int64"]))
+    assert "GatherND" not in [n.op_type for n in onnx.load(str(tmp_path / "model.onnx")).graph.node]
+    assert qlora.relative_error(run({"ids": ids}), codes[ids].float() * (scales[ids] / 127).unsqueeze(-1)) < EXACT
+
+
 def test_budgets_come_from_the_sites(bases):
     rows = [{"error": 0.01, "format": "nf4"}, {"error": 0.02, "format": "nf4"}]
     found = tolerances({"quantized_sites": rows, "precision": {"depth": 3}}, {"reference": 0, "peft": 0})
-    assert found["reference"].rel == pytest.approx(0.03 + 1e-5)
-    assert found["peft"].rel == pytest.approx(0.03 + 1e-5 + 2**-8 * 3)  # bf16 u·√(3·depth)
+    assert found["reference"].rel == pytest.approx(3 * 0.03 + 1e-5)
+    assert found["peft"].rel == pytest.approx(3 * 0.03 + 1e-5 + 2**-8 * 3)  # bf16 u·√(3·depth)
     assert tolerances({"quantized_sites": [{"error": 0.0, "format": "int8"}]}, {"reference": 0}) == {}
 
 
@@ -152,8 +188,8 @@ def test_broken_requant_is_caught_by_the_reference(bases, monkeypatch):
         return {**found, "requant": (module, error)}
 
     monkeypatch.setattr(policy, "candidates", off)
-    optimized = optimize(built, Merged("requant"))[0]
-    report = verify(built, Merged("requant"), optimized, peft=False)
+    optimized = optimize(built, Merged(merge_policy="requant"))[0]
+    report = verify(built, Merged(merge_policy="requant"), optimized, peft=False)
     assert {c.oracle for c in report.cases if not c.ok} == {"reference"}
 
 
@@ -172,7 +208,7 @@ def test_refusals(bases, tmp_path, capsys):
     with pytest.raises(
         UnsupportedError, match=r"q_proj: --merge-policy requant adds error 0\.0\d+ > --max-error 0\.01"
     ):
-        optimize(bases["nf4-dq"][0], Merged("requant", 1e-2))
+        optimize(bases["nf4-dq"][0], Merged(merge_policy="requant", max_error=1e-2))
     args = [str(bnb_checkpoints.root() / "nf4-dq"), "--adapter", str(bnb_checkpoints.adapter("nf4-dq"))]
     assert main(["compile", *args, "-o", str(tmp_path / "o"), "--merge-policy", "requant", "--no-merge"]) == 2
     assert "unmerged QLoRA sites are two-path" in error_line(capsys.readouterr().err)

@@ -68,7 +68,7 @@ def test_gptq_through_the_driver_float_and_two_path(oracles):
     built = build(Sources(str(root / "gptq"), (str(root / "lora-gptq"),), task="none"), Stages(None), stack=True)
     feeds = {"input_ids": IDS, "attention_mask": torch.ones_like(IDS)}
     for merge_policy, site_ops in (("two-path", 3), ("float", 0)):
-        program = Merged(merge_policy).optimize(built, PassContext()).program
+        program = Merged(merge_policy=merge_policy).optimize(built, PassContext()).program
         targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
         assert targets.count("peftc.lora_nbits.default") == site_ops
         assert targets.count("peftc.nbits_linear.default") == 4  # the layers the adapter leaves
@@ -76,7 +76,7 @@ def test_gptq_through_the_driver_float_and_two_path(oracles):
             out = program.module()(**feeds)["logits"]
         assert qlora.relative_error(out, oracles["gptq"][0]) < EXACT
     with pytest.raises(UnsupportedError, match=r"--merge-policy requant on a GPTQ base"):
-        Merged("requant").optimize(built, PassContext())
+        Merged(merge_policy="requant").optimize(built, PassContext())
 
 
 def test_requant_is_refused_and_auto_keeps_two_path(two_path):

@@ -85,6 +85,8 @@ class _Stack:
     stacks: ClassVar[bool] = True
     label: ClassVar[str] = ""
     passes: ClassVar[Callable[[], list[Pass]]]
+    embeddings: str = "none"
+    """A quantized base's float embedding and head tables: ``none``, ``int8``, ``int4`` (``--quantize-embeddings``)."""
 
     def check(self, backend: Backend) -> None:
         return None
@@ -102,12 +104,12 @@ class _Stack:
         made: list[Any] = []
 
         def passes() -> list[Pass]:
-            made.append(qlora.merge_pass(*self.quantized_policy()))
-            return type(self).passes(made[-1])
+            made[:] = qlora.passes(*self.quantized_policy(), self.embeddings)
+            return type(self).passes(made)
 
         program, records = in_each_world(built, programs, passes, ctx)
-        options["merge_policy"] = self.quantized_policy()[0]
-        return Optimized(program, records, signature(built), options, state=made[-1].sites)
+        options.update(merge_policy=self.quantized_policy()[0], quantize_embeddings=self.embeddings)
+        return Optimized(program, records, signature(built), options, state=[r for p in made for r in p.sites])
 
     def lower(
         self, backend: Backend, optimized: Optimized, built: Built, directory: Path, progress: Progress

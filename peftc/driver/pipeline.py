@@ -101,7 +101,10 @@ def mode_for(options: CompileOptions) -> Mode:
     """The build mode ``options`` ask for."""
     if options.swappable:
         return Swappable(options.max_rank, options.multi_adapter)
-    return Merged(options.merge_policy, options.max_error) if options.merge else Unmerged()
+    embeddings = options.quantize_embeddings
+    if options.merge:
+        return Merged(embeddings=embeddings, merge_policy=options.merge_policy, max_error=options.max_error)
+    return Unmerged(embeddings=embeddings)
 
 
 def mode_from(manifest: Manifest) -> Mode:

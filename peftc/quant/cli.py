@@ -16,6 +16,7 @@ from pathlib import Path
 
 MERGE_POLICIES = ("auto", "float", "requant", "two-path")
 """``peftc.quant.policy.POLICIES``, spelled out so that building the parser imports no torch."""
+EMBEDDINGS = ("none", "int8", "int4")
 
 
 def add_compile_flags(c: argparse.ArgumentParser) -> None:
@@ -27,6 +28,13 @@ def add_compile_flags(c: argparse.ArgumentParser) -> None:
         help="LoRA on a quantized base: per site, float (merge, fp32 weight), requant (merge, quantize again), "
         "two-path (packed GEMM + LoRA branch) or auto (the smallest whose added error is within --max-error, "
         "default 1e-2)",
+    )
+    c.add_argument(
+        "--quantize-embeddings",
+        choices=EMBEDDINGS,
+        default="none",
+        help="a quantized base's float embedding and LM head: int8 (per row), int4 (head NF4, embedding int8) or "
+        "none (float, as PEFT's QLoRA keeps them; default); the error each adds is recorded like a site's",
     )
 
 
@@ -54,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     options = CompileOptions(
         model=args.model, adapters=(args.adapter,), out=args.out, target=args.target, force=args.force,
         oracle=not args.no_oracle, max_error=args.max_error, merge_policy=args.merge_policy,
+        quantize_embeddings=args.quantize_embeddings,
     )  # fmt: skip
     artifact = compile_artifact(options, args.progress)
     print(table(artifact.manifest.target.get("quantized_sites") or []))

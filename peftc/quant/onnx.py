@@ -192,3 +192,12 @@ def lora_nbits(
     if getattr(y, "dtype", x.dtype) is None:  # the pending op's output: typed here, it is no graph output
         y.dtype = x.dtype
     return _lora_branch(y, x, lora_a, lora_b, scale)
+
+
+def int8_embedding(ids: Any, codes: Any, scales: Any) -> Any:
+    """``Gather`` of the int8 rows and of their scales, dequantized per call (only the rows looked up)."""
+    rows = op.Cast(op.Gather(codes, ids, axis=0), to=1)
+    scale = op.Unsqueeze(
+        op.Mul(op.Gather(scales, ids, axis=0), scalar(INT8_SCALE, scales)), op.Constant(value_ints=[-1])
+    )
+    return op.Mul(rows, scale)
