@@ -71,32 +71,25 @@ def compile(
         base_residual: ``model`` is the residual base a PiSSA/OLoRA/CorDA/LoRA-GA/LoftQ adapter was
             trained on (saved after its initialisation), so it is used as is.
         task_id: merge a Poly adapter for this task only (default: the router and a ``task_ids`` input).
-        swappable: keep LoRA sites as fixed-shape slots and write each adapter as an adapter file, so
-            adapters are added and switched without recompiling (``peftc/swap/``); the adapters are
-            then alternatives, not a stack.
+        swappable: keep LoRA sites as fixed-shape slots and write each adapter as an adapter file, so adapters
+            are added and switched without recompiling (``peftc/swap/``): alternatives, not a stack.
         max_rank: slot rank for ``swappable`` (default: the largest given rank).
         multi_adapter: with ``swappable``, how many adapters one call can mix, one per batch row.
-        oracle: also verify against Hugging Face PEFT when it is installed.
-        seed: seed of the verification inputs.
+        oracle, seed: also verify against Hugging Face PEFT when it is installed; the verification inputs' seed.
         precision: what the artifact computes in, ``fp32``, ``fp16`` or ``bf16`` (default: the base
             checkpoint's dtype where the target runs it, else fp32, noted in the manifest), or an
             integer precision, ``int8``, ``int8-static``, ``int8-weight`` or ``int4``, whose layers
             are quantized as far as ``max_error`` allows (``peftc/driver/quantize.py``). A reduced
             precision is verified against the fp32 oracles within ``max_error`` (``peftc/precision.py``).
         max_error: the error budget of a reduced-precision artifact, relative to each output's scale
-            (default: from the format's rounding and the model's depth, ``peftc.precision.budget``).
+            (default: ``peftc.precision.budget``), or ``merge_policy="auto"``'s per site (default 1e-2).
         calibration: a ``.safetensors`` or ``.npz`` file of model inputs (batch first) for an integer
             precision: ``int8-static``'s activation ranges, and the inputs layer errors are measured on.
         calibration_samples: without ``calibration``, how many seeded input batches to generate.
         combine: ``METHOD[:key=value,…]``: combine ``adapters`` into one adapter first (``peftc.combine``;
             written into the artifact as ``combined/``, the combination recorded in the manifest).
-        task: ``text-generation``: one generation step with the KV cache as explicit tensors, for
-            ``runner.generate`` (README "Generation"); None: inferred from ``config.architectures``.
-        merge_policy: a LoRA on a quantized base (README "Quantized bases (QLoRA)"): per site ``float``,
-            ``requant``, ``two-path``, or ``auto`` (the smallest whose added error is within ``max_error``,
-            default 1e-2).
-        quantize_embeddings: a quantized base's float embedding and LM-head tables: ``none`` (default),
-            ``int8`` (per-row int8) or ``int4`` (the head NF4, the embedding int8).
+        task: ``text-generation``: one generation step, KV cache as tensors (README "Generation"); None: inferred.
+        merge_policy, quantize_embeddings: a LoRA on a quantized base, README "Quantized bases (QLoRA)".
         progress: called with a line of text as each stage starts.
 
     Raises:

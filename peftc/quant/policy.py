@@ -181,11 +181,3 @@ def _bytes(module: nn.Module) -> int:
     if isinstance(module, nn.Linear):
         return module.weight.numel() * module.weight.element_size()
     return module.stored_bytes()
-
-
-def table(choices: list[SiteChoice]) -> str:
-    """The per-site table ``peftc inspect`` prints."""
-    lines = [f"{'site':<40} {'policy':<9} {'error added':>11} {'bytes':>10}  why"]
-    for c in choices:
-        lines.append(f"{c.module:<40} {c.policy:<9} {c.error:>11.3g} {c.bytes:>10}  {c.reason}")
-    return "\n".join(lines)
