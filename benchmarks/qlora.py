@@ -12,6 +12,11 @@ and saved again; PEFT makes a LoRA adapter (r=16, α=16, every linear of the dec
 ``com.microsoft.MatMulBnb4``); ``--aoti`` adds ``auto`` through AOTInductor (a frozen CPU package:
 Inductor folds each dequantization into an fp32 constant at compile time).
 
+``--tables`` measures ``peftc compile`` itself instead (``merge_policy="auto"``, the plain forward) with
+each ``--quantize-embeddings`` scheme (none, int8, int4: ``peftc/quant/embeddings.py``), the rows named
+``compile auto, tables …``; their error column is against the same fp32 reference, their site error the
+largest table error.
+
 Reported per policy and target: the artifact files' bytes and their ratio to an fp16 artifact of the
 same merged model (2 bytes per parameter); for the decoder's linear layers alone (what the policy
 decides) their bytes against fp16 (``lin×fp16``: bitsandbytes leaves embeddings, head and norms in
@@ -45,6 +50,7 @@ from peftc.quant.modules import Bnb4Linear, Int8Linear, TwoPathLinear
 
 LINEARS = (Bnb4Linear, Int8Linear, TwoPathLinear, torch.nn.Linear)
 POLICIES = ("float", "requant", "two-path", "auto")
+TABLES = ("none", "int8", "int4")
 SEQ = 64
 
 
@@ -97,6 +103,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--aoti", action="store_true", help="also compile auto's model with AOTInductor (minutes)")
     parser.add_argument("--max-error", type=float, default=1e-2, help="auto's per-site budget (default 1e-2)")
+    parser.add_argument("--tables", action="store_true", help="peftc compile with each --quantize-embeddings instead")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     reps = 3 if args.quick else 10
@@ -108,8 +115,11 @@ def main() -> None:
     check = batches[8]
     with torch.no_grad():
         reference = qlora.build(model_dir, adapter, "two-path").module(input_ids=check).logits
-    rows = [_peft_row(model_dir, adapter, batches, check, reference, reps)]
-    runs = [(name, "onnx") for name in POLICIES] + ([("auto", "aoti")] if args.aoti else [])
+    if args.tables:
+        rows = [_compiled_row(s, model_dir, adapter, root, batches, check, reference, reps) for s in TABLES]
+    else:
+        rows = [_peft_row(model_dir, adapter, batches, check, reference, reps)]
+    runs = [] if args.tables else [(name, "onnx") for name in POLICIES] + ([("auto", "aoti")] if args.aoti else [])
     for name, target in runs:
         rows.append(
             _policy_row(name, target, model_dir, adapter, root, batches, check, reference, reps, args.max_error)
@@ -131,6 +141,25 @@ def _peft_row(model_dir, adapter, batches, check, reference, reps) -> dict:
         latency = timed(lambda ids: model(input_ids=ids), batches, reps)
         error = qlora.relative_error(model(input_ids=check).logits, reference)
     return {"name": "PEFT eager QLoRA", "bytes": None, "site_error": None, "error": error, "ms": latency}
+
+
+def _compiled_row(tables, model_dir, adapter, root, batches, check, reference, reps) -> dict:
+    """``peftc compile`` (auto, the model's plain forward, ONNX) with ``--quantize-embeddings tables``."""
+    import peftc
+
+    out = root / f"compile-{tables}"
+    with contextlib.redirect_stdout(io.StringIO()):
+        artifact = peftc.compile(
+            str(model_dir), [str(adapter)], out=out, task="none", oracle=False, quantize_embeddings=tables
+        )
+    runner = peftc.load(out)
+    run = lambda ids: torch.as_tensor(runner(input_ids=ids, attention_mask=torch.ones_like(ids))["logits"])  # noqa: E731
+    latency = timed(run, batches, reps)
+    sites = artifact.manifest.target["quantized_sites"]
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    table_errors = [s["error"] for s in sites if s["policy"] == "quantized"] or [0.0]
+    return {"name": f"compile auto, tables {tables}", "chosen": sorted({s["policy"] for s in sites}), "bytes": size,
+            "site_error": max(table_errors), "ms": latency, "error": qlora.relative_error(run(check), reference)}  # fmt: skip
 
 
 def _policy_row(name, target, model_dir, adapter, root, batches, check, reference, reps, max_error) -> dict:

@@ -48,6 +48,8 @@ def compile(
     combine: str | None = None,
     task: str | None = None,
     co_permute: bool = False,
+    merge_policy: str = "auto",
+    quantize_embeddings: str = "none",
     progress: Progress | None = None,
 ) -> Artifact:
     """Compile ``model`` with ``adapters`` into a verified artifact directory ``out``.
@@ -74,22 +76,20 @@ def compile(
         max_rank: slot rank for ``swappable`` (default: the largest given rank).
         multi_adapter: with ``swappable``, how many adapters one call can mix, one per batch row.
         slot_capacity: with ``swappable``, rows/columns (entries) per S²FT (sparse) slot; default: the most given.
-        oracle: also verify against Hugging Face PEFT when it is installed.
-        seed: seed of the verification inputs.
+        oracle, seed: also verify against Hugging Face PEFT when it is installed; the verification inputs' seed.
         precision: what the artifact computes in, ``fp32``, ``fp16`` or ``bf16`` (default: the base checkpoint's
             dtype where the target runs it, else fp32, noted in the manifest), or an integer precision, ``int8``,
             ``int8-static``, ``int8-weight`` or ``int4``, whose layers are quantized as far as ``max_error``
             allows (``peftc/driver/quantize.py``). A reduced precision is verified against the fp32 oracles
             within ``max_error`` (``peftc/precision.py``).
         max_error: the error budget of a reduced-precision artifact, relative to each output's scale
-            (default: from the format's rounding and the model's depth, ``peftc.precision.budget``).
+            (default: ``peftc.precision.budget``), or ``merge_policy="auto"``'s per site (default 1e-2).
         calibration: ``.safetensors``/``.npz`` model inputs (batch first): int8 ranges, layer errors measured on.
         calibration_samples: without ``calibration``, how many seeded input batches to generate.
-        combine: ``METHOD[:key=value,…]``: combine ``adapters`` into one adapter first (``peftc.combine``;
-            written into the artifact as ``combined/``, the combination recorded in the manifest).
-        task: ``text-generation`` / ``text2text-generation``: programs with the KV cache as tensors for
-            ``runner.generate`` (README "Generation"); None: inferred from ``config.architectures``.
+        combine: ``METHOD[:key=value,…]``: combine ``adapters`` into one first (``peftc.combine``; ``combined/``).
+        task: ``text-generation`` / ``text2text-generation`` (KV caches as tensors, README "Generation"), ``none``.
         co_permute: with ``merge=False``, S²FT sites as slices of a base permuted once (``peftc/sparse/copermute.py``).
+        merge_policy, quantize_embeddings: a LoRA on a quantized base, README "Quantized bases (QLoRA)".
         progress: called with a line of text as each stage starts.
 
     Raises:

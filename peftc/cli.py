@@ -94,6 +94,8 @@ def compile_options(args: argparse.Namespace) -> CompileOptions:
         combine=args.combine,
         task=args.task,
         co_permute=args.co_permute,
+        merge_policy=args.merge_policy,
+        quantize_embeddings=args.quantize_embeddings,
     )
 
 
@@ -163,8 +165,6 @@ def _inspect(args: argparse.Namespace) -> int:
     from peftc.artifact.manifest import file_problems
     from peftc.report import manifest_text
 
-    if qlora_cli.show(args.artifact):
-        return 0
     manifest = read_manifest(args.artifact)
     problems = file_problems(args.artifact, manifest)  # a modified artifact says so, and exits 1
     if args.json:
@@ -341,6 +341,7 @@ def parser() -> argparse.ArgumentParser:
         help="without --calibration, generate N seeded input batches from the input signature (default 64)",
     )
     combine_cli.add_compile_flag(c)
+    qlora_cli.add_compile_flags(c)
     c.add_argument("--json", action="store_true", help="print the manifest as JSON")
     c.set_defaults(func=_compile)
 

@@ -22,6 +22,10 @@ from peftc.precision import PRECISIONS, QUANTIZED
 PathLike = str | os.PathLike[str]
 CALIBRATION_SAMPLES = 64
 """Generated calibration batches of an integer precision (``peftc/driver/quantize.py`` says why 64)."""
+MERGE_POLICIES = ("auto", "float", "requant", "two-path")
+"""``--merge-policy`` (``peftc.quant.policy.POLICIES``, spelled out so that options import no torch)."""
+EMBEDDINGS = ("none", "int8", "int4")
+"""``--quantize-embeddings`` (``peftc.quant.embeddings.SCHEMES``)."""
 MAX_MULTI_ADAPTER = 1024
 """Most adapters one call of a ``--swappable`` artifact can mix (``--multi-adapter``)."""
 
@@ -62,6 +66,10 @@ class CompileOptions:
     encoder program and a decoder step (None: from ``config.architectures``)."""
     co_permute: bool = False
     """``--no-merge`` S²FT sites as slices of a base permuted once (``peftc/sparse/copermute.py``)."""
+    merge_policy: str = "auto"
+    """LoRA on a quantized base: auto, float, requant or two-path per site (``peftc/quant/policy.py``)."""
+    quantize_embeddings: str = "none"
+    """A quantized base's float embedding and LM-head tables: none, int8 or int4 (``peftc/quant/embeddings.py``)."""
 
     def __post_init__(self) -> None:
         adapters = [self.adapters] if isinstance(self.adapters, (str, os.PathLike)) else list(self.adapters)
@@ -88,6 +96,12 @@ class CompileOptions:
         if self.task_id is not None and (isinstance(self.task_id, bool) or not isinstance(self.task_id, int)
                                          or self.task_id < 0):  # fmt: skip
             raise InputError(f"--task-id {self.task_id!r}: give a task index >= 0")
+        if self.merge_policy not in MERGE_POLICIES:
+            raise InputError(f"--merge-policy {self.merge_policy!r}: use one of {', '.join(MERGE_POLICIES)}")
+        if self.quantize_embeddings not in EMBEDDINGS:
+            raise InputError(f"--quantize-embeddings {self.quantize_embeddings!r}: use one of {', '.join(EMBEDDINGS)}")
+        if not self.merge and self.merge_policy not in ("auto", "two-path"):
+            raise InputError(f"--merge-policy {self.merge_policy} with --no-merge: unmerged QLoRA sites are two-path")
         if self.calibration_samples < 1:
             raise InputError(f"--calibration-samples {self.calibration_samples}: give at least 1")
         if self.precision in QUANTIZED and self.swappable:
@@ -178,6 +192,8 @@ class CompileOptions:
         command += ["--task", self.task] if self.task else []
         command += ["--precision", self.precision] if self.precision else []
         command += ["--max-error", repr(self.max_error)] if self.max_error is not None else []
+        command += ["--merge-policy", self.merge_policy] if self.merge_policy != "auto" else []
+        command += ["--quantize-embeddings", self.quantize_embeddings] if self.quantize_embeddings != "none" else []
         command += ["--calibration", str(self.calibration)] if self.calibration else []
         command += (
             ["--calibration-samples", str(self.calibration_samples)]

@@ -58,6 +58,7 @@ def manifest_text(m: Mapping[str, Any]) -> str:
         *_files_parts(m["target"]),
         *_target_lines(m["target"]),
         *_precision_parts(m["target"].get("precision")),
+        *_quantized_parts(m["target"]),
         verification_table(m["verification"]),
         *(f"not run: {item['what']}: {item['reason']}" for item in m["not_run"]),
         *(f"warning: {warning}" for warning in _warnings(m)),
@@ -144,6 +145,16 @@ def _files_parts(target: Mapping[str, Any]) -> list[str]:
             + (f"; onnxruntime fusions: {fusions}" if fusions else "")
         )
     return parts
+
+
+def _quantized_parts(target: Mapping[str, Any]) -> list[str]:
+    """The merge policy of each LoRA site on a quantized base (``peftc/quant/compiled.py``)."""
+    rows = target.get("quantized_sites")
+    if not rows:
+        return []
+    from peftc.quant.compiled import table as sites_table
+
+    return ["quantized base, LoRA merge policy per site:\n" + sites_table(rows)]
 
 
 def _target_lines(target: Mapping[str, Any]) -> list[str]:

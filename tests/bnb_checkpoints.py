@@ -67,11 +67,3 @@ def adapter(fmt: str) -> Path:
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
     peft.get_peft_model(base, config).save_pretrained(path)
     return path
-
-
-def peft_qlora(fmt: str) -> torch.nn.Module:
-    """PEFT's own eager QLoRA model (bitsandbytes kernels) for ``fmt`` with :func:`adapter`."""
-    import peft
-
-    base = quantized_model(root() / fmt, {})
-    return peft.PeftModel.from_pretrained(base, adapter(fmt)).eval()

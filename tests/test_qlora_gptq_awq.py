@@ -14,6 +14,7 @@ import nbits_checkpoints
 import pytest
 import safetensors.torch
 import torch
+from cli_run import error_line
 
 from peftc.errors import InputError, UnsupportedError
 from peftc.loaders.inputs import parse_inputs
@@ -56,10 +57,26 @@ def test_two_path_matches_peft(oracles, two_path, fmt):
     assert qlora.relative_error(logits(built.module), exact) < EXACT
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_float_policy_matches_peft(oracles, fmt):
-    built = qlora.build(nbits_checkpoints.root() / fmt, nbits_checkpoints.root() / f"lora-{fmt}", "float")
-    assert qlora.relative_error(logits(built.module), oracles[fmt][0]) < EXACT
+def test_gptq_through_the_driver_float_and_two_path(oracles):
+    """``peftc compile``'s stages on a GPTQ base: the LoRA as ``lora_nbits`` sites, merged in float or kept."""
+    from peftc.driver.build import Stages, build
+    from peftc.driver.modes import Merged
+    from peftc.driver.sources import Sources
+    from peftc.passes.base import PassContext
+
+    root = nbits_checkpoints.root()
+    built = build(Sources(str(root / "gptq"), (str(root / "lora-gptq"),), task="none"), Stages(None), stack=True)
+    feeds = {"input_ids": IDS, "attention_mask": torch.ones_like(IDS)}
+    for merge_policy, site_ops in (("two-path", 3), ("float", 0)):
+        program = Merged(merge_policy=merge_policy).optimize(built, PassContext()).program
+        targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+        assert targets.count("peftc.lora_nbits.default") == site_ops
+        assert targets.count("peftc.nbits_linear.default") == 4  # the layers the adapter leaves
+        with torch.no_grad():
+            out = program.module()(**feeds)["logits"]
+        assert qlora.relative_error(out, oracles["gptq"][0]) < EXACT
+    with pytest.raises(UnsupportedError, match=r"--merge-policy requant on a GPTQ base"):
+        Merged(merge_policy="requant").optimize(built, PassContext())
 
 
 def test_requant_is_refused_and_auto_keeps_two_path(two_path):
@@ -84,7 +101,7 @@ def test_ir_keeps_the_weights_packed_and_onnx_runs_matmulnbits(two_path, tmp_pat
     signature = parse_inputs(["input:batch,seq,64:float32"])
     program = ir.trace(stack, signature.example(signature.trace_sizes()), signature.dynamic_shapes())
     targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
-    assert targets.count("peftc.nbits_linear.default") == 4 and "aten.linear.default" in targets  # + LoRA
+    assert targets.count("peftc.nbits_linear.default") == 2 and targets.count("peftc.lora_nbits.default") == 2
     buffers = dict(program.named_buffers())
     assert buffers["0.base.qweight"].dtype == torch.int32 and buffers["2.qzeros"].dtype == torch.int32
     from peftc.backends.aoti import decompositions  # AOTInductor lowers the decomposed program
@@ -130,9 +147,8 @@ def test_qweight_of_wrong_length_is_one_line_naming_the_key(tmp_path, capsys):
     safetensors.torch.save_file(state, str(bad / "model.safetensors"))
     with pytest.raises(InputError, match=rf"{key}: shape \[7, 32\], expected \[8, 32\]"):
         qlora.build(bad, root / "lora-gptq", "two-path")
-    assert main(["qlora", str(bad), "--adapter", str(root / "lora-gptq"), "-o", str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and key in err
+    assert main(["compile", str(bad), "--adapter", str(root / "lora-gptq"), "-o", str(tmp_path / "out")]) == 2
+    assert key in error_line(capsys.readouterr().err)
 
 
 def test_act_order_gptq_is_refused_by_the_onnx_lowering_naming_the_layer(two_path, tmp_path):

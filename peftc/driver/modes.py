@@ -26,6 +26,7 @@ from peftc.passes import pipelines
 from peftc.passes.base import Pass, PassContext, PassManager, PassRecord
 from peftc.passes.take_state import TakeStatePass
 from peftc.precision import FLOATS
+from peftc.quant import compiled as qlora
 from peftc.verification import Oracle, OraclePlan, Report, module_oracle, output_dtypes, program_oracle, verify
 
 
@@ -84,21 +85,38 @@ class _Stack:
     stacks: ClassVar[bool] = True
     label: ClassVar[str] = ""
     passes: ClassVar[Callable[[], list[Pass]]]
+    embeddings: str = "none"
+    """A quantized base's float embedding and head tables: ``none``, ``int8``, ``int4`` (``--quantize-embeddings``)."""
 
     def check(self, backend: Backend) -> None:
         return None
 
+    def quantized_policy(self) -> tuple[str, float | None]:
+        """The merge policy of LoRA sites on a quantized base, and ``auto``'s per-site budget."""
+        return "two-path", None
+
     def optimize(self, built: Built, ctx: PassContext) -> Optimized:
         programs = [world.reference for world in built.worlds]
-        program, records = in_each_world(built, programs, type(self).passes, ctx)
-        return Optimized(program, records, signature(built), {"stack": [a.name for a in built.adapters]})
+        options: dict[str, Any] = {"stack": [a.name for a in built.adapters]}
+        if not qlora.has_sites(built.adapters):
+            program, records = in_each_world(built, programs, type(self).passes, ctx)
+            return Optimized(program, records, signature(built), options)
+        made: list[Any] = []
+
+        def passes() -> list[Pass]:
+            made[:] = qlora.passes(*self.quantized_policy(), self.embeddings)
+            return type(self).passes(made)
+
+        program, records = in_each_world(built, programs, passes, ctx)
+        options.update(merge_policy=self.quantized_policy()[0], quantize_embeddings=self.embeddings)
+        return Optimized(program, records, signature(built), options, state=[r for p in made for r in p.sites])
 
     def lower(
         self, backend: Backend, optimized: Optimized, built: Built, directory: Path, progress: Progress
     ) -> Lowering:
         request = LowerRequest(optimized.program, optimized.signature, built.world.reference, precision=built.precision)
         lowered = backend.lower(request, directory, progress)
-        return Lowering(lowered, lowered.files)
+        return Lowering(lowered, lowered.files, target=qlora.target_fields(optimized.state))
 
     def verify(
         self, runner: Any, built: Built, target: Mapping[str, Any], plans: Sequence[OraclePlan], seed: int
@@ -110,6 +128,7 @@ class _Stack:
             found, missing = plan.oracles(program_oracle(world.reference), built.adapters)
             oracles.update(found)
             tolerances.update(plan.tolerances(found))
+            tolerances.update(qlora.tolerances(target, found))
             not_run += [*plan.not_run(), *missing]
         return verify(
             lambda inputs: runner.run({k: v.numpy() for k, v in inputs.items()}),
@@ -159,6 +178,12 @@ class Merged(_Stack):
 
     label: ClassVar[str] = "merge"
     passes = staticmethod(pipelines.merged)
+    merge_policy: str = "auto"
+    max_error: float | None = None
+
+    def quantized_policy(self) -> tuple[str, float | None]:
+        """``--merge-policy`` and ``--max-error``."""
+        return self.merge_policy, self.max_error
 
 
 @dataclasses.dataclass(frozen=True)

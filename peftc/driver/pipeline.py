@@ -128,7 +128,10 @@ def mode_for(options: CompileOptions) -> Mode:
         return Swappable(options.max_rank, options.multi_adapter, options.slot_capacity)
     if options.co_permute:
         return CoPermuted(seed=options.seed)
-    return Merged() if options.merge else Unmerged()
+    embeddings = options.quantize_embeddings
+    if options.merge:
+        return Merged(embeddings=embeddings, merge_policy=options.merge_policy, max_error=options.max_error)
+    return Unmerged(embeddings=embeddings)
 
 
 def mode_from(manifest: Manifest) -> Mode:

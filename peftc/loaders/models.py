@@ -192,11 +192,13 @@ def _load_huggingface(path: Path, allow_pickle: bool) -> LoadedModel:
     if cls is None:
         cls = transformers.AutoModel
     from peftc.quant.loading import load_quantized, quantization_config
+    from peftc.verification.oracles import QUANTIZED_FROM
 
     quant = quantization_config(path) if weights else None
     try:
         if quant is not None:
             module = load_quantized(path, cls, config, quant)
+            setattr(module, QUANTIZED_FROM, str(path))  # PEFT's QLoRA oracle loads it with bitsandbytes
         else:
             module = cls.from_pretrained(str(path), config=config, local_files_only=True, use_safetensors=bool(weights))
     except PeftcError:

@@ -295,8 +295,8 @@ def layout(source: AdapterSource, module: ModuleInfo, method: str, supported: It
     allowed = tuple(supported)
     if module.class_name in ("Bnb4Linear", "Int8Linear", "NBitsLinear"):  # peftc/quant/modules.py
         raise UnsupportedError(
-            f"{source.config_path.name}: {method} on the quantized layer {module.path!r}; peftc compile does not "
-            "adapt quantized bases yet: compile a LoRA adapter on it with `peftc qlora`"
+            f"{source.config_path.name}: {method} on the quantized layer {module.path!r}; on quantized bases "
+            "peftc compiles LoRA (QLoRA), other methods need a float weight"
         )
     if module.class_name not in allowed or module.class_name not in LAYOUT_OF:
         raise UnsupportedError(

@@ -30,15 +30,17 @@ def adapt(adapters: Sequence[Adapter]) -> list[Pass]:
     return [ReplaceTensorsPass(adapters), InsertSitesPass(adapters), EliminateDeadCodePass()]
 
 
-def merged() -> list[Pass]:
+def merged(quantized: Sequence[Pass] = ()) -> list[Pass]:
     """Merge every mergeable site, then fold re-parameterisable activation sites (SSF, linear
-    adapters) into the weights they now sit next to."""
-    return [MergeSitesPass(), *registry.passes("merged"), EliminateDeadCodePass()]
+    adapters) into the weights they now sit next to. ``quantized``: the passes of a LoRA on a quantized
+    base (``merge-quantized``, ``quantize-embeddings``: ``peftc/quant/``), first."""
+    return [*quantized, MergeSitesPass(), *registry.passes("merged"), EliminateDeadCodePass()]
 
 
-def unmerged() -> list[Pass]:
-    """Keep sites unmerged, with everything that depends only on weights (DoRA's norm) computed once, here."""
-    return [*registry.passes("unmerged"), EliminateDeadCodePass()]
+def unmerged(quantized: Sequence[Pass] = ()) -> list[Pass]:
+    """Keep sites unmerged, with everything that depends only on weights (DoRA's norm) computed once, here
+    (``quantized``: as for :func:`merged`; ``merge-quantized`` keeps QLoRA sites two-path and records them)."""
+    return [*quantized, *registry.passes("unmerged"), EliminateDeadCodePass()]
 
 
 def co_permuted(permute: Pass) -> list[Pass]:

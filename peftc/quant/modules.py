@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from peftc.quant import bnb
+from peftc.quant import bnb, sites  # noqa: F401  (registers the QLoRA site ops TwoPathLinear calls)
 from peftc.quant.ops import FORMATS, nbits_weight, quant_type_number
 
 
@@ -120,7 +120,14 @@ class TwoPathLinear(nn.Module):
         return self.base.stored_bytes() + (self.lora_A.numel() + self.lora_B.numel()) * 4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Base output plus the LoRA branch (added in fp32)."""
-        h = nn.functional.linear(nn.functional.linear(x.to(torch.float32), self.lora_A), self.lora_B)
-        y = self.base(x)
-        return (y + h * self.scale).to(y.dtype)
+        """Base output plus the LoRA branch (added in fp32): the QLoRA site op ``peftc compile`` keeps
+        for the two-path policy (``peftc/quant/sites.py``)."""
+        base, lora = self.base, (self.lora_A, self.lora_B, self.scale)
+        if isinstance(base, Bnb4Linear):
+            return torch.ops.peftc.lora_bnb4(
+                x, base.packed, base.absmax, base.code, base.bias, *lora, base.blocksize,
+                quant_type_number(base.quant_type), base.out_features, base.in_features,
+            )  # fmt: skip
+        if isinstance(base, Int8Linear):
+            return torch.ops.peftc.lora_int8(x, base.weight_int8, base.scb, base.bias, *lora)
+        return torch.ops.peftc.lora_nbits(x, *base._arguments()[:5], *lora, *base._arguments()[5:])

@@ -160,3 +160,44 @@ def _array(value: Any) -> Any:
     if value.const_value is None:
         raise AssertionError(f"{value.name}: a packed GPTQ/AWQ tensor that is not an initializer")
     return torch.from_numpy(value.const_value.numpy().copy())
+
+
+def _lora_branch(y: Any, x: Any, lora_a: Any, lora_b: Any, scale: float) -> Any:
+    """``y + s·(x Aᵀ) Bᵀ`` (the scaled, transposed factors are folded by onnxruntime at load time)."""
+    a_t = op.Transpose(cast(lora_a, lora_a, x), perm=[1, 0])
+    b_t = op.Transpose(op.Mul(cast(lora_b, lora_b, x), scalar(scale, x)), perm=[1, 0])
+    return op.Add(y, op.MatMul(op.MatMul(x, a_t), b_t))
+
+
+def lora_bnb4(
+    x: Any, packed: Any, absmax: Any, code: Any, bias: Any, lora_a: Any, lora_b: Any, scale: float, blocksize: int,
+    quant_type: int, out_features: int, in_features: int,
+) -> Any:  # fmt: skip
+    """``peftc::lora_bnb4``: MatMulBnb4 plus the LoRA branch (the two-path merge policy)."""
+    y = bnb4_linear(x, packed, absmax, code, bias, blocksize, quant_type, out_features, in_features)
+    return _lora_branch(y, x, lora_a, lora_b, scale)
+
+
+def lora_int8(x: Any, weight: Any, scb: Any, bias: Any, lora_a: Any, lora_b: Any, scale: float) -> Any:
+    """``peftc::lora_int8``: the int8 layer plus the LoRA branch."""
+    return _lora_branch(int8_linear(x, weight, scb, bias), x, lora_a, lora_b, scale)
+
+
+def lora_nbits(
+    x: Any, qweight: Any, qzeros: Any, scales: Any, g_idx: Any, bias: Any, lora_a: Any, lora_b: Any, scale: float,
+    fmt: int, bits: int, version: int, group_size: int, out_features: int, in_features: int,
+) -> Any:  # fmt: skip
+    """``peftc::lora_nbits``: MatMulNBits (repacked after export) plus the LoRA branch."""
+    y = nbits_linear(x, qweight, qzeros, scales, g_idx, bias, fmt, bits, version, group_size, out_features, in_features)
+    if getattr(y, "dtype", x.dtype) is None:  # the pending op's output: typed here, it is no graph output
+        y.dtype = x.dtype
+    return _lora_branch(y, x, lora_a, lora_b, scale)
+
+
+def int8_embedding(ids: Any, codes: Any, scales: Any) -> Any:
+    """``Gather`` of the int8 rows and of their scales, dequantized per call (only the rows looked up)."""
+    rows = op.Cast(op.Gather(codes, ids, axis=0), to=1)
+    scale = op.Unsqueeze(
+        op.Mul(op.Gather(scales, ids, axis=0), scalar(INT8_SCALE, scales)), op.Constant(value_ints=[-1])
+    )
+    return op.Mul(rows, scale)

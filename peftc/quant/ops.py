@@ -124,3 +124,24 @@ OPS = (BNB4_LINEAR, INT8_LINEAR, NBITS_LINEAR)
 def quant_type_number(name: str) -> int:
     """MatMulBnb4's ``quant_type`` for ``"fp4"`` / ``"nf4"``."""
     return QUANT_TYPES.index(name)
+
+
+def int8_embedding(ids: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` of an int8 table with one fp32 scale per row: ``codes[ids] · scales[ids] / 127``."""
+    return codes[ids].to(torch.float32) * (scales[ids] * bnb.INT8_SCALE).unsqueeze(-1)
+
+
+def _int8_embedding_fake(ids, codes, scales):
+    return scales.new_empty((*ids.shape, codes.shape[1]))
+
+
+INT8_EMBEDDING = call_op(
+    "int8_embedding",
+    int8_embedding,
+    _int8_embedding_fake,
+    tensor_roles=("codes", "scales"),
+    scalars=(),
+    onnx="peftc.quant.onnx:int8_embedding",
+)
+"""An embedding table stored int8 (``--quantize-embeddings``, ``peftc/quant/embeddings.py``)."""
+OPS = (*OPS, INT8_EMBEDDING)

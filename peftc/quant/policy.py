@@ -112,7 +112,6 @@ def apply(model: nn.Module, adapter: Path, policy: str = "auto", max_error: floa
     """
     if policy not in POLICIES:
         raise InputError(f"--merge-policy {policy!r}: use one of {', '.join(POLICIES)}")
-    budget = DEFAULT_MAX_ERROR if max_error is None else max_error
     config, tensors = read_lora(Path(adapter))
     modules = sorted({k.removeprefix("base_model.model.").rpartition(".lora_")[0] for k in tensors if ".lora_" in k})
     choices = []
@@ -124,14 +123,25 @@ def apply(model: nn.Module, adapter: Path, policy: str = "auto", max_error: floa
         factors = _factors(config, tensors, name)
         if factors is None:
             raise UnsupportedError(f"{adapter}: {name!r} has LoRA tensors other than lora_A/lora_B")
-        choice, module = _choose(name, base, *factors, policy, budget)
+        choice, module = choose(name, base, *factors, policy, max_error)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, module)
         choices.append(choice)
     return choices
 
 
-def _choose(name: str, base: nn.Module, a, b, scale, policy: str, budget: float) -> tuple[SiteChoice, nn.Module]:
+def choose(
+    name: str, base: nn.Module, a, b, scale, policy: str, max_error: float | None
+) -> tuple[SiteChoice, nn.Module]:
+    """What the site ``name`` (quantized layer ``base``, LoRA factors ``a``, ``b``, ``scale``) becomes under
+    ``policy`` (``auto``: the first of :data:`AUTO_ORDER` whose added error is within ``max_error``,
+    default :data:`DEFAULT_MAX_ERROR`).
+
+    Raises:
+        UnsupportedError: ``requant`` on a GPTQ/AWQ base, ``requant`` adding more than a given
+            ``max_error``, or a layer that is not a (quantized) linear.
+    """
+    budget = DEFAULT_MAX_ERROR if max_error is None else max_error
     if isinstance(base, nn.Linear):  # a float layer of a partly quantized model: an ordinary merge
         merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
         merged.load_state_dict(base.state_dict())
@@ -147,6 +157,11 @@ def _choose(name: str, base: nn.Module, a, b, scale, policy: str, budget: float)
         )
     if policy != "auto":
         module, error = options[policy]
+        if max_error is not None and error > max_error:
+            raise UnsupportedError(
+                f"{name}: --merge-policy {policy} adds error {error:.3g} > --max-error {max_error:g}; use auto "
+                "(two-path where requantizing exceeds the budget), two-path or float"
+            )
         return SiteChoice(name, policy, error, _bytes(module), "--merge-policy"), module
     for candidate in (c for c in AUTO_ORDER if c in options):
         module, error = options[candidate]
@@ -166,11 +181,3 @@ def _bytes(module: nn.Module) -> int:
     if isinstance(module, nn.Linear):
         return module.weight.numel() * module.weight.element_size()
     return module.stored_bytes()
-
-
-def table(choices: list[SiteChoice]) -> str:
-    """The per-site table ``peftc inspect`` prints."""
-    lines = [f"{'site':<40} {'policy':<9} {'error added':>11} {'bytes':>10}  why"]
-    for c in choices:
-        lines.append(f"{c.module:<40} {c.policy:<9} {c.error:>11.3g} {c.bytes:>10}  {c.reason}")
-    return "\n".join(lines)

@@ -1,9 +1,11 @@
-"""A QLoRA model end to end: a quantized base, a LoRA adapter put in by the merge policy, ONNX, checks.
+"""A QLoRA model as an eager ``nn.Module``: the quantized base with the LoRA applied site by site.
 
+``peftc compile`` is the way to compile a LoRA on a quantized base (``peftc/quant/sites.py``,
+``peftc/quant/merge.py``). This module builds the eager module of the same per-site choices
+(``peftc.quant.policy.choose``; a ``two-path`` site is :class:`~peftc.quant.modules.TwoPathLinear`, which
+runs the same site op) for ``benchmarks/qlora.py`` and the tests of the ONNX lowering of single layers:
 :func:`build` loads a quantized Hugging Face directory (``peftc/quant/loading.py``) and applies the
-adapter site by site (``peftc/quant/policy.py``); :func:`lower` compiles the result with one of
-peftc's backends (ONNX: the quantized layers as ``com.microsoft.MatMulBnb4`` (NF4/FP4) or in-graph
-dequantization (int8); AOTInductor: dequantization decomposed into the graph).
+adapter (``policy.apply``); :func:`lower` lowers a module with one of peftc's backends.
 """
 
 from __future__ import annotations

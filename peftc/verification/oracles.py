@@ -140,7 +140,10 @@ def peft_oracle(module: torch.nn.Module, adapters: Sequence[Adapter]) -> tuple[O
         return None, f"PEFT does not implement {', '.join(foreign)} (the eager reference program is the oracle)"
     from safetensors.torch import save_file
 
-    model = copy.deepcopy(module)
+    quantized = getattr(module, QUANTIZED_FROM, None)
+    model, why = _bitsandbytes_base(module, quantized) if quantized else (copy.deepcopy(module), "")
+    if model is None:
+        return None, why
     with tempfile.TemporaryDirectory(prefix="peftc-oracle-") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -173,6 +176,31 @@ def peft_oracle(module: torch.nn.Module, adapters: Sequence[Adapter]) -> tuple[O
             return to_numpy(model(**given))
 
     return run, ""
+
+
+QUANTIZED_FROM = "peftc_quantized_from"
+"""Attribute of a base module peftc loaded from a quantized directory: that directory (``loaders/models.py``)."""
+
+
+def _bitsandbytes_base(module: torch.nn.Module, path: str) -> tuple[torch.nn.Module | None, str]:
+    """The quantized base as PEFT's QLoRA runs it: transformers + bitsandbytes' CPU kernels."""
+    import importlib.util
+
+    from peftc.quant.loading import quantization_config
+
+    method = (quantization_config(Path(path)) or {}).get("quant_method")
+    if method != "bitsandbytes":
+        return None, f"PEFT runs a {method} base only on optimum/gptqmodel kernels, not installed here"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return None, "bitsandbytes is not installed (PEFT's QLoRA runs on its kernels)"
+    from peftc.loaders.causal import TEXT_GENERATION, attach
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = type(module).from_pretrained(path, device_map="cpu", use_cache=False)
+    if "forward" in vars(module):  # peftc's base runs one generation step (loaders/causal.py): so does PEFT's
+        attach(model, TEXT_GENERATION)
+    return model, ""
 
 
 def weights_oracle(module: torch.nn.Module, adapters: Sequence[Adapter]) -> Oracle:

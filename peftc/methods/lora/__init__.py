@@ -15,12 +15,13 @@ from peftc.methods.lora.dora import DORA_FACTORED_WEIGHT, DORA_WEIGHT
 from peftc.methods.lora.factor_dora import FactorDoraPass
 from peftc.methods.lora.ops import LORA_BIAS, LORA_EXPERTS, LORA_LINEAR, LORA_WEIGHT
 from peftc.methods.record import Method
+from peftc.quant.sites import OPS as QLORA_OPS
 
 METHOD = Method(
     "lora",
     ("LORA",),
     parse.parse,
-    ops=(LORA_LINEAR, LORA_WEIGHT, LORA_BIAS, LORA_EXPERTS, DORA_WEIGHT, DORA_FACTORED_WEIGHT),
+    ops=(LORA_LINEAR, LORA_WEIGHT, LORA_BIAS, LORA_EXPERTS, DORA_WEIGHT, DORA_FACTORED_WEIGHT, *QLORA_OPS),
     unmerged_passes=(FactorDoraPass,),
     fields=parse.FIELDS,
 )

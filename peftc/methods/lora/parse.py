@@ -31,6 +31,7 @@ from peftc.methods.base import Adapter, AdapterSource, AdapterTensor, ParseOptio
 from peftc.methods.lora import mha, residual
 from peftc.methods.lora.dora import DORA_WEIGHT
 from peftc.methods.lora.ops import LORA_BIAS, LORA_EXPERTS, LORA_LINEAR, LORA_WEIGHT, lora_scale
+from peftc.quant.sites import QUANTIZED_CLASSES, lora_site
 
 FIELDS = common.Fields(
     honoured=(
@@ -224,6 +225,9 @@ def _module_sites(
         return mha.sites(source, module, tensors, modules, _rank_alpha, warnings)
     cfg = source.config
     path = module.path
+    if module.class_name in QUANTIZED_CLASSES:  # QLoRA: peftc/quant/sites.py
+        common.require_roles(source, path, tensors, ["lora_A", "lora_B"])
+        return [lora_site(source, module, tensors, *_rank_alpha(source, path))]
     layout = common.layout(source, module, "LoRA", CALL_TYPES + WEIGHT_TYPES)
     common.require_roles(source, path, tensors, ["lora_A", "lora_B"] + (["magnitude"] if cfg.get("use_dora") else []))
     _check_extra_roles(source, path, tensors, layout)

@@ -1,0 +1,132 @@
+"""merge-quantized: fold each QLoRA site (``peftc/quant/sites.py``) by its merge policy.
+
+For every ``peftc::lora_bnb4`` / ``lora_int8`` / ``lora_nbits`` node the pass rebuilds the packed layer
+from the program's tensors and asks ``peftc.quant.policy.choose`` what it becomes (``--merge-policy``;
+``auto``: the smallest artifact within ``--max-error``), then rewrites the node:
+
+* ``float``: ``aten.linear(x, W + ΔW, b)`` on a new fp32 parameter ``<module>.weight``;
+* ``requant``: the base op again (``bnb4_linear`` / ``int8_linear``) on the requantized tensors, which
+  replace the layer's own under the same keys (same shapes and dtypes);
+* ``two-path``: the site stays (the packed GEMM plus the LoRA branch).
+
+The choices (format, policy, error added, bytes, why) are kept on the pass (:attr:`MergeQuantizedPass.sites`)
+for the manifest's table; the pass's stats count each policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+import torch
+from torch import fx
+
+from peftc import ir
+from peftc.passes.base import PassBase, PassContext, PassResult
+from peftc.quant import policy as policies
+from peftc.quant.modules import Bnb4Linear, Int8Linear, NBitsLinear
+from peftc.quant.ops import FORMATS, QUANT_TYPES
+from peftc.quant.sites import BASE_OF, LORA_BNB4, LORA_INT8, OPS
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeQuantizedOptions:
+    policy: str = "auto"
+    """``--merge-policy``: auto, float, requant or two-path."""
+    max_error: float | None = None
+    """``auto``'s per-site budget (None: ``policy.DEFAULT_MAX_ERROR``)."""
+
+
+class MergeQuantizedPass(PassBase):
+    """Fold or keep every QLoRA site by the merge policy."""
+
+    name = "merge-quantized"
+
+    def __init__(self, policy: str = "auto", max_error: float | None = None) -> None:
+        self.options = MergeQuantizedOptions(policy, max_error)
+        self.sites: list[dict] = []
+        """One row per adapted module: :meth:`policy.SiteChoice.row` and the base's ``format``."""
+
+    def run(self, program: ir.Program, ctx: PassContext) -> PassResult:
+        editor = ir.ProgramEditor(program, self.name)
+        ops = {op.overload: op for op in OPS}
+        chosen: dict[str, tuple[policies.SiteChoice, torch.nn.Module]] = {}
+        self.sites = []
+        with torch.no_grad():
+            for node in list(editor.graph.nodes):
+                if node.op != "call_function" or node.target not in ops:
+                    continue
+                module = node.meta.get(ir.meta.PEFTC, {}).get("module", node.name)
+                if module not in chosen:  # a module called several times is decided once
+                    layer, (a, b, scale) = _layer(editor, node, ops[node.target])
+                    chosen[module] = policies.choose(
+                        module, layer, a, b, scale, self.options.policy, self.options.max_error
+                    )
+                    self.sites.append({**chosen[module][0].row(), "format": _format(layer)})
+                _rewrite(editor, node, ops[node.target], *chosen[module])
+        counts = Counter(row["policy"] for row in self.sites)
+        stats = {p: counts.get(p, 0) for p in ("float", "requant", "two-path")}
+        if not stats["float"] and not stats["requant"]:
+            return PassResult(program, False, stats)
+        editor.eliminate_dead_code()
+        editor.remove_unused_state()
+        return PassResult(editor.finish(), True, stats)
+
+    def ensures(self, program: ir.Program, result: PassResult) -> None:
+        left = sum(1 for n in program.graph.nodes if n.op == "call_function" and n.target in {o.overload for o in OPS})
+        if left and result.stats.get("two-path", 0) == 0:
+            raise AssertionError(f"{left} QLoRA sites left, none kept two-path")
+
+
+def _values(editor: ir.ProgramEditor, node: fx.Node) -> list:
+    return [editor.tensor(a) if isinstance(a, fx.Node) else a for a in node.args]
+
+
+def _layer(editor: ir.ProgramEditor, node: fx.Node, op) -> tuple[torch.nn.Module, tuple]:
+    """The packed layer of a QLoRA site node, and its LoRA factors and scale (fp32)."""
+    values = _values(editor, node)
+    base = values[1 : op.operands_start]
+    a, b, scale, *scalars = values[op.operands_start :]
+    bias = base[-1]
+    if op is LORA_BNB4:
+        blocksize, quant_type, out_features, in_features = scalars
+        packed, absmax, code = base[:3]
+        layer = Bnb4Linear(packed, absmax, code, blocksize, QUANT_TYPES[quant_type], (out_features, in_features), bias)
+    elif op is LORA_INT8:
+        layer = Int8Linear(base[0], base[1], bias)
+    else:
+        fmt, bits, version, group_size, out_features, in_features = scalars
+        tensors = dict(zip(("qweight", "qzeros", "scales", "g_idx"), base[:4], strict=True))
+        layer = NBitsLinear(FORMATS[fmt], bits, version, group_size, tensors, (out_features, in_features), bias)
+    return layer, (a.to(torch.float32), b.to(torch.float32), scale)
+
+
+def _format(layer: torch.nn.Module) -> str:
+    if isinstance(layer, Bnb4Linear):
+        return layer.quant_type
+    return "int8" if isinstance(layer, Int8Linear) else layer.fmt
+
+
+def _rewrite(editor: ir.ProgramEditor, node: fx.Node, op, choice: policies.SiteChoice, layer: torch.nn.Module) -> None:
+    x, base = node.args[0], list(node.args[1 : op.operands_start])
+    if choice.policy == "two-path":
+        return
+    if choice.policy == "float":
+        fqn = f"{choice.module}.weight"
+        weight = editor.node_for(fqn) or editor.add_parameter(_fresh(editor, fqn), layer.weight.detach())
+        out = editor.call(torch.ops.aten.linear.default, (x, weight, base[-1]), like=node)
+    else:  # requant: the layer's tensors replaced under their keys
+        new = [layer.packed, layer.absmax] if isinstance(layer, Bnb4Linear) else [layer.weight_int8, layer.scb]
+        for arg, value in zip(base, new, strict=False):
+            editor.set_tensor(editor.fqn(arg), value)
+        scalars = node.args[op.operands_start + 3 :]
+        out = editor.call(BASE_OF[op.name].overload, (x, *base, *scalars), like=node)
+    editor.replace(node, out)
+
+
+def _fresh(editor: ir.ProgramEditor, fqn: str) -> str:
+    candidate, index = fqn, 1
+    while editor.has_state(candidate):
+        index += 1
+        candidate = f"{fqn}{index}"
+    return candidate
