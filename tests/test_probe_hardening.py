@@ -8,7 +8,6 @@ import re
 import shutil
 from pathlib import Path
 
-import models
 import numpy as np
 import pytest
 from conftest import edited_adapter
@@ -154,5 +153,11 @@ def test_bench_sizes_and_plot_file(capsys, swappable, flags, message):
     assert message in one_error(capsys, "bench", swappable, "--reps", "1", "--batch", "1", *flags)
 
 
-def test_models_module_is_the_golden_one():
-    assert models.tiny_bert().config.max_position_embeddings == 64  # the bound test_bench_sizes relies on
+def test_force_keeps_an_artifact_holding_a_file_its_manifest_does_not_list(
+    capsys, swappable, tmp_path, bert_dir, bert_adapter
+):
+    out = Path(shutil.copytree(swappable, tmp_path / "out"))
+    (out / "notes.txt").write_text("mine")
+    line = one_error(capsys, "compile", bert_dir, "--adapter", bert_adapter, "-o", out, "--force")
+    assert "notes.txt" in line and (out / "notes.txt").read_text() == "mine"
+    assert (out / "manifest.json").read_bytes() == (swappable / "manifest.json").read_bytes()
