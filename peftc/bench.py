@@ -102,6 +102,11 @@ def bench(
     unknown = sorted(set(sizes or {}) - set(signature.dims))
     if unknown:
         raise InputError(f"--size {unknown[0]}: the model's dynamic dims are {sorted(signature.dims)}")
+    for name, size in (sizes or {}).items():
+        spec = signature.dims[name]
+        if size < spec.min or (spec.max is not None and size > spec.max):
+            bounds = f"{spec.min}..{spec.max if spec.max is not None else ''}"
+            raise InputError(f"--size {name}={size}: outside the sizes the artifact takes ({name} in {bounds})")
     batch_dim = signature.dims.get("batch")
     if batch_dim is None:
         batches = [dims.get("batch", 1)]

@@ -7,6 +7,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+PLOT_FORMATS = (".png", ".svg", ".pdf")
+"""The image formats ``--plot`` writes (matplotlib picks the format from the suffix)."""
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Declare ``peftc bench`` on the ``peftc`` subcommand parser ``sub``."""
@@ -34,7 +37,7 @@ def _bench(args: argparse.Namespace) -> int:
         for text in texts:
             name, _, value = text.rpartition("=")
             if not value.isdigit() or int(value) < 1:
-                raise InputError(f"{flag} {text!r}: give positive integers ({'DIM=N' if name else '1,8'})")
+                raise InputError(f"{flag} {text!r}: give positive integers ({'DIM=N' if flag == '--size' else '1,8'})")
             out.append((name, int(value)))
         return out
 
@@ -44,6 +47,8 @@ def _bench(args: argparse.Namespace) -> int:
         raise InputError("--size: give DIM=N with the dim's name (e.g. seq=128)")
     if args.reps < 1:
         raise InputError(f"--reps {args.reps}: give a positive count")
+    if args.plot and (Path(args.plot).suffix.lower() not in PLOT_FORMATS or Path(args.plot).is_dir()):
+        raise InputError(f"--plot {args.plot}: give a file name ending in {', '.join(PLOT_FORMATS)}")
     result = bench.bench(
         [Path(p) for p in args.artifacts], batches=batches, sizes=sizes, reps=args.reps, progress=args.progress
     )

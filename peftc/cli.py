@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING
 from peftc import bench_cli, clean, cli_info
 from peftc.combine import cli as combine_cli
 from peftc.density import cli as density_cli
-from peftc.errors import PeftcError, VerificationError
+from peftc.errors import InputError, PeftcError, VerificationError
 from peftc.generation import cli as generation_cli
 from peftc.interrupts import sigterm_as_interrupt
 from peftc.logs import hidden_warnings
 from peftc.progress import Bar, Lines
 from peftc.quant import cli as qlora_cli
+from peftc.seeds import check_seed
 from peftc.sparse import extract_cli
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int8-static", "int8-weight", "int4")
@@ -37,6 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _quiet_dependencies()
     args.progress = Bar() if sys.stderr.isatty() else Lines()  # a live bar on a terminal, lines in logs
     try:
+        if getattr(args, "seed", None) is not None:  # every command's --seed, before any work
+            check_seed(args.seed)
         with sigterm_as_interrupt(), hidden_warnings(not args.debug) as hidden:
             code = args.func(args)
         if hidden.count:
@@ -173,7 +176,11 @@ def _inspect(args: argparse.Namespace) -> int:
     else:
         # The manifest's own objects (not copies), so a missing field is reported with its path.
         fields = {f.name: getattr(manifest, f.name) for f in dataclasses.fields(manifest)}
-        print(manifest_text({**fields, "status": "modified" if problems else manifest.status}), end="")
+        try:
+            text = manifest_text({**fields, "status": "modified" if problems else manifest.status})
+        except (TypeError, ValueError, AttributeError, IndexError) as e:  # only data is rendered here
+            raise InputError(f"{args.artifact}/manifest.json: a field has the wrong type ({e}); it was edited") from e
+        print(text, end="")
         print("".join(f"modified: {problem}\n" for problem in problems), end="")
     return 1 if problems else 0
 

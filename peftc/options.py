@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 from peftc.errors import InputError, UnsupportedError
 from peftc.precision import PRECISIONS, QUANTIZED
+from peftc.seeds import check_seed
 
 PathLike = str | os.PathLike[str]
 CALIBRATION_SAMPLES = 64
@@ -28,6 +30,8 @@ EMBEDDINGS = ("none", "int8", "int4")
 """``--quantize-embeddings`` (``peftc.quant.embeddings.SCHEMES``)."""
 MAX_MULTI_ADAPTER = 1024
 """Most adapters one call of a ``--swappable`` artifact can mix (``--multi-adapter``)."""
+_DUMP_FILE = re.compile(r"\d\d_[\w.-]+\.txt")
+"""The files ``--dump-ir`` writes (``peftc.passes.base``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +106,7 @@ class CompileOptions:
             raise InputError(f"--quantize-embeddings {self.quantize_embeddings!r}: use one of {', '.join(EMBEDDINGS)}")
         if not self.merge and self.merge_policy not in ("auto", "two-path"):
             raise InputError(f"--merge-policy {self.merge_policy} with --no-merge: unmerged QLoRA sites are two-path")
+        check_seed(self.seed)
         if self.calibration_samples < 1:
             raise InputError(f"--calibration-samples {self.calibration_samples}: give at least 1")
         if self.precision in QUANTIZED and self.swappable:
@@ -134,9 +139,30 @@ class CompileOptions:
                 f"--multi-adapter {self.multi_adapter}: at most {MAX_MULTI_ADAPTER} (the bank holds a copy of "
                 "every slot per adapter)"
             )
+        if self.dump_ir is not None:
+            self._check_dump_dir(self.dump_ir)
         if self.configs and len(self.configs) not in (1, len(self.adapters)):
             raise InputError(
                 f"{len(self.configs)} --config files for {len(self.adapters)} adapters; give one per adapter, in order"
+            )
+
+    def _check_dump_dir(self, directory: Path) -> None:
+        """``--dump-ir`` writes ``NN_<pass>.txt`` files: into a new directory, an empty one or an earlier dump,
+        never into another directory (nor a file, nor the compile's inputs)."""
+        if os.path.lexists(directory) and not directory.is_dir():
+            raise InputError(f"--dump-ir {directory}: exists and is not a directory")
+        for given in self.input_paths():
+            source, target = Path(os.path.realpath(given)), Path(os.path.realpath(directory))
+            if target == source or source in target.parents or target in source.parents:
+                raise InputError(f"--dump-ir {directory}: is, holds or lies inside the compile's input {given}")
+        others = (
+            sorted(p.name for p in directory.iterdir() if not _DUMP_FILE.fullmatch(p.name))
+            if directory.is_dir()
+            else []
+        )
+        if others:
+            raise InputError(
+                f"--dump-ir {directory}: holds {others[0]!r}, not an IR dump; give a new or empty directory"
             )
 
     def _set(self, **values: Any) -> None:

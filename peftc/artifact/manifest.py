@@ -14,10 +14,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from peftc.artifact import schema
 from peftc.artifact.files import inside, records
 from peftc.errors import InputError
 from peftc.hashing import sha256_file
 from peftc.reading import read_json
+from peftc.seeds import check_seed
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -74,6 +76,9 @@ class Manifest:
         files = kwargs["target"].get("files")
         if not isinstance(files, list) or not all(isinstance(f, dict) and {"path", "sha256"} <= set(f) for f in files):
             raise InputError(f"{where}: target.files should list {{path, sha256}} entries")
+        for name, expected in schema.SCHEMA.items():
+            schema.check(kwargs[name], expected, where, name)
+        check_seed(kwargs["options"].get("seed", 0), f"{where}: options.seed")
         return cls(**kwargs)
 
 

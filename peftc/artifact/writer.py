@@ -111,9 +111,16 @@ class ArtifactWriter:
         if not stat.S_ISDIR(mode):
             raise InputError(f"{self.out}: exists and is not a directory")
         self._check_inputs()
-        if not _is_artifact(self._target) and any(self._target.iterdir()):
+        manifest = _artifact_manifest(self._target)
+        if manifest is None and any(self._target.iterdir()):
             raise InputError(
                 f"{self.out}: not a peftc artifact and not empty; --force replaces only those (remove it yourself)"
+            )
+        unlisted = _unlisted(self._target, manifest) if manifest is not None else []
+        if unlisted:
+            raise InputError(
+                f"{self.out}: holds {unlisted[0]!r}, which its manifest does not list; --force replaces only what "
+                "peftc wrote (move that file away first)"
             )
 
     def _check_inputs(self) -> None:
@@ -124,19 +131,42 @@ class ArtifactWriter:
                 raise InputError(f"{self.out}: is, holds or lies inside the compile's input {given}; choose another -o")
 
 
-def _is_artifact(directory: Path) -> bool:
-    """``directory`` holds a readable peftc ``manifest.json`` (of any schema version or status)."""
+def _artifact_manifest(directory: Path) -> dict | None:
+    """The manifest of a peftc artifact at ``directory`` (any schema version or status), else None."""
     path = directory / MANIFEST_FILE
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
-        return False
+        return None
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return False
+            return None
         text = f.read(_MANIFEST_BYTES + 1)
     try:
         data = json.loads(text) if len(text) <= _MANIFEST_BYTES else None
     except (ValueError, RecursionError):
-        return False
-    return isinstance(data, dict) and "peftc_version" in data and "schema_version" in data
+        return None
+    return data if isinstance(data, dict) and "peftc_version" in data and "schema_version" in data else None
+
+
+def _unlisted(directory: Path, manifest: dict) -> list[str]:
+    """Files under ``directory`` that are neither its manifest nor listed in ``target.files`` (a user's own)."""
+    target = manifest.get("target")
+    files = target.get("files") if isinstance(target, dict) else None
+    listed = {f.get("path") for f in files if isinstance(f, dict)} if isinstance(files, list) else set()
+    found = []
+    for root, _, names in os.walk(directory):
+        for name in names:
+            relative = os.path.relpath(os.path.join(root, name), directory)
+            if relative != MANIFEST_FILE and relative not in listed and not _peftc_own(relative):
+                found.append(relative)
+    return sorted(found)
+
+
+def _peftc_own(relative: str) -> bool:
+    """A file a killed ``add-adapter``/``remove-adapter`` may leave: its temporary files (``.peftc-tmp`` in
+    the name) and an adapter file moved into ``adapters/`` before the manifest listed it."""
+    parts = relative.split(os.sep)
+    return ".peftc-tmp" in parts[-1] or (
+        len(parts) == 2 and parts[0] == "adapters" and parts[1].endswith((".onnx_adapter", ".safetensors"))
+    )

@@ -200,13 +200,27 @@ def _load_huggingface(path: Path, allow_pickle: bool) -> LoadedModel:
             module = load_quantized(path, cls, config, quant)
             setattr(module, QUANTIZED_FROM, str(path))  # PEFT's QLoRA oracle loads it with bitsandbytes
         else:
-            module = cls.from_pretrained(str(path), config=config, local_files_only=True, use_safetensors=bool(weights))
+            module, info = cls.from_pretrained(
+                str(path), config=config, local_files_only=True, use_safetensors=bool(weights), output_loading_info=True
+            )
+            _check_complete(path, module, info)
     except PeftcError:
         raise
     except Exception as e:
         raise InputError(f"{path}: cannot load {getattr(cls, '__name__', cls)}: {first_line(e)}") from e
     files = {f.name: sha256_file(f) for f in [config_file, *weights]}
     return LoadedModel(str(path), "huggingface", module, None, None, files)
+
+
+def _check_complete(path: Path, module: torch.nn.Module, info: dict[str, Any]) -> None:
+    """Every weight of the model class is in the checkpoint: transformers initialises a missing one at random,
+    so the artifact and PEFT's oracle would each compute with other values."""
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise InputError(
+            f"{path}: the checkpoint lacks {len(missing)} weight(s) of {type(module).__name__} (first {missing[0]!r}), "
+            "which transformers would initialise at random; give the checkpoint the model was saved as"
+        )
 
 
 def _load_factory(text: str, workdir: str) -> LoadedModel:

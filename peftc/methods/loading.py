@@ -22,7 +22,7 @@ from peftc import reading
 from peftc.errors import InputError, first_line
 from peftc.ir.modules import ModuleTable
 from peftc.loaders.hub import cached, is_hub_id
-from peftc.methods import registry
+from peftc.methods import peft_config, registry
 from peftc.methods.base import Adapter, AdapterSource, ParseOptions
 
 CONFIG_NAME = "adapter_config.json"
@@ -83,6 +83,7 @@ def read_adapter(
         raise InputError(f"{config_path}: expected a JSON object, got {type(cfg).__name__}")
     if "peft_type" not in cfg:
         raise InputError(f"{config_path}: no 'peft_type' field; is this a PEFT adapter config?")
+    peft_config.check_selectors(cfg, config_path)
 
     # AdaLoRA prunes a module's rank to 0 and saves its factors with zero rows: the one format where
     # zero-size tensors mean something (that module adds nothing).

@@ -96,3 +96,43 @@ def pattern_value(patterns: Mapping[str, V] | None, path: str, default: V) -> V:
         if re.match(rf"(.*\.)?({key})$", path):
             return value
     return default
+
+
+_PATTERNS = ("target_modules", "exclude_modules", "feedforward_modules", "layers_pattern")
+"""Fields that are a regex string or a list of module-name strings."""
+_NAMES = ("modules_to_save",)
+_PATTERN_MAPS = ("rank_pattern", "alpha_pattern")
+
+
+def check_selectors(config: Mapping[str, Any], where: Any) -> None:
+    """The fields that choose modules have the types PEFT gives them, and their regexes compile.
+
+    Raises:
+        InputError: naming the file and the field (a number where a list of names is read, a bad regex).
+    """
+    from peftc.errors import InputError
+
+    def names(field: str, value: Any, regex: bool) -> None:
+        if isinstance(value, str) and regex:
+            try:
+                re.compile(value)
+            except re.error as e:
+                raise InputError(f"{where}: {field}={value!r} is not a valid regular expression ({e})") from e
+        elif not isinstance(value, (str, list)) or not all(isinstance(v, str) for v in value):
+            raise InputError(f"{where}: {field}={value!r} should be a string or a list of module names")
+
+    for field in (*_PATTERNS, *_NAMES):
+        if config.get(field) is not None:
+            names(field, config[field], regex=field in _PATTERNS)
+    layers = config.get("layers_to_transform")
+    if layers is not None and not (
+        (isinstance(layers, int) and not isinstance(layers, bool))
+        or (isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers))
+    ):
+        raise InputError(f"{where}: layers_to_transform={layers!r} should be a layer index or a list of them")
+    for field in _PATTERN_MAPS:
+        value = config.get(field)
+        if value is not None and not isinstance(value, Mapping):
+            raise InputError(f"{where}: {field}={value!r} should be an object of module pattern → value")
+        for key in value or {}:
+            names(f"{field} key", key, regex=True)
