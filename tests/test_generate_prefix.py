@@ -71,6 +71,7 @@ def test_greedy_is_token_identical_to_peft_and_the_prefill_logits_match(compiled
     assert not any("prompt" in name for name in runner.input_names)  # the step is the base model's
     cases = {c["oracle"]: c for c in runner.manifest.verification["cases"]}
     assert all(o["ok"] for o in cases[prefix_check.ORACLE]["outputs"])  # compile checked the head with PEFT
+    assert [(a["method"], a["sites"]) for a in runner.manifest.adapters] == [("prefix_tuning", [])]  # listed, hashed
     assert runner.manifest.verification["adapter_effect"]["logits (prefix)"] > 0.05
     ids, mask = _prompts()
     got = runner.generate(ids, mask, max_new_tokens=NEW)

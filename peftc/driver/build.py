@@ -24,7 +24,7 @@ from peftc.errors import UnsupportedError
 from peftc.generation import prefix
 from peftc.loaders import LoadedModel, causal, identity, load_model, seq2seq
 from peftc.logs import quiet_imports
-from peftc.methods.base import Adapter, AdapterSource, ParseOptions
+from peftc.methods.base import Adapter, ParseOptions
 from peftc.methods.loading import read_adapter
 from peftc.methods.registry import insertion, parse_adapter, wraps_forward
 from peftc.options import PathLike
@@ -109,8 +109,8 @@ class Built:
     head: dict[str, torch.Tensor] | None = None
     """A generation step's prefix cache (``peftc/generation/prefix.py``): the adapter it came from is data
     beside the base model's step, not in its program."""
-    head_source: AdapterSource | None = None
-    """The adapter ``head`` was read from (PEFT checks the head with it)."""
+    head_adapter: Adapter | None = None
+    """The adapter ``head`` was read from, without sites (the manifest lists it; PEFT checks the head with it)."""
 
     @property
     def fp32(self) -> World:
@@ -204,7 +204,11 @@ def build(
         with stages("adapt", "adapt: insert adapter sites" + (f" ({name})" if traced else "")):
             reference, records = PassManager(pipelines.adapt(adapters)).run(base, stages.context(dump_ir))
         worlds.append(World(name, module, base, reference, tuple(records), inserted is not None))
-    return Built(loaded, adapters, tuple(worlds), chosen, head, head_source if head is not None else None)
+    recorded = None
+    if head is not None and head_source is not None:
+        fields = prefix.honoured(head_source)
+        recorded = Adapter(head_source.name, "prefix_tuning", head_source, (), honoured=fields)
+    return Built(loaded, adapters, tuple(worlds), chosen, head, recorded)
 
 
 def _prefix_head(read: list, loaded: LoadedModel, stack: bool) -> tuple[list, dict[str, torch.Tensor] | None]:

@@ -74,6 +74,13 @@ def head(
     return kv
 
 
+def honoured(source: AdapterSource) -> dict[str, Any]:
+    """The config fields the prefix's head honours, as the manifest lists them."""
+    from peftc.methods.prompt import prefix
+
+    return {k: source.config[k] for k in prefix.FIELDS.honoured if k in source.config}
+
+
 def write(kv: dict, directory: Path) -> dict[str, Any]:
     """Write ``kv`` to ``directory/FILE``; the manifest's ``target.prefix`` record."""
     from safetensors.torch import save_file

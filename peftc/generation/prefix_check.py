@@ -81,6 +81,6 @@ def with_head(checked: Report, runner: Any, built: Any, seed: int) -> Report:
     """``checked`` (the base step's report) with the prefix case when ``built`` has a prefix cache."""
     if built.head is None:
         return checked
-    case = report(runner, built.loaded.module, built.head_source, built.head, seed)
+    case = report(runner, built.loaded.module, built.head_adapter.source, built.head, seed)
     not_run = [item for item in checked.not_run if item[1] != "no adapter"]  # the prefix is the adapter
     return Report.combine([checked, case], (*not_run, *case.not_run))
