@@ -21,6 +21,7 @@ import torch
 
 from peftc import ir
 from peftc.errors import UnsupportedError
+from peftc.generation import prefix
 from peftc.loaders import LoadedModel, causal, identity, load_model, seq2seq
 from peftc.logs import quiet_imports
 from peftc.methods.base import Adapter, ParseOptions
@@ -105,6 +106,11 @@ class Built:
     """The fp32 world first; then the artifact's precision, when it is traced in another one."""
     precision: str
     """What the artifact computes in."""
+    head: dict[str, torch.Tensor] | None = None
+    """A generation step's prefix cache (``peftc/generation/prefix.py``): the adapter it came from is data
+    beside the base model's step, not in its program."""
+    head_adapter: Adapter | None = None
+    """The adapter ``head`` was read from, without sites (the manifest lists it; PEFT checks the head with it)."""
 
     @property
     def fp32(self) -> World:
@@ -123,8 +129,11 @@ Precision = Callable[[LoadedModel], tuple[str, bool]]
 
 def _task(sources: Sources, read: list) -> str | None:
     """The task the model is loaded for: an adapter inserted around the model's forward keeps that forward
-    (a task is then inferred as none), and refuses an explicit generation task in one line."""
+    (a task is then inferred as none), and refuses an explicit generation task in one line; a ``CAUSAL_LM``
+    prefix keeps the task (given or inferred): it becomes the head of the generation step's cache."""
     wrapper = wraps_forward(read, sources.task_id)
+    if prefix.generating(read) and sources.task in (None, causal.TEXT_GENERATION):
+        return sources.task  # a causal LM generates with the prefix as its cache's head
     if wrapper is None or sources.task in (None, causal.NO_TASK):
         return causal.NO_TASK if wrapper else sources.task
     raise UnsupportedError(
@@ -157,6 +166,8 @@ def build(
             workdir=sources.workdir,
             task=task,
         )
+    head_source = prefix.generating(read) if loaded.task == causal.TEXT_GENERATION else None
+    read, head = _prefix_head(read, loaded, stack)
     if not stack and loaded.task in seq2seq.TASKS:
         raise UnsupportedError(
             f"--swappable with --task {seq2seq.TEXT2TEXT}: not supported yet (the encoder program's trace holds "
@@ -193,7 +204,30 @@ def build(
         with stages("adapt", "adapt: insert adapter sites" + (f" ({name})" if traced else "")):
             reference, records = PassManager(pipelines.adapt(adapters)).run(base, stages.context(dump_ir))
         worlds.append(World(name, module, base, reference, tuple(records), inserted is not None))
-    return Built(loaded, adapters, tuple(worlds), chosen)
+    recorded = None
+    if head is not None and head_source is not None:
+        fields = prefix.honoured(head_source)
+        recorded = Adapter(head_source.name, "prefix_tuning", head_source, (), honoured=fields)
+    return Built(loaded, adapters, tuple(worlds), chosen, head, recorded)
+
+
+def _prefix_head(read: list, loaded: LoadedModel, stack: bool) -> tuple[list, dict[str, torch.Tensor] | None]:
+    """A ``CAUSAL_LM`` prefix of a model loaded for generation becomes the cache's head (no adapter is left
+    to parse); on a model loaded without a generation step it is inserted around the forward as before.
+
+    Raises:
+        UnsupportedError: such a prefix on a model loaded for another generation task.
+    """
+    source = prefix.generating(read)
+    if source is None or loaded.task is None:
+        return read, None
+    if loaded.task != causal.TEXT_GENERATION:
+        raise UnsupportedError(f"{source.config_path}: a CAUSAL_LM prefix with --task {loaded.task}: not supported")
+    specs = {i.name: i for i in loaded.signature.inputs}
+    layers = sum(1 for name in specs if name.startswith("past_key_values_") and name.endswith("_key"))
+    layout = [(int(specs[causal.key_name(i)].shape[1]), int(specs[causal.key_name(i)].shape[3])) for i in range(layers)]
+    kind = str(getattr(getattr(loaded.module, "config", None), "model_type", ""))
+    return [], prefix.head(source, read, layout, stack, kind)
 
 
 def _trace(

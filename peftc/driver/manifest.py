@@ -96,7 +96,7 @@ class Compiled:
                 **optimized.options,
             },
             model=_describe_model(built),
-            adapters=[{**a.summary(), **lowering.adapters.get(a.name, {})} for a in built.adapters],
+            adapters=[{**a.summary(), **lowering.adapters.get(a.name, {})} for a in _listed(built)],
             pipeline=[r.to_json() for r in [*built.world.records, *optimized.records]],
             target=self.target,
             verification=report.to_json(),
@@ -125,3 +125,8 @@ def _versions(backend: Backend) -> dict[str, str]:
             versions[name] = __import__(name).__version__
     versions.update(backend.versions())
     return versions
+
+
+def _listed(built: Built) -> tuple[Any, ...]:
+    """The adapters the manifest lists: those compiled in, and a generation prefix stored as the cache's head."""
+    return (*built.adapters, *([built.head_adapter] if built.head_adapter is not None else []))

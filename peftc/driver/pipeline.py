@@ -20,6 +20,7 @@ from peftc.driver import quantize as quantizing
 from peftc.driver.build import Progress, Sources, Stages, build
 from peftc.driver.modes import Lowering, Merged, Mode, Unmerged
 from peftc.driver.sources import recorded
+from peftc.generation import prefix, prefix_check
 from peftc.generation.files import copy_model_files
 from peftc.loaders import seq2seq
 from peftc.options import CompileOptions
@@ -60,6 +61,10 @@ def compile_artifact(options: CompileOptions, progress: Progress | None = None) 
         if built.loaded.task and built.loaded.task != seq2seq.ENCODER and built.loaded.kind == "huggingface":
             copied = copy_model_files(Path(built.loaded.spec), writer.tmp, lowering.files)
             lowering = dataclasses.replace(lowering, files=(*lowering.files, *copied))
+        if built.head is not None:  # the prefix cache is data beside the base model's step
+            record = prefix.write(built.head, writer.tmp)
+            target = {**lowering.target, "prefix": record}
+            lowering = dataclasses.replace(lowering, files=(*lowering.files, record["file"]), target=target)
         target = manifests.target_record(options, optimized, lowering, writer.tmp, precision, built.fp32.base)
         compiled = manifests.Compiled(options, built, optimized, lowering, target)
         verify_with = lowering.lowered.verify_with
@@ -70,6 +75,7 @@ def compile_artifact(options: CompileOptions, progress: Progress | None = None) 
             report = mode.verify(
                 runner, built, target, precisions.plans(built, options.oracle, precision), options.seed
             )
+            report = prefix_check.with_head(report, runner, built, options.seed) if options.oracle else report
         manifest = compiled.manifest(report, stages.timings, backend)
         if combination is not None:
             manifest = combining.recorded(manifest, combination, writer.tmp, options.out)
@@ -119,7 +125,8 @@ def reverify(
     seed = manifest.options.get("seed", 0) if seed is None else seed
     with stages("verify", "verify: artifact vs eager reference" + (" and PEFT" if oracle else "")):
         plans = precisions.plans(built, oracle, manifest.target.get("precision") or {"budget": None})
-        return mode.verify(runner.backend_runner, built, manifest.target, plans, seed)
+        report = mode.verify(runner.backend_runner, built, manifest.target, plans, seed)
+        return prefix_check.with_head(report, runner.backend_runner, built, seed) if oracle else report
 
 
 def mode_for(options: CompileOptions) -> Mode:

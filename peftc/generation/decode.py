@@ -3,7 +3,8 @@
 One prefill step runs the whole prompt with empty caches (``past`` = 0); each decode step feeds the
 last token, the mask grown by one column, its position and the previous step's ``present.*`` as
 ``past_key_values_*``. Positions follow Hugging Face ``generate`` for left padding: the running count
-of unmasked tokens minus one (1 on padding). A row that produced ``eos_token_id`` is finished: it gets
+of unmasked tokens minus one (1 on padding). An artifact with a prefix cache (``prefix.py``) starts
+with it as the past, the mask led by its ``n`` ones and the positions PEFT gives (shifted by ``n``). A row that produced ``eos_token_id`` is finished: it gets
 ``pad_token_id`` from then on, and the loop stops when every row is finished.
 
 Greedy (``do_sample=False``) picks the arg-max of the last position's logits. Sampling divides them by
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from peftc.errors import InputError
+from peftc.generation import prefix
 from peftc.loaders.causal import key_name, value_name
 from peftc.loaders.inputs import InputSignature
 
@@ -54,9 +56,11 @@ def generate(
     as_torch = isinstance(input_ids, torch.Tensor)
     ids, mask = prompt_arrays(input_ids, attention_mask)
     layers, shapes, dtype, longest = _layout(runner)
-    if max_new_tokens < 1 or ids.shape[1] + max_new_tokens > longest:
+    count, head = prefix.read_head(runner, dtype)
+    if max_new_tokens < 1 or count + ids.shape[1] + max_new_tokens > longest:
+        virtual = f"{count} virtual tokens + " if count else ""
         raise InputError(
-            f"a prompt of {ids.shape[1]} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
+            f"{virtual}a prompt of {ids.shape[1]} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
             f"{longest} positions (max_position_embeddings)"
         )
     if do_sample and not temperature > 0:
@@ -67,10 +71,13 @@ def generate(
     for index in range(layers):
         for name in (key_name(index), value_name(index)):
             pasts[name] = np.zeros((batch, shapes[index][0], 0, shapes[index][1]), dtype=dtype)
+    pasts.update(prefix.expanded(head, batch))
+    ones = np.ones((batch, count), dtype=mask.dtype)  # the prefix's columns of the mask
     tokens, finished = ids, np.zeros(batch, dtype=bool)
-    step_ids, positions = ids, _positions(mask)
+    step_ids, positions = ids, _step_positions(mask, count)
     for _ in range(max_new_tokens):
-        out = runner(input_ids=step_ids, attention_mask=mask, position_ids=positions, **pasts, **(call or {}))
+        full = np.concatenate([ones, mask], axis=1)
+        out = runner(input_ids=step_ids, attention_mask=full, position_ids=positions, **pasts, **(call or {}))
         logits = torch.from_numpy(np.asarray(out["logits"])[:, -1, :].astype(np.float32))
         chosen = sample(logits, temperature, top_k, top_p, generator) if do_sample else logits.argmax(-1)
         chosen = chosen.numpy().astype(np.int64)
@@ -82,7 +89,7 @@ def generate(
             if finished.all():
                 break
         mask = np.concatenate([mask, np.ones((batch, 1), dtype=mask.dtype)], axis=1)
-        step_ids, positions = chosen[:, None], _positions(mask)[:, -1:]
+        step_ids, positions = chosen[:, None], _step_positions(mask, count)[:, -1:]
         pasts = _next_pasts(out, pasts)
     return torch.from_numpy(tokens) if as_torch else tokens
 
@@ -127,6 +134,17 @@ def int_array(value: Any, name: str) -> np.ndarray:
 def _positions(mask: np.ndarray) -> np.ndarray:
     """Hugging Face ``generate``'s positions: running count of unmasked tokens - 1; 1 on padding."""
     return np.where(mask == 0, 1, np.cumsum(mask, axis=1) - 1).astype(np.int64)
+
+
+def _prefix_positions(mask: np.ndarray, count: int) -> np.ndarray:
+    """PEFT's positions after a prefix of ``count`` virtual tokens: transformers' positions of the prompt's
+    own mask (running count - 1, 0 on padding) + ``count``."""
+    return (np.where(mask == 0, 0, np.cumsum(mask, axis=1) - 1) + count).astype(np.int64)
+
+
+def _step_positions(mask: np.ndarray, count: int) -> np.ndarray:
+    """The positions of ``mask``'s tokens: :func:`_prefix_positions` after a prefix, else :func:`_positions`."""
+    return _prefix_positions(mask, count) if count else _positions(mask)
 
 
 def _layout(runner: Any) -> tuple[int, list[tuple[int, int]], Any, int]:

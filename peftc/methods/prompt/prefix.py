@@ -16,7 +16,9 @@ first, so the real tokens' positions shift by ``n``; per-position outputs hold o
 carries is not a tensor output: the artifact does not return it.
 
 Supported where PEFT builds a plain ``DynamicCache`` and calls the model with it: ``FEATURE_EXTRACTION``
-and ``CAUSAL_LM`` of models whose key/value width is ``token_dim`` (PEFT passes the cache to any), in one pass without a generation cache (the generation issue owns decoding).
+and ``CAUSAL_LM`` of models whose key/value width is ``token_dim`` (PEFT passes the cache to any), in one
+pass. For ``--task text-generation`` a ``CAUSAL_LM`` prefix is not inserted: it becomes the head of the
+generation step's cache (``peftc/generation/prefix.py``).
 """
 
 from __future__ import annotations

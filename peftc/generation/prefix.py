@@ -1,0 +1,111 @@
+"""Prefix tuning in a ``--task text-generation`` artifact: the prefix is the head of the KV cache.
+
+A ``PREFIX_TUNING`` (or ``CARTRIDGE``) adapter with ``task_type="CAUSAL_LM"`` changes nothing in the
+model: PEFT (``PeftModelForCausalLM.prepare_inputs_for_generation``, ``peft/peft_model.py``) starts
+generation with the cache ``get_prompt`` builds, extends the attention mask with ones for its
+``n`` virtual tokens and adds ``n`` to the position ids transformers derives from the prompt's mask.
+So the artifact is the *base* model's generation step (``peftc/loaders/causal.py``), and the prefix
+is data beside it: ``prefix.safetensors`` (listed with its sha256 in the manifest) holds each layer's
+keys and values ``[kv_heads, n, head_dim]`` under the step's input names, and the manifest's
+``target.prefix`` gives the file and ``n``. ``runner.generate`` feeds them as the first ``past``.
+
+The rows are the file's ``prompt_embeddings`` ``[n, 2·L·kv_width]`` (with ``prefix_projection`` PEFT
+ran the MLP when it saved them, as its ``get_prompt`` does at run time), viewed as ``[n, 2L, H, d]``:
+layer ``l``'s keys are row block ``2l``, its values ``2l + 1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from peftc.errors import InputError, UnsupportedError
+from peftc.loaders.causal import TEXT_GENERATION, key_name, value_name
+from peftc.methods.base import AdapterSource
+
+FILE = "prefix.safetensors"
+TYPES = ("PREFIX_TUNING", "CARTRIDGE")
+"""The ``peft_type``s PEFT starts generation with a prefix cache for."""
+
+
+def generating(read: Sequence[AdapterSource]) -> AdapterSource | None:
+    """The first of ``read`` that PEFT generates with as a cache prefix (a ``CAUSAL_LM`` prefix), else None."""
+    for source in read:
+        if source.config.get("peft_type") in TYPES and source.config.get("task_type") == "CAUSAL_LM":
+            return source
+    return None
+
+
+def head(
+    source: AdapterSource, read: Sequence[AdapterSource], layout: Sequence[tuple[int, int]], stack: bool, kind: str
+) -> dict:
+    """The prefix's keys and values per layer, fp32 ``[kv_heads, n, head_dim]`` named as the step's inputs
+    (``layout``: the step's ``(kv_heads, head_dim)`` per layer; ``kind``: the model's ``model_type``).
+
+    Raises:
+        UnsupportedError: the prefix with other adapters or ``--swappable``, a model PEFT gives another
+            cache, or a config whose layers and heads are not the model's cache layout.
+    """
+    from peftc.methods.prompt import prefix
+
+    where = str(source.config_path)
+    if kind in prefix.OTHER_CACHES:
+        raise UnsupportedError(f"{where}: prefix tuning on {kind!r}: PEFT builds another cache for it (not supported)")
+    if len(read) != 1 or not stack:
+        raise UnsupportedError(
+            f"{where}: --task {TEXT_GENERATION} with a prefix: compile the prefix alone (no other adapter, "
+            "no --swappable)"
+        )
+    rows = prefix.read(source).prompt.tensor.detach().float()
+    layers, heads = int(source.config["num_layers"]), int(source.config["num_attention_heads"])
+    width = rows.shape[1] // (2 * layers)
+    if layers != len(layout) or any(shape != (heads, width // heads) for shape in layout):
+        raise UnsupportedError(
+            f"{where}: num_layers={layers}, num_attention_heads={heads} do not fit the model's cache of "
+            f"{len(layout)} layers of (kv_heads, head_dim) {layout[0] if layout else None}"
+        )
+    blocks = rows.reshape(rows.shape[0], 2 * layers, heads, width // heads).permute(1, 2, 0, 3).contiguous()
+    kv = {}
+    for layer in range(layers):
+        kv[key_name(layer)], kv[value_name(layer)] = blocks[2 * layer], blocks[2 * layer + 1]
+    return kv
+
+
+def honoured(source: AdapterSource) -> dict[str, Any]:
+    """The config fields the prefix's head honours, as the manifest lists them."""
+    from peftc.methods.prompt import prefix
+
+    return {k: source.config[k] for k in prefix.FIELDS.honoured if k in source.config}
+
+
+def write(kv: dict, directory: Path) -> dict[str, Any]:
+    """Write ``kv`` to ``directory/FILE``; the manifest's ``target.prefix`` record."""
+    from safetensors.torch import save_file
+
+    save_file(kv, str(directory / FILE))
+    return {"file": FILE, "virtual_tokens": int(next(iter(kv.values())).shape[1])}
+
+
+def read_head(runner: Any, dtype: Any) -> tuple[int, dict[str, np.ndarray]]:
+    """The artifact's prefix: ``n`` and the keys and values per input name (``0, {}`` without one).
+
+    Raises:
+        InputError: the manifest names a file the artifact lacks.
+    """
+    record = runner.manifest.target.get("prefix")
+    if not record:
+        return 0, {}
+    from safetensors.numpy import load_file
+
+    path = Path(runner.path) / record["file"]
+    if not path.is_file():
+        raise InputError(f"{path}: the prefix file the manifest lists is missing")
+    return int(record["virtual_tokens"]), {k: v.astype(dtype) for k, v in load_file(str(path)).items()}
+
+
+def expanded(kv: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+    """Each ``[kv_heads, n, head_dim]`` prefix repeated for ``batch`` rows."""
+    return {name: np.ascontiguousarray(np.broadcast_to(v, (batch, *v.shape))) for name, v in kv.items()}
