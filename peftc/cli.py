@@ -18,7 +18,7 @@ from peftc.combine import cli as combine_cli
 from peftc.density import cli as density_cli
 from peftc.errors import InputError, PeftcError, VerificationError
 from peftc.generation import cli as generation_cli
-from peftc.interrupts import sigterm_as_interrupt
+from peftc.interrupts import exit_with, sigterm_as_interrupt
 from peftc.logs import hidden_warnings
 from peftc.progress import Bar, Lines
 from peftc.quant import cli as qlora_cli
@@ -390,4 +390,4 @@ def parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

@@ -8,10 +8,13 @@ the library does not touch process-wide signal handling.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from types import FrameType
+from typing import NoReturn
 
 
 @contextlib.contextmanager
@@ -31,3 +34,17 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def exit_with(code: int) -> NoReturn:
+    """End the process with ``code``; after an interrupt (130, 143) with ``os._exit`` once output is flushed.
+
+    CPython marks a KeyboardInterrupt that passed through C code running Python source (pybind11's
+    ``exec`` inside torch imports) as unhandled, and then ends the process by SIGINT at exit even though
+    peftc handled it and cleaned up: a SIGTERM'd compile would report SIGINT, not 143.
+    """
+    if code in (130, 143):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
