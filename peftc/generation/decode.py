@@ -15,7 +15,8 @@ tokens, but not the tokens Hugging Face's sampling draws (its random stream is a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -65,7 +66,7 @@ def generate(
         )
     if do_sample and not temperature > 0:
         raise InputError(f"temperature={temperature}: give a positive temperature (or do_sample=False)")
-    generator = torch.Generator().manual_seed(0 if seed is None else seed)
+    sample_with = functools.partial(sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=seeded(seed))
     batch = ids.shape[0]
     pasts = {}
     for index in range(layers):
@@ -78,11 +79,7 @@ def generate(
     for _ in range(max_new_tokens):
         full = np.concatenate([ones, mask], axis=1)
         out = runner(input_ids=step_ids, attention_mask=full, position_ids=positions, **pasts, **(call or {}))
-        logits = torch.from_numpy(np.asarray(out["logits"])[:, -1, :].astype(np.float32))
-        chosen = sample(logits, temperature, top_k, top_p, generator) if do_sample else logits.argmax(-1)
-        chosen = chosen.numpy().astype(np.int64)
-        if pad_token_id is not None:
-            chosen = np.where(finished, pad_token_id, chosen)
+        chosen = pick(out, finished, pad_token_id, sample_with if do_sample else None)
         tokens = np.concatenate([tokens, chosen[:, None]], axis=1)
         if eos_token_id is not None:
             finished |= chosen == eos_token_id
@@ -92,6 +89,21 @@ def generate(
         step_ids, positions = chosen[:, None], _step_positions(mask, count)[:, -1:]
         pasts = _next_pasts(out, pasts)
     return torch.from_numpy(tokens) if as_torch else tokens
+
+
+def seeded(seed: int | None) -> torch.Generator:
+    """The sampling stream of a generation (seed 0 when None)."""
+    return torch.Generator().manual_seed(0 if seed is None else seed)
+
+
+def pick(
+    out: Mapping[str, Any], finished: np.ndarray, pad_token_id: int | None, sample_with: Callable[..., Any] | None
+) -> np.ndarray:
+    """Each row's next token from a step's ``logits`` at the last position: sampled with ``sample_with``
+    (None: greedy); ``pad_token_id`` for rows already ``finished``."""
+    logits = torch.from_numpy(np.asarray(out["logits"])[:, -1, :].astype(np.float32))
+    chosen = (sample_with(logits) if sample_with else logits.argmax(-1)).numpy().astype(np.int64)
+    return np.where(finished, pad_token_id, chosen) if pad_token_id is not None else chosen
 
 
 def _next_pasts(out: Mapping[str, Any], pasts: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -11,6 +11,7 @@ are those of ``peftc/generation/decode.py``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -51,7 +52,9 @@ def generate(
         raise InputError(f"max_new_tokens={max_new_tokens}: the decoder has {longest} positions (start token included)")
     if do_sample and not temperature > 0:
         raise InputError(f"temperature={temperature}: give a positive temperature (or do_sample=False)")
-    generator = torch.Generator().manual_seed(0 if seed is None else seed)
+    sample_with = functools.partial(
+        decode.sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=decode.seeded(seed)
+    )
     encoded = runner.encoder(input_ids=ids, attention_mask=mask, **(call or {}))
     batch, pasts = ids.shape[0], {}
     for spec in signature.inputs:
@@ -64,11 +67,7 @@ def generate(
     tokens, finished = np.full((batch, 1), start, dtype=np.int64), np.zeros(batch, dtype=bool)
     for _ in range(max_new_tokens):
         out = runner(input_ids=tokens[:, -1:], encoder_attention_mask=mask, **pasts, **(call or {}))
-        logits = torch.from_numpy(np.asarray(out["logits"])[:, -1, :].astype(np.float32))
-        chosen = decode.sample(logits, temperature, top_k, top_p, generator) if do_sample else logits.argmax(-1)
-        chosen = chosen.numpy().astype(np.int64)
-        if pad_token_id is not None:
-            chosen = np.where(finished, pad_token_id, chosen)
+        chosen = decode.pick(out, finished, pad_token_id, sample_with if do_sample else None)
         tokens = np.concatenate([tokens, chosen[:, None]], axis=1)
         if eos_token_id is not None:
             finished |= chosen == eos_token_id

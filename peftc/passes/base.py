@@ -216,3 +216,12 @@ def _describe_value(value: Any) -> Any:
         return [_describe_value(v) for v in value]
     name = getattr(value, "name", None)
     return name if isinstance(name, str) else type(value).__name__
+
+
+def fresh_name(editor: ir.ProgramEditor, fqn: str) -> str:
+    """``fqn``, or ``fqn2``, ``fqn3``, …: the first that names no state (nor state-dict key) of the program."""
+    candidate, index = fqn, 1
+    while editor.has_state(candidate) or candidate in editor.state_dict:
+        index += 1
+        candidate = f"{fqn}{index}"
+    return candidate

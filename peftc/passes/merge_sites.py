@@ -36,7 +36,7 @@ from peftc import ir
 from peftc.errors import InputError
 from peftc.methods import registry
 from peftc.ops import SiteOp
-from peftc.passes.base import Diagnostic, PassBase, PassContext, PassResult
+from peftc.passes.base import Diagnostic, PassBase, PassContext, PassResult, fresh_name
 
 
 def _ops_by_form(form: str) -> dict[Any, SiteOp]:
@@ -172,7 +172,7 @@ def _materialize(editor: ir.ProgramEditor, group: list[fx.Node], folded: dict[fx
     chains = {site for end in group for site in _chain(end, folded)}
     others = [u for u in root.users if u not in chains and u not in folded]
     if others:
-        target = editor.add_parameter(_fresh(editor, f"{fqn}_merged"), value)
+        target = editor.add_parameter(fresh_name(editor, f"{fqn}_merged"), value)
     else:
         editor.set_tensor(fqn, value)
         target = root
@@ -225,7 +225,7 @@ def _merge_call_sites(editor: ir.ProgramEditor, sites: list[fx.Node], op: SiteOp
     if "bias" in forms:
         if bias is None:  # a bias the base lacks: the update added to zeros
             zero = torch.zeros_like(editor.tensor(forms["bias"][1][0]), dtype=merged_w.dtype)
-            bias_node = editor.add_parameter(_fresh(editor, f"{module}.bias"), evaluate("bias", zero))
+            bias_node = editor.add_parameter(fresh_name(editor, f"{module}.bias"), evaluate("bias", zero))
         else:
             bias_node, tied = _writable(editor, bias, sites, f"{module}.bias")
             untied += tied
@@ -246,18 +246,10 @@ def _writable(editor: ir.ProgramEditor, node: fx.Node, sites: list[fx.Node], fqn
     """``node`` itself if only these sites read it, else a new parameter copy for them (untied)."""
     if set(node.users) <= set(sites):
         return node, 0
-    copy = editor.add_parameter(_fresh(editor, f"{fqn}_merged"), editor.tensor(node))
+    copy = editor.add_parameter(fresh_name(editor, f"{fqn}_merged"), editor.tensor(node))
     for site in sites:
         site.replace_input_with(node, copy)
     return copy, 1
-
-
-def _fresh(editor: ir.ProgramEditor, fqn: str) -> str:
-    candidate, index = fqn, 1
-    while editor.has_state(candidate):
-        index += 1
-        candidate = f"{fqn}{index}"
-    return candidate
 
 
 def _site_name(node: fx.Node) -> str:

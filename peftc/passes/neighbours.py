@@ -27,6 +27,7 @@ import torch
 from torch import fx
 
 from peftc import ir
+from peftc.passes.base import fresh_name
 
 SHAPE_ONLY = {"aten.sym_size", "aten.sym_numel", "aten.sym_stride"}
 IDENTITY = {"aten.contiguous", "aten.clone", "aten.alias", "aten.detach", "aten.dropout"}
@@ -143,7 +144,7 @@ def write_parameter(
     if isinstance(current, fx.Node) and set(current.users) <= set(readers):
         editor.set_tensor(editor.fqn(current), value)
         return False
-    node = editor.add_parameter(_fresh(editor, fqn), value)
+    node = editor.add_parameter(fresh_name(editor, fqn), value)
     args = list(layer.node.args) + [None] * max(0, index + 1 - len(layer.node.args))
     args[index] = node
     layer.node.args = tuple(args)
@@ -293,11 +294,3 @@ def _product(dims: Sequence[Any]) -> Any:
     import sympy
 
     return sympy.expand(math.prod((_expr(d) for d in dims), start=sympy.Integer(1)))
-
-
-def _fresh(editor: ir.ProgramEditor, fqn: str) -> str:
-    candidate, index = fqn, 1
-    while editor.has_state(candidate) or candidate in editor.state_dict:
-        index += 1
-        candidate = f"{fqn}{index}"
-    return candidate

@@ -22,7 +22,7 @@ import torch
 from torch import fx
 
 from peftc import ir
-from peftc.passes.base import PassBase, PassContext, PassResult
+from peftc.passes.base import PassBase, PassContext, PassResult, fresh_name
 from peftc.quant import policy as policies
 from peftc.quant.modules import Bnb4Linear, Int8Linear, NBitsLinear
 from peftc.quant.ops import FORMATS, QUANT_TYPES
@@ -113,7 +113,7 @@ def _rewrite(editor: ir.ProgramEditor, node: fx.Node, op, choice: policies.SiteC
         return
     if choice.policy == "float":
         fqn = f"{choice.module}.weight"
-        weight = editor.node_for(fqn) or editor.add_parameter(_fresh(editor, fqn), layer.weight.detach())
+        weight = editor.node_for(fqn) or editor.add_parameter(fresh_name(editor, fqn), layer.weight.detach())
         out = editor.call(torch.ops.aten.linear.default, (x, weight, base[-1]), like=node)
     else:  # requant: the layer's tensors replaced under their keys
         new = [layer.packed, layer.absmax] if isinstance(layer, Bnb4Linear) else [layer.weight_int8, layer.scb]
@@ -122,11 +122,3 @@ def _rewrite(editor: ir.ProgramEditor, node: fx.Node, op, choice: policies.SiteC
         scalars = node.args[op.operands_start + 3 :]
         out = editor.call(BASE_OF[op.name].overload, (x, *base, *scalars), like=node)
     editor.replace(node, out)
-
-
-def _fresh(editor: ir.ProgramEditor, fqn: str) -> str:
-    candidate, index = fqn, 1
-    while editor.has_state(candidate):
-        index += 1
-        candidate = f"{fqn}{index}"
-    return candidate
