@@ -56,7 +56,7 @@ def check_fits(table: SlotTable, adapter: Adapter, site: Site, slot: Slot | None
     """Raise, naming the module and capacity, if the S²FT ``site`` does not fit ``slot``."""
     kind, indices, block = _parts(site)
     where = adapter.source.describe(indices.key)
-    if slot is None or slot.kind not in (kind,):
+    if slot is None or slot.kind != kind:
         held = "no slot" if slot is None else f"a {slot.kind} slot"
         raise InputError(
             f"{where}: module {site.module!r} has {held} in this artifact, but adapter {adapter.name!r} updates its "
