@@ -50,6 +50,7 @@ def compile(
     co_permute: bool = False,
     merge_policy: str = "auto",
     quantize_embeddings: str = "none",
+    density: Sequence[str] = (),
     progress: Progress | None = None,
 ) -> Artifact:
     """Compile ``model`` with ``adapters`` into a verified artifact directory ``out``.
@@ -73,23 +74,22 @@ def compile(
         task_id: merge a Poly adapter for this task only (default: the router and a ``task_ids`` input).
         swappable: keep LoRA, S²FT and sparse-ΔW sites as fixed-shape slots, each adapter an adapter file,
             so adapters are added and switched without recompiling (``peftc/swap/``); alternatives, not a stack.
-        max_rank: slot rank for ``swappable`` (default: the largest given rank).
-        multi_adapter: with ``swappable``, how many adapters one call can mix, one per batch row.
+        max_rank, multi_adapter: ``swappable``'s slot rank (default: the largest given) and adapters per call (by row).
         slot_capacity: with ``swappable``, rows/columns (entries) per S²FT (sparse) slot; default: the most given.
         oracle, seed: also verify against Hugging Face PEFT when it is installed; the verification inputs' seed.
         precision: what the artifact computes in, ``fp32``, ``fp16`` or ``bf16`` (default: the base checkpoint's
             dtype where the target runs it, else fp32, noted in the manifest), or an integer precision, ``int8``,
             ``int8-static``, ``int8-weight`` or ``int4``, whose layers are quantized as far as ``max_error``
-            allows (``peftc/driver/quantize.py``). A reduced precision is verified against the fp32 oracles
-            within ``max_error`` (``peftc/precision.py``).
-        max_error: the error budget of a reduced-precision artifact, relative to each output's scale
-            (default: ``peftc.precision.budget``), or ``merge_policy="auto"``'s per site (default 1e-2).
-        calibration: ``.safetensors``/``.npz`` model inputs (batch first): int8 ranges, layer errors measured on.
-        calibration_samples: without ``calibration``, how many seeded input batches to generate.
+            allows (``peftc/driver/quantize.py``), verified against the fp32 oracles within ``max_error``.
+        max_error: the error budget (relative to each output's scale) of a reduced precision (default:
+            ``peftc.precision.budget``), of ``merge_policy="auto"`` per site (1e-2), or of ``density`` (1e-5).
+        calibration, calibration_samples: ``.safetensors``/``.npz`` model inputs (batch first), or how many
+            seeded batches to generate: int8 ranges and the error of int8 layers and density passes.
         combine: ``METHOD[:key=value,…]``: combine ``adapters`` into one first (``peftc.combine``; ``combined/``).
         task: ``text-generation`` / ``text2text-generation`` (KV caches as tensors, README "Generation"), ``none``.
         co_permute: with ``merge=False``, S²FT sites as slices of a base permuted once (``peftc/sparse/copermute.py``).
         merge_policy, quantize_embeddings: a LoRA on a quantized base, README "Quantized bases (QLoRA)".
+        density: DEFT passes ``prune-dead-neurons``, ``skip-blocks`` within ``max_error`` (``peftc/density/compiled.py``).
         progress: called with a line of text as each stage starts.
 
     Raises:

@@ -99,6 +99,7 @@ def compile_options(args: argparse.Namespace) -> CompileOptions:
         co_permute=args.co_permute,
         merge_policy=args.merge_policy,
         quantize_embeddings=args.quantize_embeddings,
+        density=density_cli.compile_passes(args),
     )
 
 
@@ -349,6 +350,7 @@ def parser() -> argparse.ArgumentParser:
     )
     combine_cli.add_compile_flag(c)
     qlora_cli.add_compile_flags(c)
+    density_cli.add_compile_flags(c)
     c.add_argument("--json", action="store_true", help="print the manifest as JSON")
     c.set_defaults(func=_compile)
 

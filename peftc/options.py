@@ -30,6 +30,8 @@ EMBEDDINGS = ("none", "int8", "int4")
 """``--quantize-embeddings`` (``peftc.quant.embeddings.SCHEMES``)."""
 MAX_MULTI_ADAPTER = 1024
 """Most adapters one call of a ``--swappable`` artifact can mix (``--multi-adapter``)."""
+DENSITY_PASSES = ("prune-dead-neurons", "skip-blocks")
+"""The DEFT passes a compile runs (``peftc.density.exploit.PASSES`` less the eager-only ``sparse-mlp``)."""
 _DUMP_FILE = re.compile(r"\d\d_[\w.-]+\.txt")
 """The files ``--dump-ir`` writes (``peftc.passes.base``)."""
 
@@ -74,6 +76,8 @@ class CompileOptions:
     """LoRA on a quantized base: auto, float, requant or two-path per site (``peftc/quant/policy.py``)."""
     quantize_embeddings: str = "none"
     """A quantized base's float embedding and LM-head tables: none, int8 or int4 (``peftc/quant/embeddings.py``)."""
+    density: tuple[str, ...] = ()
+    """DEFT passes on the merged model: ``prune-dead-neurons``, ``skip-blocks`` (``peftc/density/compiled.py``)."""
 
     def __post_init__(self) -> None:
         adapters = [self.adapters] if isinstance(self.adapters, (str, os.PathLike)) else list(self.adapters)
@@ -90,13 +94,20 @@ class CompileOptions:
             dump_ir=Path(self.dump_ir) if self.dump_ir else None,
             precision=self.precision or given or None,
             calibration=Path(self.calibration) if self.calibration else None,
+            density=tuple(self.density),
         )
         if self.precision is not None and self.precision not in PRECISIONS:
             raise InputError(f"--precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
         if self.max_error is not None and not self.max_error > 0:
             raise InputError(f"--max-error {self.max_error!r}: give a positive error relative to the output scale")
-        if (self.calibration or self.calibration_samples != CALIBRATION_SAMPLES) and self.precision not in QUANTIZED:
-            raise InputError(f"--calibration and --calibration-samples apply to --precision {', '.join(QUANTIZED)}")
+        calibrated = self.calibration or self.calibration_samples != CALIBRATION_SAMPLES
+        if calibrated and self.precision not in QUANTIZED and not self.density:
+            raise InputError(
+                f"--calibration and --calibration-samples apply to --precision {', '.join(QUANTIZED)} and the density "
+                "passes (--prune-dead-neurons, --skip-blocks)"
+            )
+        if self.density:
+            _check_density(self)
         if self.task_id is not None and (isinstance(self.task_id, bool) or not isinstance(self.task_id, int)
                                          or self.task_id < 0):  # fmt: skip
             raise InputError(f"--task-id {self.task_id!r}: give a task index >= 0")
@@ -212,7 +223,7 @@ class CompileOptions:
             "--base-residual": self.base_residual,
             "--co-permute": self.co_permute,
         }
-        command += [flag for flag, given in flags.items() if given]
+        command += [flag for flag, given in flags.items() if given] + [f"--{name}" for name in self.density]
         command += ["--task-id", str(self.task_id)] if self.task_id is not None else []
         command += ["--combine", self.combine] if self.combine else []
         command += ["--task", self.task] if self.task else []
@@ -238,6 +249,27 @@ class CompileOptions:
             command += ["--multi-adapter", str(self.multi_adapter)] if self.multi_adapter else []
             command += ["--slot-capacity", str(self.slot_capacity)] if self.slot_capacity is not None else []
         return command
+
+
+def _check_density(options: CompileOptions) -> None:
+    """The density passes run on a merged fp32 artifact (``peftc/density/compiled.py``)."""
+    unknown = [name for name in options.density if name not in DENSITY_PASSES]
+    if "sparse-mlp" in unknown:
+        raise UnsupportedError(
+            "--sparse-mlp: the gather-GEMM's active columns depend on each call's data, which a compiled graph "
+            "does not express; measure it in eager with peftc analyze --density --sparse-mlp"
+        )
+    if unknown:
+        raise InputError(f"unknown density pass(es) {unknown}; compile knows {list(DENSITY_PASSES)}")
+    flags = " ".join(f"--{name}" for name in options.density)
+    if not options.merge or options.swappable or options.co_permute:
+        raise InputError(f"{flags}: the density passes rewrite merged MLP weights; drop --no-merge/--swappable")
+    if options.combine or options.task not in (None, "none"):
+        raise UnsupportedError(
+            f"{flags} with --combine or --task: not supported (the search reads the adapters as given)"
+        )
+    if options.precision not in (None, "fp32"):
+        raise UnsupportedError(f"{flags} with --precision {options.precision}: the density passes run on fp32 only")
 
 
 def _repeated(flag: str, values: Sequence[Any]) -> list[str]:

@@ -59,6 +59,7 @@ def manifest_text(m: Mapping[str, Any]) -> str:
         *_target_lines(m["target"]),
         *_precision_parts(m["target"].get("precision")),
         *_quantized_parts(m["target"]),
+        *_density_parts(m["target"]),
         verification_table(m["verification"]),
         *(f"not run: {item['what']}: {item['reason']}" for item in m["not_run"]),
         *(f"warning: {warning}" for warning in _warnings(m)),
@@ -220,6 +221,25 @@ def _precision_parts(precision: Mapping[str, Any] | None) -> list[str]:
         ]  # fmt: skip
         parts.append(table(["layer", "node", "op", "weight", "precision", "error quantized alone"], rows))
     return parts
+
+
+def _density_parts(target: Mapping[str, Any]) -> list[str]:
+    """The DEFT passes' budget and error, then one row per layer and pass (``peftc/density/compiled.py``)."""
+    density = target.get("density")
+    if not density:
+        return []
+    line = (
+        f"density: {', '.join(density['passes'])}; {density['removed']} of {density['neurons']} MLP neurons removed; "
+        f"error on {density['held_out_batches']} held-out batches {density['error']:.2e} (budget "
+        f"{density['max_error']:.3g}, {density['budget_from']}; verified within it)"
+    )
+    rows = [
+        [r["name"], r["pass"], _cell(r["kept"]), f"{r['removed']}/{r['neurons']}" if "removed" in r else "-",
+         f"{r['block_error']:.2e}" if "block_error" in r else "-", f"{r['error']:.2e}" if "error" in r else "-",
+         r.get("why", "")]
+        for r in density["layers"]
+    ]  # fmt: skip
+    return [line, table(["layer", "pass", "kept", "removed", "block error", "model error", "why not"], rows)]
 
 
 def _stats(stats: Mapping[str, Any]) -> str:

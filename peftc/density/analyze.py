@@ -62,7 +62,6 @@ class Request:
 
 def analyze(request: Request) -> tuple[dict[str, Any], torch.nn.Module]:
     """The density report (``--json``'s object) and the model, rewritten by the passes asked for."""
-    from peftc.driver.quantize import calibration as read_calibration
     from peftc.loaders import load_model
     from peftc.logs import quiet_imports
 
@@ -74,13 +73,9 @@ def analyze(request: Request) -> tuple[dict[str, Any], torch.nn.Module]:
     if request.passes and model is loaded.module:  # the passes rewrite the model: never the caller's
         model = copy.deepcopy(model)
     blocks = find_blocks(model)
-    calib = read_calibration(request.calibration, request.samples, loaded.signature, request.seed)
-    feeds, held = calib.feeds, None
-    if request.calibration is not None and request.passes:
-        if len(feeds) < 2:
-            raise InputError(f"--calibration {request.calibration}: the passes hold out every 4th batch of 8 rows; "
-                             f"give at least 9 rows (got {calib.record.get('rows')})")  # fmt: skip
-        feeds, held = [f for i, f in enumerate(calib.feeds) if i % 4 != 1], calib.feeds[1::4]
+    calib, feeds, held = held_out_split(
+        request.calibration, request.samples, request.held_out, loaded.signature, request.seed, bool(request.passes)
+    )
     counts = measure(model, blocks, feeds, request.threshold)
     layers = [c.record(request.threshold) for c in counts]
     cells = sum(layer["rows"] * layer["neurons"] for layer in layers)
@@ -95,25 +90,33 @@ def analyze(request: Request) -> tuple[dict[str, Any], torch.nn.Module]:
         "layers": layers,
     }
     if request.passes:
-        if held is None:
-            held = read_calibration(None, request.held_out, loaded.signature, request.seed + HELD_OUT_SEED - 1000).feeds
-        report["exploit"] = _exploit(model, blocks, counts, held, request)
+        search = exploit.Search(model, blocks, held, request.max_error)
+        records = exploit.run_passes(search, counts, request.passes)
+        report["exploit"] = {"max_error": request.max_error, "held_out_batches": len(held), "error": search.error,
+                             "passes": list(request.passes), "blocks": records}  # fmt: skip
     return report, model
 
 
-def _exploit(model: torch.nn.Module, blocks: Sequence, counts: Sequence, held: Sequence, request: Request) -> dict:
-    search = exploit.Search(model, blocks, held, request.max_error)
-    records = []
-    for name in exploit.PASSES:  # in this order, whatever order the flags came in
-        if name in request.passes:
-            if name == "prune-dead-neurons":
-                records += exploit.prune_dead_neurons(search, counts)
-            elif name == "skip-blocks":
-                records += exploit.skip_blocks(search)
-            else:
-                records += exploit.sparse_mlp(search)
-    return {"max_error": request.max_error, "held_out_batches": len(held), "error": search.error,
-            "passes": list(request.passes), "blocks": records}  # fmt: skip
+def held_out_split(
+    path: Path | None, samples: int, held_out: int, signature: Any, seed: int, split: bool
+) -> tuple[Any, list, list]:
+    """The calibration record, the feeds density is measured on and the held-out feeds the passes are
+    checked on (module docstring): with a file and ``split``, every fourth batch from the second is held
+    out; else ``held_out`` generated batches with other seeds.
+
+    Raises:
+        InputError: a file with fewer than two batches to split.
+    """
+    from peftc.driver.quantize import calibration as read_calibration
+
+    calib = read_calibration(path, samples, signature, seed)
+    if path is not None and split:
+        if len(calib.feeds) < 2:
+            raise InputError(f"--calibration {path}: the passes hold out every 4th batch of 8 rows; "
+                             f"give at least 9 rows (got {calib.record.get('rows')})")  # fmt: skip
+        return calib, [f for i, f in enumerate(calib.feeds) if i % 4 != 1], calib.feeds[1::4]
+    held = read_calibration(None, held_out, signature, seed + HELD_OUT_SEED - 1000).feeds if split else []
+    return calib, calib.feeds, held
 
 
 def with_adapters(module: torch.nn.Module, adapters: Sequence[str], allow_pickle: bool) -> torch.nn.Module:

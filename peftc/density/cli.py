@@ -37,6 +37,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.set_defaults(func=run)
 
 
+def add_compile_flags(c: argparse.ArgumentParser) -> None:
+    """``peftc compile``'s density passes (``peftc/density/compiled.py``; ``--max-error`` is their budget)."""
+    c.add_argument(
+        "--prune-dead-neurons",
+        action="store_true",
+        help="slice MLP neurons never active on the calibration inputs out of the merged weights (ReLU models)",
+    )
+    c.add_argument(
+        "--skip-blocks", action="store_true", help="replace MLP blocks by their bias where the error stays in budget"
+    )
+    c.add_argument("--sparse-mlp", action="store_true", help="refused by compile (data-dependent); see peftc analyze")
+
+
+def compile_passes(args: argparse.Namespace) -> tuple[str, ...]:
+    """The density passes ``peftc compile``'s flags ask for."""
+    return tuple(
+        name for name, flag in (("prune-dead-neurons", args.prune_dead_neurons), ("skip-blocks", args.skip_blocks),
+                                ("sparse-mlp", args.sparse_mlp)) if flag
+    )  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> int:
     """Analyze, print the table or JSON, draw the plots."""
     from peftc.density.analyze import Request, analyze

@@ -13,6 +13,7 @@ from typing import Any
 
 from peftc.artifact import MANIFEST_FILE, Artifact, ArtifactWriter, Manifest, read_manifest
 from peftc.backends import get_backend
+from peftc.density import compiled as density
 from peftc.driver import combined as combining
 from peftc.driver import manifest as manifests
 from peftc.driver import precision as precisions
@@ -49,6 +50,10 @@ def compile_artifact(options: CompileOptions, progress: Progress | None = None) 
         precision = precisions.record(built, backend, options.precision, options.max_error)
         with stages("optimize", f"optimize: {mode.label}"):
             optimized = mode.optimize(built, stages.context(options.dump_ir))
+        sparsified = None
+        if options.density:
+            with stages("sparsify", f"sparsify: {', '.join(options.density)} (DEFT)"):
+                optimized, sparsified = density.sparsify(options, built, optimized, stages.context(options.dump_ir))
         with stages("lower", f"lower: {options.target}"):
             lowering = mode.lower(backend, optimized, built, writer.tmp, stages.say)
         if precision["how"] == "quantize":
@@ -61,6 +66,8 @@ def compile_artifact(options: CompileOptions, progress: Progress | None = None) 
         if built.loaded.task and built.loaded.task != seq2seq.ENCODER and built.loaded.kind == "huggingface":
             copied = copy_model_files(Path(built.loaded.spec), writer.tmp, lowering.files)
             lowering = dataclasses.replace(lowering, files=(*lowering.files, *copied))
+        if sparsified is not None:
+            lowering = dataclasses.replace(lowering, target={**lowering.target, "density": sparsified})
         if built.head is not None:  # the prefix cache is data beside the base model's step
             record = prefix.write(built.head, writer.tmp)
             target = {**lowering.target, "prefix": record}
@@ -72,9 +79,8 @@ def compile_artifact(options: CompileOptions, progress: Progress | None = None) 
         checked = f" (its {verify_with} model)" if verify_with else ""
         with stages("verify", f"verify: artifact{checked} vs eager reference{' and PEFT' if options.oracle else ''}"):
             runner = open_runner(verifier, writer.tmp, target, compiled.runtime_adapters())
-            report = mode.verify(
-                runner, built, target, precisions.plans(built, options.oracle, precision), options.seed
-            )
+            plans = density.plans(precisions.plans(built, options.oracle, precision), target)
+            report = mode.verify(runner, built, target, plans, options.seed)
             report = prefix_check.with_head(report, runner, built, options.seed) if options.oracle else report
         manifest = compiled.manifest(report, stages.timings, backend)
         if combination is not None:
@@ -125,6 +131,7 @@ def reverify(
     seed = manifest.options.get("seed", 0) if seed is None else seed
     with stages("verify", "verify: artifact vs eager reference" + (" and PEFT" if oracle else "")):
         plans = precisions.plans(built, oracle, manifest.target.get("precision") or {"budget": None})
+        plans = density.plans(plans, manifest.target)
         report = mode.verify(runner.backend_runner, built, manifest.target, plans, seed)
         return prefix_check.with_head(report, runner.backend_runner, built, seed) if oracle else report
 
