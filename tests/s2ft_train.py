@@ -34,22 +34,29 @@ class Trained:
     down_channels: dict[int, list[int]]
 
 
-def tiny_llama_config():
-    """A 2-layer LLaMA, hidden 32, 4 query heads over 2 KV heads (GQA), FFN 64."""
+def tiny_llama_config(kind: str = "llama"):
+    """A 2-layer LLaMA (``kind="qwen2"``: Qwen2, whose q/k/v have biases), hidden 32, 4 query heads over 2 KV
+    heads (GQA), FFN 64."""
     import transformers
 
-    return transformers.LlamaConfig(
+    config = transformers.Qwen2Config if kind == "qwen2" else transformers.LlamaConfig
+    return config(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         intermediate_size=64, vocab_size=100, max_position_embeddings=64, use_cache=False,
     )  # fmt: skip
 
 
-def base_model(seed: int = 0):
-    """The seeded base (``LlamaModel``, eval, no grad)."""
+def base_model(seed: int = 0, kind: str = "llama"):
+    """The seeded base (``LlamaModel`` or ``Qwen2Model``, eval, no grad)."""
     import transformers
 
     torch.manual_seed(seed)
-    model = transformers.LlamaModel(tiny_llama_config()).eval()
+    cls = transformers.Qwen2Model if kind == "qwen2" else transformers.LlamaModel
+    model = cls(tiny_llama_config(kind)).eval()
+    if kind == "qwen2":  # Qwen2 initialises its biases to 0: make them tell the rows apart
+        for layer in model.layers:
+            for linear in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                linear.bias.data.normal_(0, 0.5)
     return model.requires_grad_(False)
 
 
@@ -80,15 +87,17 @@ def permute(model, groups: dict[int, torch.Tensor], channels: dict[int, torch.Te
         q_rows, kv_rows = _expand(groups[index], rep * hd), _expand(groups[index], hd)
         for linear, rows in ((att.q_proj, q_rows), (att.k_proj, kv_rows), (att.v_proj, kv_rows)):
             linear.weight.copy_(linear.weight[rows])
+            if linear.bias is not None:  # Qwen2: a bias entry moves with its row
+                linear.bias.copy_(linear.bias[rows])
         att.o_proj.weight.copy_(att.o_proj.weight[:, q_rows])
         mlp.gate_proj.weight.copy_(mlp.gate_proj.weight[channels[index]])
         mlp.up_proj.weight.copy_(mlp.up_proj.weight[channels[index]])
         mlp.down_proj.weight.copy_(mlp.down_proj.weight[:, channels[index]])
 
 
-def train(root: Path, seed: int = 0, steps: int = 4, lr: float = 0.05) -> Trained:
-    """Select, permute, train and save base and fine-tuned checkpoints under ``root``."""
-    model = base_model(seed)
+def train(root: Path, seed: int = 0, steps: int = 4, lr: float = 0.05, kind: str = "llama") -> Trained:
+    """Select, permute, train and save base and fine-tuned checkpoints (of ``kind``) under ``root``."""
+    model = base_model(seed, kind)
     cfg = model.config
     hd = cfg.hidden_size // cfg.num_attention_heads
     rep = cfg.num_attention_heads // cfg.num_key_value_heads

@@ -10,7 +10,8 @@ co-permuted so the selected ones are contiguous, then a few sub-blocks trained �
    order σ. A block that matches none is refused with how far the closest base block is.
 2. **Difference.** ``v`` rows and ``o`` columns are compared with the base under π (whole heads),
    ``up`` rows and ``down`` columns under σ. The changed rows/columns are the update; every other
-   tensor of the checkpoint must be unchanged.
+   tensor of the checkpoint must be unchanged, but for q/k/v biases (Qwen2): the base's, moved with
+   their rows by π.
 3. **Structure.** The update must be whole heads (all ``head_dim`` rows of a KV head in ``v``, all
    columns of a query head in ``o``), fill the rows/columns it changes (at least ``min_fill`` of their
    entries), change at most ``max_density`` of each matrix's rows/columns, and no changed row/column
@@ -112,6 +113,7 @@ def extract(
                 "not keep each query head with its KV head is not function-preserving"
             )
         groups[prefix + ".self_attn"] = order
+        explained |= _permuted_biases(base, tuned, p, order, rep * head_dim, head_dim)
         updates += _updates(base, tuned, p + "v_proj.weight", 0, order, head_dim, limits, "KV head")
         updates += _updates(base, tuned, p + "o_proj.weight", 1, order, rep * head_dim, limits, "query head", head_dim)
         explained |= {p + f"{m}_proj.weight" for m in "qkvo"}
@@ -129,6 +131,30 @@ def extract(
             )
     error = _reconstruction_error(base, tuned, updates, groups, channels, rep * head_dim, head_dim)
     return Extracted(updates, groups, channels, error)
+
+
+def _permuted_biases(
+    base: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.Tensor], p: str, order: list[int], q: int, kv: int
+) -> set[str]:
+    """The q/k/v biases of attention ``p`` (Qwen2 has them), checked to be the base's moved with their rows by
+    the KV-group ``order`` (S²FT permutes them with the weights and trains none); their keys.
+
+    Raises:
+        InputError: a bias that is not the base's in that order (how far off it is).
+    """
+    keys = set()
+    for name, width in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+        key = f"{p}{name}.bias"
+        if key not in base:
+            continue
+        moved = base[key].index_select(0, expand(order, width))
+        if not torch.equal(moved, tuned[key]):
+            raise InputError(
+                f"{key}: differs from the base's bias in the q/k row order (max |Δ| {_max_diff(moved, tuned[key]):.3g}); "
+                "S²FT moves q/k/v biases with their rows and trains none"
+            )
+        keys.add(key)
+    return keys
 
 
 def _same_keys(base: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.Tensor]) -> None:

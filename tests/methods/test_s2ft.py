@@ -297,3 +297,29 @@ def test_mutation_identity_permutation_is_refused(trained, monkeypatch, tmp_path
     monkeypatch.setattr(extraction, "_matched", lambda base, tuned, key, blocks: list(range(blocks)))
     with pytest.raises(InputError, match="not function-preserving"):
         extract_adapter(truth.base, truth.finetuned, tmp_path / "a")
+
+
+def test_qwen2_extraction_moves_qkv_biases_with_their_rows(tmp_path):
+    """Qwen2's q/k/v biases are permuted with their rows (not an update): the extracted adapter, merged on
+    the unpermuted base, reproduces the fine-tuned checkpoint; a trained bias is refused naming it."""
+    import transformers
+
+    truth = s2ft_train.train(tmp_path, kind="qwen2")
+    assert truth.groups[0].tolist() != sorted(truth.groups[0].tolist()), "layer 0 must permute KV groups"
+    summary = extract_adapter(truth.base, truth.finetuned, tmp_path / "adapter")
+    assert summary["kv_group_order"]["layers.0.self_attn"] == truth.groups[0].tolist()
+    base = s2ft_train.base_model(kind="qwen2")
+    finetuned = transformers.Qwen2Model.from_pretrained(str(truth.finetuned)).eval()
+    optimized, _ = run_passes(adapt(export(base), tmp_path / "adapter"), *pipelines.optimize(merge=True))
+    inputs = _inputs()
+    with torch.no_grad():
+        expected = finetuned(**inputs).last_hidden_state
+        assert _rel(base(**inputs).last_hidden_state, expected) > 0.05, "the fine-tune barely changes the output"
+    assert _rel(eager(optimized, inputs)["last_hidden_state"], expected) <= 1e-5
+
+    def train_a_bias(t):
+        t["layers.1.self_attn.k_proj.bias"] = t["layers.1.self_attn.k_proj.bias"] + 0.1
+
+    edited = _edited_checkpoint(truth, tmp_path / "ft", train_a_bias)
+    with pytest.raises(InputError, match=r"layers.1.self_attn.k_proj.bias: differs .*max \|Δ\| 0.1"):
+        extract_adapter(truth.base, edited, tmp_path / "a")
