@@ -332,14 +332,14 @@ def parser() -> argparse.ArgumentParser:
         "--max-error",
         type=float,
         metavar="E",
-        help="error budget of a reduced-precision artifact against the fp32 oracles, relative to each output's "
-        "scale (default: from the format and the model's depth, peftc/precision.py)",
+        help="error budget relative to each output's scale: a reduced precision's against the fp32 oracles (default: "
+        "from the format and the model's depth, peftc/precision.py), or the density passes' (default 1e-5)",
     )
     c.add_argument(
         "--calibration",
         metavar="FILE",
-        help="inputs for an integer precision (.safetensors or .npz: one array per model input, batch first): "
-        "activation ranges of int8-static, and the inputs each layer's error is measured on",
+        help="inputs for an integer precision or the density passes (.safetensors or .npz: one array per model input, "
+        "batch first): int8-static's ranges, the inputs layer errors and activation density are measured on",
     )
     c.add_argument(
         "--calibration-samples",

@@ -98,7 +98,7 @@ def test_removing_a_live_neuron_fails_verification(deft, monkeypatch):
         return tuple(i for i in real(count) if i != busiest)
 
     monkeypatch.setattr(compiled, "kept", without_the_busiest)
-    with pytest.raises(VerificationError, match="exceeds the budget"):
+    with pytest.raises(VerificationError, match=r"exceeds the budget .*rewritten alone\): encoder.layer.0"):
         peftc.compile(deft["model"], deft["adapter"], out=deft["root"] / "mutant", density=("prune-dead-neurons",),
                       calibration_samples=2)  # fmt: skip
     assert not (deft["root"] / "mutant").exists()

@@ -6,7 +6,8 @@ A compile runs two stages:
   every site op's eager body is the method's reference math, so verification compares artifacts
   against it.
 * ``optimize``: rewrite for deployment without changing the numbers beyond rounding. Each build mode
-  has its list: :func:`merged`, :func:`unmerged`, :func:`co_permuted`, :func:`swappable`. Methods add their own passes to
+  has its list: :func:`merged`, :func:`unmerged`, :func:`co_permuted`, :func:`swappable`; :func:`sparsified` runs
+  after :func:`merged` when the DEFT passes are asked for. Methods add their own passes to
   the first two (``Method.merged_passes`` / ``unmerged_passes``), in the order of
   ``peftc/methods/registry.py``.
 """
@@ -47,6 +48,12 @@ def co_permuted(permute: Pass) -> list[Pass]:
     """:func:`unmerged` after ``permute`` (``co-permute``, ``peftc/sparse/copermute_pass.py``, with its
     plan): the base permuted once so S²FT sites are slices."""
     return [permute, *unmerged()]
+
+
+def sparsified(sparsify: Pass) -> list[Pass]:
+    """After :func:`merged`, with the DEFT passes (``--prune-dead-neurons``, ``--skip-blocks``): ``sparsify``
+    (``sparsify-deft``, ``peftc/density/sparsify_pass.py``, with the plan the density search chose)."""
+    return [sparsify, EliminateDeadCodePass()]
 
 
 def optimize(*, merge: bool) -> list[Pass]:
