@@ -61,8 +61,8 @@ def compile_artifact(options: CompileOptions, progress: Progress | None = None) 
         if built.loaded.task and built.loaded.task != seq2seq.ENCODER and built.loaded.kind == "huggingface":
             copied = copy_model_files(Path(built.loaded.spec), writer.tmp, lowering.files)
             lowering = dataclasses.replace(lowering, files=(*lowering.files, *copied))
-        if built.head is not None:  # the prefix cache is data beside the base model's step
-            record = prefix.write(built.head, writer.tmp)
+        if built.head is not None:  # the prefix or prompt cache is data beside the base model's step
+            record = prefix.write(built.head, writer.tmp, prefix.positions(built.head_adapter.source))
             target = {**lowering.target, "prefix": record}
             lowering = dataclasses.replace(lowering, files=(*lowering.files, record["file"]), target=target)
         target = manifests.target_record(options, optimized, lowering, writer.tmp, precision, built.fp32.base)
