@@ -104,7 +104,7 @@ def _generate_with(runner, head: dict, monkeypatch) -> torch.Tensor:
 
 
 def test_multitask_artifact_is_token_identical_to_peft_for_its_task(compiled):
-    _, model, peft_models, runner = compiled
+    _, _, peft_models, runner = compiled
     assert runner.manifest.options["task"] == "text-generation"  # inferred from the saved architecture
     assert "task_ids" not in runner.input_names  # the task is fixed
     assert runner.manifest.target["prefix"] == {"file": prefix.FILE, "virtual_tokens": 4, "positions": prefix.COLUMNS}
@@ -118,9 +118,6 @@ def test_multitask_artifact_is_token_identical_to_peft_for_its_task(compiled):
     peft_model = peft_models["multitask"]
     assert torch.equal(got, _peft_greedy(peft_model, ids, mask, task_ids=torch.full((3,), TASK)))
     assert not torch.equal(got, _peft_greedy(peft_model, ids, mask, task_ids=torch.full((3,), 0)))  # the task counts
-    with torch.no_grad():
-        base = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
-    assert not torch.equal(got, base)
 
 
 @pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning", "cpt"])
