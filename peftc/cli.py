@@ -289,7 +289,11 @@ def parser() -> argparse.ArgumentParser:
         help="MODEL is the residual base a PiSSA/OLoRA/CorDA/LoRA-GA/LoftQ adapter was trained on (use it as is)",
     )
     c.add_argument(
-        "--task-id", type=int, metavar="K", help="merge a Poly adapter's routed mix for task K (no task_ids input)"
+        "--task-id",
+        type=int,
+        metavar="K",
+        help="compile for task K (no task_ids input): a Poly adapter's routed mix merged, or a multitask prompt's "
+        "cache head with --task text-generation",
     )
     c.add_argument(
         "--swappable",

@@ -19,7 +19,6 @@ from cli_run import run
 from test_generate import _llama, _prompts
 
 import peftc
-from peftc.errors import UnsupportedError
 from peftc.generation import decode, prefix, prefix_check
 from peftc.loaders.causal import key_name, value_name
 from peftc.methods.loading import read_adapter
@@ -67,7 +66,9 @@ def _peft_greedy(peft_model, ids: torch.Tensor, mask: torch.Tensor, new: int) ->
 def test_greedy_is_token_identical_to_peft_and_the_prefill_logits_match(compiled):
     _, model, peft_model, runner = compiled
     files = {f["path"] for f in runner.manifest.target["files"]}
-    assert prefix.FILE in files and runner.manifest.target["prefix"] == {"file": prefix.FILE, "virtual_tokens": COUNT}
+    assert prefix.FILE in files and runner.manifest.target["prefix"] == {
+        "file": prefix.FILE, "virtual_tokens": COUNT, "positions": prefix.MASK
+    }  # fmt: skip
     assert not any("prompt" in name for name in runner.input_names)  # the step is the base model's
     cases = {c["oracle"]: c for c in runner.manifest.verification["cases"]}
     assert all(o["ok"] for o in cases[prefix_check.ORACLE]["outputs"])  # compile checked the head with PEFT
@@ -123,14 +124,3 @@ def test_prefix_with_swappable_is_refused_in_one_line(compiled, capsys):
     code, _, err = run(capsys, *argv)
     lines = [line for line in err.splitlines() if not line.startswith("[peftc")]
     assert code == 2 and len(lines) == 1 and "compile the prefix alone" in lines[0] and "Traceback" not in err, err
-
-
-def test_prompt_tuning_for_generation_is_refused(compiled, tmp_path):
-    """Prompt tuning's prefill needs the prompt's embeddings, which the step does not take."""
-    from peft import PromptTuningConfig, get_peft_model
-
-    _, model, _, _ = compiled
-    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=COUNT)
-    get_peft_model(copy.deepcopy(model), config).save_pretrained(str(tmp_path / "prompt"))
-    with pytest.raises(UnsupportedError, match="--task text-generation: a PROMPT_TUNING adapter is inserted around"):
-        peftc.compile(model, [tmp_path / "prompt"], out=tmp_path / "out", task="text-generation")

@@ -21,12 +21,13 @@ import torch
 
 from peftc import ir
 from peftc.errors import UnsupportedError
-from peftc.generation import prefix
+from peftc.generation import prefix, prompt_head
 from peftc.loaders import LoadedModel, causal, identity, load_model, seq2seq
 from peftc.logs import quiet_imports
-from peftc.methods.base import Adapter, ParseOptions
+from peftc.methods.base import Adapter, AdapterSource, ParseOptions
+from peftc.methods.common import classify_fields
 from peftc.methods.loading import read_adapter
-from peftc.methods.registry import insertion, parse_adapter, wraps_forward
+from peftc.methods.registry import insertion, parse_adapter, parsers, wraps_forward
 from peftc.options import PathLike
 from peftc.passes import pipelines
 from peftc.passes.base import PassContext, PassManager, PassRecord
@@ -107,8 +108,8 @@ class Built:
     precision: str
     """What the artifact computes in."""
     head: dict[str, torch.Tensor] | None = None
-    """A generation step's prefix cache (``peftc/generation/prefix.py``): the adapter it came from is data
-    beside the base model's step, not in its program."""
+    """A generation step's cache head, a prefix's or a prompt's (``peftc/generation/prefix.py``,
+    ``prompt_head.py``): the adapter it came from is data beside the base model's step, not in its program."""
     head_adapter: Adapter | None = None
     """The adapter ``head`` was read from, without sites (the manifest lists it; PEFT checks the head with it)."""
 
@@ -130,15 +131,16 @@ Precision = Callable[[LoadedModel], tuple[str, bool]]
 def _task(sources: Sources, read: list) -> str | None:
     """The task the model is loaded for: an adapter inserted around the model's forward keeps that forward
     (a task is then inferred as none), and refuses an explicit generation task in one line; a ``CAUSAL_LM``
-    prefix keeps the task (given or inferred): it becomes the head of the generation step's cache."""
+    prefix or prompt keeps the task (given or inferred): it becomes the head of the generation step's cache."""
     wrapper = wraps_forward(read, sources.task_id)
-    if prefix.generating(read) and sources.task in (None, causal.TEXT_GENERATION):
-        return sources.task  # a causal LM generates with the prefix as its cache's head
+    if prefix.generating(read, sources.task_id) and sources.task in (None, causal.TEXT_GENERATION):
+        return sources.task  # a causal LM generates with the prefix or prompt as its cache's head
     if wrapper is None or sources.task in (None, causal.NO_TASK):
         return causal.NO_TASK if wrapper else sources.task
+    one_task = ", or with --task-id K (one task's prompt)" if wrapper == prompt_head.MULTITASK else ""
     raise UnsupportedError(
         f"--task {sources.task}: a {wrapper} adapter is inserted around the model's own forward (full-sequence "
-        "outputs, no KV cache); compile it without --task"
+        f"outputs, no KV cache); compile it without --task{one_task}"
     )
 
 
@@ -166,14 +168,16 @@ def build(
             workdir=sources.workdir,
             task=task,
         )
-    head_source = prefix.generating(read) if loaded.task == causal.TEXT_GENERATION else None
-    read, head = _prefix_head(read, loaded, stack)
+    head_source = prefix.generating(read, sources.task_id) if loaded.task == causal.TEXT_GENERATION else None
+    read, head = _prefix_head(read, loaded, stack, sources.task_id)
+    recorded = _head_record(head_source, sources.task_id) if head is not None and head_source else None
+    task_id = None if head_source is not None else sources.task_id  # a multitask head took it
     if not stack and loaded.task in seq2seq.TASKS:
         raise UnsupportedError(
             f"--swappable with --task {seq2seq.TEXT2TEXT}: not supported yet (the encoder program's trace holds "
             "decoder sites that are dead code, whose slots ONNX drops); compile one adapter merged"
         )
-    inserted = insertion(read, loaded.module, loaded.signature, sources.task_id)
+    inserted = insertion(read, loaded.module, loaded.signature, task_id)
     if inserted is not None:
         if not stack:
             raise UnsupportedError(
@@ -204,25 +208,43 @@ def build(
         with stages("adapt", "adapt: insert adapter sites" + (f" ({name})" if traced else "")):
             reference, records = PassManager(pipelines.adapt(adapters)).run(base, stages.context(dump_ir))
         worlds.append(World(name, module, base, reference, tuple(records), inserted is not None))
-    recorded = None
-    if head is not None and head_source is not None:
-        fields = prefix.honoured(head_source)
-        recorded = Adapter(head_source.name, "prefix_tuning", head_source, (), honoured=fields)
     return Built(loaded, adapters, tuple(worlds), chosen, head, recorded)
 
 
-def _prefix_head(read: list, loaded: LoadedModel, stack: bool) -> tuple[list, dict[str, torch.Tensor] | None]:
-    """A ``CAUSAL_LM`` prefix of a model loaded for generation becomes the cache's head (no adapter is left
-    to parse); on a model loaded without a generation step it is inserted around the forward as before.
+def _head_record(source: AdapterSource, task_id: int | None) -> Adapter:
+    """The adapter a cache head was read from, as the manifest lists it: no sites, its config's fields
+    (checked as its parser checks them) and, for a multitask prompt, the task the head is for.
 
     Raises:
-        UnsupportedError: such a prefix on a model loaded for another generation task.
+        UnsupportedError: a config field peftc refuses or does not know.
     """
-    source = prefix.generating(read)
+    peft_type = str(source.config.get("peft_type"))
+    method = parsers()[peft_type]
+    honoured, ignored = classify_fields(source, peft_type, method.fields)
+    ignored.pop("task_type", None)  # it selects the wiring (PEFT's model class)
+    if peft_type == prompt_head.MULTITASK:
+        honoured["task_id"] = task_id  # the task the head was computed for
+    return Adapter(source.name, method.name, source, (), honoured=honoured, ignored=ignored)
+
+
+def _prefix_head(
+    read: list, loaded: LoadedModel, stack: bool, task_id: int | None
+) -> tuple[list, dict[str, torch.Tensor] | None]:
+    """A ``CAUSAL_LM`` prefix or prompt of a model loaded for generation becomes the cache's head (no
+    adapter is left to parse); on a model loaded without a generation step it is inserted around the
+    forward as before.
+
+    Raises:
+        UnsupportedError: such an adapter on a model loaded for another generation task.
+    """
+    source = prefix.generating(read, task_id)
     if source is None or loaded.task is None:
         return read, None
     if loaded.task != causal.TEXT_GENERATION:
-        raise UnsupportedError(f"{source.config_path}: a CAUSAL_LM prefix with --task {loaded.task}: not supported")
+        kind = source.config.get("peft_type")
+        raise UnsupportedError(f"{source.config_path}: a CAUSAL_LM {kind} with --task {loaded.task}: not supported")
+    if prefix.positions(source) == prefix.COLUMNS:
+        return [], prompt_head.head(source, read, loaded.module, stack, task_id)
     specs = {i.name: i for i in loaded.signature.inputs}
     layers = sum(1 for name in specs if name.startswith("past_key_values_") and name.endswith("_key"))
     layout = [(int(specs[causal.key_name(i)].shape[1]), int(specs[causal.key_name(i)].shape[3])) for i in range(layers)]

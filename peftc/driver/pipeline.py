@@ -68,8 +68,8 @@ def compile_artifact(options: CompileOptions, progress: Progress | None = None) 
             lowering = dataclasses.replace(lowering, files=(*lowering.files, *copied))
         if sparsified is not None:
             lowering = dataclasses.replace(lowering, target={**lowering.target, "density": sparsified})
-        if built.head is not None:  # the prefix cache is data beside the base model's step
-            record = prefix.write(built.head, writer.tmp)
+        if built.head is not None:  # the prefix or prompt cache is data beside the base model's step
+            record = prefix.write(built.head, writer.tmp, prefix.positions(built.head_adapter.source))
             target = {**lowering.target, "prefix": record}
             lowering = dataclasses.replace(lowering, files=(*lowering.files, record["file"]), target=target)
         target = manifests.target_record(options, optimized, lowering, writer.tmp, precision, built.fp32.base)

@@ -3,9 +3,11 @@
 One prefill step runs the whole prompt with empty caches (``past`` = 0); each decode step feeds the
 last token, the mask grown by one column, its position and the previous step's ``present.*`` as
 ``past_key_values_*``. Positions follow Hugging Face ``generate`` for left padding: the running count
-of unmasked tokens minus one (1 on padding). An artifact with a prefix cache (``prefix.py``) starts
-with it as the past, the mask led by its ``n`` ones and the positions PEFT gives (shifted by ``n``). A row that produced ``eos_token_id`` is finished: it gets
-``pad_token_id`` from then on, and the loop stops when every row is finished.
+of unmasked tokens minus one (1 on padding). An artifact with a cache head (``prefix.py``) starts with
+it as the past, the mask led by its ``n`` ones and the positions PEFT gives: a prefix's shift the
+prompt's by ``n``; a prompt's (``prompt_head.py``) number the columns after it, padding counted. A row
+that produced ``eos_token_id`` is finished: it gets ``pad_token_id`` from then on, and the loop stops
+when every row is finished.
 
 Greedy (``do_sample=False``) picks the arg-max of the last position's logits. Sampling divides them by
 ``temperature``, keeps the ``top_k`` largest, then the smallest set whose probability reaches
@@ -58,6 +60,7 @@ def generate(
     ids, mask = prompt_arrays(input_ids, attention_mask)
     layers, shapes, dtype, longest = _layout(runner)
     count, head = prefix.read_head(runner, dtype)
+    numbered = prefix.numbering(runner)
     if max_new_tokens < 1 or count + ids.shape[1] + max_new_tokens > longest:
         virtual = f"{count} virtual tokens + " if count else ""
         raise InputError(
@@ -75,7 +78,7 @@ def generate(
     pasts.update(prefix.expanded(head, batch))
     ones = np.ones((batch, count), dtype=mask.dtype)  # the prefix's columns of the mask
     tokens, finished = ids, np.zeros(batch, dtype=bool)
-    step_ids, positions = ids, _step_positions(mask, count)
+    step_ids, positions = ids, _step_positions(mask, count, numbered)
     for _ in range(max_new_tokens):
         full = np.concatenate([ones, mask], axis=1)
         out = runner(input_ids=step_ids, attention_mask=full, position_ids=positions, **pasts, **(call or {}))
@@ -86,7 +89,7 @@ def generate(
             if finished.all():
                 break
         mask = np.concatenate([mask, np.ones((batch, 1), dtype=mask.dtype)], axis=1)
-        step_ids, positions = chosen[:, None], _step_positions(mask, count)[:, -1:]
+        step_ids, positions = chosen[:, None], _step_positions(mask, count, numbered)[:, -1:]
         pasts = _next_pasts(out, pasts)
     return torch.from_numpy(tokens) if as_torch else tokens
 
@@ -154,9 +157,18 @@ def _prefix_positions(mask: np.ndarray, count: int) -> np.ndarray:
     return (np.where(mask == 0, 0, np.cumsum(mask, axis=1) - 1) + count).astype(np.int64)
 
 
-def _step_positions(mask: np.ndarray, count: int) -> np.ndarray:
-    """The positions of ``mask``'s tokens: :func:`_prefix_positions` after a prefix, else :func:`_positions`."""
-    return _prefix_positions(mask, count) if count else _positions(mask)
+def column_positions(mask: np.ndarray, count: int) -> np.ndarray:
+    """PEFT's positions after a prompt of ``count`` virtual tokens (``prompt_head.py``): ``count`` + the
+    column, padding counted."""
+    return np.broadcast_to(np.arange(mask.shape[1], dtype=np.int64) + count, mask.shape).copy()
+
+
+def _step_positions(mask: np.ndarray, count: int, numbered: str = prefix.MASK) -> np.ndarray:
+    """The positions of ``mask``'s tokens: after a head, :func:`_prefix_positions` or :func:`column_positions`
+    (``numbered``: ``prefix.numbering``), else :func:`_positions`."""
+    if not count:
+        return _positions(mask)
+    return column_positions(mask, count) if numbered == prefix.COLUMNS else _prefix_positions(mask, count)
 
 
 def _layout(runner: Any) -> tuple[int, list[tuple[int, int]], Any, int]:

@@ -1,4 +1,5 @@
-"""Prefix tuning in a ``--task text-generation`` artifact: the prefix is the head of the KV cache.
+"""Prefix tuning in a ``--task text-generation`` artifact: the prefix is the head of the KV cache
+(prompt tuning's virtual tokens are a head too: ``prompt_head.py``; this module stores and reads both).
 
 A ``PREFIX_TUNING`` (or ``CARTRIDGE``) adapter with ``task_type="CAUSAL_LM"`` changes nothing in the
 model: PEFT (``PeftModelForCausalLM.prepare_inputs_for_generation``, ``peft/peft_model.py``) starts
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from peftc.errors import InputError, UnsupportedError
+from peftc.generation import prompt_head
 from peftc.loaders.causal import TEXT_GENERATION, key_name, value_name
 from peftc.methods.base import AdapterSource
 
@@ -31,12 +33,25 @@ TYPES = ("PREFIX_TUNING", "CARTRIDGE")
 """The ``peft_type``s PEFT starts generation with a prefix cache for."""
 
 
-def generating(read: Sequence[AdapterSource]) -> AdapterSource | None:
-    """The first of ``read`` that PEFT generates with as a cache prefix (a ``CAUSAL_LM`` prefix), else None."""
+MASK, COLUMNS = "mask", "columns"
+"""How ``runner.generate`` numbers the prompt after a head (the manifest's ``target.prefix.positions``):
+a prefix's PEFT shifts transformers' positions of the prompt's mask by ``n``; prompt learning's drops
+position ids, so the model numbers every column after the ``n`` virtual ones (``prompt_head.py``)."""
+
+
+def generating(read: Sequence[AdapterSource], task_id: int | None = None) -> AdapterSource | None:
+    """The first of ``read`` that PEFT generates with from a cache head (a ``CAUSAL_LM`` prefix, or a
+    ``CAUSAL_LM`` prompt: ``prompt_head.generating``), else None."""
     for source in read:
-        if source.config.get("peft_type") in TYPES and source.config.get("task_type") == "CAUSAL_LM":
+        prefixed = source.config.get("peft_type") in TYPES and source.config.get("task_type") == "CAUSAL_LM"
+        if prefixed or prompt_head.generating(source, task_id):
             return source
     return None
+
+
+def positions(source: AdapterSource) -> str:
+    """How the prompt is numbered after ``source``'s head: :data:`MASK` for a prefix, else :data:`COLUMNS`."""
+    return MASK if source.config.get("peft_type") in TYPES else COLUMNS
 
 
 def head(
@@ -74,19 +89,17 @@ def head(
     return kv
 
 
-def honoured(source: AdapterSource) -> dict[str, Any]:
-    """The config fields the prefix's head honours, as the manifest lists them."""
-    from peftc.methods.prompt import prefix
-
-    return {k: source.config[k] for k in prefix.FIELDS.honoured if k in source.config}
-
-
-def write(kv: dict, directory: Path) -> dict[str, Any]:
-    """Write ``kv`` to ``directory/FILE``; the manifest's ``target.prefix`` record."""
+def write(kv: dict, directory: Path, numbered: str = MASK) -> dict[str, Any]:
+    """Write ``kv`` to ``directory/FILE``; the manifest's ``target.prefix`` record (``numbered``: :func:`positions`)."""
     from safetensors.torch import save_file
 
     save_file(kv, str(directory / FILE))
-    return {"file": FILE, "virtual_tokens": int(next(iter(kv.values())).shape[1])}
+    return {"file": FILE, "virtual_tokens": int(next(iter(kv.values())).shape[1]), "positions": numbered}
+
+
+def numbering(runner: Any) -> str:
+    """How ``runner``'s artifact numbers the prompt after its head (:data:`MASK` when the record predates the field)."""
+    return str((runner.manifest.target.get("prefix") or {}).get("positions", MASK))
 
 
 def read_head(runner: Any, dtype: Any) -> tuple[int, dict[str, np.ndarray]]:

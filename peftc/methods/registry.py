@@ -197,7 +197,10 @@ def insertion(
     """
     methods = [(s, parsers().get(str(s.config.get("peft_type")))) for s in sources]
     if task_id is not None and not any(m and m.fixed_task for _, m in methods):
-        raise InputError(f"--task-id {task_id}: no adapter is routed by task (POLY is)")
+        raise InputError(
+            f"--task-id {task_id}: no adapter is routed by task (POLY is); a CAUSAL_LM MULTITASK_PROMPT_TUNING "
+            "prompt takes one with --task text-generation"
+        )
     inserted = _inserted(methods, task_id)
     if not inserted:
         return None

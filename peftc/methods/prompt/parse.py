@@ -146,17 +146,7 @@ def insert(source: AdapterSource, module: torch.nn.Module, base: InputSignature)
     """
     spec = read(source)
     where = str(source.config_path)
-    path = wrapper.word_embeddings(module)
-    if path is None:
-        raise UnsupportedError(
-            f"{where}: PEFT finds no word embedding in {type(module).__name__} (embeddings.word_embeddings, or a "
-            "parameter of the config's vocab_size rows); prompt learning needs a transformers text model"
-        )
-    weight = getattr(module.get_submodule(path), "weight", None)
-    width = spec.prompt.tensor.shape[1]
-    if weight is None or weight.dim() != 2 or weight.shape[1] != width:
-        shape = list(weight.shape) if weight is not None else None
-        raise UnsupportedError(f"{where}: prompt width {width} does not fit the word embedding {path} {shape}")
+    path = embedding_path(source, module, spec.prompt.tensor.shape[1])
     token_types = TOKEN_TYPES[spec.task]
     tasks = (spec.tasks[0].tensor, spec.tasks[1].tensor) if spec.tasks else None
     signature = wrapper.signature(
@@ -167,6 +157,26 @@ def insert(source: AdapterSource, module: torch.nn.Module, base: InputSignature)
         return wrapper.Prompted(traced, path, spec.prompt.tensor, token_types=token_types, tasks=tasks)
 
     return Inserted(wrap, signature)
+
+
+def embedding_path(source: AdapterSource, module: torch.nn.Module, width: int) -> str:
+    """The path of the word embedding PEFT prepends the prompt's ``width``-wide rows to in ``module``.
+
+    Raises:
+        UnsupportedError: PEFT finds none (:func:`wrapper.word_embeddings`), or its width is not ``width``.
+    """
+    where = str(source.config_path)
+    path = wrapper.word_embeddings(module)
+    if path is None:
+        raise UnsupportedError(
+            f"{where}: PEFT finds no word embedding in {type(module).__name__} (embeddings.word_embeddings, or a "
+            "parameter of the config's vocab_size rows); prompt learning needs a transformers text model"
+        )
+    weight = getattr(module.get_submodule(path), "weight", None)
+    if weight is None or weight.dim() != 2 or weight.shape[1] != width:
+        shape = list(weight.shape) if weight is not None else None
+        raise UnsupportedError(f"{where}: prompt width {width} does not fit the word embedding {path} {shape}")
+    return path
 
 
 def parser(method: str, fields: common.Fields, reader: Callable[[AdapterSource], Prompt] = read) -> Any:
