@@ -249,7 +249,7 @@ DEBUG_METADATA = (
     "pkg.torch.onnx.name_scopes",
 )  # fmt: skip
 """The exporter's per-node debugging text (the Python stack, the FX node, the module classes and scopes: ~1.5 kB
-a node, 7 MB of a 71 MB QLoRA model), dropped from the saved model; the module path (``namespace``, which
+a node, 3.9 MB of a 71 MB QLoRA model), dropped from the saved model; the module path (``namespace``, which
 ``quantize.py`` reads) stays."""
 
 
