@@ -13,9 +13,9 @@ and saved again; PEFT makes a LoRA adapter (r=16, α=16, every linear of the dec
 Inductor folds each dequantization into an fp32 constant at compile time).
 
 ``--tables`` measures ``peftc compile`` itself instead (``merge_policy="auto"``, the plain forward) with
-each ``--quantize-embeddings`` scheme (none, int8, int4: ``peftc/quant/embeddings.py``), the rows named
-``compile auto, tables …``; their error column is against the same fp32 reference, their site error the
-largest table error.
+each ``--quantize-embeddings`` scheme (none, int8, int4, int8-head: ``peftc/quant/embeddings.py``;
+``--schemes`` picks some), the rows named ``compile auto, tables …``, next to PEFT's eager QLoRA; their error
+column is against the same fp32 reference, their site error the largest error a table or site adds.
 
 Reported per policy and target: the artifact files' bytes and their ratio to an fp16 artifact of the
 same merged model (2 bytes per parameter); for the decoder's linear layers alone (what the policy
@@ -50,7 +50,7 @@ from peftc.quant.modules import Bnb4Linear, Int8Linear, TwoPathLinear
 
 LINEARS = (Bnb4Linear, Int8Linear, TwoPathLinear, torch.nn.Linear)
 POLICIES = ("float", "requant", "two-path", "auto")
-TABLES = ("none", "int8", "int4")
+TABLES = ("none", "int8", "int4", "int8-head")
 SEQ = 64
 
 
@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--aoti", action="store_true", help="also compile auto's model with AOTInductor (minutes)")
     parser.add_argument("--max-error", type=float, default=1e-2, help="auto's per-site budget (default 1e-2)")
     parser.add_argument("--tables", action="store_true", help="peftc compile with each --quantize-embeddings instead")
+    parser.add_argument("--schemes", default=",".join(TABLES), help="--tables: the schemes, comma-separated")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     reps = 3 if args.quick else 10
@@ -115,10 +116,10 @@ def main() -> None:
     check = batches[8]
     with torch.no_grad():
         reference = qlora.build(model_dir, adapter, "two-path").module(input_ids=check).logits
+    rows = [_peft_row(model_dir, adapter, batches, check, reference, reps)]
     if args.tables:
-        rows = [_compiled_row(s, model_dir, adapter, root, batches, check, reference, reps) for s in TABLES]
-    else:
-        rows = [_peft_row(model_dir, adapter, batches, check, reference, reps)]
+        schemes = args.schemes.split(",")
+        rows += [_compiled_row(s, model_dir, adapter, root, batches, check, reference, reps) for s in schemes]
     runs = [] if args.tables else [(name, "onnx") for name in POLICIES] + ([("auto", "aoti")] if args.aoti else [])
     for name, target in runs:
         rows.append(
@@ -157,7 +158,7 @@ def _compiled_row(tables, model_dir, adapter, root, batches, check, reference, r
     latency = timed(run, batches, reps)
     sites = artifact.manifest.target["quantized_sites"]
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    table_errors = [s["error"] for s in sites if s["policy"] == "quantized"] or [0.0]
+    table_errors = [s["error"] for s in sites] or [0.0]
     return {"name": f"compile auto, tables {tables}", "chosen": sorted({s["policy"] for s in sites}), "bytes": size,
             "site_error": max(table_errors), "ms": latency, "error": qlora.relative_error(run(check), reference)}  # fmt: skip
 
@@ -193,7 +194,7 @@ def _bytes(module) -> int:
 def _text(result: dict) -> str:
     lines = [f"{result['parameters'] / 1e6:.1f}M parameters; fp16 artifact {result['fp16_bytes'] / 1e6:.1f} MB"]
     lines.append(
-        f"{'':<22}{'MB':>8}{'×fp16':>7}{'b1 ms':>9}{'b8 ms':>9}{'site err':>10}{'output err':>12}{'lin×fp16':>10}  chosen"
+        f"{'':<32}{'MB':>8}{'×fp16':>7}{'b1 ms':>9}{'b8 ms':>9}{'site err':>10}{'output err':>12}{'lin×fp16':>10}  chosen"
     )
     for r in result["rows"]:
         mb = f"{r['bytes'] / 1e6:.1f}" if r["bytes"] else "-"
@@ -201,7 +202,7 @@ def _text(result: dict) -> str:
         site = f"{r['site_error']:.2g}" if r["site_error"] is not None else "-"
         linears = f"{r['linears_vs_fp16']:.2f}" if "linears_vs_fp16" in r else "-"
         lines.append(
-            f"{r['name']:<22}{mb:>8}{ratio:>7}{r['ms'][1]:>9.1f}{r['ms'][8]:>9.1f}{site:>10}{r['error']:>12.2g}"
+            f"{r['name']:<32}{mb:>8}{ratio:>7}{r['ms'][1]:>9.1f}{r['ms'][8]:>9.1f}{site:>10}{r['error']:>12.2g}"
             f"{linears:>10}  " + ",".join(r.get("chosen", []))
         )
     return "\n".join(lines)

@@ -24,9 +24,9 @@ from peftc.seeds import check_seed
 PathLike = str | os.PathLike[str]
 CALIBRATION_SAMPLES = 64
 """Generated calibration batches of an integer precision (``peftc/driver/quantize.py`` says why 64)."""
-MERGE_POLICIES = ("auto", "float", "requant", "two-path")
+MERGE_POLICIES = ("auto", "float", "requant", "two-path", "two-path-fp16")
 """``--merge-policy`` (``peftc.quant.policy.POLICIES``, spelled out so that options import no torch)."""
-EMBEDDINGS = ("none", "int8", "int4")
+EMBEDDINGS = ("none", "int8", "int4", "int8-head")
 """``--quantize-embeddings`` (``peftc.quant.embeddings.SCHEMES``)."""
 MAX_MULTI_ADAPTER = 1024
 """Most adapters one call of a ``--swappable`` artifact can mix (``--multi-adapter``)."""
@@ -73,9 +73,10 @@ class CompileOptions:
     co_permute: bool = False
     """``--no-merge`` S²FT sites as slices of a base permuted once (``peftc/sparse/copermute.py``)."""
     merge_policy: str = "auto"
-    """LoRA on a quantized base: auto, float, requant or two-path per site (``peftc/quant/policy.py``)."""
+    """LoRA on a quantized base: auto, float, requant, two-path or two-path-fp16 per site (``peftc/quant/policy.py``)."""
     quantize_embeddings: str = "none"
-    """A quantized base's float embedding and LM-head tables: none, int8 or int4 (``peftc/quant/embeddings.py``)."""
+    """A quantized base's float embedding and LM-head tables: none, int8, int4 or int8-head
+    (``peftc/quant/embeddings.py``)."""
     density: tuple[str, ...] = ()
     """DEFT passes on the merged model: ``prune-dead-neurons``, ``skip-blocks`` (``peftc/density/compiled.py``)."""
 

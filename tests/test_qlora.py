@@ -48,33 +48,41 @@ def logits(model: qlora.QLoRAModel) -> torch.Tensor:
 
 
 class Int8Table(torch.nn.Module):
-    """An embedding table stored int8 (``--quantize-embeddings``), as ``peftc::int8_embedding`` reads it."""
+    """An embedding table stored int8 (``--quantize-embeddings``), as ``peftc::int8_embedding`` reads it, plus
+    one stored fp16 (``int8-head``'s embedding, ``peftc::fp16_embedding``)."""
 
     def __init__(self, rows: int, width: int) -> None:
         super().__init__()
         self.register_buffer("codes", torch.randint(-127, 128, (rows, width), dtype=torch.int8))
         self.register_buffer("scales", torch.rand(rows) + 0.5)
+        self.register_buffer("table16", torch.randn(rows, width).half())
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return torch.ops.peftc.int8_embedding(ids, self.codes, self.scales)
+        return torch.ops.peftc.int8_embedding(ids, self.codes, self.scales) + torch.ops.peftc.fp16_embedding(
+            ids, self.table16
+        )
 
 
 def test_onnx_runs_matmulbnb4_and_matches_eager(tmp_path):
-    """The quantized layers and the two-path sites as onnxruntime runs them (a stack of the model's own
-    layers behind an int8 embedding table: the lowering of each op is what is checked; the whole model is
-    lowered by benchmarks/qlora.py)."""
+    """The quantized layers and the two-path sites (q_proj with fp16 factors: two-path-fp16) as onnxruntime
+    runs them (a stack of the model's own layers behind int8 and fp16 embedding tables: the lowering of each
+    op is what is checked; the whole model is lowered by benchmarks/qlora.py)."""
     import onnx
+
+    from peftc.quant.modules import TwoPathLinear
 
     nf4 = qlora.build(bnb_checkpoints.root() / "nf4-dq", bnb_checkpoints.adapter("nf4-dq"), "two-path").module
     int8 = qlora.build(bnb_checkpoints.root() / "int8", bnb_checkpoints.adapter("int8"), "two-path").module
     attention, mlp = nf4.model.layers[0].self_attn, int8.model.layers[0].mlp
-    table = Int8Table(64, 64)
-    stack = torch.nn.Sequential(table, attention.q_proj, attention.o_proj, mlp.up_proj, mlp.down_proj)
+    table, q = Int8Table(64, 64), attention.q_proj
+    q16 = TwoPathLinear(q.base, q.lora_A.half(), q.lora_B.half(), q.scale)
+    stack = torch.nn.Sequential(table, q16, attention.o_proj, mlp.up_proj, mlp.down_proj)
     ids = torch.randint(0, 64, (2, 5))
     run = qlora.lower(stack, "onnx", tmp_path, parse_inputs(["input:batch,seq:int64"]))
     kinds = [n.op_type for n in onnx.load(str(tmp_path / "model.onnx")).graph.node]
-    assert kinds.count("MatMulBnb4") == 2 and kinds.count("Gather") == 2 and "GatherND" not in kinds
-    assert qlora.relative_error(table(ids), table.codes[ids].float() * (table.scales[ids] / 127).unsqueeze(-1)) < EXACT
+    assert kinds.count("MatMulBnb4") == 2 and kinds.count("Gather") == 3 and "GatherND" not in kinds
+    looked_up = table.codes[ids].float() * (table.scales[ids] / 127).unsqueeze(-1) + table.table16[ids].float()
+    assert qlora.relative_error(table(ids), looked_up) < EXACT
     with torch.no_grad():
         expected = stack(ids)
     assert qlora.relative_error(run({"input": ids}), expected) < EXACT

@@ -118,7 +118,9 @@ def requantized_by_bitsandbytes(fmt, state, reference):
 
 def test_auto_chooses_per_site_and_the_table_shows_it(bases):
     nf4 = optimize(bases["nf4-dq"][0], Merged(merge_policy="auto", max_error=1e-2))[0].state
-    assert [r["policy"] for r in nf4] == ["two-path"] * 3 and "requant exceeds it" in nf4[0]["reason"]
+    assert [r["policy"] for r in nf4] == ["two-path-fp16"] * 3 and "requant exceeds it" in nf4[0]["reason"]
+    exact = optimize(bases["nf4-dq"][0], Merged(merge_policy="auto", max_error=1e-9))[0].state
+    assert [r["policy"] for r in exact] == ["two-path"] * 3 and "fp16 factors exceed it" in exact[0]["reason"]
     assert [r["policy"] for r in optimize(bases["nf4-dq"][0], Merged(merge_policy="auto", max_error=0.5))[0].state] == [
         "requant"
     ] * 3
@@ -135,20 +137,55 @@ def qlora_table(rows):
 
 
 def test_quantized_embeddings_are_recorded_like_sites(bases):
-    """``--quantize-embeddings``: the tables stored int8 (head NF4 for int4), each error in the site table and
-    the model within the budget of the exact one (the int8 gather in ONNX: test_qlora.py)."""
-    built, exact, _ = bases["nf4-dq"]
-    for scheme, head in (("int8", "peftc.int8_linear.default"), ("int4", "peftc.bnb4_linear.default")):
+    """``--quantize-embeddings``: the tables stored int8 (head NF4 for int4; embedding fp16 for int8-head), each
+    error in the site table and the model within the budget of the exact one (the gathers in ONNX: test_qlora.py)."""
+    built, exact, reference = bases["nf4-dq"]
+    table = reference.model.embed_tokens.weight.detach()
+    for scheme, lookup, head, formats in (
+        ("int8", "int8", "int8_linear", ["int8", "int8"]),
+        ("int4", "int8", "bnb4_linear", ["int8", "nf4"]),
+        ("int8-head", "fp16", "int8_linear", ["fp16", "int8"]),
+    ):
         optimized, out = optimize(built, Merged(merge_policy="two-path", embeddings=scheme))
         found = targets(optimized.program)
-        assert found.count("peftc.int8_embedding.default") == 1 and found[-1] == head
+        assert found.count(f"peftc.{lookup}_embedding.default") == 1 and found[-1] == f"peftc.{head}.default"
         tables = [r for r in optimized.state if r["policy"] == "quantized"]
         assert [r["module"] for r in tables] == ["model.embed_tokens.weight", "lm_head.weight"]
-        assert all(0 < r["error"] < 0.1 for r in tables) and tables[1]["format"] == (
-            "nf4" if scheme == "int4" else "int8"
-        )
+        assert all(0 < r["error"] < 0.1 for r in tables) and [r["format"] for r in tables] == formats
         assert 1e-5 < qlora.relative_error(out, exact) < 3 * sum(r["error"] for r in tables)  # compiled.RMS_TO_MAX
         assert "model.embed_tokens.weight" not in optimized.program.state_dict
+    assert tables[0]["error"] == pytest.approx(float((table.half().float() - table).norm() / table.norm()), rel=1e-3)
+    assert tables[0]["bytes"] == table.numel() * 2
+
+
+def test_fp16_factors(bases, monkeypatch):
+    """two-path-fp16: the factors stored fp16 under their keys, the error each site adds what PEFT's own factors
+    give when rounded to fp16, the model within that of the exact one and of PEFT's QLoRA model; a factor
+    stored with a wrong scale leaves the verification budget."""
+    built, exact, reference = bases["nf4-dq"]
+    optimized, out = optimize(built, Merged(merge_policy="two-path-fp16"))
+    state = optimized.program.state_dict
+    assert {state[k].dtype for k in state if ".lora_" in k} == {torch.float16} and len(optimized.state) == 3
+    for row in optimized.state:
+        lora = reference.get_submodule(row["module"])
+        a, b = lora.lora_A["default"].weight.detach(), lora.lora_B["default"].weight.detach()
+        delta = lora.scaling["default"] * (b.half().float() @ a.half().float() - b @ a)
+        merged = lora.base_layer.weight.detach().float() + lora.get_delta_weight("default")
+        assert row["error"] == pytest.approx(float(delta.norm() / merged.norm()), rel=1e-3) and 0 < row["error"] < 1e-3
+        assert row["bytes"] == merged.numel() // 2 + merged.numel() // 64 * 4 + (a.numel() + b.numel()) * 2  # NF4
+    budget = tolerances({"quantized_sites": optimized.state}, {"reference": 0})["reference"].rel
+    assert qlora.relative_error(out, exact) < budget
+    assert verify(built, Merged(merge_policy="two-path-fp16"), optimized).passed
+    candidates = policy.candidates
+
+    def off(base, a, b, scale):
+        found = candidates(base, a, b, scale)
+        module, error = found["two-path-fp16"]
+        module.lora_B.mul_(1.01)  # an fp16 factor stored with a wrong scale
+        return {**found, "two-path-fp16": (module, error)}
+
+    monkeypatch.setattr(policy, "candidates", off)
+    assert qlora.relative_error(optimize(built, Merged(merge_policy="two-path-fp16"))[1], exact) > budget
 
 
 def test_budgets_come_from_the_sites(bases):
@@ -192,9 +229,14 @@ def test_refusals(bases, tmp_path, capsys):
         UnsupportedError, match=r"q_proj: --merge-policy requant adds error 0\.0\d+ > --max-error 0\.01"
     ):
         optimize(bases["nf4-dq"][0], Merged(merge_policy="requant", max_error=1e-2))
+    with pytest.raises(
+        UnsupportedError, match=r"q_proj: --merge-policy two-path-fp16 adds error .* > --max-error 1e-09"
+    ):
+        optimize(bases["nf4-dq"][0], Merged(merge_policy="two-path-fp16", max_error=1e-9))
     args = [str(bnb_checkpoints.root() / "nf4-dq"), "--adapter", str(bnb_checkpoints.adapter("nf4-dq"))]
-    assert main(["compile", *args, "-o", str(tmp_path / "o"), "--merge-policy", "requant", "--no-merge"]) == 2
-    assert "unmerged QLoRA sites are two-path" in error_line(capsys.readouterr().err)
+    for flag in ("requant", "two-path-fp16"):
+        assert main(["compile", *args, "-o", str(tmp_path / "o"), "--merge-policy", flag, "--no-merge"]) == 2
+        assert f"--merge-policy {flag} with --no-merge" in error_line(capsys.readouterr().err)
 
 
 def test_cli_compile_inspect_and_the_qlora_alias(tmp_path, capsys, monkeypatch):

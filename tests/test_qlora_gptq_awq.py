@@ -84,7 +84,7 @@ def test_requant_is_refused_and_auto_keeps_two_path(two_path):
     with pytest.raises(UnsupportedError, match=r"down_proj: --merge-policy requant on a GPTQ base"):
         qlora.build(root / "gptq", root / "lora-gptq", "requant")
     auto = qlora.build(root / "awq", root / "lora-awq", "auto", 0.5)
-    assert [s.policy for s in auto.sites] == ["two-path"] * 3
+    assert [s.policy for s in auto.sites] == ["two-path-fp16"] * 3  # the factors stored fp16: within 0.5
     assert "no requant for GPTQ/AWQ" in auto.sites[0].reason
 
 

@@ -1,7 +1,7 @@
 """``peftc compile``'s QLoRA flags, and ``peftc qlora``: an alias of ``peftc compile`` for a LoRA on a
 quantized base.
 
-``peftc compile QBASE --adapter LORA -o OUT --merge-policy auto|float|requant|two-path --max-error E``
+``peftc compile QBASE --adapter LORA -o OUT --merge-policy auto|float|requant|two-path|two-path-fp16 --max-error E``
 reads the LoRA as call sites on the packed layers (``peftc/quant/sites.py``), folds or keeps each one by
 the policy (``peftc/quant/merge.py``), lowers and verifies the artifact like any other (against the
 unmerged reference program and PEFT's own QLoRA model, ``peftc/quant/compiled.py`` gives the budgets),
@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-MERGE_POLICIES = ("auto", "float", "requant", "two-path")
+MERGE_POLICIES = ("auto", "float", "requant", "two-path", "two-path-fp16")
 """``peftc.quant.policy.POLICIES``, spelled out so that building the parser imports no torch."""
-EMBEDDINGS = ("none", "int8", "int4")
+EMBEDDINGS = ("none", "int8", "int4", "int8-head")
 
 
 def add_compile_flags(c: argparse.ArgumentParser) -> None:
@@ -26,14 +26,15 @@ def add_compile_flags(c: argparse.ArgumentParser) -> None:
         choices=MERGE_POLICIES,
         default="auto",
         help="LoRA on a quantized base: per site, float (merge, fp32 weight), requant (merge, quantize again), "
-        "two-path (packed GEMM + LoRA branch) or auto (the smallest whose added error is within --max-error, "
+        "two-path (packed GEMM + LoRA branch), two-path-fp16 (the same, factors stored fp16) or auto (the smallest whose added error is within --max-error, "
         "default 1e-2)",
     )
     c.add_argument(
         "--quantize-embeddings",
         choices=EMBEDDINGS,
         default="none",
-        help="a quantized base's float embedding and LM head: int8 (per row), int4 (head NF4, embedding int8) or "
+        help="a quantized base's float embedding and LM head: int8 (per row), int4 (head NF4, embedding int8), "
+        "int8-head (head int8, embedding fp16) or "
         "none (float, as PEFT's QLoRA keeps them; default); the error each adds is recorded like a site's",
     )
 

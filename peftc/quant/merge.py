@@ -7,7 +7,9 @@ from the program's tensors and asks ``peftc.quant.policy.choose`` what it become
 * ``float``: ``aten.linear(x, W + ΔW, b)`` on a new fp32 parameter ``<module>.weight``;
 * ``requant``: the base op again (``bnb4_linear`` / ``int8_linear``) on the requantized tensors, which
   replace the layer's own under the same keys (same shapes and dtypes);
-* ``two-path``: the site stays (the packed GEMM plus the LoRA branch).
+* ``two-path``: the site stays (the packed GEMM plus the LoRA branch);
+* ``two-path-fp16``: the site stays, its ``lora_A`` / ``lora_B`` replaced by fp16 copies under their keys
+  (the site op computes in fp32 whatever the factors' dtype).
 
 The choices (format, policy, error added, bytes, why) are kept on the pass (:attr:`MergeQuantizedPass.sites`)
 for the manifest's table; the pass's stats count each policy.
@@ -32,7 +34,7 @@ from peftc.quant.sites import BASE_OF, LORA_BNB4, LORA_INT8, OPS
 @dataclasses.dataclass(frozen=True)
 class MergeQuantizedOptions:
     policy: str = "auto"
-    """``--merge-policy``: auto, float, requant or two-path."""
+    """``--merge-policy``: auto, float, requant, two-path or two-path-fp16."""
     max_error: float | None = None
     """``auto``'s per-site budget (None: ``policy.DEFAULT_MAX_ERROR``)."""
 
@@ -65,8 +67,8 @@ class MergeQuantizedPass(PassBase):
                     self.sites.append({**chosen[module][0].row(), "format": _format(layer)})
                 _rewrite(editor, node, ops[node.target], *chosen[module])
         counts = Counter(row["policy"] for row in self.sites)
-        stats = {p: counts.get(p, 0) for p in ("float", "requant", "two-path")}
-        if not stats["float"] and not stats["requant"]:
+        stats = {p: counts.get(p, 0) for p in ("float", "requant", "two-path", "two-path-fp16")}
+        if not stats["float"] and not stats["requant"] and not stats["two-path-fp16"]:
             return PassResult(program, False, stats)
         editor.eliminate_dead_code()
         editor.remove_unused_state()
@@ -74,7 +76,7 @@ class MergeQuantizedPass(PassBase):
 
     def ensures(self, program: ir.Program, result: PassResult) -> None:
         left = sum(1 for n in program.graph.nodes if n.op == "call_function" and n.target in {o.overload for o in OPS})
-        if left and result.stats.get("two-path", 0) == 0:
+        if left and result.stats.get("two-path", 0) + result.stats.get("two-path-fp16", 0) == 0:
             raise AssertionError(f"{left} QLoRA sites left, none kept two-path")
 
 
@@ -110,6 +112,12 @@ def _format(layer: torch.nn.Module) -> str:
 def _rewrite(editor: ir.ProgramEditor, node: fx.Node, op, choice: policies.SiteChoice, layer: torch.nn.Module) -> None:
     x, base = node.args[0], list(node.args[1 : op.operands_start])
     if choice.policy == "two-path":
+        return
+    if choice.policy == "two-path-fp16":
+        for arg, value in zip(
+            node.args[op.operands_start : op.operands_start + 2], (layer.lora_A, layer.lora_B), strict=True
+        ):
+            editor.set_tensor(editor.fqn(arg), value.detach())
         return
     if choice.policy == "float":
         fqn = f"{choice.module}.weight"

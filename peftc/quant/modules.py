@@ -106,18 +106,21 @@ class NBitsLinear(nn.Module):
 
 
 class TwoPathLinear(nn.Module):
-    """The quantized base GEMM plus the unmerged LoRA branch ``s · (x Aᵀ) Bᵀ``."""
+    """The quantized base GEMM plus the unmerged LoRA branch ``s · (x Aᵀ) Bᵀ`` (computed in fp32; the factors
+    are stored fp32, or fp16 where given so: the ``two-path-fp16`` policy)."""
 
     def __init__(self, base: nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> None:
         super().__init__()
         self.base = base
-        self.lora_A = nn.Parameter(lora_a.to(torch.float32), requires_grad=False)
-        self.lora_B = nn.Parameter(lora_b.to(torch.float32), requires_grad=False)
+        stored = torch.float16 if lora_a.dtype == lora_b.dtype == torch.float16 else torch.float32
+        self.lora_A = nn.Parameter(lora_a.to(stored), requires_grad=False)
+        self.lora_B = nn.Parameter(lora_b.to(stored), requires_grad=False)
         self.scale = scale
 
     def stored_bytes(self) -> int:
         """The base's bytes plus the LoRA factors'."""
-        return self.base.stored_bytes() + (self.lora_A.numel() + self.lora_B.numel()) * 4
+        factors = (self.lora_A.numel() + self.lora_B.numel()) * self.lora_A.element_size()
+        return self.base.stored_bytes() + factors
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Base output plus the LoRA branch (added in fp32): the QLoRA site op ``peftc compile`` keeps

@@ -201,3 +201,8 @@ def int8_embedding(ids: Any, codes: Any, scales: Any) -> Any:
         op.Mul(op.Gather(scales, ids, axis=0), scalar(INT8_SCALE, scales)), op.Constant(value_ints=[-1])
     )
     return op.Mul(rows, scale)
+
+
+def fp16_embedding(ids: Any, table: Any) -> Any:
+    """``Gather`` of the fp16 rows, cast to fp32 (only the rows looked up)."""
+    return op.Cast(op.Gather(table, ids, axis=0), to=1)

@@ -144,4 +144,24 @@ INT8_EMBEDDING = call_op(
     onnx="peftc.quant.onnx:int8_embedding",
 )
 """An embedding table stored int8 (``--quantize-embeddings``, ``peftc/quant/embeddings.py``)."""
-OPS = (*OPS, INT8_EMBEDDING)
+
+
+def fp16_embedding(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` of an fp16 table, in fp32."""
+    return table[ids].to(torch.float32)
+
+
+def _fp16_embedding_fake(ids, table):
+    return table.new_empty((*ids.shape, table.shape[1]), dtype=torch.float32)
+
+
+FP16_EMBEDDING = call_op(
+    "fp16_embedding",
+    fp16_embedding,
+    _fp16_embedding_fake,
+    tensor_roles=("table",),
+    scalars=(),
+    onnx="peftc.quant.onnx:fp16_embedding",
+)
+"""An embedding table stored fp16 (``--quantize-embeddings int8-head``: the head int8, the embedding fp16)."""
+OPS = (*OPS, INT8_EMBEDDING, FP16_EMBEDDING)

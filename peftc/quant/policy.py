@@ -7,7 +7,9 @@ computes ``x (W + ΔW)ᵀ`` exactly (up to fp32 rounding). The policies:
 * ``requant`` — merge, then quantize ``W + ΔW`` back to the base's format (same blocksize and code
   table for NF4/FP4, fresh row scales for int8): the base's size, one GEMM, and an error;
 * ``two-path`` — keep the quantized base GEMM and the LoRA branch unmerged: exact, the base's bytes plus
-  the factors', and a thin extra GEMM per call.
+  the factors', and a thin extra GEMM per call;
+* ``two-path-fp16`` — ``two-path`` with the factors stored in fp16 (half their bytes; computed in fp32 as
+  before): the error is the fp16 rounding of ``A`` and ``B``, ``‖s·(B̂Â − BA)‖_F / ‖W + ΔW‖_F``.
 
 GPTQ and AWQ bases (:class:`~peftc.quant.modules.NBitsLinear`) have no ``requant``: their grids come from
 calibration (GPTQ's error feedback, AWQ's activation scales) that peftc cannot redo without data, so
@@ -15,7 +17,8 @@ calibration (GPTQ's error feedback, AWQ's activation scales) that peftc cannot r
 
 The error a policy adds is measured per site as ``‖W' − (W + ΔW)‖_F / ‖W + ΔW‖_F``: the relative RMS
 error of the site's output for isotropic inputs, against the unmerged QLoRA site. ``auto`` takes, per
-site, the first of requant, two-path (smallest artifact first) whose error is within ``max_error``.
+site, the first of requant, two-path-fp16, two-path (smallest artifact first) whose error is within
+``max_error``.
 """
 
 from __future__ import annotations
@@ -34,8 +37,8 @@ from peftc.methods.lora.ops import delta_weight, lora_scale
 from peftc.quant import bnb
 from peftc.quant.modules import Bnb4Linear, Int8Linear, NBitsLinear, TwoPathLinear
 
-POLICIES = ("auto", "float", "requant", "two-path")
-AUTO_ORDER = ("requant", "two-path")
+POLICIES = ("auto", "float", "requant", "two-path", "two-path-fp16")
+AUTO_ORDER = ("requant", "two-path-fp16", "two-path")
 DEFAULT_MAX_ERROR = 1e-2
 HONOURED = ("r", "lora_alpha", "target_modules", "use_rslora", "peft_type", "rank_pattern", "alpha_pattern")
 
@@ -98,6 +101,9 @@ def candidates(base: nn.Module, a: torch.Tensor, b: torch.Tensor, scale: float) 
         float_linear.bias = nn.Parameter(base.bias.detach().clone(), requires_grad=False)
     norm = float(torch.linalg.norm(merged)) or 1.0
     found = {"two-path": (TwoPathLinear(base, a, b, scale), 0.0), "float": (float_linear, 0.0)}
+    a16, b16 = a.to(torch.float16), b.to(torch.float16)
+    rounded = delta_weight(a16.float(), b16.float(), scale, "linear") - (merged - dense)
+    found["two-path-fp16"] = (TwoPathLinear(base, a16, b16, scale), float(torch.linalg.norm(rounded)) / norm)
     if requant is not None:
         found["requant"] = (requant, float(torch.linalg.norm(requant.dequantized() - merged)) / norm)
     return found
@@ -174,7 +180,8 @@ def choose(
 def _after_requant(candidate: str, options: dict) -> str:
     if candidate == "requant":
         return ""
-    return "; requant exceeds it" if "requant" in options else "; no requant for GPTQ/AWQ bases"
+    smaller = "requant exceeds it" if "requant" in options else "no requant for GPTQ/AWQ bases"
+    return f"; {smaller}" + ("; fp16 factors exceed it" if candidate == "two-path" else "")
 
 
 def _bytes(module: nn.Module) -> int:
