@@ -40,13 +40,14 @@ def swap(tmp_path_factory):
 
 def _generate(runner, adapter):
     ids, mask = _prompts(0)
-    return runner.generate(ids, mask, max_new_tokens=NEW, pad_token_id=0, adapter=adapter)
+    return runner.generate(ids, mask, max_new_tokens=NEW, eos_token_id=1, pad_token_id=0, adapter=adapter)
 
 
 def test_each_adapter_is_token_identical_to_peft_and_switching_back_repeats_it(swap):
     _, runner, expected = swap
     assert runner.adapters == runner.encoder.adapters == ["a", "b"]
     assert not torch.equal(expected["a"], expected["b"]) and not torch.equal(expected["a"], expected[None])
+    assert all((tokens != 1).all() for tokens in expected.values())  # no row stopped early (eos is 1)
     for name in ("a", "b", None, "a"):  # A → B → base → A, no recompiling
         assert torch.equal(_generate(runner, name), expected[name]), name
 
