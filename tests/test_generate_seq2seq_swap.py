@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import types
 
 import models
 import pytest
@@ -14,6 +15,10 @@ from test_generate_seq2seq import NEW, _hf_generate, _peft, _prompts, _t5
 
 import peftc
 from peftc.cli import main
+from peftc.errors import UnsupportedError
+from peftc.loaders.seq2seq import ENCODER, TEXT2TEXT
+from peftc.passes.base import PassContext
+from peftc.swap.mode import Swappable
 
 ROWS = ("a", None, "b")
 
@@ -104,10 +109,10 @@ def test_an_adapter_above_the_slot_rank_is_refused_in_one_line(swap, tmp_path, c
     assert peftc.load(runner.path).adapters == ["a", "b"]
 
 
-def test_adapters_that_leave_a_program_without_slots_are_refused_in_one_line(swap, tmp_path, capsys):
-    """An adapter on the encoder only: the decoder step would have no slot (refused before lowering)."""
-    model, runner, _ = swap
-    encoder_only = models.make_lora(model, tmp_path / "enc", target_modules=r"encoder\..*\.q", seed=4)
-    base = runner.path.parent / "base"
-    code, _, err = run(capsys, "compile", base, "--adapter", encoder_only, "-o", tmp_path / "o", "--swappable")
-    assert code == 2 and "no given adapter adapts a module the decoder step runs" in error_line(err), err
+@pytest.mark.parametrize(("task", "program"), [(TEXT2TEXT, "decoder step"), (ENCODER, "encoder program")])
+def test_adapters_that_leave_a_program_without_slots_are_refused(task, program):
+    """An adapter on the encoder only leaves the decoder step without a slot (and one on the decoder's
+    self-attention only, the encoder program): refused before anything is lowered."""
+    built = types.SimpleNamespace(loaded=types.SimpleNamespace(task=task), adapters=(types.SimpleNamespace(sites=()),))
+    with pytest.raises(UnsupportedError, match=f"no given adapter adapts a module the {program} runs"):
+        Swappable().optimize(built, PassContext())
