@@ -179,7 +179,7 @@ def test_peftc_generate_uses_the_tokenizer(t5, capsys):
     assert tokens == expected[0, 1:].tolist()
 
 
-def test_wrong_task_and_swappable_are_refused_in_one_line(t5, tmp_path, capsys):
+def test_wrong_task_is_refused_in_one_line(t5, tmp_path, capsys):
     gpt2 = tmp_path / "gpt2"
     _gpt2().save_pretrained(str(gpt2))
     t5_dir = t5[2].path.parent / "base"
@@ -187,5 +187,3 @@ def test_wrong_task_and_swappable_are_refused_in_one_line(t5, tmp_path, capsys):
                               (t5_dir, "text-generation", "T5ForConditionalGeneration is not a causal")):  # fmt: skip
         code, _, err = run(capsys, "compile", model, "--adapter", t5[1], "-o", tmp_path / "o", "--task", task)
         assert code == 2 and says in error_line(err), err
-    code, _, err = run(capsys, "compile", t5_dir, "--adapter", t5[1], "-o", tmp_path / "o", "--swappable")
-    assert code == 2 and "--swappable with --task text2text-generation: not supported yet" in error_line(err), err

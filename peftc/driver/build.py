@@ -172,11 +172,6 @@ def build(
     read, head = _prefix_head(read, loaded, stack, sources.task_id)
     recorded = _head_record(head_source, sources.task_id) if head is not None and head_source else None
     task_id = None if head_source is not None else sources.task_id  # a multitask head took it
-    if not stack and loaded.task in seq2seq.TASKS:
-        raise UnsupportedError(
-            f"--swappable with --task {seq2seq.TEXT2TEXT}: not supported yet (the encoder program's trace holds "
-            "decoder sites that are dead code, whose slots ONNX drops); compile one adapter merged"
-        )
     inserted = insertion(read, loaded.module, loaded.signature, task_id)
     if inserted is not None:
         if not stack:
@@ -194,7 +189,10 @@ def build(
         options = ParseOptions(
             base_residual=sources.base_residual, task_id=sources.task_id, tied_embeddings=loaded.tied_embeddings
         )
-        split = [seq2seq.split_keys(s, table, loaded.module) if loaded.task in seq2seq.TASKS else (s, ()) for s in read]
+        if loaded.task in seq2seq.TASKS and not stack:  # slots only where outputs depend on them
+            table = seq2seq.live_table(traces[0][1], table)
+        runs = {m for m in table if table[m].calls}
+        split = [seq2seq.split_keys(s, runs, loaded.module) if loaded.task in seq2seq.TASKS else (s, ()) for s in read]
         parsed = [parse_adapter(s, table, options) for s, _ in split]
         parsed = [
             dataclasses.replace(a, unused=(*a.unused, *moved)) for a, (_, moved) in zip(parsed, split, strict=True)

@@ -83,7 +83,10 @@ def load_base(manifest: Manifest, model: Any = None) -> LoadedModel:
         InputError: the model cannot be loaded, or a file it was read from changed since the compile.
     """
     loaded = load_model(
-        model_spec(manifest, model), inputs=manifest.options.get("inputs", []), workdir=workdir(manifest, model)
+        model_spec(manifest, model),
+        inputs=manifest.options.get("inputs", []),
+        workdir=workdir(manifest, model),
+        task=manifest.options.get("task"),
     )
     for name, digest in manifest.model.get("files", {}).items():
         if loaded.files.get(name) not in (None, digest):

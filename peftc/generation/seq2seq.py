@@ -6,7 +6,8 @@ mask, the tokens of the step (the config's ``decoder_start_token_id`` first, the
 and the previous step's ``present.{i}.decoder.*`` as ``past_key_values_{i}_decoder_*``. The result is
 what Hugging Face ``generate`` returns for an encoder-decoder model: the decoder's tokens, starting
 with the start token. Token choice (greedy, or seeded sampling) and ``eos_token_id`` / ``pad_token_id``
-are those of ``peftc/generation/decode.py``.
+are those of ``peftc/generation/decode.py``. A swappable artifact's ``adapter=`` (a name, or one per
+row) goes to the encoder program and to every decoder step alike (``peftc/swap/pair.py``).
 """
 
 from __future__ import annotations

@@ -35,7 +35,9 @@ from typing import Any
 
 import torch
 
+from peftc import ir
 from peftc.errors import UnsupportedError
+from peftc.ir import meta
 from peftc.loaders.causal import step_mask
 from peftc.loaders.inputs import DimSpec, InputSignature, TensorInput
 
@@ -201,14 +203,33 @@ def _decoder_forward(
     return result
 
 
-def split_keys(source: Any, modules: Any, model: torch.nn.Module) -> tuple[Any, tuple[tuple[str, str], ...]]:
+def live_table(program: ir.Program, table: ir.ModuleTable) -> ir.ModuleTable:
+    """``table`` (``program``'s modules) without the modules no output of ``program`` depends on.
+
+    The encoder program runs the decoder on the start token for its cross K/V; the rest of that step
+    (self-attention, feed-forward, the cross-attention queries) reaches only asserts and dropouts. A
+    swappable artifact gives each program slots for the modules it needs (ONNX drops dead slot inputs).
+    """
+    output = next(n for n in reversed(program.graph.nodes) if n.op == "output")
+    live, todo = {output}, [output]
+    while todo:
+        for node in todo.pop().all_input_nodes:
+            if node not in live:
+                live.add(node)
+                todo.append(node)
+    needed = {path for node in live for _, path, _ in meta.module_stack(node)}
+    kept = {path: info for path, info in table.items() if path in needed}
+    return ir.ModuleTable(kept, table.state_shapes, table.tensors)
+
+
+def split_keys(source: Any, runs: set[str], model: torch.nn.Module) -> tuple[Any, tuple[tuple[str, str], ...]]:
     """``source`` without the keys of modules this program does not run but the other one does, and
     those keys with why (the adapter's ``unused`` keys of this program).
 
     A decoder step never runs the encoder nor the cross-attention key/value projections (the encoder
-    program computes them); a key whose module is in ``model`` but not executed in ``modules`` (the
-    traced program's table) is that program's. Keys naming no module of ``model`` stay, so the parser
-    still refuses them.
+    program computes them); a key whose module is in ``model`` but not among ``runs`` (the modules this
+    program executes; for a swappable one, those its outputs need: :func:`live_table`) is the other
+    program's. Keys naming no module of ``model`` stay, so the parser still refuses them.
     """
     from peftc.methods.common import PREFIX
 
@@ -217,7 +238,7 @@ def split_keys(source: Any, modules: Any, model: torch.nn.Module) -> tuple[Any, 
     for key, tensor in source.tensors.items():
         parts = key.removeprefix(PREFIX).split(".")
         owner = next((".".join(parts[:n]) for n in range(len(parts), 0, -1) if ".".join(parts[:n]) in names), None)
-        if owner is not None and not (owner in modules and modules[owner].calls):
+        if owner is not None and owner not in runs:
             moved.append((key, f"module {owner!r} runs in the other program of this {TEXT2TEXT} artifact"))
         else:
             kept[key] = tensor

@@ -32,7 +32,8 @@ from peftc.loaders.inputs import InputSignature
 from peftc.methods.base import Adapter, ParseOptions
 from peftc.methods.loading import read_adapter
 from peftc.methods.registry import parse_adapter
-from peftc.runtime import load
+from peftc.runtime import open_runner
+from peftc.swap import pair
 from peftc.swap.files import ADAPTER_DIR, relative_path, slot_values
 from peftc.swap.slots import check_fits
 from peftc.swap.table import SlotTable
@@ -60,7 +61,8 @@ def add_adapter(
 
     The adapter is parsed against the base model's modules, checked against the slot table, written
     as an adapter file, and verified (artifact with the adapter vs eager PyTorch of the base with the
-    adapter's weights applied, and vs PEFT) before the manifest is replaced atomically.
+    adapter's weights applied, and vs PEFT) before the manifest is replaced atomically. A text2text
+    artifact gets it in its encoder program, then its decoder step (``peftc/swap/pair.py``).
 
     Raises:
         InputError: not a swappable artifact, the name is taken, or the adapter does not fit the
@@ -68,12 +70,29 @@ def add_adapter(
         VerificationError: the artifact with the adapter disagrees with its oracles; unchanged too.
     """
     directory = Path(out)
+    reading = (adapter, name, config, model, allow_pickle, oracle, progress or (lambda message: None))
     with _changing(directory):
-        return _add(directory, adapter, name, config, model, allow_pickle, oracle, progress or (lambda message: None))
+        manifest = _swappable(directory)
+        encoder = pair.encoder_of(directory, manifest)
+        if encoder is None:
+            return _add(directory, manifest, *reading)
+        with _changing(encoder):  # text2text: the encoder program first, then the decoder step
+            inner = _swappable(encoder)
+            own, other = pair.other_tables(manifest, inner)
+            reading[-1]("encoder program")
+            added = _add(encoder, inner, *reading, other=own)
+            named = added.adapters[-1]["name"]
+            try:
+                reading[-1]("decoder step")
+                return _add(directory, manifest, adapter, named, *reading[2:], other=other, encoder=encoder)
+            except BaseException:
+                _remove(encoder, _swappable(encoder), named)
+                raise
 
 
 def _add(
     directory: Path,
+    manifest: Manifest,
     adapter: str | os.PathLike[str],
     name: str | None,
     config: str | os.PathLike[str] | None,
@@ -81,8 +100,12 @@ def _add(
     allow_pickle: bool,
     oracle: bool,
     say: Progress,
+    *,
+    other: SlotTable | None = None,
+    encoder: Path | None = None,
 ) -> Manifest:
-    manifest = _swappable(directory)
+    """Add ``adapter`` to the (checked) artifact at ``directory``; ``other``: the slot table of the other
+    program of a text2text artifact, ``encoder``: its encoder program, when ``directory`` is the decoder step's."""
     table = SlotTable.from_json(manifest.target["slots"])
     source = read_adapter(adapter, name=name, config=config, allow_pickle=allow_pickle)
     if source.name in {a["name"] for a in manifest.adapters}:
@@ -94,8 +117,11 @@ def _add(
     modules = (
         ir.module_table(loaded.program) if loaded.program is not None else ir.module_table_from_module(loaded.module)
     )
+    moved: tuple[tuple[str, str], ...] = ()
+    if other is not None:  # the keys of modules only the other program has slots for are its own
+        modules, (source, moved) = pair.own_part(source, modules, loaded.module, table, other)
     parsed = parse_adapter(source, modules, ParseOptions(tied_embeddings=loaded.tied_embeddings))
-    parsed = identity.checked([parsed], loaded, say)[0]
+    parsed = identity.checked([dataclasses.replace(parsed, unused=(*parsed.unused, *moved))], loaded, say)[0]
     check_fits(table, parsed)
     backend = get_backend(manifest.target["name"])
     relative = relative_path(backend, parsed.name)
@@ -106,17 +132,18 @@ def _add(
     try:
         backend.write_adapter(tmp, slot_values(table, parsed))
         say(f"verify: artifact with {parsed.name!r} vs eager PyTorch" + (" and PEFT" if oracle else ""))
-        runner = load(directory).backend_runner
+        runner = open_runner(backend, directory, manifest.target, manifest.adapters)
         runner.register(parsed.name, tmp)
         report = _verify_added(runner, manifest, table, loaded, parsed, oracle)
         if not report.passed:
             raise report.error()
         os.replace(tmp, final)
         entry = {**parsed.summary(), "slot_file": relative, "verification": report.to_json(), "added": True}
+        files = [*manifest.target["files"], file_record(final, directory)]
         updated = dataclasses.replace(
             manifest,
             adapters=[*manifest.adapters, entry],
-            target={**manifest.target, "files": [*manifest.target["files"], file_record(final, directory)]},
+            target={**manifest.target, "files": pair.refreshed(directory, files, encoder) if encoder else files},
             not_run=[*manifest.not_run, *({"what": f"{w} [{parsed.name}]", "reason": r} for w, r in report.not_run)],
         )
         _commit(directory, updated)
@@ -130,28 +157,41 @@ def _add(
 
 
 def remove_adapter(out: str | os.PathLike[str], name: str) -> Manifest:
-    """Remove adapter ``name`` and its adapter file from the swappable artifact ``out``.
+    """Remove adapter ``name`` and its adapter file from the swappable artifact ``out`` (from both programs
+    of a text2text artifact).
 
     Raises:
         InputError: not a swappable artifact, or no adapter of that name.
     """
     directory = Path(out)
     with _changing(directory):
-        return _remove(directory, name)
+        manifest = _swappable(directory)
+        encoder = pair.encoder_of(directory, manifest)
+        if encoder is None:
+            return _remove(directory, manifest, name)
+        _entry(directory, manifest, name)
+        with _changing(encoder):  # text2text: from both programs
+            _remove(encoder, _swappable(encoder), name)
+            return _remove(directory, manifest, name, encoder)
 
 
-def _remove(directory: Path, name: str) -> Manifest:
-    manifest = _swappable(directory)
+def _entry(directory: Path, manifest: Manifest, name: str) -> dict[str, Any]:
     entry = next((a for a in manifest.adapters if a["name"] == name), None)
     if entry is None:
         names = ", ".join(repr(a["name"]) for a in manifest.adapters) or "none"
         raise InputError(f"{directory}: no adapter named {name!r} (adapters: {names})")
+    return entry
+
+
+def _remove(directory: Path, manifest: Manifest, name: str, encoder: Path | None = None) -> Manifest:
+    entry = _entry(directory, manifest, name)
+    files = [f for f in manifest.target["files"] if f["path"] != entry["slot_file"]]
     updated = dataclasses.replace(
         manifest,
         adapters=[a for a in manifest.adapters if a["name"] != name],
         target={
             **manifest.target,
-            "files": [f for f in manifest.target["files"] if f["path"] != entry["slot_file"]],
+            "files": pair.refreshed(directory, files, encoder) if encoder else files,
             "default_adapter": None
             if manifest.target.get("default_adapter") == name
             else manifest.target.get("default_adapter"),

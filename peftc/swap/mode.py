@@ -24,6 +24,7 @@ from peftc.backends.base import Backend, LowerRequest, SlotBackend
 from peftc.driver.build import Built, Progress, adapted
 from peftc.driver.modes import Lowering, Optimized, in_each_world, signature
 from peftc.errors import UnsupportedError
+from peftc.loaders import seq2seq
 from peftc.loaders.inputs import InputSignature, TensorInput
 from peftc.passes import pipelines
 from peftc.passes.base import PassContext
@@ -55,6 +56,12 @@ class Swappable:
             )
 
     def optimize(self, built: Built, ctx: PassContext) -> Optimized:
+        if built.loaded.task in seq2seq.TASKS and not any(a.sites for a in built.adapters):
+            program = "encoder program" if built.loaded.task == seq2seq.ENCODER else "decoder step"
+            raise UnsupportedError(
+                f"--swappable with --task {seq2seq.TEXT2TEXT}: no given adapter adapts a module the {program} "
+                "runs, so it would have no slot; give one that does, or compile without --swappable"
+            )
         table = slots.plan(built.adapters, self.max_rank, self.bank + 1 if self.bank else 0, self.capacity)
         bases = [world.base for world in built.worlds]
         program, records = in_each_world(built, bases, lambda: pipelines.swappable(slots.slot_adapter(table)), ctx)
