@@ -97,8 +97,7 @@ def compile(
         InputError, UnsupportedError: bad or unsupported input (exit code 2).
         VerificationError: the artifact disagrees with its oracles (exit code 1).
     """
-    fields = dict(locals())  # every argument but ``progress`` is the CompileOptions field of its name
-    del fields["progress"]
+    fields = {k: v for k, v in locals().items() if k != "progress"}  # each a CompileOptions field of its name
     arguments.progress(progress)
     return pipeline.compile_artifact(CompileOptions(**fields), progress)
 

@@ -8,10 +8,13 @@ line naming the argument, the value's type and what is expected.
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from peftc.errors import InputError
 
@@ -53,27 +56,27 @@ def texts(value: Any, name: str) -> tuple[str, ...]:
 
 def flag(value: Any, name: str) -> bool:
     """``True`` or ``False`` (a string such as ``"no"`` would be taken as true)."""
-    if not isinstance(value, bool):
+    if not isinstance(value, (bool, np.bool_)):
         raise _wrong(name, value, "True or False")
-    return value
+    return bool(value)
 
 
 def integer(value: Any, name: str, *, optional: bool = False) -> int | None:
-    """An ``int`` (not a ``bool``), or None where ``optional``."""
+    """An integer (a Python or numpy one, not a bool), or None where ``optional``."""
     if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise _wrong(name, value, "an integer" + (" or None" if optional else ""))
-    return value
+    return int(value)
 
 
 def number(value: Any, name: str, *, optional: bool = False) -> float | None:
-    """A real number (``int`` or ``float``, not a ``bool``), or None where ``optional``."""
+    """A real number (Python or numpy, not a bool), or None where ``optional``."""
     if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise _wrong(name, value, "a number" + (" or None" if optional else ""))
-    return value
+    return float(value)
 
 
 def text(value: Any, name: str, *, optional: bool = False) -> str | None:

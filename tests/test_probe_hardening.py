@@ -174,3 +174,7 @@ def test_an_input_of_the_wrong_rank_is_named_not_reported_missing(swappable, sha
 def test_bench_refuses_a_batch_whose_inputs_exceed_the_memory_bound(capsys, swappable):
     line = one_error(capsys, "bench", swappable, "--batch", 10**8, "--reps", "1")
     assert "--batch 100000000" in line and "GiB" in line
+
+
+def test_generate_on_an_artifact_that_does_not_generate(capsys, swappable):
+    assert "not a generation artifact" in one_error(capsys, "generate", swappable, "--prompt", "hello")

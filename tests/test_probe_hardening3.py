@@ -144,3 +144,29 @@ def test_force_replaces_only_what_the_command_wrote_in_one_step(tmp_path):
     (output.tmp / "record.json").write_text("new")
     output.commit()
     assert (earlier / "record.json").read_text() == "new" and not list(tmp_path.glob(".out.peftc-*"))
+
+
+def test_a_vision_model_without_interpolation_keeps_its_size_and_names_it():
+    """A model whose forward cannot interpolate positions (here a plain ViT-like module without the flag)
+    keeps the config's static size; a call with another size is one line naming the expected one."""
+    import torch
+
+    from peftc.feeds import InputCheck
+    from peftc.loaders.inputs import from_transformers
+
+    class Config:
+        image_size, num_channels, patch_size = 32, 3, 8
+
+    class Static(torch.nn.Module):
+        config, main_input_name = Config(), "pixel_values"
+
+        def forward(self, pixel_values):
+            return pixel_values
+
+    signature = from_transformers(Static())
+    assert [s.shape for s in signature.inputs] == [("batch", 3, 32, 32)]
+    check = InputCheck.from_target({"signature": signature.to_json()}, ["pixel_values"], engine=False, where="m")
+    with pytest.raises(
+        InputError, match=r"input 'pixel_values': dim 2 is 48, expected 32 \(shape \[batch, 3, 32, 32\]\)"
+    ):
+        check({"pixel_values": np.zeros((1, 3, 48, 32), np.float32)})
