@@ -155,7 +155,11 @@ class CompileOptions:
         for name in ("dump_ir", "calibration"):
             if getattr(self, name) is not None:
                 arguments.path(getattr(self, name), name)
-        arguments.paths(self.configs, "configs")
+        if isinstance(self.configs, (str, os.PathLike)) or not isinstance(self.configs, Sequence):
+            raise InputError(f"configs={self.configs!r}: expected a list of adapter_config.json paths, one per adapter")
+        for index, config in enumerate(self.configs):
+            if config is not None:  # None: that adapter's directory has its own
+                arguments.path(config, f"configs[{index}]")
         arguments.texts(self.inputs, "inputs")
         for name in ("merge", "force", "keep_failed", "allow_pickle", "base_residual", "swappable", "oracle",
                      "co_permute"):  # fmt: skip

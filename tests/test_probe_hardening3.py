@@ -46,6 +46,7 @@ def test_load_and_verify_of_a_path_of_the_wrong_type(value):
         ({"max_error": "0.1"}, "max_error='0.1'"),
         ({"target_options": ["device"]}, "target_options"),
         ({"progress": "yes"}, "progress='yes'"),
+        ({"configs": "adapter_config.json"}, "configs='adapter_config.json'"),  # was read letter by letter
     ],
 )
 def test_compile_arguments_of_the_wrong_type(tmp_path, bert_dir, bert_adapter, arguments, named):

@@ -21,6 +21,7 @@ import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from peftc import arguments
 from peftc.artifact import rename
 from peftc.artifact.temp import TempDir, remove_stale, stale_beside
 from peftc.artifact.writer import check_inputs, check_place
@@ -49,7 +50,7 @@ class OutputDir:
         ours: Callable[[Path], bool] | None = None,
         inputs: Sequence[Path] = (),
     ) -> None:
-        self.out, self.flag, self.command = Path(out), flag, command
+        self.out, self.flag, self.command = arguments.path(out, "out"), flag, command
         self.force, self.ours = force, ours
         self._target = Path(os.path.abspath(self.out))
         check_place(self.out, flag)
