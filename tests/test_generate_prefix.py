@@ -10,7 +10,11 @@ the model keeps ``cache`` (the prefix is dropped; only the shifted positions and
 from __future__ import annotations
 
 import copy
+import json
+import re
+import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +23,7 @@ from cli_run import run
 from test_generate import _llama, _prompts
 
 import peftc
-from peftc.errors import UnsupportedError
+from peftc.errors import InputError, UnsupportedError
 from peftc.generation import decode, prefix, prefix_check
 from peftc.loaders.causal import key_name, value_name
 from peftc.methods.loading import read_adapter
@@ -134,3 +138,22 @@ def test_prompt_tuning_for_generation_is_refused(compiled, tmp_path):
     get_peft_model(copy.deepcopy(model), config).save_pretrained(str(tmp_path / "prompt"))
     with pytest.raises(UnsupportedError, match="--task text-generation: a PROMPT_TUNING adapter is inserted around"):
         peftc.compile(model, [tmp_path / "prompt"], out=tmp_path / "out", task="text-generation")
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("virtual_tokens", "x", "target.prefix should be"),  # was an internal error
+        ("virtual_tokens", 0, "target.prefix should be"),
+        ("file", "../prefix.safetensors", "does not list it in target.files"),  # was read from outside the artifact
+        ("file", "model.onnx", "not a valid safetensors file"),  # was an internal error
+    ],
+)
+def test_a_tampered_prefix_record_is_refused_in_one_line(compiled, tmp_path, field, value, message):
+    root = compiled[0]
+    copy_ = Path(shutil.copytree(root / "out", tmp_path / "out"))
+    manifest = json.loads((copy_ / "manifest.json").read_text())
+    manifest["target"]["prefix"][field] = value
+    (copy_ / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match=re.escape(message)):
+        peftc.load(copy_).generate(torch.tensor([[5, 6]]), max_new_tokens=2)
