@@ -10,6 +10,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from peftc import arguments
 from peftc.artifact import Artifact
 from peftc.driver import pipeline
 from peftc.options import CompileOptions
@@ -96,9 +97,9 @@ def compile(
         InputError, UnsupportedError: bad or unsupported input (exit code 2).
         VerificationError: the artifact disagrees with its oracles (exit code 1).
     """
-    arguments = dict(locals())  # every argument but ``progress`` is the CompileOptions field of its name
-    del arguments["progress"]
-    return pipeline.compile_artifact(CompileOptions(**arguments), progress)
+    fields = {k: v for k, v in locals().items() if k != "progress"}  # each a CompileOptions field of its name
+    arguments.progress(progress)
+    return pipeline.compile_artifact(CompileOptions(**fields), progress)
 
 
 def verify(
@@ -112,6 +113,10 @@ def verify(
     Raises:
         InputError: the sources are gone or changed (sha256 differs).
     """
+    arguments.path(path, "path")
+    arguments.progress(progress)
+    arguments.flag(oracle, "oracle")
+    arguments.integer(seed, "seed", optional=True)
     return pipeline.reverify(path, model=model, oracle=oracle, seed=seed, progress=progress)
 
 

@@ -17,6 +17,7 @@ point per artifact (matplotlib, ``pip install 'peftc[plot]'``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import statistics
 import time
@@ -32,6 +33,7 @@ from peftc.artifact import read_manifest
 from peftc.driver.build import Stages, build
 from peftc.driver.sources import recorded
 from peftc.errors import InputError, UnsupportedError
+from peftc.loaders.inputs import DTYPES, InputSignature
 from peftc.report import load_pyplot
 from peftc.runtime import load
 from peftc.verification import program_oracle
@@ -39,6 +41,9 @@ from peftc.verification.compare import relative_error
 from peftc.verification.oracles import peft_oracle, to_numpy
 
 PEFT, BASE = "peft eager", "eager base"
+INPUT_BYTES = 1 << 30
+"""The most bytes one timed call's inputs may take (``--batch``, ``--size``): its activations are many
+times its inputs, and every path holds them, so a larger call would exhaust the memory of most machines."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +81,7 @@ def bench(
         raise InputError("peftc bench: give at least one artifact directory")
     manifests = [read_manifest(path) for path in artifacts]
     first = manifests[0]
+    _check_sizes(artifacts[0], first, batches, sizes or {})
     stages = Stages(progress)
     sources = _timed_sources(first, model)
     built = build(sources, stages, stack=True, precision=lambda loaded: ("fp32", False))
@@ -99,14 +105,6 @@ def bench(
         paths = [dataclasses.replace(p, name=p.facts.get("path", p.name)) for p in paths]
 
     dims = signature.cases(1)[0] | dict(sizes or {})
-    unknown = sorted(set(sizes or {}) - set(signature.dims))
-    if unknown:
-        raise InputError(f"--size {unknown[0]}: the model's dynamic dims are {sorted(signature.dims)}")
-    for name, size in (sizes or {}).items():
-        spec = signature.dims[name]
-        if size < spec.min or (spec.max is not None and size > spec.max):
-            bounds = f"{spec.min}..{spec.max if spec.max is not None else ''}"
-            raise InputError(f"--size {name}={size}: outside the sizes the artifact takes ({name} in {bounds})")
     batch_dim = signature.dims.get("batch")
     if batch_dim is None:
         batches = [dims.get("batch", 1)]
@@ -126,6 +124,40 @@ def bench(
         "oracle": PEFT if peft else f"reference program ({why})",
         "paths": list(rows.values()),
     }
+
+
+def _check_sizes(path: Path, manifest: Any, batches: Sequence[int], sizes: Mapping[str, int]) -> None:
+    """``--size`` names dynamic dims within their bounds, and no call's inputs exceed :data:`INPUT_BYTES`
+    (checked before the model is loaded or any input made)."""
+    try:
+        signature = InputSignature.from_json(manifest.target["signature"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise InputError(f"{path}: target.signature is missing or malformed ({type(e).__name__})") from e
+    unknown = sorted(set(sizes) - set(signature.dims))
+    if unknown:
+        raise InputError(f"--size {unknown[0]}: the model's dynamic dims are {sorted(signature.dims)}")
+    for name, size in sizes.items():
+        spec = signature.dims[name]
+        if size < spec.min or (spec.max is not None and size > spec.max):
+            bounds = f"{spec.min}..{spec.max if spec.max is not None else ''}"
+            raise InputError(f"--size {name}={size}: outside the sizes the artifact takes ({name} in {bounds})")
+    dims = signature.cases(1)[0] | dict(sizes)
+    batch_dim = signature.dims.get("batch")
+    batch = min(max(batches, default=1), batch_dim.max or max(batches)) if batch_dim else dims.get("batch", 1)
+    dims["batch"] = batch
+    for dim in signature.dims.values():
+        if dim.sum_of:
+            dims[dim.name] = sum(dims[part] for part in dim.sum_of)
+    total = sum(
+        math.prod(d if isinstance(d, int) else dims.get(d, 1) for d in spec.shape) * DTYPES[spec.dtype].itemsize
+        for spec in signature.inputs
+    )
+    if total > INPUT_BYTES:
+        given = [f"--batch {batch}"] + [f"--size {name}={size}" for name, size in sizes.items()]
+        raise InputError(
+            f"{' '.join(given)}: one call's inputs would take {total / 2**30:.3g} GiB, over peftc bench's bound of "
+            f"{INPUT_BYTES / 2**30:g} GiB (a call's activations are many times that); give a smaller --batch or --size"
+        )
 
 
 def _timed_sources(first: Any, model: Any) -> Any:

@@ -87,6 +87,10 @@ class InputCheck:
         feeds = with_defaults(list(self.specs.values()), feeds)
         missing = [n for n in self.names if n not in feeds]
         extra = [n for n in feeds if n not in self.names]
+        for name in feeds if missing else ():  # an input with a default is left out when the others' ranks are off
+            spec = self.specs.get(name)
+            if spec is not None and np.ndim(feeds[name]) != len(spec.shape):
+                self._check_shape(name, np.asarray(feeds[name]), spec, {})
         if missing or extra:
             raise InputError(
                 f"inputs do not match the model: missing {missing}, unexpected {extra}; expected {list(self.names)}"

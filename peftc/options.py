@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from peftc import arguments
 from peftc.errors import InputError, UnsupportedError
 from peftc.precision import PRECISIONS, QUANTIZED
 from peftc.seeds import check_seed
@@ -81,6 +82,8 @@ class CompileOptions:
     """DEFT passes on the merged model: ``prune-dead-neurons``, ``skip-blocks`` (``peftc/density/compiled.py``)."""
 
     def __post_init__(self) -> None:
+        self._check_types()
+        arguments.paths(self.adapters, "adapters")
         adapters = [self.adapters] if isinstance(self.adapters, (str, os.PathLike)) else list(self.adapters)
         target_options = dict(self.target_options or {})
         given = target_options.pop("precision", None)  # the trt option of earlier versions
@@ -156,6 +159,35 @@ class CompileOptions:
         if self.configs and len(self.configs) not in (1, len(self.adapters)):
             raise InputError(
                 f"{len(self.configs)} --config files for {len(self.adapters)} adapters; give one per adapter, in order"
+            )
+
+    def _check_types(self) -> None:
+        """A Python caller's argument of the wrong type is one line naming it, not a ``TypeError`` later."""
+        arguments.path(self.out, "out")
+        for name in ("dump_ir", "calibration"):
+            if getattr(self, name) is not None:
+                arguments.path(getattr(self, name), name)
+        if isinstance(self.configs, (str, os.PathLike)) or not isinstance(self.configs, Sequence):
+            raise InputError(f"configs={self.configs!r}: expected a list of adapter_config.json paths, one per adapter")
+        for index, config in enumerate(self.configs):
+            if config is not None:  # None: that adapter's directory has its own
+                arguments.path(config, f"configs[{index}]")
+        arguments.texts(self.inputs, "inputs")
+        for name in ("merge", "force", "keep_failed", "allow_pickle", "base_residual", "swappable", "oracle",
+                     "co_permute"):  # fmt: skip
+            arguments.flag(getattr(self, name), name)
+        for name in ("max_rank", "slot_capacity", "task_id"):
+            arguments.integer(getattr(self, name), name, optional=True)
+        arguments.integer(self.multi_adapter, "multi_adapter")
+        arguments.integer(self.calibration_samples, "calibration_samples")
+        arguments.number(self.max_error, "max_error", optional=True)
+        for name in ("target", "merge_policy", "quantize_embeddings"):
+            arguments.text(getattr(self, name), name)
+        for name in ("precision", "combine", "task"):
+            arguments.text(getattr(self, name), name, optional=True)
+        if self.target_options is not None and not isinstance(self.target_options, Mapping):
+            raise InputError(
+                f"target_options: expected a mapping of option name to value, got {type(self.target_options).__name__}"
             )
 
     def _check_dump_dir(self, directory: Path) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from peftc import arguments
 from peftc.artifact import MANIFEST_FILE, Manifest, check_files, read_manifest
 from peftc.artifact.files import inside, listed, records
 from peftc.backends import Backend, get_backend
@@ -172,7 +173,9 @@ def load(path: str | os.PathLike[str], *, allow_failed: bool = False, runtime: s
         BackendUnavailable: the target's runtime cannot run here (e.g. a TensorRT artifact built
             without a GPU has no engine; the message says how to run its ONNX).
     """
-    path = Path(path)
+    path = arguments.path(path, "path")
+    arguments.flag(allow_failed, "allow_failed")
+    arguments.text(runtime, "runtime", optional=True)
     manifest = read_manifest(path)
     if manifest.status != "ok" and not allow_failed:
         raise InputError(f"{path}: this artifact failed verification (kept with --keep-failed); refusing to run it")

@@ -113,13 +113,20 @@ def test_vision_model_inputs_are_derived(tmp_path):
     targets = sorted({n.rsplit(".", 1)[-1] for n in names if n.endswith("_proj") or n.endswith(("query", "value"))})
     adapter = models.make_lora(model, tmp_path / "adapter", target_modules=targets)
     artifact = peftc.compile(model, adapter, out=tmp_path / "out")
+    # ViT interpolates its position embeddings: any image size from two patches to 4x its own (loaders/vision.py)
     assert artifact.manifest.target["inputs"] == [
-        {"name": "pixel_values", "dtype": "float32", "shape": ["batch", 3, 32, 32]}
+        {"name": "pixel_values", "dtype": "float32", "shape": ["batch", 3, "height", "width"]}
     ]
+    dims = artifact.manifest.target["signature"]["dims"]
+    assert [(dims[d]["min"], dims[d]["max"]) for d in ("height", "width")] == [(16, 128), (16, 128)]
+    assert not hasattr(model.forward, "__self__") or model.forward.__func__ is type(model).forward  # not patched
     runner = peftc.load(artifact.path)
-    for batch in (1, 4):
-        pixels = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
-        assert_outputs_close(runner(pixel_values=pixels), models.peft_outputs(model, adapter, {"pixel_values": pixels}))
+    for batch, height, width in ((1, 32, 32), (4, 48, 40), (1, 128, 16)):  # its own size takes HF's shortcut
+        pixels = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(batch))
+        expected = models.peft_outputs(model, adapter, {"pixel_values": pixels, "interpolate_pos_encoding": True})
+        assert_outputs_close(runner(pixel_values=pixels), expected)
+    with pytest.raises(InputError, match=r"dim 2 \(height\) is 8, below its minimum 16"):
+        runner(pixel_values=np.zeros((1, 3, 8, 32), np.float32))
 
 
 def test_plain_module_from_a_factory_file(tmp_path):

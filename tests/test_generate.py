@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -234,3 +235,37 @@ def test_artifact_carries_tokenizer_and_peftc_generate_uses_it(gpt2, capsys):
     tokens = json.loads(out)[0]["tokens"]
     expected = runner.generate(torch.tensor([[5, 9, 12]]), max_new_tokens=6, eos_token_id=1, pad_token_id=0)
     assert tokens == expected[0, 3:].tolist()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--prompt", "   "], "--prompt '   ': the tokenizer makes no tokens of it"),
+        (["--prompt", "w5", "--max-new-tokens", "0"], "max_new_tokens=0: give at least 1 new token"),
+        (["--prompt", "w5", "--do-sample", "--top-p", "0"], "top_p=0.0: give a probability in (0, 1]"),  # was exit 3
+        (["--prompt", "w5", "--do-sample", "--top-p", "nan"], "top_p=nan"),
+        (["--prompt", "w5", "--do-sample", "--temperature", "inf"], "temperature=inf: give a finite positive"),
+        (["--prompt", "w5", "--adapter", ""], "adapters are compiled into this artifact"),  # "" was no adapter
+    ],
+)
+def test_generate_options_out_of_range_are_one_line(gpt2, capsys, flags, message):
+    _, _, runner = gpt2
+    code, _, err = run(capsys, "generate", runner.path, *flags)
+    lines = [line for line in err.splitlines() if not line.startswith("[peftc") and "note: hid" not in line]
+    assert code == 2 and len(lines) == 1 and message in lines[0], err
+
+
+@pytest.mark.parametrize(
+    "options, named",
+    [
+        ({"max_new_tokens": 2.5}, "max_new_tokens=2.5"),
+        ({"top_k": -1}, "top_k=-1"),
+        ({"do_sample": "yes"}, "do_sample='yes'"),
+        ({"seed": "x", "do_sample": True}, "seed 'x'"),
+        ({"pad_token_id": -1}, "pad_token_id=-1"),
+    ],
+)
+def test_generate_python_options_of_the_wrong_type(gpt2, options, named):
+    _, _, runner = gpt2
+    with pytest.raises(InputError, match=re.escape(named)):
+        runner.generate(torch.tensor([[5, 9]]), **{"max_new_tokens": 2, **options})

@@ -10,7 +10,11 @@ the model keeps ``cache`` (the prefix is dropped; only the shifted positions and
 from __future__ import annotations
 
 import copy
+import json
+import re
+import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +23,7 @@ from cli_run import run
 from test_generate import _llama, _prompts
 
 import peftc
+from peftc.errors import InputError
 from peftc.generation import decode, prefix, prefix_check
 from peftc.loaders.causal import key_name, value_name
 from peftc.methods.loading import read_adapter
@@ -124,3 +129,23 @@ def test_prefix_with_swappable_is_refused_in_one_line(compiled, capsys):
     code, _, err = run(capsys, *argv)
     lines = [line for line in err.splitlines() if not line.startswith("[peftc")]
     assert code == 2 and len(lines) == 1 and "compile the prefix alone" in lines[0] and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("virtual_tokens", "x", "target.prefix should be"),  # was an internal error
+        ("virtual_tokens", 0, "target.prefix should be"),
+        ("file", "../prefix.safetensors", "does not list it in target.files"),  # was read from outside the artifact
+        ("file", "model.onnx", "not a valid safetensors file"),  # was an internal error
+        ("positions", "rows", "target.prefix.positions should be"),
+    ],
+)
+def test_a_tampered_prefix_record_is_refused_in_one_line(compiled, tmp_path, field, value, message):
+    root = compiled[0]
+    copy_ = Path(shutil.copytree(root / "out", tmp_path / "out"))
+    manifest = json.loads((copy_ / "manifest.json").read_text())
+    manifest["target"]["prefix"][field] = value
+    (copy_ / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match=re.escape(message)):
+        peftc.load(copy_).generate(torch.tensor([[5, 6]]), max_new_tokens=2)

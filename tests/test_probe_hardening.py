@@ -161,3 +161,20 @@ def test_force_keeps_an_artifact_holding_a_file_its_manifest_does_not_list(
     line = one_error(capsys, "compile", bert_dir, "--adapter", bert_adapter, "-o", out, "--force")
     assert "notes.txt" in line and (out / "notes.txt").read_text() == "mine"
     assert (out / "manifest.json").read_bytes() == (swappable / "manifest.json").read_bytes()
+
+
+@pytest.mark.parametrize("shape", [(4,), (1, 1, 4)])
+def test_an_input_of_the_wrong_rank_is_named_not_reported_missing(swappable, shape):
+    """token_type_ids has a default shaped like the others: it could not be made, but the rank is the fault."""
+    runner = peftc.load(swappable)
+    with pytest.raises(InputError, match=rf"input 'input_ids': {len(shape)} dims .*expected \[batch, seq\]"):
+        runner(input_ids=np.ones(shape, np.int64), attention_mask=np.ones(shape, np.int64), adapter=None)
+
+
+def test_bench_refuses_a_batch_whose_inputs_exceed_the_memory_bound(capsys, swappable):
+    line = one_error(capsys, "bench", swappable, "--batch", 10**8, "--reps", "1")
+    assert "--batch 100000000" in line and "GiB" in line
+
+
+def test_generate_on_an_artifact_that_does_not_generate(capsys, swappable):
+    assert "not a generation artifact" in one_error(capsys, "generate", swappable, "--prompt", "hello")

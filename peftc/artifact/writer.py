@@ -95,10 +95,7 @@ class ArtifactWriter:
         return self.out
 
     def _check_place(self) -> None:
-        target = Path(os.path.realpath(self._target))
-        cwd = Path(os.path.realpath(Path.cwd()))
-        if not self._target.name or target == cwd or target in cwd.parents:
-            raise InputError(f"{self.out}: is the current directory or above it; give a new directory as -o")
+        check_place(self.out)
 
     def _check_replaceable(self) -> None:
         """``out`` exists: it is a peftc artifact or an empty directory, and no input of the compile."""
@@ -124,11 +121,25 @@ class ArtifactWriter:
             )
 
     def _check_inputs(self) -> None:
-        target = Path(os.path.realpath(self._target))
-        for given in self.inputs:
-            source = Path(os.path.realpath(given))
-            if target == source or target in source.parents or (source.is_dir() and source in target.parents):
-                raise InputError(f"{self.out}: is, holds or lies inside the compile's input {given}; choose another -o")
+        check_inputs(self.out, self.inputs)
+
+
+def check_place(out: Path, flag: str = "-o") -> None:
+    """``out`` is neither the current directory nor above it (nor a path without a name, like ``/``)."""
+    absolute = Path(os.path.abspath(out))
+    target = Path(os.path.realpath(absolute))
+    cwd = Path(os.path.realpath(Path.cwd()))
+    if not absolute.name or target == cwd or target in cwd.parents:
+        raise InputError(f"{out}: is the current directory or above it; give a new directory as {flag}")
+
+
+def check_inputs(out: Path, inputs: Sequence[Path], flag: str = "-o", command: str = "compile") -> None:
+    """``out`` is not one of ``inputs``, does not hold one, and does not lie inside an input directory."""
+    target = Path(os.path.realpath(os.path.abspath(out)))
+    for given in inputs:
+        source = Path(os.path.realpath(given))
+        if target == source or target in source.parents or (source.is_dir() and source in target.parents):
+            raise InputError(f"{out}: is, holds or lies inside the {command}'s input {given}; choose another {flag}")
 
 
 def _artifact_manifest(directory: Path) -> dict | None:

@@ -22,9 +22,7 @@ from typing import Any
 
 import torch
 
-from peftc.artifact import rename
-from peftc.artifact.temp import TempDir, remove_stale, stale_beside
-from peftc.errors import InputError
+from peftc.artifact.output import OutputDir
 from peftc.methods.delta import FORMAT_VERSION, PEFT_TYPE
 
 CONFIG = "adapter_config.json"
@@ -33,39 +31,17 @@ RECORD = "combine.json"
 _PREFIX = "base_model.model."
 
 
-class Destination:
-    """A temporary directory that becomes ``out`` (which must not exist, or be an empty directory)."""
+class Destination(OutputDir):
+    """A temporary directory that becomes ``out`` (which must not exist, or be an empty directory;
+    ``peftc.artifact.output``), never the model's or an adapter's own files."""
 
-    def __init__(self, out: str | os.PathLike[str]) -> None:
-        self.out = Path(out)
-        target = Path(os.path.abspath(self.out))
-        if os.path.lexists(target) and not (target.is_dir() and not any(target.iterdir())):
-            raise InputError(f"{self.out}: already exists; give a new directory as -o")
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale(stale_beside(target))
-            self._dir = TempDir(target.parent, target.name)
-        except OSError as e:
-            raise InputError(f"{self.out}: cannot write to {target.parent} ({e.strerror or e})") from e
-        self.tmp = self._dir.path / "adapter"
-        self.tmp.mkdir()
-        self._target = target
+    def __init__(self, out: str | os.PathLike[str], inputs: Sequence[Path] = ()) -> None:
+        super().__init__(out, command="combine", inputs=inputs)
 
-    def commit(self, record: Mapping[str, Any]) -> Path:
+    def commit(self, record: Mapping[str, Any]) -> Path:  # type: ignore[override]
         """Write ``combine.json`` and move the directory into place."""
         (self.tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        if self._target.is_dir() and not any(self._target.iterdir()):
-            self._target.rmdir()
-        try:
-            rename.rename_noreplace(self.tmp, self._target)
-        except FileExistsError as e:
-            raise InputError(f"{self.out}: appeared while combining; left untouched") from e
-        self._dir.remove()
-        return self.out
-
-    def abort(self) -> None:
-        """Remove the temporary directory (idempotent)."""
-        self._dir.remove()
+        return super().commit()
 
 
 class DeltaOutput:

@@ -10,6 +10,7 @@ exactly as its ΔW).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -55,10 +56,10 @@ def combine(
     say = progress or (lambda message: None)
     start = time.perf_counter()
     options = options.checked_for(len(adapters))
-    say(f"load model and {len(adapters)} adapter(s)")
-    tv = task_vectors(model, adapters, configs=configs, allow_pickle=allow_pickle)
-    destination = Destination(out)
+    destination = Destination(out, _local(model, adapters, configs))  # checked before any work
     try:
+        say(f"load model and {len(adapters)} adapter(s)")
+        tv = task_vectors(model, adapters, configs=configs, allow_pickle=allow_pickle)
         say(f"combine: {options.method}")
         report = write(tv, options, destination.tmp, str(out))
         report = _timed(report, time.perf_counter() - start)
@@ -66,6 +67,12 @@ def combine(
         return report
     finally:
         destination.abort()
+
+
+def _local(model: Any, adapters: Sequence[Any], configs: Sequence[Any]) -> list[Path]:
+    """The local files and directories a combine reads, which its output must not be or hold."""
+    given = [model, *adapters, *configs]
+    return [Path(p) for p in given if isinstance(p, (str, os.PathLike)) and os.path.lexists(p)]
 
 
 def task_vectors(

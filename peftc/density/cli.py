@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -11,6 +12,9 @@ from typing import Any
 
 from peftc.errors import InputError
 from peftc.report import load_pyplot
+
+PLOTS = "plots.json"
+"""The list of PNGs ``analyze --plot`` wrote, which marks its directory as replaceable by the next one."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -73,9 +77,15 @@ def run(args: argparse.Namespace) -> int:
         samples=args.samples, held_out=args.held_out, seed=args.seed, threshold=args.threshold, passes=passes,
         max_error=args.max_error, inputs=tuple(args.input), allow_pickle=args.allow_pickle,
     )  # fmt: skip
-    report, _ = analyze(request)
-    if args.plot:
-        plot(report, Path(args.plot))
+    output = _plot_dir(Path(args.plot), request) if args.plot else None  # checked before any work
+    try:
+        report, _ = analyze(request)
+        if output is not None:
+            plot(report, output.tmp)
+            output.commit()
+    finally:
+        if output is not None:
+            output.abort()
     print(json.dumps(report, indent=1) if args.json else text(report))
     return 0
 
@@ -134,8 +144,28 @@ def _detail(record: Mapping[str, Any]) -> str:
     return f"dense {record['dense_ms']:.3f} ms, gather {record['sparse_ms']:.3f} ms"
 
 
+def _plot_dir(directory: Path, request: Any) -> Any:
+    """``--plot DIR``: a new or empty directory, or one an earlier ``--plot`` wrote (replaced whole)."""
+    from peftc.artifact.output import OutputDir
+
+    load_pyplot()  # refuses before the analysis runs when matplotlib is missing
+    read = (request.model, *request.adapters, request.calibration)
+    given = [Path(p) for p in read if isinstance(p, (str, os.PathLike)) and os.path.lexists(p)]
+    return OutputDir(directory, flag="--plot", command="analyze", force=True, ours=_plotted, inputs=given)
+
+
+def _plotted(directory: Path) -> bool:
+    """``directory`` holds only what :func:`plot` writes: its PNGs and :data:`PLOTS`, which lists them."""
+    try:
+        listed = set(json.loads((directory / PLOTS).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return all(p.name in listed | {PLOTS} and p.is_file() and not p.is_symlink() for p in directory.iterdir())
+
+
 def plot(report: Mapping[str, Any], directory: Path) -> list[Path]:
-    """One PNG per layer in ``directory``: each neuron's activation frequency, sorted.
+    """One PNG per layer in ``directory``: each neuron's activation frequency, sorted, and :data:`PLOTS`
+    listing them.
 
     Raises:
         UnsupportedError: matplotlib is not installed.
@@ -155,4 +185,5 @@ def plot(report: Mapping[str, Any], directory: Path) -> list[Path]:
         figure.savefig(path, dpi=80)
         pyplot.close(figure)
         written.append(path)
+    (directory / PLOTS).write_text(json.dumps({"files": [p.name for p in written]}, indent=1) + "\n")
     return written

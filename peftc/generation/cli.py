@@ -28,16 +28,24 @@ def register(sub: Any) -> None:
 
 def _generate(args: argparse.Namespace) -> int:
     from peftc.generation.files import has_tokenizer
+    from peftc.loaders.causal import key_name
     from peftc.runtime import load
 
     runner = load(args.artifact)
     directory = Path(args.artifact)
+    if "generation" not in runner.manifest.target and key_name(0) not in runner.input_names:
+        raise InputError(
+            f"{directory}: not a generation artifact (compile with --task text-generation or text2text-generation)"
+        )
     if not has_tokenizer(directory):
         raise InputError(f"{directory}: no tokenizer files in the artifact (its model directory had none)")
     tokenizer = _tokenizer(directory)
     encoded = tokenizer(list(args.prompt), return_tensors="np", padding=True)
+    empty = [p for p, m in zip(args.prompt, encoded["attention_mask"], strict=True) if not m.any()]
+    if empty or not encoded["input_ids"].shape[1]:
+        raise InputError(f"--prompt {(empty or [''])[0]!r}: the tokenizer makes no tokens of it; give some text")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    options = {"adapter": args.adapter} if args.adapter else {}
+    options = {"adapter": args.adapter} if args.adapter is not None else {}
     tokens = runner.generate(
         encoded["input_ids"],
         encoded["attention_mask"],

@@ -18,16 +18,19 @@ tokens, but not the tokens Hugging Face's sampling draws (its random stream is a
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
+from peftc import arguments
 from peftc.errors import InputError
 from peftc.generation import prefix
 from peftc.loaders.causal import key_name, value_name
 from peftc.loaders.inputs import InputSignature
+from peftc.seeds import check_seed
 
 _DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.float32}
 
@@ -61,14 +64,13 @@ def generate(
     layers, shapes, dtype, longest = _layout(runner)
     count, head = prefix.read_head(runner, dtype)
     numbered = prefix.numbering(runner)
-    if max_new_tokens < 1 or count + ids.shape[1] + max_new_tokens > longest:
+    check_options(max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id)
+    if count + ids.shape[1] + max_new_tokens > longest:
         virtual = f"{count} virtual tokens + " if count else ""
         raise InputError(
             f"{virtual}a prompt of {ids.shape[1]} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
             f"{longest} positions (max_position_embeddings)"
         )
-    if do_sample and not temperature > 0:
-        raise InputError(f"temperature={temperature}: give a positive temperature (or do_sample=False)")
     sample_with = functools.partial(sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=seeded(seed))
     batch = ids.shape[0]
     pasts = {}
@@ -96,6 +98,8 @@ def generate(
 
 def seeded(seed: int | None) -> torch.Generator:
     """The sampling stream of a generation (seed 0 when None)."""
+    if seed is not None:
+        check_seed(seed, "seed")
     return torch.Generator().manual_seed(0 if seed is None else seed)
 
 
@@ -189,6 +193,35 @@ def _layout(runner: Any) -> tuple[int, list[tuple[int, int]], Any, int]:
     layers = sum(1 for name in specs if name.startswith("past_key_values_") and name.endswith("_key"))
     shapes = [(int(specs[key_name(i)].shape[1]), int(specs[key_name(i)].shape[3])) for i in range(layers)]
     return layers, shapes, _DTYPES[specs[key_name(0)].dtype], int(signature.dims["seq"].max)
+
+
+def check_options(
+    max_new_tokens: Any,
+    do_sample: Any,
+    temperature: Any,
+    top_k: Any,
+    top_p: Any,
+    eos_token_id: Any = None,
+    pad_token_id: Any = None,
+) -> None:
+    """The generation options of a call, each of its type and range (``--max-new-tokens``, ``--top-p``…).
+
+    Raises:
+        InputError: naming the option and what it takes.
+    """
+    if arguments.integer(max_new_tokens, "max_new_tokens") < 1:
+        raise InputError(f"max_new_tokens={max_new_tokens}: give at least 1 new token")
+    arguments.flag(do_sample, "do_sample")
+    arguments.number(temperature, "temperature")
+    if do_sample and not (math.isfinite(temperature) and temperature > 0):
+        raise InputError(f"temperature={temperature}: give a finite positive temperature (or do_sample=False)")
+    if arguments.integer(top_k, "top_k", optional=True) is not None and top_k < 0:
+        raise InputError(f"top_k={top_k}: give a count >= 0 (0 or None: no limit)")
+    if arguments.number(top_p, "top_p", optional=True) is not None and not 0 < top_p <= 1:
+        raise InputError(f"top_p={top_p}: give a probability in (0, 1] (None: no limit)")
+    for name, token in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+        if arguments.integer(token, name, optional=True) is not None and token < 0:
+            raise InputError(f"{name}={token}: give a token id >= 0 (or None)")
 
 
 def sample(

@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from peftc.errors import InputError, UnsupportedError
+from peftc.artifact.files import listed, read_verified, records
+from peftc.errors import InputError, UnsupportedError, first_line
 from peftc.generation import prompt_head
 from peftc.loaders.causal import TEXT_GENERATION, key_name, value_name
 from peftc.methods.base import AdapterSource
@@ -99,24 +100,48 @@ def write(kv: dict, directory: Path, numbered: str = MASK) -> dict[str, Any]:
 
 def numbering(runner: Any) -> str:
     """How ``runner``'s artifact numbers the prompt after its head (:data:`MASK` when the record predates the field)."""
-    return str((runner.manifest.target.get("prefix") or {}).get("positions", MASK))
+    record = runner.manifest.target.get("prefix") or {}
+    numbered = record.get("positions", MASK) if isinstance(record, dict) else MASK
+    if numbered not in (MASK, COLUMNS):
+        raise InputError(f"{runner.path}/manifest.json: target.prefix.positions should be {MASK!r} or {COLUMNS!r}")
+    return numbered
 
 
 def read_head(runner: Any, dtype: Any) -> tuple[int, dict[str, np.ndarray]]:
     """The artifact's prefix: ``n`` and the keys and values per input name (``0, {}`` without one).
 
+    The file must be one ``target.files`` lists (a plain path inside the artifact), is checked against its
+    sha256 as it is read, and holds ``[kv_heads, n, head_dim]`` tensors with ``n`` the recorded count.
+
     Raises:
-        InputError: the manifest names a file the artifact lacks.
+        InputError: a malformed ``target.prefix``, a file the artifact lacks or does not list, a modified
+            or malformed file.
     """
-    record = runner.manifest.target.get("prefix")
+    target = runner.manifest.target
+    record = target.get("prefix")
     if not record:
         return 0, {}
-    from safetensors.numpy import load_file
-
-    path = Path(runner.path) / record["file"]
+    where = f"{runner.path}/manifest.json: target.prefix"
+    count = record.get("virtual_tokens") if isinstance(record, dict) else None
+    if type(count) is not int or count < 1 or not isinstance(record.get("file"), str):
+        raise InputError(f"{where} should be {{file: a path, virtual_tokens: an integer >= 1}}, got {record!r}"[:300])
+    path = listed(runner.path, target, record["file"])
     if not path.is_file():
         raise InputError(f"{path}: the prefix file the manifest lists is missing")
-    return int(record["virtual_tokens"]), {k: v.astype(dtype) for k, v in load_file(str(path)).items()}
+    from safetensors.numpy import load
+
+    try:
+        tensors = load(read_verified(path, records(target)[record["file"]]))
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(f"{path}: not a valid safetensors file ({first_line(e)})") from e
+    for key, value in tensors.items():
+        if value.ndim != 3 or value.shape[1] != count or value.dtype.kind != "f":
+            raise InputError(
+                f"{path}: {key} is {value.dtype} {list(value.shape)}, expected [kv_heads, {count}, head_dim]"
+            )
+    return count, {k: v.astype(dtype) for k, v in tensors.items()}
 
 
 def expanded(kv: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:

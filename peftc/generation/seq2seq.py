@@ -49,10 +49,9 @@ def generate(
     ids, mask = decode.prompt_arrays(input_ids, attention_mask)
     signature = InputSignature.from_json(runner.manifest.target["signature"])
     longest = int(signature.dims["seq"].max)
-    if max_new_tokens < 1 or max_new_tokens + 1 > longest:
+    decode.check_options(max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id)
+    if max_new_tokens + 1 > longest:
         raise InputError(f"max_new_tokens={max_new_tokens}: the decoder has {longest} positions (start token included)")
-    if do_sample and not temperature > 0:
-        raise InputError(f"temperature={temperature}: give a positive temperature (or do_sample=False)")
     sample_with = functools.partial(
         decode.sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=decode.seeded(seed)
     )

@@ -2,7 +2,8 @@
 
 A signature is derived from the model kind (text: ``input_ids``/``attention_mask`` with dims
 ``batch`` and ``seq``, and ``token_type_ids`` (default 0) where the model has several segment types;
-vision: ``pixel_values`` with dim ``batch``) or given by the user as
+vision: ``pixel_values`` with dim ``batch``, and ``height``/``width`` where the model interpolates its
+position embeddings, ``peftc/loaders/vision.py``) or given by the user as
 ``--input name:dims:dtype[:low..high]``, e.g. ``input_ids:batch,seq=1..512:int64:0..30522`` or
 ``pixel_values:batch,3,224,224:float32``. A dim is an integer (static) or a name (dynamic, shared by
 every input that uses the same name), optionally with a range ``name=min..max``.
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from peftc.errors import InputError
+from peftc.loaders import vision
 
 DTYPES = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -86,6 +88,10 @@ class InputSignature:
                 low = dim.min if index else max(dim.min, 2)
                 want = 0 if index == 1 and dim.min == 0 else want  # a dim that may be empty is, once
                 sizes[dim.name] = min(max(want, low), dim.max or want)
+                while (
+                    not index and sizes[dim.name] in list(sizes.values())[:-1] and sizes[dim.name] < (dim.max or 2**31)
+                ):
+                    sizes[dim.name] += 1  # two dims clipped to one minimum: distinct for tracing
             for dim in self.dims.values():
                 if dim.sum_of:
                     sizes[dim.name] = sum(sizes[part] for part in dim.sum_of)
@@ -249,8 +255,17 @@ def from_transformers(model: Any) -> InputSignature | None:
         size = getattr(config, "image_size", 224)
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         channels = getattr(config, "num_channels", 3)
-        spec = TensorInput("pixel_values", ("batch", channels, height, width), "float32")
-        return InputSignature((spec,), {"batch": DimSpec("batch")})
+        patch = vision.interpolates(model)
+        if patch is None:
+            spec = TensorInput("pixel_values", ("batch", channels, height, width), "float32")
+            return InputSignature((spec,), {"batch": DimSpec("batch")})
+        spec = TensorInput("pixel_values", ("batch", channels, "height", "width"), "float32")
+        dims = {
+            "batch": DimSpec("batch"),
+            "height": DimSpec("height", 2 * patch, max(2 * patch, vision.MAX_SCALE * height)),
+            "width": DimSpec("width", 2 * patch, max(2 * patch, vision.MAX_SCALE * width)),
+        }
+        return InputSignature((spec,), dims)
     return None
 
 

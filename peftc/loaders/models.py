@@ -36,7 +36,7 @@ import torch
 from peftc import ir, reading
 from peftc.errors import InputError, PeftcError, UnsupportedError, first_line
 from peftc.hashing import sha256_file
-from peftc.loaders import causal, seq2seq
+from peftc.loaders import causal, seq2seq, vision
 from peftc.loaders.hub import cached, is_hub_id
 from peftc.loaders.inputs import InputSignature, from_program, from_timm, from_transformers, parse_inputs
 
@@ -143,6 +143,7 @@ def _load(
 
 def _finish(model: LoadedModel, override: InputSignature | None, task: str | None = None) -> LoadedModel:
     module = model.module
+    _check_finite(model.spec, module)
     module.eval()
     for p in module.parameters():
         p.requires_grad_(False)
@@ -161,7 +162,28 @@ def _finish(model: LoadedModel, override: InputSignature | None, task: str | Non
             f"cannot derive the inputs of {type(module).__name__}; describe them with "
             "--input name:dims:dtype (e.g. --input x:batch,16:float32)"
         )
+    if override is None and "height" in model.signature.dims and vision.interpolates(module):
+        if model.kind == "module":  # the caller's object keeps its own forward
+            model.module = module = copy.deepcopy(module)
+        vision.attach(module)
     return model
+
+
+def _check_finite(source: str, module: torch.nn.Module) -> None:
+    """Every float weight of the base is finite: a NaN or Inf there makes every output non-finite, and the
+    verification would otherwise report the artifact (or the adapter) as wrong."""
+    buffers = {name for name, _ in module.named_buffers()}  # a mask buffer may hold -inf on purpose: NaN only
+    for name, tensor in module.state_dict(keep_vars=False).items():
+        if not tensor.is_floating_point() or tensor.is_meta:
+            continue
+        values = tensor.float() if tensor.itemsize == 1 else tensor
+        bad = torch.isnan(values) if name in buffers else ~torch.isfinite(values)
+        if bool(bad.any()):
+            what = "NaN" if bool(torch.isnan(values).any()) else "Inf"
+            raise InputError(
+                f"{source}: the base model's weight {name!r} holds {what}; the base checkpoint must be finite "
+                "(every output would be non-finite, whatever the adapter)"
+            )
 
 
 def _load_huggingface(path: Path, allow_pickle: bool) -> LoadedModel:

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from peftc.artifact.output import OutputDir
 from peftc.errors import InputError
 from peftc.sparse import MAX_DENSITY, MIN_FILL
 
@@ -88,29 +89,41 @@ def extract_adapter(
     from peftc.sparse.extract import Limits, extract
 
     limits = limits or Limits()
-    config, _ = reading.read_json(_file(base, "config.json"))
-    found = extract(read_checkpoint(base, allow_pickle), read_checkpoint(finetuned, allow_pickle), config, limits)
-    if out.exists() and (not force or any(p.name not in _WRITTEN for p in out.iterdir())):
-        raise InputError(f"{out}: exists (pass --force to replace an adapter directory peftc extract wrote)")
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for update in found.updates:
-        tensors[f"{update.module}.s2ft_{update.side}"] = update.indices.contiguous()
-        tensors[f"{update.module}.s2ft_block"] = update.block
-    save_file(tensors, str(out / "adapter_model.safetensors"))
-    adapter_config = {
-        "peft_type": s2ft.PEFT_TYPE,
-        "format_version": s2ft.FORMAT_VERSION,
-        "target_modules": [u.module for u in found.updates],
-        "base_model_name_or_path": str(base),
-    }
-    (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
-    summary = _summary(found, base, finetuned, limits)
-    (out / EXTRACT_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    output = OutputDir(out, command="extract", force=force, ours=_written_by_extract, inputs=(base, finetuned))
+    try:
+        config, _ = reading.read_json(_file(base, "config.json"))
+        found = extract(read_checkpoint(base, allow_pickle), read_checkpoint(finetuned, allow_pickle), config, limits)
+        tensors = {}
+        for update in found.updates:
+            tensors[f"{update.module}.s2ft_{update.side}"] = update.indices.contiguous()
+            tensors[f"{update.module}.s2ft_block"] = update.block
+        save_file(tensors, str(output.tmp / "adapter_model.safetensors"))
+        adapter_config = {
+            "peft_type": s2ft.PEFT_TYPE,
+            "format_version": s2ft.FORMAT_VERSION,
+            "target_modules": [u.module for u in found.updates],
+            "base_model_name_or_path": str(base),
+        }
+        (output.tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
+        summary = _summary(found, base, finetuned, limits)
+        (output.tmp / EXTRACT_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        output.commit()
+        return summary
+    finally:
+        output.abort()
 
 
 _WRITTEN = {"adapter_model.safetensors", "adapter_config.json", EXTRACT_FILE}
+
+
+def _written_by_extract(directory: Path) -> bool:
+    """``directory`` holds only what ``peftc extract`` writes, its record included (not a user's adapter)."""
+    names = {p.name for p in directory.iterdir()}
+    return EXTRACT_FILE in names and names <= _WRITTEN and all(_regular(directory / n) for n in names)
+
+
+def _regular(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink()
 
 
 def _summary(found: Extracted, base: Path, finetuned: Path, limits: Limits) -> dict:

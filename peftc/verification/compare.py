@@ -56,6 +56,12 @@ class OutputError:
     note: str = ""
 
 
+NONFINITE_REFERENCE = (
+    "the oracle's own output holds NaN/Inf on these inputs: the base model (its weights or its arithmetic in "
+    "this precision) computes non-finite values, whatever the adapter"
+)
+
+
 def compare(
     reference: Mapping[str, np.ndarray],
     actual: Mapping[str, np.ndarray],
@@ -89,7 +95,10 @@ def compare(
         max_rel = max_abs / max_ref if max_ref > 0 else (0.0 if max_abs == 0 else float("inf"))
         finite = bool(np.isfinite(got).all()) or not np.issubdtype(got.dtype, np.floating)
         ok = finite and (tol.abs is None or max_abs <= tol.abs) and max_rel <= tol.rel
-        results.append(OutputError(name, max_abs, max_ref, max_rel, tol, ok, "" if finite else "non-finite values"))
+        note = "" if finite else "non-finite values"
+        if np.issubdtype(ref.dtype, np.floating) and not np.isfinite(ref).all():
+            ok, note = False, NONFINITE_REFERENCE
+        results.append(OutputError(name, max_abs, max_ref, max_rel, tol, ok, note))
     return results
 
 
