@@ -146,6 +146,15 @@ def bert_dir(golden: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def bert_swappable(golden: Path, bert_dir: Path, bert_adapter: Path) -> Path:
+    """The tiny BERT directory compiled swappable with ``bert_adapter``, oracle off: the artifact the
+    refusal tests probe (never edited in place: a test that edits it works on a copy)."""
+    import peftc
+
+    return peftc.compile(bert_dir, bert_adapter, out=golden / "bert-swappable", swappable=True, oracle=False).path
+
+
+@pytest.fixture(scope="session")
 def minilm_artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[bool, Path]:
     """The bundled example compiled merged and unmerged (real weights, real trained adapter)."""
     import peftc
