@@ -129,11 +129,29 @@ def assert_outputs_close(actual: dict, expected: dict, rel: float = 1e-5) -> Non
 
 
 @pytest.fixture(scope="session")
+def bert_merged(golden: Path, bert_adapter: Path):
+    """The tiny BERT with ``bert_adapter`` merged, compiled to ONNX with the defaults: one compile for
+    the tests that only read it (load it, read its manifest); a test that edits an artifact makes its own."""
+    import peftc
+
+    return peftc.compile(models.tiny_bert(), bert_adapter, out=golden / "bert-merged")
+
+
+@pytest.fixture(scope="session")
 def bert_dir(golden: Path) -> Path:
     """The tiny BERT saved as a Hugging Face model directory (config.json + safetensors)."""
     path = golden / "bert-hf"
     models.tiny_bert().save_pretrained(str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def bert_swappable(golden: Path, bert_dir: Path, bert_adapter: Path) -> Path:
+    """The tiny BERT directory compiled swappable with ``bert_adapter``, oracle off: the artifact the
+    refusal tests probe (never edited in place: a test that edits it works on a copy)."""
+    import peftc
+
+    return peftc.compile(bert_dir, bert_adapter, out=golden / "bert-swappable", swappable=True, oracle=False).path
 
 
 @pytest.fixture(scope="session")

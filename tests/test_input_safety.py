@@ -147,11 +147,8 @@ def test_huge_multi_adapter(capsys, tmp_path, bert_dir, bert_adapter):
 
 
 @pytest.fixture(scope="module")
-def swappable(bert_dir, bert_adapter, tmp_path_factory) -> Path:
-    import peftc
-
-    out = tmp_path_factory.mktemp("safety") / "swappable"
-    return peftc.compile(bert_dir, bert_adapter, out=out, swappable=True, oracle=False).path
+def swappable(bert_swappable) -> Path:
+    return bert_swappable
 
 
 @pytest.mark.parametrize("name", ["../x", "a/b", "", "a\x01b", "x" * 240, "1st", "a.b"])

@@ -34,6 +34,14 @@ def conv_adapter(tmp_path_factory):
     return models.make_lora(models.convnet(), tmp_path_factory.mktemp("conv") / "a", target_modules=sites)
 
 
+@pytest.fixture(scope="module")
+def loose_int8(tmp_path_factory, bert_adapter):
+    """Tiny BERT at int8 with a budget every layer meets (the layer search's per-layer errors, read by
+    two tests)."""
+    out = tmp_path_factory.mktemp("loose-int8") / "out"
+    return peftc.compile(models.tiny_bert(), bert_adapter, out=out, precision="int8", max_error=1.0)
+
+
 def _quantization(artifact):
     return artifact.manifest.target["precision"]["quantization"]
 
@@ -73,12 +81,10 @@ def test_tiny_bert_in_integer_precisions(tmp_path, bert_adapter, precision):
     assert_outputs_close(got, models.peft_outputs(model, bert_adapter, inputs), rel=precision_record["budget"])
 
 
-def test_kept_layers_are_the_most_sensitive_and_the_fewest_that_fit(tmp_path, bert_adapter):
+def test_kept_layers_are_the_most_sensitive_and_the_fewest_that_fit(tmp_path, bert_adapter, loose_int8):
     """With a budget between quantizing every layer and quantizing only the least sensitive one, some
     layers stay in float: the most sensitive, and no more than the budget needs."""
-    loose = _quantization(
-        peftc.compile(models.tiny_bert(), bert_adapter, out=tmp_path / "a", precision="int8", max_error=1.0)
-    )
+    loose = _quantization(loose_int8)
     everything = loose["search"][0]["error"]
     least = min(layer["error_alone"] for layer in loose["layers"])
     assert least < everything
@@ -197,13 +203,12 @@ def test_an_impossible_budget_fails_naming_the_most_sensitive_layers(tmp_path, b
     assert not (tmp_path / "out").exists()
 
 
-def test_mutation_quantizing_every_layer_regardless_exceeds_the_budget(tmp_path, bert_adapter, monkeypatch):
+def test_mutation_quantizing_every_layer_regardless_exceeds_the_budget(tmp_path, bert_adapter, loose_int8, monkeypatch):
     """A search that ignored its kept layers (quantizing sensitive layers against the budget) must fail
     verification: the budget is checked on the artifact, not taken from the search."""
     from peftc.backends.onnx import quantize
 
-    loose = peftc.compile(models.tiny_bert(), bert_adapter, out=tmp_path / "loose", precision="int8", max_error=1.0)
-    tight = 1.05 * min(layer["error_alone"] for layer in _quantization(loose)["layers"])
+    tight = 1.05 * min(layer["error_alone"] for layer in _quantization(loose_int8)["layers"])
     honest = peftc.compile(models.tiny_bert(), bert_adapter, out=tmp_path / "honest", precision="int8", max_error=tight)
     assert _quantization(honest)["kept_float"] > 0
     real = quantize.quantize

@@ -29,10 +29,9 @@ def _lora(model, path, seed, **config):
 
 
 @pytest.fixture(scope="module")
-def merged(tmp_path_factory, bert_adapter):
+def merged(bert_merged):
     """The tiny BERT with a LoRA merged, as ONNX."""
-    out = tmp_path_factory.mktemp("inputs") / "out"
-    return peftc.compile(models.tiny_bert(), bert_adapter, out=out).path
+    return bert_merged.path
 
 
 @pytest.fixture(scope="module")

@@ -92,17 +92,23 @@ def test_conv1d_translation_matches_eager(tmp_path, gpt2_program, gpt2_adapter):
     assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
+@pytest.fixture(scope="module")
+def base_onnx(tmp_path_factory, bert_program):
+    """The tiny BERT's program lowered once, read by the structure tests below."""
+    return _lower(bert_program, from_transformers(models.tiny_bert()), tmp_path_factory.mktemp("base"))
+
+
 def _matmuls(model):
     # A 2-D aten.linear exports as Gemm; a site's base product is a MatMul. Count both.
     ops = Counter(n.op_type for n in model.graph.node)
     return ops["MatMul"] + ops["Gemm"]
 
 
-def test_matmul_counts_merged_and_unmerged(tmp_path, bert_program, bert_adapter):
+def test_matmul_counts_merged_and_unmerged(tmp_path, bert_program, bert_adapter, base_onnx):
     signature = from_transformers(models.tiny_bert())
     reference = adapt(bert_program, bert_adapter)
     merged, _ = run_passes(reference, MergeSitesPass(), EliminateDeadCodePass())
-    _, base_onnx = _lower(bert_program, signature, tmp_path / "base")
+    _, base_onnx = base_onnx
     _, merged_onnx = _lower(merged, signature, tmp_path / "merged")
     lowered, unmerged_onnx = _lower(reference, signature, tmp_path / "unmerged")
     sites = 11
@@ -118,8 +124,8 @@ def test_matmul_counts_merged_and_unmerged(tmp_path, bert_program, bert_adapter)
     assert len(lowered.info["adapter_initializers"]) == 2 * sites
 
 
-def test_io_names_and_dims_come_from_the_signature(tmp_path, bert_program):
-    lowered, model = _lower(bert_program, from_transformers(models.tiny_bert()), tmp_path)
+def test_io_names_and_dims_come_from_the_signature(bert_program, base_onnx):
+    lowered, model = base_onnx
     assert [o.name for o in model.graph.output] == ["last_hidden_state", "pooler_output"]
     dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
     assert dims == ["batch", "seq"]
@@ -144,11 +150,11 @@ def test_large_models_use_external_data(tmp_path, bert_program, monkeypatch):
     assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
-def test_merged_models_are_fused_for_onnxruntime(tmp_path, bert_adapter):
+def test_merged_models_are_fused_for_onnxruntime(tmp_path, bert_adapter, bert_merged):
     """A model with no adapter tensors left gets onnxruntime's transformer fusions; an unmerged one,
     whose adapter initializers keep their names, does not. SkipLayerNormalization is split back into
     Add + LayerNormalization (its CPU kernel is the slower one)."""
-    merged = peftc.compile(models.tiny_bert(), bert_adapter, out=tmp_path / "merged").manifest.target
+    merged = bert_merged.manifest.target
     assert merged["fusions"]["attention"] == 2 and "skip_layer_normalization" not in merged["fusions"]
     ops = merged["op_counts"]
     assert "Attention" in ops and "Softmax" not in ops and "SkipLayerNormalization" not in ops
