@@ -32,9 +32,9 @@ def one_error(capsys, *argv) -> str:
 
 
 @pytest.fixture(scope="module")
-def swappable(bert_dir, bert_adapter, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("probe") / "swappable"
-    return peftc.compile(bert_dir, bert_adapter, out=out, swappable=True, oracle=False).path
+def swappable(bert_swappable) -> Path:
+    """The session's swappable tiny BERT (tests edit copies of it, never the artifact itself)."""
+    return bert_swappable
 
 
 def _paths(value, prefix=()):
