@@ -169,3 +169,26 @@ def test_a_fusion_that_fails_keeps_the_unfused_model(tmp_path, bert_adapter, mon
     assert {"what": "onnxruntime fusions", "reason": "kept the unfused model: RuntimeError: rewriter bug"} in (
         artifact.manifest.not_run
     )
+
+
+def test_a_fusion_that_changes_the_outputs_keeps_the_unfused_model(tmp_path, bert_adapter, monkeypatch):
+    """The fused model is checked against the eager program it came from: a rewrite that scales a
+    weight is caught and the unfused model is kept (the artifact still verifies)."""
+    import onnx_ir
+    from onnxscript.rewriter import ort_fusions
+
+    fuse = ort_fusions.optimize_for_ort
+
+    def scaling(model):
+        model, counts = fuse(model)
+        value = next(
+            v for v in model.graph.initializers.values() if v.const_value.size > 1 and v.dtype.is_floating_point()
+        )
+        value.const_value = onnx_ir.tensor(value.const_value.numpy() * 1.5)
+        return model, counts
+
+    monkeypatch.setattr(ort_fusions, "optimize_for_ort", scaling)
+    artifact = peftc.compile(models.tiny_bert(), bert_adapter, out=tmp_path / "out")
+    assert artifact.manifest.status == "ok" and artifact.manifest.target["fusions"] == {}
+    reasons = [n["reason"] for n in artifact.manifest.not_run if n["what"] == "onnxruntime fusions"]
+    assert len(reasons) == 1 and "differs from the unfused one" in reasons[0], reasons
