@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from peftc import memory
 from peftc.backends.base import check_feeds
 from peftc.errors import InputError, UnsupportedError, first_line
 
@@ -46,6 +47,7 @@ class OrtRunner:
         self.session = ort.InferenceSession(
             str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=["SkipLayerNormFusion"]
         )
+        memory.trim()  # the buffers the model file was read through
         self._types = {i.name: _ORT_TYPES.get(i.type) for i in self.session.get_inputs()}
         self.input_names = list(self._types)
         self.output_names = [o.name for o in self.session.get_outputs()]

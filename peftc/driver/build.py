@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from peftc import ir
+from peftc import ir, memory
 from peftc.errors import UnsupportedError
 from peftc.generation import prefix, prompt_head
 from peftc.loaders import LoadedModel, causal, identity, load_model, seq2seq
@@ -54,6 +54,7 @@ class Stages:
                 yield
         finally:
             self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
+            memory.trim()  # what the stage freed is not kept in the process for the next one
 
     def context(self, dump_ir: Path | None = None) -> PassContext:
         """The pass context of this run (``--dump-ir`` directory, progress)."""

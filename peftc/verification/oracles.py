@@ -141,9 +141,14 @@ def peft_oracle(module: torch.nn.Module, adapters: Sequence[Adapter]) -> tuple[O
     from safetensors.torch import save_file
 
     quantized = getattr(module, QUANTIZED_FROM, None)
-    model, why = _bitsandbytes_base(module, quantized) if quantized else (copy.deepcopy(module), "")
+    # One adapter is loaded unmerged: PEFT wraps the base layers and reads their weights, so they are
+    # shared. PEFT writes in place into the base tensors an adapter ships whole (trained biases,
+    # modules_to_save: ``replacements``) and merges a stack into them: those get their own copy.
+    shared = not quantized and len(adapters) == 1 and not adapters[0].replacements
+    model, why = _bitsandbytes_base(module, quantized) if quantized else (_copy(module, share=shared), "")
     if model is None:
         return None, why
+    before = _checksums(module) if shared else None
     with tempfile.TemporaryDirectory(prefix="peftc-oracle-") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -163,6 +168,9 @@ def peft_oracle(module: torch.nn.Module, adapters: Sequence[Adapter]) -> tuple[O
                 model = peft.PeftModel.from_pretrained(model, str(folder))
         except Exception as e:
             return None, f"PEFT could not load the adapter ({type(e).__name__}: {str(e).splitlines()[0]})"
+        finally:
+            if before is not None and _checksums(module) != before:
+                raise AssertionError("PEFT changed the base weights its oracle shares with the model")
     model.eval()
     dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
     fixed = {name: value for adapter in adapters for name, value in adapter.oracle_inputs.items()}
@@ -176,6 +184,31 @@ def peft_oracle(module: torch.nn.Module, adapters: Sequence[Adapter]) -> tuple[O
             return to_numpy(model(**given))
 
     return run, ""
+
+
+def _copy(module: torch.nn.Module, *, share: bool) -> torch.nn.Module:
+    """A deep copy of ``module``; with ``share``, its parameters and buffers are new tensor objects over
+    the same storage (PEFT may rebind a layer's ``weight.data``, which must not reach ``module``)."""
+    if not share:
+        return copy.deepcopy(module)
+    memo: dict[int, object] = {}
+    for tensor in (*module.parameters(), *module.buffers()):
+        detached = tensor.detach()
+        memo[id(tensor)] = (
+            torch.nn.Parameter(detached, tensor.requires_grad) if isinstance(tensor, torch.nn.Parameter) else detached
+        )
+    return copy.deepcopy(module, memo)
+
+
+def _checksums(module: torch.nn.Module) -> list[tuple[int, int, str]]:
+    """Storage address, version and a strided-sample sum of each parameter and buffer: what an in-place
+    write to a shared weight changes (a write through ``.data`` changes the sum, not the version)."""
+    out = []
+    for tensor in (*module.parameters(), *module.buffers()):
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)]
+        out.append((tensor.data_ptr(), tensor._version, repr(float(sample.double().sum())) if sample.numel() else ""))
+    return out
 
 
 QUANTIZED_FROM = "peftc_quantized_from"

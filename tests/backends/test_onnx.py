@@ -16,7 +16,7 @@ import peftc
 from peftc.backends import LowerRequest
 from peftc.backends.ort import OrtRunner
 from peftc.loaders import parse_inputs
-from peftc.loaders.inputs import from_transformers
+from peftc.loaders.inputs import InputSignature, from_transformers
 from peftc.passes.eliminate_dead_code import EliminateDeadCodePass
 from peftc.passes.merge_sites import MergeSitesPass
 
@@ -175,3 +175,32 @@ def test_a_fusion_that_fails_keeps_the_unfused_model(tmp_path, bert_adapter, mon
     assert {"what": "onnxruntime fusions", "reason": "kept the unfused model: RuntimeError: rewriter bug"} in (
         artifact.manifest.not_run
     )
+
+
+def test_a_fusion_that_changes_the_outputs_keeps_the_unfused_model(tmp_path, bert_program, monkeypatch):
+    """The fused model is checked against the eager program it came from: a rewrite that scales a
+    weight is caught and the unfused model is kept."""
+    import onnx_ir
+    from onnxscript.rewriter import ort_fusions
+
+    fuse = ort_fusions.optimize_for_ort
+
+    def scaling(model):
+        model, counts = fuse(model)
+        value = next(
+            v for v in model.graph.initializers.values() if v.const_value.size > 1 and v.dtype.is_floating_point()
+        )
+        value.const_value = onnx_ir.tensor(value.const_value.numpy() * 1.5)
+        return model, counts
+
+    monkeypatch.setattr(ort_fusions, "optimize_for_ort", scaling)
+    derived = from_transformers(models.tiny_bert())  # the inputs bert_program takes (no token_type_ids)
+    signature = InputSignature(tuple(i for i in derived.inputs if i.default is None), derived.dims)
+    lowered, _ = _lower(bert_program, signature, tmp_path, fuse=True)
+    assert lowered.info["fusions"] == {} and "Attention" not in lowered.info["op_counts"]
+    (reason,) = [why for what, why in lowered.not_run if what == "onnxruntime fusions"]
+    assert "differs from the unfused one" in reason, reason
+    inputs = models.text_inputs(2, 4)
+    expected = bert_program.module()(**inputs).last_hidden_state.detach().numpy()
+    got = OrtRunner(tmp_path / "model.onnx").run({k: v.numpy() for k, v in inputs.items()})["last_hidden_state"]
+    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
