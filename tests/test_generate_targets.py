@@ -26,14 +26,45 @@ DEVICE, NO_GPU = trt_install.build_device() if TRT_MODULE else trt_install.cuda_
 LAYERS = 2
 
 
-def _llama() -> torch.nn.Module:
+def _llama(positions: int = 64) -> torch.nn.Module:
     import transformers
 
     config = transformers.LlamaConfig(
         hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, vocab_size=100, max_position_embeddings=64,
+        intermediate_size=64, vocab_size=100, max_position_embeddings=positions,
     )  # fmt: skip
     return models._seeded(lambda: transformers.LlamaForCausalLM(config))
+
+
+def test_bf16_copy_keeps_rotary_frequencies_in_fp32(monkeypatch):
+    """The bf16 world (what a bf16 artifact is traced from) keeps RoPE's ``inv_freq`` in fp32: rounded,
+    the angle ``position · inv_freq`` at positions near 1000 is off by radians. Layer 0's keys (one
+    projection, then the rotation) of a prefill at positions 990-997 stay within the bf16 budget of
+    one matmul of the fp32 model's; with the buffers rounded (the mutation) they are far outside it."""
+    from peftc.driver import build
+    from peftc.precision import budget
+
+    step = load_model(_llama(positions=1024), task="text-generation").module.eval()
+    ids = torch.randint(3, 100, (1, 8), generator=torch.Generator().manual_seed(2))
+    feeds = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": torch.arange(990, 998)[None]}
+
+    def keys(module, dtype):
+        empty = {name: torch.zeros(1, 2, 0, 8, dtype=dtype) for name in _past_names()}
+        with torch.no_grad():
+            return module(**feeds, **empty)["present.0.key"].float()
+
+    expected = keys(step, torch.float32)
+    rounded = build.in_precision(step, "bf16")
+    assert {b.dtype for n, b in rounded.named_buffers() if n.endswith("inv_freq")} == {torch.float32}
+    assert {p.dtype for p in rounded.parameters()} == {torch.bfloat16}
+    error = lambda got: float((got - expected).abs().max() / expected.abs().max())  # noqa: E731
+    assert error(keys(rounded, torch.bfloat16)) <= budget("bf16", 1)
+    monkeypatch.setattr(build, "FP32_BUFFERS", ())
+    assert error(keys(build.in_precision(step, "bf16"), torch.bfloat16)) > 4 * budget("bf16", 1)
+
+
+def _past_names() -> list[str]:
+    return [f"past_key_values_{i}_{kv}" for i in range(LAYERS) for kv in ("key", "value")]
 
 
 def test_generation_profile_has_an_empty_past_and_a_consistent_total():
@@ -64,7 +95,7 @@ def test_trt_generation_step_parses_and_its_onnx_generates_like_peft(tmp_path):
     adapter = models.make_lora(model, tmp_path / "lora", target_modules=["q_proj", "v_proj"])
     artifact = peftc.compile(model, adapter, out=tmp_path / "out", task="text-generation", target="trt", oracle=False)
     info = artifact.manifest.target["tensorrt"]
-    pasts = [f"past_key_values_{i}_{kv}" for i in range(LAYERS) for kv in ("key", "value")]
+    pasts = _past_names()
     parsed = {i["name"]: i["shape"] for i in info["parse"]["inputs"]}
     assert list(parsed) == ["input_ids", "attention_mask", "position_ids", *pasts]
     assert parsed["past_key_values_0_key"] == [-1, 2, -1, 8]
