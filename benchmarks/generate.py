@@ -18,8 +18,13 @@ prompts of 32 and 512 tokens and batches of 1 and 8 it generates 64 new tokens (
 It also times one decode step (batch 1) after a prefix of 512 and of 32 tokens: with a dynamic past
 length a step attends over ``total`` keys only, so the ratio stays near 1 while the projections
 dominate. Timings are medians of repeats on a shared machine: noisy, compare ratios from one run.
-bf16 is not measured: onnxruntime's CPU kernels have no bf16 and an AOTInductor build of this size
-takes minutes on a shared CPU.
+
+``--target aoti --precision fp32,bf16 --prompts 32``: the same rows for AOTInductor packages (one
+compile per precision, minutes each for the 100M model on a small CPU; onnxruntime's CPU kernels have
+no bf16), without the re-feed column. Every row also counts the new tokens equal to PEFT fp32's
+greedy ones before a row's first difference (bf16 may legitimately diverge once two logits are
+closer than its rounding), and the header gives the compile's verification: the logits' largest
+error against fp32 PEFT relative to max|logits|, and the bf16 budget ``u·√(3·depth)``.
 """
 
 from __future__ import annotations
@@ -107,12 +112,65 @@ def _step(runner, prefix: int, repeats: int) -> float:
     return _timed(lambda: runner(**feeds, **pasts), repeats)
 
 
+def _peft_tokens(peft_model, ids: np.ndarray) -> tuple[float, np.ndarray]:
+    """Seconds of ``PeftModel.generate`` (fp32, its own cache, 64 tokens) and its tokens."""
+    tensor = torch.from_numpy(ids)
+    out = []
+    with torch.no_grad():  # warm, like the artifact
+        peft_model.generate(input_ids=tensor, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+
+    def run():
+        with torch.no_grad():
+            out.append(
+                peft_model.generate(
+                    input_ids=tensor, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0
+                )
+            )
+
+    return _timed(run, 1 if ids.shape[0] * ids.shape[1] > 2048 else 2), out[-1].numpy()
+
+
+def _agreement(got: np.ndarray, expected: np.ndarray, prompt: int) -> float:
+    """Mean count of new tokens equal to PEFT fp32's before a row's first difference."""
+    same = got[:, prompt:] == expected[:, prompt:]
+    return float(np.where(same.all(1), same.shape[1], same.argmin(1)).mean())
+
+
+def _worst_vs_peft(manifest) -> float:
+    """The largest max_rel of the artifact against fp32 PEFT over the compile's verification cases."""
+    cases = [c for c in manifest.verification["cases"] if c["oracle"] == "peft"]
+    return max(o["max_rel"] for c in cases for o in c["outputs"] if o["name"] == "logits")
+
+
+def _artifact_rows(runner, peft_model, prompts, repeats: int, refeed: bool) -> list[dict]:
+    rows = []
+    for prompt in prompts:
+        for batch in (1, 8):
+            ids = np.random.default_rng(prompt + batch).integers(3, 1000, (batch, prompt))
+            tokens = []
+            runner.generate(ids, max_new_tokens=NEW)  # warm: the first call of each past length sets kernels up
+            art = _timed(
+                lambda ids=ids, tokens=tokens: tokens.append(runner.generate(ids, max_new_tokens=NEW)), repeats
+            )
+            eager, expected = _peft_tokens(peft_model, ids)
+            per_token = _refeed(runner, ids, 8) if refeed else float("nan")
+            rows.append({
+                "prompt": prompt, "batch": batch, "artifact_tok_s": batch * NEW / art, "peft_tok_s": batch * NEW / eager,
+                "refeed_tok_s": batch / per_token, "artifact_vs_peft": eager / art,
+                "tokens_before_first_difference": _agreement(np.asarray(tokens[-1]), expected, prompt),
+            })  # fmt: skip
+    return rows
+
+
 def main() -> None:
     """Print the table (or ``--json``)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a 6M model, fewer repeats")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--seq2seq", action="store_true", help="a T5 text2text-generation artifact instead")
+    parser.add_argument("--target", default="onnx", choices=("onnx", "aoti"))
+    parser.add_argument("--precision", default="fp32", help="comma-separated: fp32,bf16 (bf16: --target aoti)")
+    parser.add_argument("--prompts", default="32,512", help="comma-separated prompt lengths")
     args = parser.parse_args()
     if args.seq2seq:
         import generate_seq2seq
@@ -125,51 +183,54 @@ def main() -> None:
     model = _model(args.quick)
     params = sum(p.numel() for p in model.parameters())
     repeats = 1 if args.quick else 2
-    rows = []
+    prompts = [int(p) for p in args.prompts.split(",")]
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
         adapter = _adapter(model, Path(tmp) / "lora")
-        start = time.perf_counter()
-        peftc.compile(model, adapter, out=Path(tmp) / "out", task="text-generation")
-        compile_s = time.perf_counter() - start
-        runner = peftc.load(Path(tmp) / "out")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             peft_model = PeftModel.from_pretrained(copy.deepcopy(model), str(adapter)).eval()
-        for prompt in (32, 512):
-            for batch in (1, 8):
-                ids = np.random.default_rng(prompt + batch).integers(3, 1000, (batch, prompt))
-                art = _timed(lambda ids=ids: runner.generate(ids, max_new_tokens=NEW), repeats)
-                tensor = torch.from_numpy(ids)
-                with torch.no_grad():
-                    eager = _timed(
-                        lambda tensor=tensor: peft_model.generate(
-                            input_ids=tensor, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0
-                        ),
-                        repeats,
-                    )
-                refeed = _refeed(runner, ids, 8)
-                tokens = batch * NEW
-                rows.append({
-                    "prompt": prompt, "batch": batch, "artifact_tok_s": tokens / art, "peft_tok_s": tokens / eager,
-                    "refeed_tok_s": batch / refeed, "artifact_vs_peft": eager / art,
-                })  # fmt: skip
-        step32, step512 = _step(runner, 32, 20), _step(runner, 512, 20)
-    result = {
-        "parameters": params, "compile_s": compile_s, "rows": rows,
-        "step_s": {"prefix_32": step32, "prefix_512": step512, "ratio": step512 / step32},
-    }  # fmt: skip
+        for precision in args.precision.split(","):
+            out = Path(tmp) / f"out-{precision}"
+            start = time.perf_counter()
+            artifact = peftc.compile(
+                model, adapter, out=out, task="text-generation", target=args.target, precision=precision
+            )
+            compile_s = time.perf_counter() - start
+            runner = peftc.load(out)
+            rows = _artifact_rows(runner, peft_model, prompts, repeats, refeed=args.target == "onnx")
+            step32, step512 = _step(runner, 32, 20), _step(runner, 512, 20)
+            budget = artifact.manifest.target["precision"]["budget"]
+            results.append({
+                "target": args.target, "precision": precision, "compile_s": compile_s, "rows": rows,
+                "logits_max_rel_vs_peft_fp32": _worst_vs_peft(artifact.manifest), "budget": budget,
+                "step_s": {"prefix_32": step32, "prefix_512": step512, "ratio": step512 / step32},
+            })  # fmt: skip
+            if not args.json:
+                _print(params, results[-1])  # each precision as soon as it is measured
+            del runner
     if args.json:
-        print(json.dumps(result, indent=2))
-        return
-    print(f"LLaMA-style {params / 1e6:.0f}M parameters, LoRA r16 merged, onnx fp32; compile {compile_s:.0f} s")
-    print(f"{'prompt':>6} {'batch':>5} {'artifact tok/s':>15} {'PEFT tok/s':>11} {'re-feed tok/s':>14} {'vs PEFT':>8}")
-    for r in rows:
+        print(json.dumps({"parameters": params, "results": results}, indent=2))
+
+
+def _print(params: int, result: dict) -> None:
+    steps, budget = result["step_s"], result["budget"]
+    print(
+        f"LLaMA-style {params / 1e6:.0f}M parameters, LoRA r16 merged, {result['target']} {result['precision']}; "
+        f"compile {result['compile_s']:.0f} s; logits vs PEFT fp32 (verification) max rel "
+        f"{result['logits_max_rel_vs_peft_fp32']:.2e}" + (f" (budget {budget:.2e})" if budget else "")
+    )
+    print(
+        f"{'prompt':>6} {'batch':>5} {'artifact tok/s':>15} {'PEFT tok/s':>11} {'re-feed tok/s':>14} {'vs PEFT':>8} "
+        f"{'same tokens':>11}"
+    )
+    for r in result["rows"]:
         print(
             f"{r['prompt']:>6} {r['batch']:>5} {r['artifact_tok_s']:>15.1f} {r['peft_tok_s']:>11.1f} "
-            f"{r['refeed_tok_s']:>14.1f} {r['artifact_vs_peft']:>7.2f}x"
+            f"{r['refeed_tok_s']:>14.1f} {r['artifact_vs_peft']:>7.2f}x {r['tokens_before_first_difference']:>8.1f}/{NEW}"
         )
-    print(f"decode step (batch 1): prefix 32 {step32 * 1e3:.2f} ms, prefix 512 {step512 * 1e3:.2f} ms, "
-          f"ratio {step512 / step32:.2f}")  # fmt: skip
+    print(f"decode step (batch 1): prefix 32 {steps['prefix_32'] * 1e3:.2f} ms, prefix 512 "
+          f"{steps['prefix_512'] * 1e3:.2f} ms, ratio {steps['ratio']:.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -274,10 +274,36 @@ def _trace(
 
 
 def in_precision(module: torch.nn.Module, precision: str) -> torch.nn.Module:
-    """``module`` itself if its float tensors are all in ``precision``, else a copy in it."""
+    """``module`` itself if its float tensors are all in ``precision``, else a copy in it.
+
+    Rotary embeddings' ``inv_freq`` buffers stay fp32 (:data:`FP32_BUFFERS`): transformers computes
+    the rotation angles ``position · inv_freq`` from them in fp32 and keeps them fp32 when it loads a
+    bf16/fp16 checkpoint; rounded to bf16 (``2^-8`` relative) the angle at position 500 is off by up
+    to ~2 radians, which no later precision recovers.
+    """
     dtype = FLOATS[precision]
-    floats = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
-    return module if all(t.dtype == dtype for t in floats) else copy.deepcopy(module).to(dtype)
+    floats = [t for n, t in (*module.named_parameters(), *_rounded_buffers(module)) if t.is_floating_point()]
+    if all(t.dtype == dtype for t in floats):
+        return module
+    copied = copy.deepcopy(module)
+    kept = {name: buffer.clone() for name, buffer in copied.named_buffers() if _keeps_fp32(name)}
+    copied.to(dtype)
+    for name, buffer in kept.items():
+        owner, _, leaf = name.rpartition(".")
+        setattr(copied.get_submodule(owner), leaf, buffer)
+    return copied
+
+
+FP32_BUFFERS = ("inv_freq", "original_inv_freq")
+"""Buffer names (the last part) :func:`in_precision` leaves in their own dtype."""
+
+
+def _keeps_fp32(name: str) -> bool:
+    return name.rpartition(".")[2] in FP32_BUFFERS
+
+
+def _rounded_buffers(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [(n, b) for n, b in module.named_buffers() if not _keeps_fp32(n)]
 
 
 def adapted(base: ir.Program, adapters: Sequence[Adapter]) -> ir.Program:

@@ -53,7 +53,7 @@ SITES = ["query", "value"]
 
 def test_parse_profile_and_its_errors():
     assert parse_profile("seq:1,128,512") == DimProfile("seq", 1, 128, 512)
-    with pytest.raises(InputError, match=r"need 1 <= min <= opt <= max, got min=9, opt=9, max=4"):
+    with pytest.raises(InputError, match=r"need 0 <= min <= opt <= max and max >= 1, got min=9, opt=9, max=4"):
         parse_profile("seq:9,9,4")
     with pytest.raises(InputError, match="expected name:min,opt,max"):
         parse_profile("seq:1,2")
@@ -154,7 +154,7 @@ def test_cli_bad_profile_is_one_line_and_writes_nothing(capsys, tmp_path, bert_d
     code = main([*argv, "--profile", "seq:64,16,1"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
-    assert "--profile seq:64,16,1: need 1 <= min <= opt <= max" in err
+    assert "--profile seq:64,16,1: need 0 <= min <= opt <= max and max >= 1" in err
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
 
 

@@ -269,6 +269,8 @@ class TrtRunner:
             value = torch.from_numpy(np.ascontiguousarray(feeds[name])).to("cuda", dtype)
             keep.append(value)
             self.context.set_input_shape(name, tuple(value.shape))
+            if value.numel() == 0:  # an empty input (a generation step's past at prefill): any valid address
+                keep.append(value := torch.empty(1, dtype=dtype, device="cuda"))
             self.context.set_tensor_address(name, value.data_ptr())
         outputs = {}
         for name in self.output_names:

@@ -6,6 +6,8 @@ Nothing here imports TensorRT, so every rule is unit-tested on machines without 
 size the engine will see (one optimization profile). peftc derives them from the program's named
 dynamic dims (``batch``, ``seq``…, see ``peftc.loaders.inputs``): ``min`` is the dim's lower bound,
 ``max`` its upper bound or :data:`DEFAULT_MAX` when unbounded, ``opt`` :data:`DEFAULT_OPT` (clamped).
+A dim that may be empty keeps ``min`` 0 (a generation step's ``past`` at prefill: TensorRT's empty
+tensors); ``max`` is at least 1.
 ``--profile name:min,opt,max`` overrides one dim. Every profile must contain the sizes peftc verifies
 with (the signature's cases), because an engine that cannot run them cannot be checked.
 
@@ -28,13 +30,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from peftc.errors import InputError, UnsupportedError
-from peftc.loaders.inputs import InputSignature
+from peftc.loaders.inputs import DimSpec, InputSignature
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 MIN_COMPUTE_CAPABILITY = {"fp32": (0, 0), "fp16": (5, 3), "bf16": (8, 0)}
 DEFAULT_MAX = {"batch": 32, "seq": 512}
 DEFAULT_MAX_OTHER = 64
-DEFAULT_OPT = {"batch": 1, "seq": 128}
+DEFAULT_OPT = {"batch": 1, "seq": 128, "past": 128}
 
 _PROFILE = re.compile(r"^(?P<dim>[A-Za-z_]\w*):(?P<min>\d+),(?P<opt>\d+),(?P<max>\d+)$")
 
@@ -49,9 +51,10 @@ class DimProfile:
     max: int
 
     def __post_init__(self) -> None:
-        if not 1 <= self.min <= self.opt <= self.max:
+        if not (0 <= self.min <= self.opt <= self.max and self.max >= 1):
             raise InputError(
-                f"--profile {self.text()}: need 1 <= min <= opt <= max, got min={self.min}, opt={self.opt}, max={self.max}"
+                f"--profile {self.text()}: need 0 <= min <= opt <= max and max >= 1, got min={self.min}, "
+                f"opt={self.opt}, max={self.max}"
             )
 
     def text(self) -> str:
@@ -62,7 +65,7 @@ def parse_profile(text: str) -> DimProfile:
     """Parse ``--profile name:min,opt,max``.
 
     Raises:
-        InputError: malformed text, or not ``1 <= min <= opt <= max``.
+        InputError: malformed text, or not ``0 <= min <= opt <= max`` with ``max >= 1``.
     """
     match = _PROFILE.match(text.strip())
     if not match:
@@ -152,10 +155,7 @@ def dim_profiles(signature: InputSignature, overrides: Sequence[DimProfile] = ()
     for dim in signature.dims.values():
         profile = by_name.get(dim.name)
         if profile is None:
-            high = dim.max or DEFAULT_MAX.get(dim.name, DEFAULT_MAX_OTHER)
-            low = min(dim.min, high)
-            opt = min(max(DEFAULT_OPT.get(dim.name, low), low), high)
-            profile = DimProfile(dim.name, low, opt, high)
+            profile = _derived(dim, out, "past" in signature.dims)
         elif profile.min < dim.min or (dim.max is not None and profile.max > dim.max):
             raise InputError(
                 f"--profile {profile.text()}: outside the range the model was traced with "
@@ -170,6 +170,20 @@ def dim_profiles(signature: InputSignature, overrides: Sequence[DimProfile] = ()
                     f"--profile {p.text()}: verification runs {name}={size}; widen the range to include it"
                 )
     return out
+
+
+def _derived(dim: DimSpec, parts: Mapping[str, DimProfile], step: bool) -> DimProfile:
+    """``dim``'s default range; a sum dim (``total`` = ``past`` + ``seq``) adds its parts' ranges, so the
+    profile's shapes agree with each other. In a generation step (``step``) ``seq`` is optimized for 1,
+    the decode step's length."""
+    if dim.sum_of:
+        low, opt, high = (sum(getattr(parts[n], w) for n in dim.sum_of) for w in ("min", "opt", "max"))
+        high = min(high, dim.max) if dim.max else high
+        return DimProfile(dim.name, max(low, dim.min), min(max(opt, dim.min), high), high)
+    high = dim.max or DEFAULT_MAX.get(dim.name, DEFAULT_MAX_OTHER)
+    low = min(dim.min, high)
+    default = 1 if step and dim.name == "seq" else DEFAULT_OPT.get(dim.name, low)
+    return DimProfile(dim.name, low, min(max(default, low), high), high)
 
 
 def input_profiles(signature: InputSignature, dims: Mapping[str, DimProfile]) -> tuple[InputProfile, ...]:
