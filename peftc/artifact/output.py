@@ -23,7 +23,7 @@ from pathlib import Path
 
 from peftc import arguments
 from peftc.artifact import rename
-from peftc.artifact.temp import TempDir, remove_stale, stale_beside
+from peftc.artifact.temp import staging
 from peftc.artifact.writer import check_inputs, check_place
 from peftc.errors import InputError
 
@@ -56,15 +56,7 @@ class OutputDir:
         check_place(self.out, flag)
         check_inputs(self.out, [Path(p) for p in inputs], flag, command)
         self._check_replaceable()
-        parent = self._target.parent
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-            remove_stale(stale_beside(self._target))
-            self._dir = TempDir(parent, self._target.name)
-            self.tmp = self._dir.path / "output"
-            self.tmp.mkdir()
-        except OSError as e:
-            raise InputError(f"{flag} {self.out}: cannot write to {parent} ({e.strerror or e})") from e
+        self._dir, self.tmp = staging(self._target, "output", f"{flag} {self.out}")
 
     def commit(self) -> Path:
         """Move the finished directory into place (see the module docstring).

@@ -52,6 +52,24 @@ class TempDir:
             self._lock = None
 
 
+def staging(target: Path, name: str, label: str) -> tuple[TempDir, Path]:
+    """A fresh :class:`TempDir` beside ``target`` holding an empty directory ``name``, after creating
+    ``target``'s parent and removing stale temporary directories left beside it.
+
+    Raises:
+        InputError: the parent cannot be written (``label`` names what the user gave).
+    """
+    parent = target.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(stale_beside(target))
+        directory = TempDir(parent, target.name)
+        (directory.path / name).mkdir()
+    except OSError as e:
+        raise InputError(f"{label}: cannot write to {parent} ({e.strerror or e})") from e
+    return directory, directory.path / name
+
+
 def is_stale(path: Path) -> bool:
     """``path`` is a peftc temporary directory whose run has ended (see the module docstring)."""
     try:

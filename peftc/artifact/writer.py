@@ -25,7 +25,7 @@ from pathlib import Path
 
 from peftc.artifact import rename
 from peftc.artifact.manifest import MANIFEST_FILE, Manifest
-from peftc.artifact.temp import TempDir, remove_stale, stale_beside
+from peftc.artifact.temp import staging
 from peftc.errors import InputError
 
 _MANIFEST_BYTES = 64 << 20
@@ -54,15 +54,7 @@ class ArtifactWriter:
             self._check_replaceable()
         elif force:
             self._check_inputs()
-        parent = self._target.parent
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-            remove_stale(stale_beside(self._target))
-            self._dir = TempDir(parent, self._target.name)
-            self.tmp = self._dir.path / "artifact"
-            self.tmp.mkdir()
-        except OSError as e:
-            raise InputError(f"{self.out}: cannot write to {parent} ({e.strerror or e})") from e
+        self._dir, self.tmp = staging(self._target, "artifact", str(self.out))
         self.committed = False
 
     def commit(self, manifest: Manifest) -> Path:
