@@ -64,14 +64,9 @@ class OutputDir:
         Raises:
             InputError: what is at ``out`` now may not be replaced; it is left untouched.
         """
-        if not os.path.lexists(self._target):
-            try:
-                rename.rename_noreplace(self.tmp, self._target)
-            except FileExistsError:
-                pass  # it appeared just now: decided below like any other
-            else:
-                self._dir.remove()
-                return self.out
+        if rename.place_if_absent(self.tmp, self._target):
+            self._dir.remove()
+            return self.out
         self._check_replaceable()
         rename.exchange(self.tmp, self._target, self._dir.path / "old")
         self._dir.remove()

@@ -74,3 +74,15 @@ def rename_noreplace(src: Path, dst: Path) -> None:
     if os.path.lexists(dst):
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
     os.rename(src, dst)
+
+
+def place_if_absent(src: Path, dst: Path) -> bool:
+    """Move ``src`` to ``dst`` if nothing is there; False (``src`` left as it is) if something is, or
+    appears just now: the caller then decides whether it may be replaced."""
+    if os.path.lexists(dst):
+        return False
+    try:
+        rename_noreplace(src, dst)
+    except FileExistsError:
+        return False
+    return True

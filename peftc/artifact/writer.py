@@ -64,13 +64,8 @@ class ArtifactWriter:
             InputError: something that may not be replaced is at ``out`` now; it is left untouched.
         """
         (self.tmp / MANIFEST_FILE).write_text(manifest.to_json())
-        if not os.path.lexists(self._target):
-            try:
-                rename.rename_noreplace(self.tmp, self._target)
-            except FileExistsError:
-                pass  # it appeared just now: decided below like any other
-            else:
-                return self._done()
+        if rename.place_if_absent(self.tmp, self._target):
+            return self._done()
         if not self.force:
             raise InputError(f"{self.out}: appeared while compiling; left untouched (pass --force to replace it)")
         self._check_replaceable()
