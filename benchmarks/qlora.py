@@ -12,10 +12,11 @@ and saved again; PEFT makes a LoRA adapter (r=16, α=16, every linear of the dec
 ``com.microsoft.MatMulBnb4``); ``--aoti`` adds ``auto`` through AOTInductor (a frozen CPU package:
 Inductor folds each dequantization into an fp32 constant at compile time).
 
-``--tables`` measures ``peftc compile`` itself instead (``merge_policy="auto"``, the plain forward) with
-each ``--quantize-embeddings`` scheme (none, int8, int4, int8-head: ``peftc/quant/embeddings.py``;
-``--schemes`` picks some), the rows named ``compile auto, tables …``, next to PEFT's eager QLoRA; their error
-column is against the same fp32 reference, their site error the largest error a table or site adds.
+``--tables`` measures ``peftc compile`` itself instead (the plain forward) under each ``--policies`` merge
+policy (default ``auto``; e.g. ``auto,auto-speed``) with each ``--quantize-embeddings`` scheme (none, int8,
+int4, int8-head: ``peftc/quant/embeddings.py``; ``--schemes`` picks some), the rows named ``compile POLICY,
+tables …``, next to PEFT's eager QLoRA, all of them timed in one interleaved loop; their error column is
+against the same fp32 reference, their site error the largest error a table or site adds.
 
 Reported per policy and target: the artifact files' bytes and their ratio to an fp16 artifact of the
 same merged model (2 bytes per parameter); for the decoder's linear layers alone (what the policy
@@ -105,6 +106,7 @@ def main() -> None:
     parser.add_argument("--max-error", type=float, default=1e-2, help="auto's per-site budget (default 1e-2)")
     parser.add_argument("--tables", action="store_true", help="peftc compile with each --quantize-embeddings instead")
     parser.add_argument("--schemes", default=",".join(TABLES), help="--tables: the schemes, comma-separated")
+    parser.add_argument("--policies", default="auto", help="--tables: the merge policies, comma-separated")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     reps = 3 if args.quick else 10
@@ -116,10 +118,10 @@ def main() -> None:
     check = batches[8]
     with torch.no_grad():
         reference = qlora.build(model_dir, adapter, "two-path").module(input_ids=check).logits
-    rows = [_peft_row(model_dir, adapter, batches, check, reference, reps)]
     if args.tables:
-        schemes = args.schemes.split(",")
-        rows += [_compiled_row(s, model_dir, adapter, root, batches, check, reference, reps) for s in schemes]
+        rows = _compiled_rows(args, model_dir, adapter, root, batches, check, reference, reps)
+    else:
+        rows = [_peft_row(model_dir, adapter, batches, check, reference, reps)]
     runs = [] if args.tables else [(name, "onnx") for name in POLICIES] + ([("auto", "aoti")] if args.aoti else [])
     for name, target in runs:
         rows.append(
@@ -144,23 +146,55 @@ def _peft_row(model_dir, adapter, batches, check, reference, reps) -> dict:
     return {"name": "PEFT eager QLoRA", "bytes": None, "site_error": None, "error": error, "ms": latency}
 
 
-def _compiled_row(tables, model_dir, adapter, root, batches, check, reference, reps) -> dict:
-    """``peftc compile`` (auto, the model's plain forward, ONNX) with ``--quantize-embeddings tables``."""
+def _compiled_rows(args, model_dir, adapter, root, batches, check, reference, reps) -> list[dict]:
+    """PEFT's eager QLoRA and ``peftc compile`` under each ``--policies`` × ``--schemes``, every path timed
+    in one interleaved loop (each repetition calls every path at batch 1 and 8 in turn)."""
+    import peft
+    import transformers
+
+    base = transformers.LlamaForCausalLM.from_pretrained(model_dir, device_map="cpu")
+    model = peft.PeftModel.from_pretrained(base, adapter).eval()
+    rows, runs = (
+        [{"name": "PEFT eager QLoRA", "bytes": None, "site_error": None}],
+        [lambda ids: model(input_ids=ids).logits],
+    )
+    for policy in args.policies.split(","):
+        for tables in args.schemes.split(","):
+            row, run = _compiled_row(policy, tables, model_dir, adapter, root)
+            rows.append(row)
+            runs.append(run)
+    samples = [{b: [] for b in batches} for _ in runs]
+    with torch.no_grad():
+        for row, run in zip(rows, runs, strict=True):
+            row["error"] = qlora.relative_error(run(check), reference)
+        for _ in range(reps):
+            for found, run in zip(samples, runs, strict=True):
+                for b, ids in batches.items():
+                    start = time.perf_counter()
+                    run(ids)
+                    found[b].append((time.perf_counter() - start) * 1e3)
+    for row, found in zip(rows, samples, strict=True):
+        row["ms"] = {b: statistics.median(v) for b, v in found.items()}
+    return rows
+
+
+def _compiled_row(policy, tables, model_dir, adapter, root) -> tuple[dict, object]:
+    """``peftc compile`` (``merge_policy``, the model's plain forward, ONNX) with ``--quantize-embeddings tables``."""
     import peftc
 
-    out = root / f"compile-{tables}"
+    out = root / f"compile-{policy}-{tables}"
     with contextlib.redirect_stdout(io.StringIO()):
         artifact = peftc.compile(
-            str(model_dir), [str(adapter)], out=out, task="none", oracle=False, quantize_embeddings=tables
-        )
+            str(model_dir), [str(adapter)], out=out, task="none", oracle=False, quantize_embeddings=tables,
+            merge_policy=policy,
+        )  # fmt: skip
     runner = peftc.load(out)
     run = lambda ids: torch.as_tensor(runner(input_ids=ids, attention_mask=torch.ones_like(ids))["logits"])  # noqa: E731
-    latency = timed(run, batches, reps)
     sites = artifact.manifest.target["quantized_sites"]
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     table_errors = [s["error"] for s in sites] or [0.0]
-    return {"name": f"compile auto, tables {tables}", "chosen": sorted({s["policy"] for s in sites}), "bytes": size,
-            "site_error": max(table_errors), "ms": latency, "error": qlora.relative_error(run(check), reference)}  # fmt: skip
+    return {"name": f"compile {policy}, tables {tables}", "chosen": sorted({s["policy"] for s in sites}), "bytes": size,
+            "site_error": max(table_errors)}, run  # fmt: skip
 
 
 def _policy_row(name, target, model_dir, adapter, root, batches, check, reference, reps, max_error) -> dict:

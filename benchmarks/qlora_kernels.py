@@ -53,32 +53,77 @@ def weights() -> dict[str, torch.Tensor]:
     return out
 
 
-def graph(kind: str, tensors: dict, level: int = 0, bits: int = 4) -> tuple[bytes, float]:
-    """The ONNX model of one kernel kind, and the largest per-linear weight error it adds to NF4."""
+KINDS = {
+    "MatMulBnb4 (NF4)": ("bnb4", {}),
+    "fp32 MatMul": ("dense", {"dtype": "fp32"}),
+    "fp16 MatMul": ("dense", {"dtype": "fp16"}),
+    **{f"NBits4 bs{bs}{' sym' if sym else ''} acc{lv}": ("nbits", {"bits": 4, "block": bs, "sym": sym, "level": lv})
+       for bs in (32, 64, 128) for sym in (False, True) for lv in (0, 4)},
+    **{f"NBits8 bs{bs}{' sym' if sym else ''} acc{lv}": ("nbits", {"bits": 8, "block": bs, "sym": sym, "level": lv})
+       for bs in (32, 64, 128) for sym in (False, True) for lv in (0, 4)},
+    "MatMulBnb4 + LoRA r16": ("bnb4", {"lora": True}),
+    "NBits8 bs32 acc4 + LoRA r16": ("nbits", {"bits": 8, "block": 32, "sym": False, "level": 4, "lora": True}),
+}  # fmt: skip
+"""Label → (kind, options) of every lowering measured."""
+
+
+def _linear(name: str, kind: str, options: dict, tensors: dict, source: str) -> tuple[list, list, float]:
+    """The nodes and initializers of one linear ``name`` lowered as ``kind`` (``lora``: plus an unmerged
+    rank-16 branch, the two-path policy on top of it), and the weight error it adds."""
+    from onnx import helper, numpy_helper
+
+    if not options.get("lora"):
+        return _base(name, kind, options, tensors, source)
+    nodes, inits, error = _base(name, kind, options, tensors, source, f"{name}.base")
+    (n, k), gen = SHAPES[name], torch.Generator().manual_seed(3)
+    a_t, b_t = torch.randn(k, 16, generator=gen) * 0.02, torch.randn(16, n, generator=gen) * 0.02
+    inits += [numpy_helper.from_array(a_t.numpy(), f"{name}.At"), numpy_helper.from_array(b_t.numpy(), f"{name}.Bt")]
+    nodes += [helper.make_node("MatMul", [source, f"{name}.At"], [f"{name}.xa"]),
+              helper.make_node("MatMul", [f"{name}.xa", f"{name}.Bt"], [f"{name}.lora"]),
+              helper.make_node("Add", [f"{name}.base", f"{name}.lora"], [name])]  # fmt: skip
+    return nodes, inits, error
+
+
+def _base(name: str, kind: str, options: dict, tensors: dict, source: str, out: str = "") -> tuple[list, list, float]:
     from onnx import TensorProto, helper, numpy_helper
 
+    (n, k), (packed, absmax, dense) = SHAPES[name], tensors[name]
+    if kind == "bnb4":
+        inits = [numpy_helper.from_array(packed.numpy(), f"{name}.B"),
+                 numpy_helper.from_array(absmax.numpy(), f"{name}.absmax")]  # fmt: skip
+        made = helper.make_node("MatMulBnb4", [source, f"{name}.B", f"{name}.absmax"], [out or name],
+                                domain="com.microsoft", K=k, N=n, block_size=64, quant_type=1)  # fmt: skip
+        return [made], inits, 0.0
+    if kind == "dense":
+        half = options["dtype"] == "fp16"
+        weight = dense.t().contiguous().to(torch.float16 if half else torch.float32)
+        error = float(torch.linalg.norm(weight.t().float() - dense) / torch.linalg.norm(dense))
+        inits = [numpy_helper.from_array(weight.numpy(), f"{name}.W")]
+        if not half:
+            return [helper.make_node("MatMul", [source, f"{name}.W"], [out or name])], inits, error
+        nodes = [helper.make_node("Cast", [source], [f"{name}.x16"], to=TensorProto.FLOAT16),
+                 helper.make_node("MatMul", [f"{name}.x16", f"{name}.W"], [f"{name}.y16"]),
+                 helper.make_node("Cast", [f"{name}.y16"], [out or name], to=TensorProto.FLOAT)]  # fmt: skip
+        return nodes, inits, error
+    blocks = matmulnbits.quantize(dense, options["bits"], options["block"], symmetric=options["sym"])
+    error = float(torch.linalg.norm(matmulnbits.dequantize(blocks) - dense) / torch.linalg.norm(dense))
+    made, inits = matmulnbits.node(blocks, source, out or name, name)
+    for attribute in made.attribute:
+        if attribute.name == "accuracy_level":
+            attribute.i = options["level"]
+    return [made], inits, error
+
+
+def graph(kind: str, tensors: dict, options: dict) -> tuple[bytes, float, int]:
+    """The ONNX model of one lowering, the largest per-linear weight error it adds to NF4, and its weight bytes."""
+    from onnx import TensorProto, helper
+
     nodes, inits, outputs, worst = [], [], [], 0.0
-    for name, (n, k) in SHAPES.items():
-        packed, absmax, dense = tensors[name]
-        source = "x2" if k == 2048 else "x"
-        if kind == "bnb4":
-            inits += [
-                numpy_helper.from_array(packed.numpy(), f"{name}.B"),
-                numpy_helper.from_array(absmax.numpy(), f"{name}.absmax"),
-            ]
-            nodes.append(helper.make_node("MatMulBnb4", [source, f"{name}.B", f"{name}.absmax"], [name], domain="com.microsoft",
-                                          K=k, N=n, block_size=64, quant_type=1))  # fmt: skip
-        else:
-            blocks = matmulnbits.quantize(dense, bits, 32)
-            worst = max(
-                worst, float(torch.linalg.norm(matmulnbits.dequantize(blocks) - dense) / torch.linalg.norm(dense))
-            )
-            made, more = matmulnbits.node(blocks, source, name, name)
-            for attribute in made.attribute:
-                if attribute.name == "accuracy_level":
-                    attribute.i = level
-            nodes.append(made)
-            inits += more
+    for name, (_, k) in SHAPES.items():
+        made, more, error = _linear(name, kind, options, tensors, "x2" if k == 2048 else "x")
+        nodes += made
+        inits += more
+        worst = max(worst, error)
         outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", SEQ, 768]),
               helper.make_tensor_value_info("x2", TensorProto.FLOAT, ["b", SEQ, 2048])]  # fmt: skip
@@ -86,17 +131,20 @@ def graph(kind: str, tensors: dict, level: int = 0, bits: int = 4) -> tuple[byte
         helper.make_graph(nodes, kind, inputs, outputs, inits),
         opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)],
     )
-    return model.SerializeToString(), worst
+    size = sum(len(t.raw_data) for t in inits)
+    return model.SerializeToString(), worst, size
 
 
 def main() -> None:
-    """Time both kernels side by side and print the table."""
+    """Time every lowering side by side and print the table."""
+    import re
     import tempfile
 
     from peftc.backends.ort import OrtRunner
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--only", default="", help="a regular expression: the labels to measure (MatMulBnb4 always)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     tensors = weights()
@@ -105,17 +153,21 @@ def main() -> None:
                  "x2": gen.standard_normal((b, SEQ, 2048), dtype=np.float32)} for b in (1, 8)}  # fmt: skip
     expected = {b: {n: f[("x2" if k == 2048 else "x")] @ tensors[n][2].numpy().T for n, (_, k) in SHAPES.items()}
                 for b, f in feeds.items()}  # fmt: skip
-    kinds = {"MatMulBnb4 (NF4)": ("bnb4", 0, 4), "MatMulNBits acc0": ("nbits", 0, 4),
-             "MatMulNBits acc4": ("nbits", 4, 4), "MatMulNBits 8b acc4": ("nbits", 4, 8)}  # fmt: skip
+    kinds = {
+        label: spec for label, spec in KINDS.items() if label.startswith("MatMulBnb4") or re.search(args.only, label)
+    }
     sessions, rows = {}, {}
     folder = Path(tempfile.mkdtemp(prefix="peftc-kernels-"))
-    for index, (label, (kind, level, bits)) in enumerate(kinds.items()):
-        blob, worst = graph(kind, tensors, level, bits)
+    fp16_bytes = 2 * sum(n * k for n, k in SHAPES.values())
+    for index, (label, (kind, options)) in enumerate(kinds.items()):
+        blob, worst, size = graph(kind, tensors, options)
         (folder / f"{index}.onnx").write_bytes(blob)
         sessions[label] = OrtRunner(folder / f"{index}.onnx")
         out = list(sessions[label].run(feeds[8]).values())
         error = max(float(np.abs(o - expected[8][n]).max() / np.abs(expected[8][n]).max()) for o, n in zip(out, SHAPES))
-        rows[label] = {"weight_error_vs_nf4": worst, "output_error_vs_nf4": error, "ms": {1: [], 8: []}}
+        error = float("nan") if options.get("lora") else error  # the branch changes the output by design
+        rows[label] = {"weight_error_vs_nf4": worst, "output_error_vs_nf4": error, "vs_fp16": size / fp16_bytes,
+                       "ms": {1: [], 8: []}}  # fmt: skip
     for _ in range(args.reps):
         for label, session in sessions.items():
             for b in (1, 8):
@@ -128,10 +180,12 @@ def main() -> None:
         print(json.dumps(rows, indent=2))
         return
     base = rows["MatMulBnb4 (NF4)"]["ms"]
-    print(f"{'':<20}{'b1 ms':>8}{'b8 ms':>8}{'b1 ×bnb4':>10}{'b8 ×bnb4':>10}{'weight err':>12}{'output err':>12}")
+    print(
+        f"{'':<24}{'b1 ms':>8}{'b8 ms':>8}{'b1 ×bnb4':>10}{'b8 ×bnb4':>10}{'×fp16 B':>9}{'weight err':>12}{'output err':>12}"
+    )
     for label, r in rows.items():
-        print(f"{label:<20}{r['ms'][1]:>8.2f}{r['ms'][8]:>8.2f}{r['ms'][1] / base[1]:>10.2f}{r['ms'][8] / base[8]:>10.2f}"
-              f"{r['weight_error_vs_nf4']:>12.3g}{r['output_error_vs_nf4']:>12.3g}")  # fmt: skip
+        print(f"{label:<24}{r['ms'][1]:>8.2f}{r['ms'][8]:>8.2f}{r['ms'][1] / base[1]:>10.2f}{r['ms'][8] / base[8]:>10.2f}"
+              f"{r['vs_fp16']:>9.3f}{r['weight_error_vs_nf4']:>12.3g}{r['output_error_vs_nf4']:>12.3g}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from peftc.seeds import check_seed
 PathLike = str | os.PathLike[str]
 CALIBRATION_SAMPLES = 64
 """Generated calibration batches of an integer precision (``peftc/driver/quantize.py`` says why 64)."""
-MERGE_POLICIES = ("auto", "float", "requant", "two-path", "two-path-fp16")
+MERGE_POLICIES = ("auto", "auto-speed", "float", "requant", "requant-int8", "two-path", "two-path-fp16")
 """``--merge-policy`` (``peftc.quant.policy.POLICIES``, spelled out so that options import no torch)."""
 EMBEDDINGS = ("none", "int8", "int4", "int8-head")
 """``--quantize-embeddings`` (``peftc.quant.embeddings.SCHEMES``)."""

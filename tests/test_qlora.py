@@ -66,9 +66,13 @@ class Int8Table(torch.nn.Module):
 def test_onnx_runs_matmulbnb4_and_matches_eager(tmp_path):
     """The quantized layers and the two-path sites (q_proj with fp16 factors: two-path-fp16) as onnxruntime
     runs them (a stack of the model's own layers behind int8 and fp16 embedding tables: the lowering of each
-    op is what is checked; the whole model is lowered by benchmarks/qlora.py)."""
+    op is what is checked; the whole model is lowered by benchmarks/qlora.py). q_proj requant-int8 is one
+    ``com.microsoft.MatMulNBits`` (8 bits, blocks of 32, accuracy level 4) whose int8-activation kernel
+    gives what the op's eager body computes (it rounds the activations as the kernel does; without that
+    rounding the two differ by far more)."""
     import onnx
 
+    from peftc.quant import policy
     from peftc.quant.modules import TwoPathLinear
 
     nf4 = qlora.build(bnb_checkpoints.root() / "nf4-dq", bnb_checkpoints.adapter("nf4-dq"), "two-path").module
@@ -76,16 +80,25 @@ def test_onnx_runs_matmulbnb4_and_matches_eager(tmp_path):
     attention, mlp = nf4.model.layers[0].self_attn, int8.model.layers[0].mlp
     table, q = Int8Table(64, 64), attention.q_proj
     q16 = TwoPathLinear(q.base, q.lora_A.half(), q.lora_B.half(), q.scale)
-    stack = torch.nn.Sequential(table, q16, attention.o_proj, mlp.up_proj, mlp.down_proj)
+    q8 = policy.choose("q", q.base, q.lora_A, q.lora_B, q.scale, "requant-int8", None)[1]
+    stack = torch.nn.Sequential(table, q16, attention.o_proj, mlp.up_proj, mlp.down_proj, q8)
     ids = torch.randint(0, 64, (2, 5))
     run = qlora.lower(stack, "onnx", tmp_path, parse_inputs(["input:batch,seq:int64"]))
-    kinds = [n.op_type for n in onnx.load(str(tmp_path / "model.onnx")).graph.node]
+    nodes = onnx.load(str(tmp_path / "model.onnx")).graph.node
+    kinds = [n.op_type for n in nodes]
     assert kinds.count("MatMulBnb4") == 2 and kinds.count("Gather") == 3 and "GatherND" not in kinds
+    (nbits,) = [n for n in nodes if n.op_type == "MatMulNBits"]
+    assert nbits.domain == "com.microsoft" and {a.name: a.i for a in nbits.attribute} == {
+        "K": 64, "N": 64, "bits": 8, "block_size": 32, "accuracy_level": 4
+    }  # fmt: skip
     looked_up = table.codes[ids].float() * (table.scales[ids] / 127).unsqueeze(-1) + table.table16[ids].float()
     assert qlora.relative_error(table(ids), looked_up) < EXACT
     with torch.no_grad():
         expected = stack(ids)
+        q8.accuracy_level = 0
+        unrounded = stack(ids)
     assert qlora.relative_error(run({"input": ids}), expected) < EXACT
+    assert qlora.relative_error(run({"input": ids}), unrounded) > 1e-3
 
 
 def test_wrong_nibble_order_fails_verification(exact_nf4, monkeypatch):

@@ -188,6 +188,53 @@ def test_fp16_factors(bases, monkeypatch):
     assert qlora.relative_error(optimize(built, Merged(merge_policy="two-path-fp16"))[1], exact) > budget
 
 
+def decoded_int8(state: dict, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A requant-int8 site's weight ``[N, K]`` decoded from its bytes by MatMulNBits' published layout (one
+    8-bit code a byte along K, ``scale · (code − zero)`` per block of 32), and each weight's block scale."""
+    codes = state[f"{module}.nbits_packed"]  # [N, k_blocks, 32]
+    scales, zeros = state[f"{module}.nbits_scales"], state[f"{module}.nbits_zero_points"]
+    n, blocks, size = codes.shape
+    weight = scales.unsqueeze(-1) * (codes.float() - zeros.float().unsqueeze(-1))
+    return weight.reshape(n, blocks * size), scales.repeat_interleave(size, dim=1)
+
+
+def test_requant_int8_against_peft(bases, monkeypatch):
+    """requant-int8: one MatMulNBits-layout op a site whose bytes decode to PEFT's merged weight within half
+    a step, the model within the sites' budget of the exact QLoRA model and verified against PEFT's own
+    QLoRA model; codes stored in reverse order within each block (a pack along the wrong direction of K)
+    leave the budget. On an int8 base it is refused naming the site."""
+    built, exact, reference = bases["nf4-dq"]
+    optimized, out = optimize(built, Merged(merge_policy="requant-int8"))
+    found = targets(optimized.program)
+    assert found.count("peftc.blocks_linear.default") == 3 and found.count("peftc.bnb4_linear.default") == 4
+    for row in optimized.state:
+        lora = reference.get_submodule(row["module"])
+        merged = (lora.base_layer.weight + lora.get_delta_weight("default")).detach().float()
+        weight, step = decoded_int8(optimized.program.state_dict, row["module"])
+        assert (weight - merged).abs().le(step / 2 * (1 + 1e-5) + 1e-7).all()  # round to nearest on the grid
+        n, k = merged.shape
+        assert row["policy"] == "requant-int8" and row["format"] == "nf4" and 1e-3 < row["error"] <= 1e-2
+        assert row["bytes"] == n * k + n * (k // 32) * (4 + 1)  # codes, fp32 scales, uint8 zero points
+    budget = tolerances({"quantized_sites": optimized.state}, {"reference": 0})["reference"].rel
+    assert 1e-4 < qlora.relative_error(out, exact) < budget
+    report = verify(built, Merged(merge_policy="requant-int8"), optimized)
+    assert report.passed and {c.oracle for c in report.cases} == {"reference", "peft"}
+    with pytest.raises(UnsupportedError, match=r"q_proj: --merge-policy requant-int8 on a base in int8; .*NF4/FP4"):
+        optimize(bases["int8"][0], Merged(merge_policy="requant-int8"))
+    candidates = policy.candidates
+
+    def reversed_codes(base, a, b, scale):
+        found = candidates(base, a, b, scale)
+        module, error = found["requant-int8"]
+        module.packed = module.packed.flip(-1)
+        return {**found, "requant-int8": (module, error)}
+
+    monkeypatch.setattr(policy, "candidates", reversed_codes)
+    broken = optimize(built, Merged(merge_policy="requant-int8"))[0]
+    report = verify(built, Merged(merge_policy="requant-int8"), broken, peft=False)
+    assert {c.oracle for c in report.cases if not c.ok} == {"reference"}
+
+
 def test_budgets_come_from_the_sites(bases):
     rows = [{"error": 0.01, "format": "nf4"}, {"error": 0.02, "format": "nf4"}]
     found = tolerances({"quantized_sites": rows, "precision": {"depth": 3}}, {"reference": 0, "peft": 0})

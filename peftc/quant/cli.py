@@ -1,7 +1,8 @@
 """``peftc compile``'s QLoRA flags, and ``peftc qlora``: an alias of ``peftc compile`` for a LoRA on a
 quantized base.
 
-``peftc compile QBASE --adapter LORA -o OUT --merge-policy auto|float|requant|two-path|two-path-fp16 --max-error E``
+``peftc compile QBASE --adapter LORA -o OUT --merge-policy auto|auto-speed|float|requant|requant-int8|two-path|two-path-fp16
+--max-error E``
 reads the LoRA as call sites on the packed layers (``peftc/quant/sites.py``), folds or keeps each one by
 the policy (``peftc/quant/merge.py``), lowers and verifies the artifact like any other (against the
 unmerged reference program and PEFT's own QLoRA model, ``peftc/quant/compiled.py`` gives the budgets),
@@ -14,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-MERGE_POLICIES = ("auto", "float", "requant", "two-path", "two-path-fp16")
+MERGE_POLICIES = ("auto", "auto-speed", "float", "requant", "requant-int8", "two-path", "two-path-fp16")
 """``peftc.quant.policy.POLICIES``, spelled out so that building the parser imports no torch."""
 EMBEDDINGS = ("none", "int8", "int4", "int8-head")
 
@@ -26,8 +27,9 @@ def add_compile_flags(c: argparse.ArgumentParser) -> None:
         choices=MERGE_POLICIES,
         default="auto",
         help="LoRA on a quantized base: per site, float (merge, fp32 weight), requant (merge, quantize again), "
-        "two-path (packed GEMM + LoRA branch), two-path-fp16 (the same, factors stored fp16) or auto (the smallest whose added error is within --max-error, "
-        "default 1e-2)",
+        "requant-int8 (NF4/FP4: merge, 8-bit MatMulNBits blocks, int8 compute), two-path (packed GEMM + LoRA "
+        "branch), two-path-fp16 (the same, factors stored fp16), auto (the smallest whose added error is within "
+        "--max-error, default 1e-2) or auto-speed (the fastest within it)",
     )
     c.add_argument(
         "--quantize-embeddings",

@@ -86,13 +86,49 @@ def from_codes(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, b
 
 def dequantize(blocks: Blocks) -> torch.Tensor:
     """The fp32 weight ``[N, K]`` the operator computes with."""
-    codes = unpack_rows(blocks.packed, blocks.bits, blocks.block_size).reshape(blocks.n, -1)[:, : blocks.k]
-    if blocks.zero_points is None:
-        zeros = torch.full((blocks.n, blocks.k_blocks), 1 << (blocks.bits - 1), dtype=torch.int64)
+    return decode(blocks.packed, blocks.scales, blocks.zero_points, blocks.bits, blocks.block_size, blocks.k)
+
+
+def decode(
+    packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None, bits: int, block_size: int, k: int
+) -> torch.Tensor:
+    """The fp32 weight ``[N, K]`` of MatMulNBits' tensors: ``scales[n, k // bs] · (code[n, k] − zero[n, k // bs])``."""
+    n, k_blocks = scales.shape
+    codes = unpack_rows(packed, bits, block_size).reshape(n, -1)[:, :k]
+    if zero_points is None:
+        zeros = torch.full((n, k_blocks), 1 << (bits - 1), dtype=torch.int64)
     else:
-        zeros = unpack_rows(blocks.zero_points, blocks.bits, blocks.k_blocks)
-    group = torch.arange(blocks.k) // blocks.block_size
-    return blocks.scales[:, group] * (codes - zeros[:, group]).to(torch.float32)
+        zeros = unpack_rows(zero_points, bits, k_blocks)
+    group = torch.arange(k) // block_size
+    return scales.to(torch.float32)[:, group] * (codes - zeros[:, group]).to(torch.float32)
+
+
+INT8_ACTIVATIONS = 4
+"""``accuracy_level`` 4: the CPU kernel rounds ``A`` to int8 per block of ``block_size`` along K (one
+scale ``absmax / 127`` a block, round to nearest) and multiplies integers (VNNI where the CPU has it)."""
+
+
+def round_activations(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``x`` as accuracy level 4 rounds it: symmetric int8 per block of ``block_size`` along the last dim,
+    dequantized back to fp32 (the kernel's integer products times both scales are these values' products)."""
+    k = x.shape[-1]
+    pad = (-k) % block_size
+    blocks = torch.nn.functional.pad(x.to(torch.float32), (0, pad)).reshape(*x.shape[:-1], -1, block_size)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127.0
+    codes = torch.round(blocks / torch.where(scale > 0, scale, 1.0))
+    return (codes * scale).reshape(*x.shape[:-1], -1)[..., :k]
+
+
+def output_error(blocks: Blocks, weight: torch.Tensor, accuracy_level: int, rows: int = 256) -> float:
+    """``‖Q(x)·Ŵᵀ − x·Wᵀ‖_F / ‖x·Wᵀ‖_F`` for isotropic ``x ~ N(0, I)`` (``rows`` of them, seed 0): the relative
+    RMS error the blocks add to a linear layer's output, with the activations' rounding ``Q`` of accuracy
+    level 4 (level 0: ``Q(x) = x``, which is ``‖Ŵ − W‖_F / ‖W‖_F`` up to sampling)."""
+    x = torch.randn(rows, blocks.k, generator=torch.Generator().manual_seed(0))
+    rounded = round_activations(x, blocks.block_size) if accuracy_level == INT8_ACTIVATIONS else x
+    exact = x @ weight.to(torch.float32).t()
+    return float(
+        torch.linalg.norm(rounded @ dequantize(blocks).t() - exact) / torch.linalg.norm(exact).clamp(min=1e-30)
+    )
 
 
 def quantize(weight: torch.Tensor, bits: int = 4, block_size: int = 32, symmetric: bool = False) -> Blocks:

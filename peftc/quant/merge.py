@@ -2,14 +2,16 @@
 
 For every ``peftc::lora_bnb4`` / ``lora_int8`` / ``lora_nbits`` node the pass rebuilds the packed layer
 from the program's tensors and asks ``peftc.quant.policy.choose`` what it becomes (``--merge-policy``;
-``auto``: the smallest artifact within ``--max-error``), then rewrites the node:
+``auto``: the smallest artifact within ``--max-error``; ``auto-speed``: the fastest), then rewrites the node:
 
 * ``float``: ``aten.linear(x, W + ΔW, b)`` on a new fp32 parameter ``<module>.weight``;
 * ``requant``: the base op again (``bnb4_linear`` / ``int8_linear``) on the requantized tensors, which
   replace the layer's own under the same keys (same shapes and dtypes);
 * ``two-path``: the site stays (the packed GEMM plus the LoRA branch);
 * ``two-path-fp16``: the site stays, its ``lora_A`` / ``lora_B`` replaced by fp16 copies under their keys
-  (the site op computes in fp32 whatever the factors' dtype).
+  (the site op computes in fp32 whatever the factors' dtype);
+* ``requant-int8``: ``peftc::blocks_linear`` (ONNX ``MatMulNBits``) on new tensors ``<module>.nbits_packed``,
+  ``.nbits_scales``, ``.nbits_zero_points`` (the packed NF4 tensors go when nothing else reads them).
 
 The choices (format, policy, error added, bytes, why) are kept on the pass (:attr:`MergeQuantizedPass.sites`)
 for the manifest's table; the pass's stats count each policy.
@@ -27,14 +29,14 @@ from peftc import ir
 from peftc.passes.base import PassBase, PassContext, PassResult, fresh_name
 from peftc.quant import policy as policies
 from peftc.quant.modules import Bnb4Linear, Int8Linear, NBitsLinear
-from peftc.quant.ops import FORMATS, QUANT_TYPES
+from peftc.quant.ops import BLOCKS_LINEAR, FORMATS, QUANT_TYPES
 from peftc.quant.sites import BASE_OF, LORA_BNB4, LORA_INT8, OPS
 
 
 @dataclasses.dataclass(frozen=True)
 class MergeQuantizedOptions:
     policy: str = "auto"
-    """``--merge-policy``: auto, float, requant, two-path or two-path-fp16."""
+    """``--merge-policy``: one of ``policy.POLICIES``."""
     max_error: float | None = None
     """``auto``'s per-site budget (None: ``policy.DEFAULT_MAX_ERROR``)."""
 
@@ -67,8 +69,8 @@ class MergeQuantizedPass(PassBase):
                     self.sites.append({**chosen[module][0].row(), "format": _format(layer)})
                 _rewrite(editor, node, ops[node.target], *chosen[module])
         counts = Counter(row["policy"] for row in self.sites)
-        stats = {p: counts.get(p, 0) for p in ("float", "requant", "two-path", "two-path-fp16")}
-        if not stats["float"] and not stats["requant"] and not stats["two-path-fp16"]:
+        stats = {p: counts.get(p, 0) for p in ("float", "requant", "requant-int8", "two-path", "two-path-fp16")}
+        if not any(n for p, n in stats.items() if p != "two-path"):
             return PassResult(program, False, stats)
         editor.eliminate_dead_code()
         editor.remove_unused_state()
@@ -123,6 +125,13 @@ def _rewrite(editor: ir.ProgramEditor, node: fx.Node, op, choice: policies.SiteC
         fqn = f"{choice.module}.weight"
         weight = editor.node_for(fqn) or editor.add_parameter(fresh_name(editor, fqn), layer.weight.detach())
         out = editor.call(torch.ops.aten.linear.default, (x, weight, base[-1]), like=node)
+    elif choice.policy == "requant-int8":
+        tensors = []
+        for role in ("packed", "scales", "zero_points"):
+            fqn = f"{choice.module}.nbits_{role}"
+            tensors.append(editor.node_for(fqn) or editor.add_parameter(fresh_name(editor, fqn), getattr(layer, role)))
+        scalars = (layer.bits, layer.block_size, layer.accuracy_level, layer.out_features, layer.in_features)
+        out = editor.call(BLOCKS_LINEAR.overload, (x, *tensors, base[-1], *scalars), like=node)
     else:  # requant: the layer's tensors replaced under their keys
         new = [layer.packed, layer.absmax] if isinstance(layer, Bnb4Linear) else [layer.weight_int8, layer.scb]
         for arg, value in zip(base, new, strict=False):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from peftc.quant import bnb, sites  # noqa: F401  (registers the QLoRA site ops TwoPathLinear calls)
+from peftc.quant import bnb, matmulnbits, sites  # noqa: F401  (registers the QLoRA site ops TwoPathLinear calls)
 from peftc.quant.ops import FORMATS, nbits_weight, quant_type_number
 
 
@@ -103,6 +103,40 @@ class NBitsLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``peftc::nbits_linear``."""
         return torch.ops.peftc.nbits_linear(x, *self._arguments())
+
+
+class BlocksLinear(nn.Module):
+    """A weight in MatMulNBits' blocks (:class:`peftc.quant.matmulnbits.Blocks`), run at ``accuracy_level``
+    (4: int8 activations): what the ``requant-int8`` merge policy makes of a merged site."""
+
+    def __init__(self, blocks, accuracy_level: int, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = blocks.n, blocks.k
+        self.bits, self.block_size, self.accuracy_level = blocks.bits, blocks.block_size, accuracy_level
+        zero_points = blocks.zero_points
+        if zero_points is None:  # the mid-range zero, stored: the op always takes the tensor
+            zero_points = matmulnbits.pack_rows(torch.full(blocks.scales.shape, 1 << (blocks.bits - 1)), blocks.bits)
+        self.register_buffer("packed", blocks.packed.contiguous())
+        self.register_buffer("scales", blocks.scales.to(torch.float32).contiguous())
+        self.register_buffer("zero_points", zero_points.contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def dequantized(self) -> torch.Tensor:
+        """The fp32 weight ``[out, in]``."""
+        return matmulnbits.decode(
+            self.packed, self.scales, self.zero_points, self.bits, self.block_size, self.in_features
+        )
+
+    def stored_bytes(self) -> int:
+        """Bytes of the codes, scales and zero points (the bias excluded)."""
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales, self.zero_points))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``peftc::blocks_linear``."""
+        return torch.ops.peftc.blocks_linear(
+            x, self.packed, self.scales, self.zero_points, self.bias, self.bits, self.block_size,
+            self.accuracy_level, self.out_features, self.in_features,
+        )  # fmt: skip
 
 
 class TwoPathLinear(nn.Module):

@@ -54,6 +54,34 @@ def bnb4_linear(
     return y if bias is None else op.Add(y, cast(bias, bias, x))
 
 
+_NBITS_CONSTANTS = ("K", "N", "bits", "block_size", "accuracy_level")
+MATMUL_NBITS = onnxscript.values.Op(
+    MSFT,
+    "MatMulNBits",
+    OpSchema(
+        "MatMulNBits", "com.microsoft", 1,
+        inputs=[OpSchema.FormalParameter("A", "T1"), OpSchema.FormalParameter("B", "T2"),
+                OpSchema.FormalParameter("scales", "T1"), OpSchema.FormalParameter("zero_points", "T2")],
+        outputs=[OpSchema.FormalParameter("Y", "T1")],
+        type_constraints=[("T1", _FLOATS, ""), ("T2", ["tensor(uint8)"], "")],
+        attributes=[OpSchema.Attribute(n, OpSchema.AttrType.INT, "") for n in _NBITS_CONSTANTS],
+    ),
+)  # fmt: skip
+"""onnxruntime's contrib op with the inputs ``peftc::blocks_linear`` gives it (``peftc/quant/matmulnbits.py``)."""
+
+
+def blocks_linear(
+    x: Any, packed: Any, scales: Any, zero_points: Any, bias: Any, bits: int, block_size: int, accuracy_level: int,
+    out_features: int, in_features: int,
+) -> Any:  # fmt: skip
+    """``MatMulNBits(x, packed, scales, zero_points) + b``: the tensors are already in its layout."""
+    y = MATMUL_NBITS(
+        x, packed, cast(scales, scales, x), zero_points, K=in_features, N=out_features, bits=bits,
+        block_size=block_size, accuracy_level=accuracy_level,
+    )  # fmt: skip
+    return y if bias is None else op.Add(y, cast(bias, bias, x))
+
+
 def int8_linear(x: Any, weight: Any, scb: Any, bias: Any) -> Any:
     """``x · (CB · SCB / 127)ᵀ + b``, dequantized in the graph (folded by onnxruntime at load time)."""
     dense = op.Mul(

@@ -10,6 +10,9 @@
   in_features)`` — a GPTQ (``fmt`` 0, ``version`` 1 or 2) or AWQ GEMM (``fmt`` 1) layer, tensors exactly as
   the checkpoint stores them (``g_idx``: the group of every input row). ONNX: ``com.microsoft.MatMulNBits``,
   repacked code for code when the model is exported (``peftc/quant/onnx.py``).
+* ``peftc::blocks_linear(x, packed, scales, zero_points, bias, bits, block_size, accuracy_level, out_features,
+  in_features)`` — a weight requantized into MatMulNBits' own blocks (the ``requant-int8`` merge policy).
+  ONNX: ``com.microsoft.MatMulNBits`` on these tensors as they are.
 
 Both are opaque call ops whose eager bodies are the reference math of ``peftc/quant/bnb.py``;
 AOTInductor decomposes them into those bodies (dequantize-in-graph on CPU).
@@ -21,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from peftc.ops import call_op
-from peftc.quant import awq, bnb, gptq
+from peftc.quant import awq, bnb, gptq, matmulnbits
 
 QUANT_TYPES = ("fp4", "nf4")
 """``quant_type`` integers as MatMulBnb4 numbers them (0 FP4, 1 NF4)."""
@@ -118,7 +121,43 @@ NBITS_LINEAR = call_op(
     base_params=("bias",),
     onnx="peftc.quant.onnx:nbits_linear",
 )
-OPS = (BNB4_LINEAR, INT8_LINEAR, NBITS_LINEAR)
+
+
+def blocks_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zero_points: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+    block_size: int,
+    accuracy_level: int,
+    out_features: int,
+    in_features: int,
+) -> torch.Tensor:
+    """A linear layer on a weight in MatMulNBits blocks (``peftc/quant/matmulnbits.py``), computed as onnxruntime's
+    CPU kernel does: accuracy level 4 rounds ``x`` to int8 per block first, then an fp32 product."""
+    weight = matmulnbits.decode(packed, scales, zero_points, bits, block_size, in_features)
+    if accuracy_level == matmulnbits.INT8_ACTIVATIONS:
+        x = matmulnbits.round_activations(x, block_size).to(x.dtype)
+    return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def _blocks_fake(x, packed, scales, zero_points, bias, bits, block_size, accuracy_level, out_features, in_features):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+BLOCKS_LINEAR = call_op(
+    "blocks_linear",
+    blocks_linear,
+    _blocks_fake,
+    tensor_roles=("packed", "scales", "zero_points"),
+    scalars=("bits", "block_size", "accuracy_level", "out_features", "in_features"),
+    base_params=("bias",),
+    onnx="peftc.quant.onnx:blocks_linear",
+)
+"""A site the ``requant-int8`` merge policy requantized (``peftc/quant/policy.py``); ONNX: ``MatMulNBits``."""
+OPS = (BNB4_LINEAR, INT8_LINEAR, NBITS_LINEAR, BLOCKS_LINEAR)
 
 
 def quant_type_number(name: str) -> int:

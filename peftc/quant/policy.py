@@ -9,7 +9,12 @@ computes ``x (W + ΔW)ᵀ`` exactly (up to fp32 rounding). The policies:
 * ``two-path`` — keep the quantized base GEMM and the LoRA branch unmerged: exact, the base's bytes plus
   the factors', and a thin extra GEMM per call;
 * ``two-path-fp16`` — ``two-path`` with the factors stored in fp16 (half their bytes; computed in fp32 as
-  before): the error is the fp16 rounding of ``A`` and ``B``, ``‖s·(B̂Â − BA)‖_F / ‖W + ΔW‖_F``.
+  before): the error is the fp16 rounding of ``A`` and ``B``, ``‖s·(B̂Â − BA)‖_F / ‖W + ΔW‖_F``;
+* ``requant-int8`` (NF4/FP4 bases) — merge, then quantize ``W + ΔW`` to 8-bit blocks of :data:`INT8_BLOCK`
+  along K with a scale and zero point each, ONNX ``MatMulNBits`` at accuracy level 4 (the activations
+  rounded to int8 per block, integer products): onnxruntime's fast CPU kernel, where ``MatMulBnb4`` decodes
+  NF4 on every call; about 1.16 bytes a weight against NF4's 0.56. Its error is measured on the site's
+  output for isotropic inputs with both roundings (``matmulnbits.output_error``).
 
 GPTQ and AWQ bases (:class:`~peftc.quant.modules.NBitsLinear`) have no ``requant``: their grids come from
 calibration (GPTQ's error feedback, AWQ's activation scales) that peftc cannot redo without data, so
@@ -18,7 +23,8 @@ calibration (GPTQ's error feedback, AWQ's activation scales) that peftc cannot r
 The error a policy adds is measured per site as ``‖W' − (W + ΔW)‖_F / ‖W + ΔW‖_F``: the relative RMS
 error of the site's output for isotropic inputs, against the unmerged QLoRA site. ``auto`` takes, per
 site, the first of requant, two-path-fp16, two-path (smallest artifact first) whose error is within
-``max_error``.
+``max_error``; ``auto-speed`` takes the first of requant-int8, requant, two-path-fp16, two-path (fastest
+first).
 """
 
 from __future__ import annotations
@@ -34,11 +40,21 @@ from torch import nn
 from peftc import reading
 from peftc.errors import InputError, UnsupportedError
 from peftc.methods.lora.ops import delta_weight, lora_scale
-from peftc.quant import bnb
-from peftc.quant.modules import Bnb4Linear, Int8Linear, NBitsLinear, TwoPathLinear
+from peftc.quant import bnb, matmulnbits
+from peftc.quant.modules import BlocksLinear, Bnb4Linear, Int8Linear, NBitsLinear, TwoPathLinear
 
-POLICIES = ("auto", "float", "requant", "two-path", "two-path-fp16")
-AUTO_ORDER = ("requant", "two-path-fp16", "two-path")
+POLICIES = ("auto", "auto-speed", "float", "requant", "requant-int8", "two-path", "two-path-fp16")
+AUTO_ORDER = {
+    "auto": ("requant", "two-path-fp16", "two-path"),
+    "auto-speed": ("requant-int8", "requant", "two-path-fp16", "two-path"),
+}
+"""Each automatic policy's candidates, in order: the first within the budget is taken (smallest artifact
+first; ``auto-speed``: fastest first)."""
+INT8_BLOCK = 32
+"""``requant-int8``'s block along K (``benchmarks/qlora_kernels.py``: the least error of 32/64/128)."""
+_EXCEEDS = {"requant": "requant exceeds it", "requant-int8": "requant-int8 exceeds it",
+            "two-path-fp16": "fp16 factors exceed it"}  # fmt: skip
+_ABSENT = {"requant": "no requant for GPTQ/AWQ bases", "requant-int8": "requant-int8 requantizes NF4/FP4 bases only"}
 DEFAULT_MAX_ERROR = 1e-2
 HONOURED = ("r", "lora_alpha", "target_modules", "use_rslora", "peft_type", "rank_pattern", "alpha_pattern")
 
@@ -106,6 +122,13 @@ def candidates(base: nn.Module, a: torch.Tensor, b: torch.Tensor, scale: float) 
     found["two-path-fp16"] = (TwoPathLinear(base, a16, b16, scale), float(torch.linalg.norm(rounded)) / norm)
     if requant is not None:
         found["requant"] = (requant, float(torch.linalg.norm(requant.dequantized() - merged)) / norm)
+    if isinstance(base, Bnb4Linear):
+        blocks = matmulnbits.quantize(merged, 8, INT8_BLOCK)
+        level = matmulnbits.INT8_ACTIVATIONS
+        found["requant-int8"] = (
+            BlocksLinear(blocks, level, base.bias),
+            matmulnbits.output_error(blocks, merged, level),
+        )
     return found
 
 
@@ -140,12 +163,12 @@ def choose(
     name: str, base: nn.Module, a, b, scale, policy: str, max_error: float | None
 ) -> tuple[SiteChoice, nn.Module]:
     """What the site ``name`` (quantized layer ``base``, LoRA factors ``a``, ``b``, ``scale``) becomes under
-    ``policy`` (``auto``: the first of :data:`AUTO_ORDER` whose added error is within ``max_error``,
-    default :data:`DEFAULT_MAX_ERROR`).
+    ``policy`` (``auto``, ``auto-speed``: the first of its :data:`AUTO_ORDER` whose added error is within
+    ``max_error``, default :data:`DEFAULT_MAX_ERROR`).
 
     Raises:
-        UnsupportedError: ``requant`` on a GPTQ/AWQ base, ``requant`` adding more than a given
-            ``max_error``, or a layer that is not a (quantized) linear.
+        UnsupportedError: ``requant`` on a GPTQ/AWQ base, ``requant-int8`` on a base that is not NF4/FP4, a
+            policy adding more than a given ``max_error``, or a layer that is not a (quantized) linear.
     """
     budget = DEFAULT_MAX_ERROR if max_error is None else max_error
     if isinstance(base, nn.Linear):  # a float layer of a partly quantized model: an ordinary merge
@@ -161,7 +184,12 @@ def choose(
             f"{name}: --merge-policy requant on a {base.fmt.upper()} base; its grid came from calibration peftc "
             "cannot redo, use two-path (exact, the base stays packed) or float"
         )
-    if policy != "auto":
+    if policy == "requant-int8" and policy not in options:
+        raise UnsupportedError(
+            f"{name}: --merge-policy requant-int8 on a base in {_format(base)}; it requantizes NF4/FP4 layers "
+            "(whose MatMulBnb4 decodes every call), use requant, two-path or float"
+        )
+    if policy not in AUTO_ORDER:
         module, error = options[policy]
         if max_error is not None and error > max_error:
             raise UnsupportedError(
@@ -169,19 +197,19 @@ def choose(
                 "(two-path where requantizing exceeds the budget), two-path or float"
             )
         return SiteChoice(name, policy, error, _bytes(module), "--merge-policy"), module
-    for candidate in (c for c in AUTO_ORDER if c in options):
+    order = AUTO_ORDER[policy]
+    for candidate in (c for c in order if c in options):
         module, error = options[candidate]
         if error <= budget:
-            why = f"error {error:.2g} <= {budget:g}" + _after_requant(candidate, options)
+            earlier = order[: order.index(candidate)]
+            skipped = [_EXCEEDS[c] if c in options else _ABSENT[c] for c in earlier]
+            why = "; ".join([f"error {error:.2g} <= {budget:g}", *skipped])
             return SiteChoice(name, candidate, error, _bytes(module), why), module
     raise AssertionError("two-path adds no error")  # pragma: no cover
 
 
-def _after_requant(candidate: str, options: dict) -> str:
-    if candidate == "requant":
-        return ""
-    smaller = "requant exceeds it" if "requant" in options else "no requant for GPTQ/AWQ bases"
-    return f"; {smaller}" + ("; fp16 factors exceed it" if candidate == "two-path" else "")
+def _format(base: nn.Module) -> str:
+    return "int8" if isinstance(base, Int8Linear) else getattr(base, "fmt", type(base).__name__).upper()
 
 
 def _bytes(module: nn.Module) -> int:
