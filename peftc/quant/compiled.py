@@ -74,10 +74,10 @@ def tolerances(target: Mapping[str, Any], oracles: Mapping[str, Any]) -> dict[st
 
 def table(rows: Sequence[Mapping[str, Any]]) -> str:
     """The per-site table ``peftc inspect`` prints."""
-    lines = [f"{'site':<40} {'format':<6} {'policy':<9} {'error added':>11} {'bytes':>10}  why"]
+    lines = [f"{'site':<40} {'format':<6} {'policy':<13} {'error added':>11} {'bytes':>10}  why"]
     for r in rows:
         lines.append(
-            f"{r['module']:<40} {r.get('format', '?'):<6} {r['policy']:<9} {r['error']:>11.3g} {r['bytes']:>10}  "
+            f"{r['module']:<40} {r.get('format', '?'):<6} {r['policy']:<13} {r['error']:>11.3g} {r['bytes']:>10}  "
             f"{r['reason']}"
         )
     return "\n".join(lines)
