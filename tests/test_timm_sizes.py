@@ -6,6 +6,8 @@ strides; a ViT built with ``dynamic_img_size=false`` keeps its size and says so.
 
 from __future__ import annotations
 
+import dataclasses
+
 import models
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ import peftc
 from peftc.errors import InputError
 from peftc.loaders.inputs import from_timm
 from peftc.loaders.models import load_model
+from peftc.report import manifest_text
 
 VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 4, "num_classes": 5}
 SPEC = "timm:vit_tiny_patch16_224," + ",".join(f"{k}={v}" for k, v in VIT.items())
@@ -46,6 +49,7 @@ def test_a_timm_vit_takes_any_multiple_of_its_patch_size(compiled):
     dims = manifest.target["signature"]["dims"]
     assert [(dims[d]["min"], dims[d]["max"], dims[d]["multiple"]) for d in ("height", "width")] == [(16, 128, 8)] * 2
     assert manifest.model["image_size"].startswith("dynamic: multiples of the patch size 8")
+    assert "\nimage size: dynamic: multiples of the patch size 8" in manifest_text(dataclasses.asdict(manifest))
     assert any(c["sizes"]["height"] != c["sizes"]["width"] for c in manifest.verification["cases"])
     runner = peftc.load(artifact.path)
     for batch, height, width in ((1, 32, 32), (2, 48, 24), (1, 16, 128)):
