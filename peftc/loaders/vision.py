@@ -92,10 +92,12 @@ def _sides(height: int, width: int) -> list[tuple[str, int]]:
 
 
 def is_timm_vit(model: Any) -> bool:
-    """Whether ``model`` is a timm ``VisionTransformer`` (ViT, DeiT...; timm is imported by then)."""
+    """Whether ``model`` is a timm ``VisionTransformer`` (ViT, DeiT...; timm is imported by then) embedding
+    plain patches (a hybrid's CNN stem has another stride than its ``patch_size``)."""
+    from timm.layers import PatchEmbed
     from timm.models.vision_transformer import VisionTransformer
 
-    return isinstance(model, VisionTransformer)
+    return isinstance(model, VisionTransformer) and type(getattr(model, "patch_embed", None)) is PatchEmbed
 
 
 def hf_note(model: Any, signature: Any) -> str:
@@ -103,5 +105,5 @@ def hf_note(model: Any, signature: Any) -> str:
     if "height" in signature.dims:
         low, high = signature.dims["height"].min, signature.dims["height"].max
         return f"dynamic: {low}..{high}, position embeddings interpolated ({FLAG})"
-    height, width = signature.inputs[0].shape[2:4]
-    return f"fixed {height}x{width}: {type(model).__name__}.forward takes no {FLAG}"
+    shape = "x".join(str(d) for d in signature.inputs[0].shape[2:])
+    return f"fixed {shape}: {type(model).__name__}.forward takes no {FLAG}"
