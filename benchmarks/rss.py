@@ -5,6 +5,7 @@ Run from the repository root (alone: another process's load does not change RSS,
     python benchmarks/rss.py [--model examples.minilm:model] [--adapter examples/minilm-lora] [--target onnx]
                              [--no-merge] [--stages] [--json]
     python benchmarks/rss.py --synthetic [--layers 12] ...   # a BERT-base-sized model read from disk
+    python benchmarks/rss.py --bigfile [--depth 20] [--compile] [--json]  # read paths on a ~1 GB file
 
 It runs ``peftc compile MODEL --adapter ADAPTER -o TMP --target TARGET`` in a child process and reads the
 child's peak resident set size (``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss``; this script imports
@@ -18,6 +19,10 @@ bert-base-uncased) as a Hugging Face safetensors directory in a temporary direct
 ``--stages`` also runs the compile through ``peftc.compile`` in a child whose progress callback reads the
 kernel's peak RSS of each stage and pass (``VmHWM`` of ``/proc/self/status``, reset between stages by
 writing 5 to ``/proc/self/clear_refs``; Linux only) and prints where the peak is reached.
+
+``--bigfile`` measures reading alone (header validation, hashing, the adapter reader, the ``timm:`` and
+Hugging Face model loaders) on a ~1 GB safetensors file, each in a child whose peak above its imports is
+divided by the file size (``benchmarks/rss_files.py``).
 
 The peak includes the Python interpreter, torch, transformers, onnx and onnxruntime themselves (about
 400-500 MB on CPU before any model is loaded), so for a small model the ratio is dominated by them.
@@ -116,8 +121,22 @@ def main() -> None:
     parser.add_argument("--target", default="onnx")
     parser.add_argument("--no-merge", action="store_true")
     parser.add_argument("--stages", action="store_true", help="also the peak RSS of each stage (Linux)")
+    parser.add_argument("--bigfile", action="store_true", help="peftc's read paths on a ~1 GB file (Linux)")
+    parser.add_argument("--depth", type=int, default=20, help="--bigfile's ViT-L/BERT-large depth (20: ~1 GB)")
+    parser.add_argument("--compile", action="store_true", help="--bigfile: also compile the ~1 GB BERT with a LoRA")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.bigfile:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import rss_files
+
+        def compile_with(model: Path, adapter: Path) -> dict:
+            args.model, args.adapter = str(model), str(adapter)
+            return measure(args, model.parent)
+
+        result = rss_files.bigfile(args.depth, compile_with if args.compile else None)
+        print(json.dumps(result, indent=2)) if args.json else rss_files.report(result, report)
+        return
     with tempfile.TemporaryDirectory(prefix="peftc-rss-") as tmp:
         if args.synthetic:
             subprocess.run([sys.executable, "-c", SYNTHETIC, tmp, str(args.layers)], capture_output=True, check=True)

@@ -141,6 +141,8 @@ def _check_sizes(path: Path, manifest: Any, batches: Sequence[int], sizes: Mappi
         if size < spec.min or (spec.max is not None and size > spec.max):
             bounds = f"{spec.min}..{spec.max if spec.max is not None else ''}"
             raise InputError(f"--size {name}={size}: outside the sizes the artifact takes ({name} in {bounds})")
+        if size % spec.multiple:
+            raise InputError(f"--size {name}={size}: not a multiple of {spec.multiple}, as the artifact's {name} is")
     dims = signature.cases(1)[0] | dict(sizes)
     batch_dim = signature.dims.get("batch")
     batch = min(max(batches, default=1), batch_dim.max or max(batches)) if batch_dim else dims.get("batch", 1)

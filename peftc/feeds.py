@@ -8,7 +8,8 @@ raises :class:`~peftc.errors.InputError` with one line naming the input, in this
 2. rank: as many dims as the signature lists;
 3. dtype, converted only where no value changes meaning (below);
 4. dims: a static dim has its size; a named dim (``batch``, ``seq``) has one size across all inputs,
-   within its recorded ``min..max`` (and a TensorRT engine's profile, run by its own runtime);
+   within its recorded ``min..max`` and a multiple of its recorded ``multiple`` (a timm ViT's image side:
+   its patch size), and within a TensorRT engine's profile (run by its own runtime);
 5. values: an integer input that indexes an embedding lies in ``[0, rows)`` of it (``input_ids`` within
    the vocabulary, no negative ids), recorded at compile time as ``target.index_ranges``.
 
@@ -67,6 +68,9 @@ class InputCheck:
         for spec in signature.inputs:
             if spec.dtype not in _NUMPY or not all(isinstance(d, (int, str)) for d in spec.shape):
                 raise InputError(f"{where}: target.signature: input {spec.name!r} has a malformed dtype or shape")
+        for dim in signature.dims.values():
+            if type(dim.multiple) is not int or dim.multiple < 1:
+                raise InputError(f"{where}: target.signature: dim {dim.name!r} has multiple {dim.multiple!r}")
         ranges = _pairs(target.get("index_ranges", {}), f"{where}: target.index_ranges")
         profiles = {}
         if engine and isinstance(target.get("tensorrt"), dict):
@@ -144,6 +148,11 @@ class InputCheck:
                 raise InputError(f"input {name!r}: dim {axis} ({dim}) is {size}, below its minimum {bounds.min}")
             if bounds is not None and bounds.max is not None and size > bounds.max:
                 raise InputError(f"input {name!r}: dim {axis} ({dim}) is {size}, above its maximum {bounds.max}")
+            if bounds is not None and size % bounds.multiple:
+                raise InputError(
+                    f"input {name!r}: dim {axis} ({dim}) is {size}, not a multiple of {bounds.multiple} "
+                    f"(the model takes {dim} {bounds.min}, {bounds.min + bounds.multiple}, ..)"
+                )
         low, high = self.profiles.get(name, ((), ()))
         if low and not all(a <= s <= b for a, s, b in zip(low, array.shape, high, strict=False)):
             raise InputError(

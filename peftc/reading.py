@@ -6,8 +6,10 @@
 * JSON is capped in size (:data:`JSON_LIMIT`) and nesting depth (:data:`JSON_DEPTH`).
 * A safetensors file's header is read and validated first: its length, every dtype, shape and
   byte range (``prod(shape) × itemsize == end - start``, ranges contiguous and covering the data
-  exactly). Only then is the data read, once, into one buffer that the tensors view (no second
-  copy), and hashed from the same bytes, so the hash is of what was used.
+  exactly). Only then is the data read, once, into one buffer per tensor that the tensor views (no
+  second copy), and hashed from the same bytes, so the hash is of what was used. A caller loading a
+  model passes a ``sink`` that copies each tensor into the model as it is read, so the file's bytes
+  are never held beside the model's (``benchmarks/rss.py --bigfile``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import json
 import math
 import os
 import stat
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import IO, Any
 
 from peftc.errors import InputError
@@ -130,8 +132,19 @@ def read_json(path: str | os.PathLike[str], *, limit: int = JSON_LIMIT, depth: i
     return parse_json(raw, path, depth=depth), raw
 
 
-def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:
+def read_safetensors(
+    path: str | os.PathLike[str],
+    sink: Callable[[str, Any], None] | None = None,
+    check: Callable[[Mapping[str, tuple[str, tuple[int, ...]]]], None] | None = None,
+) -> tuple[dict[str, Any], str]:
     """``(tensors, sha256)`` of a safetensors file, header validated before its data is read.
+
+    Args:
+        sink: called with each ``(key, tensor)`` as it is read, instead of keeping the tensors (the dict
+            returned is then empty): a caller that copies each into its model holds one tensor at a time,
+            not the whole file besides the model. The tensor's buffer is not reused after the call.
+        check: called with ``{key: (dtype, shape)}`` once the header is validated, before any data is read
+            (it raises to stop there).
 
     Raises:
         InputError: not a regular file, or a header that is malformed or disagrees with the file size,
@@ -153,6 +166,8 @@ def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str]
         except InputError as e:
             raise InputError(f"{path}: not a valid safetensors file ({e})") from e
         entries = _check_header(path, described, size - 8 - length)
+        if check is not None:
+            check({key: (dtype, shape) for key, (dtype, shape, _, _) in entries.items()})
         digest = hashlib.sha256(head)
         digest.update(header)
         tensors = {}
@@ -163,11 +178,15 @@ def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str]
                 raise InputError(f"{path}: changed while being read")
             digest.update(data)
             torch_dtype = getattr(torch, dtype)
-            tensors[key] = (
+            tensor = (
                 torch.frombuffer(data, dtype=torch_dtype).reshape(shape)
                 if data
                 else torch.empty(shape, dtype=torch_dtype)
             )
+            if sink is None:
+                tensors[key] = tensor
+            else:
+                sink(key, tensor)
     return dict(sorted(tensors.items())), digest.hexdigest()
 
 

@@ -53,6 +53,7 @@ def manifest_text(m: Mapping[str, Any]) -> str:
             ["model", "kind", "class", "parameters", "state sha256"],
             [[model["spec"], model["kind"], model["class"], f"{model['parameters']:,}", model["state_sha256"][:16]]],
         ),
+        *([f"image size: {model['image_size']}"] if model.get("image_size") else []),
         *_adapter_parts(m),
         *_pipeline_parts(m["pipeline"]),
         *_files_parts(m["target"]),

@@ -232,3 +232,17 @@ def test_adapter_weights_are_read_into_memory_once(tmp_path):
     assert result.returncode == 0, result.stderr
     grown = int(result.stdout.strip().splitlines()[-1])
     assert (60 << 20) < grown < (96 << 20), f"peak RSS grew by {grown >> 20} MiB reading a 64 MiB file"
+
+
+def test_a_safetensors_sink_gets_each_tensor_as_read_and_the_hash_of_the_whole_file(tmp_path):
+    """The ``timm:`` loader's path: header shapes first, then each tensor handed over (none kept), hashed."""
+    from peftc import reading
+    from peftc.hashing import sha256_file
+
+    file = tmp_path / "w.safetensors"
+    save_file({"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(4, dtype=torch.bfloat16)}, str(file))
+    headers, seen = [], {}
+    kept, digest = reading.read_safetensors(file, lambda k, t: seen.setdefault(k, t.clone()), headers.append)
+    assert headers == [{"a": ("bfloat16", (4,)), "b": ("float32", (2, 3))}] and kept == {}
+    assert digest == sha256_file(file) and seen.keys() == load_file(file).keys()
+    assert all(torch.equal(seen[k], v) for k, v in load_file(file).items())

@@ -26,7 +26,7 @@ _SIGNATURE = {
     "inputs": [
         {"name": _NAME, "shape": [(str, int)], "dtype": str, "kind": str, "low": _OPTIONAL_INT, "high": _OPTIONAL_INT}
     ],
-    "dims": {"*": {"name": _NAME, "min": _INT, "max": _OPTIONAL_INT, "sum_of": [str]}},
+    "dims": {"*": {"name": _NAME, "min": _INT, "max": _OPTIONAL_INT, "sum_of": [str], "multiple": _INT}},
 }
 _SLOTS = {
     "rank": _INT,
@@ -71,7 +71,7 @@ SCHEMA: dict[str, Any] = {
         "multi_adapter": _INT,
         "task": (str, type(None)),
     },
-    "model": {"spec": str, "files": {"*": str}},
+    "model": {"spec": str, "files": {"*": str}, "image_size": str},
     "target": {
         "name": str,
         "inputs": _TENSOR_IO,

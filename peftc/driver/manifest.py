@@ -115,6 +115,7 @@ def _describe_model(built: Built) -> dict[str, Any]:
         "files": loaded.files,
         "state_sha256": ir.state_digest(built.world.base),
         "parameters": sum(t.numel() for t in built.world.base.state_dict.values()),
+        **({"image_size": loaded.image_size} if loaded.image_size else {}),
     }
 
 

@@ -15,7 +15,7 @@ from peftc.driver.build import Sources
 from peftc.errors import InputError
 from peftc.hashing import sha256_file
 from peftc.loaders import LoadedModel, load_model
-from peftc.loaders.models import TIMM_PREFIX, parse_timm_spec
+from peftc.loaders.timm_models import TIMM_PREFIX, parse_timm_spec
 
 
 def model_spec(manifest: Manifest, model: Any = None) -> Any:

@@ -46,6 +46,8 @@ class DimSpec:
     sum_of: tuple[str, ...] = ()
     """A dim whose size is the sum of these dims' (a generation step's ``total`` = ``past`` + ``seq``):
     examples follow it, torch.export infers it (``Dim.AUTO``), and a call is checked against it."""
+    multiple: int = 1
+    """Every size is a multiple of this (a timm ViT's image side: its patch size); ``min`` and ``max`` are."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,11 +89,12 @@ class InputSignature:
                 want = batch if dim.name == "batch" else seq if dim.name == "seq" else other + 2 * len(sizes)
                 low = dim.min if index else max(dim.min, 2)
                 want = 0 if index == 1 and dim.min == 0 else want  # a dim that may be empty is, once
+                want = -(-want // dim.multiple) * dim.multiple
                 sizes[dim.name] = min(max(want, low), dim.max or want)
                 while (
                     not index and sizes[dim.name] in list(sizes.values())[:-1] and sizes[dim.name] < (dim.max or 2**31)
                 ):
-                    sizes[dim.name] += 1  # two dims clipped to one minimum: distinct for tracing
+                    sizes[dim.name] += dim.multiple  # two dims clipped to one minimum: distinct for tracing
             for dim in self.dims.values():
                 if dim.sum_of:
                     sizes[dim.name] = sum(sizes[part] for part in dim.sum_of)
@@ -128,15 +131,9 @@ class InputSignature:
         return out
 
     def dynamic_shapes(self) -> dict[str, dict[int, Any]]:
-        """``torch.export`` dynamic-shape spec: one shared ``Dim`` per dim name."""
-        dims = {
-            d.name: torch.export.Dim.AUTO
-            if d.sum_of
-            else torch.export.Dim(d.name, min=d.min, max=d.max)
-            if d.max
-            else torch.export.Dim(d.name, min=d.min)
-            for d in self.dims.values()
-        }
+        """``torch.export`` dynamic-shape spec: one shared ``Dim`` per dim name (a dim with a ``multiple``:
+        that multiple of a ``Dim`` counting the units, ``height = 8 * height_units``)."""
+        dims = {d.name: _export_dim(d) for d in self.dims.values()}
         return {
             spec.name: {axis: dims[d] for axis, d in enumerate(spec.shape) if isinstance(d, str)}
             for spec in self.inputs
@@ -161,6 +158,16 @@ class InputSignature:
         inputs = tuple(TensorInput(**(dict(i) | {"shape": tuple(i["shape"])})) for i in data["inputs"])
         dims = {k: DimSpec(**(dict(v) | {"sum_of": tuple(v.get("sum_of", ()))})) for k, v in data["dims"].items()}
         return cls(inputs, dims)
+
+
+def _export_dim(dim: DimSpec) -> Any:
+    if dim.sum_of:
+        return torch.export.Dim.AUTO
+    step = dim.multiple
+    name = f"{dim.name}_units" if step > 1 else dim.name
+    low, high = -(-dim.min // step), dim.max // step if dim.max else None
+    base = torch.export.Dim(name, min=low, max=high) if high else torch.export.Dim(name, min=low)
+    return base * step if step > 1 else base
 
 
 def with_defaults(specs: Sequence[TensorInput], arrays: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -298,9 +305,11 @@ def from_program(program: Any) -> InputSignature:
     return InputSignature(tuple(inputs), dims)
 
 
-def from_timm(model: Any, kwargs: Mapping[str, Any] | None = None) -> InputSignature:
-    """``x:batch,C,H,W`` for a timm model: its patch embedding's image size if it has one, else the
-    ``pretrained_cfg`` (``default_cfg``) input size, with ``img_size``/``in_chans`` arguments applied."""
+def from_timm(model: Any, kwargs: Mapping[str, Any] | None = None) -> tuple[InputSignature, str]:
+    """``(signature, note)`` of a timm model: ``x:batch,C,H,W`` with its patch embedding's image size if it
+    has one, else the ``pretrained_cfg`` (``default_cfg``) input size, with ``img_size``/``in_chans``
+    arguments applied; ``H``/``W`` are the dims ``height``/``width`` where the model takes other sizes, and
+    the note says whether it does (:func:`peftc.loaders.vision.timm_dims`)."""
     kwargs = kwargs or {}
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     channels, height, width = cfg.get("input_size", (3, 224, 224))
@@ -308,5 +317,8 @@ def from_timm(model: Any, kwargs: Mapping[str, Any] | None = None) -> InputSigna
     if size is not None:
         height, width = (size, size) if isinstance(size, int) else tuple(size)
     channels = int(kwargs.get("in_chans", channels))
-    spec = TensorInput("x", ("batch", channels, int(height), int(width)), "float32")
-    return InputSignature((spec,), {"batch": DimSpec("batch")})
+    ranges, note = vision.timm_dims(model, int(height), int(width))
+    dims = {"batch": DimSpec("batch")} | {d: DimSpec(d, low, high, multiple=m) for d, (low, high, m) in ranges.items()}
+    sides = tuple(d if d in dims else int(s) for d, s in (("height", height), ("width", width)))
+    spec = TensorInput("x", ("batch", channels, *sides), "float32")
+    return InputSignature((spec,), dims), note

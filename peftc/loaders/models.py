@@ -21,11 +21,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import importlib
 import importlib.util
-import io
-import json
 import os
 import sys
 from pathlib import Path
@@ -39,6 +36,7 @@ from peftc.hashing import sha256_file
 from peftc.loaders import causal, seq2seq, vision
 from peftc.loaders.hub import cached, is_hub_id
 from peftc.loaders.inputs import InputSignature, from_program, from_timm, from_transformers, parse_inputs
+from peftc.loaders.timm_models import TIMM_PREFIX, load_timm
 
 
 @dataclasses.dataclass
@@ -55,6 +53,8 @@ class LoadedModel:
     """sha256 of the files the model was read from."""
     task: str | None = None
     """``text-generation``: one generation step with explicit KV caches (``peftc/loaders/causal.py``)."""
+    image_size: str | None = None
+    """A vision model's image size: ``dynamic: ...`` or ``fixed HxW: why`` (the manifest's ``model.image_size``)."""
 
     @property
     def class_name(self) -> str:
@@ -82,9 +82,6 @@ class LoadedModel:
         if self.module is None:
             return None
         return bool(getattr(getattr(self.module, "config", None), "tie_word_embeddings", False))
-
-
-TIMM_PREFIX = "timm:"
 
 
 def load_model(
@@ -125,7 +122,10 @@ def _load(
         return _finish(LoadedModel(f"<{type(spec).__name__}>", "module", spec, None, None), override, task)
     text = str(spec)
     if text.startswith(TIMM_PREFIX):
-        return _finish(_load_timm(text, allow_pickle, workdir), override, task)
+        module, digest, kwargs = load_timm(text, allow_pickle, workdir)
+        loaded = LoadedModel(text, "timm", module, None, None, {digest[0]: digest[1]})
+        loaded.signature, loaded.image_size = from_timm(module, kwargs)
+        return _finish(loaded, override, task)
     path = cached(text, "model") if is_hub_id(text) else Path(text)
     if path.is_dir():
         return _finish(_load_huggingface(path, allow_pickle), override, task)
@@ -156,12 +156,16 @@ def _finish(model: LoadedModel, override: InputSignature | None, task: str | Non
         attach = seq2seq.attach if model.task in seq2seq.TASKS else causal.attach
         model.signature = attach(module, model.task)
         return model
+    if override is None and model.signature is None and type(module).__module__.startswith("timm."):
+        model.signature, model.image_size = from_timm(module)
     model.signature = override or model.signature or from_transformers(module)
     if model.signature is None:
         raise InputError(
             f"cannot derive the inputs of {type(module).__name__}; describe them with "
             "--input name:dims:dtype (e.g. --input x:batch,16:float32)"
         )
+    if override is None and model.signature.names == ["pixel_values"] and model.image_size is None:
+        model.image_size = vision.hf_note(module, model.signature)
     if override is None and "height" in model.signature.dims and vision.interpolates(module):
         if model.kind == "module":  # the caller's object keeps its own forward
             model.module = module = copy.deepcopy(module)
@@ -276,121 +280,3 @@ def _load_factory(text: str, workdir: str) -> LoadedModel:
     if not isinstance(obj, torch.nn.Module):
         raise UnsupportedError(f"model {text!r}: the factory returned {type(obj).__name__}, not a torch.nn.Module")
     return LoadedModel(text, "factory", obj, None, None)
-
-
-def parse_timm_spec(text: str) -> tuple[str, dict[str, Any], str | None]:
-    """``timm:NAME[,KEY=VALUE...][@WEIGHTS]`` → ``(NAME, {KEY: VALUE}, WEIGHTS or None)``.
-
-    Raises:
-        InputError: naming the malformed part.
-    """
-    head, _, weights = text.removeprefix(TIMM_PREFIX).partition("@")
-    parts = _split_top_level(head)
-    name = parts[0].strip()
-    if not name:
-        raise InputError(
-            f"model {text!r}: expected timm:NAME[,KEY=VALUE...]@WEIGHTS, e.g. timm:vit_base_patch16_224@w.safetensors"
-        )
-    kwargs: dict[str, Any] = {}
-    for part in parts[1:]:
-        key, equals, value = part.partition("=")
-        key = key.strip()
-        if not equals or not key.isidentifier():
-            raise InputError(f"model {text!r}: {part!r} is not KEY=VALUE")
-        try:
-            kwargs[key] = json.loads(value)
-        except json.JSONDecodeError:
-            kwargs[key] = value.strip()
-    return name, kwargs, weights.strip() or None
-
-
-def _split_top_level(text: str) -> list[str]:
-    parts, depth, current = [], 0, ""
-    for char in text:
-        depth += (char in "[({") - (char in "])}")
-        if char == "," and depth == 0:
-            parts.append(current)
-            current = ""
-        else:
-            current += char
-    return [*parts, current]
-
-
-def _load_timm(text: str, allow_pickle: bool, workdir: str | None) -> LoadedModel:
-    name, kwargs, weights = parse_timm_spec(text)
-    if weights is None:
-        raise InputError(
-            f"model {text!r}: no weights; peftc never downloads models, so give a local state dict: "
-            f"timm:{name}@weights.safetensors"
-        )
-    file = Path(weights)
-    if not file.is_absolute() and not file.exists() and workdir:
-        file = Path(workdir) / file
-    if not file.exists():
-        raise InputError(f"model {text!r}: weights file {file} does not exist")
-    tensors = read_state_dict(file, allow_pickle)
-    try:
-        import timm
-    except Exception as e:
-        raise UnsupportedError(
-            f"model {text!r}: timm cannot be imported ({type(e).__name__}: {first_line(e)}); install it with "
-            f"pip install 'peftc[timm]' and a torchvision built for the installed torch {torch.__version__} "
-            "(timm imports torchvision)"
-        ) from e
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=1)
-        raise InputError(
-            f"model {text!r}: timm has no model {name!r}" + (f"; did you mean {close[0]!r}?" if close else "")
-        )
-    try:
-        module = timm.create_model(name, pretrained=False, **kwargs)
-    except Exception as e:
-        raise InputError(f"model {text!r}: timm cannot build {name} with {kwargs}: {first_line(e)}") from e
-    _check_state_dict(text, file, module, tensors)
-    module.load_state_dict(tensors)
-    loaded = LoadedModel(text, "timm", module, None, None, {file.name: sha256_file(file)})
-    loaded.signature = from_timm(module, kwargs)
-    return loaded
-
-
-def read_state_dict(file: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file, or of a pickled state dict when ``allow_pickle`` (loaded with
-    ``weights_only=True``).
-
-    Raises:
-        InputError: a pickle without ``allow_pickle``, or a file that is not a state dict.
-    """
-    if file.suffix == ".safetensors":
-        return reading.read_safetensors(file)[0]
-    if not allow_pickle:
-        raise InputError(
-            f"{file}: pickled weights are refused because unpickling can run arbitrary code; save the state dict "
-            "with safetensors.torch.save_file, or pass --allow-pickle to load it with torch.load(weights_only=True)"
-        )
-    try:
-        loaded = torch.load(io.BytesIO(reading.read_bytes(file)), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise InputError(f"{file}: cannot load with weights_only=True ({first_line(e)})") from e
-    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        raise InputError(f"{file}: expected a state dict (a dict of tensors)")
-    return loaded
-
-
-def _check_state_dict(text: str, file: Path, module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = [k for k in sorted(set(expected) & set(tensors)) if tuple(expected[k].shape) != tuple(tensors[k].shape)]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys (first {missing[0]!r})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys (first {unexpected[0]!r})")
-    if wrong:
-        k = wrong[0]
-        problems.append(f"{k} is {list(tensors[k].shape)}, the model's is {list(expected[k].shape)}")
-    if problems:
-        raise InputError(
-            f"{file}: does not fit {text.partition('@')[0]}: {'; '.join(problems)} (the file must hold the model's "
-            "state_dict() as timm names it; model arguments go in the spec, e.g. timm:NAME,num_classes=10@FILE)"
-        )

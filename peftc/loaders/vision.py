@@ -13,6 +13,16 @@ which leaves the embeddings as they are: verified in ``tests/test_probe_hardenin
 
 Any other vision model keeps the recorded static size, and a call with another one is refused naming
 the expected size (``peftc/feeds.py``).
+
+timm models (:func:`timm_dims`): a ``VisionTransformer`` (ViT, DeiT…) built with ``dynamic_img_size=True``
+resamples its position embeddings to the patch grid of each call (timm skips its same-size shortcut while
+exporting, so the exported graph interpolates at every size, and a bicubic resize to the same grid is the
+identity). Its ``height``/``width`` are multiples of the patch size (timm asserts it) from two patches to
+:data:`MAX_SCALE` × its ``img_size``. The ``timm:`` loader builds a ViT with ``dynamic_img_size=True``
+unless the spec says ``dynamic_img_size=false`` (the weights are the same). A ResNet or ConvNeXt has no
+position embeddings: any side from two output strides (two cells of the last feature map; torch.export
+specialises a one-cell map) to :data:`MAX_SCALE` × its default input size. Every other timm model keeps
+its size, and the manifest's ``model.image_size`` says why.
 """
 
 from __future__ import annotations
@@ -28,6 +38,8 @@ MAX_SCALE = 4
 """The largest image side an artifact takes, as a multiple of the model's own (attention cost grows with
 the fourth power of the side)."""
 FLAG = "interpolate_pos_encoding"
+CNN_CLASSES = ("ResNet", "ConvNeXt")
+"""timm CNN classes whose image size is dynamic (verified against eager PyTorch at odd sizes)."""
 
 
 def interpolates(model: Any) -> int | None:
@@ -55,3 +67,43 @@ def attach(module: torch.nn.Module) -> None:
 
     interpolating.__signature__ = inspect.signature(type(module).forward)  # type: ignore[attr-defined]
     module.forward = types.MethodType(interpolating, module)
+
+
+def timm_dims(model: Any, height: int, width: int) -> tuple[dict[str, tuple[int, int, int]], str]:
+    """``({dim: (min, max, multiple)}, note)`` of a timm model's ``height``/``width``: empty where the size
+    stays ``height`` × ``width``; the note says which case applies and why (the manifest's ``image_size``)."""
+    name = type(model).__name__
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    patch = patch[0] if isinstance(patch, (tuple, list)) and len(set(patch)) == 1 else patch
+    if is_timm_vit(model) and isinstance(patch, int):
+        if not getattr(model, "dynamic_img_size", False):
+            return {}, f"fixed {height}x{width}: {name} built with dynamic_img_size=False"
+        dims = {d: (2 * patch, max(2 * patch, MAX_SCALE * s // patch * patch), patch) for d, s in _sides(height, width)}
+        return dims, f"dynamic: multiples of the patch size {patch}, position embeddings resampled"
+    if name in CNN_CLASSES and getattr(model, "feature_info", None):
+        stride = int(model.feature_info[-1]["reduction"])
+        dims = {d: (2 * stride, max(2 * stride, MAX_SCALE * s), 1) for d, s in _sides(height, width)}
+        return dims, f"dynamic: a CNN, from two output strides ({2 * stride})"
+    return {}, f"fixed {height}x{width}: peftc takes other sizes of timm's VisionTransformer, ResNet and ConvNeXt only"
+
+
+def _sides(height: int, width: int) -> list[tuple[str, int]]:
+    return [("height", height), ("width", width)]
+
+
+def is_timm_vit(model: Any) -> bool:
+    """Whether ``model`` is a timm ``VisionTransformer`` (ViT, DeiT...; timm is imported by then) embedding
+    plain patches (a hybrid's CNN stem has another stride than its ``patch_size``)."""
+    from timm.layers import PatchEmbed
+    from timm.models.vision_transformer import VisionTransformer
+
+    return isinstance(model, VisionTransformer) and type(getattr(model, "patch_embed", None)) is PatchEmbed
+
+
+def hf_note(model: Any, signature: Any) -> str:
+    """The image-size note of a Hugging Face vision model (see :func:`timm_dims`)."""
+    if "height" in signature.dims:
+        low, high = signature.dims["height"].min, signature.dims["height"].max
+        return f"dynamic: {low}..{high}, position embeddings interpolated ({FLAG})"
+    shape = "x".join(str(d) for d in signature.inputs[0].shape[2:])
+    return f"fixed {shape}: {type(model).__name__}.forward takes no {FLAG}"

@@ -158,7 +158,7 @@ def read_checkpoint(directory: Path, allow_pickle: bool) -> dict[str, torch.Tens
     Raises:
         InputError: no weights, pickled weights without ``allow_pickle``, or a key in two files.
     """
-    from peftc.loaders.models import read_state_dict
+    from peftc.loaders.timm_models import read_state_dict
 
     _file(directory, "config.json")
     files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
