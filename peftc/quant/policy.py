@@ -99,8 +99,11 @@ def _factors(config: dict[str, Any], tensors: dict[str, torch.Tensor], module: s
     return a.to(torch.float32), b.to(torch.float32), lora_scale(rank, alpha, bool(config.get("use_rslora")))
 
 
-def candidates(base: nn.Module, a: torch.Tensor, b: torch.Tensor, scale: float) -> dict[str, tuple[nn.Module, float]]:
-    """``{policy: (module, error added)}`` for one quantized site."""
+def candidates(
+    base: nn.Module, a: torch.Tensor, b: torch.Tensor, scale: float, int8: bool = True
+) -> dict[str, tuple[nn.Module, float]]:
+    """``{policy: (module, error added)}`` for one quantized site (``requant-int8`` only with ``int8``: its
+    blocks and output error cost about a second on a 100M model, wasted where the policy cannot take it)."""
     dense = base.dequantized()
     merged = dense + delta_weight(a, b, scale, "linear")
     requant: nn.Module | None = None
@@ -122,7 +125,7 @@ def candidates(base: nn.Module, a: torch.Tensor, b: torch.Tensor, scale: float) 
     found["two-path-fp16"] = (TwoPathLinear(base, a16, b16, scale), float(torch.linalg.norm(rounded)) / norm)
     if requant is not None:
         found["requant"] = (requant, float(torch.linalg.norm(requant.dequantized() - merged)) / norm)
-    if isinstance(base, Bnb4Linear):
+    if int8 and isinstance(base, Bnb4Linear):
         blocks = matmulnbits.quantize(merged, 8, INT8_BLOCK)
         level = matmulnbits.INT8_ACTIVATIONS
         found["requant-int8"] = (
@@ -178,7 +181,7 @@ def choose(
         return SiteChoice(name, "float", 0.0, merged.weight.numel() * 4, "the base layer is not quantized"), merged
     if not isinstance(base, (Bnb4Linear, Int8Linear, NBitsLinear)):
         raise UnsupportedError(f"{name}: LoRA on a {type(base).__name__}; the QLoRA policies read quantized linears")
-    options = candidates(base, a, b, scale)
+    options = candidates(base, a, b, scale, int8=policy in ("requant-int8", "auto-speed"))
     if policy == "requant" and "requant" not in options:
         raise UnsupportedError(
             f"{name}: --merge-policy requant on a {base.fmt.upper()} base; its grid came from calibration peftc "
