@@ -22,8 +22,9 @@ dtype). Unmerged (``--no-merge``) it stays one ``s2ft_linear`` node: the base li
 GEMM on the gathered input columns, or scattered into the selected output rows. Where ``I`` is one
 contiguous range ``[s, s + k)`` (after ``--co-permute``, ``peftc/sparse/copermute.py``) the site is
 ``s2ft_slice_linear``: the same GEMM on a slice of the input, or added to a slice of the output — no
-gather, no scatter. The ops are composite ``peftc::`` ops, so every target lowers them from their
-ATen bodies without its own code.
+gather, no scatter. The ops are composite ``peftc::`` ops: AOTInductor lowers them from their ATen
+bodies; ONNX from translations that copy no full-size activation (``s2ft_onnx.py``: ``GatherElements``
+of the selected input columns, one in-place ``ScatterElements`` add into the selected output rows).
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ S2FT_LINEAR = SiteOp(
     base_params=("weight", "bias"),
     body=s2ft_linear,
     weight_form=_weight_form,
+    onnx="peftc.methods.s2ft_onnx:s2ft_linear",
 )
 
 S2FT_SLICE_LINEAR = SiteOp(
@@ -118,6 +120,7 @@ S2FT_SLICE_LINEAR = SiteOp(
     scalars=("start", "dim"),
     base_params=("weight", "bias"),
     body=s2ft_slice_linear,
+    onnx="peftc.methods.s2ft_onnx:s2ft_slice_linear",
 )
 """Made only by ``co-permute`` (``peftc/sparse/copermute_pass.py``), never by a parser; not merged."""
 

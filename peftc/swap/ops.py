@@ -225,7 +225,9 @@ def sparse_slot_bank(
     return out.reshape(y.shape).to(y.dtype)
 
 
-def _index_op(name: str, body: Any, *, bank: bool, values: str, scalars: tuple[str, ...]) -> SiteOp:
+def _index_op(
+    name: str, body: Any, *, bank: bool, values: str, scalars: tuple[str, ...], onnx: str | None = None
+) -> SiteOp:
     """An S²FT (``values`` ``S``) or sparse (``V``) slot op on a linear call."""
     return SiteOp(
         name=name,
@@ -235,10 +237,13 @@ def _index_op(name: str, body: Any, *, bank: bool, values: str, scalars: tuple[s
         base_params=("weight", "bias"),
         user_inputs=(INDEX_INPUT,) if bank else (),
         body=body,
+        onnx=onnx,
     )
 
 
-S2FT_SLOT = _index_op("s2ft_slot", s2ft_slot, bank=False, values="S", scalars=("dim",))
+S2FT_SLOT = _index_op(
+    "s2ft_slot", s2ft_slot, bank=False, values="S", scalars=("dim",), onnx="peftc.methods.s2ft_onnx:s2ft_slot"
+)
 S2FT_SLOT_BANK = _index_op("s2ft_slot_bank", s2ft_slot_bank, bank=True, values="S", scalars=("dim",))
 SPARSE_SLOT = _index_op("sparse_slot", sparse_slot, bank=False, values="V", scalars=())
 SPARSE_SLOT_BANK = _index_op("sparse_slot_bank", sparse_slot_bank, bank=True, values="V", scalars=())
