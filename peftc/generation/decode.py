@@ -83,7 +83,7 @@ def generate(
     ones = np.ones((batch, count), dtype=mask.dtype)  # the prefix's columns of the mask
     tokens, finished = ids, np.zeros(batch, dtype=bool)
     step_ids, positions = ids, _step_positions(mask, count, numbered)
-    native = None if call else getattr(runner.backend_runner, "run_tensors", None)
+    native = None if call else getattr(getattr(runner, "backend_runner", None), "run_tensors", None)
     for step in range(max_new_tokens):
         full = np.concatenate([ones, mask], axis=1)
         feeds = {"input_ids": step_ids, "attention_mask": full, "position_ids": positions, **pasts}

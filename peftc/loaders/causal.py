@@ -14,9 +14,10 @@ costs attention over ``total`` keys only: no static buffer of ``max_position_emb
 The model's own ``forward`` is replaced on the instance by :func:`_forward_with_past`, which builds a
 ``transformers.DynamicCache`` from the tensors and an additive 4-D mask (causal over ``past + q``,
 padding from ``attention_mask``; masked entries hold the dtype's most negative value, so a row that is
-all padding stays finite). While the step is traced, a GQA model's attention runs on its key/value heads
-without copying them to every query head (``grouped.py``). Module paths are unchanged, so adapters match as they do on the plain model
-and PEFT (``PeftModel`` calls the instance's ``forward``) is the oracle of the same step.
+all padding stays finite). While the step is traced, a GQA model's attention runs on its key/value
+heads without copying them to every query head (``grouped.py``). Module paths are unchanged, so
+adapters match as they do on the plain model and PEFT (``PeftModel`` calls the instance's ``forward``)
+is the oracle of the same step.
 """
 
 from __future__ import annotations
