@@ -23,7 +23,7 @@ def _llama() -> torch.nn.Module:
     import transformers
 
     config = transformers.LlamaConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=KV_HEADS,
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=KV_HEADS,
         intermediate_size=64, vocab_size=100, max_position_embeddings=64,
     )  # fmt: skip
     return models._seeded(lambda: transformers.LlamaForCausalLM(config))
@@ -31,8 +31,7 @@ def _llama() -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def step(tmp_path_factory):
-    """(traced step of the LoRA-merged model, PEFT's model of the same step, the merged model not yet
-    made a step)."""
+    """(traced step of the LoRA-merged model, PEFT's model of the same step)."""
     from peft import PeftModel
 
     model = _llama()
@@ -44,10 +43,9 @@ def step(tmp_path_factory):
         causal.attach(oracle, causal.TEXT_GENERATION)
         peft_model = PeftModel.from_pretrained(oracle, str(adapter)).eval()
         merged = PeftModel.from_pretrained(copy.deepcopy(model), str(adapter)).merge_and_unload().eval()
-    stepped = copy.deepcopy(merged)
-    program = _traced(stepped)
-    assert stepped.config._attn_implementation == "sdpa"  # the traced-only attention is not left behind
-    return program, peft_model, merged
+    program = _traced(merged)
+    assert merged.config._attn_implementation == "sdpa"  # the traced-only attention is not left behind
+    return program, peft_model
 
 
 def _traced(module: torch.nn.Module) -> ir.Program:
@@ -66,7 +64,7 @@ def _feeds(batch: int, seq: int, past: int) -> dict[str, torch.Tensor]:
         "attention_mask": mask,
         "position_ids": (mask.cumsum(1) - 1).clamp(min=0)[:, past:],
     }
-    for layer in range(2):
+    for layer in range(1):
         for name in (causal.key_name(layer), causal.value_name(layer)):
             feeds[name] = torch.randn(batch, KV_HEADS, past, 8, generator=generator)
     return feeds
@@ -83,9 +81,9 @@ def _worst(program: ir.Program, peft_model: torch.nn.Module) -> float:
 
 
 def test_sdpa_reads_the_cache_heads_without_a_repeat(step):
-    program, _, _ = step
+    program, _ = step
     attention = [n for n in program.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
-    assert len(attention) == 2
+    assert len(attention) == 1
     for node in attention:
         query, key, value = node.args[:3]
         assert key.target is value.target is torch.ops.aten.cat.default  # the present.* tensors themselves
@@ -95,14 +93,34 @@ def test_sdpa_reads_the_cache_heads_without_a_repeat(step):
 
 
 def test_grouped_step_matches_peft_step(step):
-    program, peft_model, _ = step
+    program, peft_model = step
     assert _worst(program, peft_model) < 1e-5
 
 
-def test_mask_rows_tiled_per_token_instead_of_per_group_are_caught(step, monkeypatch):
-    _, peft_model, merged = step
+def _against_transformers() -> float:
+    """Largest |grouped - transformers' sdpa attention| on a left-padded prefill of 5 tokens after 3."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    layer = torch.nn.Module()
+    layer.num_key_value_groups, layer.is_causal = 2, True
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 4, 5, 8, generator=generator)
+    key, value = (torch.randn(2, KV_HEADS, 8, 8, generator=generator) for _ in range(2))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[0, :2] = 0
+    additive = causal.step_mask(mask, 5, torch.float32)
+    got, _ = grouped.grouped_sdpa(layer, query, key, value, additive, scaling=0.5)
+    want, _ = sdpa_attention_forward(layer, query, key, value, additive, scaling=0.5)
+    return (got - want).abs().max().item()
+
+
+def test_grouped_attention_equals_transformers_attention():
+    assert _against_transformers() < 1e-6
+
+
+def test_mask_rows_tiled_per_token_instead_of_per_group_are_caught(monkeypatch):
     monkeypatch.setattr(grouped, "tiled", lambda mask, groups: mask.repeat_interleave(groups, dim=2))
-    assert _worst(_traced(copy.deepcopy(merged)), peft_model) > 1e-2
+    assert _against_transformers() > 1e-2
 
 
 def test_native_step_passes_package_caches_on_untouched():
