@@ -253,10 +253,11 @@ def _print(params: int, result: dict) -> None:
         f"compile {result['compile_s']:.0f} s; logits vs PEFT fp32 (verification) max rel "
         f"{result['logits_max_rel_vs_peft_fp32']:.2e}" + (f" (budget {budget:.2e})" if budget else "")
     )
-    print(
-        f"{'prompt':>6} {'batch':>5} {'artifact tok/s':>15} {'PEFT tok/s':>11} {'re-feed tok/s':>14} {'vs PEFT':>8} "
-        f"{'same tokens':>11}"
-    )
+    if result["rows"]:
+        print(
+            f"{'prompt':>6} {'batch':>5} {'artifact tok/s':>15} {'PEFT tok/s':>11} {'re-feed tok/s':>14} "
+            f"{'vs PEFT':>8} {'same tokens':>11}"
+        )
     for r in result["rows"]:
         print(
             f"{r['prompt']:>6} {r['batch']:>5} {r['artifact_tok_s']:>15.1f} {r['peft_tok_s']:>11.1f} "
