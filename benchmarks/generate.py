@@ -15,9 +15,12 @@ prompts of 32 and 512 tokens and batches of 1 and 8 it generates 64 new tokens (
 * ``re-feed``: the same artifact run on the whole prefix at every token (no cache): what generating
   cost before generation artifacts; timed over 8 tokens and reported per token.
 
-It also times one decode step (batch 1) after a prefix of 512 and of 32 tokens: with a dynamic past
-length a step attends over ``total`` keys only, so the ratio stays near 1 while the projections
-dominate. Timings are medians of repeats on a shared machine: noisy, compare ratios from one run.
+It also times one decode step (batch 1) after a prefix of 512 and of 32 tokens, the two interleaved:
+with a dynamic past length a step attends over ``total`` keys only, so the ratio stays near 1 while the
+projections dominate (goal: <= 1.3). ``call`` is ``runner(...)`` with fp32 arrays; ``native``
+(AOTInductor) is the step as ``runner.generate`` runs it after the prefill, the caches passed on in the
+package's dtype. ``--steps-only``: only these step times (no generate rows, no PEFT). Timings are
+medians of repeats on a shared machine: noisy, compare ratios from one run.
 
 ``--target aoti --precision fp32,bf16 --prompts 32``: the same rows for AOTInductor packages (one
 compile per precision, minutes each for the 100M model on a small CPU; onnxruntime's CPU kernels have
@@ -100,16 +103,43 @@ def _kv(runner, name: str) -> tuple[int, int, int]:
     return spec["shape"][1], 0, spec["shape"][3]
 
 
-def _step(runner, prefix: int, repeats: int) -> float:
-    """Median seconds of one decode step (batch 1) after ``prefix`` cached tokens."""
-    pasts = {
-        n: np.random.default_rng(0).standard_normal((1, k, prefix, d)).astype(np.float32)
-        for n, (k, _, d) in ((n, _kv(runner, n)) for n in runner.input_names if n.startswith("past_"))
-    }
+def _step_feeds(runner, prefix: int, native: bool) -> dict:
+    """Decode-step feeds (batch 1) after ``prefix`` cached tokens; ``native``: the caches as torch tensors
+    in the package's dtype, as ``runner.generate`` passes them from one AOTInductor step to the next."""
+    specs = {s["name"]: s for s in runner.manifest.target["signature"]["inputs"]}
+    dtypes = {i["name"]: i.get("dtype") for i in runner.manifest.target.get("inputs", ())}
     feeds = {"input_ids": np.array([[5]]), "attention_mask": np.ones((1, prefix + 1), np.int64)}
     feeds["position_ids"] = np.array([[prefix]])
-    runner(**feeds, **pasts)
-    return _timed(lambda: runner(**feeds, **pasts), repeats)
+    for name in (n for n in runner.input_names if n.startswith("past_")):
+        shape = (1, specs[name]["shape"][1], prefix, specs[name]["shape"][3])
+        past = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        feeds[name] = torch.from_numpy(past).to(getattr(torch, dtypes[name])) if native else past
+    return feeds
+
+
+def _steps(runner, repeats: int) -> dict:
+    """Median seconds of one decode step (batch 1) after 32 and after 512 cached tokens, the two lengths
+    interleaved: ``call`` through ``runner(...)`` with fp32 arrays, and (AOTInductor) ``native`` as
+    ``runner.generate`` runs its decode steps (``decode.native_step``: caches in the package's dtype)."""
+    from peftc.generation import decode
+
+    native = getattr(runner.backend_runner, "run_tensors", None)
+    kinds = {"call": lambda feeds: runner(**feeds)}
+    if native is not None:
+        kinds["native"] = lambda feeds: decode.native_step(native, feeds)
+    feeds = {(k, p): _step_feeds(runner, p, k == "native") for k in kinds for p in (32, 512)}
+    times = {key: [] for key in feeds}
+    for repeat in range(repeats + 2):  # two untimed rounds: the first call at a past length sets kernels up
+        for (kind, prefix), feed in feeds.items():
+            start = time.perf_counter()
+            kinds[kind](feed)
+            if repeat >= 2:
+                times[kind, prefix].append(time.perf_counter() - start)
+    out = {}
+    for kind in kinds:
+        short, long = statistics.median(times[kind, 32]), statistics.median(times[kind, 512])
+        out[kind] = {"prefix_32": short, "prefix_512": long, "ratio": long / short}
+    return out
 
 
 def _peft_tokens(peft_model, ids: np.ndarray) -> tuple[float, np.ndarray]:
@@ -171,6 +201,7 @@ def main() -> None:
     parser.add_argument("--target", default="onnx", choices=("onnx", "aoti"))
     parser.add_argument("--precision", default="fp32", help="comma-separated: fp32,bf16 (bf16: --target aoti)")
     parser.add_argument("--prompts", default="32,512", help="comma-separated prompt lengths")
+    parser.add_argument("--steps-only", action="store_true", help="only the decode-step times at prefix 32 / 512")
     args = parser.parse_args()
     if args.seq2seq:
         import generate_seq2seq
@@ -198,13 +229,15 @@ def main() -> None:
             )
             compile_s = time.perf_counter() - start
             runner = peftc.load(out)
-            rows = _artifact_rows(runner, peft_model, prompts, repeats, refeed=args.target == "onnx")
-            step32, step512 = _step(runner, 32, 20), _step(runner, 512, 20)
+            rows = (
+                [] if args.steps_only else _artifact_rows(runner, peft_model, prompts, repeats, args.target == "onnx")
+            )
+            steps = _steps(runner, 20)
             budget = artifact.manifest.target["precision"]["budget"]
             results.append({
                 "target": args.target, "precision": precision, "compile_s": compile_s, "rows": rows,
                 "logits_max_rel_vs_peft_fp32": _worst_vs_peft(artifact.manifest), "budget": budget,
-                "step_s": {"prefix_32": step32, "prefix_512": step512, "ratio": step512 / step32},
+                "step_s": steps,
             })  # fmt: skip
             if not args.json:
                 _print(params, results[-1])  # each precision as soon as it is measured
@@ -214,23 +247,25 @@ def main() -> None:
 
 
 def _print(params: int, result: dict) -> None:
-    steps, budget = result["step_s"], result["budget"]
+    budget = result["budget"]
     print(
         f"LLaMA-style {params / 1e6:.0f}M parameters, LoRA r16 merged, {result['target']} {result['precision']}; "
         f"compile {result['compile_s']:.0f} s; logits vs PEFT fp32 (verification) max rel "
         f"{result['logits_max_rel_vs_peft_fp32']:.2e}" + (f" (budget {budget:.2e})" if budget else "")
     )
-    print(
-        f"{'prompt':>6} {'batch':>5} {'artifact tok/s':>15} {'PEFT tok/s':>11} {'re-feed tok/s':>14} {'vs PEFT':>8} "
-        f"{'same tokens':>11}"
-    )
+    if result["rows"]:
+        print(
+            f"{'prompt':>6} {'batch':>5} {'artifact tok/s':>15} {'PEFT tok/s':>11} {'re-feed tok/s':>14} "
+            f"{'vs PEFT':>8} {'same tokens':>11}"
+        )
     for r in result["rows"]:
         print(
             f"{r['prompt']:>6} {r['batch']:>5} {r['artifact_tok_s']:>15.1f} {r['peft_tok_s']:>11.1f} "
             f"{r['refeed_tok_s']:>14.1f} {r['artifact_vs_peft']:>7.2f}x {r['tokens_before_first_difference']:>8.1f}/{NEW}"
         )
-    print(f"decode step (batch 1): prefix 32 {steps['prefix_32'] * 1e3:.2f} ms, prefix 512 "
-          f"{steps['prefix_512'] * 1e3:.2f} ms, ratio {steps['ratio']:.2f}")  # fmt: skip
+    for kind, step in result["step_s"].items():
+        print(f"decode step (batch 1, {kind}): prefix 32 {step['prefix_32'] * 1e3:.2f} ms, prefix 512 "
+              f"{step['prefix_512'] * 1e3:.2f} ms, ratio {step['ratio']:.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ of unmasked tokens minus one (1 on padding). An artifact with a cache head (``pr
 it as the past, the mask led by its ``n`` ones and the positions PEFT gives: a prefix's shift the
 prompt's by ``n``; a prompt's (``prompt_head.py``) number the columns after it, padding counted. A row
 that produced ``eos_token_id`` is finished: it gets ``pad_token_id`` from then on, and the loop stops
-when every row is finished.
+when every row is finished. An AOTInductor artifact's decode steps (not the prefill, and not with an
+``adapter=`` choice) go through its runner's ``run_tensors``: the caches are passed on as the package
+returned them, so a bf16 package's are not widened to fp32 and cast back at every step.
 
 Greedy (``do_sample=False``) picks the arg-max of the last position's logits. Sampling divides them by
 ``temperature``, keeps the ``top_k`` largest, then the smallest set whose probability reaches
@@ -81,9 +83,11 @@ def generate(
     ones = np.ones((batch, count), dtype=mask.dtype)  # the prefix's columns of the mask
     tokens, finished = ids, np.zeros(batch, dtype=bool)
     step_ids, positions = ids, _step_positions(mask, count, numbered)
-    for _ in range(max_new_tokens):
+    native = None if call else getattr(getattr(runner, "backend_runner", None), "run_tensors", None)
+    for step in range(max_new_tokens):
         full = np.concatenate([ones, mask], axis=1)
-        out = runner(input_ids=step_ids, attention_mask=full, position_ids=positions, **pasts, **(call or {}))
+        feeds = {"input_ids": step_ids, "attention_mask": full, "position_ids": positions, **pasts}
+        out = runner(**feeds, **(call or {})) if native is None or step == 0 else native_step(native, feeds)
         chosen = pick(out, finished, pad_token_id, sample_with if do_sample else None)
         tokens = np.concatenate([tokens, chosen[:, None]], axis=1)
         if eos_token_id is not None:
@@ -113,9 +117,25 @@ def pick(
     return np.where(finished, pad_token_id, chosen) if pad_token_id is not None else chosen
 
 
-def _next_pasts(out: Mapping[str, Any], pasts: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The caches of the next step: this step's ``present.*`` outputs."""
-    return {name: np.asarray(out[_present(name)]) for name in pasts}
+def _next_pasts(out: Mapping[str, Any], pasts: Mapping[str, Any]) -> dict[str, Any]:
+    """The caches of the next step: this step's ``present.*`` outputs (tensors stay tensors)."""
+    return {name: _kept(out[_present(name)]) for name in pasts}
+
+
+def _kept(value: Any) -> Any:
+    return value if isinstance(value, torch.Tensor) else np.asarray(value)
+
+
+def native_step(run_tensors: Callable[..., dict[str, torch.Tensor]], feeds: Mapping[str, Any]) -> dict[str, Any]:
+    """A decode step through a runner's unchecked ``run_tensors`` (the prefill went through the checked
+    call, and the loop builds every later feed itself): the caches stay in the package's dtype from one
+    step to the next, and only the last position's logits are widened to a float32 array."""
+    tensors = {
+        k: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()
+    }
+    out = dict(run_tensors(tensors))
+    out["logits"] = out["logits"][:, -1:].float().numpy()
+    return out
 
 
 def _present(name: str) -> str:

@@ -14,8 +14,10 @@ costs attention over ``total`` keys only: no static buffer of ``max_position_emb
 The model's own ``forward`` is replaced on the instance by :func:`_forward_with_past`, which builds a
 ``transformers.DynamicCache`` from the tensors and an additive 4-D mask (causal over ``past + q``,
 padding from ``attention_mask``; masked entries hold the dtype's most negative value, so a row that is
-all padding stays finite). Module paths are unchanged, so adapters match as they do on the plain model
-and PEFT (``PeftModel`` calls the instance's ``forward``) is the oracle of the same step.
+all padding stays finite). While the step is traced, a GQA model's attention runs on its key/value
+heads without copying them to every query head (``grouped.py``). Module paths are unchanged, so
+adapters match as they do on the plain model and PEFT (``PeftModel`` calls the instance's ``forward``)
+is the oracle of the same step.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 import torch
 
 from peftc.errors import UnsupportedError
+from peftc.loaders.grouped import traced_with_groups
 from peftc.loaders.inputs import DimSpec, InputSignature, TensorInput
 
 TEXT_GENERATION = "text-generation"
@@ -156,9 +159,10 @@ def _forward_with_past(
         raise TypeError(f"unexpected inputs {given}")
     cache = DynamicCache(pasts, config=self.config)
     mask = step_mask(attention_mask, input_ids.shape[1], pasts[0][0].dtype)
-    out = type(self).forward(
-        self, input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True
-    )
+    with traced_with_groups(self):
+        out = type(self).forward(
+            self, input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True
+        )
     result = {"logits": out.logits}
     for index, layer in enumerate(out.cache.layers):
         result[f"present.{index}.key"] = layer.keys

@@ -238,16 +238,20 @@ class AotiRunner:
 
     def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(feeds, self.input_names)
-        flat = [
-            torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.device, self._dtypes.get(n))
-            for n in self.input_names
-        ]
-        with torch.no_grad():
-            outputs = self.model.loader.boxed_run(flat)
+        outputs = self.run_tensors({n: torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.input_names})
         return {
             name: (value.float() if value.dtype == torch.bfloat16 else value).cpu().numpy()
-            for name, value in zip(self.output_names, outputs, strict=True)
+            for name, value in outputs.items()
         }
+
+    def run_tensors(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run on tensors, unchecked: each cast to the package's dtype for it (no copy when it already is
+        one, e.g. a bf16 package's own ``present.*`` fed back as its next step's caches); the outputs as
+        the package returns them (a bf16 package's in bf16). ``runner.generate``'s decode steps."""
+        flat = [feeds[n].to(self.device, self._dtypes.get(n)) for n in self.input_names]
+        with torch.no_grad():
+            outputs = self.model.loader.boxed_run(flat)
+        return dict(zip(self.output_names, outputs, strict=True))
 
 
 def _adapter_constants(program: ir.Program, constants: set[str]) -> tuple[dict[str, dict[str, Any]], list[str]]:
