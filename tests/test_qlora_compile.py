@@ -178,7 +178,7 @@ def test_fp16_factors(bases, monkeypatch):
     assert verify(built, Merged(merge_policy="two-path-fp16"), optimized).passed
     candidates = policy.candidates
 
-    def off(base, a, b, scale):
+    def off(base, a, b, scale, **kwargs):
         found = candidates(base, a, b, scale)
         module, error = found["two-path-fp16"]
         module.lora_B.mul_(1.01)  # an fp16 factor stored with a wrong scale
@@ -223,7 +223,7 @@ def test_requant_int8_against_peft(bases, monkeypatch):
         optimize(bases["int8"][0], Merged(merge_policy="requant-int8"))
     candidates = policy.candidates
 
-    def reversed_codes(base, a, b, scale):
+    def reversed_codes(base, a, b, scale, **kwargs):
         found = candidates(base, a, b, scale)
         module, error = found["requant-int8"]
         module.packed = module.packed.flip(-1)
@@ -246,7 +246,7 @@ def test_broken_requant_is_caught_by_the_reference(bases, monkeypatch):
     built, _, _ = bases["int8"]
     candidates = policy.candidates
 
-    def off(base, a, b, scale):
+    def off(base, a, b, scale, **kwargs):
         found = candidates(base, a, b, scale)
         module, error = found["requant"]
         module.scb.mul_(1.1)
