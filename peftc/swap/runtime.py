@@ -61,6 +61,10 @@ class SwappableRunner:
         """An adapter file's slot values, decoded from its storage dtype (``storage.py``)."""
         return storage.decode(self.inner.slot_values(path), self._dtype)
 
+    def _decoded(self, path: Path) -> Any:
+        """An fp16/int8 adapter file decoded, in the form the target's runner takes as slots."""
+        return self.inner.load_values(self._values(path), path.with_name(path.name + ".decoded"))
+
     @property
     def adapters(self) -> list[str]:
         return self.files.names
@@ -77,8 +81,7 @@ class SwappableRunner:
         check_feeds(feeds, self.input_names)
         if not self._size:
             name = banks.single(adapter)
-            # fp16/int8 files are decoded once, when first read, and fed as slot tensors.
-            reader = self._values if self._stored else self.inner.load_slots
+            reader = self._decoded if self._stored else self.inner.load_slots  # decoded once, when first read
             slots = self._zeros if name is None else self.files.read(name, "slots", reader)
             return self.inner.run(feeds, slots)
         batch = len(feeds[self._batch_input]) if self._batch_input else len(next(iter(feeds.values())))
