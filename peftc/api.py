@@ -40,6 +40,7 @@ def compile(
     max_rank: int | None = None,
     multi_adapter: int = 0,
     slot_capacity: int | None = None,
+    slot_dtype: str = "fp32",
     oracle: bool = True,
     seed: int = 0,
     precision: str | None = None,
@@ -70,13 +71,12 @@ def compile(
         keep_failed: write the artifact, marked failed, even if verification fails.
         dump_ir: write the canonical graph after every pass into this directory.
         allow_pickle: accept pickled weight files (loaded with ``weights_only=True``).
-        base_residual: ``model`` is the residual base a PiSSA/OLoRA/CorDA/LoRA-GA/LoftQ adapter was
-            trained on (saved after its initialisation), so it is used as is.
+        base_residual: ``model`` is the residual base a PiSSA/OLoRA/CorDA/LoRA-GA/LoftQ adapter was trained on.
         task_id: merge a Poly adapter for this task only (default: the router and a ``task_ids`` input).
-        swappable: keep LoRA, S²FT and sparse-ΔW sites as fixed-shape slots, each adapter an adapter file,
-            so adapters are added and switched without recompiling (``peftc/swap/``); alternatives, not a stack.
+        swappable: LoRA, S²FT, sparse-ΔW sites as slots filled from adapter files, switched without recompiling.
         max_rank, multi_adapter: ``swappable``'s slot rank (default: the largest given) and adapters per call (by row).
-        slot_capacity: with ``swappable``, rows/columns (entries) per S²FT (sparse) slot; default: the most given.
+        slot_capacity, slot_dtype: ``swappable``'s rows/columns (entries) per S²FT (sparse) slot (default: the most
+            given); its adapter files' ``fp32``, ``fp16`` or ``int8`` (per-row scales, ``peftc/swap/storage.py``).
         oracle, seed: also verify against Hugging Face PEFT when it is installed; the verification inputs' seed.
         precision: what the artifact computes in, ``fp32``, ``fp16`` or ``bf16`` (default: the base checkpoint's
             dtype where the target runs it, else fp32, noted in the manifest), or an integer precision, ``int8``,

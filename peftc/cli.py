@@ -24,6 +24,7 @@ from peftc.progress import Bar, Lines
 from peftc.quant import cli as qlora_cli
 from peftc.seeds import check_seed
 from peftc.sparse import extract_cli
+from peftc.swap import cli as swap_cli
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int8-static", "int8-weight", "int4")
 """``--precision``'s choices: ``peftc.precision.PRECISIONS``, named here so the CLI starts without torch."""
@@ -88,6 +89,7 @@ def compile_options(args: argparse.Namespace) -> CompileOptions:
         max_rank=args.max_rank,
         multi_adapter=args.multi_adapter,
         slot_capacity=args.slot_capacity,
+        slot_dtype=args.slot_dtype,
         oracle=not args.no_oracle,
         seed=args.seed,
         precision=args.precision,
@@ -295,27 +297,7 @@ def parser() -> argparse.ArgumentParser:
         help="compile for task K (no task_ids input): a Poly adapter's routed mix merged, or a multitask prompt's "
         "cache head with --task text-generation",
     )
-    c.add_argument(
-        "--swappable",
-        action="store_true",
-        help="keep LoRA, S²FT and sparse-ΔW sites as fixed-shape adapter slots, so adapters are added and switched "
-        "without recompiling "
-        "(the --adapter arguments are then alternatives, not a stack)",
-    )
-    c.add_argument("--max-rank", type=int, help="slot rank of a --swappable artifact (default: the largest given rank)")
-    c.add_argument(
-        "--multi-adapter",
-        type=int,
-        default=0,
-        metavar="N",
-        help="with --swappable: let one call mix up to N adapters, one per batch row",
-    )
-    c.add_argument(
-        "--slot-capacity",
-        type=int,
-        metavar="K",
-        help="with --swappable: rows/columns (entries) per S²FT (sparse ΔW) slot",
-    )
+    swap_cli.add_compile_flags(c)
     c.add_argument(
         "--task",
         choices=["text-generation", "text2text-generation", "text2text-generation-encoder", "none"],

@@ -21,6 +21,7 @@ from peftc import arguments
 from peftc.errors import InputError, UnsupportedError
 from peftc.precision import PRECISIONS, QUANTIZED
 from peftc.seeds import check_seed
+from peftc.swap.storage import SLOT_DTYPES
 
 PathLike = str | os.PathLike[str]
 CALIBRATION_SAMPLES = 64
@@ -60,6 +61,8 @@ class CompileOptions:
     multi_adapter: int = 0
     slot_capacity: int | None = None
     """``--slot-capacity``: rows/columns per S²FT slot of a ``--swappable`` artifact."""
+    slot_dtype: str = "fp32"
+    """``--slot-dtype``: how a ``--swappable`` artifact's adapter files store slot values (``peftc/swap/storage.py``)."""
     oracle: bool = True
     seed: int = 0
     precision: str | None = None
@@ -141,24 +144,32 @@ class CompileOptions:
                 )
         if self.co_permute and (self.merge or self.swappable):
             raise InputError("--co-permute applies to --no-merge artifacts (merged S²FT sites have no gather left)")
+        self._check_slots()
+        if self.dump_ir is not None:
+            self._check_dump_dir(self.dump_ir)
+        if self.configs and len(self.configs) not in (1, len(self.adapters)):
+            raise InputError(
+                f"{len(self.configs)} --config files for {len(self.adapters)} adapters; give one per adapter, in order"
+            )
+
+    def _check_slots(self) -> None:
+        """``--max-rank``, ``--multi-adapter``, ``--slot-capacity``, ``--slot-dtype``: with ``--swappable``, in range."""
         if (self.max_rank is not None or self.multi_adapter) and not self.swappable:
             raise InputError("--max-rank and --multi-adapter apply to --swappable artifacts only")
         if self.slot_capacity is not None and not self.swappable:
             raise InputError("--slot-capacity applies to --swappable artifacts only")
         if self.multi_adapter < 0 or (self.max_rank is not None and self.max_rank < 1):
             raise InputError("--multi-adapter must be >= 0 and --max-rank >= 1")
+        if self.slot_dtype not in SLOT_DTYPES:
+            raise InputError(f"--slot-dtype {self.slot_dtype!r}: use one of {', '.join(SLOT_DTYPES)}")
+        if self.slot_dtype != "fp32" and not self.swappable:
+            raise InputError(f"--slot-dtype {self.slot_dtype} applies to --swappable artifacts only")
         if self.slot_capacity is not None and self.slot_capacity < 1:
             raise InputError(f"--slot-capacity {self.slot_capacity}: give at least 1")
         if self.multi_adapter > MAX_MULTI_ADAPTER:
             raise InputError(
                 f"--multi-adapter {self.multi_adapter}: at most {MAX_MULTI_ADAPTER} (the bank holds a copy of "
                 "every slot per adapter)"
-            )
-        if self.dump_ir is not None:
-            self._check_dump_dir(self.dump_ir)
-        if self.configs and len(self.configs) not in (1, len(self.adapters)):
-            raise InputError(
-                f"{len(self.configs)} --config files for {len(self.adapters)} adapters; give one per adapter, in order"
             )
 
     def _check_types(self) -> None:
@@ -181,7 +192,7 @@ class CompileOptions:
         arguments.integer(self.multi_adapter, "multi_adapter")
         arguments.integer(self.calibration_samples, "calibration_samples")
         arguments.number(self.max_error, "max_error", optional=True)
-        for name in ("target", "merge_policy", "quantize_embeddings"):
+        for name in ("target", "merge_policy", "quantize_embeddings", "slot_dtype"):
             arguments.text(getattr(self, name), name)
         for name in ("precision", "combine", "task"):
             arguments.text(getattr(self, name), name, optional=True)
@@ -281,6 +292,7 @@ class CompileOptions:
             command += ["--swappable", *(["--max-rank", str(rank)] if rank else [])]  # 0: no LoRA slot
             command += ["--multi-adapter", str(self.multi_adapter)] if self.multi_adapter else []
             command += ["--slot-capacity", str(self.slot_capacity)] if self.slot_capacity is not None else []
+            command += ["--slot-dtype", self.slot_dtype] if self.slot_dtype != "fp32" else []
         return command
 
 

@@ -78,7 +78,8 @@ def _adapter_parts(m: Mapping[str, Any]) -> list[str]:
     if slots:
         bank = f", a bank of {slots['bank'] - 1} adapters per call" if slots.get("bank") else ""
         default = m["target"].get("default_adapter")
-        parts.append(f"swappable: {_slot_kinds(slots)} ({slots['dtype']}){bank}; default adapter {default!r}")
+        stored = f", files {slots['slot_dtype']}" if slots.get("slot_dtype", "fp32") != "fp32" else ""
+        parts.append(f"swappable: {_slot_kinds(slots)} ({slots['dtype']}{stored}){bank}; default adapter {default!r}")
         verified = {True: "add-adapter", False: "compile"}
         rows = [
             [

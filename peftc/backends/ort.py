@@ -32,6 +32,17 @@ _ORT_TYPES = {
 DEFAULT_THREADS = 0
 
 
+def write_adapter_file(path: Path, tensors: Mapping[str, np.ndarray]) -> None:
+    """Write arrays as an onnxruntime adapter file (``onnxruntime.AdapterFormat``)."""
+    import onnxruntime as ort
+
+    adapter = ort.AdapterFormat()
+    adapter.set_adapter_version(1)
+    adapter.set_model_version(1)
+    adapter.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()})
+    adapter.export_adapter(str(path))
+
+
 class OrtRunner:
     """An onnxruntime session over one ``.onnx`` file. ``run`` is safe to call from several threads."""
 
@@ -87,6 +98,12 @@ class OrtRunner:
         adapter = ort.LoraAdapter()
         adapter.Load(str(path))
         return adapter
+
+    def load_values(self, values: Mapping[str, np.ndarray], scratch: Path) -> Any:
+        """Slot values as a ``LoraAdapter``, through an adapter file written at ``scratch``: activated per
+        call like a file's, not fed as inputs (measured 3-7 % slower on MiniLM, on a loaded VM)."""
+        write_adapter_file(scratch, values)
+        return self.load_slots(scratch)
 
     def slot_values(self, path: Path) -> dict[str, np.ndarray]:
         """An onnxruntime adapter file's arrays."""

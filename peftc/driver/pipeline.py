@@ -139,7 +139,7 @@ def reverify(
 def mode_for(options: CompileOptions) -> Mode:
     """The build mode ``options`` ask for."""
     if options.swappable:
-        return Swappable(options.max_rank, options.multi_adapter, options.slot_capacity)
+        return Swappable(options.max_rank, options.multi_adapter, options.slot_capacity, options.slot_dtype)
     if options.co_permute:
         return CoPermuted(seed=options.seed)
     embeddings = options.quantize_embeddings

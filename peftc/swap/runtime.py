@@ -2,12 +2,12 @@
 
 :class:`SwappableRunner` wraps the target's :class:`~peftc.backends.base.SlotRunner`, which runs the
 model with given slot values and reads adapter files in its own format. The wrapper decides what
-each call reads: all zeros for the base model, one adapter file's values (read once, then kept), or,
-with a bank, the adapters the call uses stacked into bank rows plus an ``adapter_index`` per batch
-row (banks are assembled once per set of adapters and kept, the last few). The slot values it hands
-over are kept objects, so a target that loads them into its model (AOTInductor) can tell when they
-are already loaded. Calls share no state beyond these caches: concurrent calls with different
-adapters are safe.
+each call reads: all zeros for the base model, one adapter file's values (read once, decoded from
+fp16/int8 storage, then kept), or, with a bank, the adapters the call uses stacked into bank rows
+plus an ``adapter_index`` per batch row (banks are assembled once per set of adapters and kept, the
+last few). The slot values it hands over are kept objects, so a target that loads them into its
+model (AOTInductor) can tell when they are already loaded. Calls share no state beyond these caches:
+concurrent calls with different adapters are safe.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 
 from peftc.backends.base import SlotRunner, check_feeds
 from peftc.loaders.inputs import InputSignature
-from peftc.swap import banks
+from peftc.swap import banks, storage
 from peftc.swap.table import INDEX_INPUT, SlotTable
 
 _BANK_CACHE = 8
@@ -54,6 +54,16 @@ class SwappableRunner:
         self._batch_input = batched[0] if batched else None
         self._banks: OrderedDict[tuple[str, ...], dict[str, np.ndarray]] = OrderedDict()
         self._lock = threading.Lock()
+        self._stored = table.slot_dtype != "fp32"
+        self._dtype = table.dtype
+
+    def _values(self, path: Path) -> dict[str, np.ndarray]:
+        """An adapter file's slot values, decoded from its storage dtype (``storage.py``)."""
+        return storage.decode(self.inner.slot_values(path), self._dtype)
+
+    def _decoded(self, path: Path) -> Any:
+        """An fp16/int8 adapter file decoded, in the form the target's runner takes as slots."""
+        return self.inner.load_values(self._values(path), path.with_name(path.name + ".decoded"))
 
     @property
     def adapters(self) -> list[str]:
@@ -71,7 +81,8 @@ class SwappableRunner:
         check_feeds(feeds, self.input_names)
         if not self._size:
             name = banks.single(adapter)
-            slots = self._zeros if name is None else self.files.read(name, "slots", self.inner.load_slots)
+            reader = self._decoded if self._stored else self.inner.load_slots  # decoded once, when first read
+            slots = self._zeros if name is None else self.files.read(name, "slots", reader)
             return self.inner.run(feeds, slots)
         batch = len(feeds[self._batch_input]) if self._batch_input else len(next(iter(feeds.values())))
         used, index = banks.rows(adapter, batch, self._size)
@@ -82,7 +93,7 @@ class SwappableRunner:
         with self._lock:
             stacked = self._banks.get(used)
             if stacked is None:
-                values = [self.files.read(name, "values", self.inner.slot_values) for name in used]
+                values = [self.files.read(name, "values", self._values) for name in used]
                 stacked = self._banks[used] = banks.stack(self._zeros, self._names, values)
                 while len(self._banks) > _BANK_CACHE:
                     self._banks.popitem(last=False)

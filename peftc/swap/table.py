@@ -1,8 +1,8 @@
 """The slot table of a swappable artifact: the contract between its compiled model and its adapter files.
 
 Which modules have slots, their kind and shapes, the rank (LoRA) or capacities (S²FT, sparse ΔW) and
-dtype, the bank size for mixed-adapter batches, and the names of the slot tensors in the compiled
-model. It is stored in the manifest (``target.slots``) and read back by the runtime and by ``peftc
+dtype, how adapter files store them (``--slot-dtype``), the bank size for mixed-adapter batches, and the
+names of the slot tensors in the compiled model. It is stored in the manifest (``target.slots``) and read back by the runtime and by ``peftc
 add-adapter``; it is plain data (no torch), so running an artifact does not need the compiler.
 """
 
@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from typing import Any
+
+from peftc.swap import storage
 
 INDEX_INPUT = "adapter_index"
 """The input of a bank artifact that says which bank row each batch row reads."""
@@ -71,6 +73,10 @@ class SlotTable:
     """Mixed-adapter batches: slots per bank including the reserved base row 0 (0 = no bank)."""
     names: Mapping[str, Mapping[str, str]] = dataclasses.field(default_factory=dict)
     """module → {"A", "B"} → tensor name in the compiled model (filled in by lowering)."""
+    slot_dtype: str = "fp32"
+    """How adapter files store float slot tensors (``--slot-dtype``, ``storage.py``)."""
+    depth: int = 0
+    """The most slot ops on one path from an input to an output (what the storage budget scales with)."""
 
     def by_module(self) -> dict[str, Slot]:
         return {s.module: s for s in self.slots}
@@ -94,6 +100,9 @@ class SlotTable:
             "rank": self.rank,
             "dtype": self.dtype,
             "bank": self.bank,
+            "slot_dtype": self.slot_dtype,
+            "slot_depth": self.depth,
+            "slot_budget": storage.budget(self.slot_dtype, self.depth),
             "slots": [
                 {
                     **dataclasses.asdict(s),
@@ -139,7 +148,8 @@ class SlotTable:
             for s in data["slots"]
         )
         names = {s["module"]: {part: t["name"] for part, t in s["tensors"].items()} for s in data["slots"]}
-        return cls(int(data["rank"]), str(data["dtype"]), slots, int(data.get("bank", 0)), names)
+        bank, depth = int(data.get("bank", 0)), int(data.get("slot_depth", 0))
+        return cls(int(data["rank"]), str(data["dtype"]), slots, bank, names, data.get("slot_dtype", "fp32"), depth)
 
 
 def _key_patterns(slot: Slot) -> dict[str, str]:

@@ -16,8 +16,10 @@ import numpy as np
 import torch
 
 from peftc.loaders.inputs import DimSpec, InputSignature
+from peftc.swap import storage
 from peftc.swap.table import INDEX_INPUT, SlotTable
 from peftc.verification import Oracle, Report, Tolerance, verify
+from peftc.verification.compare import tolerance_for
 
 
 def verify_artifact(
@@ -78,3 +80,13 @@ def _verify_mixed(
     return verify(
         run(choice), fixed, {"mixed batch": expected}, dtypes=dtypes, seed=seed, cases=1, tolerances=tolerances
     )
+
+
+def widened(tolerance: Tolerance | None, table: SlotTable) -> Tolerance | None:
+    """``tolerance`` (None: the fp32 bound) widened by the error fp16/int8 slot storage may add
+    (``storage.budget``; relative to each output's scale), for the oracles of outputs with adapters.
+    Unchanged for fp32 storage."""
+    extra = storage.budget(table.slot_dtype, table.depth)
+    if not extra:
+        return tolerance
+    return Tolerance(None, (tolerance or tolerance_for("float32")).rel + extra)

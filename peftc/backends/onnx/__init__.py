@@ -141,15 +141,9 @@ class OnnxBackend:
 
     def write_adapter(self, path: Path, tensors: Mapping[str, np.ndarray]) -> None:
         """Write slot values as an onnxruntime adapter file (``onnxruntime.AdapterFormat``)."""
-        import onnxruntime as ort
+        from peftc.backends.ort import write_adapter_file
 
-        adapter = ort.AdapterFormat()
-        adapter.set_adapter_version(1)
-        adapter.set_model_version(1)
-        adapter.set_parameters(
-            {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}
-        )
-        adapter.export_adapter(str(path))
+        write_adapter_file(path, tensors)
 
 
 def _fuse(
