@@ -52,13 +52,13 @@ def compile(
     merge_policy: str = "auto",
     quantize_embeddings: str = "none",
     density: Sequence[str] = (),
+    dead_threshold: float | None = None,
     progress: Progress | None = None,
 ) -> Artifact:
     """Compile ``model`` with ``adapters`` into a verified artifact directory ``out``.
 
     Args:
-        model: a Hugging Face model directory, ``pkg.module:factory``, a ``.pt2`` file, or an
-            ``nn.Module`` / ``ExportedProgram`` object.
+        model: a Hugging Face model directory, ``pkg.module:factory``, a ``.pt2`` file, an ``nn.Module`` or ``ExportedProgram``.
         adapters: PEFT adapter directories or ``.safetensors`` files, in stacking order.
         out: the artifact directory to create.
         target: ``onnx``, ``aoti`` (AOTInductor package) or ``trt`` (TensorRT engine).
@@ -75,8 +75,8 @@ def compile(
         task_id: merge a Poly adapter for this task only (default: the router and a ``task_ids`` input).
         swappable: keep LoRA, S²FT and sparse-ΔW sites as fixed-shape slots, each adapter an adapter file,
             so adapters are added and switched without recompiling (``peftc/swap/``); alternatives, not a stack.
-        max_rank, multi_adapter: ``swappable``'s slot rank (default: the largest given) and adapters per call (by row).
-        slot_capacity: with ``swappable``, rows/columns (entries) per S²FT (sparse) slot; default: the most given.
+        max_rank, multi_adapter, slot_capacity: ``swappable``'s slot rank (default: the largest given), adapters per
+            call (by row) and rows/columns (entries) per S²FT (sparse) slot (default: the most given).
         oracle, seed: also verify against Hugging Face PEFT when it is installed; the verification inputs' seed.
         precision: what the artifact computes in, ``fp32``, ``fp16`` or ``bf16`` (default: the base checkpoint's
             dtype where the target runs it, else fp32, noted in the manifest), or an integer precision, ``int8``,
@@ -90,7 +90,7 @@ def compile(
         task: ``text-generation`` / ``text2text-generation`` (KV caches as tensors, README "Generation"), ``none``.
         co_permute: with ``merge=False``, S²FT sites as slices of a base permuted once (``peftc/sparse/copermute.py``).
         merge_policy, quantize_embeddings: a LoRA on a quantized base, README "Quantized bases (QLoRA)".
-        density: DEFT passes ``prune-dead-neurons``, ``skip-blocks`` within ``max_error`` (``peftc/density/compiled.py``).
+        density, dead_threshold: DEFT passes within ``max_error`` and GELU/SiLU's dead-neuron threshold, README "DEFT".
         progress: called with a line of text as each stage starts.
 
     Raises:
