@@ -98,6 +98,12 @@ def test_gated_silu_artifact_matches_dense_peft(llama):
         assert_outputs_close(runner(**inputs), models.peft_outputs(llama["model"], llama["adapter"], inputs))
 
 
+def test_inspect_shows_the_threshold(llama, capsys):
+    assert main(["inspect", str(llama["out"])]) == 0
+    out = capsys.readouterr().out
+    assert f"{2 * DEAD} of {2 * INTERMEDIATE} MLP neurons removed" in out and "dead threshold |h| <= 0.001" in out
+
+
 def test_onnx_mlp_weights_lose_the_removed_rows_and_columns(llama):
     shapes = [tuple(i.dims) for i in onnx.load(str(llama["out"] / "model.onnx")).graph.initializer]
     kept = INTERMEDIATE - DEAD
