@@ -53,13 +53,13 @@ def compile(
     merge_policy: str = "auto",
     quantize_embeddings: str = "none",
     density: Sequence[str] = (),
+    dead_threshold: float | None = None,
     progress: Progress | None = None,
 ) -> Artifact:
     """Compile ``model`` with ``adapters`` into a verified artifact directory ``out``.
 
     Args:
-        model: a Hugging Face model directory, ``pkg.module:factory``, a ``.pt2`` file, or an
-            ``nn.Module`` / ``ExportedProgram`` object.
+        model: a Hugging Face model directory, ``pkg.module:factory``, a ``.pt2`` file, an ``nn.Module`` or ``ExportedProgram``.
         adapters: PEFT adapter directories or ``.safetensors`` files, in stacking order.
         out: the artifact directory to create.
         target: ``onnx``, ``aoti`` (AOTInductor package) or ``trt`` (TensorRT engine).
@@ -90,7 +90,7 @@ def compile(
         task: ``text-generation`` / ``text2text-generation`` (KV caches as tensors, README "Generation"), ``none``.
         co_permute: with ``merge=False``, S²FT sites as slices of a base permuted once (``peftc/sparse/copermute.py``).
         merge_policy, quantize_embeddings: a LoRA on a quantized base, README "Quantized bases (QLoRA)".
-        density: DEFT passes ``prune-dead-neurons``, ``skip-blocks`` within ``max_error`` (``peftc/density/compiled.py``).
+        density, dead_threshold: DEFT passes within ``max_error`` and GELU/SiLU's dead-neuron threshold, README "DEFT".
         progress: called with a line of text as each stage starts.
 
     Raises:

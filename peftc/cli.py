@@ -101,7 +101,7 @@ def compile_options(args: argparse.Namespace) -> CompileOptions:
         co_permute=args.co_permute,
         merge_policy=args.merge_policy,
         quantize_embeddings=args.quantize_embeddings,
-        density=density_cli.compile_passes(args),
+        **density_cli.compile_options(args),
     )
 
 

@@ -10,6 +10,7 @@ they belong to (``peftc.backends.get_backend``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -83,6 +84,9 @@ class CompileOptions:
     (``peftc/quant/embeddings.py``)."""
     density: tuple[str, ...] = ()
     """DEFT passes on the merged model: ``prune-dead-neurons``, ``skip-blocks`` (``peftc/density/compiled.py``)."""
+    dead_threshold: float | None = None
+    """``--dead-threshold``: with a smooth activation (GELU, SiLU), a neuron whose down-projection input
+    is within it on every calibration row is dead (None: ``peftc.density.measure.THRESHOLD``)."""
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -113,7 +117,7 @@ class CompileOptions:
                 f"--calibration and --calibration-samples apply to --precision {', '.join(QUANTIZED)} and the density "
                 "passes (--prune-dead-neurons, --skip-blocks)"
             )
-        if self.density:
+        if self.density or self.dead_threshold is not None:
             _check_density(self)
         if self.task_id is not None and (isinstance(self.task_id, bool) or not isinstance(self.task_id, int)
                                          or self.task_id < 0):  # fmt: skip
@@ -192,6 +196,7 @@ class CompileOptions:
         arguments.integer(self.multi_adapter, "multi_adapter")
         arguments.integer(self.calibration_samples, "calibration_samples")
         arguments.number(self.max_error, "max_error", optional=True)
+        arguments.number(self.dead_threshold, "dead_threshold", optional=True)
         for name in ("target", "merge_policy", "quantize_embeddings", "slot_dtype"):
             arguments.text(getattr(self, name), name)
         for name in ("precision", "combine", "task"):
@@ -273,6 +278,7 @@ class CompileOptions:
         command += ["--task", self.task] if self.task else []
         command += ["--precision", self.precision] if self.precision else []
         command += ["--max-error", repr(self.max_error)] if self.max_error is not None else []
+        command += ["--dead-threshold", repr(self.dead_threshold)] if self.dead_threshold is not None else []
         command += ["--merge-policy", self.merge_policy] if self.merge_policy != "auto" else []
         command += ["--quantize-embeddings", self.quantize_embeddings] if self.quantize_embeddings != "none" else []
         command += ["--calibration", str(self.calibration)] if self.calibration else []
@@ -298,6 +304,8 @@ class CompileOptions:
 
 def _check_density(options: CompileOptions) -> None:
     """The density passes run on a merged fp32 artifact (``peftc/density/compiled.py``)."""
+    if options.dead_threshold is not None and "prune-dead-neurons" not in options.density:
+        raise InputError(f"--dead-threshold {options.dead_threshold!r} applies to --prune-dead-neurons only")
     unknown = [name for name in options.density if name not in DENSITY_PASSES]
     if "sparse-mlp" in unknown:
         raise UnsupportedError(
@@ -307,6 +315,9 @@ def _check_density(options: CompileOptions) -> None:
     if unknown:
         raise InputError(f"unknown density pass(es) {unknown}; compile knows {list(DENSITY_PASSES)}")
     flags = " ".join(f"--{name}" for name in options.density)
+    tau = options.dead_threshold
+    if tau is not None and not (0 <= tau < math.inf):  # also refuses NaN
+        raise InputError(f"--dead-threshold {tau!r}: give a finite |activation| >= 0 (a neuron within it is dead)")
     if not options.merge or options.swappable or options.co_permute:
         raise InputError(f"{flags}: the density passes rewrite merged MLP weights; drop --no-merge/--swappable")
     if options.combine or options.task not in (None, "none"):

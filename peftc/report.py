@@ -235,6 +235,8 @@ def _density_parts(target: Mapping[str, Any]) -> list[str]:
         f"error on {density['held_out_batches']} held-out batches {density['error']:.2e} (budget "
         f"{density['max_error']:.3g}, {density['budget_from']}; verified within it)"
     )
+    if density.get("dead_threshold") is not None:  # GELU/SiLU: dead = |h| within it on every calibration row
+        line += f"; dead threshold |h| <= {density['dead_threshold']:g} (means folded into down biases where present)"
     rows = [
         [r["name"], r["pass"], _cell(r["kept"]), f"{r['removed']}/{r['neurons']}" if "removed" in r else "-",
          f"{r['block_error']:.2e}" if "block_error" in r else "-", f"{r['error']:.2e}" if "error" in r else "-",

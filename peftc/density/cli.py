@@ -52,10 +52,22 @@ def add_compile_flags(c: argparse.ArgumentParser) -> None:
         "--skip-blocks", action="store_true", help="replace MLP blocks by their bias where the error stays in budget"
     )
     c.add_argument("--sparse-mlp", action="store_true", help="refused by compile (data-dependent); see peftc analyze")
+    c.add_argument(
+        "--dead-threshold",
+        type=float,
+        metavar="TAU",
+        help="GELU/SiLU: a neuron whose MLP value |h| <= TAU on every calibration row is dead, its mean folded into "
+        "the down bias (default 0.01; ReLU: exact zeros)",
+    )
 
 
-def compile_passes(args: argparse.Namespace) -> tuple[str, ...]:
-    """The density passes ``peftc compile``'s flags ask for."""
+def compile_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``CompileOptions``' density fields from ``peftc compile``'s flags: the passes asked for, the threshold."""
+    return {"density": _passes(args), "dead_threshold": args.dead_threshold}
+
+
+def _passes(args: argparse.Namespace) -> tuple[str, ...]:
+    """The density passes the flags of ``compile`` or ``analyze`` ask for."""
     return tuple(
         name for name, flag in (("prune-dead-neurons", args.prune_dead_neurons), ("skip-blocks", args.skip_blocks),
                                 ("sparse-mlp", args.sparse_mlp)) if flag
@@ -68,10 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.density:
         raise InputError("peftc analyze: give --density (activation density is the analysis peftc has)")
-    passes = tuple(
-        name for name, flag in (("prune-dead-neurons", args.prune_dead_neurons), ("skip-blocks", args.skip_blocks),
-                                ("sparse-mlp", args.sparse_mlp)) if flag
-    )  # fmt: skip
+    passes = _passes(args)
     request = Request(
         model=args.model, adapters=tuple(args.adapter), calibration=Path(args.calibration) if args.calibration else None,
         samples=args.samples, held_out=args.held_out, seed=args.seed, threshold=args.threshold, passes=passes,

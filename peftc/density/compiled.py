@@ -19,9 +19,14 @@ budget (relative to each output's scale; no looser than fp32's own bound) instea
 and ``peftc verify`` re-checks it within the same budget. Fails (``VerificationError``, exit 1)
 naming the worst layers: a search that keeps no rewrite (the artifact would be the dense one under
 another name, as an integer precision that keeps every layer in float), and a rewritten program
-over the budget on the held-out inputs. Refused (exit 2): a model without a known MLP block,
-``--prune-dead-neurons`` on an activation without exact zeros (GELU, SiLU: only ``peftc analyze``
-thresholds them), an exported program (no eager module to measure).
+over the budget on the held-out inputs. Refused (exit 2): a model without a known MLP block, an
+exported program (no eager module to measure).
+
+On an activation without exact zeros (GELU, SiLU, gated or not) ``--prune-dead-neurons`` is
+approximate: a neuron is dead when its down-projection input stays within ``--dead-threshold`` (tau,
+default :data:`~peftc.density.measure.THRESHOLD`) on every calibration row, and its mean input times
+its down column is folded into the down bias (``exploit.prune``, ``sparsify_pass``); the same budget
+and held-out check decide, layer by layer, as for ReLU.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from peftc import ir
 from peftc.density import exploit
 from peftc.density.analyze import held_out_split, with_adapters
 from peftc.density.blocks import Block, find_blocks
-from peftc.density.measure import Counts, measure
+from peftc.density.measure import THRESHOLD, Counts, measure
 from peftc.density.sparsify_pass import BlockPlan, SparsifyDeftPass
 from peftc.errors import UnsupportedError, VerificationError
 from peftc.passes import pipelines
@@ -71,19 +76,13 @@ def sparsify(
     if module is None or built.fp32.reference is None:
         raise UnsupportedError("the density passes measure an nn.Module in eager mode; the base is an exported program")
     blocks = find_blocks(module)
-    smooth = [b for b in blocks if not b.exact_zeros]
-    if "prune-dead-neurons" in options.density and smooth:
-        raise UnsupportedError(
-            f"--prune-dead-neurons: {smooth[0].activation} is {smooth[0].kind}, whose inactive outputs are not exact "
-            "zeros (removal is exact after ReLU only); measure it with peftc analyze --density"
-        )
     signature = built.loaded.signature.in_dtype(torch.float32)
     calib, feeds, held = held_out_split(
         options.calibration, options.calibration_samples, HELD_OUT, signature, options.seed, True
     )
     eager = with_adapters(module, [str(a) for a in options.adapters], options.allow_pickle)
     eager = copy.deepcopy(eager) if eager is module else eager  # the search rewrites it
-    counts = measure(eager, blocks, feeds)
+    counts = measure(eager, blocks, feeds, THRESHOLD if options.dead_threshold is None else options.dead_threshold)
     search = exploit.Search(eager, blocks, held, budget)
     records = exploit.run_passes(search, counts, options.density)
     plan = _plan(blocks, counts, records)
@@ -106,6 +105,7 @@ def sparsify(
         "budget_from": "--max-error" if options.max_error else "default (fp32's relative bound)",
         "error": error,
         "search_error": search.error,
+        "dead_threshold": None if all(b.exact_zeros for b in blocks) else counts[0].threshold,
         "calibration": calib.record,
         "held_out_batches": len(held),
         "neurons": sum(_width(c) for c in counts),
@@ -179,5 +179,6 @@ def _plan(blocks: Sequence[Block], counts: Sequence[Counts], records: Sequence[M
         if (block.activation, "skip-blocks") in done:
             plan.append(BlockPlan(block.activation, block.ups, block.down, ()))
         elif (block.activation, "prune-dead-neurons") in done:
-            plan.append(BlockPlan(block.activation, block.ups, block.down, kept(count)))
+            means = () if block.exact_zeros else tuple(count.mean().tolist())
+            plan.append(BlockPlan(block.activation, block.ups, block.down, kept(count), means))
     return plan

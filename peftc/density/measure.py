@@ -10,6 +10,11 @@ DEFT's own evaluation counts them):
   outputs are almost never exactly 0;
 * ``frequency``: per neuron, the fraction of rows where it is non-zero; ``dead_neurons``: how many
   are never non-zero (what removal slices out); ``rare_neurons``: how many never exceed the threshold.
+
+And per neuron, of the down projection's input ``h`` (the activation itself, or ``act(gate)·up`` in a
+gated MLP): ``peak``, the largest ``|h|``, and ``total``, the sum of ``h`` (float64) over the rows, from
+which removal of smooth activations (GELU, SiLU) decides and folds (``exploit.dead_neurons``,
+``modules.folded_bias``).
 """
 
 from __future__ import annotations
@@ -32,16 +37,32 @@ class Counts:
     """Running counts of one block's activations."""
 
     block: Block
+    threshold: float = THRESHOLD
     rows: int = 0
     nonzero: torch.Tensor | None = None
     above: torch.Tensor | None = None
+    peak: torch.Tensor | None = None
+    total: torch.Tensor | None = None
 
-    def add(self, a: torch.Tensor, threshold: float) -> None:
+    def add(self, a: torch.Tensor) -> None:
+        """Count the activation output ``a`` of one call."""
         flat = a.detach().reshape(-1, a.shape[-1])
-        nonzero, above = (flat != 0).sum(0), (flat.abs() > threshold).sum(0)
+        nonzero, above = (flat != 0).sum(0), (flat.abs() > self.threshold).sum(0)
         self.nonzero = nonzero if self.nonzero is None else self.nonzero + nonzero
         self.above = above if self.above is None else self.above + above
         self.rows += flat.shape[0]
+
+    def add_down_input(self, h: torch.Tensor) -> None:
+        """Accumulate the down projection's input ``h`` of one call (``peak``, ``total``)."""
+        flat = h.detach().reshape(-1, h.shape[-1])
+        peak, total = flat.abs().amax(0), flat.double().sum(0)
+        self.peak = peak if self.peak is None else torch.maximum(self.peak, peak)
+        self.total = total if self.total is None else self.total + total
+
+    def mean(self) -> torch.Tensor:
+        """Each neuron's mean down-projection input over the calibration rows (float64)."""
+        assert self.total is not None and self.rows
+        return self.total / self.rows
 
     def record(self, threshold: float) -> dict[str, Any]:
         """The block's JSON record (``peftc analyze --density --json``'s ``layers`` entries)."""
@@ -67,14 +88,18 @@ class Counts:
 @contextlib.contextmanager
 def hooked(model: torch.nn.Module, blocks: Sequence[Block], threshold: float) -> Iterator[list[Counts]]:
     """Count each block's activations while the ``with`` body runs ``model``."""
-    counts = [Counts(block) for block in blocks]
+    counts = [Counts(block, threshold) for block in blocks]
     handles = []
     for count in counts:
 
         def hook(module: torch.nn.Module, args: Any, out: torch.Tensor, count: Counts = count) -> None:
-            count.add(out, threshold)
+            count.add(out)
+
+        def down(module: torch.nn.Module, args: Any, count: Counts = count) -> None:
+            count.add_down_input(args[0])
 
         handles.append(model.get_submodule(count.block.activation).register_forward_hook(hook))
+        handles.append(model.get_submodule(count.block.down).register_forward_pre_hook(down))
     try:
         yield counts
     finally:

@@ -16,6 +16,18 @@ def sliced_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.L
     return layer
 
 
+def folded_bias(
+    weight: torch.Tensor, bias: torch.Tensor | None, removed: torch.Tensor, means: torch.Tensor
+) -> torch.Tensor | None:
+    """The down projection's bias once the neurons ``removed`` (indices) are gone: their mean
+    contribution ``W[:, removed] · mean(h)[removed]`` folded into ``bias`` (``weight`` [out, in],
+    ``means`` per input neuron); None, the contribution dropped, without a bias."""
+    if bias is None:
+        return None
+    shift = weight.detach().double()[:, removed] @ means.double()[removed]
+    return (bias.detach().double() + shift).to(bias.dtype)
+
+
 class NoNeurons(torch.nn.Module):
     """An up/gate projection of a skipped block: no output feature, ``[..., 0]``."""
 

@@ -7,7 +7,9 @@ model) decides; this pass only rewrites, per MLP block of its plan:
    weight rows and bias entries ``keep``, the down projection's its weight columns ``keep``; every node
    between them (the activation, a gated MLP's product) is rebuilt on the narrower values, so the
    fake values and the lowered graph carry the new width. Removing a neuron whose activation is 0 is
-   exact: its down column multiplies 0.
+   exact: its down column multiplies 0. With ``means`` (a smooth activation's neurons, each one's mean
+   down-projection input), the removed neurons' mean contribution is folded into the down bias
+   (``modules.folded_bias``; dropped where the down projection has none).
 2. *skip* (``keep`` empty, or the block skipped): the down projection's output becomes its bias
    broadcast over the MLP input's rows (``zeros_like(x) + b``); the up projections and the activation
    are then dead code and go, with their weights.
@@ -27,6 +29,7 @@ import torch
 from torch import fx
 
 from peftc import ir
+from peftc.density.modules import folded_bias
 from peftc.errors import UnsupportedError
 from peftc.passes.base import PassBase, PassContext, PassResult, fresh_name
 
@@ -42,6 +45,8 @@ class BlockPlan:
     ups: tuple[str, ...]
     down: str
     keep: tuple[int, ...]
+    means: tuple[float, ...] = ()
+    """Per neuron, its mean down-projection input, folded into the bias when it is removed (empty: none)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,8 +150,13 @@ def _prune(editor: ir.ProgramEditor, block: BlockPlan, ups: Sequence[fx.Node], d
         else:
             args = fx.node.map_arg(node.args, lambda a: new.get(a, a))
         new[node] = editor.call(node.target, args, like=node, before=down)
-    weight = _parameter(editor, block.down, "weight", _state(editor, down, 1, block.down).index_select(1, keep))
+    dense = _state(editor, down, 1, block.down)
+    weight = _parameter(editor, block.down, "weight", dense.index_select(1, keep))
     args = (new[down.args[0]], weight, *down.args[2:])
+    if block.means and len(args) > 2 and args[2] is not None:
+        removed = torch.tensor(sorted(set(range(dense.shape[1])) - set(block.keep)), dtype=torch.long)
+        bias = folded_bias(dense, _state(editor, down, 2, block.down), removed, torch.tensor(block.means))
+        args = (*args[:2], _parameter(editor, block.down, "bias", bias), *args[3:])
     editor.replace(down, editor.call(LINEAR, args, like=down), region)
 
 
