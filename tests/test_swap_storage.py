@@ -90,6 +90,7 @@ def test_every_adapter_is_within_the_format_budget_of_peft(stored, dtype):
 def test_switching_back_is_bit_identical(stored):
     _, _, out, _ = stored
     inputs = {k: v.numpy() for k, v in models.text_inputs(3, 9).items()}
+    files = sorted(p.relative_to(out) for p in out.rglob("*"))
     fresh = peftc.load(out)(**inputs, adapter="a")
     runner = peftc.load(out)
     for name in ["a", "b", None, "a"]:
@@ -97,6 +98,7 @@ def test_switching_back_is_bit_identical(stored):
     assert all(np.array_equal(fresh[k], again[k]) for k in fresh)
     mixed = runner(**inputs, adapter=["b", "a", None])
     assert np.array_equal(mixed["pooler_output"][1], fresh["pooler_output"][1])
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == files  # decoding writes nothing into it
 
 
 def test_files_are_smaller_and_hold_int8_with_scales(stored, tmp_path):

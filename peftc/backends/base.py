@@ -158,9 +158,8 @@ class SlotRunner(Protocol):
         """One adapter file, read into a form ``run`` takes as ``slots`` (the caller keeps it)."""
         ...
 
-    def load_values(self, values: Mapping[str, np.ndarray], scratch: Path) -> Any:
-        """Slot values (decoded from an fp16/int8 file) in the form ``run`` takes as ``slots``; ``scratch``:
-        a path the runner may write a file to on the way (removed after)."""
+    def load_values(self, values: Mapping[str, np.ndarray]) -> Any:
+        """Slot values (decoded from an fp16/int8 file) in the form ``run`` takes as ``slots``."""
         ...
 
     def slot_values(self, path: Path) -> dict[str, np.ndarray]:

@@ -63,7 +63,7 @@ class SwappableRunner:
 
     def _decoded(self, path: Path) -> Any:
         """An fp16/int8 adapter file decoded, in the form the target's runner takes as slots."""
-        return self.inner.load_values(self._values(path), path.with_name(path.name + ".decoded"))
+        return self.inner.load_values(self._values(path))
 
     @property
     def adapters(self) -> list[str]:

@@ -218,8 +218,8 @@ class AotiRunner:
         """A safetensors adapter file's values (memory-mapped)."""
         return self.slot_values(path)
 
-    def load_values(self, values: Mapping[str, np.ndarray], scratch: Path) -> dict[str, np.ndarray]:
-        """Slot values as ``run`` takes them (``scratch`` is not needed)."""
+    def load_values(self, values: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Slot values as ``run`` takes them."""
         return dict(values)
 
     def slot_values(self, path: Path) -> dict[str, np.ndarray]:
