@@ -18,7 +18,8 @@ bert-base-uncased) as a Hugging Face safetensors directory in a temporary direct
 (r=8 on query/value, non-zero B), and compiles that: the model is read from disk as a user's is.
 ``--stages`` also runs the compile through ``peftc.compile`` in a child whose progress callback reads the
 kernel's peak RSS of each stage and pass (``VmHWM`` of ``/proc/self/status``, reset between stages by
-writing 5 to ``/proc/self/clear_refs``; Linux only) and prints where the peak is reached.
+writing 5 to ``/proc/self/clear_refs``; Linux only) and prints where the peak is reached; it sets malloc's mmap
+threshold as ``peftc compile`` does (``peftc.memory.map_large_blocks``).
 
 ``--bigfile`` measures reading alone (header validation, hashing, the adapter reader, the ``timm:`` and
 Hugging Face model loaders) on a ~1 GB safetensors file, each in a child whose peak above its imports is
@@ -82,6 +83,7 @@ def progress(message):
     current[0] = message
 
 import torch, transformers, onnx, onnxruntime, peft, peftc, peftc.driver.pipeline
+peftc.memory.map_large_blocks()  # as `peftc compile` does
 progress("start")
 model, adapter, out, target, merge = sys.argv[1:]
 peftc.compile(model, adapter, out=out, target=target, merge=merge == "1", progress=progress)

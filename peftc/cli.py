@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from peftc import bench_cli, clean, cli_info
+from peftc import bench_cli, clean, cli_info, memory
 from peftc.combine import cli as combine_cli
 from peftc.density import cli as density_cli
 from peftc.errors import InputError, PeftcError, VerificationError
@@ -110,6 +110,7 @@ def _compile(args: argparse.Namespace) -> int:
     from peftc.report import manifest_text
 
     options = compile_options(args)
+    memory.map_large_blocks()  # this process's own choice: weights-sized buffers go back to the OS when freed
     artifact = compile_artifact(options, args.progress)
     if args.json:
         print(artifact.manifest.to_json(), end="")

@@ -65,6 +65,12 @@ class Compiled:
     lowering: Lowering
     target: dict[str, Any]
     """The manifest's ``target`` record (:func:`target_record`): verification opens the runner from it."""
+    model: dict[str, Any] = dataclasses.field(init=False)
+    """The manifest's ``model`` record, made before verification: its digest reads every weight, which
+    verification pages out while the artifact runs (``peftc/driver/deferred.py``)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model", _describe_model(self.built))
 
     def runtime_adapters(self) -> list[dict[str, Any]]:
         """The adapters' manifest entries as far as the runtime reads them (name, the mode's fields)."""
@@ -95,7 +101,7 @@ class Compiled:
                 **({"task": built.loaded.task} if built.loaded.task else {}),
                 **optimized.options,
             },
-            model=_describe_model(built),
+            model=self.model,
             adapters=[{**a.summary(), **lowering.adapters.get(a.name, {})} for a in _listed(built)],
             pipeline=[r.to_json() for r in [*built.world.records, *optimized.records]],
             target=self.target,

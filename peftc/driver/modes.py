@@ -34,7 +34,8 @@ from peftc.verification import Oracle, OraclePlan, Report, module_oracle, output
 class Optimized:
     """The program a mode lowers, what its passes did, and the mode's own results."""
 
-    program: ir.Program
+    program: ir.Program | None
+    """None once lowered: the compile drops it (its merged weights) before verification."""
     records: tuple[PassRecord, ...]
     signature: InputSignature
     """The artifact's inputs (a mode may add some: the adapter index of a bank)."""

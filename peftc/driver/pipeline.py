@@ -11,6 +11,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from peftc import memory
 from peftc.artifact import MANIFEST_FILE, Artifact, ArtifactWriter, Manifest, read_manifest
 from peftc.backends import get_backend
 from peftc.density import compiled as density
@@ -19,6 +20,7 @@ from peftc.driver import manifest as manifests
 from peftc.driver import precision as precisions
 from peftc.driver import quantize as quantizing
 from peftc.driver.build import Progress, Sources, Stages, build
+from peftc.driver.deferred import DeferredRunner, model_weights
 from peftc.driver.modes import Lowering, Merged, Mode, Unmerged
 from peftc.driver.sources import recorded
 from peftc.generation import prefix, prefix_check
@@ -55,12 +57,14 @@ def compile_artifact(options: CompileOptions, progress: Progress | None = None) 
             with stages("sparsify", f"sparsify: {', '.join(options.density)} (DEFT)"):
                 optimized, sparsified = density.sparsify(options, built, optimized, stages.context(options.dump_ir))
         with stages("lower", f"lower: {options.target}"):
+            memory.page_out(model_weights(built))  # those the optimized program replaced are not read again
             lowering = mode.lower(backend, optimized, built, writer.tmp, stages.say)
         if precision["how"] == "quantize":
             with stages("quantize", f"quantize: {built.precision}"):
                 lowering, precision = quantizing.run(
                     backend, lowering, built, writer.tmp, precision, options, stages.say
                 )
+        optimized = dataclasses.replace(optimized, program=None)  # its new tensors (merged weights) are written
         if built.loaded.task == seq2seq.TEXT2TEXT:
             lowering = _with_encoder(options, lowering, built, writer.tmp, progress)
         if built.loaded.task and built.loaded.task != seq2seq.ENCODER and built.loaded.kind == "huggingface":
@@ -78,7 +82,8 @@ def compile_artifact(options: CompileOptions, progress: Progress | None = None) 
         verifier = get_backend(verify_with) if verify_with else backend
         checked = f" (its {verify_with} model)" if verify_with else ""
         with stages("verify", f"verify: artifact{checked} vs eager reference{' and PEFT' if options.oracle else ''}"):
-            runner = open_runner(verifier, writer.tmp, target, compiled.runtime_adapters())
+            opening = partial(open_runner, verifier, writer.tmp, target, compiled.runtime_adapters())
+            runner = DeferredRunner(opening, partial(model_weights, built))
             plans = density.plans(precisions.plans(built, options.oracle, precision), target)
             report = mode.verify(runner, built, target, plans, options.seed)
             report = prefix_check.with_head(report, runner, built, options.seed) if options.oracle else report

@@ -121,22 +121,22 @@ def verify(
 ) -> Report:
     """Compare ``artifact`` with every oracle on ``cases`` seeded input shapes.
 
+    Every oracle runs on every case before the artifact runs at all: ``artifact`` may open the artifact
+    at its first call, after the oracles' weights are paged out (``peftc.memory.page_out``), so the two
+    copies of the weights are not resident together.
+
     ``tolerances``: oracle name → the tolerance of its comparisons (a reduced-precision budget);
     the others use each output's dtype's (``compare.py``).
     """
-    results = []
     effect: dict[str, float] = {}
     shapes = list(signature.cases(cases))
+    expected = []
     for index, sizes in enumerate(shapes):
-        advance(index, len(shapes))
+        advance(index, 2 * len(shapes))
         inputs = signature.example(sizes, seed=seed + index)
-        actual = artifact(inputs)
-        reference = None
-        for name, oracle in oracles.items():
-            expected = oracle(inputs)
-            reference = reference if reference is not None else expected
-            tolerance = (tolerances or {}).get(name)
-            results.append(CaseResult(name, sizes, seed + index, tuple(compare(expected, actual, dtypes, tolerance))))
+        outputs = {name: oracle(inputs) for name, oracle in oracles.items()}
+        expected.append(outputs)
+        reference = next(iter(outputs.values()), None)
         if base is not None and reference is not None:
             for name, value in base(inputs).items():
                 ref = reference.get(name)
@@ -144,7 +144,14 @@ def verify(
                     scale = float(np.abs(ref).max()) or 1.0
                     change = float(np.abs(ref - value).max()) / scale
                     effect[name] = max(effect.get(name, 0.0), change)
-    advance(len(shapes), len(shapes))
+    results = []
+    for index, (sizes, outputs) in enumerate(zip(shapes, expected, strict=True)):
+        advance(len(shapes) + index, 2 * len(shapes))
+        actual = artifact(signature.example(sizes, seed=seed + index))
+        for name, want in outputs.items():
+            tolerance = (tolerances or {}).get(name)
+            results.append(CaseResult(name, sizes, seed + index, tuple(compare(want, actual, dtypes, tolerance))))
+    advance(2 * len(shapes), 2 * len(shapes))
     return Report(tuple(results), effect, tuple(not_run))
 
 

@@ -204,3 +204,35 @@ def test_a_fusion_that_changes_the_outputs_keeps_the_unfused_model(tmp_path, ber
     expected = bert_program.module()(**inputs).last_hidden_state.detach().numpy()
     got = OrtRunner(tmp_path / "model.onnx").run({k: v.numpy() for k, v in inputs.items()})["last_hidden_state"]
     assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_the_fusion_check_builds_its_session_after_the_exported_model_is_freed(tmp_path, bert_program, monkeypatch):
+    """The fused model's folded weights and the exporter's model are freed, and the program's file-mapped
+    weights paged out, before onnxruntime builds the fused model's session (the collection threshold is
+    lowered to this tiny model)."""
+    import weakref
+
+    import peftc.backends.ort as ort_module
+    from peftc import memory
+    from peftc.backends.onnx import fusion
+
+    fused, exported, events = fusion.fused, [], []
+
+    def tracked(path, model, summarize):
+        exported.append(weakref.ref(model))
+        return fused(path, model, summarize)
+
+    class Checked(ort_module.OrtRunner):
+        def __init__(self, path, **kwargs):
+            events.append(("session", exported[0]() is None))
+            super().__init__(path, **kwargs)
+
+    monkeypatch.setattr(memory, "COLLECT_BYTES", 0)
+    monkeypatch.setattr(fusion, "fused", tracked)
+    monkeypatch.setattr(ort_module, "OrtRunner", Checked)
+    monkeypatch.setattr(memory, "page_out", lambda tensors: events.append(("page_out", len(list(tensors)))) or 0)
+    derived = from_transformers(models.tiny_bert())
+    signature = InputSignature(tuple(i for i in derived.inputs if i.default is None), derived.dims)
+    lowered, _ = _lower(bert_program, signature, tmp_path, fuse=True)
+    assert lowered.info["fusions"]["attention"] == 2
+    assert events == [("page_out", len(bert_program.state_dict) + len(bert_program.constants)), ("session", True)]

@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from peftc import ir
+from peftc import ir, memory
 from peftc.artifact.files import listed
 from peftc.backends.base import Availability, Capabilities, Lowered, LowerRequest
+from peftc.backends.onnx import fusion
 from peftc.backends.onnx.streaming import save
-from peftc.errors import first_line
 from peftc.loaders.inputs import InputSignature
 from peftc.methods import registry
 
@@ -72,7 +72,7 @@ class OnnxBackend:
     def lower(self, request: LowerRequest, directory: Path, progress: Any) -> Lowered:
         """Export to ``directory/model.onnx``; ``overridable`` initializers also become graph inputs
         (their stored value is the default), which is how adapter slots are fed. A model with no
-        adapter tensors left (merged) is then fused for onnxruntime (:func:`_fuse`)."""
+        adapter tensors left (merged) is then fused for onnxruntime (``fusion.py``)."""
         program, signature, overridable = request.program, request.signature, request.overridable
         example = signature.example(signature.trace_sizes())
         onnx_program = torch.onnx.export(
@@ -102,18 +102,20 @@ class OnnxBackend:
         else:
             save(model, directory / MODEL_FILE)
         adapter_initializers = _adapter_initializers(program, model, overridable)
-        fusions, not_run = {}, ()
+        summary, fusions, not_run = _summary(model, overridable), {}, ()
         if self.fuse and not adapter_initializers and not overridable and not external:
             progress("onnx: onnxruntime fusions (attention, skip-norm, bias-gelu)")
-            model, fusions, not_run = _fuse(directory / MODEL_FILE, model, program, example)
+            fused = fusion.fused(directory / MODEL_FILE, model, lambda m: _summary(m, overridable))
+            del model, onnx_program  # the fused model's folded weights are not kept beside onnxruntime's session
+            memory.collect(initializer_bytes)  # the dropped models' reference cycles
+            summary, fusions, not_run = fusion.checked(directory / MODEL_FILE, fused, summary, program, example)
         files = sorted(p.name for p in directory.iterdir() if p.is_file())
         return Lowered(
             files=tuple(files),
-            inputs=tuple(_describe(v) for v in model.graph.inputs if v.name not in overridable),
-            outputs=tuple(_describe(v) for v in model.graph.outputs),
+            inputs=summary["inputs"],
+            outputs=summary["outputs"],
             info={
-                "opset": model.opset_imports.get("", None),
-                **_facts(model),
+                **summary["info"],
                 "external_data": external,
                 "adapter_initializers": adapter_initializers,
                 "fusions": fusions,
@@ -146,99 +148,13 @@ class OnnxBackend:
         write_adapter_file(path, tensors)
 
 
-def _fuse(
-    path: Path, exported: Any, program: ir.Program, example: Mapping[str, torch.Tensor]
-) -> tuple[Any, dict[str, int], tuple[tuple[str, str], ...]]:
-    """The saved model at ``path``, constant-folded by onnxscript's optimizer and fused for
-    onnxruntime (``onnxscript.rewriter.ort_fusions``: Attention, SkipLayerNormalization, BiasGelu…),
-    written back, with the fusions that applied. Measured on MiniLM (2-vCPU AVX-512 VM): 17 % faster
-    at batch 1, 19 % at batch 8. Weights are renamed, so only models without adapter tensors are
-    fused (and below the 2 GB protobuf limit: one file). ``exported`` itself is fused (its initializers
-    are the program's tensors: no copy of the weights is read back); the fused model must load in onnxruntime
-    and agree with the unfused one on ``example`` (:func:`_expected`; within 1e-3 of each output's
-    scale; the artifact
-    is verified against its oracles afterwards like any other); otherwise the unfused model stays
-    and ``not_run`` says why (the rewriter has produced ill-typed Gemms on rank-3 inputs).
-
-    SkipLayerNormalization is split back into Add and LayerNormalization (:func:`_split_skip_norms`):
-    onnxruntime's CPU kernel for it is several times slower than the two ops it replaces (its share of
-    MiniLM's batch-8 time was 12 %), and the runner keeps onnxruntime from fusing it again.
-    """
-    import onnx_ir
-    from onnxscript import optimizer
-    from onnxscript.rewriter.ort_fusions import optimize_for_ort
-
-    from peftc.backends.ort import OrtRunner
-    from peftc.verification.compare import relative_error
-
-    fused_path = path.with_name(f".fused.{path.name}")
-    try:
-        model = exported
-        optimizer.optimize(model)
-        model, counts = optimize_for_ort(model)
-        counts["skip_layer_normalization"] = counts.get("skip_layer_normalization", 0) - _split_skip_norms(model)
-        save(model, fused_path)
-        expected = _expected(path, program, example)
-        worst = relative_error(expected, OrtRunner(fused_path).run({k: v.numpy() for k, v in example.items()}))
-        if not worst <= 1e-3:
-            raise ValueError(f"the fused model differs from the unfused one by {worst:.3g} of an output's scale")
-    except Exception as e:
-        fused_path.unlink(missing_ok=True)
-        unfused = onnx_ir.load(str(path))  # the fusions may have changed ``exported`` before failing
-        return unfused, {}, (("onnxruntime fusions", f"kept the unfused model: {type(e).__name__}: {first_line(e)}"),)
-    fused_path.replace(path)
-    return model, {k: v for k, v in sorted(counts.items()) if v}, ()
-
-
-def _expected(path: Path, program: ir.Program, example: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """What the fused model must compute on ``example``: the eager program the unfused model at ``path``
-    was exported from, when its outputs are fp32 (no onnxruntime session of the unfused model then: it
-    would hold the weights twice, with the transposes onnxruntime folds, beside the fused one's);
-    otherwise the unfused model in onnxruntime (its fp16 kernels round otherwise than torch's)."""
-    from peftc.backends.ort import OrtRunner
-    from peftc.verification.oracles import program_oracle
-
-    outputs = program_oracle(program)(example)
-    if all(value.dtype != np.float16 for value in outputs.values()):
-        return outputs
-    return OrtRunner(path).run({k: v.numpy() for k, v in example.items()})
-
-
-def _split_skip_norms(model: Any) -> int:
-    """Replace each ``com.microsoft.SkipLayerNormalization`` whose statistics outputs nothing reads by
-    ``Add`` (input + skip [+ bias]) and ``LayerNormalization``; return how many were split."""
-    import onnx_ir
-
-    split = 0
-    for node in list(model.graph):
-        if node.domain != "com.microsoft" or node.op_type != "SkipLayerNormalization":
-            continue
-        if any(out.uses() for out in node.outputs[1:3]):
-            continue
-        x, skip, gamma, beta, bias = [*node.inputs, *[None] * (5 - len(node.inputs))]
-        total = onnx_ir.Node("", "Add", [x, skip])
-        added = [total] if bias is None else [total, onnx_ir.Node("", "Add", [total.outputs[0], bias])]
-        epsilon = node.attributes.get("epsilon")
-        norm = onnx_ir.Node(
-            "",
-            "LayerNormalization",
-            [added[-1].outputs[0], gamma, *([beta] if beta is not None else [])],
-            attributes=[
-                onnx_ir.AttrInt64("axis", -1),
-                onnx_ir.AttrFloat32("epsilon", epsilon.value if epsilon else 1e-12),
-            ],
-        )
-        model.graph.insert_before(node, [*added, norm])
-        pairs = [(node.outputs[0], norm.outputs[0])]
-        if len(node.outputs) > 3:
-            pairs.append((node.outputs[3], added[-1].outputs[0]))
-        for old, new in pairs:
-            onnx_ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
-        model.graph.remove(node, safe=True)
-        for old, new in pairs:  # graph outputs keep their names and types
-            new.name, new.type, new.shape = old.name, old.type, old.shape
-        split += 1
-    return split
+def _summary(model: Any, overridable: Sequence[str] = ()) -> dict[str, Any]:
+    """What :class:`Lowered` reports of ``model``: its inputs (adapter slots aside), outputs and graph facts."""
+    return {
+        "inputs": tuple(_describe(v) for v in model.graph.inputs if v.name not in overridable),
+        "outputs": tuple(_describe(v) for v in model.graph.outputs),
+        "info": {"opset": model.opset_imports.get("", None), **_facts(model)},
+    }
 
 
 def _facts(model: Any) -> dict[str, Any]:
