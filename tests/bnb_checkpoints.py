@@ -8,11 +8,11 @@ are made by PEFT on the quantized model (``init_lora_weights=False``, so they ch
 from __future__ import annotations
 
 import functools
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
+import workdirs
 
 FORMATS = {
     "nf4-dq": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
@@ -39,7 +39,7 @@ def root() -> Path:
     import transformers
 
     warnings.filterwarnings("ignore")
-    path = Path(tempfile.mkdtemp(prefix="peftc-bnb-"))
+    path = workdirs.work_dir("peftc-bnb-")
     config = llama_config()
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(path / "fp32")

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import functools
 import json
-import tempfile
 import warnings
 from pathlib import Path
 
 import bnb_checkpoints
 import quant_packing
 import torch
+import workdirs
 
 GROUP = 32
 CONFIGS = {
@@ -33,7 +33,7 @@ def root() -> Path:
     import transformers
 
     warnings.filterwarnings("ignore")
-    path = Path(tempfile.mkdtemp(prefix="peftc-nbits-"))
+    path = workdirs.work_dir("peftc-nbits-")
     config = bnb_checkpoints.llama_config()
     for index, fmt in enumerate(CONFIGS):
         torch.manual_seed(index)

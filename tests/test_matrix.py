@@ -11,13 +11,13 @@ visibly changes the output. Tracing is shared per family; one cell per method al
 from __future__ import annotations
 
 import functools
-import tempfile
 from pathlib import Path
 
 import matrix
 import models
 import prompt_matrix
 import pytest
+import workdirs
 from conftest import export
 
 import peftc
@@ -28,7 +28,7 @@ from peftc.passes import PassContext, PassManager, pipelines
 from peftc.verification import peft_oracle, program_oracle, verify
 
 FAMILIES = {f.name: f for f in matrix.FAMILIES}
-_WORK = Path(tempfile.mkdtemp(prefix="peftc-coverage-"))
+_WORK = workdirs.work_dir("peftc-coverage-")
 
 
 @functools.cache

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import re
-import tempfile
 from pathlib import Path
 
 import models
@@ -19,6 +18,7 @@ import numpy as np
 import prompt_matrix
 import pytest
 import torch
+import workdirs
 from conftest import assert_outputs_close, edited_adapter
 
 import peftc
@@ -32,7 +32,7 @@ from peftc.verification import OraclePlan, program_oracle, to_numpy, verify
 
 FAMILIES = {f.name: f for f in prompt_matrix.FAMILIES}
 METHODS = {m.name: m for m in prompt_matrix.METHODS}
-_WORK = Path(tempfile.mkdtemp(prefix="peftc-prompts-"))
+_WORK = workdirs.work_dir("peftc-prompts-")
 
 
 @functools.cache

@@ -13,12 +13,12 @@ import copy
 import functools
 import json
 import re
-import tempfile
 from pathlib import Path
 
 import models
 import pytest
 import torch
+import workdirs
 from conftest import assert_outputs_close, edited_adapter
 from safetensors.torch import save_file
 
@@ -30,7 +30,7 @@ from peftc.methods import bottleneck, registry
 from peftc.methods.loading import read_adapter
 from peftc.verification import module_oracle, verify
 
-_WORK = Path(tempfile.mkdtemp(prefix="peftc-bottleneck-"))
+_WORK = workdirs.work_dir("peftc-bottleneck-")
 HIDDEN = 32
 VARIANTS = {  # AdapterHub's DoubleSeqBnConfig, SeqBnConfig and ParBnConfig (reduction factors shrunk)
     "houlsby": {"mh_adapter": True, "output_adapter": True, "reduction_factor": 8, "non_linearity": "swish",

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import re
-import tempfile
 from pathlib import Path
 
 import models
@@ -21,6 +20,7 @@ import peft
 import pytest
 import torch
 import transformers
+import workdirs
 from conftest import assert_outputs_close, edited_adapter
 
 import peftc
@@ -35,7 +35,7 @@ from peftc.methods.loading import read_adapter
 from peftc.passes import PassContext, PassManager, pipelines
 from peftc.verification import OraclePlan, peft_oracle, program_oracle, verify
 
-_WORK = Path(tempfile.mkdtemp(prefix="peftc-poly-"))
+_WORK = workdirs.work_dir("peftc-poly-")
 
 
 def _llama_lm() -> torch.nn.Module:

@@ -18,7 +18,6 @@ import dataclasses
 import functools
 import json
 import re
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import peft
 import pytest
 import torch
 import transformers
+import workdirs
 from cli_run import error_line, run
 from conftest import edited_adapter
 from safetensors.torch import save_file
@@ -39,7 +39,7 @@ from peftc.methods.loading import read_adapter
 from peftc.methods.xlora import PREFIX
 from peftc.verification import OraclePlan, program_oracle, verify
 
-_WORK = Path(tempfile.mkdtemp(prefix="peftc-xlora-"))
+_WORK = workdirs.work_dir("peftc-xlora-")
 
 
 def _llama_lm() -> torch.nn.Module:
