@@ -188,7 +188,8 @@ def test_add_adapter_then_remove_it(copy, tmp_path):
 def test_add_one_bit_adapter_and_refuse_compeft(copy, tmp_path):
     """peftc's 1-bit adapter (lowered as LoRA) fits the LoRA slots: its output is the model with
     ``W += s·(b·sign B)(a·sign A)``, per-row scales ``mean|row|``, computed here from the factors it was made
-    of; a ComPEFT adapter (a dense ternary ΔW) is refused naming the module, the artifact unchanged."""
+    of; a ComPEFT adapter (sparse slots: ``test_swap_s2ft.py``) on a LoRA slot is refused naming the module,
+    the artifact unchanged."""
     import copy as copying
 
     import torch
@@ -213,9 +214,7 @@ def test_add_one_bit_adapter_and_refuse_compeft(copy, tmp_path):
     assert_outputs_close(peftc.load(artifact)(**inputs, adapter="onebit"), want)
     before = _hashes(artifact)
     ternary = compeft.save(tmp_path / "compeft", {f"{module}.weight": torch.randn(32, 32, generator=gen)}, 0.3, 1.0)
-    with pytest.raises(
-        UnsupportedError, match=rf"compeft \(ternary_delta on a Linear\) on '{module}' cannot be swapped"
-    ):
+    with pytest.raises(InputError, match=rf"module '{module}' has a linear slot .* adds a sparse update"):
         add_adapter(artifact, ternary, name="ternary", model=model)
     assert _hashes(artifact) == before
 
