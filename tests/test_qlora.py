@@ -127,3 +127,24 @@ def test_other_methods_refuse_a_quantized_layer_naming_it():
         UnsupportedError, match=r"IA3 on the quantized layer 'model\.layers\.0\.self_attn\.q_proj'.*LoRA"
     ):
         layout(source, module, "IA3", ["Linear"])
+
+
+def test_fp4_policies_against_peft_and_bitsandbytes():
+    """FP4 (no double quantization): two-path and float equal PEFT on bitsandbytes' dequantization of the
+    checkpoint; requant's packed codes are what bitsandbytes' FP4 quantizer makes of PEFT's merged weight."""
+    F = pytest.importorskip("bitsandbytes").functional
+    reference = dequantized_peft("fp4")
+    with torch.no_grad():
+        exact = reference(input_ids=IDS).logits
+    root, adapter = bnb_checkpoints.root() / "fp4", bnb_checkpoints.adapter("fp4")
+    for merge_policy in ("two-path", "float"):
+        assert qlora.relative_error(logits(qlora.build(root, adapter, merge_policy)), exact) < EXACT
+    requant = qlora.build(root, adapter, "requant")
+    assert [s.policy for s in requant.sites] == ["requant"] * 3 and all(s.error > 0 for s in requant.sites)
+    for module in ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"):
+        lora = reference.base_model.model.get_submodule(module)
+        merged = (lora.base_layer.weight + lora.get_delta_weight("default")).detach().float()
+        packed, state = F.quantize_4bit(merged, blocksize=64, quant_type="fp4")
+        layer = requant.module.get_submodule(module)
+        assert layer.quant_type == "fp4" and torch.equal(layer.packed, packed.flatten())
+        assert torch.equal(layer.absmax, state.absmax)

@@ -135,6 +135,31 @@ def test_options_peftc_does_not_read_are_refused():
         formats.check_config({**nbits_checkpoints.CONFIGS["awq"], "version": "gemv"})
 
 
+def test_configs_as_transformers_writes_them_are_read():
+    """The ``quantization_config`` dicts transformers' own ``GPTQConfig`` / ``AwqConfig`` write (AwqConfig
+    inherits GPTQ's calibration fields, ``sym: true`` and ``desc_act`` among them, and writes ``format`` beside
+    ``version``) are read; their GEMV layout is refused by either field's name."""
+    import transformers
+
+    from peftc.quant import awq
+
+    assert formats.check_config(transformers.GPTQConfig(bits=4, group_size=32).to_dict()) == "gptq"
+    written = transformers.AwqConfig(bits=4, group_size=32).to_dict()
+    assert written["sym"] is True and written["format"] == written["version"] == "gemm"
+    assert formats.check_config(written) == "awq"
+    state = safetensors.torch.load_file(str(nbits_checkpoints.root() / "awq" / "model.safetensors"))
+    key = "model.layers.0.self_attn.q_proj"
+    layer = {name: state[f"{key}.{name}"] for name in ("qweight", "qzeros", "scales")}
+    assert torch.equal(
+        awq.dequantize(layer, written, key), awq.dequantize(layer, nbits_checkpoints.CONFIGS["awq"], key)
+    )
+    gemv = transformers.AwqConfig(bits=4, version="gemv").to_dict()
+    with pytest.raises(UnsupportedError, match=r"quantization_config\.version = 'gemv'"):
+        formats.check_config(gemv)
+    with pytest.raises(UnsupportedError, match=r"q_proj: quantization_config\.format = 'gemv'"):
+        awq.dequantize(layer, {**nbits_checkpoints.CONFIGS["awq"], "format": "gemv"}, key)
+
+
 def test_qweight_of_wrong_length_is_one_line_naming_the_key(tmp_path, capsys):
     from peftc.cli import main
 

@@ -185,6 +185,40 @@ def test_add_adapter_then_remove_it(copy, tmp_path):
     assert "late" not in peftc.load(artifact).adapters and not (artifact / entry["slot_file"]).exists()
 
 
+def test_add_one_bit_adapter_and_refuse_compeft(copy, tmp_path):
+    """peftc's 1-bit adapter (lowered as LoRA) fits the LoRA slots: its output is the model with
+    ``W += s·(b·sign B)(a·sign A)``, per-row scales ``mean|row|``, computed here from the factors it was made
+    of; a ComPEFT adapter (sparse slots: ``test_swap_s2ft.py``) on a LoRA slot is refused naming the module,
+    the artifact unchanged."""
+    import copy as copying
+
+    import torch
+
+    from peftc.methods import compeft, onebit
+
+    model, artifact, _ = copy
+    gen = torch.Generator().manual_seed(9)
+    module = "encoder.layer.1.attention.self.value"
+    a, b = torch.randn(3, 32, generator=gen), torch.randn(32, 3, generator=gen)
+    add_adapter(artifact, onebit.save(tmp_path / "onebit", {module: (a, b)}, scaling=0.5), name="onebit", model=model)
+    expected = copying.deepcopy(model)
+
+    def one_bit(m):
+        return m.abs().mean(1, keepdim=True) * torch.where(m >= 0, 1.0, -1.0)
+
+    with torch.no_grad():
+        expected.get_submodule(module).weight += 0.5 * one_bit(b) @ one_bit(a)
+    inputs = models.text_inputs(2, 7)
+    want = _base(expected, inputs)
+    assert np.abs(want["last_hidden_state"] - _base(model, inputs)["last_hidden_state"]).max() > 0.1
+    assert_outputs_close(peftc.load(artifact)(**inputs, adapter="onebit"), want)
+    before = _hashes(artifact)
+    ternary = compeft.save(tmp_path / "compeft", {f"{module}.weight": torch.randn(32, 32, generator=gen)}, 0.3, 1.0)
+    with pytest.raises(InputError, match=rf"module '{module}' has a linear slot .* adds a sparse update"):
+        add_adapter(artifact, ternary, name="ternary", model=model)
+    assert _hashes(artifact) == before
+
+
 @pytest.mark.parametrize(
     ("config", "name", "error", "match"),
     [

@@ -7,7 +7,9 @@ naming module and capacity, and no dense ΔW appears in the graph."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -240,17 +242,53 @@ def copy_(swappable, tmp_path):
 
 
 def test_add_adapters_that_fit(swappable, copy_, tmp_path):
-    """An S²FT adapter on fewer rows/columns than the slots hold, and a PEFTC_SPARSE one in SHiRA's slot."""
+    """An S²FT adapter on fewer rows/columns than the slots hold, a PEFTC_SPARSE one in SHiRA's slot, and a
+    ComPEFT one there too (its ternary ΔW as positions and ±c; expected: the top 2 % of |τ| as sign(τ) times
+    α·std(τ), computed here)."""
+    from peftc.methods import compeft
+
     model = swappable[0]
     extra = _s2ft(model, tmp_path / "c", 5, {"self_attn.v_proj": 3, "mlp.down_proj": 5})
     entry = add_adapter(copy_, extra, model=model).adapters[-1]
     assert entry["name"] == "c" and entry["verification"]["passed"]
     delta = _sparse(model, tmp_path / "d", 6, "layers.0.mlp.gate_proj", 40)
     assert add_adapter(copy_, delta, model=model).adapters[-1]["verification"]["passed"]
+    gate = "layers.0.mlp.gate_proj.weight"
+    tau = torch.randn(model.get_parameter(gate).shape, generator=torch.Generator().manual_seed(8))
+    ternary = compeft.save(tmp_path / "e", {gate: tau}, density=0.02, alpha=2.0)
+    assert add_adapter(copy_, ternary, model=model).adapters[-1]["verification"]["passed"]
+    tuned = copy.deepcopy(model)
+    kept = tau.abs().flatten().argsort(descending=True)[: math.ceil(0.02 * tau.numel())]
+    with torch.no_grad():
+        tuned.get_parameter(gate).view(-1)[kept] += tau.flatten()[kept].sign() * 2.0 * float(tau.std())
     inputs = models.text_inputs(2, 6)
     runner = peftc.load(copy_)
     for name, path in (("c", extra), ("d", delta)):
         assert_outputs_close(runner(**inputs, adapter=name), _outputs(_dense(model, path), inputs))
+    want = _outputs(tuned, inputs)
+    assert np.abs(want["last_hidden_state"] - _outputs(model, inputs)["last_hidden_state"]).max() > 0.1
+    assert_outputs_close(runner(**inputs, adapter="e"), want)
+
+
+def test_compeft_slot_without_its_scale_fails_verification(swappable, copy_, tmp_path, monkeypatch):
+    """Mutation: a ComPEFT slot filled with the bare signs (the scale c dropped); add-adapter must refuse."""
+    from peftc.methods import compeft
+    from peftc.swap import sparse_slots
+
+    model, gate = swappable[0], "layers.0.mlp.gate_proj.weight"
+    tau = torch.randn(model.get_parameter(gate).shape, generator=torch.Generator().manual_seed(8))
+    ternary = compeft.save(tmp_path / "e", {gate: tau}, density=0.02, alpha=2.0)
+    real = sparse_slots._entries
+
+    def unscaled(site):
+        positions, values = real(site)
+        return positions, dataclasses.replace(values, tensor=values.tensor.sign())
+
+    monkeypatch.setattr(sparse_slots, "_entries", unscaled)
+    before = _hashes(copy_)
+    with pytest.raises(VerificationError, match=r"vs (reference\[e\]|mixed batch)"):
+        add_adapter(copy_, ternary, model=model)
+    assert _hashes(copy_) == before
 
 
 def test_add_adapter_with_a_nonzero_pad_fails_verification(swappable, copy_, tmp_path, monkeypatch):

@@ -133,7 +133,11 @@ def parse(source: AdapterSource, modules: ModuleTable, options: ParseOptions) ->
         signs = _signs(source, key, tuple(base.shape))
         scale = _scale(source, other)
         path, local = owners[name]
-        info = {"module_type": modules[path].class_name, "nonzero": int(signs.count_nonzero())}
+        info = {
+            "module_type": modules[path].class_name,
+            "nonzero": int(signs.count_nonzero()),
+            "weight": list(base.shape),
+        }
         tensor = AdapterTensor(key, signs.to(torch.float32))
         sites.append(Site(path, TERNARY_DELTA.name, {"signs": tensor}, {"scale": scale}, info, local))
     return Adapter(source.name, "compeft", source, tuple(sites), honoured=honoured, ignored=ignored)

@@ -46,12 +46,12 @@ def dequantize(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any], k
     if config.get("quant_method", "awq") != "awq":
         raise UnsupportedError(f"{key}: quantization_config.quant_method = {config.get('quant_method')!r}; not awq")
     intpack.int_field(config, key, "bits", (4,))
-    version = str(config.get("version", "gemm")).lower()
-    if version != "gemm":
-        raise UnsupportedError(
-            f"{key}: quantization_config.version = {config.get('version')!r}; peftc reads the GEMM layout only "
-            "(GEMV, exllama, marlin and ipex repack the codes for their kernels)"
-        )
+    for field in ("version", "format"):  # transformers' AwqConfig writes both, AutoAWQ ``version`` only
+        if str(config.get(field, "gemm")).lower() != "gemm":
+            raise UnsupportedError(
+                f"{key}: quantization_config.{field} = {config.get(field)!r}; peftc reads the GEMM layout only "
+                "(GEMV, exllama, marlin and ipex repack the codes for their kernels)"
+            )
     if config.get("zero_point", True) is not True:
         raise UnsupportedError(
             f"{key}: quantization_config.zero_point = {config.get('zero_point')!r}; AWQ GEMM stores zeros"

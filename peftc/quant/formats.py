@@ -84,8 +84,13 @@ GPTQ_IGNORED = (
 )  # fmt: skip
 """GPTQ options the decoder checks, or that only steered calibration or pick run-time kernels (the layers
 are found by their ``qweight``, whichever modules were quantized)."""
-AWQ_IGNORED = ("quant_method", "bits", "group_size", "zero_point", "version", "backend", "modules_to_not_convert")
-"""AWQ options the decoder checks (``version`` GEMM only), or that pick kernels (``backend``)."""
+AWQ_IGNORED = (
+    "quant_method", "bits", "group_size", "zero_point", "version", "format", "backend", "modules_to_not_convert",
+    *(k for k in GPTQ_IGNORED if k not in ("checkpoint_format", "quantizer", "lm_head", "pack_dtype")),
+)  # fmt: skip
+"""AWQ options the decoder checks (``version`` / ``format`` GEMM only), that pick kernels (``backend``), or
+that transformers' ``AwqConfig`` (a ``GPTQConfig`` subclass) writes from its parent without AWQ reading them
+(``desc_act``, ``sym``, ``dataset``…: an AWQ GEMM layer's numbers are its ``qweight``/``qzeros``/``scales``)."""
 
 
 def _check_known(method: str, known: tuple[str, ...]) -> Callable[[Mapping[str, Any]], None]:
@@ -95,10 +100,11 @@ def _check_known(method: str, known: tuple[str, ...]) -> Callable[[Mapping[str, 
             raise UnsupportedError(f"quantization_config.{unknown[0]}: a {method} option peftc does not read")
         if method == "gptq" and config.get("pack_dtype", "int32") != "int32":
             raise UnsupportedError(f"quantization_config.pack_dtype = {config['pack_dtype']!r} (peftc reads int32)")
-        if method == "awq" and str(config.get("version", "gemm")).lower() != "gemm":
-            raise UnsupportedError(
-                f"quantization_config.version = {config.get('version')!r}: peftc reads AWQ GEMM checkpoints only"
-            )
+        for field in ("version", "format") if method == "awq" else ():
+            if str(config.get(field, "gemm")).lower() != "gemm":
+                raise UnsupportedError(
+                    f"quantization_config.{field} = {config.get(field)!r}: peftc reads AWQ GEMM checkpoints only"
+                )
 
     return check
 

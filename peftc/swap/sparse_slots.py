@@ -1,5 +1,8 @@
-"""Sparse-ΔW sites in a swappable artifact: fixed-capacity position + value slots (``PEFTC_SPARSE``
-and PEFT's SHiRA on ``nn.Linear`` weights).
+"""Sparse-ΔW sites in a swappable artifact: fixed-capacity position + value slots (``PEFTC_SPARSE``,
+PEFT's SHiRA and ComPEFT's ternary ΔW on ``nn.Linear`` weights).
+
+A ComPEFT site (``c·signs``, signs in {−1, 0, 1}) is held as its non-zero signs' positions with values
+``±c`` (fp32): the same update, entry for entry.
 
 Such a site adds values ``v_k`` at row-major positions ``p_k`` of a linear's weight ``[d_out, d_in]``.
 Its slot holds ``K ≥ k`` positions (int64) and values: the adapter's first, then padding, position 0
@@ -15,7 +18,7 @@ import dataclasses
 import torch
 
 from peftc.errors import InputError, UnsupportedError
-from peftc.methods import shira, sparse
+from peftc.methods import compeft, shira, sparse
 from peftc.methods.base import Adapter, AdapterTensor, Site
 from peftc.swap.table import INDEX_PART, Slot, SlotTable
 
@@ -26,13 +29,25 @@ _ROLES = {
 
 
 def is_sparse(site: Site) -> bool:
-    """Whether ``site`` adds a sparse ``ΔW`` (PEFTC_SPARSE or SHiRA)."""
-    return site.op in _ROLES
+    """Whether ``site`` adds a sparse ``ΔW`` (PEFTC_SPARSE, SHiRA or ComPEFT)."""
+    return site.op in _ROLES or site.op == compeft.TERNARY_DELTA.name
+
+
+def _entries(site: Site) -> tuple[AdapterTensor, AdapterTensor]:
+    """The row-major positions and values of a sparse site (a ComPEFT site's: its non-zero signs, ``±c``)."""
+    if site.op != compeft.TERNARY_DELTA.name:
+        positions, values = (site.tensors[role] for role in _ROLES[site.op])
+        return positions, values
+    signs = site.tensors["signs"]
+    flat = signs.tensor.flatten()
+    where = flat.nonzero().flatten()
+    scaled = flat[where].to(torch.float32) * site.scalars["scale"]
+    return AdapterTensor(signs.key, where, index=True), AdapterTensor(signs.key, scaled)
 
 
 def _parts(adapter: Adapter, site: Site) -> tuple[AdapterTensor, AdapterTensor]:
     """The positions and values of a sparse site a slot can hold, else an UnsupportedError naming it."""
-    positions, values = (site.tensors[role] for role in _ROLES[site.op])
+    positions, values = _entries(site)
     if site.param != "weight" or site.info.get("module_type") != "Linear":
         raise UnsupportedError(
             f"adapter {adapter.name!r}: the sparse update of {site.module}.{site.param} cannot be swapped; sparse "

@@ -163,6 +163,36 @@ def test_target_options_on_a_target_without_them(tmp_path, bert_adapter):
         peftc.compile(models.tiny_bert(), bert_adapter, out=tmp_path / "out", target_options={"refit": True})
 
 
+def test_quantized_layers_are_refused_before_any_export(tmp_path):
+    """NF4 and GPTQ/AWQ layers lower to onnxruntime contrib ops TensorRT's parser cannot read: refused naming
+    the layer, one line, nothing written; LLM.int8 layers (standard ONNX ops) are not refused."""
+    from peftc import ir
+    from peftc.backends import LowerRequest
+    from peftc.backends.tensorrt import TensorRTBackend
+    from peftc.backends.tensorrt.quantized import refuse_contrib_layers
+    from peftc.loaders.inputs import parse_inputs
+    from peftc.quant import bnb
+    from peftc.quant.modules import Bnb4Linear, Int8Linear
+
+    packed, absmax = bnb.quantize_4bit(torch.randn(16, 64), "nf4", 64)
+    nf4 = Bnb4Linear(packed, absmax, bnb.code_table("nf4"), 64, "nf4", (16, 64), None)
+    int8 = Int8Linear(torch.randint(-127, 128, (16, 64), dtype=torch.int8), torch.rand(16) + 0.5, None)
+    signature = parse_inputs(["input:batch,64:float32"])
+
+    def traced(*layers):
+        module = torch.nn.Sequential(*layers)
+        return ir.trace(module, signature.example(signature.trace_sizes()), signature.dynamic_shapes())
+
+    refuse_contrib_layers(traced(int8))
+    program = traced(int8, torch.nn.ReLU(), torch.nn.Linear(16, 64), nf4)
+    with pytest.raises(UnsupportedError) as caught:
+        TensorRTBackend().lower(LowerRequest(program, signature), tmp_path, lambda message: None)
+    message = str(caught.value)
+    assert message.startswith("--target trt: 3 is a bitsandbytes 4-bit layer") and "\n" not in message
+    assert "com.microsoft.MatMulBnb4" in message and "--target onnx" in message
+    assert not list(tmp_path.iterdir())
+
+
 # -- the parser on every ONNX the target emits, and the refit map -------------------------------
 
 

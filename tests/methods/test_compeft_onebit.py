@@ -63,14 +63,24 @@ def _compeft_reference(path, model=None) -> torch.nn.Module:
     state = model.state_dict()
     tensors = load_file(str(path / "adapter_model.safetensors"))
     for key in {k.rsplit(".", 1)[0] for k in tensors}:
-        raw, scale = tensors[f"{key}.signs"], float(tensors[f"{key}.scale"])
-        if raw.dtype == np.uint8:
-            codes = np.stack([(raw >> s) & 3 for s in (0, 2, 4, 6)], axis=1).reshape(-1)[: state[key].numel()]
-            signs = np.select([codes == 1, codes == 2], [1.0, -1.0], 0.0)
-        else:
-            signs = raw.astype(np.float64)
+        signs, scale = _ternary(tensors, key, state[key].numel()), float(tensors[f"{key}.scale"])
         state[key] += torch.from_numpy(signs.reshape(tuple(state[key].shape)) * scale).float()
     return model
+
+
+def _ternary(tensors: dict[str, np.ndarray], key: str, count: int) -> np.ndarray:
+    """The flat signs of ``key`` in a ComPEFT file: 2-bit codes low bits first (1 → +1, 2 → −1), or int8."""
+    raw = tensors[f"{key}.signs"]
+    if raw.dtype != np.uint8:
+        return raw.astype(np.float64).reshape(-1)
+    codes = np.stack([(raw >> s) & 3 for s in (0, 2, 4, 6)], axis=1).reshape(-1)[:count]
+    return np.select([codes == 1, codes == 2], [1.0, -1.0], 0.0)
+
+
+def _onebit_factor(tensors: dict[str, np.ndarray], prefix: str, cols: int) -> np.ndarray:
+    """A 1-bit factor of the file: per-row scale × (2·bit − 1), bits low first."""
+    bits = np.unpackbits(tensors[f"{prefix}.signs"], axis=1, bitorder="little")[:, :cols]
+    return tensors[f"{prefix}.scales"].astype(np.float64)[:, None] * (2.0 * bits - 1.0)
 
 
 def _onebit_reference(path, model=None) -> torch.nn.Module:
@@ -79,14 +89,10 @@ def _onebit_reference(path, model=None) -> torch.nn.Module:
     scaling = json.loads((path / "adapter_config.json").read_text())["scaling"]
     tensors = load_file(str(path / "adapter_model.safetensors"))
 
-    def factor(prefix: str, cols: int) -> np.ndarray:
-        bits = np.unpackbits(tensors[f"{prefix}.signs"], axis=1, bitorder="little")[:, :cols]
-        return tensors[f"{prefix}.scales"].astype(np.float64)[:, None] * (2.0 * bits - 1.0)
-
     for m in {k.split(".onebit_")[0] for k in tensors}:
         linear = model.get_submodule(m)
-        a = factor(f"{m}.onebit_A", linear.in_features)
-        b = factor(f"{m}.onebit_B", a.shape[0])
+        a = _onebit_factor(tensors, f"{m}.onebit_A", linear.in_features)
+        b = _onebit_factor(tensors, f"{m}.onebit_B", a.shape[0])
         linear.weight += torch.from_numpy(scaling * b @ a).float()
     return model
 
@@ -94,6 +100,27 @@ def _onebit_reference(path, model=None) -> torch.nn.Module:
 def _outputs(model: torch.nn.Module) -> dict[str, np.ndarray]:
     with torch.no_grad():
         return {k: v.numpy() for k, v in ir.flatten_named(model(**INPUTS)).items() if isinstance(v, torch.Tensor)}
+
+
+def test_encoders_match_the_published_formulas(tmp_path) -> None:
+    """The files the encoders write hold what the formulas give, computed here with numpy: ComPEFT keeps
+    the top ``ceil(density·numel)`` entries of ``|τ|`` as ``sign(τ)`` with ``c = α·std(τ)`` (sample std,
+    as ``torch.std``); 1-bit keeps ``sign(w)`` (0 → +1) with ``α = mean|row|`` per row."""
+    gen = torch.Generator().manual_seed(11)
+    tau, a, b = torch.randn(8, 12, generator=gen), torch.randn(3, 10, generator=gen), torch.randn(5, 3, generator=gen)
+    flat = tau.double().numpy().reshape(-1)
+    kept = np.argsort(-np.abs(flat))[: math.ceil(0.3 * flat.size)]
+    expected = np.zeros_like(flat)
+    expected[kept] = np.sign(flat[kept])
+    for packed in (True, False):
+        path = compeft.save(tmp_path / f"compeft-{packed}", {"w": tau}, density=0.3, alpha=1.5, packed=packed)
+        tensors = load_file(str(path / "adapter_model.safetensors"))
+        np.testing.assert_array_equal(_ternary(tensors, "w", flat.size), expected)
+        assert float(tensors["w.scale"]) == pytest.approx(1.5 * np.std(flat, ddof=1), rel=1e-6)
+    tensors = load_file(str(onebit.save(tmp_path / "onebit", {"m": (a, b)}) / "adapter_model.safetensors"))
+    for name, matrix in (("onebit_A", a.double().numpy()), ("onebit_B", b.double().numpy())):
+        want = np.abs(matrix).mean(1)[:, None] * np.where(matrix >= 0, 1.0, -1.0)
+        np.testing.assert_allclose(_onebit_factor(tensors, f"m.{name}", matrix.shape[1]), want, rtol=1e-6)
 
 
 @pytest.mark.parametrize("merge", [True, False])

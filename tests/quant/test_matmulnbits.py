@@ -145,3 +145,42 @@ def test_tensorrt_symmetric_int4_through_dequantize_linear() -> None:
     assert 0 < error["max_abs"] <= gptq_step, (error, gptq_step)
     print(f"symmetric int4 requantization of a GPTQ asymmetric weight: {error}, GPTQ max step {gptq_step:.4f}")
     assert np.isfinite(error["rel_fro"])
+
+
+def _dq_matmul_model(codes: torch.Tensor, scales: torch.Tensor, zero_point: int | None):
+    """``A · dequant(W)ᵀ`` as opset-21 ``DequantizeLinear`` (int4 blocks along K) + ``MatMul``; with
+    ``zero_point``, an int4 zero-point input of that value for every block."""
+    dq, initializers = matmulnbits.dequantize_linear(codes, scales, GS, "W_t")
+    if zero_point is not None:
+        blocks, n = scales.shape[1], scales.shape[0]
+        initializers.append(helper.make_tensor("W_t.zp", TensorProto.INT4, [blocks, n], [zero_point] * (blocks * n)))
+        dq.input.append("W_t.zp")
+    graph = helper.make_graph(
+        [dq, helper.make_node("MatMul", ["A", "W_t"], ["Y"])],
+        "g",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, list(A.shape))],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [A.shape[0], codes.shape[0]])],
+        initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def test_tensorrt_rtx_parses_symmetric_int4_and_refuses_zero_points(tmp_path) -> None:
+    """TensorRT's own ONNX parser (no GPU needed) takes the int4 ``DequantizeLinear`` of :func:`symmetric`
+    as a DEQUANTIZE layer feeding the matrix multiply, and rejects the same graph once a zero point is not
+    0 — the rule (FORMATS.md §4) that makes NF4 and asymmetric GPTQ/AWQ need requantizing for it."""
+    import onnx
+
+    from peftc.backends.tensorrt import engine, install
+
+    if install.find_module() is None:
+        pytest.skip(f"TensorRT parser not installed ({install.INSTALL_HINT})")
+    codes, scales = matmulnbits.symmetric(torch.randn(OUT, IN, generator=torch.Generator().manual_seed(7)), GS)
+    for zero_point in (None, 0):
+        onnx.save(_dq_matmul_model(codes, scales, zero_point), tmp_path / "dq.onnx")
+        report = engine.parse(tmp_path / "dq.onnx")
+        assert report.layer_types["DEQUANTIZE"] == 1 and report.layer_types["MATRIX_MULTIPLY"] == 1
+        assert report.outputs[0]["shape"] == [A.shape[0], OUT]
+    onnx.save(_dq_matmul_model(codes, scales, 1), tmp_path / "dq.onnx")
+    with pytest.raises(UnsupportedError, match="(?i)zero point"):
+        engine.parse(tmp_path / "dq.onnx")

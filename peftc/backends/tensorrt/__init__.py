@@ -91,6 +91,10 @@ class TensorRTBackend:
         reference = request.reference or program
         import onnx
 
+        from peftc.backends.tensorrt.quantized import refuse_contrib_layers
+
+        refuse_contrib_layers(program)  # before any export: TensorRT cannot parse onnxruntime's contrib ops
+
         from peftc.backends.onnx import OnnxBackend
 
         settings = self.settings
