@@ -118,7 +118,7 @@ def test_vision_model_inputs_are_derived(tmp_path):
         {"name": "pixel_values", "dtype": "float32", "shape": ["batch", 3, "height", "width"]}
     ]
     dims = artifact.manifest.target["signature"]["dims"]
-    assert [(dims[d]["min"], dims[d]["max"]) for d in ("height", "width")] == [(16, 128), (16, 128)]
+    assert [(dims[d]["min"], dims[d]["max"], dims[d]["multiple"]) for d in ("height", "width")] == [(16, 128, 8)] * 2
     assert not hasattr(model.forward, "__self__") or model.forward.__func__ is type(model).forward  # not patched
     runner = peftc.load(artifact.path)
     for batch, height, width in ((1, 32, 32), (4, 48, 40), (1, 128, 16)):  # its own size takes HF's shortcut
