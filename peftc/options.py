@@ -118,7 +118,7 @@ class CompileOptions:
                 "passes (--prune-dead-neurons, --skip-blocks)"
             )
         if self.calibration:
-            _check_calibration_file(Path(self.calibration))
+            check_calibration_file(Path(self.calibration))
         if self.density or self.dead_threshold is not None:
             _check_density(self)
         if self.task_id is not None and (isinstance(self.task_id, bool) or not isinstance(self.task_id, int)
@@ -304,9 +304,13 @@ class CompileOptions:
         return command
 
 
-def _check_calibration_file(path: Path) -> None:
-    """A calibration file is a regular ``.safetensors``/``.npz`` file, refused before any work: it is read
-    only after the export, and a FIFO would block there, a device never end."""
+def check_calibration_file(path: Path) -> None:
+    """A calibration file is a regular ``.safetensors``/``.npz`` file (a compile checks it before any work:
+    it is read only after the export, and a FIFO would block there, a device never end).
+
+    Raises:
+        InputError: naming the file and what it is.
+    """
     if path.suffix not in (".safetensors", ".npz"):
         raise InputError(f"--calibration {path}: give a .safetensors or .npz file")
     if not os.path.lexists(path):

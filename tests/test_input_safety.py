@@ -95,6 +95,12 @@ def test_non_regular_calibration_file_is_refused_before_any_work(capsys, tmp_pat
         )
     what = {"_fifo": "a FIFO", "_dev_zero": "a device", "_directory": "a directory"}[kind.__name__]
     assert f"--calibration {tmp_path / 'calib.npz'}: {what}, not a regular file" in line
+    from peftc.driver.quantize import calibration  # the reader ``peftc analyze`` uses too
+    from peftc.errors import InputError
+    from peftc.loaders.inputs import parse_inputs
+
+    with deadline(60), pytest.raises(InputError, match=f"{what}, not a regular file"):
+        calibration(tmp_path / "calib.npz", 1, parse_inputs(["x:batch,4:float32"]), 0)
 
 
 def test_deeply_nested_config(capsys, tmp_path, bert_dir, bert_adapter):
