@@ -113,7 +113,7 @@ def test_vision_model_inputs_are_derived(tmp_path):
     targets = sorted({n.rsplit(".", 1)[-1] for n in names if n.endswith("_proj") or n.endswith(("query", "value"))})
     adapter = models.make_lora(model, tmp_path / "adapter", target_modules=targets)
     artifact = peftc.compile(model, adapter, out=tmp_path / "out")
-    # ViT interpolates its position embeddings: any image size from two patches to 4x its own (loaders/vision.py)
+    # ViT interpolates its position embeddings: multiples of its patch from two patches to 4x its own size
     assert artifact.manifest.target["inputs"] == [
         {"name": "pixel_values", "dtype": "float32", "shape": ["batch", 3, "height", "width"]}
     ]
