@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from peftc import arguments
+from peftc import arguments, reading
 from peftc.errors import InputError, UnsupportedError
 from peftc.precision import PRECISIONS, QUANTIZED
 from peftc.seeds import check_seed
@@ -117,6 +117,8 @@ class CompileOptions:
                 f"--calibration and --calibration-samples apply to --precision {', '.join(QUANTIZED)} and the density "
                 "passes (--prune-dead-neurons, --skip-blocks)"
             )
+        if self.calibration:
+            check_calibration_file(Path(self.calibration))
         if self.density or self.dead_threshold is not None:
             _check_density(self)
         if self.task_id is not None and (isinstance(self.task_id, bool) or not isinstance(self.task_id, int)
@@ -300,6 +302,23 @@ class CompileOptions:
             command += ["--slot-capacity", str(self.slot_capacity)] if self.slot_capacity is not None else []
             command += ["--slot-dtype", self.slot_dtype] if self.slot_dtype != "fp32" else []
         return command
+
+
+def check_calibration_file(path: Path) -> None:
+    """A calibration file is a regular ``.safetensors``/``.npz`` file (a compile checks it before any work:
+    it is read only after the export, and a FIFO would block there, a device never end).
+
+    Raises:
+        InputError: naming the file and what it is.
+    """
+    if path.suffix not in (".safetensors", ".npz"):
+        raise InputError(f"--calibration {path}: give a .safetensors or .npz file")
+    if not os.path.lexists(path):
+        raise InputError(f"--calibration {path}: no such file")
+    try:
+        reading.check_regular(path)
+    except InputError as e:
+        raise InputError(f"--calibration {e}") from None
 
 
 def _check_density(options: CompileOptions) -> None:

@@ -113,12 +113,12 @@ def test_vision_model_inputs_are_derived(tmp_path):
     targets = sorted({n.rsplit(".", 1)[-1] for n in names if n.endswith("_proj") or n.endswith(("query", "value"))})
     adapter = models.make_lora(model, tmp_path / "adapter", target_modules=targets)
     artifact = peftc.compile(model, adapter, out=tmp_path / "out")
-    # ViT interpolates its position embeddings: any image size from two patches to 4x its own (loaders/vision.py)
+    # ViT interpolates its position embeddings: multiples of its patch from two patches to 4x its own size
     assert artifact.manifest.target["inputs"] == [
         {"name": "pixel_values", "dtype": "float32", "shape": ["batch", 3, "height", "width"]}
     ]
     dims = artifact.manifest.target["signature"]["dims"]
-    assert [(dims[d]["min"], dims[d]["max"]) for d in ("height", "width")] == [(16, 128), (16, 128)]
+    assert [(dims[d]["min"], dims[d]["max"], dims[d]["multiple"]) for d in ("height", "width")] == [(16, 128, 8)] * 2
     assert not hasattr(model.forward, "__self__") or model.forward.__func__ is type(model).forward  # not patched
     runner = peftc.load(artifact.path)
     for batch, height, width in ((1, 32, 32), (4, 48, 40), (1, 128, 16)):  # its own size takes HF's shortcut

@@ -85,6 +85,24 @@ def test_non_regular_adapter_file_is_refused_at_once(capsys, tmp_path, bert_dir,
     assert f"{adapter / file}: {what}, not a regular file" in line
 
 
+@pytest.mark.parametrize("kind", [_fifo, _dev_zero, _directory], ids=["fifo", "dev-zero", "directory"])
+def test_non_regular_calibration_file_is_refused_before_any_work(capsys, tmp_path, bert_dir, bert_adapter, kind):
+    """The calibration file is read after the export: a FIFO there would block a compile minutes in."""
+    kind(tmp_path / "calib.npz")
+    with deadline(60):
+        line = compile_error(
+            capsys, tmp_path, bert_dir, bert_adapter, "--precision", "int8", "--calibration", tmp_path / "calib.npz"
+        )
+    what = {"_fifo": "a FIFO", "_dev_zero": "a device", "_directory": "a directory"}[kind.__name__]
+    assert f"--calibration {tmp_path / 'calib.npz'}: {what}, not a regular file" in line
+    from peftc.driver.quantize import calibration  # the reader ``peftc analyze`` uses too
+    from peftc.errors import InputError
+    from peftc.loaders.inputs import parse_inputs
+
+    with deadline(60), pytest.raises(InputError, match=f"{what}, not a regular file"):
+        calibration(tmp_path / "calib.npz", 1, parse_inputs(["x:batch,4:float32"]), 0)
+
+
 def test_deeply_nested_config(capsys, tmp_path, bert_dir, bert_adapter):
     adapter = Path(shutil.copytree(bert_adapter, tmp_path / "adapter"))
     (adapter / CONFIG).write_text('{"peft_type": "LORA", "x": ' + "[" * 10000 + "]" * 10000 + "}")

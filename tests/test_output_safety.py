@@ -113,6 +113,18 @@ def test_output_may_not_be_the_working_directory_or_above(capsys, tmp_path, bert
     assert work.is_dir() and list(work.iterdir()) == [] and leftovers(tmp_path) == []
 
 
+def test_a_long_output_name_is_taken_and_one_the_file_system_refuses_is_one_line(capsys, tmp_path, bert_adapter):
+    """A 250-byte name is a valid file name: its temporary directory cuts it, and finds its own stale ones;
+    a 300-byte one is refused before any work, naming the limit (not a bare "File name too long")."""
+    out = tmp_path / ("o" * 250)
+    directory, inner = temp.staging(out, "artifact", str(out))
+    assert inner.is_dir() and len(directory.path.name.encode()) < 255 and directory.path.name.startswith(".ooo")
+    directory.release()  # its run is over: the next compile to the same output removes it
+    assert temp.stale_beside(out) == [directory.path] and temp.stale_beside(tmp_path / ("o" * 249)) == []
+    code, err = run(capsys, "compile", "x", "--adapter", bert_adapter, "-o", tmp_path / ("o" * 300))
+    assert code == 2 and "its name is 300 bytes long; the file system takes names of at most 255" in err
+
+
 # -- the commit: old or new, never neither ----------------------------------------------------------
 
 

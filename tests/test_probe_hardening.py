@@ -77,6 +77,7 @@ def test_inspect_of_a_manifest_with_any_field_of_the_wrong_type(capsys, swappabl
         (("adapters", 0, "weights_file"), None, "adapters[0].weights_file"),
         (("target", "signature", "dims", "seq", "max"), "x", "target.signature.dims.seq.max"),
         (("target", "slots", "rank"), None, "target.slots.rank"),
+        (("target", "slots", "slot_depth"), "x", "target.slots.slot_depth"),
         (("target", "slots", "slots", 0, "tensors"), None, "target.slots.slots[0].tensors"),
         (("target", "outputs"), 3, "target.outputs"),
         (("options", "seed"), 2**70, "options.seed"),

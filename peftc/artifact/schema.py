@@ -32,12 +32,16 @@ _SLOTS = {
     "rank": _INT,
     "dtype": str,
     "bank": _INT,
+    "slot_depth": _INT,
+    "slot_dtype": str,
     "slots": [
         {
             "module": _NAME,
             "kind": str,
             "d_in": _INT,
             "d_out": _INT,
+            "fan_in_fan_out": bool,
+            "capacity": _INT,
             "tensors": {"*": {"name": _NAME, "shape": [_INT]}},
             "keys": {"*": str},
         }

@@ -6,13 +6,17 @@ process that made it runs: the kernel drops the lock when that process ends, eve
 directory is *stale*, and removed by the next compile to the same output or by ``peftc clean``, only
 if its name has that pattern, it holds the marker with peftc's text, and nobody holds the lock; or
 if it has that name and is empty, unchanged for a minute (a removal cut short after the marker went).
-Nothing else is ever removed.
+Nothing else is ever removed. An output name too long to leave room for the prefix and suffix is cut
+to :data:`STEM_BYTES` in the temporary directory's name (so a 250-byte name is taken; a digest of the
+whole name keeps two such names apart), and one longer than its file system allows is refused before
+any work.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import re
 import shutil
@@ -27,6 +31,8 @@ MARKER = ".peftc-temp"
 MARKER_TEXT = "peftc temporary directory: `peftc clean` removes it once the run that made it has ended\n"
 EMPTY_AGE = 60.0
 """Seconds after which an empty directory named like a temporary one (without its marker) is stale."""
+STEM_BYTES = 200
+"""The most bytes of the output's name in a temporary directory's name (a file system's limit is 255)."""
 _NAME = re.compile(r"^\.(?P<output>.+)\.peftc-[A-Za-z0-9_]+$")
 
 
@@ -34,7 +40,7 @@ class TempDir:
     """A marked, locked temporary directory ``.NAME.peftc-XXXXXXXX`` in ``parent``."""
 
     def __init__(self, parent: Path, output_name: str) -> None:
-        self.path = Path(tempfile.mkdtemp(prefix=f".{output_name}.peftc-", dir=parent))
+        self.path = Path(tempfile.mkdtemp(prefix=f".{_stem(output_name)}.peftc-", dir=parent))
         marker = self.path / MARKER
         marker.write_text(MARKER_TEXT)
         self._lock: int | None = os.open(marker, os.O_RDONLY | os.O_NOFOLLOW)
@@ -60,6 +66,9 @@ def staging(target: Path, name: str, label: str) -> tuple[TempDir, Path]:
         InputError: the parent cannot be written (``label`` names what the user gave).
     """
     parent = target.parent
+    size = len(os.fsencode(target.name))
+    if size > STEM_BYTES and size > (limit := _name_max(parent)):
+        raise InputError(f"{label}: its name is {size} bytes long; the file system takes names of at most {limit}")
     try:
         parent.mkdir(parents=True, exist_ok=True)
         remove_stale(stale_beside(target))
@@ -97,7 +106,7 @@ def is_stale(path: Path) -> bool:
 
 def stale_beside(output: Path) -> list[Path]:
     """The stale temporary directories of the output ``output`` (in its parent directory)."""
-    return [p for p in _entries(output.parent) if _output_name(p) == output.name and is_stale(p)]
+    return [p for p in _entries(output.parent) if _output_name(p) == _stem(output.name) and is_stale(p)]
 
 
 def remove_stale(paths: list[Path]) -> list[Path]:
@@ -146,6 +155,25 @@ def _remove_marked(path: Path) -> None:
 def _empty(path: Path) -> bool:
     with os.scandir(path) as it:
         return next(it, None) is None
+
+
+def _stem(name: str) -> str:
+    """``name`` as it appears in a temporary directory's name: at most :data:`STEM_BYTES` bytes (a longer
+    one cut, with a digest of the whole, so two long names that share a beginning stay apart)."""
+    raw = os.fsencode(name)
+    if len(raw) <= STEM_BYTES:
+        return name
+    return raw[: STEM_BYTES - 9].decode("utf-8", "ignore") + "~" + hashlib.sha256(raw).hexdigest()[:8]
+
+
+def _name_max(directory: Path) -> int:
+    """The longest file name (bytes) the file system of ``directory`` (or its nearest existing parent) takes."""
+    while not directory.is_dir() and directory != directory.parent:
+        directory = directory.parent
+    try:
+        return int(os.pathconf(directory, "PC_NAME_MAX"))
+    except (OSError, ValueError):
+        return 255
 
 
 def _output_name(path: Path) -> str | None:

@@ -41,7 +41,7 @@ from peftc.driver.build import Built
 from peftc.driver.modes import Lowering
 from peftc.errors import InputError, UnsupportedError, VerificationError
 from peftc.loaders.inputs import DTYPES, InputSignature, with_defaults
-from peftc.options import CompileOptions
+from peftc.options import CompileOptions, check_calibration_file
 from peftc.progress import advance
 from peftc.verification import program_oracle
 from peftc.verification.compare import relative_error
@@ -101,19 +101,18 @@ def calibration(path: Path | None, samples: int, signature: InputSignature, seed
 
 
 def _read(path: Path) -> dict[str, np.ndarray]:
+    check_calibration_file(path)  # also for ``peftc analyze``, which takes no CompileOptions
     try:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as data:
                 return {k: data[k] for k in data.files}
-        if path.suffix == ".safetensors":
-            from safetensors.numpy import load_file
+        from safetensors.numpy import load_file
 
-            return dict(load_file(str(path)))
+        return dict(load_file(str(path)))
     except FileNotFoundError:
         raise InputError(f"--calibration {path}: no such file") from None
     except Exception as e:
         raise InputError(f"--calibration {path}: cannot read it: {type(e).__name__}: {e}") from None
-    raise InputError(f"--calibration {path}: give a .safetensors or .npz file")
 
 
 def run(

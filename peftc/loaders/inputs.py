@@ -262,16 +262,12 @@ def from_transformers(model: Any) -> InputSignature | None:
         size = getattr(config, "image_size", 224)
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         channels = getattr(config, "num_channels", 3)
-        patch = vision.interpolates(model)
-        if patch is None:
-            spec = TensorInput("pixel_values", ("batch", channels, height, width), "float32")
-            return InputSignature((spec,), {"batch": DimSpec("batch")})
-        spec = TensorInput("pixel_values", ("batch", channels, "height", "width"), "float32")
-        dims = {
-            "batch": DimSpec("batch"),
-            "height": DimSpec("height", 2 * patch, max(2 * patch, vision.MAX_SCALE * height)),
-            "width": DimSpec("width", 2 * patch, max(2 * patch, vision.MAX_SCALE * width)),
+        ranges = vision.hf_dims(model, height, width)[0]
+        dims = {"batch": DimSpec("batch")} | {
+            d: DimSpec(d, low, high, multiple=m) for d, (low, high, m) in ranges.items()
         }
+        sides = tuple(d if d in dims else int(s) for d, s in (("height", height), ("width", width)))
+        spec = TensorInput("pixel_values", ("batch", channels, *sides), "float32")
         return InputSignature((spec,), dims)
     return None
 

@@ -1,10 +1,13 @@
-"""Vision models whose image size is dynamic: the ones that interpolate their position embeddings.
+"""Vision models whose image size is dynamic: the ones that interpolate their position embeddings, and CNNs.
 
 A Hugging Face vision model whose ``forward`` takes ``interpolate_pos_encoding`` (ViT, DeiT, DINOv2,
 BEiT, CLIP's vision tower…) runs on other image sizes than its config's ``image_size`` when asked to.
-Its artifact then takes ``pixel_values`` ``[batch, C, height, width]`` with named dims from two patches
-(torch.export specialises a one-patch side) to :data:`MAX_SCALE` × the config's size, and the model is
-called with ``interpolate_pos_encoding=True`` by the artifact and its oracles alike.
+Its artifact then takes ``pixel_values`` ``[batch, C, height, width]`` with named dims that are
+multiples of the patch size (its patch convolution would silently drop the pixels past the last whole
+patch), from two patches (torch.export specialises a one-patch side) to :data:`MAX_SCALE` × the
+config's size, as a timm ViT does (:func:`hf_dims`), and the model is called with
+``interpolate_pos_encoding=True`` by the artifact and its oracles alike. A windowed model (Swin) keeps
+its size; a Hugging Face ConvNeXt takes any side from two output strides, like timm's.
 
 Those models skip the interpolation at their own size unless ``torch.jit.is_tracing()``, a branch
 torch.export would turn into a guard excluding that size; their call therefore runs as if traced, so
@@ -40,18 +43,51 @@ the fourth power of the side)."""
 FLAG = "interpolate_pos_encoding"
 CNN_CLASSES = ("ResNet", "ConvNeXt")
 """timm CNN classes whose image size is dynamic (verified against eager PyTorch at odd sizes)."""
+HF_CNN_TYPES = ("convnext", "convnextv2")
+"""Hugging Face CNN ``model_type``s whose image size is dynamic (a ``patch_size`` stem, then
+``num_stages`` stages, each after the first halving the map)."""
 
 
 def interpolates(model: Any) -> int | None:
-    """The patch size of a Hugging Face vision model that can interpolate its position embeddings, else None."""
-    config = getattr(model, "config", None)
-    config = getattr(config, "vision_config", None) or config
+    """The patch size of a Hugging Face vision model that can interpolate its position embeddings, else None.
+
+    A windowed model (Swin's family: a config with ``window_size``) takes the flag too, but pads its
+    feature maps to whole windows, which torch.export cannot trace at symbolic sizes: it keeps its size.
+    """
+    config = _vision_config(model)
     patch = getattr(config, "patch_size", None)
     try:
         takes = FLAG in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return None
-    return patch if takes and isinstance(patch, int) and patch > 0 else None
+    plain = getattr(config, "window_size", None) is None
+    return patch if takes and plain and isinstance(patch, int) and patch > 0 else None
+
+
+def _vision_config(model: Any) -> Any:
+    config = getattr(model, "config", None)
+    return getattr(config, "vision_config", None) or config
+
+
+def hf_dims(model: Any, height: int, width: int) -> tuple[dict[str, tuple[int, int, int]], str]:
+    """``({dim: (min, max, multiple)}, note)`` of a Hugging Face vision model's ``height``/``width``, as
+    :func:`timm_dims` does for timm: a ViT that interpolates its position embeddings takes multiples of its
+    patch size from two patches to :data:`MAX_SCALE` × its ``image_size`` (its convolution would drop the
+    pixels past the last whole patch); a ConvNeXt (no position embeddings) any side from two output strides;
+    every other model keeps its size, and the note says why."""
+    patch = interpolates(model)
+    config = _vision_config(model)
+    if patch is not None:
+        dims = {d: (2 * patch, max(2 * patch, MAX_SCALE * s // patch * patch), patch) for d, s in _sides(height, width)}
+        return dims, f"dynamic: multiples of the patch size {patch}, position embeddings interpolated ({FLAG})"
+    stem, stages = getattr(config, "patch_size", None), getattr(config, "num_stages", None)
+    if getattr(config, "model_type", None) in HF_CNN_TYPES and isinstance(stem, int) and isinstance(stages, int):
+        stride = stem * 2 ** (stages - 1)
+        dims = {d: (2 * stride, max(2 * stride, MAX_SCALE * s), 1) for d, s in _sides(height, width)}
+        return dims, f"dynamic: a CNN, from two output strides ({2 * stride})"
+    if getattr(config, "window_size", None) is not None:
+        return {}, f"fixed {height}x{width}: {type(model).__name__} attends within windows (window_size)"
+    return {}, f"fixed {height}x{width}: {type(model).__name__}.forward takes no {FLAG}"
 
 
 def attach(module: torch.nn.Module) -> None:
@@ -101,9 +137,9 @@ def is_timm_vit(model: Any) -> bool:
 
 
 def hf_note(model: Any, signature: Any) -> str:
-    """The image-size note of a Hugging Face vision model (see :func:`timm_dims`)."""
+    """The image-size note of a Hugging Face vision model (:func:`hf_dims`'s, for the signature's size)."""
+    shape = signature.inputs[0].shape[2:]
     if "height" in signature.dims:
-        low, high = signature.dims["height"].min, signature.dims["height"].max
-        return f"dynamic: {low}..{high}, position embeddings interpolated ({FLAG})"
-    shape = "x".join(str(d) for d in signature.inputs[0].shape[2:])
-    return f"fixed {shape}: {type(model).__name__}.forward takes no {FLAG}"
+        return hf_dims(model, 1, 1)[1]
+    fixed = len(shape) == 2 and all(isinstance(d, int) for d in shape)
+    return hf_dims(model, *shape)[1] if fixed else f"fixed {shape}"

@@ -330,6 +330,37 @@ def test_refit_with_mismatched_slots_is_refused(trt_artifacts, adapters):
 
 
 @needs_parser
+def test_refit_reads_the_base_weights_and_the_onnx_checked_when_it_uses_them(trt_artifacts, adapters, tmp_path):
+    """Refitting reads the base weights and the ONNX long after ``peftc.load``: each is checked against the
+    manifest as it is read, so a file replaced in between is refused, not used (the engine itself is
+    stubbed: building one needs a GPU)."""
+    import shutil
+
+    from peftc.backends.tensorrt import TensorRTRunner
+
+    class Engine:
+        def refit(self, weights):
+            self.weights = weights
+
+        def run(self, feeds):
+            raise AssertionError("the check must refuse the ONNX before running the engine")
+
+    path = shutil.copytree(trt_artifacts[True].path, tmp_path / "art")
+    target = trt_artifacts[True].manifest.target
+    runner = object.__new__(TensorRTRunner)
+    runner.directory, runner.target, runner.engine = path, target, Engine()
+    runner.refit_map = RefitMap.from_json(target["tensorrt"]["refit_map"])
+    runner.refit_adapter(_adapter_tensors(adapters["b"]), verify=False)
+    assert runner.engine.weights
+    (path / "model.onnx").write_bytes((path / "model.onnx").read_bytes() + b"\0")
+    with pytest.raises(InputError, match=r"model.onnx: sha256 differs from the manifest"):
+        runner.refit_adapter(_adapter_tensors(adapters["a"]))
+    shutil.copy(trt_artifacts[False].path / BASE_FILE, path / BASE_FILE)  # another artifact's base weights
+    with pytest.raises(InputError, match=rf"{BASE_FILE}: sha256 differs from the manifest"):
+        runner.refit_adapter(_adapter_tensors(adapters["a"]), verify=False)
+
+
+@needs_parser
 def test_no_engine_artifact_is_refused_unless_onnx_is_asked_for(trt_artifacts):
     if DEVICE is not None:
         pytest.skip("this machine builds engines")

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from peftc.artifact.files import listed
+from peftc.artifact.files import listed, read_verified, records
 from peftc.backends.base import Availability, Capabilities, Lowered, LowerRequest
 from peftc.backends.tensorrt import engine as trt_engine
 from peftc.backends.tensorrt import install as trt_install
@@ -180,7 +180,7 @@ class TensorRTRunner:
         info = self.target["tensorrt"]
         settings = TensorRTSettings.from_options({k: v for k, v in info["settings"].items() if k != "profiles"})
         self.engine = trt_engine.TrtRunner(
-            listed(self.directory, self.target, info["engine"]).read_bytes(),
+            self._verified(info["engine"]),
             onnx_path=listed(self.directory, self.target, info["onnx"]),
             stripped=settings.strip_weights,
             settings=settings,
@@ -193,6 +193,11 @@ class TensorRTRunner:
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.engine.run(feeds)
 
+    def _verified(self, name: str) -> bytes:
+        """The bytes of the artifact file ``name``, checked against the manifest as they are read (a file
+        replaced after ``peftc.load`` is refused, not used)."""
+        return read_verified(listed(self.directory, self.target, name), records(self.target)[name])
+
     def refit_adapter(self, adapters: Mapping[str, Mapping[str, Any]], *, verify: bool = True) -> None:
         """Refit the engine for new adapter tensors: ``adapter name → safetensors key → tensor``.
 
@@ -204,12 +209,12 @@ class TensorRTRunner:
             InputError: the artifact is not refittable, or the adapter's tensors do not match its slots.
             VerificationError: the refitted engine disagrees with the ONNX reference.
         """
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
         info = self.target["tensorrt"]
         if not info.get("refit_base"):
             raise InputError(f"{self.directory}: built without --refit; recompile with --refit to swap adapters")
-        base = load_file(str(listed(self.directory, self.target, info["refit_base"])))
+        base = load(self._verified(info["refit_base"]))
         weights = refit_weights(self.refit_map, base, adapters)
         precision = {"fp16": "float16", "bf16": "bfloat16"}.get(info["settings"]["precision"])
         self.engine.refit(
@@ -226,7 +231,10 @@ class TensorRTRunner:
 
         signature = InputSignature.from_json(self.target["signature"])
         inputs = {k: v.numpy() for k, v in signature.example(signature.cases(1)[0], seed=0).items()}
-        expected = onnx_with_weights(listed(self.directory, self.target, ONNX_FILE), weights, inputs)
+        # the checked bytes; a model over 2 GB keeps its weights beside it, which onnxruntime reads itself
+        external = self.target.get("external_data")
+        model = listed(self.directory, self.target, ONNX_FILE) if external else self._verified(ONNX_FILE)
+        expected = onnx_with_weights(model, weights, inputs)
         results = compare(expected, self.run(inputs), output_dtypes(self.target["outputs"]))
         bad = [r for r in results if not r.ok]
         if bad:
@@ -235,8 +243,11 @@ class TensorRTRunner:
             )
 
 
-def onnx_with_weights(path: Path, weights: Mapping[str, Any], feeds: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """Run ``path`` in onnxruntime with initializers replaced by ``weights`` (``name → torch tensor``).
+def onnx_with_weights(
+    model: Path | bytes, weights: Mapping[str, Any], feeds: Mapping[str, np.ndarray]
+) -> dict[str, Any]:
+    """Run ``model`` (a path, or the model's bytes) in onnxruntime with initializers replaced by ``weights``
+    (``name → torch tensor``).
 
     Graph optimizations are off: onnxruntime folds constants before it applies overrides otherwise.
     """
@@ -252,7 +263,8 @@ def onnx_with_weights(path: Path, weights: Mapping[str, Any], feeds: Mapping[str
         value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
         held.append(value)
         options.add_initializer(name, value)
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    source = model if isinstance(model, bytes) else str(model)
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(None, dict(feeds)), strict=True))
 

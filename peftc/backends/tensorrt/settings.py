@@ -5,7 +5,9 @@ Nothing here imports TensorRT, so every rule is unit-tested on machines without 
 **Profiles.** TensorRT needs, for every dynamic input dim, the smallest, the typical and the largest
 size the engine will see (one optimization profile). peftc derives them from the program's named
 dynamic dims (``batch``, ``seq``…, see ``peftc.loaders.inputs``): ``min`` is the dim's lower bound,
-``max`` its upper bound or :data:`DEFAULT_MAX` when unbounded, ``opt`` :data:`DEFAULT_OPT` (clamped).
+``max`` its upper bound or :data:`DEFAULT_MAX` when unbounded, ``opt`` :data:`DEFAULT_OPT` (clamped),
+for an image side the model's own size. A dim recorded with a ``multiple`` (a ViT's image side: its
+patch size) gets min, opt and max that are multiples of it, and an override that is not is refused.
 A dim that may be empty keeps ``min`` 0 (a generation step's ``past`` at prefill: TensorRT's empty
 tensors); ``max`` is at least 1.
 ``--profile name:min,opt,max`` overrides one dim. Every profile must contain the sizes peftc verifies
@@ -31,12 +33,16 @@ from typing import Any
 
 from peftc.errors import InputError, UnsupportedError
 from peftc.loaders.inputs import DimSpec, InputSignature
+from peftc.loaders.vision import MAX_SCALE
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 MIN_COMPUTE_CAPABILITY = {"fp32": (0, 0), "fp16": (5, 3), "bf16": (8, 0)}
 DEFAULT_MAX = {"batch": 32, "seq": 512}
 DEFAULT_MAX_OTHER = 64
 DEFAULT_OPT = {"batch": 1, "seq": 128, "past": 128}
+IMAGE_DIMS = ("height", "width")
+"""An image's sides: ``opt`` is the model's own size (``max`` / ``MAX_SCALE``, a multiple of the dim's
+``multiple``: ``peftc/loaders/vision.py``)."""
 
 _PROFILE = re.compile(r"^(?P<dim>[A-Za-z_]\w*):(?P<min>\d+),(?P<opt>\d+),(?P<max>\d+)$")
 
@@ -161,6 +167,11 @@ def dim_profiles(signature: InputSignature, overrides: Sequence[DimProfile] = ()
                 f"--profile {profile.text()}: outside the range the model was traced with "
                 f"({dim.name} {dim.min}..{dim.max if dim.max is not None else 'unbounded'})"
             )
+        elif any(size % dim.multiple for size in (profile.min, profile.opt, profile.max)):
+            raise InputError(
+                f"--profile {profile.text()}: {dim.name} takes multiples of {dim.multiple} only "
+                f"(e.g. {dim.min},{dim.min + dim.multiple},..); min, opt and max must be multiples"
+            )
         out[dim.name] = profile
     for sizes in signature.cases():
         for name, size in sizes.items():
@@ -180,9 +191,12 @@ def _derived(dim: DimSpec, parts: Mapping[str, DimProfile], step: bool) -> DimPr
         low, opt, high = (sum(getattr(parts[n], w) for n in dim.sum_of) for w in ("min", "opt", "max"))
         high = min(high, dim.max) if dim.max else high
         return DimProfile(dim.name, max(low, dim.min), min(max(opt, dim.min), high), high)
-    high = dim.max or DEFAULT_MAX.get(dim.name, DEFAULT_MAX_OTHER)
+    unit = dim.multiple
+    high = dim.max or (DEFAULT_MAX.get(dim.name, DEFAULT_MAX_OTHER) // unit * unit or unit)
     low = min(dim.min, high)
     default = 1 if step and dim.name == "seq" else DEFAULT_OPT.get(dim.name, low)
+    if dim.name in IMAGE_DIMS and dim.max:  # the model's own size: its range ends at MAX_SCALE x that
+        default = dim.max // MAX_SCALE // unit * unit
     return DimProfile(dim.name, low, min(max(default, low), high), high)
 
 
