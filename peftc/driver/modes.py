@@ -88,6 +88,8 @@ class _Stack:
     passes: ClassVar[Callable[[], list[Pass]]]
     embeddings: str = "none"
     """A quantized base's float embedding and head tables: ``none``, ``int8``, ``int4`` (``--quantize-embeddings``)."""
+    dequantize: bool = False
+    """Float weights for a quantized base's 4-bit layers (``--target trt``: ``peftc/quant/merge.py``)."""
 
     def check(self, backend: Backend) -> None:
         return None
@@ -105,7 +107,7 @@ class _Stack:
         made: list[Any] = []
 
         def passes() -> list[Pass]:
-            made[:] = qlora.passes(*self.quantized_policy(), self.embeddings)
+            made[:] = qlora.passes(*self.quantized_policy(), self.embeddings, self.dequantize)
             return type(self).passes(made)
 
         program, records = in_each_world(built, programs, passes, ctx)

@@ -33,13 +33,14 @@ def has_sites(adapters: Sequence[Any]) -> bool:
     return any(site.op in SITE_OPS for adapter in adapters for site in adapter.sites)
 
 
-def passes(policy: str, max_error: float | None, embeddings: str = "none") -> list[Any]:
-    """New ``merge-quantized`` (``peftc/quant/merge.py``) and, unless ``embeddings`` is ``none``,
-    ``quantize-embeddings`` (``peftc/quant/embeddings.py``) passes; each keeps its rows of the site table."""
+def passes(policy: str, max_error: float | None, embeddings: str = "none", dequantize: bool = False) -> list[Any]:
+    """New ``merge-quantized`` (``peftc/quant/merge.py``; ``dequantize``: float weights for every 4-bit layer,
+    ``--target trt``) and, unless ``embeddings`` is ``none``, ``quantize-embeddings``
+    (``peftc/quant/embeddings.py``) passes; each keeps its rows of the site table."""
     from peftc.quant.embeddings import QuantizeEmbeddingsPass
     from peftc.quant.merge import MergeQuantizedPass
 
-    made = [MergeQuantizedPass(policy, max_error)]
+    made = [MergeQuantizedPass(policy, max_error, dequantize)]
     return made + ([QuantizeEmbeddingsPass(embeddings)] if embeddings != "none" else [])
 
 
