@@ -118,8 +118,7 @@ def dequantize_layers(editor: ir.ProgramEditor) -> list[dict]:
         bias_at = 1 + len(op.tensor_roles)
         module = ir.meta.peftc_meta(node).get("module") or ir.meta.module_path(node) or node.name
         if module not in weights:
-            eye = torch.eye(values[-1], dtype=torch.float32)  # in_features, the last scalar of both ops
-            dense = op.body(eye, *values[1:bias_at], None, *values[bias_at + 1 :]).T.contiguous()
+            dense = dequantized(op, values)
             weights[module] = editor.add_parameter(fresh_name(editor, f"{module}.weight"), dense)
             fmt = QUANT_TYPES[values[-3]] if op is BNB4_LINEAR else FORMATS[values[bias_at + 1]]
             rows[module] = {"module": module, "policy": "float", "error": 0.0, "bytes": dense.numel() * 4,
@@ -127,6 +126,14 @@ def dequantize_layers(editor: ir.ProgramEditor) -> list[dict]:
         args = (node.args[0], weights[module], node.args[bias_at])
         editor.replace(node, editor.call(torch.ops.aten.linear.default, args, like=node))
     return list(rows.values())
+
+
+def dequantized(op, values: list) -> torch.Tensor:
+    """The fp32 weight ``[out, in]`` of a :data:`DEQUANTIZED` node's argument ``values``: the op's own eager
+    body on the identity (bias left out), transposed."""
+    bias_at = 1 + len(op.tensor_roles)
+    eye = torch.eye(values[-1], dtype=torch.float32)  # in_features, the last scalar of both ops
+    return op.body(eye, *values[1:bias_at], None, *values[bias_at + 1 :]).T.contiguous()
 
 
 def _values(editor: ir.ProgramEditor, node: fx.Node) -> list:
