@@ -97,3 +97,22 @@ def test_a_wrong_nibble_order_is_caught_by_verification(lowered, monkeypatch):
     optimized, _ = optimize(built, Merged(dequantize=True))
     report = verify(built, Merged(), optimized, peft=False)
     assert not report.passed and {c.oracle for c in report.cases if not c.ok} == {"reference"}
+
+
+def test_packed_layers_kept_on_request_are_refused_naming_the_layer(lowered, tmp_path):
+    """``--merge-policy two-path`` keeps the three adapted NF4 layers packed (MatMulBnb4): refused before any
+    export, one line naming the first layer and what compiles instead."""
+    from test_qlora_compile import optimize
+
+    from peftc.backends.tensorrt import TensorRTBackend
+    from peftc.errors import UnsupportedError
+
+    built = lowered[0]
+    optimized, _ = optimize(built, Merged(merge_policy="two-path", dequantize=True))
+    request = LowerRequest(optimized.program, built.loaded.signature.in_dtype(torch.float32), built.world.reference)
+    with pytest.raises(UnsupportedError) as caught:
+        TensorRTBackend().lower(request, tmp_path, lambda message: None)
+    message = str(caught.value)
+    assert message.startswith("--target trt: model.layers.0.") and "\n" not in message
+    assert "(and 2 more quantized layers)" in message and "--merge-policy auto or float" in message
+    assert not list(tmp_path.iterdir())
