@@ -101,7 +101,7 @@ class _Stack:
     def optimize(self, built: Built, ctx: PassContext) -> Optimized:
         programs = [world.reference for world in built.worlds]
         options: dict[str, Any] = {"stack": [a.name for a in built.adapters]}
-        if not qlora.has_sites(built.adapters):
+        if not qlora.has_sites(built.adapters) and not (self.dequantize and qlora.has_packed(programs[-1])):
             program, records = in_each_world(built, programs, type(self).passes, ctx)
             return Optimized(program, records, signature(built), options)
         made: list[Any] = []

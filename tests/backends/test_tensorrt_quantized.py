@@ -5,8 +5,9 @@ build shared with ``tests/test_qlora_compile.py``) goes through the build mode `
 (``Merged(dequantize=True)``) and the TensorRT target's lowering: ONNX with standard ops only, which
 TensorRT's own parser (tensorrt-rtx, on CPU) reads; the engine build needs a GPU and is not run here. The
 ONNX is run by onnxruntime against PEFT on bitsandbytes' dequantization of the same weights (exact: every
-site adds error 0, so this is stronger than the budget PEFT's QLoRA kernels get). GPTQ/AWQ layers:
-``tests/test_qlora_gptq_awq.py``.
+site adds error 0, so this is stronger than the budget PEFT's QLoRA kernels get). A wrong nibble order in
+the dequantization is caught on two hand-made NF4 layers (no second lowering); GPTQ/AWQ layers:
+``tests/test_qlora_gptq_awq.py``; what stays refused: ``tests/backends/test_tensorrt.py``.
 """
 
 from __future__ import annotations
@@ -79,40 +80,55 @@ def test_the_table_has_every_layer_float_with_error_zero(lowered):
     assert by_module["model.layers.0.self_attn.q_proj"]["reason"].startswith("--target trt")
     assert by_module["model.layers.0.self_attn.k_proj"]["reason"].startswith("not adapted")
     assert "not adapted; --target trt" in compiled.table(rows)  # what peftc inspect prints
+    # what makes a compile without any QLoRA site (a LoRA on the float head only) dequantize too
+    assert compiled.has_packed(lowered[0].world.reference) and not compiled.has_packed(lowered[2].program)
 
 
-def test_a_wrong_nibble_order_is_caught_by_verification(lowered, monkeypatch):
-    """The un-adapted layers decoded high nibble second: the driver's verification against the unmerged
-    reference program fails."""
-    from test_qlora_compile import optimize, verify
+def test_a_wrong_nibble_order_is_caught():
+    """NF4 layers without LoRA, dequantized by ``merge-quantized`` for TensorRT, against the layers run eagerly:
+    exact; decoded high nibble second, far off."""
+    from peftc import ir
+    from peftc.loaders.inputs import parse_inputs
+    from peftc.passes.base import PassContext
+    from peftc.quant import bnb
+    from peftc.quant.modules import Bnb4Linear
 
-    built = lowered[0]
+    torch.manual_seed(0)
+    layers = []
+    for shape in ((32, 64), (64, 32)):
+        packed, absmax = bnb.quantize_4bit(torch.randn(shape), "nf4", 64)
+        layers.append(Bnb4Linear(packed, absmax, bnb.code_table("nf4"), 64, "nf4", shape, torch.randn(shape[0])))
+    stack = torch.nn.Sequential(layers[0], torch.nn.ReLU(), layers[1])
+    signature = parse_inputs(["x:batch,64:float32"])
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        expected = stack(x)
+
+    def error() -> float:
+        program = ir.trace(Call(stack), signature.example(signature.trace_sizes()), signature.dynamic_shapes())
+        program = merge.MergeQuantizedPass(dequantize=True).run(program, PassContext()).program
+        assert not any("peftc" in str(n.target) for n in program.graph.nodes if n.op == "call_function")
+        with torch.no_grad():
+            return qlora.relative_error(program.module()(x=x), expected)
+
+    assert error() < EXACT
     right = merge.dequantized
 
     def swapped(op, values):
         packed = values[1]
         return right(op, [values[0], (packed >> 4) | ((packed & 0xF) << 4), *values[2:]])
 
-    monkeypatch.setattr(merge, "dequantized", swapped)
-    optimized, _ = optimize(built, Merged(dequantize=True))
-    report = verify(built, Merged(), optimized, peft=False)
-    assert not report.passed and {c.oracle for c in report.cases if not c.ok} == {"reference"}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(merge, "dequantized", swapped)
+        assert error() > 0.1
 
 
-def test_packed_layers_kept_on_request_are_refused_naming_the_layer(lowered, tmp_path):
-    """``--merge-policy two-path`` keeps the three adapted NF4 layers packed (MatMulBnb4): refused before any
-    export, one line naming the first layer and what compiles instead."""
-    from test_qlora_compile import optimize
+class Call(torch.nn.Module):
+    """``module`` with an input called ``x`` (fx renames one called ``input``, as ``nn.Sequential``'s is)."""
 
-    from peftc.backends.tensorrt import TensorRTBackend
-    from peftc.errors import UnsupportedError
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
 
-    built = lowered[0]
-    optimized, _ = optimize(built, Merged(merge_policy="two-path", dequantize=True))
-    request = LowerRequest(optimized.program, built.loaded.signature.in_dtype(torch.float32), built.world.reference)
-    with pytest.raises(UnsupportedError) as caught:
-        TensorRTBackend().lower(request, tmp_path, lambda message: None)
-    message = str(caught.value)
-    assert message.startswith("--target trt: model.layers.0.") and "\n" not in message
-    assert "(and 2 more quantized layers)" in message and "--merge-policy auto or float" in message
-    assert not list(tmp_path.iterdir())
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
