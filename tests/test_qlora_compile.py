@@ -10,6 +10,7 @@ on bitsandbytes' kernels is the driver's ``peft`` oracle, within ``peftc/quant/c
 
 from __future__ import annotations
 
+import functools
 import json
 
 import bnb_checkpoints
@@ -37,17 +38,21 @@ def built_for(fmt: str, **options):
     return build(sources, Stages(None), stack=True)
 
 
-@pytest.fixture(scope="module")
-def bases():
+@functools.cache
+def base_for(fmt: str):
+    """The driver's build of ``fmt``'s QLoRA model, PEFT's logits on the dequantized weights at ``IDS``, and
+    that PEFT model's module (once per session: ``tests/backends/test_tensorrt_quantized.py`` shares it)."""
     from test_qlora import dequantized_peft
 
-    out = {}
-    for fmt in ("nf4-dq", "int8"):
-        reference = dequantized_peft(fmt)
-        with torch.no_grad():
-            exact = reference(input_ids=IDS).logits
-        out[fmt] = (built_for(fmt), exact, reference.base_model.model)
-    return out
+    reference = dequantized_peft(fmt)
+    with torch.no_grad():
+        exact = reference(input_ids=IDS).logits
+    return built_for(fmt), exact, reference.base_model.model
+
+
+@pytest.fixture(scope="module")
+def bases():
+    return {fmt: base_for(fmt) for fmt in ("nf4-dq", "int8")}
 
 
 def optimize(built, mode):

@@ -120,6 +120,37 @@ def test_ir_keeps_the_weights_packed_and_onnx_runs_matmulnbits(two_path, tmp_pat
     assert qlora.relative_error(run({"input": x}), expected) < EXACT
 
 
+def test_trt_dequantizes_gptq_and_awq_layers(two_path):
+    """``--target trt`` (``merge-quantized`` with ``dequantize``): a GPTQ site merged in float, GPTQ and AWQ
+    layers without LoRA as float ``aten.linear``, each a table row; the program computes what the layers do."""
+    from peftc import ir
+    from peftc.passes.base import PassContext
+    from peftc.quant.merge import MergeQuantizedPass
+
+    gptq_attn, awq_mlp = two_path["gptq"].module.model.layers[0].self_attn, two_path["awq"].module.model.layers[0].mlp
+
+    class Stack(torch.nn.Module):  # forward(x): fx renames an input called ``input``
+        def __init__(self):
+            super().__init__()
+            self.q, self.up = gptq_attn.q_proj, awq_mlp.up_proj
+
+        def forward(self, x):
+            return self.up(self.q(x))
+
+    stack = Stack()
+    x = torch.randn(2, 5, 64)
+    signature = parse_inputs(["x:batch,seq,64:float32"])
+    program = ir.trace(stack, signature.example(signature.trace_sizes()), signature.dynamic_shapes())
+    made = MergeQuantizedPass("auto", dequantize=True)
+    program = made.run(program, PassContext()).program
+    assert not any("peftc" in str(n.target) for n in program.graph.nodes if n.op == "call_function")
+    assert [(r["format"], r["policy"], r["error"], r["bytes"]) for r in made.sites] == [
+        ("gptq", "float", 0.0, 64 * 64 * 4), ("awq", "float", 0.0, 128 * 64 * 4)]  # fmt: skip
+    assert made.sites[0]["reason"].startswith("--target trt") and made.sites[1]["module"] == "up"
+    with torch.no_grad():
+        assert qlora.relative_error(program.module()(x=x), stack(x)) < EXACT
+
+
 def test_missing_plus_one_on_v1_zeros_fails_verification(oracles, monkeypatch):
     decode = gptq.decode
     monkeypatch.setattr(gptq, "decode", lambda qw, qz, s, g, bits, version: decode(qw, qz, s, g, bits, 2))

@@ -88,6 +88,8 @@ class _Stack:
     passes: ClassVar[Callable[[], list[Pass]]]
     embeddings: str = "none"
     """A quantized base's float embedding and head tables: ``none``, ``int8``, ``int4`` (``--quantize-embeddings``)."""
+    dequantize: bool = False
+    """Float weights for a quantized base's 4-bit layers (``--target trt``: ``peftc/quant/merge.py``)."""
 
     def check(self, backend: Backend) -> None:
         return None
@@ -99,13 +101,13 @@ class _Stack:
     def optimize(self, built: Built, ctx: PassContext) -> Optimized:
         programs = [world.reference for world in built.worlds]
         options: dict[str, Any] = {"stack": [a.name for a in built.adapters]}
-        if not qlora.has_sites(built.adapters):
+        if not qlora.has_sites(built.adapters) and not (self.dequantize and qlora.has_packed(programs[-1])):
             program, records = in_each_world(built, programs, type(self).passes, ctx)
             return Optimized(program, records, signature(built), options)
         made: list[Any] = []
 
         def passes() -> list[Pass]:
-            made[:] = qlora.passes(*self.quantized_policy(), self.embeddings)
+            made[:] = qlora.passes(*self.quantized_policy(), self.embeddings, self.dequantize)
             return type(self).passes(made)
 
         program, records = in_each_world(built, programs, passes, ctx)

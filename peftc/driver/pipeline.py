@@ -147,9 +147,9 @@ def mode_for(options: CompileOptions) -> Mode:
         return Swappable(options.max_rank, options.multi_adapter, options.slot_capacity, options.slot_dtype)
     if options.co_permute:
         return CoPermuted(seed=options.seed)
-    embeddings = options.quantize_embeddings
+    embeddings, dequantize = options.quantize_embeddings, options.target == "trt"  # TensorRT reads no 4-bit layer
     if options.merge:
-        return Merged(embeddings=embeddings, merge_policy=options.merge_policy, max_error=options.max_error)
+        return Merged(embeddings, dequantize, merge_policy=options.merge_policy, max_error=options.max_error)
     return Unmerged(embeddings=embeddings)
 
 

@@ -28,18 +28,29 @@ SITE_OPS = ("lora_bnb4", "lora_int8", "lora_nbits")
 """The QLoRA site ops (``peftc/quant/sites.py``), by name: this module imports no torch (``peftc inspect``)."""
 
 
+PACKED_OPS = ("bnb4_linear", "nbits_linear")
+"""The 4-bit layer ops (``peftc/quant/ops.py``) ``--target trt`` dequantizes, by name."""
+
+
+def has_packed(program: Any) -> bool:
+    """Whether ``program`` has a 4-bit layer (``--target trt`` dequantizes them even without a LoRA on one)."""
+    nodes = (n for n in program.graph.nodes if n.op == "call_function")
+    return any(str(n.target).removeprefix("peftc.").partition(".")[0] in PACKED_OPS for n in nodes)
+
+
 def has_sites(adapters: Sequence[Any]) -> bool:
     """Whether any of ``adapters`` has a LoRA site on a quantized layer."""
     return any(site.op in SITE_OPS for adapter in adapters for site in adapter.sites)
 
 
-def passes(policy: str, max_error: float | None, embeddings: str = "none") -> list[Any]:
-    """New ``merge-quantized`` (``peftc/quant/merge.py``) and, unless ``embeddings`` is ``none``,
-    ``quantize-embeddings`` (``peftc/quant/embeddings.py``) passes; each keeps its rows of the site table."""
+def passes(policy: str, max_error: float | None, embeddings: str = "none", dequantize: bool = False) -> list[Any]:
+    """New ``merge-quantized`` (``peftc/quant/merge.py``; ``dequantize``: float weights for every 4-bit layer,
+    ``--target trt``) and, unless ``embeddings`` is ``none``, ``quantize-embeddings``
+    (``peftc/quant/embeddings.py``) passes; each keeps its rows of the site table."""
     from peftc.quant.embeddings import QuantizeEmbeddingsPass
     from peftc.quant.merge import MergeQuantizedPass
 
-    made = [MergeQuantizedPass(policy, max_error)]
+    made = [MergeQuantizedPass(policy, max_error, dequantize)]
     return made + ([QuantizeEmbeddingsPass(embeddings)] if embeddings != "none" else [])
 
 

@@ -13,6 +13,12 @@ from the program's tensors and asks ``peftc.quant.policy.choose`` what it become
 * ``requant-int8``: ``peftc::blocks_linear`` (ONNX ``MatMulNBits``) on new tensors ``<module>.nbits_packed``,
   ``.nbits_scales``, ``.nbits_zero_points`` (the packed NF4 tensors go when nothing else reads them).
 
+With ``dequantize`` (``--target trt``: TensorRT's parser reads neither ``MatMulBnb4`` nor ``MatMulNBits``,
+and takes int4 only as symmetric ``DequantizeLinear``, which NF4 codebooks and asymmetric GPTQ/AWQ grids
+reach only by a second rounding), ``auto`` / ``auto-speed`` take ``float`` at every site, and every
+un-adapted 4-bit layer (``bnb4_linear``, ``nbits_linear``) becomes ``aten.linear`` on its dequantized fp32
+weight (error 0, a row ``policy: float`` in the table); LLM.int8 layers lower to standard ops and stay.
+
 The choices (format, policy, error added, bytes, why) are kept on the pass (:attr:`MergeQuantizedPass.sites`)
 for the manifest's table; the pass's stats count each policy.
 """
@@ -29,7 +35,7 @@ from peftc import ir
 from peftc.passes.base import PassBase, PassContext, PassResult, fresh_name
 from peftc.quant import policy as policies
 from peftc.quant.modules import Bnb4Linear, Int8Linear, NBitsLinear
-from peftc.quant.ops import BLOCKS_LINEAR, FORMATS, QUANT_TYPES
+from peftc.quant.ops import BLOCKS_LINEAR, BNB4_LINEAR, FORMATS, NBITS_LINEAR, QUANT_TYPES
 from peftc.quant.sites import BASE_OF, LORA_BNB4, LORA_INT8, OPS
 
 
@@ -39,6 +45,8 @@ class MergeQuantizedOptions:
     """``--merge-policy``: one of ``policy.POLICIES``."""
     max_error: float | None = None
     """``auto``'s per-site budget (None: ``policy.DEFAULT_MAX_ERROR``)."""
+    dequantize: bool = False
+    """Float weights for every 4-bit layer (``--target trt``; see the module docstring)."""
 
 
 class MergeQuantizedPass(PassBase):
@@ -46,8 +54,8 @@ class MergeQuantizedPass(PassBase):
 
     name = "merge-quantized"
 
-    def __init__(self, policy: str = "auto", max_error: float | None = None) -> None:
-        self.options = MergeQuantizedOptions(policy, max_error)
+    def __init__(self, policy: str = "auto", max_error: float | None = None, dequantize: bool = False) -> None:
+        self.options = MergeQuantizedOptions(policy, max_error, dequantize)
         self.sites: list[dict] = []
         """One row per adapted module: :meth:`policy.SiteChoice.row` and the base's ``format``."""
 
@@ -62,12 +70,12 @@ class MergeQuantizedPass(PassBase):
                     continue
                 module = node.meta.get(ir.meta.PEFTC, {}).get("module", node.name)
                 if module not in chosen:  # a module called several times is decided once
-                    layer, (a, b, scale) = _layer(editor, node, ops[node.target])
-                    chosen[module] = policies.choose(
-                        module, layer, a, b, scale, self.options.policy, self.options.max_error
-                    )
+                    layer, factors = _layer(editor, node, ops[node.target])
+                    chosen[module] = self._choose(module, layer, factors)
                     self.sites.append({**chosen[module][0].row(), "format": _format(layer)})
                 _rewrite(editor, node, ops[node.target], *chosen[module])
+            if self.options.dequantize:
+                self.sites += dequantize_layers(editor)
         counts = Counter(row["policy"] for row in self.sites)
         stats = {p: counts.get(p, 0) for p in ("float", "requant", "requant-int8", "two-path", "two-path-fp16")}
         if not any(n for p, n in stats.items() if p != "two-path"):
@@ -76,10 +84,56 @@ class MergeQuantizedPass(PassBase):
         editor.remove_unused_state()
         return PassResult(editor.finish(), True, stats)
 
+    def _choose(
+        self, module: str, layer: torch.nn.Module, factors: tuple
+    ) -> tuple[policies.SiteChoice, torch.nn.Module]:
+        policy, max_error = self.options.policy, self.options.max_error
+        if not (self.options.dequantize and policy in policies.AUTO_ORDER):
+            return policies.choose(module, layer, *factors, policy, max_error)
+        choice, merged = policies.choose(module, layer, *factors, "float", max_error)
+        return dataclasses.replace(choice, reason=TRT_REASON), merged
+
     def ensures(self, program: ir.Program, result: PassResult) -> None:
         left = sum(1 for n in program.graph.nodes if n.op == "call_function" and n.target in {o.overload for o in OPS})
         if left and result.stats.get("two-path", 0) + result.stats.get("two-path-fp16", 0) == 0:
             raise AssertionError(f"{left} QLoRA sites left, none kept two-path")
+
+
+TRT_REASON = "--target trt: TensorRT reads no packed NF4/FP4/GPTQ/AWQ layer; dequantized and merged in fp32"
+NOT_ADAPTED = "not adapted; --target trt: dequantized (TensorRT reads no packed 4-bit layer)"
+DEQUANTIZED = (BNB4_LINEAR, NBITS_LINEAR)
+"""The un-adapted layers ``dequantize`` turns into float ``aten.linear`` (their ONNX ops are contrib ops)."""
+
+
+def dequantize_layers(editor: ir.ProgramEditor) -> list[dict]:
+    """Rewrite every :data:`DEQUANTIZED` node as ``aten.linear`` on a new fp32 parameter ``<module>.weight``
+    (the op's own decoding: its eager body on the identity, transposed); one table row per layer."""
+    ops = {op.overload: op for op in DEQUANTIZED}
+    rows: dict[str, dict] = {}
+    weights: dict[str, fx.Node] = {}  # a layer called several times is dequantized once
+    for node in list(editor.graph.nodes):
+        if node.op != "call_function" or node.target not in ops:
+            continue
+        op, values = ops[node.target], _values(editor, node)
+        bias_at = 1 + len(op.tensor_roles)
+        module = ir.meta.peftc_meta(node).get("module") or ir.meta.module_path(node) or node.name
+        if module not in weights:
+            dense = dequantized(op, values)
+            weights[module] = editor.add_parameter(fresh_name(editor, f"{module}.weight"), dense)
+            fmt = QUANT_TYPES[values[-3]] if op is BNB4_LINEAR else FORMATS[values[bias_at + 1]]
+            rows[module] = {"module": module, "policy": "float", "error": 0.0, "bytes": dense.numel() * 4,
+                            "reason": NOT_ADAPTED, "format": fmt}  # fmt: skip
+        args = (node.args[0], weights[module], node.args[bias_at])
+        editor.replace(node, editor.call(torch.ops.aten.linear.default, args, like=node))
+    return list(rows.values())
+
+
+def dequantized(op, values: list) -> torch.Tensor:
+    """The fp32 weight ``[out, in]`` of a :data:`DEQUANTIZED` node's argument ``values``: the op's own eager
+    body on the identity (bias left out), transposed."""
+    bias_at = 1 + len(op.tensor_roles)
+    eye = torch.eye(values[-1], dtype=torch.float32)  # in_features, the last scalar of both ops
+    return op.body(eye, *values[1:bias_at], None, *values[bias_at + 1 :]).T.contiguous()
 
 
 def _values(editor: ir.ProgramEditor, node: fx.Node) -> list:

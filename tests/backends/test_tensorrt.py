@@ -190,6 +190,7 @@ def test_quantized_layers_are_refused_before_any_export(tmp_path):
     message = str(caught.value)
     assert message.startswith("--target trt: 3 is a bitsandbytes 4-bit layer") and "\n" not in message
     assert "com.microsoft.MatMulBnb4" in message and "--target onnx" in message
+    assert "compile merged with --merge-policy auto or float" in message  # what dequantizes them
     assert not list(tmp_path.iterdir())
 
 

@@ -5,8 +5,10 @@ The ONNX backend lowers bitsandbytes 4-bit layers to ``com.microsoft.MatMulBnb4`
 parser does not read. TensorRT takes 4-bit weights only as a symmetric int4 ``DequantizeLinear``
 (zero points 0, ``shared/FORMATS.md`` §4; ``peftc.quant.matmulnbits.symmetric`` makes such codes, and
 tensorrt-rtx's parser accepts them: ``tests/quant/test_matmulnbits.py``), which NF4 codebooks and
-asymmetric GPTQ/AWQ would reach only by a second rounding — not wired into this target yet. LLM.int8
-layers and the int8 / fp16 embedding tables lower to standard ops and pass.
+asymmetric GPTQ/AWQ would reach only by a second rounding. So for this target a merged compile dequantizes
+every 4-bit layer before export (``--merge-policy auto`` / ``float``: ``peftc/quant/merge.py``, error 0); what
+is left here is what the user asked to keep packed (``two-path``, ``requant`` of NF4/FP4, ``requant-int8``,
+``--no-merge``). LLM.int8 layers and the int8 / fp16 embedding tables lower to standard ops and pass.
 """
 
 from __future__ import annotations
@@ -46,6 +48,6 @@ def refuse_contrib_layers(program: ir.Program) -> None:
     others = f" (and {len(found) - 1} more quantized layers)" if len(found) > 1 else ""
     raise UnsupportedError(
         f"--target trt: {module} is a {fmt} layer{others}, which onnxruntime runs as com.microsoft.{op}; "
-        "TensorRT's parser reads 4-bit weights only as symmetric int4 DequantizeLinear, which peftc does not "
-        "emit yet: use --target onnx or --target aoti"
+        "TensorRT's parser cannot read it: compile merged with --merge-policy auto or float (4-bit layers "
+        "dequantized), or use --target onnx or --target aoti"
     )
