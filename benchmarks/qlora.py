@@ -16,7 +16,8 @@ Inductor folds each dequantization into an fp32 constant at compile time).
 policy (default ``auto``; e.g. ``auto,auto-speed``) with each ``--quantize-embeddings`` scheme (none, int8,
 int4, int8-head: ``peftc/quant/embeddings.py``; ``--schemes`` picks some), the rows named ``compile POLICY,
 tables …``, next to PEFT's eager QLoRA, all of them timed in one interleaved loop; their error column is
-against the same fp32 reference, their site error the largest error a table or site adds.
+against the same fp32 reference, their site error the largest error a table or site adds, their budget
+the verification budget against that reference (``peftc/quant/compiled.py``: 3 · √Σ eᵢ² over the site table).
 
 Reported per policy and target: the artifact files' bytes and their ratio to an fp16 artifact of the
 same merged model (2 bytes per parameter); for the decoder's linear layers alone (what the policy
@@ -181,6 +182,7 @@ def _compiled_rows(args, model_dir, adapter, root, batches, check, reference, re
 def _compiled_row(policy, tables, model_dir, adapter, root) -> tuple[dict, object]:
     """``peftc compile`` (``merge_policy``, the model's plain forward, ONNX) with ``--quantize-embeddings tables``."""
     import peftc
+    from peftc.quant.compiled import tolerances
 
     out = root / f"compile-{policy}-{tables}"
     with contextlib.redirect_stdout(io.StringIO()):
@@ -193,8 +195,10 @@ def _compiled_row(policy, tables, model_dir, adapter, root) -> tuple[dict, objec
     sites = artifact.manifest.target["quantized_sites"]
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     table_errors = [s["error"] for s in sites] or [0.0]
+    budget = tolerances(artifact.manifest.target, {"reference": 0}).get("reference")
     return {"name": f"compile {policy}, tables {tables}", "chosen": sorted({s["policy"] for s in sites}), "bytes": size,
-            "site_error": max(table_errors)}, run  # fmt: skip
+            "site_error": max(table_errors), "site_error_sum": sum(table_errors),
+            "budget": budget.rel if budget else None}, run  # fmt: skip
 
 
 def _policy_row(name, target, model_dir, adapter, root, batches, check, reference, reps, max_error) -> dict:
@@ -228,16 +232,18 @@ def _bytes(module) -> int:
 def _text(result: dict) -> str:
     lines = [f"{result['parameters'] / 1e6:.1f}M parameters; fp16 artifact {result['fp16_bytes'] / 1e6:.1f} MB"]
     lines.append(
-        f"{'':<32}{'MB':>8}{'×fp16':>7}{'b1 ms':>9}{'b8 ms':>9}{'site err':>10}{'output err':>12}{'lin×fp16':>10}  chosen"
+        f"{'':<32}{'MB':>8}{'×fp16':>7}{'b1 ms':>9}{'b8 ms':>9}{'site err':>10}{'output err':>12}{'lin×fp16':>10}"
+        f"{'budget':>10}  chosen"
     )
     for r in result["rows"]:
         mb = f"{r['bytes'] / 1e6:.1f}" if r["bytes"] else "-"
         ratio = f"{r['vs_fp16']:.2f}" if r["vs_fp16"] else "-"
         site = f"{r['site_error']:.2g}" if r["site_error"] is not None else "-"
         linears = f"{r['linears_vs_fp16']:.2f}" if "linears_vs_fp16" in r else "-"
+        budget = f"{r['budget']:.2g}" if r.get("budget") else "-"
         lines.append(
             f"{r['name']:<32}{mb:>8}{ratio:>7}{r['ms'][1]:>9.1f}{r['ms'][8]:>9.1f}{site:>10}{r['error']:>12.2g}"
-            f"{linears:>10}  " + ",".join(r.get("chosen", []))
+            f"{linears:>10}{budget:>10}  " + ",".join(r.get("chosen", []))
         )
     return "\n".join(lines)
 
