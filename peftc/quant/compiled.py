@@ -31,7 +31,7 @@ FP32 = 1e-5
 """fp32 against fp32, the same products summed in another order (as ``compare.py``'s float32 bound)."""
 
 
-SITE_OPS = ("lora_bnb4", "lora_int8", "lora_nbits")
+SITE_OPS = ("lora_bnb4", "lora_bnb4dq", "lora_int8", "lora_nbits")
 """The QLoRA site ops (``peftc/quant/sites.py``), by name: this module imports no torch (``peftc inspect``)."""
 
 
