@@ -67,8 +67,7 @@ def bnb4dq_linear(
 
 def nested_absmax_of(codes, nested_absmax, nested_code, nested_blocksize: int, nested_offset: float) -> torch.Tensor:
     """The fp32 absmax of a double-quantized layer: ``nested_code[codes] · nested_absmax[i // blocksize] + offset``."""
-    offset = torch.tensor(nested_offset, dtype=torch.float32)
-    return bnb.decode_nested(codes, nested_absmax, nested_code, nested_blocksize) + offset
+    return bnb.decode_nested(codes, nested_absmax, nested_code, nested_blocksize) + nested_offset  # added in fp32
 
 
 def _bnb4dq_fake(x, packed, codes, nested_absmax, nested_code, code, bias, *scalars):
