@@ -192,13 +192,12 @@ def _absmax_decoded():
     from peftc.quant import loading
     from peftc.quant.modules import Bnb4Linear
 
+    original = loading.Bnb4NestedLinear
+
     def decoded(packed, nested, nested_blocksize, offset, code, blocksize, quant_type, shape, bias):
-        kept = loading.Bnb4NestedLinear(
-            packed, nested, nested_blocksize, offset, code, blocksize, quant_type, shape, bias
-        )
+        kept = original(packed, nested, nested_blocksize, offset, code, blocksize, quant_type, shape, bias)
         return Bnb4Linear(packed, kept.absmax, code, blocksize, quant_type, shape, bias)
 
-    original = loading.Bnb4NestedLinear
     loading.Bnb4NestedLinear = decoded
     try:
         yield
