@@ -16,7 +16,10 @@ Inductor folds each dequantization into an fp32 constant at compile time).
 policy (default ``auto``; e.g. ``auto,auto-speed``) with each ``--quantize-embeddings`` scheme (none, int8,
 int4, int8-head: ``peftc/quant/embeddings.py``; ``--schemes`` picks some), the rows named ``compile POLICY,
 tables …``, next to PEFT's eager QLoRA, all of them timed in one interleaved loop; their error column is
-against the same fp32 reference, their site error the largest error a table or site adds.
+against the same fp32 reference, their site error the largest error a table or site adds, their budget
+the verification budget against that reference (``peftc/quant/compiled.py``: 3 · √Σ eᵢ² over the site table).
+``--absmax kept,fp32`` adds, for each, the artifact with the double-quantized NF4 absmax decoded to fp32 when
+the checkpoint is read (as peftc did before keeping the 8-bit codes and decoding them in the graph).
 
 Reported per policy and target: the artifact files' bytes and their ratio to an fp16 artifact of the
 same merged model (2 bytes per parameter); for the decoder's linear layers alone (what the policy
@@ -107,6 +110,9 @@ def main() -> None:
     parser.add_argument("--tables", action="store_true", help="peftc compile with each --quantize-embeddings instead")
     parser.add_argument("--schemes", default=",".join(TABLES), help="--tables: the schemes, comma-separated")
     parser.add_argument("--policies", default="auto", help="--tables: the merge policies, comma-separated")
+    parser.add_argument(
+        "--absmax", default="kept", help="--tables: kept (8-bit, decoded in the graph) and/or fp32 (decoded when read)"
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     reps = 3 if args.quick else 10
@@ -160,9 +166,11 @@ def _compiled_rows(args, model_dir, adapter, root, batches, check, reference, re
     )
     for policy in args.policies.split(","):
         for tables in args.schemes.split(","):
-            row, run = _compiled_row(policy, tables, model_dir, adapter, root)
-            rows.append(row)
-            runs.append(run)
+            for absmax in args.absmax.split(","):
+                with contextlib.nullcontext() if absmax == "kept" else _absmax_decoded():
+                    row, run = _compiled_row(policy, tables, model_dir, adapter, root, absmax)
+                rows.append(row)
+                runs.append(run)
     samples = [{b: [] for b in batches} for _ in runs]
     with torch.no_grad():
         for row, run in zip(rows, runs, strict=True):
@@ -178,11 +186,32 @@ def _compiled_rows(args, model_dir, adapter, root, batches, check, reference, re
     return rows
 
 
-def _compiled_row(policy, tables, model_dir, adapter, root) -> tuple[dict, object]:
-    """``peftc compile`` (``merge_policy``, the model's plain forward, ONNX) with ``--quantize-embeddings tables``."""
-    import peftc
+@contextlib.contextmanager
+def _absmax_decoded():
+    """Double-quantized NF4 layers read as before the 8-bit absmax was kept: decoded to fp32 at load."""
+    from peftc.quant import loading
+    from peftc.quant.modules import Bnb4Linear
 
-    out = root / f"compile-{policy}-{tables}"
+    original = loading.Bnb4NestedLinear
+
+    def decoded(packed, nested, nested_blocksize, offset, code, blocksize, quant_type, shape, bias):
+        kept = original(packed, nested, nested_blocksize, offset, code, blocksize, quant_type, shape, bias)
+        return Bnb4Linear(packed, kept.absmax, code, blocksize, quant_type, shape, bias)
+
+    loading.Bnb4NestedLinear = decoded
+    try:
+        yield
+    finally:
+        loading.Bnb4NestedLinear = original
+
+
+def _compiled_row(policy, tables, model_dir, adapter, root, absmax="kept") -> tuple[dict, object]:
+    """``peftc compile`` (``merge_policy``, the model's plain forward, ONNX) with ``--quantize-embeddings tables``
+    (``absmax``: ``fp32`` for double-quantized absmax decoded when the checkpoint is read)."""
+    import peftc
+    from peftc.quant.compiled import tolerances
+
+    out = root / f"compile-{policy}-{tables}-{absmax}"
     with contextlib.redirect_stdout(io.StringIO()):
         artifact = peftc.compile(
             str(model_dir), [str(adapter)], out=out, task="none", oracle=False, quantize_embeddings=tables,
@@ -193,8 +222,11 @@ def _compiled_row(policy, tables, model_dir, adapter, root) -> tuple[dict, objec
     sites = artifact.manifest.target["quantized_sites"]
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     table_errors = [s["error"] for s in sites] or [0.0]
-    return {"name": f"compile {policy}, tables {tables}", "chosen": sorted({s["policy"] for s in sites}), "bytes": size,
-            "site_error": max(table_errors)}, run  # fmt: skip
+    budget = tolerances(artifact.manifest.target, {"reference": 0}).get("reference")
+    name = f"compile {policy}, tables {tables}" + ("" if absmax == "kept" else ", absmax fp32")
+    return {"name": name, "chosen": sorted({s["policy"] for s in sites}), "bytes": size,
+            "site_error": max(table_errors), "site_error_sum": sum(table_errors),
+            "budget": budget.rel if budget else None}, run  # fmt: skip
 
 
 def _policy_row(name, target, model_dir, adapter, root, batches, check, reference, reps, max_error) -> dict:
@@ -228,16 +260,18 @@ def _bytes(module) -> int:
 def _text(result: dict) -> str:
     lines = [f"{result['parameters'] / 1e6:.1f}M parameters; fp16 artifact {result['fp16_bytes'] / 1e6:.1f} MB"]
     lines.append(
-        f"{'':<32}{'MB':>8}{'×fp16':>7}{'b1 ms':>9}{'b8 ms':>9}{'site err':>10}{'output err':>12}{'lin×fp16':>10}  chosen"
+        f"{'':<32}{'MB':>8}{'×fp16':>7}{'b1 ms':>9}{'b8 ms':>9}{'site err':>10}{'output err':>12}{'lin×fp16':>10}"
+        f"{'budget':>10}  chosen"
     )
     for r in result["rows"]:
         mb = f"{r['bytes'] / 1e6:.1f}" if r["bytes"] else "-"
         ratio = f"{r['vs_fp16']:.2f}" if r["vs_fp16"] else "-"
         site = f"{r['site_error']:.2g}" if r["site_error"] is not None else "-"
         linears = f"{r['linears_vs_fp16']:.2f}" if "linears_vs_fp16" in r else "-"
+        budget = f"{r['budget']:.2g}" if r.get("budget") else "-"
         lines.append(
             f"{r['name']:<32}{mb:>8}{ratio:>7}{r['ms'][1]:>9.1f}{r['ms'][8]:>9.1f}{site:>10}{r['error']:>12.2g}"
-            f"{linears:>10}  " + ",".join(r.get("chosen", []))
+            f"{linears:>10}{budget:>10}  " + ",".join(r.get("chosen", []))
         )
     return "\n".join(lines)
 

@@ -58,10 +58,11 @@ def test_quantize_4bit_is_bitsandbytes_bit_for_bit(quant_type):
 def test_ir_keeps_the_packed_weight(checkpoints):
     model = load_model(checkpoints / "nf4-dq", task="none")
     program = torch.export.export(model.module, (), {"input_ids": torch.zeros(1, 4, dtype=torch.long)})
-    sites = [n for n in program.graph.nodes if n.target is torch.ops.peftc.bnb4_linear.default]
+    sites = [n for n in program.graph.nodes if n.target is torch.ops.peftc.bnb4dq_linear.default]
     assert len(sites) == 7
-    packed = [v for k, v in program.state_dict.items() if k.endswith(".packed")]
-    assert len(packed) == 7 and all(t.dtype == torch.uint8 for t in packed)
+    for suffix in (".packed", ".absmax_codes"):  # double quantization kept: 8-bit absmax codes
+        packed = [v for k, v in program.state_dict.items() if k.endswith(suffix)]
+        assert len(packed) == 7 and all(t.dtype == torch.uint8 for t in packed)
     assert not any(k.endswith("q_proj.weight") for k in program.state_dict)
 
 

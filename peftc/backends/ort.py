@@ -4,14 +4,14 @@ A swappable artifact's slots are overridable initializers (zero by default: the 
 runner is a :class:`~peftc.backends.base.SlotRunner`: ``run(feeds, slots)`` takes either an adapter
 file loaded through onnxruntime's multi-LoRA API (``LoraAdapter``, activated for that call only with
 ``RunOptions.add_active_adapter``: nothing is copied into the session and no state outlives the
-call), or a mapping of slot tensors to arrays, fed as inputs (adapter banks). Concurrent calls with
+call), a decoded fp16/int8 file's values as onnxruntime values (:class:`OrtSlots`), or a mapping of slot
+tensors to arrays, fed as inputs (adapter banks). Concurrent calls with
 different slots are safe.
 """
 
 from __future__ import annotations
 
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,11 @@ def write_adapter_file(path: Path, tensors: Mapping[str, np.ndarray]) -> None:
     adapter.set_model_version(1)
     adapter.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()})
     adapter.export_adapter(str(path))
+
+
+class OrtSlots(dict):
+    """Slot tensor name → ``onnxruntime.OrtValue`` (each keeps its numpy array alive): decoded slot values,
+    fed with the inputs through ``run_with_ort_values`` with no copy per call."""
 
 
 class OrtRunner:
@@ -79,12 +84,19 @@ class OrtRunner:
         prepared = self._prepare(feeds)
         options = ort.RunOptions()
         options.log_severity_level = 4  # fatal only: failures are raised, not printed
-        if isinstance(slots, Mapping):
+        if isinstance(slots, OrtSlots):
+            prepared = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in prepared.items()}
+            prepared.update(slots)
+        elif isinstance(slots, Mapping):
             prepared.update(slots)
         elif slots is not None:
             options.add_active_adapter(slots)
         try:
-            outputs = self.session.run(None, prepared, options)
+            if isinstance(slots, OrtSlots):
+                values = self.session.run_with_ort_values(self.output_names, prepared, options)
+                outputs = [v.numpy() for v in values]
+            else:
+                outputs = self.session.run(None, prepared, options)
         except Exception as e:
             message = re.sub(r"^\[ONNXRuntimeError\] : \d+ : [A-Z_]+ : ", "", first_line(e))
             if type(e).__name__ == "InvalidArgument":
@@ -100,14 +112,13 @@ class OrtRunner:
         adapter.Load(str(path))
         return adapter
 
-    def load_values(self, values: Mapping[str, np.ndarray]) -> Any:
-        """Slot values as a ``LoraAdapter``, through an adapter file in a private temporary directory
-        (removed once loaded; the artifact is never written to): activated per call like a file's, not fed
-        as inputs (measured 3-7 % slower on MiniLM, on a loaded VM)."""
-        with tempfile.TemporaryDirectory(prefix="peftc-slots-") as scratch:
-            path = Path(scratch) / "slots.onnx_adapter"
-            write_adapter_file(path, values)
-            return self.load_slots(path)
+    def load_values(self, values: Mapping[str, np.ndarray]) -> OrtSlots:
+        """Slot values (a decoded fp16/int8 file) as onnxruntime values made once, bound per call beside the
+        inputs as an activated ``LoraAdapter``'s are; no adapter file is written (``LoraAdapter`` loads
+        only from a file: writing one took most of an fp16/int8 switch, benchmarks/hotswap_slot_dtype.py)."""
+        import onnxruntime as ort
+
+        return OrtSlots({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in values.items()})
 
     def slot_values(self, path: Path) -> dict[str, np.ndarray]:
         """An onnxruntime adapter file's arrays."""

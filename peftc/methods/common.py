@@ -293,7 +293,7 @@ LAYOUT_OF = {
 def layout(source: AdapterSource, module: ModuleInfo, method: str, supported: Iterable[str]) -> str:
     """The weight layout of ``module`` if ``method`` supports its type, else an UnsupportedError."""
     allowed = tuple(supported)
-    if module.class_name in ("Bnb4Linear", "Int8Linear", "NBitsLinear"):  # peftc/quant/modules.py
+    if module.class_name in ("Bnb4Linear", "Bnb4NestedLinear", "Int8Linear", "NBitsLinear"):  # peftc/quant/modules.py
         raise UnsupportedError(
             f"{source.config_path.name}: {method} on the quantized layer {module.path!r}; on quantized bases "
             "peftc compiles LoRA (QLoRA), other methods need a float weight"

@@ -19,7 +19,7 @@ from torch import nn
 from peftc import reading
 from peftc.errors import InputError, UnsupportedError
 from peftc.quant import bnb, formats, gptq, intpack
-from peftc.quant.modules import Bnb4Linear, Int8Linear, NBitsLinear
+from peftc.quant.modules import Bnb4Linear, Bnb4NestedLinear, Int8Linear, NBitsLinear
 
 
 def quantization_config(path: Path) -> dict[str, Any] | None:
@@ -88,15 +88,16 @@ def _packed(
         )
     if not torch.equal(tensors["weight.quant_map"], bnb.code_table(state["quant_type"])):
         raise UnsupportedError(f"{prefix}.weight.quant_map: not bitsandbytes' {state['quant_type']} code table")
-    absmax = tensors["weight.absmax"]
-    if "weight.nested_absmax" in tensors:
-        absmax = bnb.decode_nested(
-            absmax.flatten(), tensors["weight.nested_absmax"].flatten(), tensors["weight.nested_quant_map"],
-            state["nested_blocksize"],
-        ) + torch.tensor(float(state["nested_offset"]), dtype=torch.float32)  # fmt: skip
+    if "weight.nested_absmax" in tensors:  # double quantization, kept as stored (decoded in the graph)
+        nested = {"absmax_codes": tensors["weight.absmax"], "nested_absmax": tensors["weight.nested_absmax"],
+                  "nested_code": tensors["weight.nested_quant_map"]}  # fmt: skip
+        return Bnb4NestedLinear(
+            tensors["weight"], nested, state["nested_blocksize"], float(state["nested_offset"]),
+            tensors["weight.quant_map"], state["blocksize"], state["quant_type"], (rows, cols), bias,
+        )  # fmt: skip
     return Bnb4Linear(
-        tensors["weight"], absmax, tensors["weight.quant_map"], state["blocksize"], state["quant_type"], (rows, cols),
-        bias,
+        tensors["weight"], tensors["weight.absmax"], tensors["weight.quant_map"], state["blocksize"],
+        state["quant_type"], (rows, cols), bias,
     )  # fmt: skip
 
 

@@ -1,12 +1,13 @@
 """merge-quantized: fold each QLoRA site (``peftc/quant/sites.py``) by its merge policy.
 
-For every ``peftc::lora_bnb4`` / ``lora_int8`` / ``lora_nbits`` node the pass rebuilds the packed layer
+For every ``peftc::lora_bnb4`` / ``lora_bnb4dq`` / ``lora_int8`` / ``lora_nbits`` node the pass rebuilds the packed layer
 from the program's tensors and asks ``peftc.quant.policy.choose`` what it becomes (``--merge-policy``;
 ``auto``: the smallest artifact within ``--max-error``; ``auto-speed``: the fastest), then rewrites the node:
 
 * ``float``: ``aten.linear(x, W + ΔW, b)`` on a new fp32 parameter ``<module>.weight``;
 * ``requant``: the base op again (``bnb4_linear`` / ``int8_linear``) on the requantized tensors, which
-  replace the layer's own under the same keys (same shapes and dtypes);
+  replace the layer's own under the same keys (same shapes and dtypes; a double-quantized layer becomes
+  ``bnb4_linear`` on a new fp32 ``<module>.absmax``);
 * ``two-path``: the site stays (the packed GEMM plus the LoRA branch);
 * ``two-path-fp16``: the site stays, its ``lora_A`` / ``lora_B`` replaced by fp16 copies under their keys
   (the site op computes in fp32 whatever the factors' dtype);
@@ -34,9 +35,9 @@ from torch import fx
 from peftc import ir
 from peftc.passes.base import PassBase, PassContext, PassResult, fresh_name
 from peftc.quant import policy as policies
-from peftc.quant.modules import Bnb4Linear, Int8Linear, NBitsLinear
-from peftc.quant.ops import BLOCKS_LINEAR, BNB4_LINEAR, FORMATS, NBITS_LINEAR, QUANT_TYPES
-from peftc.quant.sites import BASE_OF, LORA_BNB4, LORA_INT8, OPS
+from peftc.quant.modules import Bnb4Linear, Bnb4NestedLinear, Int8Linear, NBitsLinear
+from peftc.quant.ops import BLOCKS_LINEAR, BNB4_LINEAR, BNB4DQ_LINEAR, FORMATS, NBITS_LINEAR, QUANT_TYPES
+from peftc.quant.sites import BASE_OF, LORA_BNB4, LORA_BNB4DQ, LORA_INT8, OPS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +102,7 @@ class MergeQuantizedPass(PassBase):
 
 TRT_REASON = "--target trt: TensorRT reads no packed NF4/FP4/GPTQ/AWQ layer; dequantized and merged in fp32"
 NOT_ADAPTED = "not adapted; --target trt: dequantized (TensorRT reads no packed 4-bit layer)"
-DEQUANTIZED = (BNB4_LINEAR, NBITS_LINEAR)
+DEQUANTIZED = (BNB4_LINEAR, BNB4DQ_LINEAR, NBITS_LINEAR)
 """The un-adapted layers ``dequantize`` turns into float ``aten.linear`` (their ONNX ops are contrib ops)."""
 
 
@@ -120,7 +121,7 @@ def dequantize_layers(editor: ir.ProgramEditor) -> list[dict]:
         if module not in weights:
             dense = dequantized(op, values)
             weights[module] = editor.add_parameter(fresh_name(editor, f"{module}.weight"), dense)
-            fmt = QUANT_TYPES[values[-3]] if op is BNB4_LINEAR else FORMATS[values[bias_at + 1]]
+            fmt = FORMATS[values[bias_at + 1]] if op is NBITS_LINEAR else QUANT_TYPES[values[bias_at + 2]]
             rows[module] = {"module": module, "policy": "float", "error": 0.0, "bytes": dense.numel() * 4,
                             "reason": NOT_ADAPTED, "format": fmt}  # fmt: skip
         args = (node.args[0], weights[module], node.args[bias_at])
@@ -150,6 +151,13 @@ def _layer(editor: ir.ProgramEditor, node: fx.Node, op) -> tuple[torch.nn.Module
         blocksize, quant_type, out_features, in_features = scalars
         packed, absmax, code = base[:3]
         layer = Bnb4Linear(packed, absmax, code, blocksize, QUANT_TYPES[quant_type], (out_features, in_features), bias)
+    elif op is LORA_BNB4DQ:
+        blocksize, quant_type, nested_blocksize, offset, out_features, in_features = scalars
+        nested = dict(zip(("absmax_codes", "nested_absmax", "nested_code"), base[1:4], strict=True))
+        layer = Bnb4NestedLinear(
+            base[0], nested, nested_blocksize, offset, base[4], blocksize, QUANT_TYPES[quant_type],
+            (out_features, in_features), bias,
+        )  # fmt: skip
     elif op is LORA_INT8:
         layer = Int8Linear(base[0], base[1], bias)
     else:
@@ -186,6 +194,14 @@ def _rewrite(editor: ir.ProgramEditor, node: fx.Node, op, choice: policies.SiteC
             tensors.append(editor.node_for(fqn) or editor.add_parameter(fresh_name(editor, fqn), getattr(layer, role)))
         scalars = (layer.bits, layer.block_size, layer.accuracy_level, layer.out_features, layer.in_features)
         out = editor.call(BLOCKS_LINEAR.overload, (x, *tensors, base[-1], *scalars), like=node)
+    elif op is LORA_BNB4DQ:  # requant: fresh fp32 absmax (no double quantization), the same codes table
+        editor.set_tensor(editor.fqn(base[0]), layer.packed)
+        fqn = f"{choice.module}.absmax"
+        absmax = editor.node_for(fqn) or editor.add_parameter(fresh_name(editor, fqn), layer.absmax)
+        scalars = node.args[op.operands_start + 3 :]
+        blocksize, quant_type, _, _, out_features, in_features = scalars
+        args = (x, base[0], absmax, base[4], base[-1], blocksize, quant_type, out_features, in_features)
+        out = editor.call(BNB4_LINEAR.overload, args, like=node)
     else:  # requant: the layer's tensors replaced under their keys
         new = [layer.packed, layer.absmax] if isinstance(layer, Bnb4Linear) else [layer.weight_int8, layer.scb]
         for arg, value in zip(base, new, strict=False):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from peftc.quant import bnb, matmulnbits, sites  # noqa: F401  (registers the QLoRA site ops TwoPathLinear calls)
-from peftc.quant.ops import FORMATS, nbits_weight, quant_type_number
+from peftc.quant.ops import FORMATS, nbits_weight, nested_absmax_of, quant_type_number
 
 
 class Bnb4Linear(nn.Module):
@@ -44,6 +44,51 @@ class Bnb4Linear(nn.Module):
             x, self.packed, self.absmax, self.code, self.bias, self.blocksize, quant_type_number(self.quant_type),
             self.out_features, self.in_features,
         )  # fmt: skip
+
+
+class Bnb4NestedLinear(Bnb4Linear):
+    """A bitsandbytes 4-bit layer with double quantization kept as stored: uint8 ``absmax_codes``, fp32
+    ``nested_absmax`` per ``nested_blocksize`` codes, the 256-entry ``nested_code``, ``nested_offset``
+    (``peftc::bnb4dq_linear``; :attr:`absmax` is the fp32 decode)."""
+
+    def __init__(
+        self, packed: torch.Tensor, nested: dict[str, torch.Tensor], nested_blocksize: int, nested_offset: float,
+        code: torch.Tensor, blocksize: int, quant_type: str, shape: tuple[int, int], bias: torch.Tensor | None,
+    ) -> None:  # fmt: skip
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = shape
+        self.blocksize, self.quant_type = blocksize, quant_type
+        self.nested_blocksize, self.nested_offset = nested_blocksize, float(nested_offset)
+        self.register_buffer("packed", packed.flatten().contiguous())
+        self.register_buffer("absmax_codes", nested["absmax_codes"].flatten().contiguous())
+        self.register_buffer("nested_absmax", nested["nested_absmax"].to(torch.float32).flatten().contiguous())
+        self.register_buffer("nested_code", nested["nested_code"].to(torch.float32).flatten().contiguous())
+        self.register_buffer("code", code.to(torch.float32).contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @property
+    def absmax(self) -> torch.Tensor:
+        """The fp32 absmax, decoded as bitsandbytes does."""
+        return nested_absmax_of(
+            self.absmax_codes, self.nested_absmax, self.nested_code, self.nested_blocksize, self.nested_offset
+        )
+
+    def stored_bytes(self) -> int:
+        """Bytes of the packed weight, its 8-bit absmax and the nested scales and code table."""
+        kept = (self.packed, self.absmax_codes, self.nested_absmax, self.nested_code)
+        return sum(t.numel() * t.element_size() for t in kept)
+
+    def arguments(self) -> tuple:
+        """The tensors and scalars of ``peftc::bnb4dq_linear`` after ``x``."""
+        return (
+            self.packed, self.absmax_codes, self.nested_absmax, self.nested_code, self.code, self.bias,
+            self.blocksize, quant_type_number(self.quant_type), self.nested_blocksize, self.nested_offset,
+            self.out_features, self.in_features,
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``peftc::bnb4dq_linear``."""
+        return torch.ops.peftc.bnb4dq_linear(x, *self.arguments())
 
 
 class Int8Linear(nn.Module):
@@ -160,6 +205,9 @@ class TwoPathLinear(nn.Module):
         """Base output plus the LoRA branch (added in fp32): the QLoRA site op ``peftc compile`` keeps
         for the two-path policy (``peftc/quant/sites.py``)."""
         base, lora = self.base, (self.lora_A, self.lora_B, self.scale)
+        if isinstance(base, Bnb4NestedLinear):
+            args = base.arguments()
+            return torch.ops.peftc.lora_bnb4dq(x, *args[:6], *lora, *args[6:])
         if isinstance(base, Bnb4Linear):
             return torch.ops.peftc.lora_bnb4(
                 x, base.packed, base.absmax, base.code, base.bias, *lora, base.blocksize,

@@ -47,11 +47,33 @@ def bnb4_linear(
     in_features: int,
 ) -> Any:
     """``MatMulBnb4(x, packed, absmax) + b``."""
+    return _matmul_bnb4(x, packed, cast(absmax, absmax, x), bias, blocksize, quant_type, out_features, in_features)
+
+
+def _matmul_bnb4(x, packed, absmax, bias, blocksize: int, quant_type: int, out_features: int, in_features: int):
     flat = op.Reshape(packed, op.Constant(value_ints=[-1]))
-    y = MATMUL_BNB4(
-        x, flat, cast(absmax, absmax, x), K=in_features, N=out_features, block_size=blocksize, quant_type=quant_type
-    )
+    y = MATMUL_BNB4(x, flat, absmax, K=in_features, N=out_features, block_size=blocksize, quant_type=quant_type)
     return y if bias is None else op.Add(y, cast(bias, bias, x))
+
+
+def bnb4dq_linear(
+    x: Any, packed: Any, absmax_codes: Any, nested_absmax: Any, nested_code: Any, code: Any, bias: Any,
+    blocksize: int, quant_type: int, nested_blocksize: int, nested_offset: float, out_features: int, in_features: int,
+) -> Any:  # fmt: skip
+    """The absmax decoded in the graph (``nested_code[codes] · nested_absmax[block] + offset``, fp32, each step
+    rounded once as bitsandbytes does), then :func:`bnb4_linear`."""
+    blocks = out_features * in_features // blocksize
+    pad = -blocks % nested_blocksize
+    values = op.Gather(nested_code, op.Cast(absmax_codes, to=6), axis=0)  # int32 indices
+    if pad:
+        values = op.Pad(values, op.Constant(value_ints=[0, pad]))
+    rows = op.Reshape(values, op.Constant(value_ints=[-1, nested_blocksize]))
+    scaled = op.Mul(rows, op.Unsqueeze(nested_absmax, op.Constant(value_ints=[1])))
+    scaled = op.Reshape(scaled, op.Constant(value_ints=[-1]))
+    if pad:
+        scaled = op.Slice(scaled, op.Constant(value_ints=[0]), op.Constant(value_ints=[blocks]))
+    absmax = cast(op.Add(scaled, op.Constant(value_float=nested_offset)), nested_absmax, x)
+    return _matmul_bnb4(x, packed, absmax, bias, blocksize, quant_type, out_features, in_features)
 
 
 _NBITS_CONSTANTS = ("K", "N", "bits", "block_size", "accuracy_level")
@@ -203,6 +225,19 @@ def lora_bnb4(
 ) -> Any:  # fmt: skip
     """``peftc::lora_bnb4``: MatMulBnb4 plus the LoRA branch (the two-path merge policy)."""
     y = bnb4_linear(x, packed, absmax, code, bias, blocksize, quant_type, out_features, in_features)
+    return _lora_branch(y, x, lora_a, lora_b, scale)
+
+
+def lora_bnb4dq(
+    x: Any, packed: Any, absmax_codes: Any, nested_absmax: Any, nested_code: Any, code: Any, bias: Any, lora_a: Any,
+    lora_b: Any, scale: float, blocksize: int, quant_type: int, nested_blocksize: int, nested_offset: float,
+    out_features: int, in_features: int,
+) -> Any:  # fmt: skip
+    """``peftc::lora_bnb4dq``: the in-graph absmax decode, MatMulBnb4 and the LoRA branch."""
+    y = bnb4dq_linear(
+        x, packed, absmax_codes, nested_absmax, nested_code, code, bias, blocksize, quant_type, nested_blocksize,
+        nested_offset, out_features, in_features,
+    )  # fmt: skip
     return _lora_branch(y, x, lora_a, lora_b, scale)
 
 

@@ -4,6 +4,11 @@
   — a bitsandbytes 4-bit layer: ``x · dequant(packed)ᵀ + b`` (``absmax`` already fp32: a nested
   absmax is decoded when the checkpoint is read). ONNX: ``com.microsoft.MatMulBnb4`` (onnxruntime's
   CPU kernel; its ``B`` is bitsandbytes' own packing of the ``[N, K]`` weight, high nibble first).
+* ``peftc::bnb4dq_linear(x, packed, absmax_codes, nested_absmax, nested_code, code, bias, blocksize, quant_type,
+  nested_blocksize, nested_offset, out_features, in_features)`` — the same layer with bitsandbytes' double
+  quantization kept: uint8 ``absmax_codes``, one fp32 ``nested_absmax`` per ``nested_blocksize`` of them, the
+  256-entry ``nested_code`` and the ``nested_offset``; ``absmax = nested_code[codes] · nested_absmax + offset``
+  (:func:`peftc.quant.bnb.decode_nested`). ONNX: that decode in the graph (Gather, Mul, Add), then MatMulBnb4.
 * ``peftc::int8_linear(x, weight, scb, bias)`` — an LLM.int8 layer: ``x · (CB · SCB / 127)ᵀ + b``.
   ONNX: dequantized in the graph (Cast, Mul, MatMul).
 * ``peftc::nbits_linear(x, qweight, qzeros, scales, g_idx, bias, fmt, bits, version, group_size, out_features,
@@ -48,6 +53,25 @@ def bnb4_linear(
 
 def _bnb4_fake(x, packed, absmax, code, bias, blocksize, quant_type, out_features, in_features):
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+def bnb4dq_linear(
+    x: torch.Tensor, packed: torch.Tensor, absmax_codes: torch.Tensor, nested_absmax: torch.Tensor,
+    nested_code: torch.Tensor, code: torch.Tensor, bias: torch.Tensor | None, blocksize: int, quant_type: int,
+    nested_blocksize: int, nested_offset: float, out_features: int, in_features: int,
+) -> torch.Tensor:  # fmt: skip
+    """:func:`bnb4_linear` on the absmax decoded from its double quantization (fp32, bitsandbytes' order)."""
+    absmax = nested_absmax_of(absmax_codes, nested_absmax, nested_code, nested_blocksize, nested_offset)
+    return bnb4_linear(x, packed, absmax, code, bias, blocksize, quant_type, out_features, in_features)
+
+
+def nested_absmax_of(codes, nested_absmax, nested_code, nested_blocksize: int, nested_offset: float) -> torch.Tensor:
+    """The fp32 absmax of a double-quantized layer: ``nested_code[codes] · nested_absmax[i // blocksize] + offset``."""
+    return bnb.decode_nested(codes, nested_absmax, nested_code, nested_blocksize) + nested_offset  # added in fp32
+
+
+def _bnb4dq_fake(x, packed, codes, nested_absmax, nested_code, code, bias, *scalars):
+    return x.new_empty((*x.shape[:-1], scalars[-2]))
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -103,6 +127,15 @@ BNB4_LINEAR = call_op(
     base_params=("bias",),
     onnx="peftc.quant.onnx:bnb4_linear",
 )
+BNB4DQ_LINEAR = call_op(
+    "bnb4dq_linear",
+    bnb4dq_linear,
+    _bnb4dq_fake,
+    tensor_roles=("packed", "absmax_codes", "nested_absmax", "nested_code", "code"),
+    scalars=("blocksize", "quant_type", "nested_blocksize", "nested_offset", "out_features", "in_features"),
+    base_params=("bias",),
+    onnx="peftc.quant.onnx:bnb4dq_linear",
+)
 INT8_LINEAR = call_op(
     "int8_linear",
     int8_linear,
@@ -157,7 +190,7 @@ BLOCKS_LINEAR = call_op(
     onnx="peftc.quant.onnx:blocks_linear",
 )
 """A site the ``requant-int8`` merge policy requantized (``peftc/quant/policy.py``); ONNX: ``MatMulNBits``."""
-OPS = (BNB4_LINEAR, INT8_LINEAR, NBITS_LINEAR, BLOCKS_LINEAR)
+OPS = (BNB4_LINEAR, BNB4DQ_LINEAR, INT8_LINEAR, NBITS_LINEAR, BLOCKS_LINEAR)
 
 
 def quant_type_number(name: str) -> int:

@@ -21,7 +21,12 @@ from peftc.errors import InputError, UnsupportedError
 from peftc.ops import call_op
 from peftc.quant import ops as quant_ops
 
-QUANTIZED_CLASSES = {"Bnb4Linear": "bnb4_linear", "Int8Linear": "int8_linear", "NBitsLinear": "nbits_linear"}
+QUANTIZED_CLASSES = {
+    "Bnb4Linear": "bnb4_linear",
+    "Bnb4NestedLinear": "bnb4dq_linear",
+    "Int8Linear": "int8_linear",
+    "NBitsLinear": "nbits_linear",
+}
 """Class name of the packed module (``peftc/quant/modules.py``) → the base op its call traces to."""
 
 
@@ -37,6 +42,20 @@ def lora_bnb4(
 ) -> torch.Tensor:  # fmt: skip
     """``bnb4_linear(x, …) + s·(x Aᵀ) Bᵀ``."""
     y = quant_ops.bnb4_linear(x, packed, absmax, code, bias, blocksize, quant_type, out_features, in_features)
+    return _plus_lora(y, x, lora_a, lora_b, scale)
+
+
+def lora_bnb4dq(
+    x: torch.Tensor, packed: torch.Tensor, absmax_codes: torch.Tensor, nested_absmax: torch.Tensor,
+    nested_code: torch.Tensor, code: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+    lora_b: torch.Tensor, scale: float, blocksize: int, quant_type: int, nested_blocksize: int, nested_offset: float,
+    out_features: int, in_features: int,
+) -> torch.Tensor:  # fmt: skip
+    """``bnb4dq_linear(x, …) + s·(x Aᵀ) Bᵀ``."""
+    y = quant_ops.bnb4dq_linear(
+        x, packed, absmax_codes, nested_absmax, nested_code, code, bias, blocksize, quant_type, nested_blocksize,
+        nested_offset, out_features, in_features,
+    )  # fmt: skip
     return _plus_lora(y, x, lora_a, lora_b, scale)
 
 
@@ -69,6 +88,15 @@ LORA_BNB4 = call_op(
     base_params=("packed", "absmax", "code", "bias"),
     onnx="peftc.quant.onnx:lora_bnb4",
 )
+LORA_BNB4DQ = call_op(
+    "lora_bnb4dq",
+    lora_bnb4dq,
+    lambda x, packed, codes, nested, nested_code, code, bias, a, b, *rest: x.new_empty((*x.shape[:-1], b.shape[0])),
+    tensor_roles=("lora_A", "lora_B"),
+    scalars=("scale", "blocksize", "quant_type", "nested_blocksize", "nested_offset", "out_features", "in_features"),
+    base_params=("packed", "absmax_codes", "nested_absmax", "nested_code", "code", "bias"),
+    onnx="peftc.quant.onnx:lora_bnb4dq",
+)
 LORA_INT8 = call_op(
     "lora_int8",
     lora_int8,
@@ -87,9 +115,10 @@ LORA_NBITS = call_op(
     base_params=("qweight", "qzeros", "scales", "g_idx", "bias"),
     onnx="peftc.quant.onnx:lora_nbits",
 )
-OPS = (LORA_BNB4, LORA_INT8, LORA_NBITS)
+OPS = (LORA_BNB4, LORA_BNB4DQ, LORA_INT8, LORA_NBITS)
 BASE_OF = {
     LORA_BNB4.name: quant_ops.BNB4_LINEAR,
+    LORA_BNB4DQ.name: quant_ops.BNB4DQ_LINEAR,
     LORA_INT8.name: quant_ops.INT8_LINEAR,
     LORA_NBITS.name: quant_ops.NBITS_LINEAR,
 }

@@ -25,7 +25,9 @@ def _contrib_ops() -> dict[object, tuple[str, str]]:
     nbits = ("GPTQ/AWQ", "MatMulNBits")
     return {
         ops.BNB4_LINEAR.overload: bnb4,
+        ops.BNB4DQ_LINEAR.overload: bnb4,
         sites.LORA_BNB4.overload: bnb4,
+        sites.LORA_BNB4DQ.overload: bnb4,
         ops.NBITS_LINEAR.overload: nbits,
         sites.LORA_NBITS.overload: nbits,
         ops.BLOCKS_LINEAR.overload: ("requant-int8 (8-bit blocks)", "MatMulNBits"),
