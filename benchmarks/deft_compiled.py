@@ -18,8 +18,9 @@ program and PEFT):
 
 * ``dense``: the unmasked model (the masked ones have the same shapes, so the same dense cost);
 * ``prune f``: the model masked at ``f``, ``--prune-dead-neurons``, calibrated on ``deft.calibration``
-  (64 × ``--seq`` seeded random tokens, batches of 8; every fourth batch from the second held out), at
-  the default budget 1e-5;
+  (64 × ``--seq`` seeded random tokens, batches of 8; every fourth batch from the second held out; the
+  passes add one seeded batch of each ``analyze.coverage`` shape to both sets: the verifier's three and
+  2 × 1, 4 and 128 tokens), at the default budget 1e-5;
 * ``prune+skip f``  (``--skip K`` > 0, at the largest ``f``): the same with the last ``K`` layers' down
   projections scaled by 1e-8 (blocks that contribute nothing, as the ones ADA-DEFT skips) and
   ``--prune-dead-neurons --skip-blocks``.

@@ -172,7 +172,8 @@ def test_passes_on_a_calibration_file_hold_out_every_fourth_batch(trained, capsy
     code, out, _ = _run(capsys, root / "deft", "--density", "--calibration", root / "calib.npz",
                         "--prune-dead-neurons", "--max-error", "1e-6")  # fmt: skip
     assert code == 0
-    assert "on 1 held-out batches" in out and "prune-dead-neurons" in out
+    # batch 1, and one batch per coverage shape: 2 x 16, 1 x 9, 3 x 33, and 2 x 1, 4 and 64 (the longest)
+    assert "on 7 held-out batches" in out and "prune-dead-neurons" in out
     for line in out.splitlines():
         if "prune-dead-neurons" in line and " kept " in line:
             assert float(line.split()[-1]) <= 1e-6

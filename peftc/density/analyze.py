@@ -7,6 +7,11 @@ generated from the model's input signature. The exploitation passes measure thei
 inputs: with a file, every fourth batch of it from the second (batches 1, 5, 9…; at least two
 batches are then needed); else
 ``held_out`` more generated batches with other seeds.
+
+When passes run, both sets also get one seeded batch of every :func:`coverage` shape (the verifier's
+three, short sequences and a long one; padded rows where the model takes an attention mask): a ReLU
+neuron silent on the calibration's lengths can fire at others (attention averages over the sequence),
+so removal is decided, and checked, on every shape the artifact is verified at and likely run at.
 """
 
 from __future__ import annotations
@@ -29,6 +34,11 @@ from peftc.errors import InputError, UnsupportedError
 
 HELD_OUT_SEED = 2000
 """Generated held-out batch ``i`` uses seed ``seed + HELD_OUT_SEED + i`` (calibration: ``seed + 1000 + i``)."""
+COVERAGE_SEEDS = (3000, 4000)
+"""The :func:`coverage` batch ``i`` of the calibration uses seed ``seed + 3000 + i``, of the held-out
+inputs ``seed + 4000 + i`` (verification: ``seed + i``, so neither set is the verifier's own inputs)."""
+COVERAGE_SEQ = (1, 4, 128)
+"""Sequence lengths :func:`coverage` adds to the verifier's (clipped to the model's ``seq`` range)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +112,8 @@ def held_out_split(
 ) -> tuple[Any, list, list]:
     """The calibration record, the feeds density is measured on and the held-out feeds the passes are
     checked on (module docstring): with a file and ``split``, every fourth batch from the second is held
-    out; else ``held_out`` generated batches with other seeds.
+    out; else ``held_out`` generated batches with other seeds. With ``split`` (passes will run), both
+    sets also get one batch per :func:`coverage` shape, and the record says which.
 
     Raises:
         InputError: a file with fewer than two batches to split.
@@ -110,13 +121,42 @@ def held_out_split(
     from peftc.driver.quantize import calibration as read_calibration
 
     calib = read_calibration(path, samples, signature, seed)
-    if path is not None and split:
+    if not split:
+        return calib, calib.feeds, []
+    if path is not None:
         if len(calib.feeds) < 2:
             raise InputError(f"--calibration {path}: the passes hold out every 4th batch of 8 rows; "
                              f"give at least 9 rows (got {calib.record.get('rows')})")  # fmt: skip
-        return calib, [f for i, f in enumerate(calib.feeds) if i % 4 != 1], calib.feeds[1::4]
-    held = read_calibration(None, held_out, signature, seed + HELD_OUT_SEED - 1000).feeds if split else []
-    return calib, calib.feeds, held
+        feeds, held = [f for i, f in enumerate(calib.feeds) if i % 4 != 1], calib.feeds[1::4]
+    else:
+        feeds, held = calib.feeds, read_calibration(None, held_out, signature, seed + HELD_OUT_SEED - 1000).feeds
+    shapes = coverage(signature)
+    record = {**calib.record, "coverage": {"shapes": shapes, "seeds": [seed + s for s in COVERAGE_SEEDS]}}
+    extra = [covering(signature, shapes, seed + s) for s in COVERAGE_SEEDS]
+    return dataclasses.replace(calib, record=record), feeds + extra[0], held + extra[1]
+
+
+def coverage(signature: Any) -> list[dict[str, int]]:
+    """The input sizes the passes' calibration and held-out inputs always include: the verifier's
+    (``InputSignature.cases(3)``: for text batch 2 × seq 16 with a padded row, 1 × 9, 3 × 33) and, where
+    the model has a ``seq`` dim, batch 2 at each length of :data:`COVERAGE_SEQ` within the dim's range."""
+    shapes = signature.cases(3)
+    seq = signature.dims.get("seq")
+    for length in COVERAGE_SEQ if seq is not None else ():
+        sizes = {**shapes[0], "seq": min(max(length, seq.min), seq.max or length)}
+        for dim in signature.dims.values():
+            if dim.sum_of:
+                sizes[dim.name] = sum(sizes[part] for part in dim.sum_of)
+        if sizes not in shapes:
+            shapes.append(sizes)
+    return shapes
+
+
+def covering(signature: Any, shapes: Sequence[dict[str, int]], seed: int) -> list[dict[str, Any]]:
+    """One seeded batch per size assignment of ``shapes`` (batch ``i``: seed ``seed + i``), as numpy feeds."""
+    return [
+        {k: v.numpy() for k, v in signature.example(sizes, seed=seed + i).items()} for i, sizes in enumerate(shapes)
+    ]
 
 
 def with_adapters(module: torch.nn.Module, adapters: Sequence[str], allow_pickle: bool) -> torch.nn.Module:
