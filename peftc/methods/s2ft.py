@@ -23,8 +23,9 @@ GEMM on the gathered input columns, or scattered into the selected output rows. 
 contiguous range ``[s, s + k)`` (after ``--co-permute``, ``peftc/sparse/copermute.py``) the site is
 ``s2ft_slice_linear``: the same GEMM on a slice of the input, or added to a slice of the output — no
 gather, no scatter. The ops are composite ``peftc::`` ops: AOTInductor lowers them from their ATen
-bodies; ONNX from translations that copy no full-size activation (``s2ft_onnx.py``: ``GatherElements``
-of the selected input columns, one in-place ``ScatterElements`` add into the selected output rows).
+bodies; ONNX from translations that copy no full-size output (``s2ft_onnx.py``: the selected input
+columns stacked after the input for one GEMM with ``[Wᵀ; Sᵀ]``, one in-place ``ScatterElements`` add
+into the selected output rows).
 """
 
 from __future__ import annotations

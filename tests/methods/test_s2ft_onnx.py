@@ -1,8 +1,9 @@
 """The ONNX translations of the unmerged S²FT ops (``peftc/methods/s2ft_onnx.py``): equal to a dense
 eager reference (the base weight with the block added entry by entry, written out here) in fp32, and
-in fp16 as the eager op rounds; no full-size copy of an activation in the graph (no ``Gather``,
-``ScatterND``, ``Pad``, ``Concat`` or ``Split``: the selected columns are read with ``GatherElements``
-or a ``Slice``, the rows updated by one ``ScatterElements`` add); a broken translation is caught."""
+in fp16 as the eager op rounds; the graph's structure (no ``Gather``, ``ScatterND``, ``Pad`` or ``Split``:
+rows updated by one ``ScatterElements`` add, an fp32 column site one GEMM over ``[x, x_I]`` and the
+stacked ``[Wᵀ; Sᵀ]``, a slot's columns kept apart from the base weight); broken translations (a replacing
+scatter, a slice one channel off) are caught."""
 
 from __future__ import annotations
 
@@ -35,10 +36,11 @@ def _sites(dtype=torch.float32):
         ("slice_rows", 0, list(range(START, START + K)), True),
         ("slice_columns", 1, list(range(START, START + K)), True),
         ("slot_rows", 0, [*ROWS_I, 0, 0], False),  # zero-padded to capacity, as a slot is
+        ("slot_columns", 1, COLUMNS_I, False),
     ):
         k = len(indices)
         block = torch.randn((k, D_IN) if dim == 0 else (D_OUT, k), generator=generator)
-        if name.startswith("slot"):
+        if name == "slot_rows":
             block[len(ROWS_I) :] = 0
         dense = weight.clone()
         for j, i in enumerate(indices):
@@ -110,14 +112,32 @@ def test_translations_match_the_dense_reference(lowered):
         assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max(), name
 
 
-def test_no_full_size_copy_of_an_activation(lowered):
+def _producers(model):
+    return {output: node for node in model.graph.node for output in node.output}
+
+
+def test_graph_structure(lowered):
     _, model = lowered
     ops = Counter(node.op_type for node in model.graph.node)
-    assert ops["ScatterElements"] == 6 and ops["GatherElements"] == 2 and ops["MatMul"] == 20, ops
+    # fp32: 3 row sites × 2 MatMuls, 2 stacked column sites × 1, the slot's columns × 2; fp16: 6 sites × 2
+    assert ops["ScatterElements"] == 6 and ops["GatherElements"] == 4 and ops["MatMul"] == 8 + 2 + 12, ops
     assert not {"Gather", "ScatterND", "Pad", "Split"} & set(ops), ops
-    made = {output: node.op_type for node in model.graph.node for output in node.output}
-    concatenated = {made.get(i, "initializer") for n in model.graph.node if n.op_type == "Concat" for i in n.input}
-    assert concatenated <= {"Shape", "Constant"}, concatenated  # only the [..., k] index shape
+    made = _producers(model)
+    stacked = [
+        n
+        for n in model.graph.node
+        if n.op_type == "MatMul" and made.get(n.input[0]) and made[n.input[0]].op_type == "Concat"
+    ]
+    assert len(stacked) == 2, [n.name for n in stacked]  # the fp32 columns and slice_columns sites
+    for node in stacked:
+        activation, weights = made[node.input[0]], made[node.input[1]]
+        assert activation.input[0] == model.graph.input[0].name, activation.input  # [x, x_I]: no other copy
+        assert {made[i].op_type for i in activation.input[1:]} <= {"GatherElements", "Slice"}
+        assert weights.op_type == "Concat" and {made[i].op_type for i in weights.input} == {"Transpose"}
+    other = {
+        made[i].op_type if i in made else "input" for n in model.graph.node if n.op_type == "Concat" for i in n.input
+    }
+    assert other <= {"Shape", "Constant", "input", "GatherElements", "Slice", "Transpose"}, other
 
 
 def test_fp16_sites_compute_the_block_in_fp32_as_the_eager_ops(lowered):
@@ -141,3 +161,31 @@ def test_mutation_scatter_without_add_is_caught(lowered):
     got = _run(broken, X)[0]
     expected = torch.nn.functional.linear(X, module.fp32.sites[0][3], module.fp32.bias).numpy()
     assert np.abs(got - expected).max() > 1e-2 * np.abs(expected).max()
+
+
+def test_mutation_slice_one_channel_off_is_caught(lowered):
+    """Slicing the input columns ``start + 1 … start + k`` (and scattering into those rows) instead of
+    ``start …`` fails the dense comparison of both slice sites."""
+    module, model = lowered
+    broken = onnx.ModelProto()
+    broken.CopyFrom(model)
+    made = _producers(broken)
+    shifted = {made[n.input[i]].name for n in broken.graph.node if n.op_type == "Slice" for i in (1, 2)}
+    shifted |= {
+        n.name for n in broken.graph.node if n.op_type == "Constant" and _ints(n) == list(range(START, START + K))
+    }
+    assert len(shifted) == 2 * 2 + 2, shifted  # per dtype: the slice's start and end, the rows' indices
+    for node in broken.graph.node:
+        if node.name in shifted:
+            values = _ints(node)
+            node.ClearField("attribute")
+            node.attribute.append(onnx.helper.make_attribute("value_ints", [v + 1 for v in values]))
+    got = _run(broken, X)
+    for i, (name, _, _, dense) in enumerate(module.fp32.sites):
+        if name.startswith("slice"):
+            expected = torch.nn.functional.linear(X, dense, module.fp32.bias).numpy()
+            assert np.abs(got[i] - expected).max() > 1e-2 * np.abs(expected).max(), name
+
+
+def _ints(node):
+    return next((list(a.ints) for a in node.attribute if a.name == "value_ints"), None)
