@@ -6,7 +6,9 @@ folding when it loads the file, at the same run-time speed. Only nodes over ``Co
 are folded at export (shape arithmetic, reduction axes, gather indices): TensorRT's parser needs such
 inputs as constants and does not fold them itself, and no initializer is touched. peftc then names
 the outputs after the model's output pytree and the dynamic dims after the input signature, and
-writes weights as external data when the model exceeds the 2 GB protobuf limit.
+writes weights as external data when the model exceeds the 2 GB protobuf limit. In a model for
+onnxruntime that is not fused (adapter tensors or slots left), a weight the graph only transposes is
+stored transposed, named ``<key>.T`` (``transposes.py``), instead of being folded by onnxruntime at load.
 """
 
 from __future__ import annotations
