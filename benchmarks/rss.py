@@ -3,7 +3,7 @@
 Run from the repository root (alone: another process's load does not change RSS, but it slows the run)::
 
     python benchmarks/rss.py [--model examples.minilm:model] [--adapter examples/minilm-lora] [--target onnx]
-                             [--no-merge] [--stages] [--json]
+                             [--no-merge] [--stages] [--verify] [--json]
     python benchmarks/rss.py --synthetic [--layers 12] ...   # a BERT-base-sized model read from disk
     python benchmarks/rss.py --bigfile [--depth 20] [--compile] [--json]  # read paths on a ~1 GB file
 
@@ -19,7 +19,8 @@ bert-base-uncased) as a Hugging Face safetensors directory in a temporary direct
 ``--stages`` also runs the compile through ``peftc.compile`` in a child whose progress callback reads the
 kernel's peak RSS of each stage and pass (``VmHWM`` of ``/proc/self/status``, reset between stages by
 writing 5 to ``/proc/self/clear_refs``; Linux only) and prints where the peak is reached; it sets malloc's mmap
-threshold as ``peftc compile`` does (``peftc.memory.map_large_blocks``).
+threshold as ``peftc compile`` does (``peftc.memory.map_large_blocks``). ``--verify`` also runs ``peftc verify``
+on the compiled artifact in a child and reports its peak the same way.
 
 ``--bigfile`` measures reading alone (header validation, hashing, the adapter reader, the ``timm:`` and
 Hugging Face model loaders) on a ~1 GB safetensors file, each in a child whose peak above its imports is
@@ -123,6 +124,7 @@ def main() -> None:
     parser.add_argument("--target", default="onnx")
     parser.add_argument("--no-merge", action="store_true")
     parser.add_argument("--stages", action="store_true", help="also the peak RSS of each stage (Linux)")
+    parser.add_argument("--verify", action="store_true", help="also the peak RSS of `peftc verify` on the artifact")
     parser.add_argument("--bigfile", action="store_true", help="peftc's read paths on a ~1 GB file (Linux)")
     parser.add_argument("--depth", type=int, default=20, help="--bigfile's ViT-L/BERT-large depth (20: ~1 GB)")
     parser.add_argument("--compile", action="store_true", help="--bigfile: also compile the ~1 GB BERT with a LoRA")
@@ -167,6 +169,14 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict:
     start = time.perf_counter()
     peak, _, _ = child_peak(command)
     seconds = time.perf_counter() - start
+    verified = {}
+    if getattr(args, "verify", False):
+        verify_peak, verify_seconds, _ = child_peak([python, "-m", "peftc.cli", "verify", str(tmp / "out")])
+        verified = {
+            "verify_peak_bytes": verify_peak,
+            "verify_ratio": verify_peak / weights,
+            "verify_seconds": verify_seconds,
+        }
     return {
         "model": "synthetic BERT-base" if args.synthetic else args.model,
         "adapter": "synthetic LoRA r=8 query/value" if args.synthetic else args.adapter,
@@ -180,6 +190,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict:
         "goal": GOAL,
         "seconds": seconds,
         "self_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        **verified,
     }
 
 
@@ -198,6 +209,12 @@ def report(result: dict) -> None:
     print(
         f"ratio            {result['ratio']:8.2f} x  (goal <= {GOAL:g}); above the imports {result['ratio_above_imports']:.2f} x"
     )
+    if "verify_peak_bytes" in result:
+        above = (result["verify_peak_bytes"] - baseline) / weights
+        print(
+            f"verify peak      {result['verify_peak_bytes'] / mb:8.1f} MiB  ({result['verify_ratio']:.2f} x; "
+            f"above the imports {above:.2f} x; {result['verify_seconds']:.0f} s)"
+        )
     if "stages" in result:
         print("\npeak MiB  after MiB  (x weights above the imports)  stage (peak reached while it ran)")
         for row in result["stages"]:

@@ -193,6 +193,7 @@ def _verify(args: argparse.Namespace) -> int:
     from peftc.driver.pipeline import reverify
     from peftc.report import verification_table
 
+    memory.map_large_blocks()  # as `peftc compile` does: the session's freed build buffers leave the process
     report = reverify(args.artifact, model=args.model, oracle=not args.no_oracle, progress=args.progress)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))

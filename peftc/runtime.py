@@ -173,6 +173,16 @@ def load(path: str | os.PathLike[str], *, allow_failed: bool = False, runtime: s
         BackendUnavailable: the target's runtime cannot run here (e.g. a TensorRT artifact built
             without a GPU has no engine; the message says how to run its ONNX).
     """
+    path, manifest, name = checked(path, allow_failed=allow_failed, runtime=runtime)
+    runner = open_runner(get_backend(name), path, manifest.target, manifest.adapters)
+    return Runner(path, manifest, runner, runtime=name)
+
+
+def checked(
+    path: str | os.PathLike[str], *, allow_failed: bool = False, runtime: str | None = None
+) -> tuple[Path, Manifest, str]:
+    """What :func:`load` checks before it opens the artifact at ``path``: its path, its validated manifest
+    (every listed file hashed) and the name of the runtime that runs it. ``load`` documents the errors."""
     path = arguments.path(path, "path")
     arguments.flag(allow_failed, "allow_failed")
     arguments.text(runtime, "runtime", optional=True)
@@ -186,8 +196,7 @@ def load(path: str | os.PathLike[str], *, allow_failed: bool = False, runtime: s
         if runtime not in allowed:
             raise InputError(f"{path}: a {name!r} artifact cannot be run with {runtime!r} (it can with {allowed})")
         name = runtime
-    runner = open_runner(get_backend(name), path, manifest.target, manifest.adapters)
-    return Runner(path, manifest, runner, runtime=name)
+    return path, manifest, name
 
 
 def open_runner(

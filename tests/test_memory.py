@@ -1,16 +1,30 @@
 """Memory handed back during a compile: file-mapped weights paged out (their values kept), the
-artifact's runner opened only after every oracle ran. No RSS is measured here (``benchmarks/rss.py``)."""
+artifact's runner opened only after every oracle ran (also in ``peftc verify``), weights stored in the
+layout the ONNX graph reads. No RSS is measured here (``benchmarks/rss.py``)."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 
+import models
 import numpy as np
+import onnx
+import onnx_ir
 import pytest
 import torch
+from conftest import adapt, export
 
+import peftc
+import peftc.backends.onnx as onnx_backend
 from peftc import memory
+from peftc.backends import LowerRequest
+from peftc.backends.onnx.streaming import save
+from peftc.backends.onnx.transposes import store_transposed
+from peftc.backends.ort import OrtRunner
+from peftc.driver import modes, pipeline
 from peftc.driver.deferred import DeferredRunner
+from peftc.errors import InputError
 from peftc.loaders import parse_inputs
 from peftc.verification import verify
 
@@ -75,3 +89,65 @@ def test_a_deferred_runner_pages_the_weights_out_then_opens_once(monkeypatch):
     assert not runner.opened and events == []
     assert runner.input_names == ("x",) and runner.run({"x": 1}) == {"y": 1}
     assert runner.opened and [e[0] for e in events] == ["page_out", "open"] and events[0][1] == [weight]
+
+
+def test_verify_opens_the_artifact_after_every_oracle_and_hashes_its_files_again(tmp_path, bert_merged, monkeypatch):
+    """``peftc verify`` orders its work as a compile does: every oracle, then the artifact's session, whose
+    files are hashed again first: a file replaced while the oracles ran is refused, never opened."""
+    events, real_verify, real_check = [], modes.verify, pipeline.check_files
+    copy = shutil.copytree(bert_merged.path, tmp_path / "copy")
+
+    def spied(name, oracle):
+        return lambda inputs: events.append(name) or oracle(inputs)
+
+    def verify_spy(artifact, signature, oracles, *, base=None, **kwargs):
+        (copy / "model.onnx").write_bytes(b"x")  # after the checks at the start, before the oracles
+        oracles = {name: spied(name, oracle) for name, oracle in oracles.items()}
+        return real_verify(artifact, signature, oracles, base=base and spied("base", base), **kwargs)
+
+    monkeypatch.setattr(modes, "verify", verify_spy)
+    monkeypatch.setattr(pipeline, "check_files", lambda *a: events.append("open") or real_check(*a))
+    monkeypatch.setattr(pipeline, "open_runner", lambda *a: pytest.fail("a modified artifact was opened"))
+    with pytest.raises(InputError, match=r"model.onnx: sha256 differs"):
+        peftc.verify(copy, model=models.tiny_bert())
+    assert events == ["reference", "peft", "base"] * 3 + ["open"]
+
+
+class TwoLinears(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(12, 24), torch.nn.Linear(24, 6)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def test_weights_the_graph_transposes_are_stored_transposed(tmp_path, monkeypatch):
+    """Unmerged ONNX for onnxruntime: no ``Transpose`` of a base weight is left for the session build to
+    fold (it held both layouts at once); the outputs are bit-identical and the file is not larger."""
+    torch.manual_seed(0)
+    model = TwoLinears().eval()
+    adapter = models.make_lora(model, tmp_path / "a", target_modules=["up", "down"])
+    signature = parse_inputs(["x:batch,seq,12:float32"])
+    reference = adapt(export(model, signature), adapter)
+    monkeypatch.setattr(onnx_backend, "store_transposed", lambda model, keep=(): 0)  # the file as exported
+    lowered = onnx_backend.OnnxBackend().lower(LowerRequest(reference, signature), tmp_path, lambda m: None)
+    adapter_names = set(lowered.info["adapter_initializers"])
+    exported, stored = tmp_path / "model.onnx", tmp_path / "stored.onnx"
+    graph = onnx_ir.load(str(exported))
+    assert store_transposed(graph, keep=adapter_names) == 2  # both linear weights
+    save(graph, stored)
+
+    def transposed_initializers(path):
+        graph = onnx.load(str(path)).graph
+        names = {i.name for i in graph.initializer}
+        return names, {n.input[0] for n in graph.node if n.op_type == "Transpose" and n.input[0] in names}
+
+    names, transposed = transposed_initializers(stored)
+    assert transposed and transposed <= adapter_names <= names  # adapter tensors keep their names and layout
+    assert {"up.weight.T", "down.weight.T"} <= names and not {"up.weight", "down.weight"} & names
+    assert stored.stat().st_size <= exported.stat().st_size
+    assert transposed_initializers(exported)[1] - adapter_names  # the exporter's file had them
+    inputs = {"x": signature.example({"batch": 3, "seq": 9}, seed=2)["x"].numpy()}
+    before, after = OrtRunner(exported).run(inputs), OrtRunner(stored).run(inputs)
+    assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)

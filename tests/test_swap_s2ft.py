@@ -171,8 +171,9 @@ def test_mixed_batch_matches_each_row(swappable):
 
 
 def test_slots_and_graph_hold_no_dense_delta(swappable):
-    """Each S²FT slot is a gather (columns) or scatter-add (rows) on activations: base weights feed only
-    their own transpose, and the slot tensors are [K] indices and a K-wide block."""
+    """Each S²FT slot is a gather (columns) or scatter-add (rows) on activations: base weights (stored
+    transposed, ``peftc/backends/onnx/transposes.py``) feed only their own product, and the slot tensors
+    are [K] indices and a K-wide block."""
     import onnx_ir
 
     out = swappable[3]
@@ -186,8 +187,9 @@ def test_slots_and_graph_hold_no_dense_delta(swappable):
     assert by_module["layers.0.self_attn.q_proj"]["kind"] == "linear"
     model = onnx_ir.load(str(out / "model.onnx"))
     for name in [*SIDES, "mlp.gate_proj"]:
-        weight = model.graph.initializers[f"layers.0.{name}.weight"]
-        assert {user.op_type for user, _ in weight.uses()} == {"Transpose"}
+        assert f"layers.0.{name}.weight" not in model.graph.initializers
+        weight = model.graph.initializers[f"layers.0.{name}.weight.T"]
+        assert {user.op_type for user, _ in weight.uses()} == {"MatMul"}
     sparse = [n for n in model.graph if n.op_type in ("ScatterElements", "GatherElements")]
     assert sorted(n.op_type for n in sparse) == ["GatherElements"] * 3 + ["ScatterElements"] * 3
     assert all(str(n.outputs[0].shape[0]) == "batch" for n in sparse)  # activations, never a weight

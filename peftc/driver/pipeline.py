@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from peftc import memory
-from peftc.artifact import MANIFEST_FILE, Artifact, ArtifactWriter, Manifest, read_manifest
+from peftc.artifact import MANIFEST_FILE, Artifact, ArtifactWriter, Manifest, check_files, read_manifest
 from peftc.backends import get_backend
 from peftc.density import compiled as density
 from peftc.driver import combined as combining
@@ -27,7 +27,7 @@ from peftc.generation import prefix, prefix_check
 from peftc.generation.files import copy_model_files
 from peftc.loaders import seq2seq
 from peftc.options import CompileOptions
-from peftc.runtime import load, open_runner
+from peftc.runtime import checked, open_runner
 from peftc.sparse.copermute_mode import CoPermuted
 from peftc.swap.mode import Swappable
 from peftc.verification import Report
@@ -124,21 +124,32 @@ def _with_encoder(
 def reverify(
     path: Any, *, model: Any = None, oracle: bool = True, seed: int | None = None, progress: Progress | None = None
 ) -> Report:
-    """Re-run the numeric check of the artifact at ``path`` against oracles rebuilt from its sources."""
+    """Re-run the numeric check of the artifact at ``path`` against oracles rebuilt from its sources.
+
+    As in a compile, the artifact's runtime is opened only when the artifact first runs, after every
+    oracle ran and the model's file-mapped weights were paged out (:class:`DeferredRunner`); its files
+    are hashed again then."""
     stages = Stages(progress)
     target = read_manifest(path).target
     runtime = target.get("verified_with") if target.get("verified_with") != target["name"] else None
-    runner = load(path, allow_failed=True, runtime=runtime)
-    manifest = runner.manifest
+    path, manifest, name = checked(path, allow_failed=True, runtime=runtime)
+    backend = get_backend(name)
     mode = mode_from(manifest)
     precision = precisions.recorded(manifest.target)
     built = build(recorded(manifest, model), stages, stack=mode.stacks, precision=lambda loaded: precision)
     seed = manifest.options.get("seed", 0) if seed is None else seed
     with stages("verify", "verify: artifact vs eager reference" + (" and PEFT" if oracle else "")):
+        runner = DeferredRunner(partial(_reopened, backend, path, manifest), partial(model_weights, built))
         plans = precisions.plans(built, oracle, manifest.target.get("precision") or {"budget": None})
         plans = density.plans(plans, manifest.target)
-        report = mode.verify(runner.backend_runner, built, manifest.target, plans, seed)
-        return prefix_check.with_head(report, runner.backend_runner, built, seed) if oracle else report
+        report = mode.verify(runner, built, manifest.target, plans, seed)
+        return prefix_check.with_head(report, runner, built, seed) if oracle else report
+
+
+def _reopened(backend: Any, path: Path, manifest: Manifest) -> Any:
+    """The runner of the artifact at ``path``, its files checked against ``manifest`` again first."""
+    check_files(path, manifest)
+    return open_runner(backend, path, manifest.target, manifest.adapters)
 
 
 def mode_for(options: CompileOptions) -> Mode:

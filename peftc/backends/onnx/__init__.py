@@ -6,7 +6,9 @@ folding when it loads the file, at the same run-time speed. Only nodes over ``Co
 are folded at export (shape arithmetic, reduction axes, gather indices): TensorRT's parser needs such
 inputs as constants and does not fold them itself, and no initializer is touched. peftc then names
 the outputs after the model's output pytree and the dynamic dims after the input signature, and
-writes weights as external data when the model exceeds the 2 GB protobuf limit.
+writes weights as external data when the model exceeds the 2 GB protobuf limit. In a model for
+onnxruntime that is not fused (adapter tensors or slots left), a weight the graph only transposes is
+stored transposed, named ``<key>.T`` (``transposes.py``), instead of being folded by onnxruntime at load.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from peftc.artifact.files import listed
 from peftc.backends.base import Availability, Capabilities, Lowered, LowerRequest
 from peftc.backends.onnx import fusion
 from peftc.backends.onnx.streaming import save
+from peftc.backends.onnx.transposes import store_transposed
 from peftc.loaders.inputs import InputSignature
 from peftc.methods import registry
 
@@ -97,13 +100,16 @@ class OnnxBackend:
             v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None
         )
         external = initializer_bytes > PROTOBUF_LIMIT
+        adapter_initializers = _adapter_initializers(program, model, overridable)
+        fusing = self.fuse and not adapter_initializers and not overridable and not external
+        if self.fuse and not fusing and not external:  # for onnxruntime, which would fold them at load
+            store_transposed(model, keep={*adapter_initializers, *overridable})
         if external:
             onnx_program.save(str(directory / MODEL_FILE), external_data=True)
         else:
             save(model, directory / MODEL_FILE)
-        adapter_initializers = _adapter_initializers(program, model, overridable)
         summary, fusions, not_run = _summary(model, overridable), {}, ()
-        if self.fuse and not adapter_initializers and not overridable and not external:
+        if fusing:
             progress("onnx: onnxruntime fusions (attention, skip-norm, bias-gelu)")
             fused = fusion.fused(directory / MODEL_FILE, model, lambda m: _summary(m, overridable))
             del model, onnx_program  # the fused model's folded weights are not kept beside onnxruntime's session

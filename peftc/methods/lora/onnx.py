@@ -3,7 +3,8 @@
 It mirrors the op's eager body (``ops.py``); ``tests/backends/test_onnx.py`` checks it against it.
 Adapter tensors stay initializers in their stored layout under their peftc names; everything computed
 from weights alone (transposes, the LoRA scale, concatenations) is left to onnxruntime's constant
-folding at load time, so it costs nothing per call.
+folding at load time, so it costs nothing per call (the base weight's own transpose is stored done in
+the file onnxruntime reads: ``peftc/backends/onnx/transposes.py``).
 """
 
 from __future__ import annotations
