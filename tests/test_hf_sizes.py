@@ -54,6 +54,7 @@ def test_deit_takes_multiples_of_its_patch_size_as_peft_computes_them(deit):
         "dynamic: multiples of the patch size 8, position embeddings interpolated (interpolate_pos_encoding)"
     )
     assert all(c["sizes"]["height"] % 8 == 0 == c["sizes"]["width"] % 8 for c in manifest.verification["cases"])
+    assert any((c["sizes"]["height"], c["sizes"]["width"]) == (32, 32) for c in manifest.verification["cases"])
     runner = _runner(artifact)
     for batch, height, width in ((2, 24, 40), (1, 64, 16)):
         pixels = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(height))

@@ -51,6 +51,8 @@ def test_a_timm_vit_takes_any_multiple_of_its_patch_size(compiled):
     assert manifest.model["image_size"].startswith("dynamic: multiples of the patch size 8")
     assert "\nimage size: dynamic: multiples of the patch size 8" in manifest_text(dataclasses.asdict(manifest))
     assert any(c["sizes"]["height"] != c["sizes"]["width"] for c in manifest.verification["cases"])
+    assert [dims[d]["natural"] for d in ("height", "width")] == [32, 32]
+    assert any((c["sizes"]["height"], c["sizes"]["width"]) == (32, 32) for c in manifest.verification["cases"])
     runner = peftc.load(artifact.path)
     for batch, height, width in ((1, 32, 32), (2, 48, 24), (1, 16, 128)):
         pixels = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(height + width))
@@ -79,6 +81,23 @@ def test_verification_catches_position_embeddings_resampled_wrongly(compiled, mo
     monkeypatch.setattr(vision_transformer, "resample_abs_pos_embed", nearest)
     assert compiled[3].manifest.verification["passed"]
     assert not peftc.verify(compiled[3].path).passed
+
+
+def test_verification_checks_the_models_own_size(compiled, monkeypatch):
+    """The oracle's position embeddings are wrong only at the model's own size (where timm skips the
+    resampling): a verification case at 32x32 catches it; the smaller sizes alone would not."""
+    from timm.layers import pos_embed
+    from timm.models import vision_transformer
+
+    def broken_at_own_size(posemb, new_size, old_size=None, *args, **kwargs):
+        out = pos_embed.resample_abs_pos_embed(posemb, new_size, old_size, *args, **kwargs)
+        return out * 0.5 if tuple(new_size) == (4, 4) else out  # 32 px / patch 8
+
+    monkeypatch.setattr(vision_transformer, "resample_abs_pos_embed", broken_at_own_size)
+    assert compiled[3].manifest.verification["passed"]
+    report = peftc.verify(compiled[3].path)
+    failed = {(c.sizes["height"], c.sizes["width"]) for c in report.cases if not c.ok}
+    assert not report.passed and failed == {(32, 32)}
 
 
 def test_a_vit_built_without_dynamic_img_size_keeps_its_size(compiled):

@@ -26,7 +26,16 @@ _SIGNATURE = {
     "inputs": [
         {"name": _NAME, "shape": [(str, int)], "dtype": str, "kind": str, "low": _OPTIONAL_INT, "high": _OPTIONAL_INT}
     ],
-    "dims": {"*": {"name": _NAME, "min": _INT, "max": _OPTIONAL_INT, "sum_of": [str], "multiple": _INT}},
+    "dims": {
+        "*": {
+            "name": _NAME,
+            "min": _INT,
+            "max": _OPTIONAL_INT,
+            "sum_of": [str],
+            "multiple": _INT,
+            "natural": _OPTIONAL_INT,
+        }
+    },
 }
 _SLOTS = {
     "rank": _INT,

@@ -48,6 +48,9 @@ class DimSpec:
     examples follow it, torch.export infers it (``Dim.AUTO``), and a call is checked against it."""
     multiple: int = 1
     """Every size is a multiple of this (a timm ViT's image side: its patch size); ``min`` and ``max`` are."""
+    natural: int | None = None
+    """The model's own size of this dim (an image side: the config's image size), where it has one: the
+    third verification case uses it, so the size a model was trained at is always checked."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +98,8 @@ class InputSignature:
                     not index and sizes[dim.name] in list(sizes.values())[:-1] and sizes[dim.name] < (dim.max or 2**31)
                 ):
                     sizes[dim.name] += dim.multiple  # two dims clipped to one minimum: distinct for tracing
+                if index == 2 and dim.natural is not None:
+                    sizes[dim.name] = dim.natural
             for dim in self.dims.values():
                 if dim.sum_of:
                     sizes[dim.name] = sum(sizes[part] for part in dim.sum_of)
@@ -264,12 +269,19 @@ def from_transformers(model: Any) -> InputSignature | None:
         channels = getattr(config, "num_channels", 3)
         ranges = vision.hf_dims(model, height, width)[0]
         dims = {"batch": DimSpec("batch")} | {
-            d: DimSpec(d, low, high, multiple=m) for d, (low, high, m) in ranges.items()
+            d: DimSpec(d, low, high, multiple=m, natural=n) for d, (low, high, m, n) in _natural(ranges, height, width)
         }
         sides = tuple(d if d in dims else int(s) for d, s in (("height", height), ("width", width)))
         spec = TensorInput("pixel_values", ("batch", channels, *sides), "float32")
         return InputSignature((spec,), dims)
     return None
+
+
+def _natural(ranges: Mapping[str, tuple[int, int, int]], height: int, width: int) -> list[tuple[str, tuple]]:
+    """``(dim, (min, max, multiple, natural))`` of image-side ``ranges``: ``natural`` is the model's own side."""
+    own = {"height": int(height), "width": int(width)}
+    fits = {d: low <= own[d] <= high and own[d] % m == 0 for d, (low, high, m) in ranges.items()}
+    return [(d, (*bounds, own[d] if fits[d] else None)) for d, bounds in ranges.items()]
 
 
 def from_program(program: Any) -> InputSignature:
@@ -314,7 +326,9 @@ def from_timm(model: Any, kwargs: Mapping[str, Any] | None = None) -> tuple[Inpu
         height, width = (size, size) if isinstance(size, int) else tuple(size)
     channels = int(kwargs.get("in_chans", channels))
     ranges, note = vision.timm_dims(model, int(height), int(width))
-    dims = {"batch": DimSpec("batch")} | {d: DimSpec(d, low, high, multiple=m) for d, (low, high, m) in ranges.items()}
+    dims = {"batch": DimSpec("batch")} | {
+        d: DimSpec(d, low, high, multiple=m, natural=n) for d, (low, high, m, n) in _natural(ranges, height, width)
+    }
     sides = tuple(d if d in dims else int(s) for d, s in (("height", height), ("width", width)))
     spec = TensorInput("x", ("batch", channels, *sides), "float32")
     return InputSignature((spec,), dims), note
