@@ -42,7 +42,6 @@ inputs fires on the verification ones, is kept with ``keep_failed``, timed and m
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import sys
@@ -56,20 +55,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import deft  # benchmarks/deft.py: the model, the mask, the calibration file, the MAC count
+import sparsity  # benchmarks/sparsity.py: the seeded LoRA
 
 
 def lora(model: torch.nn.Module, path: Path) -> Path:
     """A seeded PEFT LoRA (r=8 on query/value, B ~ 0.02·N(0, 1)) saved at ``path``."""
-    from peft import LoraConfig, get_peft_model
-
-    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=8, lora_alpha=8, target_modules=["query", "value"]))
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.02 * torch.randn(param.shape, generator=generator))
-    peft_model.save_pretrained(str(path))
-    return path
+    return sparsity.seeded_lora(model, path, 8, ["query", "value"])
 
 
 def weakened(model: torch.nn.Module, last: int) -> torch.nn.Module:

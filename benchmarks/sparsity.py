@@ -86,10 +86,6 @@ def s2ft_adapter(model, path: Path, seed: int = 1) -> int:
 
 def lora_adapter(model, path: Path, parameters: int) -> int:
     """A seeded PEFT LoRA on v/o/up/down with the rank closest to ``parameters``; its rank."""
-    import copy
-
-    from peft import LoraConfig, get_peft_model
-
     cfg = model.config
     hd = cfg.hidden_size // cfg.num_attention_heads
     per_rank = cfg.num_hidden_layers * (
@@ -98,7 +94,16 @@ def lora_adapter(model, path: Path, parameters: int) -> int:
         + 2 * (cfg.hidden_size + cfg.intermediate_size)
     )
     rank = max(1, round(parameters / per_rank))
-    targets = ["v_proj", "o_proj", "up_proj", "down_proj"]
+    seeded_lora(model, path, rank, ["v_proj", "o_proj", "up_proj", "down_proj"])
+    return rank
+
+
+def seeded_lora(model, path: Path, rank: int, targets: list[str]) -> Path:
+    """A PEFT LoRA of ``rank`` (α = rank) on ``targets`` whose B is seeded (0.02·N(0, 1)), saved at ``path``."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
     peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=rank, lora_alpha=rank, target_modules=targets))
     generator = torch.Generator().manual_seed(2)
     with torch.no_grad():
@@ -106,7 +111,7 @@ def lora_adapter(model, path: Path, parameters: int) -> int:
             if "lora_B" in name:
                 param.copy_(0.02 * torch.randn(param.shape, generator=generator))
     peft_model.save_pretrained(str(path))
-    return rank
+    return path
 
 
 def _time(runners: dict, inputs: dict, reps: int) -> dict[str, float]:

@@ -84,15 +84,15 @@ class OrtRunner:
         prepared = self._prepare(feeds)
         options = ort.RunOptions()
         options.log_severity_level = 4  # fatal only: failures are raised, not printed
-        if isinstance(slots, OrtSlots):
+        as_values = isinstance(slots, OrtSlots)
+        if as_values:
             prepared = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in prepared.items()}
-            prepared.update(slots)
-        elif isinstance(slots, Mapping):
+        if isinstance(slots, Mapping):
             prepared.update(slots)
         elif slots is not None:
             options.add_active_adapter(slots)
         try:
-            if isinstance(slots, OrtSlots):
+            if as_values:
                 values = self.session.run_with_ort_values(self.output_names, prepared, options)
                 outputs = [v.numpy() for v in values]
             else:

@@ -53,7 +53,7 @@ from peftc.errors import UnsupportedError, VerificationError
 from peftc.passes import pipelines
 from peftc.passes.base import PassContext, PassManager, PassRecord
 from peftc.verification import OraclePlan, Tolerance, program_oracle
-from peftc.verification.compare import TOLERANCES, compare, relative_error
+from peftc.verification.compare import TOLERANCES
 
 if TYPE_CHECKING:
     from peftc.driver.build import Built
@@ -137,10 +137,7 @@ def _error(
     """The worst relative error of ``program`` over ``feeds`` against the outputs ``expected``, and whether
     every output is ``within`` the tolerance (as verification compares)."""
     run = program_oracle(program)
-    outputs = [run(_torch(f)) for f in feeds]
-    pairs = list(zip(expected, outputs, strict=True))
-    ok = within is None or all(o.ok for want, got in pairs for o in compare(want, got, tolerance=within))
-    return max(relative_error(want, got) for want, got in pairs), ok
+    return exploit.judged(expected, [run(_torch(f)) for f in feeds], within)
 
 
 def _absolute(budget: float) -> str:
@@ -188,7 +185,7 @@ def plans(plans: Sequence[OraclePlan], target: Mapping[str, Any]) -> list[Oracle
     density = target.get("density")
     if not density or density["max_error"] <= DEFAULT_BUDGET:
         return list(plans)
-    return [dataclasses.replace(p, tolerance=Tolerance(None, density["max_error"])) for p in plans]
+    return [dataclasses.replace(p, tolerance=tolerance(density["max_error"])) for p in plans]
 
 
 def kept(count: Counts) -> tuple[int, ...]:

@@ -103,7 +103,8 @@ class MergeQuantizedPass(PassBase):
 TRT_REASON = "--target trt: TensorRT reads no packed NF4/FP4/GPTQ/AWQ layer; dequantized and merged in fp32"
 NOT_ADAPTED = "not adapted; --target trt: dequantized (TensorRT reads no packed 4-bit layer)"
 DEQUANTIZED = (BNB4_LINEAR, BNB4DQ_LINEAR, NBITS_LINEAR)
-"""The un-adapted layers ``dequantize`` turns into float ``aten.linear`` (their ONNX ops are contrib ops)."""
+"""The un-adapted layers ``dequantize`` turns into float ``aten.linear`` (their ONNX ops are contrib ops);
+``compiled.PACKED_OPS`` names the same ops for the driver, which imports no torch."""
 
 
 def dequantize_layers(editor: ir.ProgramEditor) -> list[dict]:

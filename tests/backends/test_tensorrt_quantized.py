@@ -132,3 +132,14 @@ class Call(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)
+
+
+def test_the_driver_and_the_pass_name_the_same_packed_layers():
+    """``compiled.PACKED_OPS`` (by name: the driver imports no torch) and ``merge.DEQUANTIZED`` list the same
+    4-bit layer ops, and every 4-bit layer op of ``peftc/quant/ops.py`` is among them."""
+    from peftc.quant import ops
+
+    names = {op.name for op in merge.DEQUANTIZED}
+    assert names == set(compiled.PACKED_OPS)
+    unpacked = {"int8_linear", "blocks_linear", "int8_embedding", "fp16_embedding"}  # standard ops, or requant-int8
+    assert {op.name for op in ops.OPS} - names == unpacked
